@@ -1,0 +1,185 @@
+"""The ``apexrank`` command line: one entry point over the services, the worker and the model tools."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ranker.errors import ConfigError
+from ranker.settings import Settings
+
+log = logging.getLogger("apexrank")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings()
+
+
+# -- config ----------------------------------------------------------------------------
+def cmd_config_show(args: argparse.Namespace) -> int:
+    data = _settings(args).redacted()
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        for key, value in _flatten(data):
+            print(f"APEXRANK_{key.upper()}={value}")
+    return 0
+
+
+def _flatten(data: dict[str, object], prefix: str = "") -> list[tuple[str, object]]:
+    out: list[tuple[str, object]] = []
+    for key, value in data.items():
+        name = f"{prefix}__{key}" if prefix else key
+        if isinstance(value, dict) and key != "weights":
+            out.extend(_flatten(value, name))  # type: ignore[arg-type]
+        else:
+            out.append((name, json.dumps(value) if isinstance(value, list | dict) else value))
+    return out
+
+
+# -- services --------------------------------------------------------------------------
+def cmd_services(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from consumers.stack import EmbeddedStack
+
+    stack = EmbeddedStack(_settings(args))
+    statuses = {"up": stack.up, "down": stack.down, "status": stack.status}[args.action]()
+    table = Table(title=f"embedded services ({stack.dir})")
+    for col in ("service", "state", "pid", "address", "log"):
+        table.add_column(col)
+    for st in statuses:
+        table.add_row(
+            st.name, "running" if st.running else "stopped", str(st.pid or "-"), st.address, str(st.log)
+        )
+    Console().print(table)
+    if args.action == "up":
+        return 0 if all(s.running for s in statuses) else 1
+    return 0
+
+
+def cmd_topics_create(args: argparse.Namespace) -> int:
+    from consumers.kafka_io import all_topics, ensure_topics
+
+    s = _settings(args)
+    created = ensure_topics(s.kafka, all_topics(s.kafka))
+    print("created: " + (", ".join(created) if created else "nothing (all topics exist)"))
+    return 0
+
+
+# -- worker ----------------------------------------------------------------------------
+def cmd_worker(args: argparse.Namespace) -> int:
+    from consumers.worker import Worker
+
+    s = _settings(args)
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port)
+    worker = Worker(s)
+    worker.install_signal_handlers()
+    stats = worker.run(until_idle_s=args.until_idle)
+    log.info("worker done: %s", stats)
+    print(json.dumps(stats.__dict__))
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from consumers.publish import publish_catalog
+
+    s = _settings(args)
+    n = publish_catalog(s, Path(args.catalog), limit=args.limit)
+    print(f"published {n} events to {s.kafka.topics.songs_generated}")
+    return 0
+
+
+def cmd_feed(args: argparse.Namespace) -> int:
+    from consumers.report import print_feed
+
+    print_feed(_settings(args), limit=args.limit)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from consumers.demo import run_demo
+
+    return run_demo(_settings(args), songs=args.songs, seed=args.seed, out=Path(args.out))
+
+
+# -- parser ----------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="apexrank", description=__doc__)
+    p.add_argument("--config", help="TOML settings file (same as APEXRANK_CONFIG)")
+    p.add_argument("--log-level", default=os.environ.get("APEXRANK_LOG_LEVEL", "INFO"))
+    p.add_argument(
+        "--log-format", choices=["text", "json"], default=os.environ.get("APEXRANK_LOG_FORMAT", "text")
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(
+        name: str, fn: Callable[[argparse.Namespace], int], help_: str, parent: object = sub
+    ) -> argparse.ArgumentParser:
+        sp: argparse.ArgumentParser = parent.add_parser(name, help=help_, description=help_)  # type: ignore[attr-defined]
+        sp.set_defaults(fn=fn)
+        return sp
+
+    config = sub.add_parser("config", help="inspect settings").add_subparsers(
+        dest="config_cmd", required=True
+    )
+    show = add("show", cmd_config_show, "print the effective settings (secrets masked)", config)
+    show.add_argument("--json", action="store_true")
+
+    services = add("services", cmd_services, "start, stop or inspect the embedded Kafka broker and Redis")
+    services.add_argument("action", choices=["up", "down", "status"])
+
+    topics = sub.add_parser("topics", help="manage Kafka topics").add_subparsers(
+        dest="topics_cmd", required=True
+    )
+    add("create", cmd_topics_create, "create every apexrank topic that does not exist", topics)
+
+    worker = add("worker", cmd_worker, "score songs from songs.generated into Redis and the index")
+    worker.add_argument(
+        "--until-idle", type=float, metavar="SECONDS", help="exit after SECONDS with no messages"
+    )
+    worker.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+
+    publish = add("publish", cmd_publish, "publish songs.generated events for a catalog (Parquet or CSV)")
+    publish.add_argument("--catalog", required=True)
+    publish.add_argument("--limit", type=int)
+
+    feed = add("feed", cmd_feed, "print the top of the cold-start feed")
+    feed.add_argument("--limit", type=int, default=20)
+
+    demo = add(
+        "demo", cmd_demo, "the end-to-end demo on the embedded stack (logmel encoder, synthetic songs)"
+    )
+    demo.add_argument("--songs", type=int, default=48)
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--out", default="demo-out")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from consumers.logs import setup_logging
+
+    args = build_parser().parse_args(argv)
+    if args.config:
+        os.environ["APEXRANK_CONFIG"] = args.config
+    setup_logging(args.log_level, args.log_format)
+    try:
+        return int(args.fn(args))
+    except ConfigError as exc:
+        print(f"apexrank: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

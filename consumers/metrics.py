@@ -1,0 +1,26 @@
+"""Prometheus metrics of the stream workers (served by ``--metrics-port``)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+EVENTS_IN = Counter("apexrank_worker_events_total", "Messages polled from songs.generated")
+SONGS_SCORED = Counter("apexrank_worker_songs_scored_total", "Songs scored and written")
+DEAD_LETTERS = Counter(
+    "apexrank_worker_dead_letters_total", "Messages sent to the dead-letter topic", ["code"]
+)
+RETRIES = Counter("apexrank_worker_retries_total", "Infrastructure failures retried", ["stage"])
+COMMITS = Counter("apexrank_worker_commits_total", "Offset commits after a batch's writes landed")
+BATCH_SIZE = Histogram(
+    "apexrank_worker_batch_messages",
+    "Messages per polled batch",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
+STAGE_SECONDS = Histogram(
+    "apexrank_worker_stage_seconds",
+    "Wall time per pipeline stage and per batch",
+    ["stage"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+INDEX_SIZE = Gauge("apexrank_index_vectors", "Vectors in the FAISS index")
+MODEL_INFO = Info("apexrank_model", "Model version and encoder in use")

@@ -1,0 +1,546 @@
+"""The scoring worker: ``songs.generated`` -> audio -> encoder -> APEX head -> Redis + FAISS.
+
+Delivery is at-least-once with idempotent writes. For each polled batch the
+worker parses, fetches and decodes every song, encodes all their segments in
+batches that cross song boundaries, scores them, then writes in this order:
+embedding store (durable), FAISS index, Redis records and feed, ``songs.scored``
+and dead letters (flushed), and only then commits the offsets. A crash at any
+point replays the batch; every write is an upsert keyed by song_id, so a replay
+creates no second feed entry and no second vector. Songs whose embedding is
+already stored under the same encoder are not decoded again.
+
+Bad input never blocks a partition: it goes to the dead-letter topic with an
+error code. Infrastructure failures (Redis, Kafka, disk) are retried with
+backoff and nothing is committed until the batch's writes have landed.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import FrameType
+from typing import Any, TypeVar
+
+import numpy as np
+import redis.exceptions
+from kafka.errors import KafkaError
+
+from consumers import metrics
+from consumers.kafka_io import all_topics, ensure_topics, flush_or_raise, make_consumer, make_producer
+from indexes import open_score_store
+from indexes.base import EmbeddingRecord, ScoreStore, SongRecord
+from indexes.embedding_index import EmbeddingIndex
+from ranker.audio import DecodedAudio, load_song, segment_waveform
+from ranker.encoders import Encoder, build_encoder, pool_song
+from ranker.errors import ErrorCode, InputError
+from ranker.events import TASKS, DeadLetter, SongGenerated, SongScored
+from ranker.model.artifact import ScoringModel, load_or_init
+from ranker.scoring import prior_score
+from ranker.settings import Settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: Errors that mean "a dependency is down", never "this input is bad": retried, not dead-lettered.
+INFRA_ERRORS: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.BusyLoadingError,
+    KafkaError,
+    sqlite3.OperationalError,
+    OSError,
+)
+
+
+class Stopping(Exception):
+    """Raised inside a retry loop when shutdown was requested: leave the batch uncommitted."""
+
+
+@dataclass
+class Message:
+    """The parts of a Kafka record the worker needs (decoupled from the client library)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+@dataclass
+class BatchResult:
+    scored: list[SongScored] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+    reused: int = 0
+
+
+@dataclass
+class WorkerStats:
+    batches: int = 0
+    messages: int = 0
+    scored: int = 0
+    dead_letters: int = 0
+    reused_embeddings: int = 0
+    dead_by_code: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Pending:
+    """A song in flight through one batch."""
+
+    msg: Message
+    event: SongGenerated
+    audio: DecodedAudio | None = None
+    layers: np.ndarray | None = None
+    n_segments: int = 0
+    n_frames: int = 0
+    reused: bool = False
+    unchanged: bool = False  # already in Redis under the same model version: nothing to write
+
+
+class ScoringPipeline:
+    """Turns a batch of messages into embeddings, scores and dead letters, and writes them.
+
+    Independent of the Kafka client so that benchmarks and tests can drive it directly.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        encoder: Encoder,
+        model: ScoringModel,
+        index: EmbeddingIndex,
+        store: ScoreStore,
+    ) -> None:
+        self.settings = settings
+        self.encoder = encoder
+        self.model = model
+        self.index = index
+        self.store = store
+        self._pool = ThreadPoolExecutor(max_workers=settings.worker.fetch_threads, thread_name_prefix="fetch")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    # -- stage 1: parse ---------------------------------------------------------------
+    def parse(self, messages: Sequence[Message]) -> tuple[list[_Pending], list[DeadLetter]]:
+        pending: dict[str, _Pending] = {}
+        dead: list[DeadLetter] = []
+        for msg in messages:
+            try:
+                event = SongGenerated.parse(msg.value)  # type: ignore[arg-type]
+            except InputError as exc:
+                dead.append(self._dead(msg, exc.code, exc.message))
+                continue
+            # The last event for a song in a batch wins; earlier ones are the same upsert.
+            pending.pop(event.song_id, None)
+            pending[event.song_id] = _Pending(msg, event)
+        return list(pending.values()), dead
+
+    # -- stage 2: audio ---------------------------------------------------------------
+    def load_audio(self, songs: list[_Pending]) -> tuple[list[_Pending], list[DeadLetter]]:
+        """Reuse stored embeddings; fetch and decode the rest in parallel threads."""
+        stored = self.index.store.get_many([p.event.song_id for p in songs])
+        todo: list[_Pending] = []
+        for p in songs:
+            hit = stored.get(p.event.song_id)
+            if hit is not None and hit.record.encoder_id == self.encoder.encoder_id:
+                p.layers = hit.record.layers
+                p.n_segments = hit.record.n_segments
+                p.n_frames = hit.record.n_frames
+                p.reused = True
+            else:
+                todo.append(p)
+        audio_settings = self.settings.audio
+        results = list(self._pool.map(lambda p: _try(load_song, p.event.audio_uri, audio_settings), todo))
+        ok: list[_Pending] = [p for p in songs if p.reused]
+        dead: list[DeadLetter] = []
+        for p, (audio, err) in zip(todo, results, strict=True):
+            if err is not None:
+                dead.append(self._dead(p.msg, *_error_parts(err)))
+            else:
+                p.audio = audio
+                ok.append(p)
+        return ok, dead
+
+    # -- stage 3: encode --------------------------------------------------------------
+    def encode(self, songs: list[_Pending]) -> tuple[list[_Pending], list[DeadLetter]]:
+        """Encode every segment of every song together, then pool per song over real frames."""
+        need = [p for p in songs if p.layers is None]
+        if not need:
+            return songs, []
+        seg_size = self.settings.audio.segment_s
+        segments: list[np.ndarray] = []
+        owners: list[int] = []
+        for i, p in enumerate(need):
+            assert p.audio is not None
+            segs = segment_waveform(p.audio.waveform, p.audio.sample_rate, seg_size)
+            segments.extend(segs)
+            owners.extend([i] * len(segs))
+        dead: list[DeadLetter] = []
+        try:
+            with metrics.STAGE_SECONDS.labels("encode").time():
+                feats, frames = self.encoder.encode(segments)
+        except Exception:  # isolate the poison song: encode one song at a time
+            log.exception("batch encode failed; retrying song by song")
+            return self._encode_one_by_one(songs, need)
+        owner_arr = np.asarray(owners)
+        for i, p in enumerate(need):
+            sel = owner_arr == i
+            p.layers = pool_song(feats[sel], frames[sel])
+            p.n_segments = int(sel.sum())
+            p.n_frames = int(frames[sel].sum())
+        return self._finite_only(songs)
+
+    def _finite_only(self, songs: list[_Pending]) -> tuple[list[_Pending], list[DeadLetter]]:
+        """A song whose features are not finite cannot be scored: dead-letter it, keep the rest."""
+        ok: list[_Pending] = []
+        dead: list[DeadLetter] = []
+        for p in songs:
+            if p.layers is not None and np.isfinite(p.layers).all():
+                ok.append(p)
+            else:
+                dead.append(self._dead(p.msg, ErrorCode.INTERNAL_ERROR, "encoder produced non-finite features"))
+        return ok, dead
+
+    def _encode_one_by_one(
+        self, songs: list[_Pending], need: list[_Pending]
+    ) -> tuple[list[_Pending], list[DeadLetter]]:
+        ok: list[_Pending] = [p for p in songs if p.layers is not None]
+        dead: list[DeadLetter] = []
+        for p in need:
+            assert p.audio is not None
+            try:
+                segs = segment_waveform(p.audio.waveform, p.audio.sample_rate, self.settings.audio.segment_s)
+                feats, frames = self.encoder.encode(segs)
+                p.layers = pool_song(feats, frames)
+                p.n_segments, p.n_frames = len(segs), int(frames.sum())
+                ok.append(p)
+            except Exception as exc:
+                log.exception("encoder failed on song %s", p.event.song_id)
+                dead.append(self._dead(p.msg, ErrorCode.INTERNAL_ERROR, f"encoder failed: {exc!r}"))
+        finite, bad = self._finite_only(ok)
+        return finite, dead + bad
+
+    # -- stage 4: score ---------------------------------------------------------------
+    def score(self, songs: list[_Pending]) -> list[tuple[_Pending, SongScored]]:
+        """Run the head; a replayed song already stored under this model keeps its record as is."""
+        if not songs:
+            return []
+        out: list[tuple[_Pending, SongScored]] = []
+        fresh: list[_Pending] = []
+        for p in songs:
+            previous = self._previous(p) if p.reused else None
+            if previous is not None:
+                p.unchanged = True
+                out.append((p, previous))
+            else:
+                fresh.append(p)
+        if not fresh:
+            return out
+        layers = np.stack([p.layers for p in fresh if p.layers is not None]).astype(np.float32)
+        with metrics.STAGE_SECONDS.labels("score").time():
+            preds = self.model.predict(layers)
+        now = datetime.now(UTC)
+        weights = self.settings.feed.weights
+        for p, row in zip(fresh, preds, strict=True):
+            scores = {task: float(v) for task, v in zip(self.model.tasks, row, strict=True)}
+            for task in TASKS:  # a popularity-only head leaves aesthetics at the scale's midpoint
+                scores.setdefault(task, 3.0)
+            out.append(
+                (
+                    p,
+                    SongScored(
+                        song_id=p.event.song_id,
+                        model_version=self.model.version,
+                        rank_score=prior_score(scores, weights),
+                        scored_at=now,
+                        generator=p.event.generator,
+                        truncated=bool(p.audio.truncated) if p.audio is not None else False,
+                        **scores,
+                    ),
+                )
+            )
+        return out
+
+    def _previous(self, p: _Pending) -> SongScored | None:
+        rec = self.store.get_song(p.event.song_id)
+        if not rec or rec.get("model_version") != self.model.version:
+            return None
+        try:
+            return SongScored(
+                song_id=p.event.song_id,
+                model_version=rec["model_version"],
+                rank_score=float(rec["rank_score"]),
+                scored_at=datetime.fromisoformat(rec["scored_at"]),
+                generator=rec.get("generator"),
+                truncated=rec.get("truncated", "0") in ("1", "true", "True"),
+                **{t: float(rec[f"score.{t}"]) for t in TASKS},
+            )
+        except (KeyError, ValueError):
+            return None  # a partial or foreign record: rewrite it
+
+    # -- stage 5: write ---------------------------------------------------------------
+    def write(self, scored: list[tuple[_Pending, SongScored]]) -> None:
+        """Idempotent writes: embedding store + index, then Redis. Safe to repeat."""
+        records = []
+        for p, _ in scored:
+            if p.reused:
+                continue  # already in the store; the index reconciles from it on start
+            assert p.layers is not None
+            vec = self.encoder.song_vector(p.layers).astype(np.float32)
+            vec /= max(float(np.linalg.norm(vec)), 1e-12)
+            records.append(
+                EmbeddingRecord(
+                    song_id=p.event.song_id,
+                    encoder_id=self.encoder.encoder_id,
+                    layers=p.layers,
+                    vector=vec,
+                    n_segments=p.n_segments,
+                    n_frames=p.n_frames,
+                )
+            )
+        if records:
+            with metrics.STAGE_SECONDS.labels("index").time():
+                self.index.add(records)
+        songs = [_song_record(p, s) for p, s in scored if not p.unchanged]
+        if songs:
+            with metrics.STAGE_SECONDS.labels("redis").time():
+                self.store.write_songs(songs, self.settings.feed.name)
+
+    def process(self, messages: Sequence[Message]) -> tuple[BatchResult, Callable[[], None]]:
+        """Everything but the writes; returns the result and a closure that performs the writes."""
+        result = BatchResult()
+        songs, dead = self.parse(messages)
+        result.dead.extend(dead)
+        with metrics.STAGE_SECONDS.labels("fetch_decode").time():
+            songs, dead = self.load_audio(songs)
+        result.dead.extend(dead)
+        songs, dead = self.encode(songs)
+        result.dead.extend(dead)
+        scored = self.score(songs)
+        result.scored = [s for _, s in scored]
+        result.reused = sum(1 for p, _ in scored if p.reused)
+        return result, lambda: self.write(scored)
+
+    def _dead(self, msg: Message, code: ErrorCode | str, message: str) -> DeadLetter:
+        return DeadLetter.build(
+            msg.value,
+            key=msg.key,
+            topic=msg.topic,
+            partition=msg.partition,
+            offset=msg.offset,
+            code=code,
+            message=message,
+        )
+
+
+def _song_record(p: _Pending, s: SongScored) -> SongRecord:
+    extra: dict[str, Any] = {"n_segments": p.n_segments}
+    if p.audio is not None:
+        extra["duration_s"] = round(p.audio.duration_s, 3)
+        extra["truncated"] = int(p.audio.truncated)
+        if p.audio.truncated:
+            extra["scored_duration_s"] = round(p.audio.scored_duration_s, 3)
+    if p.event.title:
+        extra["title"] = p.event.title
+    if p.event.tags:
+        extra["tags"] = ",".join(p.event.tags)
+    return SongRecord(
+        song_id=s.song_id,
+        model_version=s.model_version,
+        scores={t: getattr(s, t) for t in TASKS},
+        rank_score=s.rank_score,
+        generator=p.event.generator,
+        created_at=p.event.created_at.isoformat(),
+        scored_at=s.scored_at.isoformat(),
+        extra=extra,
+    )
+
+
+def _try(fn: Callable[..., T], *args: Any) -> tuple[T | None, BaseException | None]:
+    try:
+        return fn(*args), None
+    except Exception as exc:
+        return None, exc
+
+
+def _error_parts(exc: BaseException) -> tuple[ErrorCode, str]:
+    if isinstance(exc, InputError):
+        return exc.code, exc.message
+    return ErrorCode.INTERNAL_ERROR, f"unexpected {type(exc).__name__}: {exc}"
+
+
+class Worker:
+    """The Kafka loop around :class:`ScoringPipeline`: poll, process, write, produce, commit."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stats = WorkerStats()
+        self._stop = threading.Event()
+        # Build the encoder first: missing weights must stop the worker before it joins a group.
+        self.encoder = build_encoder(settings)
+        self.model = load_or_init(
+            settings.head_dir,
+            input_dim=self.encoder.dim,
+            encoder_id=self.encoder.encoder_id,
+            seed=settings.model.seed,
+            n_layers=self.encoder.n_layers,
+            layers=settings.model.layers if settings.encoder == "mert" else None,
+            device=settings.model.device,
+        )
+        self.index = EmbeddingIndex(
+            settings.index_dir,
+            dim=self.encoder.vector_dim,
+            factory=settings.index.factory,
+            use_gpu=settings.index.use_gpu,
+            snapshot_every_songs=settings.index.snapshot_every_songs,
+            snapshot_every_s=settings.index.snapshot_every_s,
+        )
+        self.store = open_score_store(
+            settings.redis.url.get_secret_value(),
+            key_prefix=settings.redis.key_prefix,
+            socket_timeout_s=settings.redis.socket_timeout_s,
+        )
+        self.pipeline = ScoringPipeline(settings, self.encoder, self.model, self.index, self.store)
+        metrics.MODEL_INFO.info({"model_version": self.model.version, "encoder": self.encoder.encoder_id})
+        log.info(
+            "worker ready: encoder=%s model=%s index=%d vectors",
+            self.encoder.encoder_id,
+            self.model.version,
+            len(self.index),
+        )
+
+    def request_stop(self, *_: Any) -> None:
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        log.info("signal %d: finishing the batch in hand, then exiting", signum)
+        self._stop.set()
+
+    def _retry(self, what: str, fn: Callable[[], T]) -> T:
+        """Retry infrastructure failures with exponential backoff until they pass or we stop."""
+        delay = self.settings.worker.retry_initial_s
+        while True:
+            try:
+                return fn()
+            except INFRA_ERRORS as exc:
+                metrics.RETRIES.labels(what).inc()
+                log.warning("%s failed (%s: %s); retrying in %.1fs", what, type(exc).__name__, exc, delay)
+                if self._stop.wait(delay):
+                    raise Stopping(what) from exc
+                delay = min(delay * 2, self.settings.worker.retry_max_s)
+
+    def run(self, until_idle_s: float | None = None) -> WorkerStats:
+        """Consume until stopped (or until ``until_idle_s`` seconds pass with no message)."""
+        s = self.settings
+        topics = s.kafka.topics
+        if s.kafka.auto_create_topics:
+            self._retry("create topics", lambda: ensure_topics(s.kafka, all_topics(s.kafka)))
+        consumer = self._retry(
+            "connect consumer",
+            lambda: make_consumer(
+                s.kafka, s.kafka.worker_group_id, [topics.songs_generated], s.worker.max_poll_records
+            ),
+        )
+        producer = self._retry("connect producer", lambda: make_producer(s.kafka))
+        last_message = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                polled = consumer.poll(
+                    timeout_ms=s.worker.poll_timeout_ms, max_records=s.worker.max_poll_records
+                )
+                messages = [
+                    Message(r.topic, r.partition, r.offset, r.key, r.value)
+                    for tp in sorted(polled, key=lambda t: (t.topic, t.partition))
+                    for r in polled[tp]
+                ]
+                if not messages:
+                    self.index.maybe_snapshot()
+                    if not consumer.assignment():
+                        # Still joining the group: idleness counts only once partitions are ours.
+                        last_message = time.monotonic()
+                        continue
+                    if until_idle_s is not None and time.monotonic() - last_message >= until_idle_s:
+                        log.info("idle for %.1fs; exiting", until_idle_s)
+                        break
+                    continue
+                last_message = time.monotonic()
+                try:
+                    self._handle(messages, producer)
+                except Stopping:
+                    log.warning("stopping with a batch uncommitted; it will be redelivered")
+                    break
+                try:
+                    self._retry("commit offsets", consumer.commit)
+                except Stopping:
+                    break
+                metrics.COMMITS.inc()
+        finally:
+            self.close(consumer, producer)
+        return self.stats
+
+    def _handle(self, messages: list[Message], producer: Any) -> None:
+        t0 = time.perf_counter()
+        metrics.EVENTS_IN.inc(len(messages))
+        metrics.BATCH_SIZE.observe(len(messages))
+        # Processing only reads shared state (the embedding store, Redis), so it is safe to retry.
+        result, write = self._retry("process", lambda: self.pipeline.process(messages))
+        self._retry("write stores", write)
+        topics = self.settings.kafka.topics
+
+        def publish() -> None:
+            futures = [
+                producer.send(topics.songs_scored, key=s.song_id.encode(), value=s.to_bytes())
+                for s in result.scored
+            ]
+            futures += [
+                producer.send(topics.dead_letter, key=d.key.encode() if d.key else None, value=d.to_bytes())
+                for d in result.dead
+            ]
+            flush_or_raise(producer, futures)
+
+        self._retry("publish", publish)
+        st = self.stats
+        st.batches += 1
+        st.messages += len(messages)
+        st.scored += len(result.scored)
+        st.reused_embeddings += result.reused
+        st.dead_letters += len(result.dead)
+        metrics.SONGS_SCORED.inc(len(result.scored))
+        for d in result.dead:
+            st.dead_by_code[d.error_code] = st.dead_by_code.get(d.error_code, 0) + 1
+            metrics.DEAD_LETTERS.labels(d.error_code).inc()
+            log.info(
+                "dead letter %s at %s/%d@%d: %s",
+                d.error_code,
+                d.source_topic,
+                d.partition,
+                d.offset,
+                d.message,
+            )
+        metrics.INDEX_SIZE.set(len(self.index))
+        metrics.STAGE_SECONDS.labels("batch").observe(time.perf_counter() - t0)
+
+    def close(self, consumer: Any = None, producer: Any = None) -> None:
+        self.pipeline.close()
+        try:
+            self.index.close()
+        except OSError:
+            log.exception("final index snapshot failed; the next start rebuilds from the embedding store")
+        if producer is not None:
+            producer.close(timeout=10)
+        if consumer is not None:
+            consumer.close(autocommit=False)
+        self.store.close()

@@ -1,0 +1,505 @@
+"""The worker's embedding index: the durable store, the FAISS index over it, snapshots and recovery.
+
+Write path: :meth:`EmbeddingIndex.add` commits records to SQLite first
+(durable), then upserts into FAISS only the records whose sequence number is
+new, then maybe writes a snapshot. The snapshot is a cache of the store: its
+metadata names the last store sequence number it contains (the watermark), so
+opening the directory loads the snapshot and replays only what came after it.
+A crash between a store write and a snapshot therefore loses nothing (the store
+has it) and duplicates nothing (replays are upserts by key).
+
+Directory layout::
+
+    DIR/embeddings.sqlite   the store (source of truth)
+    DIR/index.faiss         the FAISS index as of the watermark
+    DIR/.lock               advisory lock: one process per directory
+    DIR/index.meta.json     watermark, ntotal, dim, factory, sha256 and size of index.faiss,
+                            the store's uid (a replaced store invalidates the snapshot), written_at
+
+A snapshot writes both files under temporary names in DIR, fsyncs them, renames
+them into place (index first, metadata last) and fsyncs DIR. Any failure before
+the renames (a full disk) leaves the previous pair untouched and raises
+:class:`SnapshotError`. A crash between the two renames leaves a new index file
+beside old metadata: the hash no longer matches, so the next open rebuilds from
+the store instead of trusting it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from indexes.base import EmbeddingRecord, StoredEmbedding, song_key
+from indexes.faiss_index import FaissIndexConfig, FaissVectorIndex
+from indexes.sqlite_embeddings import SqliteEmbeddingStore
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
+
+STORE_FILE = "embeddings.sqlite"
+INDEX_FILE = "index.faiss"
+META_FILE = "index.meta.json"
+LOCK_FILE = ".lock"
+META_FORMAT = 1
+_REPLAY_BATCH = 4096
+_HASH_CHUNK = 1 << 20
+
+
+class SnapshotError(OSError):
+    """Writing a snapshot failed (typically a full disk); the previous snapshot is intact."""
+
+
+@dataclass(frozen=True)
+class OpenReport:
+    """How the index came up: from a snapshot plus replay, or rebuilt from the store (and why)."""
+
+    source: Literal["snapshot", "rebuilt"]
+    reason: str | None  # why the snapshot was not used; None when it was
+    replayed: int  # store records applied on top of the snapshot (or all of them, when rebuilt)
+
+
+class EmbeddingIndex:
+    """Durable embeddings + FAISS similarity search for one directory.
+
+    Thread-safe: one lock serialises adds, searches and snapshots (FAISS forbids
+    searching while adding). One open EmbeddingIndex per directory: a second one,
+    in any process, is refused (``DIR/.lock``).
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        dim: int,
+        factory: str = "Flat",
+        use_gpu: Literal["auto", "never", "always"] = "auto",
+        snapshot_every_songs: int = 1000,
+        snapshot_every_s: float = 60.0,
+        *,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        train_size: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if snapshot_every_songs < 1 or snapshot_every_s <= 0:
+            raise ValueError("snapshot_every_songs must be >= 1 and snapshot_every_s > 0")
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.config = FaissIndexConfig(
+            dim=dim,
+            factory=factory,
+            use_gpu=use_gpu,
+            nprobe=nprobe,
+            ef_search=ef_search,
+            train_size=train_size,
+        )
+        self.snapshot_every_songs = snapshot_every_songs
+        self.snapshot_every_s = snapshot_every_s
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._closed = False
+        self._since_snapshot = 0  # index changes not yet in a snapshot
+        self._last_snapshot_at = clock()
+        self._retry_snapshot_at = 0.0
+        self._watermark = 0
+        self._lock_fd = _lock_directory(self.directory)
+        try:
+            self._remove_stale_temp_files()
+            self.store = SqliteEmbeddingStore(self.directory / STORE_FILE)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        try:
+            self._check_store_dims()
+            self._index = FaissVectorIndex(self.config)  # replaced by _open
+            self.open_report = self._open()
+            self.maybe_snapshot()
+        except BaseException:
+            self.store.close()
+            os.close(self._lock_fd)
+            raise
+
+    # -- paths ---------------------------------------------------------------------------
+    @property
+    def index_path(self) -> Path:
+        return self.directory / INDEX_FILE
+
+    @property
+    def meta_path(self) -> Path:
+        return self.directory / META_FILE
+
+    def _temp_path(self, final: Path) -> Path:
+        """Where a snapshot file is written before its rename (same directory: rename is atomic)."""
+        return final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+    def _remove_stale_temp_files(self) -> None:
+        for name in (INDEX_FILE, META_FILE):
+            for stale in self.directory.glob(f".{name}.tmp-*"):
+                stale.unlink(missing_ok=True)
+
+    # -- open and reconcile --------------------------------------------------------------
+    def _check_store_dims(self) -> None:
+        dims = self.store.vector_dims()
+        if dims - {self.config.dim}:
+            raise ValueError(
+                f"{self.store.path} holds vectors of dimension {sorted(dims)} (encoders "
+                f"{sorted(self.store.encoder_ids())}) but the index is {self.config.dim}-d: "
+                "use another index directory for another encoder"
+            )
+
+    def _open(self) -> OpenReport:
+        loaded, reason = self._load_snapshot()
+        if loaded is None:
+            # A fresh directory (empty store) is routine; a rebuild of real data is worth a warning.
+            level = logging.WARNING if self.store.max_seq() else logging.INFO
+            log.log(level, "rebuilding the FAISS index in %s from the store: %s", self.directory, reason)
+            return OpenReport("rebuilt", reason, self.rebuild())
+        self._index, self._watermark = loaded
+        replayed = self._catch_up()
+        stored = self.store.count()
+        if len(self._index) != stored:
+            reason = f"after replay the index holds {len(self._index)} vectors but the store {stored}"
+            log.warning("rebuilding the FAISS index in %s from the store: %s", self.directory, reason)
+            return OpenReport("rebuilt", reason, self.rebuild())
+        if replayed:
+            log.info("FAISS index: loaded snapshot, replayed %d record(s) from the store", replayed)
+        return OpenReport("snapshot", None, replayed)
+
+    def _load_snapshot(self) -> tuple[tuple[FaissVectorIndex, int] | None, str]:
+        """The snapshot and its watermark, or None and why it cannot be used."""
+        if not self.meta_path.exists():
+            return None, f"missing snapshot metadata {self.meta_path.name}"
+        if not self.index_path.exists():
+            return None, f"missing snapshot index file {self.index_path.name}"
+        try:
+            meta = json.loads(self.meta_path.read_text(encoding="utf-8"))
+            watermark = int(meta["watermark"])
+            digest, size, ntotal = str(meta["sha256"]), int(meta["bytes"]), int(meta["ntotal"])
+            dim, factory, fmt = int(meta["dim"]), str(meta["factory"]), int(meta["format"])
+            store_uid = int(meta["store_uid"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return None, f"corrupt snapshot metadata: {exc!r}"
+        if fmt != META_FORMAT:
+            return None, f"snapshot metadata format {fmt}, expected {META_FORMAT}"
+        if dim != self.config.dim or factory != self.config.factory:
+            return None, (
+                f"mismatched snapshot: dim {dim}, factory {factory!r}; "
+                f"wanted dim {self.config.dim}, factory {self.config.factory!r}"
+            )
+        if store_uid != self.store.store_uid():
+            return None, "snapshot belongs to another store file (the store was replaced or restored)"
+        if watermark > self.store.max_seq():
+            return None, (
+                f"snapshot is ahead of the store (watermark {watermark} > store seq {self.store.max_seq()}): "
+                "the store was replaced or restored"
+            )
+        try:
+            actual_size = self.index_path.stat().st_size
+            if actual_size != size:
+                return (
+                    None,
+                    f"corrupt snapshot: {self.index_path.name} has {actual_size} bytes, meta says {size}",
+                )
+            if _sha256_file(self.index_path) != digest:
+                return None, f"corrupt snapshot: sha256 of {self.index_path.name} does not match its metadata"
+            index = FaissVectorIndex.load(self.config, self.index_path)
+        except (OSError, ValueError, RuntimeError) as exc:
+            return None, f"corrupt snapshot: {exc}"
+        if index.ntotal != ntotal:
+            return None, f"corrupt snapshot: index holds {index.ntotal} vectors, meta says {ntotal}"
+        return (index, watermark), ""
+
+    def _catch_up(self) -> int:
+        """Apply every store record newer than the watermark (remove-then-add by key)."""
+        applied = 0
+        batch: list[StoredEmbedding] = []
+        for stored in self.store.iter_since(self._watermark, batch_size=_REPLAY_BATCH):
+            batch.append(stored)
+            if len(batch) >= _REPLAY_BATCH:
+                applied += self._apply(batch)
+                batch = []
+        if batch:
+            applied += self._apply(batch)
+        return applied
+
+    def _apply(self, batch: Sequence[StoredEmbedding]) -> int:
+        for stored in batch:
+            if stored.record.vector.shape != (self.config.dim,):
+                raise ValueError(
+                    f"stored song {stored.record.song_id!r} has a {stored.record.vector.shape} vector, "
+                    f"the index is {self.config.dim}-d"
+                )
+        keys = np.fromiter((s.key for s in batch), dtype=np.int64, count=len(batch))
+        self._index.upsert(keys, np.stack([s.record.vector for s in batch]))
+        self._watermark = max(self._watermark, batch[-1].seq)
+        self._since_snapshot += len(batch)
+        return len(batch)
+
+    def rebuild(self) -> int:
+        """Rebuild the FAISS index from the whole store; returns how many vectors it holds.
+
+        Untrained factories (IVF…) train on the first ``train_size`` records, exactly
+        as when streaming; with fewer records the vectors stay in the exact buffer.
+        """
+        with self._lock:
+            self._index = FaissVectorIndex(self.config)
+            self._watermark = 0
+            self._since_snapshot = 0
+            applied = self._catch_up()
+            self._since_snapshot = max(self._since_snapshot, 1)  # the snapshot on disk is stale
+            return applied
+
+    # -- writes --------------------------------------------------------------------------
+    def add(self, records: Sequence[EmbeddingRecord]) -> None:
+        """Store records durably, index the new or changed ones, then maybe snapshot."""
+        for rec in records:
+            shape = np.shape(rec.vector)
+            if shape != (self.config.dim,):
+                raise ValueError(
+                    f"song {rec.song_id!r}: vector shape {shape}, the index is {self.config.dim}-d"
+                )
+        with self._lock:
+            self._check_open()
+            changed = self.store.put_many_changed(records)
+            if changed:
+                seqs = sorted(changed.values())
+                if seqs == list(range(self._watermark + 1, self._watermark + 1 + len(seqs))):
+                    latest = {rec.song_id: rec for rec in records}  # last record per song, as stored
+                    ids = sorted(changed, key=changed.__getitem__)
+                    keys = np.fromiter((song_key(s) for s in ids), dtype=np.int64, count=len(ids))
+                    vectors = np.stack([np.asarray(latest[s].vector, dtype=np.float32) for s in ids])
+                    self._index.upsert(keys, vectors)
+                    self._watermark = seqs[-1]
+                    self._since_snapshot += len(ids)
+                else:  # someone else wrote to the store: take everything since the watermark
+                    self._catch_up()
+        self.maybe_snapshot()
+
+    def maybe_snapshot(self) -> bool:
+        """Snapshot if ``snapshot_every_songs`` changes or ``snapshot_every_s`` seconds have piled up.
+
+        A failed snapshot is logged, not raised: every record is already durable in
+        the store, so a failure only lengthens the next start-up's replay. It is
+        retried after ``min(snapshot_every_s, 30)`` seconds.
+        """
+        with self._lock:
+            if self._closed or self._since_snapshot == 0:
+                return False
+            now = self._clock()
+            if now < self._retry_snapshot_at:
+                return False
+            due = self._since_snapshot >= self.snapshot_every_songs or (
+                now - self._last_snapshot_at >= self.snapshot_every_s
+            )
+            if not due:
+                return False
+            try:
+                self.snapshot()
+            except SnapshotError as exc:
+                self._retry_snapshot_at = now + min(self.snapshot_every_s, 30.0)
+                log.error("%s", exc)
+                return False
+            return True
+
+    def snapshot(self) -> None:
+        """Atomically replace the snapshot; raises :class:`SnapshotError` and keeps the old one on failure."""
+        with self._lock:
+            self._check_open()
+            # Buffered (untrained) vectors are not in the file: watermark 0 makes the next open replay them.
+            watermark = 0 if self._index.pending else self._watermark
+            tmp_index = self._temp_path(self.index_path)
+            tmp_meta = self._temp_path(self.meta_path)
+            renamed = False
+            try:
+                digest, size = _write_synced(tmp_index, self._index.write_to)
+                meta = {
+                    "format": META_FORMAT,
+                    "watermark": watermark,
+                    "ntotal": self._index.ntotal - self._index.pending,
+                    "dim": self.config.dim,
+                    "factory": self.config.factory,
+                    "store_uid": self.store.store_uid(),
+                    "trained": self._index.is_trained,
+                    "sha256": digest,
+                    "bytes": size,
+                    "written_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                }
+                body = json.dumps(meta, indent=2).encode("utf-8")
+                _write_synced(tmp_meta, lambda write: write(body))
+                os.replace(tmp_index, self.index_path)
+                renamed = True
+                os.replace(tmp_meta, self.meta_path)
+            except (OSError, RuntimeError) as exc:
+                for tmp in (tmp_index, tmp_meta):
+                    with contextlib.suppress(OSError):
+                        tmp.unlink(missing_ok=True)
+                code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
+                state = (
+                    "the snapshot pair is torn and the next open rebuilds from the store"
+                    if renamed
+                    else "the previous snapshot is intact"
+                )
+                raise SnapshotError(
+                    code,
+                    f"writing the FAISS snapshot in {self.directory} failed ({exc}); {state}; "
+                    "the store holds every record",
+                ) from exc
+            _fsync_dir(self.directory)
+            self._since_snapshot = 0
+            self._last_snapshot_at = self._clock()
+            self._retry_snapshot_at = 0.0
+            log.info(
+                "FAISS snapshot: %d vectors up to store seq %d (%d bytes)", meta["ntotal"], watermark, size
+            )
+
+    # -- reads ---------------------------------------------------------------------------
+    def search(self, vector: np.ndarray, k: int) -> list[tuple[str, float]]:
+        """The ``k`` most similar stored songs to ``vector``: (song_id, inner-product similarity)."""
+        with self._lock:
+            self._check_open()
+            sims, keys = self._index.search(vector, k)
+        return self._named(sims[0], keys[0], exclude=None, k=k)
+
+    def search_by_song(self, song_id: str, k: int) -> list[tuple[str, float]]:
+        """The ``k`` songs most similar to a stored song, excluding the song itself; KeyError if unknown."""
+        stored = self.store.get(song_id)
+        if stored is None:
+            raise KeyError(f"song {song_id!r} has no stored embedding")
+        with self._lock:
+            self._check_open()
+            sims, keys = self._index.search(stored.record.vector, k + 1)
+        return self._named(sims[0], keys[0], exclude=stored.key, k=k)
+
+    def _named(
+        self, sims: np.ndarray, keys: np.ndarray, exclude: int | None, k: int
+    ) -> list[tuple[str, float]]:
+        hits = [
+            (int(key), float(sim)) for key, sim in zip(keys, sims, strict=True) if key >= 0 and key != exclude
+        ]
+        names = self.store.song_ids_for_keys(key for key, _ in hits)
+        return [(names[key], sim) for key, sim in hits if key in names][:k]
+
+    def contains(self, song_id: str) -> bool:
+        return bool(self.store.contains([song_id]))
+
+    def __len__(self) -> int:
+        return self._index.ntotal
+
+    @property
+    def watermark(self) -> int:
+        """The last store sequence number applied to the in-memory index."""
+        return self._watermark
+
+    @property
+    def vector_index(self) -> FaissVectorIndex:
+        """The FAISS index (replaced by :meth:`rebuild`: do not hold on to it)."""
+        return self._index
+
+    @property
+    def index(self) -> FaissVectorIndex:
+        """Alias of :attr:`vector_index`."""
+        return self._index
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"embedding index {self.directory} is closed")
+
+    def close(self) -> None:
+        """Write a final snapshot if anything changed, then close the store (idempotent).
+
+        A failed final snapshot still closes the store, then raises :class:`SnapshotError`.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                if self._since_snapshot:
+                    self.snapshot()
+            finally:
+                self._closed = True
+                self.store.close()
+                os.close(self._lock_fd)  # releases the directory lock
+
+    def __enter__(self) -> EmbeddingIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _lock_directory(directory: Path) -> int:
+    """Hold an exclusive advisory lock on ``DIR/.lock`` while open; the OS drops it if we crash.
+
+    Two processes feeding one directory would overwrite each other's snapshots
+    (and delete each other's temp files), so the second one is refused.
+    """
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    if fcntl is None:  # not POSIX: no advisory locks, trust the deployment
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RuntimeError(
+            f"index directory {directory} is already open (locked by another EmbeddingIndex, in this "
+            "process or another); each worker needs its own index directory"
+        ) from None
+    return fd
+
+
+def _write_synced(path: Path, produce: Callable[[Callable[[bytes], Any]], None]) -> tuple[str, int]:
+    """Create ``path``, fill it through ``produce(write)``, fsync it; returns (sha256, size)."""
+    hasher = hashlib.sha256()
+    size = 0
+    with open(path, "xb") as f:
+
+        def write(chunk: bytes) -> None:
+            nonlocal size
+            f.write(chunk)
+            hasher.update(chunk)
+            size += len(chunk)
+
+        produce(write)
+        f.flush()
+        os.fsync(f.fileno())
+    return hasher.hexdigest(), size
+
+
+def _sha256_file(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the renames durable (POSIX; skipped where a directory cannot be opened or synced)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # the new snapshot is in place; only its durability is in doubt
+        log.warning("fsync of %s failed after a snapshot: %s", directory, exc)
+    finally:
+        os.close(fd)

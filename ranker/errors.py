@@ -1,0 +1,34 @@
+"""Error codes for input that cannot be scored; each one names a dead-letter reason."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    INVALID_JSON = "invalid_json"
+    INVALID_SCHEMA = "invalid_schema"
+    UNSUPPORTED_URI_SCHEME = "unsupported_uri_scheme"
+    FORBIDDEN_URI = "forbidden_uri"
+    FILE_NOT_FOUND = "file_not_found"
+    HTTP_ERROR = "http_error"
+    FETCH_TIMEOUT = "fetch_timeout"
+    TOO_LARGE = "too_large"
+    UNDECODABLE_AUDIO = "undecodable_audio"
+    EMPTY_AUDIO = "empty_audio"
+    SILENT_AUDIO = "silent_audio"
+    TOO_SHORT = "too_short"
+    INTERNAL_ERROR = "internal_error"
+
+
+class InputError(Exception):
+    """A message or its audio cannot be scored. Never retried: it goes to the dead-letter topic."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ConfigError(Exception):
+    """The process cannot start with the settings it was given; the message says what to change."""

@@ -1,0 +1,452 @@
+"""Popularity targets: raw engagement counts -> 0-100 scores the head learns, and back.
+
+A raw count (streams, likes) becomes its mid-rank percentile within a reference population,
+then ``score = 100 * (pct / 100) ** gamma``:
+
+- Percentiles first, because raw counts are heavy-tailed and their scale drifts with platform
+  and time; a rank within comparable songs does not.
+- The reference population is either all songs or, with ``cohort="generator_week"``, songs of
+  the same generator created in the same ISO week (UTC): songs on different platforms get
+  different exposure, and older songs have had longer to collect plays. A cohort smaller than
+  ``min_cohort_size`` falls back to its generator, then to all songs.
+- ``gamma < 1`` compresses the top tail. The default, ``gamma = 0.5`` (a square root), maps the
+  top decile (percentiles 90-100) onto 94.9-100 and the bottom decile onto 0-31.6. Which
+  top-decile song takes off is decided mostly by exposure and luck the audio cannot show, while
+  whether a song is ignored is much more audible (broken mixes, incoherent structure). With MSE
+  training, the weight an error gets is proportional to the slope of the transform squared, so
+  gamma = 0.5 makes the head spend about 4x less effort per percentile point at the very top than
+  at the 25th percentile, instead of chasing noise. The transform is strictly increasing, so
+  rankings are unchanged and :meth:`TargetTransform.inverse` recovers the percentile.
+
+Saved parameters are, per task and reference group, the sorted distinct counts (at most
+``max_knots`` of them, chosen at evenly spaced ranks) with their exact mid-rank percentiles;
+between knots, percentiles are interpolated on ``log1p(count)``. Outside the reference range
+they are clamped to the end knots.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from ranker.events import POPULARITY_TASKS
+
+CohortMode = Literal["all", "generator_week"]
+FloatArray = npt.NDArray[np.float64]
+
+KIND = "percentile-power"
+FORMAT_VERSION = 1
+#: Square root: compresses the top tail (see the module docstring for the reasoning).
+DEFAULT_GAMMA = 0.5
+DEFAULT_MIN_COHORT_SIZE = 50
+DEFAULT_MAX_KNOTS = 1024
+ALL = "all"
+_MAX_ROWS_NAMED = 10
+
+
+def iso_week(value: Any) -> str:
+    """The ISO week (UTC) of a creation time, e.g. ``2026-W07``.
+
+    Accepts datetimes (naive ones are taken as UTC), dates, ISO 8601 strings and numpy
+    datetime64 values.
+    """
+    when: date
+    if isinstance(value, np.datetime64):
+        if np.isnat(value):
+            raise ValueError("created_at is missing (NaT)")
+        when = value.astype("datetime64[D]").astype(object)
+    elif isinstance(value, datetime):
+        when = value.astimezone(UTC).date() if value.tzinfo is not None else value.date()
+    elif isinstance(value, date):
+        when = value
+    elif isinstance(value, str):
+        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        when = parsed.astimezone(UTC).date() if parsed.tzinfo is not None else parsed.date()
+    else:
+        raise ValueError(f"created_at {value!r} is not a date, datetime, ISO string or datetime64")
+    year, week, _ = when.isocalendar()
+    return f"{year}-W{week:02d}"
+
+
+def cohort_key(generator: str, created_at: Any) -> str:
+    """The reference group of a song: ``<generator>|<ISO week>``."""
+    return f"{generator}|{iso_week(created_at)}"
+
+
+@dataclass(frozen=True)
+class _Table:
+    """A reference distribution: distinct counts ``x`` and their mid-rank percentiles."""
+
+    x: FloatArray
+    pct: FloatArray
+    n: int
+
+    @classmethod
+    def fit(cls, counts: FloatArray, max_knots: int) -> _Table:
+        x, c = np.unique(counts, return_counts=True)
+        n = int(c.sum())
+        cum = np.cumsum(c)
+        pct = 100.0 * (cum - 0.5 * c) / n  # mid-rank: half of the ties count as below
+        if len(x) > max_knots:
+            keep = np.unique(np.searchsorted(pct, np.linspace(pct[0], pct[-1], max_knots)))
+            keep = np.unique(np.concatenate([[0], keep[keep < len(x)], [len(x) - 1]]))
+            x, pct = x[keep], pct[keep]
+        return cls(x=x.astype(np.float64), pct=pct.astype(np.float64), n=n)
+
+    def percentile(self, counts: FloatArray) -> FloatArray:
+        if len(self.x) == 1:
+            return np.full(counts.shape, self.pct[0])
+        return np.interp(np.log1p(counts), np.log1p(self.x), self.pct)
+
+    def count_at(self, pct: FloatArray) -> FloatArray:
+        if len(self.x) == 1:
+            return np.full(pct.shape, self.x[0])
+        return np.expm1(np.interp(pct, self.pct, np.log1p(self.x)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "x": self.x.tolist(), "pct": self.pct.tolist()}
+
+    @classmethod
+    def from_dict(cls, where: str, data: Mapping[str, Any]) -> _Table:
+        try:
+            x = np.asarray(data["x"], dtype=np.float64)
+            pct = np.asarray(data["pct"], dtype=np.float64)
+            n = int(data["n"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"target transform table {where} is malformed: {exc!r}") from exc
+        if x.ndim != 1 or x.shape != pct.shape or len(x) == 0 or n < len(x):
+            raise ValueError(f"target transform table {where} has inconsistent sizes")
+        if not (np.isfinite(x).all() and np.isfinite(pct).all()) or x[0] < 0:
+            raise ValueError(f"target transform table {where} has non-finite or negative values")
+        if np.any(np.diff(x) <= 0) or np.any(np.diff(pct) <= 0) or pct[0] < 0 or pct[-1] > 100:
+            raise ValueError(f"target transform table {where} is not strictly increasing within 0-100")
+        return cls(x=x, pct=pct, n=n)
+
+
+def _column(data: Any, name: str) -> npt.NDArray[Any]:
+    """A column of a mapping, pandas DataFrame or pyarrow Table, as a 1-D numpy array."""
+    try:
+        col = data[name]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise ValueError(f"the data has no column {name!r}") from exc
+    if hasattr(col, "to_numpy") and not isinstance(col, np.ndarray):
+        try:
+            col = col.to_numpy(zero_copy_only=False)  # pyarrow
+        except TypeError:
+            col = col.to_numpy()  # pandas
+    arr = np.asarray(col)
+    if arr.ndim != 1:
+        raise ValueError(f"column {name!r} must be one-dimensional, got shape {arr.shape}")
+    return arr
+
+
+def _rows(mask: npt.NDArray[np.bool_]) -> str:
+    rows = np.flatnonzero(mask)
+    more = f" and {len(rows) - _MAX_ROWS_NAMED} more" if len(rows) > _MAX_ROWS_NAMED else ""
+    return f"rows {rows[:_MAX_ROWS_NAMED].tolist()}{more}"
+
+
+def _counts(name: str, values: npt.ArrayLike, *, allow_missing: bool) -> FloatArray:
+    """Validated counts: float64, finite and >= 0 (NaN only when allowed)."""
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} counts must be numbers: {exc}") from exc
+    arr = np.atleast_1d(arr)
+    nan = np.isnan(arr)
+    if nan.any() and not allow_missing:
+        raise ValueError(f"{name} counts are missing (NaN) at {_rows(nan)}")
+    bad = ~nan & ~(np.isfinite(arr) & (arr >= 0))
+    if bad.any():
+        raise ValueError(f"{name} counts are negative or infinite at {_rows(bad)}")
+    return arr
+
+
+def _broadcast(values: Any, n: int, name: str) -> list[Any]:
+    if isinstance(values, str | bytes | datetime | date | np.datetime64) or not isinstance(values, Iterable):
+        return [values] * n
+    items = list(values)
+    if len(items) != n:
+        raise ValueError(f"{name} has {len(items)} values for {n} counts")
+    return items
+
+
+class TargetTransform:
+    """Raw counts -> percentile within a reference group -> ``100 * (pct/100) ** gamma``.
+
+    Build with :meth:`fit`; store with :meth:`to_dict` (a JSON-ready dict, kept in the model's
+    config.json) and :meth:`from_dict`.
+    """
+
+    def __init__(
+        self,
+        tables: Mapping[str, Mapping[str, _Table]],
+        *,
+        gamma: float = DEFAULT_GAMMA,
+        cohort: CohortMode = "all",
+        min_cohort_size: int = DEFAULT_MIN_COHORT_SIZE,
+        max_knots: int = DEFAULT_MAX_KNOTS,
+    ) -> None:
+        if not (math.isfinite(gamma) and gamma > 0):
+            raise ValueError(f"gamma must be a positive number, got {gamma}")
+        if cohort not in ("all", "generator_week"):
+            raise ValueError(f"cohort must be 'all' or 'generator_week', got {cohort!r}")
+        for task, groups in tables.items():
+            if ALL not in groups:
+                raise ValueError(f"the reference tables of {task!r} have no {ALL!r} group")
+        self._tables = {task: dict(groups) for task, groups in tables.items()}
+        self.gamma = float(gamma)
+        self.cohort: CohortMode = cohort
+        self.min_cohort_size = int(min_cohort_size)
+        self.max_knots = int(max_knots)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(self._tables)
+
+    def groups(self, task: str) -> list[str]:
+        """The reference groups stored for a task (``all``, ``generator:<g>``, ``cohort:<g>|<week>``)."""
+        return sorted(self._table_map(task))
+
+    # Fitting ---------------------------------------------------------------------------------
+    @classmethod
+    def fit(
+        cls,
+        data: Any,
+        *,
+        tasks: Sequence[str] = POPULARITY_TASKS,
+        gamma: float = DEFAULT_GAMMA,
+        cohort: CohortMode = "all",
+        min_cohort_size: int = DEFAULT_MIN_COHORT_SIZE,
+        max_knots: int = DEFAULT_MAX_KNOTS,
+        allow_missing: bool = False,
+    ) -> TargetTransform:
+        """Fit reference distributions from columns ``tasks`` (and ``generator``, ``created_at``
+        for cohorts) of a mapping of arrays, a pandas DataFrame or a pyarrow Table.
+
+        Negative or infinite counts are errors naming the rows; so are NaN counts unless
+        ``allow_missing`` (then they are left out of the reference).
+        """
+        if max_knots < 2:
+            raise ValueError("max_knots must be >= 2")
+        if min_cohort_size < 1:
+            raise ValueError("min_cohort_size must be >= 1")
+        unknown = [t for t in tasks if t not in POPULARITY_TASKS]
+        if unknown or not tasks:
+            raise ValueError(f"tasks must be popularity tasks {list(POPULARITY_TASKS)}, got {list(tasks)}")
+        columns = {t: _counts(t, _column(data, t), allow_missing=allow_missing) for t in tasks}
+        n = len(next(iter(columns.values())))
+        if any(len(c) != n for c in columns.values()):
+            raise ValueError("the count columns have different lengths")
+        levels = _group_keys(cohort, n, data if cohort == "generator_week" else None)
+        tables: dict[str, dict[str, _Table]] = {}
+        for task, counts in columns.items():
+            known = ~np.isnan(counts)
+            if not known.any():
+                raise ValueError(f"{task} has no known counts to build a reference from")
+            groups: dict[str, _Table] = {ALL: _Table.fit(counts[known], max_knots)}
+            for keys in levels:
+                values = np.asarray(keys, dtype=object)[known]
+                kept = counts[known]
+                for key in sorted(set(values.tolist())):
+                    members = kept[values == key]
+                    if len(members) >= min_cohort_size:
+                        groups[key] = _Table.fit(members, max_knots)
+            tables[task] = groups
+        return cls(tables, gamma=gamma, cohort=cohort, min_cohort_size=min_cohort_size, max_knots=max_knots)
+
+    # Forward ---------------------------------------------------------------------------------
+    def transform(
+        self, data: Any, *, tasks: Sequence[str] | None = None, allow_missing: bool = False
+    ) -> dict[str, npt.NDArray[np.float32]]:
+        """Scores (0-100, float32) per task for the rows of ``data`` (same columns as :meth:`fit`).
+
+        With ``allow_missing``, NaN counts give NaN scores (the head's loss skips them).
+        """
+        out: dict[str, npt.NDArray[np.float32]] = {}
+        for task in tasks or self.tasks:
+            counts = _column(data, task)
+            generator = created_at = None
+            if self.cohort == "generator_week":
+                generator, created_at = _column(data, "generator"), _column(data, "created_at")
+            pct = self.percentile(
+                task, counts, generator=generator, created_at=created_at, allow_missing=allow_missing
+            )
+            out[task] = self.score_from_percentile(pct).astype(np.float32)
+        return out
+
+    def percentile(
+        self,
+        task: str,
+        counts: npt.ArrayLike,
+        *,
+        generator: Any = None,
+        created_at: Any = None,
+        allow_missing: bool = False,
+    ) -> FloatArray:
+        """Mid-rank percentiles (0-100) of counts within their reference groups."""
+        values = _counts(task, counts, allow_missing=allow_missing)
+        tables = self._table_map(task)
+        keys = self._resolve(task, len(values), generator, created_at)
+        out = np.full(values.shape, np.nan)
+        known = ~np.isnan(values)
+        for key in set(keys):
+            rows = known & (keys == key)
+            if rows.any():
+                out[rows] = tables[key].percentile(values[rows])
+        return out
+
+    def score_from_percentile(self, pct: npt.ArrayLike) -> FloatArray:
+        """``100 * (pct/100) ** gamma``."""
+        p = np.clip(np.asarray(pct, dtype=np.float64), 0.0, 100.0)
+        return 100.0 * (p / 100.0) ** self.gamma
+
+    # Inverse ---------------------------------------------------------------------------------
+    def inverse(self, score: npt.ArrayLike) -> FloatArray:
+        """The percentile (0-100) a score stands for: ``100 * (score/100) ** (1/gamma)``.
+
+        Applied to a predicted score this is the percentile of the predicted score, not the
+        mean of the predicted percentile distribution.
+        """
+        s = np.clip(np.asarray(score, dtype=np.float64), 0.0, 100.0)
+        return 100.0 * (s / 100.0) ** (1.0 / self.gamma)
+
+    def expected_count(
+        self, task: str, score: npt.ArrayLike, *, generator: Any = None, created_at: Any = None
+    ) -> FloatArray:
+        """The raw count at the percentile a score stands for, in the song's reference group."""
+        pct = np.atleast_1d(self.inverse(score))
+        tables = self._table_map(task)
+        keys = self._resolve(task, len(pct), generator, created_at)
+        out = np.empty(pct.shape)
+        for key in set(keys):
+            rows = keys == key
+            out[rows] = tables[key].count_at(pct[rows])
+        return out
+
+    def expected_rate(
+        self,
+        likes_score: npt.ArrayLike,
+        streams_score: npt.ArrayLike,
+        *,
+        generator: Any = None,
+        created_at: Any = None,
+    ) -> FloatArray:
+        """Expected likes per stream implied by the two scores, in [0, 1].
+
+        Meant as the prior mean ``p0`` of a Beta-Binomial like rate for a song without
+        engagement yet (at least one stream is assumed, so the rate stays finite).
+        """
+        likes = self.expected_count("likes", likes_score, generator=generator, created_at=created_at)
+        streams = self.expected_count("streams", streams_score, generator=generator, created_at=created_at)
+        return np.clip(likes / np.maximum(streams, 1.0), 0.0, 1.0)
+
+    # Serialisation ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready parameters (what a model's config.json keeps as ``target_transform``)."""
+        return {
+            "kind": KIND,
+            "format_version": FORMAT_VERSION,
+            "gamma": self.gamma,
+            "cohort": self.cohort,
+            "min_cohort_size": self.min_cohort_size,
+            "max_knots": self.max_knots,
+            "tables": {
+                task: {key: table.to_dict() for key, table in sorted(groups.items())}
+                for task, groups in self._tables.items()
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TargetTransform:
+        """Rebuild from :meth:`to_dict` output, validating every table."""
+        if data.get("kind") != KIND or data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"not a {KIND} v{FORMAT_VERSION} target transform: "
+                f"kind={data.get('kind')!r}, format_version={data.get('format_version')!r}"
+            )
+        raw_tables = data.get("tables")
+        if not isinstance(raw_tables, Mapping) or not raw_tables:
+            raise ValueError("target transform has no tables")
+        tables: dict[str, dict[str, _Table]] = {}
+        for task, groups in raw_tables.items():
+            if task not in POPULARITY_TASKS or not isinstance(groups, Mapping):
+                raise ValueError(f"target transform has an unexpected task {task!r}")
+            tables[task] = {key: _Table.from_dict(f"{task}/{key}", t) for key, t in groups.items()}
+        return cls(
+            tables,
+            gamma=float(data["gamma"]),
+            cohort=data.get("cohort", "all"),
+            min_cohort_size=int(data.get("min_cohort_size", DEFAULT_MIN_COHORT_SIZE)),
+            max_knots=int(data.get("max_knots", DEFAULT_MAX_KNOTS)),
+        )
+
+    # Internals -------------------------------------------------------------------------------
+    def _table_map(self, task: str) -> dict[str, _Table]:
+        try:
+            return self._tables[task]
+        except KeyError:
+            raise ValueError(
+                f"no reference for task {task!r}; this transform covers {list(self.tasks)}"
+            ) from None
+
+    def _resolve(self, task: str, n: int, generator: Any, created_at: Any) -> npt.NDArray[Any]:
+        """Per row, the most specific stored group: cohort, then generator, then all."""
+        keys = np.full(n, ALL, dtype=object)
+        if self.cohort != "generator_week" or (generator is None and created_at is None):
+            return keys
+        tables = self._table_map(task)
+        gens = _broadcast(generator, n, "generator")
+        gen_keys = [f"generator:{g}" for g in gens]
+        if created_at is None:
+            cohort_keys: list[str | None] = [None] * n
+        else:
+            weeks = _weeks(_broadcast(created_at, n, "created_at"))
+            cohort_keys = [f"cohort:{g}|{w}" for g, w in zip(gens, weeks, strict=True)]
+        for i in range(n):
+            c, g = cohort_keys[i], gen_keys[i]
+            if c is not None and c in tables:
+                keys[i] = c
+            elif g in tables:
+                keys[i] = g
+        return keys
+
+
+def _weeks(values: Sequence[Any]) -> list[str]:
+    weeks: list[str] = []
+    bad: list[int] = []
+    for i, v in enumerate(values):
+        try:
+            weeks.append(iso_week(v))
+        except (ValueError, TypeError, OverflowError):
+            bad.append(i)
+            weeks.append("")
+    if bad:
+        more = f" and {len(bad) - _MAX_ROWS_NAMED} more" if len(bad) > _MAX_ROWS_NAMED else ""
+        raise ValueError(f"created_at is missing or not a date at rows {bad[:_MAX_ROWS_NAMED]}{more}")
+    return weeks
+
+
+def _group_keys(cohort: CohortMode, n: int, data: Any) -> list[list[str]]:
+    """The group key of every row at each level finer than ``all``."""
+    if cohort == "all":
+        return []
+    generators = [str(g) if g is not None else "" for g in _column(data, "generator").tolist()]
+    missing = np.array([not g or g == "nan" for g in generators], dtype=bool)
+    if len(generators) != n:
+        raise ValueError("the generator column has a different length from the counts")
+    if missing.any():
+        raise ValueError(f"generator is missing at {_rows(missing)}")
+    raw_created = _column(data, "created_at")
+    created = list(raw_created) if raw_created.dtype.kind == "M" else raw_created.tolist()
+    weeks = _weeks(created)
+    return [
+        [f"generator:{g}" for g in generators],
+        [f"cohort:{g}|{w}" for g, w in zip(generators, weeks, strict=True)],
+    ]

@@ -1,0 +1,70 @@
+"""Test session fixtures: a real embedded Kafka broker and Redis on free loopback ports.
+
+No mocks: every test that needs a store or a broker talks to these servers.
+Each test gets its own topic names, consumer group ids, Redis key prefix and
+index directory, so tests never see each other's data.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from consumers.stack import EmbeddedStack, free_port
+from ranker.settings import (
+    IndexSettings,
+    KafkaSettings,
+    ModelSettings,
+    RedisSettings,
+    Settings,
+    TopicSettings,
+)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
+    state = tmp_path_factory.mktemp("stack")
+    base = Settings(
+        state_dir=state,
+        kafka=KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}"),
+        redis=RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0"),  # type: ignore[arg-type]
+    )
+    embedded = EmbeddedStack(base)
+    embedded.up()
+    try:
+        yield embedded
+    finally:
+        embedded.down()
+
+
+@pytest.fixture
+def settings(stack: EmbeddedStack, tmp_path: Path) -> Settings:
+    """Settings pointing at the session's servers, isolated to this test."""
+    tag = uuid.uuid4().hex[:10]
+    base = stack.settings
+    topics = TopicSettings(
+        songs_generated=f"t{tag}.songs.generated",
+        songs_scored=f"t{tag}.songs.scored",
+        dead_letter=f"t{tag}.songs.dead-letter",
+        engagement=f"t{tag}.engagement",
+        engagement_dead_letter=f"t{tag}.engagement.dead-letter",
+        models_promoted=f"t{tag}.models.promoted",
+        partitions=2,
+    )
+    return Settings(
+        state_dir=tmp_path / "state",
+        encoder="logmel",
+        kafka=base.kafka.model_copy(
+            update={
+                "topics": topics,
+                "worker_group_id": f"worker-{tag}",
+                "feedback_group_id": f"feedback-{tag}",
+            }
+        ),
+        redis=RedisSettings(url=base.redis.url, key_prefix=f"t{tag}"),
+        index=IndexSettings(path=tmp_path / "index"),
+        model=ModelSettings(logmel_n_mels=32),
+    )

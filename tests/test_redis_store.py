@@ -1,0 +1,130 @@
+"""RedisScoreStore against the session's real Redis (an isolated key prefix per test)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from consumers.stack import free_port
+from indexes import RedisScoreStore, RedisStoreConfig, ScoreStore, SongRecord, open_score_store
+from ranker.settings import Settings
+
+
+@pytest.fixture
+def store(settings: Settings) -> Iterator[RedisScoreStore]:
+    s = RedisScoreStore(
+        RedisStoreConfig(url=settings.redis.url.get_secret_value(), key_prefix=settings.redis.key_prefix)
+    )
+    yield s
+    s.close()
+
+
+def song(song_id: str, rank: float, **extra: object) -> SongRecord:
+    return SongRecord(
+        song_id=song_id,
+        model_version="apex-2024.1",
+        scores={"streams": 0.25, "likes": rank, "musicality": 3.5},
+        rank_score=rank,
+        generator="suno-v4",
+        created_at="2025-01-02T03:04:05Z",
+        scored_at="2025-01-02T03:04:09.5Z",
+        extra=dict(extra),
+    )
+
+
+def test_write_then_read_back(store: RedisScoreStore) -> None:
+    store.write_songs([song("a.1", 0.5, duration_s=31.5, tags=["lofi"], uri="s3://x/a.1.mp3")], "cold-start")
+    got = store.get_song("a.1")
+    assert got == {
+        "song_id": "a.1",
+        "model_version": "apex-2024.1",
+        "rank_score": "0.5",
+        "generator": "suno-v4",
+        "created_at": "2025-01-02T03:04:05Z",
+        "scored_at": "2025-01-02T03:04:09.5Z",
+        "score.streams": "0.25",
+        "score.likes": "0.5",
+        "score.musicality": "3.5",
+        "duration_s": "31.5",
+        "tags": '["lofi"]',
+        "uri": "s3://x/a.1.mp3",
+    }
+    assert store.get_song("absent") is None
+    assert store.ping()
+
+
+def test_replay_is_idempotent_and_rescoring_moves_not_duplicates(store: RedisScoreStore) -> None:
+    batch = [song(f"s-{i}", i / 10) for i in range(5)]
+    store.write_songs(batch, "cold-start")
+    before = store.get_song("s-3")
+    store.write_songs(batch, "cold-start")
+    assert store.feed_size("cold-start") == 5 and store.get_song("s-3") == before
+    store.write_songs([song("s-0", 0.99)], "cold-start")
+    assert store.feed_size("cold-start") == 5
+    assert store.feed_page("cold-start", 0, 1) == [("s-0", 0.99)]
+
+
+def test_feed_is_best_first_and_pages(store: RedisScoreStore) -> None:
+    store.write_songs([song(f"s-{i}", r) for i, r in enumerate([0.3, 0.9, 0.1, 0.7])], "f1")
+    store.write_songs([song("other", 1.0)], "f2")
+    assert store.feed_page("f1", 0, 10) == [("s-1", 0.9), ("s-3", 0.7), ("s-0", 0.3), ("s-2", 0.1)]
+    assert store.feed_page("f1", 1, 2) == [("s-3", 0.7), ("s-0", 0.3)]
+    assert store.feed_page("f1", 10, 5) == [] and store.feed_page("f1", 0, 0) == []
+    assert store.feed_size("f2") == 1 and store.feed_size("never-written") == 0
+
+
+def test_keys_use_cluster_hash_tags(store: RedisScoreStore, settings: Settings) -> None:
+    store.write_songs([song("Song_1:v2-x.y", 0.4)], "cold-start")
+    prefix = settings.redis.key_prefix
+    assert store.song_key("Song_1:v2-x.y") == f"{prefix}:song:{{Song_1:v2-x.y}}"
+    assert store.feed_key("cold-start") == f"{prefix}:feed:{{cold-start}}"
+    assert sorted(store.client.keys(f"{prefix}:*")) == [
+        f"{prefix}:feed:{{cold-start}}",
+        f"{prefix}:song:{{Song_1:v2-x.y}}",
+    ]
+    assert store.client.type(f"{prefix}:song:{{Song_1:v2-x.y}}") == "hash"
+
+
+@pytest.mark.parametrize(
+    ("records", "feed", "match"),
+    [
+        ([song("has{brace}", 0.1)], "f", "hash tag"),
+        ([song("ok", 0.1)], "bad feed", "hash tag"),
+        ([song("ok", 0.1), song("nan", float("nan"))], "f", "finite"),
+        ([song("ok", 0.1), song("clash", 0.2, generator="x")], "f", "reserved"),
+        ([song("ok", 0.1), song("obj", 0.2, blob=object())], "f", "not JSON"),
+    ],
+)
+def test_invalid_batches_write_nothing(
+    store: RedisScoreStore, settings: Settings, records: list[SongRecord], feed: str, match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        store.write_songs(records, feed)
+    assert store.client.keys(f"{settings.redis.key_prefix}:*") == []
+
+
+def test_open_score_store_by_scheme(settings: Settings) -> None:
+    url = settings.redis.url.get_secret_value()
+    opened: ScoreStore = open_score_store(url, settings.redis.key_prefix, 2.0)
+    assert isinstance(opened, RedisScoreStore) and opened.ping()
+    opened.close()
+    unix = open_score_store("unix:///tmp/apexrank-no-such.sock", "p", 1.0)  # connects lazily
+    assert isinstance(unix, RedisScoreStore) and not unix.ping()
+    with pytest.raises(ValueError, match=r"redis://, rediss://, unix://"):
+        open_score_store("memcached://127.0.0.1:11211", "p", 1.0)
+    with pytest.raises(ValueError):
+        RedisStoreConfig(url=url, key_prefix="bad{prefix}")
+    with pytest.raises(ValueError):
+        RedisStoreConfig(url=url, unknown=1)  # type: ignore[call-arg]
+
+
+def test_connection_errors_propagate_for_the_worker_to_retry() -> None:
+    dead = RedisScoreStore(RedisStoreConfig(url=f"redis://127.0.0.1:{free_port()}/0", socket_timeout_s=0.5))
+    assert dead.ping() is False
+    with pytest.raises(redis.exceptions.ConnectionError):
+        dead.write_songs([song("a", 0.1)], "f")
+    with pytest.raises(redis.exceptions.ConnectionError):
+        dead.get_song("a")
+    dead.close()

@@ -1,0 +1,263 @@
+"""The scoring worker end to end on the real embedded broker and Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+import soundfile as sf
+
+from consumers.publish import publish_events
+from consumers.worker import Worker
+from indexes import open_score_store
+from indexes.base import song_key
+from indexes.embedding_index import EmbeddingIndex
+from ranker.events import TASKS, DeadLetter, SongScored
+from ranker.settings import AudioSettings, Settings, WorkerSettings
+from tests.helpers import event, read_topic, settings_env, tone
+
+
+def run_worker(settings: Settings, idle_s: float = 2.0) -> Worker:
+    worker = Worker(settings)
+    worker.run(until_idle_s=idle_s)
+    return worker
+
+
+def feed(settings: Settings) -> list[tuple[str, float]]:
+    store = open_score_store(settings.redis.url.get_secret_value(), settings.redis.key_prefix, 5.0)
+    try:
+        return store.feed_page(settings.feed.name, 0, 100_000)
+    finally:
+        store.close()
+
+
+def song(settings: Settings, song_id: str) -> dict[str, str] | None:
+    store = open_score_store(settings.redis.url.get_secret_value(), settings.redis.key_prefix, 5.0)
+    try:
+        return store.get_song(song_id)
+    finally:
+        store.close()
+
+
+def index_keys(settings: Settings, dim: int) -> list[int]:
+    """Keys in the index as a fresh process would load it; also checks the store agrees."""
+    idx = EmbeddingIndex(settings.index_dir, dim=dim, factory=settings.index.factory, use_gpu="never")
+    try:
+        keys = [int(k) for k in idx.vector_index.keys()]
+        assert idx.store.count() == len(keys)
+        return keys
+    finally:
+        idx.close()
+
+
+def test_valid_song_is_scored_once_everywhere(settings: Settings, tmp_path: Path) -> None:
+    events = [event(f"ok-{i}", tone(tmp_path / f"ok{i}.wav", freq=220 * (i + 1)).as_uri()) for i in range(3)]
+    publish_events(settings, events)
+    worker = run_worker(settings)
+    assert worker.stats.scored == 3 and worker.stats.dead_letters == 0
+
+    ranked = feed(settings)
+    assert sorted(s for s, _ in ranked) == ["ok-0", "ok-1", "ok-2"]
+    rec = song(settings, "ok-1")
+    assert rec is not None
+    assert rec["generator"] == "suno-v5" and rec["model_version"].startswith("untrained-seed42")
+    for task in TASKS:
+        assert f"score.{task}" in rec
+    assert 0 <= float(rec["score.streams"]) <= 100 and 1 <= float(rec["score.coherence"]) <= 5
+
+    dim = worker.encoder.vector_dim
+    keys = index_keys(settings, dim)
+    assert sorted(keys) == sorted(song_key(f"ok-{i}") for i in range(3))
+
+    scored = [
+        SongScored.model_validate_json(m.value)
+        for m in read_topic(settings, settings.kafka.topics.songs_scored, 3)
+    ]
+    assert sorted(s.song_id for s in scored) == ["ok-0", "ok-1", "ok-2"]
+    assert {m.key for m in read_topic(settings, settings.kafka.topics.songs_scored, 3)} == {
+        b"ok-0",
+        b"ok-1",
+        b"ok-2",
+    }
+
+
+def test_duplicate_event_changes_nothing(settings: Settings, tmp_path: Path) -> None:
+    ev = event("dup-1", tone(tmp_path / "d.wav").as_uri())
+    publish_events(settings, [ev, ev])
+    run_worker(settings)
+    first = song(settings, "dup-1")
+    publish_events(settings, [ev])
+    worker = run_worker(settings)
+    assert worker.stats.reused_embeddings == 1
+    assert song(settings, "dup-1") == first
+    assert [s for s, _ in feed(settings)] == ["dup-1"]
+    assert index_keys(settings, worker.encoder.vector_dim) == [song_key("dup-1")]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    wav = b""
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/slow"):
+            time.sleep(3)
+        if self.path.startswith("/missing"):
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.wav)))
+        self.end_headers()
+        self.wfile.write(self.wav)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def http_server(tmp_path: Path) -> Iterator[str]:
+    _Handler.wav = tone(tmp_path / "served.wav").read_bytes()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+def test_bad_input_goes_to_dead_letters_and_the_worker_keeps_going(
+    settings: Settings, tmp_path: Path, http_server: str
+) -> None:
+    settings = settings.model_copy(
+        update={
+            "audio": AudioSettings(max_bytes=400_000, fetch_timeout_s=1.0, max_duration_s=3.0),
+            "worker": WorkerSettings(max_poll_records=4),
+        }
+    )
+    sr = 24_000
+    big = tmp_path / "big.wav"
+    sf.write(big, np.zeros(sr * 10, dtype=np.float32) + 0.1, sr)  # 10 s x 2 bytes > 400 kB
+    garbage = tmp_path / "garbage.wav"
+    garbage.write_bytes(os.urandom(5000))
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros(0, dtype=np.float32), sr)
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(sr * 2, dtype=np.float32), sr)
+    short = tone(tmp_path / "short.wav", seconds=0.5)
+    long = tone(tmp_path / "long.wav", seconds=6.0)
+    cases = {
+        "missing": ("file_not_found", (tmp_path / "nope.wav").as_uri()),
+        "ftp": ("unsupported_uri_scheme", "ftp://example.org/a.wav"),
+        "http404": ("http_error", f"{http_server}/missing.wav"),
+        "httpslow": ("fetch_timeout", f"{http_server}/slow.wav"),
+        "big": ("too_large", big.as_uri()),
+        "garbage": ("undecodable_audio", garbage.as_uri()),
+        "empty": ("empty_audio", empty.as_uri()),
+        "silent": ("silent_audio", silent.as_uri()),
+        "short": ("too_short", short.as_uri()),
+    }
+    good = [event(f"good-{i}", tone(tmp_path / f"g{i}.wav", seed=i).as_uri()) for i in range(3)]
+    bad = [event(name, uri) for name, (_, uri) in cases.items()]
+    raw = [b"{not json", json.dumps({"song_id": "x y", "generator": "g"}).encode(), b"\xff\xfe\x00binary"]
+    # Interleave so that poison messages sit between good ones in every partition.
+    mixed = [
+        good[0],
+        *bad[:4],
+        good[1],
+        *bad[4:],
+        event("long", long.as_uri()),
+        event("web", f"{http_server}/ok.wav"),
+    ]
+    publish_events(settings, [*mixed, good[2]], raw=raw)
+
+    worker = run_worker(settings, idle_s=3.0)
+
+    letters = [
+        DeadLetter.model_validate_json(m.value)
+        for m in read_topic(settings, settings.kafka.topics.dead_letter, 12)
+    ]
+    by_key = {d.key: d for d in letters if d.key}
+    for name, (code, _) in cases.items():
+        assert by_key[name].error_code == code, (name, by_key[name].message)
+        assert by_key[name].source_topic == settings.kafka.topics.songs_generated
+        assert by_key[name].message
+    keyless = sorted(d.error_code for d in letters if not d.key)
+    assert keyless == ["invalid_json", "invalid_json", "invalid_schema"]
+    binary = next(d for d in letters if d.original_encoding == "base64")
+    assert binary.original_bytes() == b"\xff\xfe\x00binary"
+    assert len(letters) == 12
+
+    scored = {s for s, _ in feed(settings)}
+    assert scored == {"good-0", "good-1", "good-2", "long", "web"}
+    long_rec = song(settings, "long")
+    assert long_rec is not None and long_rec["truncated"] == "1"
+    assert float(long_rec["scored_duration_s"]) == pytest.approx(3.0, abs=0.01)
+    assert worker.stats.dead_by_code["file_not_found"] == 1
+
+
+def test_worker_refuses_to_start_without_mert_weights(settings: Settings, tmp_path: Path) -> None:
+    from ranker.errors import ConfigError
+    from ranker.settings import ModelSettings
+
+    s = settings.model_copy(
+        update={
+            "encoder": "mert",
+            "model": ModelSettings(mert_model=str(tmp_path / "no-weights"), offline=True),
+        }
+    )
+    with pytest.raises(ConfigError, match="APEXRANK_ENCODER=logmel"):
+        Worker(s)
+
+
+def test_sigkill_mid_batch_then_restart_loses_and_duplicates_nothing(
+    settings: Settings, tmp_path: Path
+) -> None:
+    n = 60
+    events = [
+        event(f"k-{i:03d}", tone(tmp_path / f"k{i}.wav", seconds=8.0, freq=110 + 7 * i, seed=i).as_uri())
+        for i in range(n)
+    ]
+    publish_events(settings, events)
+    env = {
+        **os.environ,
+        **settings_env(settings),
+        "APEXRANK_WORKER__MAX_POLL_RECORDS": "4",
+        "APEXRANK_INDEX__SNAPSHOT_EVERY_SONGS": "7",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "consumers.cli", "worker"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    r = redis.Redis.from_url(settings.redis.url.get_secret_value())
+    feed_key = next(iter(r.scan_iter(f"{settings.redis.key_prefix}:feed:*")), None)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        feed_key = feed_key or next(iter(r.scan_iter(f"{settings.redis.key_prefix}:feed:*")), None)
+        if feed_key is not None and r.zcard(feed_key) >= 10:
+            break
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert feed_key is not None
+    done_at_kill = r.zcard(feed_key)
+    assert 10 <= done_at_kill < n, "the kill must land while work is in flight"
+
+    worker = run_worker(settings, idle_s=3.0)
+    ids = [f"k-{i:03d}" for i in range(n)]
+    assert sorted(s for s, _ in feed(settings)) == ids
+    assert all(song(settings, i) is not None for i in ids)
+    keys = index_keys(settings, worker.encoder.vector_dim)
+    assert len(keys) == n and sorted(keys) == sorted(song_key(i) for i in ids)
