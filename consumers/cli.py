@@ -36,7 +36,7 @@ def _flatten(data: dict[str, object], prefix: str = "") -> list[tuple[str, objec
     for key, value in data.items():
         name = f"{prefix}__{key}" if prefix else key
         if isinstance(value, dict) and key != "weights":
-            out.extend(_flatten(value, name))  # type: ignore[arg-type]
+            out.extend(_flatten(value, name))
         else:
             out.append((name, json.dumps(value) if isinstance(value, list | dict) else value))
     return out

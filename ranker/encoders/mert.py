@@ -1,0 +1,530 @@
+"""The MERT-v1 encoder (95M or 330M) run through transformers' ``HubertModel``.
+
+MERT checkpoints on the Hub ship remote code (``model_type: "mert_model"``). With CQT
+features and deepnorm off, that code is HuBERT with a different config class, so this
+module builds a :class:`~transformers.HubertConfig` from the checkpoint's ``config.json``
+and loads the state dict itself. No remote code is ever executed, and the same loader
+serves Hub ids, the Hub cache (offline) and local directories.
+
+Weights are loaded by this module rather than ``from_pretrained``. The positional
+convolution's weight norm has two spellings: ``weight_g``/``weight_v`` (old torch, as in
+the MERT checkpoints) and ``parametrizations.weight.original0/1`` (what a current
+``HubertModel`` has). transformers 5.24's ``from_pretrained`` maps them, and torch's
+parametrized weight norm has a load hook for the old names, but this module renames
+keys explicitly (both directions, plus wrapper prefixes) so that loading does not depend
+on either version and the missing-key check sees the real state.
+
+Batching and exactness (a segment's features never depend on its batch mates):
+
+* Each segment is normalised to zero mean and unit variance over its real samples, as
+  MERT's feature extractor does (``eps = 1e-7``), and padded with zeros afterwards.
+* A batch without padding (e.g. only full 30 s segments) runs the stock model with no
+  attention mask, exactly as the checkpoints were trained.
+* Group-norm front ends (``feat_extract_norm == "group"``, MERT-v1-95M) normalise each
+  channel of the first conv layer over the whole clip, so zero padding would shift every
+  frame of a shorter clip (measured on a tiny model: errors as large as the features),
+  and they were trained without an attention mask, so a mask alone cannot fix it. Here
+  that norm is replaced by :class:`MaskedInstanceNorm` (same parameters) which takes its
+  statistics over the real frames only; together with the attention mask, a padded
+  clip then gets what it would get alone. Should the model's layout ever differ from
+  what that swap expects, the encoder falls back to never mixing lengths in a batch.
+* Layer-norm front ends (``feat_extract_norm == "layer"``, MERT-v1-330M) normalise per
+  frame; padding plus an ``attention_mask`` is exact on its own.
+* On CUDA, padded batch widths are rounded up to whole seconds: tail lengths are random,
+  and every new input shape makes cuDNN build new convolution and attention plans
+  (measured on an H100: about 60 ms per new shape, more than the forward pass itself).
+* Pooling is the time-mean over each segment's real frames only (frame counts from
+  ``_get_feat_extract_output_lengths``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ranker.encoders.base import Encoder
+from ranker.errors import ConfigError
+
+if TYPE_CHECKING:  # settings need pydantic; a GPU benchmark host may only have torch + transformers
+    from ranker.settings import ModelSettings
+
+log = logging.getLogger(__name__)
+
+MERT_SAMPLE_RATE = 24_000
+#: MERT's feature extractor uses this inside the square root of the variance.
+NORM_EPS = 1e-7
+#: The conv front end's receptive field: shorter inputs give no frame at all.
+MIN_SAMPLES = 400
+
+FIX_HINT = (
+    "Set APEXRANK_MODEL__MERT_MODEL=/path/to/local/MERT-v1-95M (a directory holding config.json "
+    "and the weights), or APEXRANK_ENCODER=logmel to run the weight-free baseline encoder."
+)
+
+#: Weight files looked for, in order of preference.
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+#: config.json keys that describe the file or the training run, not the architecture.
+_NON_ARCH_KEYS = frozenset(
+    {
+        "_name_or_path",
+        "architectures",
+        "auto_map",
+        "model_type",
+        "transformers_version",
+        "dtype",
+        "torch_dtype",
+        "id2label",
+        "label2id",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "is_encoder_decoder",
+        "problem_type",
+        "chunk_size_feed_forward",
+    }
+)
+_ACCEPTED_MODEL_TYPES = frozenset({"hubert", "mert_model", "mert"})
+#: Prefixes a wrapper model may have put in front of HubertModel's own keys.
+_KEY_PREFIXES = ("mert_model.", "hubert.", "model.")
+_WEIGHT_NORM_NAMES = (
+    (".weight_g", ".parametrizations.weight.original0"),
+    (".weight_v", ".parametrizations.weight.original1"),
+)
+
+
+# --------------------------------------------------------------------------------------
+# Config and weights
+# --------------------------------------------------------------------------------------
+
+
+def hubert_config_from_dict(raw: dict[str, Any], *, source: str = "config.json") -> Any:
+    """A ``HubertConfig`` from a HuBERT or MERT ``config.json``.
+
+    Keeps only the keys HubertConfig knows; refuses MERT options HuBERT cannot run (CQT
+    features, deepnorm) instead of silently computing different features.
+    """
+    from transformers import HubertConfig
+
+    model_type = raw.get("model_type", "hubert")
+    if model_type not in _ACCEPTED_MODEL_TYPES:
+        raise ConfigError(
+            f"{source} describes a {model_type!r} model; the MERT encoder needs a MERT or HuBERT checkpoint. "
+            + FIX_HINT
+        )
+    if raw.get("feature_extractor_cqt"):
+        raise ConfigError(
+            f"{source} enables feature_extractor_cqt (a MERT variant with CQT input features), which this "
+            "encoder does not implement; use MERT-v1-95M or MERT-v1-330M. " + FIX_HINT
+        )
+    if raw.get("deepnorm"):
+        raise ConfigError(
+            f"{source} enables deepnorm (scaled residuals), which HubertModel does not implement; "
+            "use MERT-v1-95M or MERT-v1-330M. " + FIX_HINT
+        )
+    known = set(HubertConfig().to_dict()) - _NON_ARCH_KEYS
+    kwargs = {k: v for k, v in raw.items() if k in known}
+    # attention_relax only rescales logits before a max-subtracted softmax: same result.
+    dropped = sorted(set(raw) - known - _NON_ARCH_KEYS)
+    if dropped:
+        log.debug("ignoring config keys HubertConfig does not know: %s", ", ".join(dropped))
+    return HubertConfig(**kwargs)
+
+
+def _is_local_reference(ref: str) -> bool:
+    return ref.startswith(("/", "./", "../", "~", ".\\")) or "\\" in ref or ref.count("/") > 1
+
+
+def resolve_model_files(ref: str, *, offline: bool) -> tuple[Path, list[Path]]:
+    """``(config.json, weight files)`` for a local directory or a Hub id.
+
+    Hub files come through huggingface_hub's cache; with ``offline`` only the cache is
+    consulted. Every failure becomes a :class:`ConfigError` that says what to change.
+    """
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return _resolve_local(path)
+    if path.exists():
+        raise ConfigError(f"MERT model {ref!r} is a file; it must be a directory or a Hub id. " + FIX_HINT)
+    if _is_local_reference(ref):
+        raise ConfigError(f"MERT model directory {ref!r} does not exist. " + FIX_HINT)
+    return _resolve_hub(ref, offline=offline)
+
+
+def _resolve_local(directory: Path) -> tuple[Path, list[Path]]:
+    config = directory / "config.json"
+    if not config.is_file():
+        raise ConfigError(f"MERT model directory {directory} has no config.json. " + FIX_HINT)
+    for name in WEIGHT_FILES:
+        candidate = directory / name
+        if candidate.is_file():
+            if name.endswith(".index.json"):
+                return config, [directory / shard for shard in _shard_names(candidate)]
+            return config, [candidate]
+    raise ConfigError(
+        f"MERT model directory {directory} holds no weights (looked for {', '.join(WEIGHT_FILES)}). "
+        + FIX_HINT
+    )
+
+
+def _resolve_hub(repo_id: str, *, offline: bool) -> tuple[Path, list[Path]]:
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+    except ImportError as exc:  # pragma: no cover - transformers depends on it
+        raise ConfigError(f"huggingface_hub is needed to fetch {repo_id!r}: {exc}. " + FIX_HINT) from exc
+    where = "the local Hub cache (offline mode)" if offline else "the Hugging Face Hub"
+
+    def get(name: str) -> Path:
+        return Path(hf_hub_download(repo_id=repo_id, filename=name, local_files_only=offline))
+
+    try:
+        config = get("config.json")
+    except Exception as exc:
+        raise ConfigError(
+            f"could not get config.json of MERT model {repo_id!r} from {where}: {type(exc).__name__}: {exc}. "
+            + FIX_HINT
+        ) from exc
+    for name in WEIGHT_FILES:
+        try:
+            found = get(name)
+        except EntryNotFoundError:
+            continue
+        except Exception as exc:
+            raise ConfigError(
+                f"could not get {name} of MERT model {repo_id!r} from {where}: {type(exc).__name__}: {exc}. "
+                + FIX_HINT
+            ) from exc
+        if not name.endswith(".index.json"):
+            return config, [found]
+        try:
+            return config, [get(shard) for shard in _shard_names(found)]
+        except Exception as exc:
+            raise ConfigError(
+                f"could not get the weight shards of MERT model {repo_id!r} from {where}: {exc}. " + FIX_HINT
+            ) from exc
+    raise ConfigError(
+        f"found no weights for MERT model {repo_id!r} in {where} (looked for {', '.join(WEIGHT_FILES)}). "
+        + FIX_HINT
+    )
+
+
+def _shard_names(index_file: Path) -> list[str]:
+    try:
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+        return sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"cannot read the shard index {index_file}: {exc}. " + FIX_HINT) from exc
+
+
+def read_state_dict(files: Iterable[Path]) -> dict[str, torch.Tensor]:
+    """Tensors from safetensors or torch ``.bin`` files (never unpickling arbitrary objects)."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            if f.suffix == ".safetensors":
+                state.update(load_file(str(f), device="cpu"))
+            else:
+                state.update(torch.load(f, map_location="cpu", weights_only=True))
+        except Exception as exc:
+            raise ConfigError(
+                f"cannot read MERT weights from {f}: {type(exc).__name__}: {exc}. " + FIX_HINT
+            ) from exc
+    return state
+
+
+def _key_candidates(key: str) -> Iterator[str]:
+    bases = [key] + [key[len(p) :] for p in _KEY_PREFIXES if key.startswith(p)]
+    for base in bases:
+        yield base
+        for old, new in _WEIGHT_NORM_NAMES:
+            if base.endswith(old):
+                yield base[: -len(old)] + new
+            elif base.endswith(new):
+                yield base[: -len(new)] + old
+
+
+def adapt_state_dict(state: dict[str, torch.Tensor], expected: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Rename checkpoint keys to the model's: weight-norm spelling and wrapper prefixes.
+
+    A key that matches nothing is kept as is (it is reported as unexpected).
+    """
+    wanted = set(expected)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        target = next((c for c in _key_candidates(key) if c in wanted), key)
+        out[target] = value
+    return out
+
+
+def load_hubert(ref: str, *, offline: bool) -> tuple[Any, dict[str, Any]]:
+    """Build a ``HubertModel`` for ``ref`` and load its weights; returns ``(model, raw config)``."""
+    from transformers import HubertModel
+
+    config_file, weight_files = resolve_model_files(ref, offline=offline)
+    try:
+        raw = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {config_file}: {exc}. " + FIX_HINT) from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{config_file} is not a JSON object. " + FIX_HINT)
+    config = hubert_config_from_dict(raw, source=str(config_file))
+    model = HubertModel(config)
+    state = adapt_state_dict(read_state_dict(weight_files), model.state_dict().keys())
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ConfigError(
+            f"the weights of MERT model {ref!r} do not fit its config.json: {exc}. " + FIX_HINT
+        ) from exc
+    # masked_spec_embed is only used for training-time masking.
+    missing = [k for k in result.missing_keys if k != "masked_spec_embed"]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ConfigError(
+            f"the weights of MERT model {ref!r} lack {len(missing)} tensors ({shown}). " + FIX_HINT
+        )
+    if result.unexpected_keys:
+        log.warning(
+            "MERT model %r: ignoring %d checkpoint tensors HubertModel does not use (e.g. %s)",
+            ref,
+            len(result.unexpected_keys),
+            result.unexpected_keys[0],
+        )
+    return model.eval(), raw
+
+
+# --------------------------------------------------------------------------------------
+# Device and precision
+# --------------------------------------------------------------------------------------
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` picks CUDA when present; an explicit CUDA request without CUDA is an error."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"APEXRANK_MODEL__DEVICE={spec!r} is not a device (auto, cpu, cuda, cuda:N)"
+        ) from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"APEXRANK_MODEL__DEVICE={spec!r} but CUDA is not available; use auto or cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"APEXRANK_MODEL__DEVICE={spec!r}: only cpu and cuda devices are supported")
+    return device
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """Mixed-precision dtype for CUDA (bf16 by default, fp16 on request); CPU runs fp32."""
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "fp16":
+        return torch.float16
+    if precision == "auto" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+# --------------------------------------------------------------------------------------
+# Exact padding for group-norm front ends
+# --------------------------------------------------------------------------------------
+
+
+class MaskedInstanceNorm(torch.nn.Module):
+    """Drop-in for HuBERT's first-layer ``GroupNorm(C, C)`` that ignores padded frames.
+
+    That norm takes each channel's mean and variance over the whole time axis, so zero
+    padding would shift every frame of a shorter clip in a batch. Given ``valid`` (real
+    frames per row, set just before a forward pass) the statistics come from the real
+    frames only, which is what the clip alone would get. With ``valid`` unset it is the
+    stock group norm. Parameter names are unchanged, so the state dict is too.
+    """
+
+    def __init__(self, norm: torch.nn.GroupNorm) -> None:
+        super().__init__()
+        self.num_channels = norm.num_channels
+        self.eps = norm.eps
+        self.weight = norm.weight
+        self.bias = norm.bias
+        self.valid: list[int] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.valid is None:
+            return torch.nn.functional.group_norm(x, self.num_channels, self.weight, self.bias, self.eps)
+        y = x.to(torch.float32, copy=True)  # fp32 statistics, as autocast runs group_norm
+        stats = [torch.var_mean(y[b, :, :n], dim=-1, correction=0) for b, n in enumerate(self.valid)]
+        var = torch.stack([v for v, _ in stats])
+        mean = torch.stack([m for _, m in stats])
+        scale = torch.rsqrt(var + self.eps) * self.weight.float()
+        shift = self.bias.float() - mean * scale
+        return y.mul_(scale[..., None]).add_(shift[..., None])
+
+
+def install_masked_norm(model: Any) -> MaskedInstanceNorm | None:
+    """Swap in :class:`MaskedInstanceNorm` for a group-norm front end; None if it has none.
+
+    Returns None as well when the layout is not the expected one (a future transformers
+    release), in which case the encoder falls back to never padding such models.
+    """
+    if model.config.feat_extract_norm != "group":
+        return None
+    try:
+        first = model.feature_extractor.conv_layers[0]
+        norm = first.layer_norm
+    except (AttributeError, IndexError, TypeError):
+        return None
+    if not isinstance(norm, torch.nn.GroupNorm) or norm.num_groups != norm.num_channels or not norm.affine:
+        return None
+    masked = MaskedInstanceNorm(norm)
+    first.layer_norm = masked
+    return masked
+
+
+# --------------------------------------------------------------------------------------
+# The encoder
+# --------------------------------------------------------------------------------------
+
+
+class MertEncoder(Encoder):
+    """MERT hidden layers ``settings.layers``, each time-mean pooled over real frames."""
+
+    name = "mert"
+
+    def __init__(self, settings: ModelSettings, *, offline: bool, batch_size: int = 8) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        ref = settings.mert_model
+        offline = offline or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        model, raw = load_hubert(ref, offline=offline)
+        config = model.config
+        layers = list(settings.layers)
+        n_hidden = int(config.num_hidden_layers) + 1
+        bad = [i for i in layers if not 0 <= i < n_hidden]
+        if not layers or bad:
+            raise ConfigError(
+                f"APEXRANK_MODEL__LAYERS={layers} must name hidden states 0..{n_hidden - 1} of {ref!r} "
+                f"({config.num_hidden_layers} transformer layers)"
+            )
+        self.device = resolve_device(settings.device)
+        self.amp_dtype = autocast_dtype(self.device, settings.precision)
+        self._masked_norm = install_masked_norm(model)
+        self.model = model.to(self.device)
+        self.config = config
+        self.layers = layers
+        self.batch_size = batch_size
+        #: Whether segments of different lengths may share a padded batch exactly.
+        self.mixes_lengths = config.feat_extract_norm == "layer" or self._masked_norm is not None
+        self.sample_rate = int(raw.get("sample_rate", MERT_SAMPLE_RATE))
+        #: Batch widths are rounded up to whole seconds on CUDA so that shapes repeat and
+        #: kernel plans (cuDNN convolution and attention) are reused, not rebuilt per tail.
+        self.pad_multiple = self.sample_rate if self.device.type == "cuda" else 1
+        self._lock = threading.Lock()  # the masked norm's per-batch state
+        self.n_layers = len(layers)
+        self.dim = int(config.hidden_size)
+        label = Path(ref).expanduser().name if Path(ref).expanduser().is_dir() else ref
+        self.encoder_id = f"mert:{label}:layers={','.join(str(i) for i in layers)}"
+
+    def frames_for(self, n_samples: int) -> int:
+        """MERT frames for a segment of ``n_samples`` (segments under 400 samples give one)."""
+        return int(self.model._get_feat_extract_output_lengths(max(n_samples, MIN_SAMPLES)))
+
+    def _batches(self, lengths: Sequence[int]) -> Iterator[list[int]]:
+        """Indices grouped longest first, so padding stays small.
+
+        Only if a model cannot mask padding exactly are lengths kept apart.
+        """
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+        batch: list[int] = []
+        for i in order:
+            if batch and (
+                len(batch) >= self.batch_size or (not self.mixes_lengths and lengths[i] != lengths[batch[0]])
+            ):
+                yield batch
+                batch = []
+            batch.append(i)
+        if batch:
+            yield batch
+
+    @torch.inference_mode()
+    def encode(self, segments: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        n = len(segments)
+        features = np.zeros((n, self.n_layers, self.dim), dtype=np.float32)
+        frames = np.zeros(n, dtype=np.int64)
+        lengths = [int(np.asarray(s).shape[0]) for s in segments]
+        if any(length == 0 for length in lengths):
+            raise ValueError("cannot encode an empty segment")
+        for idx in self._batches(lengths):
+            with self._lock:
+                pooled, n_frames = self._encode_batch(
+                    [np.asarray(segments[i], dtype=np.float32) for i in idx]
+                )
+            features[idx] = pooled
+            frames[idx] = n_frames
+        return features, frames
+
+    def _encode_batch(self, segs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        lengths = torch.tensor([s.shape[0] for s in segs], dtype=torch.int64)
+        # Clips under one receptive field are zero-padded to it, alone or batched alike.
+        effective = lengths.clamp(min=MIN_SAMPLES)
+        width = int(effective.max())
+        if self.mixes_lengths:
+            width = -(-width // self.pad_multiple) * self.pad_multiple
+        padded = bool((effective < width).any())
+        raw = torch.zeros(len(segs), width, dtype=torch.float32)
+        for row, s in enumerate(segs):
+            raw[row, : s.shape[0]] = torch.from_numpy(s)
+        dev = self.device
+        x = raw.to(dev, non_blocking=True)
+        real = torch.arange(width, device=dev)[None, :] < lengths.to(dev)[:, None]
+        count = lengths.to(dev, torch.float32)[:, None]
+        mean = (x * real).sum(-1, keepdim=True) / count
+        var = (((x - mean) * real) ** 2).sum(-1, keepdim=True) / count
+        x = (x - mean) / torch.sqrt(var + NORM_EPS) * real  # padding stays exactly zero
+
+        # Unpadded batches run the stock model, exactly as the checkpoint was trained
+        # (group-norm MERT never saw an attention mask). Padded ones mask the padding out of
+        # the first norm and of attention, which reproduces each clip's unpadded result.
+        mask = None
+        if padded:
+            valid_samples = torch.arange(width, device=dev)[None, :] < effective.to(dev)[:, None]
+            mask = valid_samples.to(torch.long)
+        if self._masked_norm is not None:
+            k0, s0 = self.config.conv_kernel[0], self.config.conv_stride[0]
+            self._masked_norm.valid = ((effective - k0) // s0 + 1).tolist() if padded else None
+        amp = (
+            torch.autocast(device_type=dev.type, dtype=self.amp_dtype)
+            if self.amp_dtype is not None
+            else nullcontext()
+        )
+        try:
+            with amp:
+                out = self.model(x, attention_mask=mask, output_hidden_states=True, return_dict=True)
+        finally:
+            if self._masked_norm is not None:
+                self._masked_norm.valid = None
+        hidden = out.hidden_states
+
+        n_frames = self.model._get_feat_extract_output_lengths(effective).to(torch.int64)
+        t = hidden[0].shape[1]
+        fmask = (torch.arange(t)[None, :] < n_frames[:, None]).to(dev, torch.float32)[..., None]  # (B, T, 1)
+        denom = n_frames.to(dev, torch.float32)[:, None]
+        pooled = torch.stack([(hidden[i].float() * fmask).sum(1) / denom for i in self.layers], dim=1)
+        return pooled.cpu().numpy(), n_frames.numpy()
