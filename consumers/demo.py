@@ -11,17 +11,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rich.console import Console
-
 from consumers.publish import catalog_events, publish_events
-from consumers.report import print_feed
+from consumers.report import print_feed, wide_console
 from consumers.stack import EmbeddedStack
 from consumers.worker import Worker
 from ranker.settings import Settings
 
 
 def run_demo(settings: Settings, *, songs: int, seed: int, out: Path) -> int:
-    console = Console()
+    console = wide_console()
     if settings.encoder != "logmel":
         console.print(
             "[yellow]demo: using the weightless logmel baseline encoder (no MERT weights offline)[/]"
@@ -44,9 +42,8 @@ def run_demo(settings: Settings, *, songs: int, seed: int, out: Path) -> int:
     events = catalog_events(result.catalog_path)
     bad = [b'{"song_id": "broken-json"', b'{"song_id": "no-audio", "generator": "synthetic-x"}']
     n = publish_events(settings, events, raw=bad)
-    console.print(
-        f"published {n} messages ({len(bad)} of them deliberately invalid) to {settings.kafka.topics.songs_generated}"
-    )
+    topic = settings.kafka.topics.songs_generated
+    console.print(f"published {n} messages ({len(bad)} of them deliberately invalid) to {topic}")
 
     console.rule("4. the worker, until idle")
     worker = Worker(settings)

@@ -9,6 +9,12 @@ from indexes import open_score_store
 from ranker.settings import Settings
 
 
+def wide_console() -> Console:
+    """A console that does not squeeze tables to 80 columns when output is piped or logged."""
+    probe = Console()
+    return probe if probe.is_terminal else Console(width=140)
+
+
 def print_feed(settings: Settings, limit: int = 20, console: Console | None = None) -> None:
     store = open_score_store(
         settings.redis.url.get_secret_value(),
@@ -53,6 +59,6 @@ def print_feed(settings: Settings, limit: int = 20, console: Console | None = No
                 f("clarity"),
                 f("naturalness"),
             )
-        (console or Console()).print(table)
+        (console or wide_console()).print(table)
     finally:
         store.close()

@@ -184,7 +184,6 @@ class ScoringPipeline:
             segs = segment_waveform(p.audio.waveform, p.audio.sample_rate, seg_size)
             segments.extend(segs)
             owners.extend([i] * len(segs))
-        dead: list[DeadLetter] = []
         try:
             with metrics.STAGE_SECONDS.labels("encode").time():
                 feats, frames = self.encoder.encode(segments)
@@ -207,7 +206,8 @@ class ScoringPipeline:
             if p.layers is not None and np.isfinite(p.layers).all():
                 ok.append(p)
             else:
-                dead.append(self._dead(p.msg, ErrorCode.INTERNAL_ERROR, "encoder produced non-finite features"))
+                reason = "encoder produced non-finite features"
+                dead.append(self._dead(p.msg, ErrorCode.INTERNAL_ERROR, reason))
         return ok, dead
 
     def _encode_one_by_one(
