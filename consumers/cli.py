@@ -90,6 +90,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_feedback(args: argparse.Namespace) -> int:
+    import signal
+
+    from consumers.feedback import FeedbackConsumer
+
+    consumer = FeedbackConsumer(_settings(args))
+    signal.signal(signal.SIGTERM, consumer.request_stop)
+    signal.signal(signal.SIGINT, consumer.request_stop)
+    stats = consumer.run(until_idle_s=args.until_idle)
+    print(json.dumps(stats.__dict__))
+    return 0
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
     from consumers.publish import publish_catalog
 
@@ -148,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--until-idle", type=float, metavar="SECONDS", help="exit after SECONDS with no messages"
     )
     worker.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+
+    feedback = add("feedback", cmd_feedback, "count engagement events into Redis, the log and the feeds")
+    feedback.add_argument(
+        "--until-idle", type=float, metavar="SECONDS", help="exit after SECONDS with no messages"
+    )
 
     publish = add("publish", cmd_publish, "publish songs.generated events for a catalog (Parquet or CSV)")
     publish.add_argument("--catalog", required=True)

@@ -82,6 +82,26 @@ class SongScored(_Event):
     truncated: bool = False
 
 
+EngagementType = Literal["play", "complete", "like", "unlike", "skip", "share"]
+
+
+class Engagement(_Event):
+    """``engagement``: one user interaction with a song. Version 1."""
+
+    schema_version: Literal[1] = 1
+    event_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
+    song_id: SongId
+    user_id: str = Field(min_length=1, max_length=128)
+    type: EngagementType
+    ts: AwareDatetime
+    feed: str | None = Field(None, max_length=64)
+    position: int | None = Field(None, ge=0, description="0-based rank at which the song was shown")
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Engagement:
+        return parse_event(cls, raw)
+
+
 class DeadLetter(_Event):
     """``songs.dead-letter`` (and ``engagement.dead-letter``): a message that could not be processed."""
 

@@ -139,6 +139,18 @@ class WorkerSettings(_Section):
     retry_max_s: float = Field(15.0, gt=0)
 
 
+class FeedbackSettings(_Section):
+    """The engagement (feedback) consumer."""
+
+    max_poll_records: int = Field(2000, ge=1)
+    poll_timeout_ms: int = Field(500, ge=10)
+    dedup_window_s: int = Field(7 * 24 * 3600, ge=60, description="How long an event_id is remembered.")
+    log_dir: Path | None = Field(
+        None,
+        description="Engagement log (Parquet, by day); default STATE_DIR/engagement. Shared by the group.",
+    )
+
+
 class FeedSettings(_Section):
     """The cold-start prior blend: weights over the seven APEX scores (each rescaled to 0-1)."""
 
@@ -171,6 +183,7 @@ class Settings(BaseSettings):
     audio: AudioSettings = AudioSettings()
     model: ModelSettings = ModelSettings()
     worker: WorkerSettings = WorkerSettings()
+    feedback: FeedbackSettings = FeedbackSettings()
     feed: FeedSettings = FeedSettings()
 
     @classmethod
@@ -199,6 +212,10 @@ class Settings(BaseSettings):
     @property
     def head_dir(self) -> Path:
         return self.model.head_dir or self.state_dir / "models" / "current"
+
+    @property
+    def engagement_log_dir(self) -> Path:
+        return self.feedback.log_dir or self.state_dir / "engagement"
 
     @property
     def offline(self) -> bool:

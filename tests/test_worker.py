@@ -54,7 +54,7 @@ def index_keys(settings: Settings, dim: int) -> list[int]:
     """Keys in the index as a fresh process would load it; also checks the store agrees."""
     idx = EmbeddingIndex(settings.index_dir, dim=dim, factory=settings.index.factory, use_gpu="never")
     try:
-        keys = [int(k) for k in idx.vector_index.keys()]
+        keys = idx.vector_index.keys().astype(int).tolist()
         assert idx.store.count() == len(keys)
         return keys
     finally:
