@@ -55,9 +55,7 @@ def cmd_services(args: argparse.Namespace) -> int:
     for col in ("service", "state", "pid", "address", "log"):
         table.add_column(col)
     for st in statuses:
-        table.add_row(
-            st.name, "running" if st.running else "stopped", str(st.pid or "-"), st.address, str(st.log)
-        )
+        table.add_row(st.name, "running" if st.running else "stopped", str(st.pid or "-"), st.address, str(st.log))
     Console().print(table)
     if args.action == "up":
         return 0 if all(s.running for s in statuses) else 1
@@ -125,14 +123,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(_settings(args), songs=args.songs, seed=args.seed, out=Path(args.out))
 
 
+# -- serve ---------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ranker.api import create_app
+
+    s = _settings(args)
+    host = args.host or s.api.host
+    port = args.port if args.port is not None else s.api.port
+    uvicorn.run(create_app(s), host=host, port=port, log_level=args.log_level.lower(), access_log=False)
+    return 0
+
+
 # -- parser ----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="apexrank", description=__doc__)
     p.add_argument("--config", help="TOML settings file (same as APEXRANK_CONFIG)")
     p.add_argument("--log-level", default=os.environ.get("APEXRANK_LOG_LEVEL", "INFO"))
-    p.add_argument(
-        "--log-format", choices=["text", "json"], default=os.environ.get("APEXRANK_LOG_FORMAT", "text")
-    )
+    p.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("APEXRANK_LOG_FORMAT", "text"))
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(
@@ -142,30 +151,22 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
-    config = sub.add_parser("config", help="inspect settings").add_subparsers(
-        dest="config_cmd", required=True
-    )
+    config = sub.add_parser("config", help="inspect settings").add_subparsers(dest="config_cmd", required=True)
     show = add("show", cmd_config_show, "print the effective settings (secrets masked)", config)
     show.add_argument("--json", action="store_true")
 
     services = add("services", cmd_services, "start, stop or inspect the embedded Kafka broker and Redis")
     services.add_argument("action", choices=["up", "down", "status"])
 
-    topics = sub.add_parser("topics", help="manage Kafka topics").add_subparsers(
-        dest="topics_cmd", required=True
-    )
+    topics = sub.add_parser("topics", help="manage Kafka topics").add_subparsers(dest="topics_cmd", required=True)
     add("create", cmd_topics_create, "create every apexrank topic that does not exist", topics)
 
     worker = add("worker", cmd_worker, "score songs from songs.generated into Redis and the index")
-    worker.add_argument(
-        "--until-idle", type=float, metavar="SECONDS", help="exit after SECONDS with no messages"
-    )
+    worker.add_argument("--until-idle", type=float, metavar="SECONDS", help="exit after SECONDS with no messages")
     worker.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
 
     feedback = add("feedback", cmd_feedback, "count engagement events into Redis, the log and the feeds")
-    feedback.add_argument(
-        "--until-idle", type=float, metavar="SECONDS", help="exit after SECONDS with no messages"
-    )
+    feedback.add_argument("--until-idle", type=float, metavar="SECONDS", help="exit after SECONDS with no messages")
 
     publish = add("publish", cmd_publish, "publish songs.generated events for a catalog (Parquet or CSV)")
     publish.add_argument("--catalog", required=True)
@@ -174,12 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     feed = add("feed", cmd_feed, "print the top of the cold-start feed")
     feed.add_argument("--limit", type=int, default=20)
 
-    demo = add(
-        "demo", cmd_demo, "the end-to-end demo on the embedded stack (logmel encoder, synthetic songs)"
-    )
+    demo = add("demo", cmd_demo, "the end-to-end demo on the embedded stack (logmel encoder, synthetic songs)")
     demo.add_argument("--songs", type=int, default=48)
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--out", default="demo-out")
+    serve = add("serve", cmd_serve, "serve the feed/rank/similar HTTP API (settings: api.*)")
+    serve.add_argument("--host", help="bind address (default api.host)")
+    serve.add_argument("--port", type=int, help="port (default api.port)")
     return p
 
 

@@ -21,9 +21,7 @@ from ranker.settings import Settings
 def run_demo(settings: Settings, *, songs: int, seed: int, out: Path) -> int:
     console = wide_console()
     if settings.encoder != "logmel":
-        console.print(
-            "[yellow]demo: using the weightless logmel baseline encoder (no MERT weights offline)[/]"
-        )
+        console.print("[yellow]demo: using the weightless logmel baseline encoder (no MERT weights offline)[/]")
         settings = settings.model_copy(update={"encoder": "logmel"})
 
     console.rule("1. embedded services")

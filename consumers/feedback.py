@@ -30,8 +30,8 @@ from typing import Any, TypeVar
 
 from prometheus_client import Counter
 
-from consumers.kafka_io import ensure_topics, flush_or_raise, make_consumer, make_producer
-from consumers.worker import INFRA_ERRORS, Message, Stopping
+from consumers.kafka_io import Publisher, dead_letter_record, ensure_topics, make_consumer
+from consumers.worker import INFRA_ERRORS, Message, Stopping, commit
 from indexes.engagement_log import EngagementLog, LoggedEvent
 from indexes.redis_engagement import CountedEvent, RedisEngagementCounters
 from ranker.errors import InputError
@@ -156,7 +156,7 @@ class FeedbackConsumer:
             "connect consumer",
             lambda: make_consumer(s.kafka, s.kafka.feedback_group_id, [topics.engagement], s.feedback.max_poll_records),
         )
-        producer = self._retry("connect producer", lambda: make_producer(s.kafka))
+        producer = Publisher(s.kafka)
         assigned: frozenset[Any] = frozenset()
         last_message = time.monotonic()
         try:
@@ -181,19 +181,9 @@ class FeedbackConsumer:
                 try:
                     dead = self._retry("process", functools.partial(self.process, messages))
 
-                    def publish(dead: list[DeadLetter] = dead) -> None:
-                        futures = [
-                            producer.send(
-                                topics.engagement_dead_letter,
-                                key=d.key.encode() if d.key else None,
-                                value=d.to_bytes(),
-                            )
-                            for d in dead
-                        ]
-                        flush_or_raise(producer, futures)
-
-                    self._retry("publish dead letters", publish)
-                    self._retry("commit offsets", consumer.commit)
+                    records = [dead_letter_record(topics.engagement_dead_letter, d) for d in dead]
+                    self._retry("publish dead letters", functools.partial(producer.publish, records))
+                    self._retry("commit offsets", lambda: commit(consumer))
                 except Stopping:
                     log.warning("stopping with a batch uncommitted; it will be redelivered")
                     break
@@ -204,7 +194,7 @@ class FeedbackConsumer:
                     self.stats.dead_by_code[d.error_code] = self.stats.dead_by_code.get(d.error_code, 0) + 1
                 EVENTS.labels("dead_letter").inc(len(dead))
         finally:
-            producer.close(timeout=10)
+            producer.close()
             consumer.close(autocommit=False)
             self.counters.close()
         return self.stats

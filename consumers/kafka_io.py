@@ -16,9 +16,7 @@ from ranker.settings import KafkaSettings
 log = logging.getLogger(__name__)
 
 
-def make_consumer(
-    kafka: KafkaSettings, group_id: str, topics: Sequence[str], max_poll_records: int
-) -> KafkaConsumer:
+def make_consumer(kafka: KafkaSettings, group_id: str, topics: Sequence[str], max_poll_records: int) -> KafkaConsumer:
     """A group member that never auto-commits: offsets are committed only after writes land."""
     consumer = KafkaConsumer(
         group_id=group_id,
@@ -74,8 +72,43 @@ def all_topics(kafka: KafkaSettings) -> list[str]:
     ]
 
 
-def send_dead_letter(producer: KafkaProducer, topic: str, letter: DeadLetter) -> None:
-    producer.send(topic, key=letter.key.encode() if letter.key is not None else None, value=letter.to_bytes())
+class Publisher:
+    """A producer that sends a batch, flushes, and rebuilds itself after a failure.
+
+    kafka-python's producer can enter a fatal state (for instance when a restarted broker
+    refuses its producer id); throwing it away is the only way out, and the caller's retry
+    then resends the whole batch on a fresh one.
+    """
+
+    def __init__(self, kafka: KafkaSettings) -> None:
+        self.kafka = kafka
+        self._producer: KafkaProducer | None = None
+
+    def publish(self, records: Sequence[tuple[str, bytes | None, bytes]], timeout_s: float = 30.0) -> None:
+        if self._producer is None:
+            self._producer = make_producer(self.kafka)
+        producer = self._producer
+        try:
+            futures = [producer.send(topic, key=key, value=value) for topic, key, value in records]
+            flush_or_raise(producer, futures, timeout_s)
+        except KafkaError:
+            self.reset()
+            raise
+
+    def reset(self) -> None:
+        if self._producer is not None:
+            with contextlib.suppress(Exception):
+                self._producer.close(timeout=1)
+            self._producer = None
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.close(timeout=10)
+            self._producer = None
+
+
+def dead_letter_record(topic: str, letter: DeadLetter) -> tuple[str, bytes | None, bytes]:
+    return topic, letter.key.encode() if letter.key is not None else None, letter.to_bytes()
 
 
 def flush_or_raise(producer: KafkaProducer, futures: Sequence[object], timeout_s: float = 30.0) -> None:

@@ -6,9 +6,7 @@ from prometheus_client import Counter, Gauge, Histogram, Info
 
 EVENTS_IN = Counter("apexrank_worker_events_total", "Messages polled from songs.generated")
 SONGS_SCORED = Counter("apexrank_worker_songs_scored_total", "Songs scored and written")
-DEAD_LETTERS = Counter(
-    "apexrank_worker_dead_letters_total", "Messages sent to the dead-letter topic", ["code"]
-)
+DEAD_LETTERS = Counter("apexrank_worker_dead_letters_total", "Messages sent to the dead-letter topic", ["code"])
 RETRIES = Counter("apexrank_worker_retries_total", "Infrastructure failures retried", ["stage"])
 COMMITS = Counter("apexrank_worker_commits_total", "Offset commits after a batch's writes landed")
 BATCH_SIZE = Histogram(

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 from rich.console import Console
 from rich.table import Table
 
 from indexes import open_score_store
+from ranker.policy import Policy
 from ranker.settings import Settings
 
 
@@ -23,7 +26,10 @@ def print_feed(settings: Settings, limit: int = 20, console: Console | None = No
     )
     try:
         feed = settings.feed.name
-        page = store.feed_page(feed, 0, limit)
+        # The sorted set holds time-invariant scores; show what the API serves now.
+        policy = Policy(feed, settings.feed.default, settings.feed.like_rate)
+        now = time.time()
+        page = [(song_id, policy.served_score(stored, now)) for song_id, stored in store.feed_page(feed, 0, limit)]
         table = Table(title=f"feed '{feed}': top {len(page)} of {store.feed_size(feed)}")
         for col in (
             "#",

@@ -166,6 +166,7 @@ class EmbeddedStack:
         """Start whatever is not running yet; wait until each accepts connections."""
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "redis-data").mkdir(exist_ok=True)
+        started: dict[str, subprocess.Popen[bytes]] = {}
         for svc in self.services:
             if self._pid(svc) is not None:
                 continue
@@ -186,12 +187,15 @@ class EmbeddedStack:
                 cwd=self.dir,
             )
             log.close()
+            started[svc.name] = proc
             self._pidfile(svc).write_text(f"{proc.pid}\n")
         deadline = time.monotonic() + timeout_s
         for svc in self.services:
             while not port_open(svc.host, svc.port):
-                pid = self._pid(svc)
-                if pid is None:
+                child = started.get(svc.name)
+                # A process started just now may not have exec'd yet: ask it, not /proc.
+                exited = child.poll() is not None if child is not None else self._pid(svc) is None
+                if exited:
                     tail = _tail(self._logfile(svc))
                     raise ConfigError(f"{svc.name} exited during start-up; log {self._logfile(svc)}:\n{tail}")
                 if time.monotonic() > deadline:

@@ -30,19 +30,19 @@ from typing import Any, TypeVar
 
 import numpy as np
 import redis.exceptions
-from kafka.errors import KafkaError
+from kafka.errors import CommitFailedError, KafkaError
 
 from consumers import metrics
-from consumers.kafka_io import all_topics, ensure_topics, flush_or_raise, make_consumer, make_producer
+from consumers.kafka_io import Publisher, all_topics, dead_letter_record, ensure_topics, make_consumer
 from indexes import open_score_store
 from indexes.base import EmbeddingRecord, ScoreStore, SongRecord
 from indexes.embedding_index import EmbeddingIndex
+from ranker import feeds
 from ranker.audio import DecodedAudio, load_song, segment_waveform
 from ranker.encoders import Encoder, build_encoder, pool_song
 from ranker.errors import ErrorCode, InputError
 from ranker.events import TASKS, DeadLetter, SongGenerated, SongScored
 from ranker.model.artifact import ScoringModel, load_or_init
-from ranker.scoring import prior_score
 from ranker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,7 @@ class ScoringPipeline:
         with metrics.STAGE_SECONDS.labels("score").time():
             preds = self.model.predict(layers)
         now = datetime.now(UTC)
-        weights = self.settings.feed.weights
+        transform = self.model.target_transform
         for p, row in zip(fresh, preds, strict=True):
             scores = {task: float(v) for task, v in zip(self.model.tasks, row, strict=True)}
             for task in TASKS:  # a popularity-only head leaves aesthetics at the scale's midpoint
@@ -260,7 +260,11 @@ class ScoringPipeline:
                     SongScored(
                         song_id=p.event.song_id,
                         model_version=self.model.version,
-                        rank_score=prior_score(scores, weights),
+                        rank_score=feeds.cold_start_quality(
+                            self.settings,
+                            scores,
+                            feeds.model_like_rate(transform, scores, p.event.generator, p.event.created_at.isoformat()),
+                        ),
                         scored_at=now,
                         generator=p.event.generator,
                         truncated=bool(p.audio.truncated) if p.audio is not None else False,
@@ -313,7 +317,8 @@ class ScoringPipeline:
         songs = [_song_record(p, s) for p, s in scored if not p.unchanged]
         if songs:
             with metrics.STAGE_SECONDS.labels("redis").time():
-                self.store.write_songs(songs, self.settings.feed.name)
+                # Song hashes plus an entry in every configured feed whose filters each song passes.
+                feeds.write_scored(self.store, self.settings, feeds.with_prior(songs, self.model.target_transform))
 
     def process(self, messages: Sequence[Message]) -> tuple[BatchResult, Callable[[], None]]:
         """Everything but the writes; returns the result and a closure that performs the writes."""
@@ -365,6 +370,18 @@ def _song_record(p: _Pending, s: SongScored) -> SongRecord:
     )
 
 
+def commit(consumer: Any) -> None:
+    """Commit the consumed positions; a commit refused after a rebalance is not retried.
+
+    The partitions now belong to another member, which resumes from the last commit and
+    replays the batch: harmless, since every write is idempotent.
+    """
+    try:
+        consumer.commit()
+    except CommitFailedError as exc:
+        log.warning("commit refused after a rebalance (%s); the batch will be replayed by the new owner", exc)
+
+
 def _try(fn: Callable[..., T], *args: Any) -> tuple[T | None, BaseException | None]:
     try:
         return fn(*args), None
@@ -384,6 +401,7 @@ class Worker:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.stats = WorkerStats()
+        self.assignment: frozenset[Any] = frozenset()  # partitions owned after the last poll
         self._stop = threading.Event()
         # Build the encoder first: missing weights must stop the worker before it joins a group.
         self.encoder = build_encoder(settings)
@@ -454,13 +472,12 @@ class Worker:
                 s.kafka, s.kafka.worker_group_id, [topics.songs_generated], s.worker.max_poll_records
             ),
         )
-        producer = self._retry("connect producer", lambda: make_producer(s.kafka))
+        producer = Publisher(s.kafka)
         last_message = time.monotonic()
         try:
             while not self._stop.is_set():
-                polled = consumer.poll(
-                    timeout_ms=s.worker.poll_timeout_ms, max_records=s.worker.max_poll_records
-                )
+                polled = consumer.poll(timeout_ms=s.worker.poll_timeout_ms, max_records=s.worker.max_poll_records)
+                self.assignment = frozenset(consumer.assignment())
                 messages = [
                     Message(r.topic, r.partition, r.offset, r.key, r.value)
                     for tp in sorted(polled, key=lambda t: (t.topic, t.partition))
@@ -483,7 +500,7 @@ class Worker:
                     log.warning("stopping with a batch uncommitted; it will be redelivered")
                     break
                 try:
-                    self._retry("commit offsets", consumer.commit)
+                    self._retry("commit offsets", lambda: commit(consumer))
                 except Stopping:
                     break
                 metrics.COMMITS.inc()
@@ -491,7 +508,7 @@ class Worker:
             self.close(consumer, producer)
         return self.stats
 
-    def _handle(self, messages: list[Message], producer: Any) -> None:
+    def _handle(self, messages: list[Message], producer: Publisher) -> None:
         t0 = time.perf_counter()
         metrics.EVENTS_IN.inc(len(messages))
         metrics.BATCH_SIZE.observe(len(messages))
@@ -500,18 +517,11 @@ class Worker:
         self._retry("write stores", write)
         topics = self.settings.kafka.topics
 
-        def publish() -> None:
-            futures = [
-                producer.send(topics.songs_scored, key=s.song_id.encode(), value=s.to_bytes())
-                for s in result.scored
-            ]
-            futures += [
-                producer.send(topics.dead_letter, key=d.key.encode() if d.key else None, value=d.to_bytes())
-                for d in result.dead
-            ]
-            flush_or_raise(producer, futures)
-
-        self._retry("publish", publish)
+        records: list[tuple[str, bytes | None, bytes]] = [
+            (topics.songs_scored, s.song_id.encode(), s.to_bytes()) for s in result.scored
+        ]
+        records += [dead_letter_record(topics.dead_letter, d) for d in result.dead]
+        self._retry("publish", lambda: producer.publish(records))
         st = self.stats
         st.batches += 1
         st.messages += len(messages)
@@ -533,14 +543,14 @@ class Worker:
         metrics.INDEX_SIZE.set(len(self.index))
         metrics.STAGE_SECONDS.labels("batch").observe(time.perf_counter() - t0)
 
-    def close(self, consumer: Any = None, producer: Any = None) -> None:
+    def close(self, consumer: Any = None, producer: Publisher | None = None) -> None:
         self.pipeline.close()
         try:
             self.index.close()
         except OSError:
             log.exception("final index snapshot failed; the next start rebuilds from the embedding store")
         if producer is not None:
-            producer.close(timeout=10)
+            producer.close()
         if consumer is not None:
             consumer.close(autocommit=False)
         self.store.close()

@@ -1,0 +1,207 @@
+"""Faults survived on the real stack: Redis and broker restarts, corrupt snapshots, a full disk, two workers.
+
+Each test ends by checking that nothing was lost or doubled: every song once in
+the feed, once in the index, once in the embedding store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+
+from consumers.publish import publish_events
+from consumers.stack import EmbeddedStack
+from consumers.worker import Worker
+from indexes.base import song_key
+from ranker.settings import IndexSettings, Settings, WorkerSettings
+from tests.helpers import event, tone
+from tests.test_worker import feed, index_keys
+
+
+def fast_retry(settings: Settings, **index: object) -> Settings:
+    return settings.model_copy(
+        update={
+            "worker": WorkerSettings(max_poll_records=4, retry_initial_s=0.2, retry_max_s=1.0),
+            "index": settings.index.model_copy(update=index),
+        }
+    )
+
+
+@contextmanager
+def running_worker(settings: Settings) -> Iterator[Worker]:
+    """A worker consuming in a background thread until the block ends."""
+    worker = Worker(settings)
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            worker.run()
+        except BaseException as exc:  # surfaced by the test below
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    try:
+        yield worker
+    finally:
+        worker.request_stop()
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "the worker did not stop"
+        assert not errors, errors
+
+
+def wait_for(what: str, predicate: Callable[[], bool], timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except Exception:  # a dependency may be down while we poll
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def committed_total(settings: Settings) -> int:
+    """Sum of the worker group's committed offsets over the topic's partitions."""
+    consumer = KafkaConsumer(group_id=settings.kafka.worker_group_id, **settings.kafka.client_kwargs())
+    try:
+        topic = settings.kafka.topics.songs_generated
+        parts = consumer.partitions_for_topic(topic) or set()
+        return sum(consumer.committed(TopicPartition(topic, p)) or 0 for p in parts)
+    finally:
+        consumer.close()
+
+
+def songs(tmp_path: Path, prefix: str, n: int) -> list:  # type: ignore[type-arg]
+    return [
+        event(f"{prefix}-{i}", tone(tmp_path / f"{prefix}{i}.wav", freq=200 + 13 * i, seed=i).as_uri())
+        for i in range(n)
+    ]
+
+
+def assert_exactly_once(settings: Settings, worker: Worker, ids: list[str]) -> None:
+    assert sorted(s for s, _ in feed(settings)) == sorted(ids)
+    assert sorted(index_keys(settings, worker.encoder.vector_dim)) == sorted(song_key(i) for i in ids)
+
+
+def test_redis_outage_nothing_committed_unwritten(stack: EmbeddedStack, settings: Settings, tmp_path: Path) -> None:
+    settings = fast_retry(settings)
+    first, second = songs(tmp_path, "r1", 8), songs(tmp_path, "r2", 8)
+    with running_worker(settings) as worker:
+        publish_events(settings, first)
+        wait_for("first songs", lambda: len(feed(settings)) == 8)
+        wait_for("first commit", lambda: committed_total(settings) == 8)
+        stack.stop_one("redis")
+        try:
+            publish_events(settings, second)
+            time.sleep(3.0)  # the worker is retrying against a dead Redis
+            assert committed_total(settings) == 8, "offsets were committed for writes that never landed"
+        finally:
+            stack.up()
+        wait_for("second songs", lambda: len(feed(settings)) == 16)
+        wait_for("second commit", lambda: committed_total(settings) == 16)
+    assert_exactly_once(settings, worker, [e.song_id for e in first + second])
+
+
+def test_broker_restart_reconnects_and_keeps_what_was_committed(
+    stack: EmbeddedStack, settings: Settings, tmp_path: Path
+) -> None:
+    settings = fast_retry(settings)
+    first, second = songs(tmp_path, "b1", 5), songs(tmp_path, "b2", 5)
+    with running_worker(settings) as worker:
+        publish_events(settings, first)
+        wait_for("first songs", lambda: len(feed(settings)) == 5)
+        stack.stop_one("kafka")
+        time.sleep(1.0)
+        stack.up()  # the embedded broker is memory-only: it comes back empty
+        publish_events(settings, second)
+        wait_for("songs after the restart", lambda: len(feed(settings)) == 10, timeout_s=120)
+    assert_exactly_once(settings, worker, [e.song_id for e in first + second])
+
+
+def test_corrupt_and_missing_snapshots_are_rebuilt_from_the_store(settings: Settings, tmp_path: Path) -> None:
+    batch1, batch2, batch3 = songs(tmp_path, "c1", 4), songs(tmp_path, "c2", 3), songs(tmp_path, "c3", 2)
+    publish_events(settings, batch1)
+    Worker(settings).run(until_idle_s=2.0)
+    (settings.index_dir / "index.faiss").write_bytes(b"\x00garbage" * 100)
+    publish_events(settings, batch2)
+    Worker(settings).run(until_idle_s=2.0)
+    (settings.index_dir / "index.meta.json").unlink()
+    publish_events(settings, batch3)
+    worker = Worker(settings)
+    assert worker.index.open_report is not None and "rebuil" in str(worker.index.open_report).lower()
+    worker.run(until_idle_s=2.0)
+    assert_exactly_once(settings, worker, [e.song_id for e in batch1 + batch2 + batch3])
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs: a real filesystem that runs out of space."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_for_snapshots_never_leaves_a_corrupt_snapshot(
+    settings: Settings, tmp_path: Path, tiny_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    index_dir = tiny_disk / "index"
+    settings = fast_retry(settings, path=index_dir, snapshot_every_songs=1)
+    first, second = songs(tmp_path, "f1", 4), songs(tmp_path, "f2", 4)
+    caplog.set_level(logging.WARNING)
+    with running_worker(settings) as worker:
+        publish_events(settings, first)
+        wait_for("first songs", lambda: len(feed(settings)) == 4)
+        meta_before = json.loads((index_dir / "index.meta.json").read_text())
+        filler = tiny_disk / "filler"
+        with open(filler, "wb") as fh:  # fill the disk to the last byte
+            try:
+                while True:
+                    fh.write(b"\0" * 65536)
+                    fh.flush()
+            except OSError:
+                pass
+        publish_events(settings, second)
+        wait_for("a disk-full failure", lambda: "No space left" in caplog.text or "disk is full" in caplog.text)
+        meta_now = json.loads((index_dir / "index.meta.json").read_text())
+        assert meta_now["sha256"] in (meta_before["sha256"], _sha256(index_dir / "index.faiss"))
+        assert meta_now["sha256"] == _sha256(index_dir / "index.faiss"), "snapshot pair torn or corrupt"
+        filler.unlink()
+        wait_for("second songs", lambda: len(feed(settings)) == 8)
+    assert_exactly_once(settings, worker, [e.song_id for e in first + second])
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_two_workers_in_one_group_share_partitions(settings: Settings, tmp_path: Path) -> None:
+    batch = songs(tmp_path, "two", 24)
+    shard = [settings.model_copy(update={"index": IndexSettings(path=tmp_path / f"shard-{i}")}) for i in range(2)]
+    with running_worker(shard[0]) as w0, running_worker(shard[1]) as w1:
+        wait_for("both members to own partitions", lambda: bool(w0.assignment) and bool(w1.assignment))
+        assert not w0.assignment & w1.assignment
+        publish_events(settings, batch)
+        wait_for("every song", lambda: len(feed(settings)) == len(batch))
+    assert w0.stats.messages > 0 and w1.stats.messages > 0, (w0.stats, w1.stats)
+    assert sorted(s for s, _ in feed(settings)) == sorted(e.song_id for e in batch)
+    keys: list[int] = []
+    for s, w in zip(shard, (w0, w1), strict=True):
+        keys += index_keys(s, w.encoder.vector_dim)
+    assert sorted(keys) == sorted(song_key(e.song_id) for e in batch), "each song in exactly one shard"
