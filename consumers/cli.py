@@ -93,6 +93,10 @@ def cmd_feedback(args: argparse.Namespace) -> int:
 
     from consumers.feedback import FeedbackConsumer
 
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port)
     consumer = FeedbackConsumer(_settings(args))
     signal.signal(signal.SIGTERM, consumer.request_stop)
     signal.signal(signal.SIGINT, consumer.request_stop)
@@ -167,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     feedback = add("feedback", cmd_feedback, "count engagement events into Redis, the log and the feeds")
     feedback.add_argument("--until-idle", type=float, metavar="SECONDS", help="exit after SECONDS with no messages")
+    feedback.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
 
     publish = add("publish", cmd_publish, "publish songs.generated events for a catalog (Parquet or CSV)")
     publish.add_argument("--catalog", required=True)

@@ -22,3 +22,21 @@ STAGE_SECONDS = Histogram(
 )
 INDEX_SIZE = Gauge("apexrank_index_vectors", "Vectors in the FAISS index")
 MODEL_INFO = Info("apexrank_model", "Model version and encoder in use")
+CONSUMER_LAG = Gauge(
+    "apexrank_consumer_lag_messages",
+    "High watermark reported by the broker minus the consumer position (where the broker reports it)",
+    ["topic", "partition"],
+)
+DEVICE_MEMORY = Gauge("apexrank_gpu_memory_bytes", "GPU memory held by the worker's tensors", ["device", "kind"])
+
+
+def observe_device_memory() -> None:
+    """GPU memory gauges when torch sees a CUDA device (a no-op on CPU hosts)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return
+    for i in range(torch.cuda.device_count()):
+        DEVICE_MEMORY.labels(str(i), "allocated").set(torch.cuda.memory_allocated(i))
+        DEVICE_MEMORY.labels(str(i), "reserved").set(torch.cuda.memory_reserved(i))

@@ -370,6 +370,30 @@ def _song_record(p: _Pending, s: SongScored) -> SongRecord:
     )
 
 
+def _offset_ranges(messages: Sequence[Message]) -> dict[str, list[int]]:
+    """``{"topic/partition": [first, last]}`` for structured logs."""
+    out: dict[str, list[int]] = {}
+    for m in messages:
+        key = f"{m.topic}/{m.partition}"
+        lo, hi = out.get(key, [m.offset, m.offset])
+        out[key] = [min(lo, m.offset), max(hi, m.offset)]
+    return out
+
+
+def update_lag(consumer: Any) -> None:
+    """Consumer lag per partition from the high watermark the broker reports in fetch responses."""
+    for tp in consumer.assignment():
+        high = consumer.highwater(tp)
+        if high is None:
+            continue
+        try:
+            position = consumer.position(tp, timeout_ms=100)
+        except Exception:  # the position is unknown until the first fetch
+            continue
+        if position is not None:
+            metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, high - position))
+
+
 def commit(consumer: Any) -> None:
     """Commit the consumed positions; a commit refused after a rebalance is not retried.
 
@@ -504,6 +528,7 @@ class Worker:
                 except Stopping:
                     break
                 metrics.COMMITS.inc()
+                update_lag(consumer)
         finally:
             self.close(consumer, producer)
         return self.stats
@@ -539,9 +564,29 @@ class Worker:
                 d.partition,
                 d.offset,
                 d.message,
+                extra={
+                    "song_id": d.key,
+                    "topic": d.source_topic,
+                    "partition": d.partition,
+                    "offset": d.offset,
+                    "error_code": d.error_code,
+                },
             )
+        elapsed = time.perf_counter() - t0
+        log.info(
+            "batch: %d messages, %d scored, %d dead letters in %.3fs",
+            len(messages),
+            len(result.scored),
+            len(result.dead),
+            elapsed,
+            extra={
+                "offsets": _offset_ranges(messages),
+                "song_ids": [s.song_id for s in result.scored][:50],
+            },
+        )
         metrics.INDEX_SIZE.set(len(self.index))
-        metrics.STAGE_SECONDS.labels("batch").observe(time.perf_counter() - t0)
+        metrics.STAGE_SECONDS.labels("batch").observe(elapsed)
+        metrics.observe_device_memory()
 
     def close(self, consumer: Any = None, producer: Publisher | None = None) -> None:
         self.pipeline.close()
