@@ -56,6 +56,7 @@ class FeedbackStats:
     dead_letters: int = 0
     logged: int = 0
     dead_by_code: dict[str, int] = field(default_factory=dict)
+    busy_s: float = 0.0  # wall time from the first message polled to the last commit
 
 
 class FeedbackConsumer:
@@ -159,6 +160,7 @@ class FeedbackConsumer:
         producer = Publisher(s.kafka)
         assigned: frozenset[Any] = frozenset()
         last_message = time.monotonic()
+        first_message: float | None = None
         try:
             while not self._stop.is_set():
                 polled = consumer.poll(timeout_ms=s.feedback.poll_timeout_ms, max_records=s.feedback.max_poll_records)
@@ -178,6 +180,7 @@ class FeedbackConsumer:
                         break
                     continue
                 last_message = time.monotonic()
+                first_message = first_message or last_message
                 try:
                     dead = self._retry("process", functools.partial(self.process, messages))
 
@@ -188,6 +191,7 @@ class FeedbackConsumer:
                     log.warning("stopping with a batch uncommitted; it will be redelivered")
                     break
                 self.stats.batches += 1
+                self.stats.busy_s = time.monotonic() - first_message
                 self.stats.messages += len(messages)
                 self.stats.dead_letters += len(dead)
                 for d in dead:

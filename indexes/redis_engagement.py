@@ -75,11 +75,21 @@ class RedisEngagementCounters:
         return f"{self.prefix}:evt:{{{song_id}}}:{event_id}"
 
     def seen(self, events: Sequence[CountedEvent]) -> set[tuple[str, str]]:
-        """(song_id, event_id) pairs already counted within the window (read-only)."""
-        pipe = self.client.pipeline(transaction=False)
+        """(song_id, event_id) pairs already counted within the window (read-only).
+
+        One MGET per song: its dedup keys share the song's hash tag, hence one cluster slot.
+        """
+        by_song: dict[str, list[str]] = defaultdict(list)
         for e in events:
-            pipe.exists(self._event_key(e.song_id, e.event_id))
-        return {(e.song_id, e.event_id) for e, hit in zip(events, pipe.execute(), strict=True) if hit}
+            by_song[e.song_id].append(e.event_id)
+        pipe = self.client.pipeline(transaction=False)
+        order = list(by_song)
+        for song_id in order:
+            pipe.mget([self._event_key(song_id, event_id) for event_id in by_song[song_id]])
+        out: set[tuple[str, str]] = set()
+        for song_id, values in zip(order, pipe.execute(), strict=True):
+            out.update((song_id, ev) for ev, v in zip(by_song[song_id], values, strict=True) if v is not None)
+        return out
 
     def apply(self, events: Sequence[CountedEvent], updated_at: str) -> list[CountedEvent]:
         """Count the events not seen within the window; returns those accepted (in input order)."""

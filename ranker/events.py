@@ -156,22 +156,17 @@ class DeadLetter(_Event):
 
 def parse_event(cls: type[E], raw: bytes | None) -> E:
     """Validate a JSON message value as ``cls``; bad JSON and schema errors become InputErrors."""
-    import json
-
     if raw is None:
         raise InputError(ErrorCode.INVALID_JSON, "message has no value")
     try:
-        payload = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(ErrorCode.INVALID_JSON, f"value is not JSON: {exc}") from exc
-    if not isinstance(payload, dict):
-        raise InputError(ErrorCode.INVALID_SCHEMA, f"expected a JSON object, got {type(payload).__name__}")
-    try:
-        return cls.model_validate(payload)
+        return cls.model_validate_json(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
-        )
+        errors = exc.errors(include_url=False)
+        if errors and errors[0]["type"] == "json_invalid":
+            raise InputError(ErrorCode.INVALID_JSON, f"value is not JSON: {errors[0]['msg']}") from exc
+        if errors and errors[0]["type"] == "model_type" and not errors[0]["loc"]:
+            raise InputError(ErrorCode.INVALID_SCHEMA, "expected a JSON object") from exc
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in errors)
         raise InputError(ErrorCode.INVALID_SCHEMA, problems) from exc
 
 
