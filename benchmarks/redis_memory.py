@@ -19,7 +19,7 @@ import redis
 from consumers.stack import EmbeddedStack, free_port
 from indexes.base import SongRecord
 from indexes.redis_store import RedisScoreStore, RedisStoreConfig
-from ranker.events import TASKS
+from ranker.events import POPULARITY_TASKS, TASKS
 from ranker.settings import KafkaSettings, RedisSettings, Settings
 
 
@@ -45,9 +45,7 @@ def main() -> None:
             now = datetime.now(UTC).isoformat()
             batch: list[SongRecord] = []
             for i in range(args.songs):
-                scores = {
-                    t: float(rng.uniform(0, 100) if t in ("streams", "likes") else rng.uniform(1, 5)) for t in TASKS
-                }
+                scores = {t: float(rng.uniform(0, 100) if t in POPULARITY_TASKS else rng.uniform(1, 5)) for t in TASKS}
                 batch.append(
                     SongRecord(
                         song_id=f"suno-{i:012d}",
