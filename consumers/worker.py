@@ -16,6 +16,7 @@ backoff and nothing is committed until the batch's writes have landed.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import sqlite3
@@ -38,7 +39,7 @@ from indexes import open_score_store
 from indexes.base import EmbeddingRecord, ScoreStore, SongRecord
 from indexes.embedding_index import EmbeddingIndex
 from ranker import feeds
-from ranker.audio import DecodedAudio, load_song, segment_waveform
+from ranker.audio import AudioHTTPClient, DecodedAudio, load_song, segment_waveform
 from ranker.encoders import Encoder, build_encoder, pool_song
 from ranker.errors import ErrorCode, InputError
 from ranker.events import TASKS, DeadLetter, SongGenerated, SongScored
@@ -125,9 +126,11 @@ class ScoringPipeline:
         self.index = index
         self.store = store
         self._pool = ThreadPoolExecutor(max_workers=settings.worker.fetch_threads, thread_name_prefix="fetch")
+        self._http = AudioHTTPClient()  # one connection pool for every fetch thread
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._http.close()
 
     # -- stage 1: parse ---------------------------------------------------------------
     def parse(self, messages: Sequence[Message]) -> tuple[list[_Pending], list[DeadLetter]]:
@@ -159,7 +162,8 @@ class ScoringPipeline:
             else:
                 todo.append(p)
         audio_settings = self.settings.audio
-        results = list(self._pool.map(lambda p: _try(load_song, p.event.audio_uri, audio_settings), todo))
+        fetch = functools.partial(load_song, client=self._http)
+        results = list(self._pool.map(lambda p: _try(fetch, p.event.audio_uri, audio_settings), todo))
         ok: list[_Pending] = [p for p in songs if p.reused]
         dead: list[DeadLetter] = []
         for p, (audio, err) in zip(todo, results, strict=True):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeVar
@@ -36,8 +37,17 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def _json_safe(value: dict[str, Any]) -> dict[str, Any]:
+    """Metadata must survive a JSON round trip (no NaN or Infinity hidden inside)."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except ValueError as exc:
+        raise ValueError("metadata must be finite JSON (no NaN or Infinity)") from exc
+    return value
+
+
 class _Event(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()
@@ -55,7 +65,7 @@ class SongGenerated(_Event):
     tags: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=list, max_length=64)
     prompt: str | None = Field(None, max_length=8192)
     duration_s: float | None = Field(None, ge=0)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Annotated[dict[str, Any], AfterValidator(_json_safe)] = Field(default_factory=dict)
 
     @classmethod
     def parse(cls, raw: bytes) -> SongGenerated:

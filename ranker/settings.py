@@ -10,18 +10,22 @@ starts, so a fresh checkout works with no configuration at all.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from ranker.events import TASKS
 
 DEFAULT_KAFKA_PORT = 19092
 DEFAULT_REDIS_PORT = 16379
@@ -105,14 +109,26 @@ class AudioSettings(_Section):
     sample_rate: int = 24_000
     segment_s: float = Field(30.0, gt=0)
     min_duration_s: float = Field(1.0, ge=0)
-    max_duration_s: float = Field(
-        600.0, gt=0, description="Longer songs are scored on their first part only."
-    )
+    max_duration_s: float = Field(600.0, gt=0, description="Longer songs are scored on their first part only.")
     max_bytes: int = Field(100 * 1024 * 1024, ge=1)
     fetch_timeout_s: float = Field(15.0, gt=0)
     silence_rms: float = Field(1e-4, ge=0, description="Mean RMS below this (about -80 dBFS) is silence.")
     file_root: Path | None = Field(None, description="If set, file:// URIs must resolve inside it.")
     allowed_schemes: list[str] = ["file", "http", "https"]
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="http(s) hosts that may be fetched: exact names or '*.suffix' (any subdomain of suffix). "
+        "Empty: any public host.",
+    )
+    allow_private_networks: bool = Field(
+        False,
+        description="Let http(s) fetches reach loopback, private, link-local, CGNAT and other non-public "
+        "addresses. For development and tests only: it re-opens SSRF to internal services.",
+    )
+    max_redirects: int = Field(3, ge=0, description="Redirects followed per fetch; each hop is re-checked.")
+    max_sample_rate: int = Field(
+        192_000, ge=1, description="Audio declaring a higher sample rate is refused (bounds decode cost)."
+    )
 
 
 class ModelSettings(_Section):
@@ -151,11 +167,13 @@ class FeedbackSettings(_Section):
     )
 
 
-class FeedSettings(_Section):
-    """The cold-start prior blend: weights over the seven APEX scores (each rescaled to 0-1)."""
+DEFAULT_FEED = "cold-start"
+# Feed names sit in Redis hash tags and URL paths: the same alphabet as song ids.
+_FEED_NAME = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
-    name: str = "cold-start"
-    weights: dict[str, float] = {
+
+def _default_weights() -> dict[str, float]:
+    return {
         "streams": 0.35,
         "likes": 0.35,
         "coherence": 0.06,
@@ -164,6 +182,150 @@ class FeedSettings(_Section):
         "clarity": 0.06,
         "naturalness": 0.06,
     }
+
+
+def check_weights(weights: dict[str, float]) -> dict[str, float]:
+    """Weights over the seven APEX tasks: known names, finite, >= 0, not all zero."""
+    unknown = sorted(set(weights) - set(TASKS))
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; weights take {list(TASKS)}")
+    bad = [t for t, w in weights.items() if not (math.isfinite(w) and w >= 0)]
+    if bad:
+        raise ValueError(f"weights must be finite and >= 0 (scores are logged), got {bad}")
+    if not any(w > 0 for w in weights.values()):
+        raise ValueError("at least one weight must be > 0")
+    return weights
+
+
+class FeedFilters(_Section):
+    """Which songs a feed holds.
+
+    Generator, tag and duration filters decide membership when a song is written;
+    the age window is applied when a page is read (a song ages into and out of it).
+    """
+
+    generators_include: list[str] = Field(default_factory=list, description="Empty: every generator.")
+    generators_exclude: list[str] = Field(default_factory=list)
+    tags_any: list[str] = Field(default_factory=list, description="Empty: any; else at least one of these.")
+    tags_exclude: list[str] = Field(default_factory=list)
+    min_age_hours: float = Field(0.0, ge=0)
+    max_age_hours: float | None = Field(None, gt=0, description="Older songs leave the feed.")
+    min_duration_s: float | None = Field(None, ge=0, description="Songs of unknown duration fail this filter.")
+
+    @model_validator(mode="after")
+    def _check_window(self) -> FeedFilters:
+        if self.max_age_hours is not None and self.max_age_hours <= self.min_age_hours:
+            raise ValueError("max_age_hours must be greater than min_age_hours")
+        return self
+
+
+class FeedPolicy(_Section):
+    """One named feed: how songs are scored, which songs it holds, how a page is assembled.
+
+    The scoring formula is documented in docs/ranking.md.
+    """
+
+    weights: dict[str, float] = Field(
+        default_factory=_default_weights,
+        description="Weights over the seven APEX tasks; streams+likes weigh the like-rate posterior.",
+    )
+    half_life_hours: float | None = Field(
+        72.0, ge=0, description="Freshness: a song's score halves every this many hours; 0 or null: no decay."
+    )
+    prior_strength: float = Field(20.0, gt=0, description="w: how many plays the model's predicted like rate is worth.")
+    explore_share: float = Field(
+        0.1, ge=0, le=0.5, description="Share of each page's slots filled by Thompson sampling."
+    )
+    explore_pool: int = Field(
+        20, ge=1, le=500, description="How many songs past the exploit slots exploration draws from."
+    )
+    max_per_generator: int | None = Field(None, ge=1, description="Diversity: at most this many per page.")
+    dedup_threshold: float | None = Field(
+        0.97, gt=0, le=1, description="Cosine above which a song is a near-duplicate of one placed above it."
+    )
+    filters: FeedFilters = Field(default_factory=FeedFilters)
+
+    @field_validator("weights")
+    @classmethod
+    def _check_weights(cls, value: dict[str, float]) -> dict[str, float]:
+        return check_weights(value)
+
+
+class LikeRatePrior(_Section):
+    """The prior like rate p0 of a song with no plays, and its calibration.
+
+    With a target transform in the model directory, p0 is ``TargetTransform.expected_rate``;
+    without one, the likes score maps linearly onto [rate_min, rate_max]. The same range
+    maps like rates back onto the 0-1 scale the feed score blends (docs/ranking.md).
+    """
+
+    rate_min: float = Field(0.005, ge=0, lt=1, description="Like rate of a likes score of 0.")
+    rate_max: float = Field(0.25, gt=0, le=1, description="Like rate of a likes score of 100.")
+    calibrate: bool = Field(True, description="Scale p0 by observed likes / predicted likes.")
+    calibration_strength: float = Field(
+        50.0, ge=0, description="Pseudo-count of predicted likes that holds the scale at 1 early on."
+    )
+    calibration_min: float = Field(0.25, gt=0)
+    calibration_max: float = Field(4.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> LikeRatePrior:
+        if self.rate_max <= self.rate_min:
+            raise ValueError("rate_max must be greater than rate_min")
+        if self.calibration_max < self.calibration_min:
+            raise ValueError("calibration_max must be >= calibration_min")
+        return self
+
+
+class FeedSettings(_Section):
+    """Named feed policies; ``name`` is the default feed (``cold-start`` exists out of the box)."""
+
+    name: str = Field(DEFAULT_FEED, description="The default feed (also what songs.scored rank_score uses).")
+    feeds: dict[str, FeedPolicy] = Field(default_factory=lambda: {DEFAULT_FEED: FeedPolicy()})
+    like_rate: LikeRatePrior = Field(default_factory=LikeRatePrior)
+
+    @model_validator(mode="after")
+    def _check_feeds(self) -> FeedSettings:
+        if self.name == DEFAULT_FEED and DEFAULT_FEED not in self.feeds:
+            self.feeds = {DEFAULT_FEED: FeedPolicy(), **self.feeds}
+        bad = [n for n in self.feeds if not _FEED_NAME.fullmatch(n)]
+        if bad:
+            raise ValueError(f"feed names must be 1-64 letters, digits or ._:-, got {bad}")
+        if self.name not in self.feeds:
+            raise ValueError(f"the default feed {self.name!r} is not among feeds {sorted(self.feeds)}")
+        return self
+
+    @property
+    def default(self) -> FeedPolicy:
+        return self.feeds[self.name]
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """The default feed's weights (what the worker's rank_score blends)."""
+        return self.default.weights
+
+
+class ApiSettings(_Section):
+    """The HTTP API that recommender backends call (``apexrank serve``)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    tokens: list[SecretStr] = Field(
+        default_factory=list, description="Bearer tokens accepted; empty: no authentication."
+    )
+    max_limit: int = Field(200, ge=1, le=1000, description="Largest feed page.")
+    max_candidates: int = Field(500, ge=1, le=10_000, description="Largest POST /v1/rank candidate list.")
+    max_k: int = Field(100, ge=1, le=1000, description="Most similar songs one request may ask for.")
+    max_body_bytes: int = Field(256 * 1024, ge=1024, description="Larger request bodies get 413.")
+    index_refresh_s: float = Field(
+        10.0, gt=0, description="How often the API applies new embedding-store records to its index."
+    )
+    calibration_ttl_s: float = Field(5.0, ge=0, description="How long the API caches the calibration scale.")
+    page_cache_ttl_s: float = Field(
+        1.0,
+        ge=0,
+        description="How long a fetched feed window (songs, scores, vectors) is reused for the same page; 0: off.",
+    )
 
 
 class Settings(BaseSettings):
@@ -185,6 +347,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = WorkerSettings()
     feedback: FeedbackSettings = FeedbackSettings()
     feed: FeedSettings = FeedSettings()
+    api: ApiSettings = ApiSettings()
 
     @classmethod
     def settings_customise_sources(

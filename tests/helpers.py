@@ -28,9 +28,7 @@ def tone(path: Path, seconds: float = 2.0, sr: int = 24_000, freq: float = 440.0
 
 
 def event(song_id: str, uri: str, generator: str = "suno-v5", **kw: Any) -> SongGenerated:
-    return SongGenerated(
-        song_id=song_id, audio_uri=uri, generator=generator, created_at=datetime.now(UTC), **kw
-    )
+    return SongGenerated(song_id=song_id, audio_uri=uri, generator=generator, created_at=datetime.now(UTC), **kw)
 
 
 def read_topic(settings: Settings, topic: str, expect: int, timeout_s: float = 30.0) -> list[Any]:

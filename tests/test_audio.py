@@ -15,6 +15,7 @@ import pytest
 import soundfile as sf
 
 from ranker.audio import (
+    AudioHTTPClient,
     DecodedAudio,
     decode_audio,
     display_uri,
@@ -219,9 +220,74 @@ def test_silent(settings: AudioSettings) -> None:
     expect(ErrorCode.SILENT_AUDIO, decode_audio, encode_bytes(hiss, subtype="FLOAT"), settings)
     # Out-of-phase stereo cancels in the mono mix: the encoder would hear silence.
     x = tone(2.0)
-    expect(
-        ErrorCode.SILENT_AUDIO, decode_audio, encode_bytes(np.stack([x, -x], 1), subtype="FLOAT"), settings
+    expect(ErrorCode.SILENT_AUDIO, decode_audio, encode_bytes(np.stack([x, -x], 1), subtype="FLOAT"), settings)
+
+
+# --------------------------------------------------------------------------------------
+# Decoding untrusted bytes at a bounded cost
+# --------------------------------------------------------------------------------------
+
+
+def test_odd_sample_rate_resamples_at_a_bounded_cost(settings: AudioSettings) -> None:
+    """44,101 Hz made torchaudio build a 24000 x 44101 kernel (18 GB, a minute); now it is approximated."""
+    import resource
+
+    from ranker.audio import resample_rates
+
+    assert resample_rates(44_100, SR) == (44_100, SR)  # standard rates stay exact
+    src, dst = resample_rates(44_101, SR)
+    assert abs(dst / src - SR / 44_101) < 1e-5 and src <= 1000
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.monotonic()
+    song = decode_audio(encode_bytes(tone(1.2, 44_101), 44_101), settings)
+    assert time.monotonic() - start < 5.0
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KiB
+    assert abs(song.waveform.shape[0] - round(1.2 * SR)) <= 2
+    for sr in [1_000, 7_919, 96_001, 191_999]:
+        assert decode_audio(encode_bytes(tone(1.1, sr, freq=300.0), sr), settings).sample_rate == SR
+
+
+def test_sample_rate_limit(settings: AudioSettings) -> None:
+    data = encode_bytes(tone(1.0, 192_000), 192_000)
+    assert decode_audio(data, settings).sample_rate == SR
+    err = expect(
+        ErrorCode.UNDECODABLE_AUDIO, decode_audio, data, settings.model_copy(update={"max_sample_rate": 96_000})
     )
+    assert "192000 Hz" in err.message
+
+
+def test_header_claiming_more_frames_than_present(settings: AudioSettings) -> None:
+    """A data chunk size far beyond the file: the real length is reported, memory follows the data."""
+    data = bytearray(encode_bytes(tone(1.5)))
+    data_at = data.index(b"data")
+    data[data_at + 4 : data_at + 8] = (0x7FFFFFF0).to_bytes(4, "little")
+    data[4:8] = (0x7FFFFFF8).to_bytes(4, "little")  # RIFF size to match
+    song = decode_audio(bytes(data), settings)
+    assert song.duration_s == pytest.approx(1.5) and not song.truncated
+
+
+def test_many_channels_are_mixed_block_by_block(settings: AudioSettings) -> None:
+    x = tone(1.0)
+    song = decode_audio(encode_bytes(np.stack([x] * 64, axis=1), subtype="FLOAT"), settings)
+    np.testing.assert_allclose(song.waveform, x, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "subtype"), [("AU", "PCM_16"), ("CAF", "PCM_16"), ("W64", "PCM_16"), ("NIST", "PCM_16")]
+)
+def test_only_common_containers_reach_libsndfile(settings: AudioSettings, fmt: str, subtype: str) -> None:
+    err = expect(ErrorCode.UNDECODABLE_AUDIO, decode_audio, encode_bytes(tone(1.0), fmt=fmt, subtype=subtype), settings)
+    assert "not WAV, FLAC, OGG, MP3 or AIFF" in err.message
+    aiff = encode_bytes(tone(1.0), fmt="AIFF", subtype="PCM_16")
+    assert decode_audio(aiff, settings).waveform.shape == (SR,)
+
+
+def test_absurd_float_samples_are_refused(settings: AudioSettings) -> None:
+    x = np.stack([np.full(SR * 2, 3e38, np.float32), np.full(SR * 2, 3e38, np.float32)], axis=1)
+    song = decode_audio(encode_bytes(x, subtype="FLOAT"), settings)  # finite: the mix does not overflow
+    assert np.isfinite(song.waveform).all()
+    x[5, 0], x[5, 1] = np.inf, -np.inf
+    expect(ErrorCode.UNDECODABLE_AUDIO, decode_audio, encode_bytes(x, subtype="FLOAT"), settings)
 
 
 # --------------------------------------------------------------------------------------
@@ -331,7 +397,8 @@ def server() -> Iterator[str]:
 
 @pytest.fixture
 def http_settings() -> AudioSettings:
-    return AudioSettings(fetch_timeout_s=0.5, max_bytes=200_000)
+    # The test server listens on loopback, which production settings refuse (see test_security.py).
+    return AudioSettings(fetch_timeout_s=0.5, max_bytes=200_000, allow_private_networks=True)
 
 
 def test_http_ok(server: str, http_settings: AudioSettings) -> None:
@@ -340,13 +407,19 @@ def test_http_ok(server: str, http_settings: AudioSettings) -> None:
     assert song.waveform.shape == (SR,)
 
 
-@pytest.mark.parametrize(("path", "needle"), [("missing", "404"), ("error", "500"), ("redirect", "302")])
+@pytest.mark.parametrize(("path", "needle"), [("missing", "404"), ("error", "500")])
 def test_http_errors(server: str, http_settings: AudioSettings, path: str, needle: str) -> None:
     uri = f"{server}/{path}.wav"
     err = expect(ErrorCode.HTTP_ERROR, fetch_audio, uri, http_settings)
     assert uri in err.message and needle in err.message
-    if path == "redirect":
-        assert "redirect" in err.message
+
+
+def test_http_redirects(server: str, http_settings: AudioSettings) -> None:
+    assert fetch_audio(f"{server}/redirect.wav", http_settings) == WAV_BYTES
+    no_redirects = http_settings.model_copy(update={"max_redirects": 0})
+    uri = f"{server}/redirect.wav"
+    err = expect(ErrorCode.HTTP_ERROR, fetch_audio, uri, no_redirects)
+    assert uri in err.message and "302" in err.message and "redirect" in err.message
 
 
 def test_http_connection_refused(http_settings: AudioSettings) -> None:
@@ -382,10 +455,18 @@ def test_http_too_large(server: str, http_settings: AudioSettings) -> None:
 def test_http_shares_a_client(server: str, http_settings: AudioSettings) -> None:
     import httpx
 
-    with httpx.Client(timeout=1.0, follow_redirects=True) as client:
-        assert fetch_audio(f"{server}/ok.wav", http_settings, client=client) == WAV_BYTES
-        # Redirects stay refused even with a client that would follow them.
-        expect(ErrorCode.HTTP_ERROR, fetch_audio, f"{server}/redirect.wav", http_settings, client=client)
+    with AudioHTTPClient() as client:
+        for _ in range(3):  # the pooled connection is reused across songs
+            assert fetch_audio(f"{server}/ok.wav", http_settings, client=client) == WAV_BYTES
+        assert fetch_audio(f"{server}/redirect.wav", http_settings, client=client) == WAV_BYTES
+        # The shared client still applies each call's policy: loopback is refused by default.
+        expect(ErrorCode.FORBIDDEN_URI, fetch_audio, f"{server}/ok.wav", AudioSettings(), client=client)
+        # Outside fetch_audio it connects nowhere, since nothing vets the address there.
+        with pytest.raises(httpx.ConnectError):
+            client.get(f"{server}/ok.wav")
+    # A plain httpx client would connect wherever DNS points: it is not accepted.
+    with httpx.Client() as plain, pytest.raises(TypeError):
+        fetch_audio(f"{server}/ok.wav", http_settings, client=plain)  # type: ignore[arg-type]
 
 
 def test_display_uri_hides_secrets() -> None:

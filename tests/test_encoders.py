@@ -194,9 +194,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def mert(path: Path, batch_size: int = 8, **kw: Any) -> MertEncoder:
-    return MertEncoder(
-        ModelSettings(mert_model=str(path), device="cpu", **kw), offline=True, batch_size=batch_size
-    )
+    return MertEncoder(ModelSettings(mert_model=str(path), device="cpu", **kw), offline=True, batch_size=batch_size)
 
 
 def reference_features(model: Any, seg: np.ndarray, layers: list[int]) -> np.ndarray:
@@ -218,9 +216,7 @@ def test_mert_shapes_and_id(tiny: dict[str, Any]) -> None:
     assert feats.shape == (2, 4, 32) and feats.dtype == np.float32
     assert frames.dtype == np.int64 and frames.tolist() == [74, 149]
     assert enc.frames_for(30 * SR) == 2249  # 75 frames/s, as the real model
-    np.testing.assert_allclose(
-        feats[0], reference_features(tiny["model"], noise(1.0, 1), enc.layers), atol=1e-5
-    )
+    np.testing.assert_allclose(feats[0], reference_features(tiny["model"], noise(1.0, 1), enc.layers), atol=1e-5)
 
 
 def test_mert_hub_layout_loads_identically(tiny: dict[str, Any]) -> None:
@@ -260,9 +256,7 @@ def test_mert_group_norm_mixed_lengths_are_exact(tiny: dict[str, Any]) -> None:
     np.testing.assert_allclose(encode_each(enc, segs)[0], single, atol=1e-4)
     # ... and all match the stock model run on each clip alone.
     for i in (1, 3):
-        np.testing.assert_allclose(
-            batched[i], reference_features(tiny["model"], segs[i], enc.layers), atol=1e-4
-        )
+        np.testing.assert_allclose(batched[i], reference_features(tiny["model"], segs[i], enc.layers), atol=1e-4)
 
 
 def test_mert_padding_would_leak_without_the_mask(tiny: dict[str, Any]) -> None:

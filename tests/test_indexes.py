@@ -137,9 +137,7 @@ def test_iter_since_streams_in_sequence_order(store: SqliteEmbeddingStore) -> No
     store.put_many(records(25))
     all_rows = list(store.iter_since(0, batch_size=4))
     assert [r.seq for r in all_rows] == list(range(1, 26))
-    assert [r.record.song_id for r in store.iter_since(20, batch_size=2)] == [
-        f"song-{i}" for i in range(20, 25)
-    ]
+    assert [r.record.song_id for r in store.iter_since(20, batch_size=2)] == [f"song-{i}" for i in range(20, 25)]
     with pytest.raises(ValueError):
         list(store.iter_since(0, batch_size=0))
 
@@ -313,9 +311,7 @@ def test_snapshot_and_reopen(tmp_path: Path) -> None:
         assert len(index) == 30 and index.watermark == 30
     assert (tmp_path / INDEX_FILE).is_file() and (tmp_path / STORE_FILE).is_file()
     meta = json.loads((tmp_path / META_FILE).read_text())
-    assert (
-        meta["watermark"] == 30 and meta["ntotal"] == 30 and meta["dim"] == DIM and meta["factory"] == "Flat"
-    )
+    assert meta["watermark"] == 30 and meta["ntotal"] == 30 and meta["dim"] == DIM and meta["factory"] == "Flat"
     assert len(meta["sha256"]) == 64 and meta["written_at"]
     with open_index(tmp_path) as index:
         assert index.open_report.source == "snapshot" and index.open_report.replayed == 0

@@ -102,9 +102,7 @@ def test_head_config_rejects_bad_values(kwargs: dict[str, object]) -> None:
 
 def test_head_matches_the_paper_architecture() -> None:
     head = ApexHead(HeadConfig(input_dim=768, layer_mix="conv1x1"))
-    linears = [
-        (m.in_features, m.out_features) for m in head.trunk.modules() if isinstance(m, torch.nn.Linear)
-    ]
+    linears = [(m.in_features, m.out_features) for m in head.trunk.modules() if isinstance(m, torch.nn.Linear)]
     assert linears == [(768, 512), (512, 256)]
     branch = head.branches["streams"]
     kinds = [type(m).__name__ for m in branch.modules()][1:]
@@ -263,9 +261,7 @@ def test_training_reduces_the_loss() -> None:
     x = torch.from_numpy(features(128))
     w = torch.randn(DIM)
     signal = torch.sigmoid(x.mean(dim=1) @ w / 4)
-    target = torch.stack(
-        [signal * 100, (1 - signal) * 100, *(signal * 4 + 1 for _ in AESTHETIC_TASKS)], dim=1
-    )
+    target = torch.stack([signal * 100, (1 - signal) * 100, *(signal * 4 + 1 for _ in AESTHETIC_TASKS)], dim=1)
     opt = torch.optim.AdamW(head.parameters(), lr=3e-3)
     head.train()
     first = float(head.loss(head(x), target).detach())
@@ -517,9 +513,7 @@ def test_broken_current_pointer_is_an_error(tmp_path: Path) -> None:
 def test_load_or_init_rejects_a_model_for_another_encoder(tmp_path: Path) -> None:
     root = tmp_path / "models"
     promote(root, trained_model().save_versioned(root))
-    with pytest.raises(
-        ConfigError, match="trained on encoder 'logmel-test-v1', the configured encoder is 'mert-95m'"
-    ):
+    with pytest.raises(ConfigError, match="trained on encoder 'logmel-test-v1', the configured encoder is 'mert-95m'"):
         load_or_init(root / "current", input_dim=DIM, encoder_id="mert-95m", seed=42)
     with pytest.raises(ConfigError, match=r"expects features of shape \(4, 32\).*\(4, 768\)"):
         load_or_init(root / "current", input_dim=768, encoder_id=ENC, seed=42)
@@ -560,9 +554,9 @@ def test_percentiles_are_mid_ranks_and_scores_follow_gamma() -> None:
     scores = tf.transform({"streams": counts})["streams"]
     assert scores.dtype == np.float32
     np.testing.assert_allclose(scores, 100 * (pct / 100) ** 0.5, rtol=1e-6)
-    assert TargetTransform.fit({"streams": counts}, tasks=["streams"], gamma=1.0).transform(
-        {"streams": counts}
-    )["streams"][4] == pytest.approx(45)
+    assert TargetTransform.fit({"streams": counts}, tasks=["streams"], gamma=1.0).transform({"streams": counts})[
+        "streams"
+    ][4] == pytest.approx(45)
 
 
 def test_transform_is_monotone_and_compresses_the_top() -> None:

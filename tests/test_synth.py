@@ -124,9 +124,7 @@ def test_same_seed_same_bytes_other_seed_differs(catalog: synth.CatalogResult, t
     assert _digests(catalog.audio_dir) == _digests(again.audio_dir)  # with one worker and with two
     assert catalog.metadata_path.read_text() == again.metadata_path.read_text()
 
-    other = synth.simulate_catalog(
-        tmp_path / "other", n_songs=4, seed=SEED + 1, duration_s=DURATION, start=START
-    )
+    other = synth.simulate_catalog(tmp_path / "other", n_songs=4, seed=SEED + 1, duration_s=DURATION, start=START)
     other_cols = _columns(other.table)
     assert not np.array_equal(other_cols["latent_consonance"], _columns(first)["latent_consonance"][:4])
     mine = _digests(catalog.audio_dir)
@@ -135,12 +133,8 @@ def test_same_seed_same_bytes_other_seed_differs(catalog: synth.CatalogResult, t
 
 
 def test_flac_output(tmp_path: Path) -> None:
-    a = synth.simulate_catalog(
-        tmp_path / "a", n_songs=2, seed=3, duration_s=1.0, fmt="flac", sample_rate=16000
-    )
-    b = synth.simulate_catalog(
-        tmp_path / "b", n_songs=2, seed=3, duration_s=1.0, fmt="flac", sample_rate=16000
-    )
+    a = synth.simulate_catalog(tmp_path / "a", n_songs=2, seed=3, duration_s=1.0, fmt="flac", sample_rate=16000)
+    b = synth.simulate_catalog(tmp_path / "b", n_songs=2, seed=3, duration_s=1.0, fmt="flac", sample_rate=16000)
     assert _digests(a.audio_dir) == _digests(b.audio_dir)
     audio, sr = sf.read(str(a.audio_dir / "syn-3-000000.flac"))
     assert sr == 16000 and audio.shape == (16000,)
@@ -273,9 +267,7 @@ def test_noise_is_audible_in_logmel_statistics(catalog: synth.CatalogResult) -> 
     # Across random songs of every style and generator too: band dynamics alone rank the noise.
     table = catalog.table
     ids = table.column("song_id").to_pylist()
-    dynamics = np.array(
-        [_logmel_stats(sf.read(str(catalog.audio_dir / f"{i}.wav"))[0])["std"].mean() for i in ids]
-    )
+    dynamics = np.array([_logmel_stats(sf.read(str(catalog.audio_dir / f"{i}.wav"))[0])["std"].mean() for i in ids])
     assert _spearman(-dynamics, table.column("latent_noise").to_numpy()) > 0.5
 
 
@@ -311,12 +303,8 @@ def test_unsteady_timing_is_audible() -> None:
     for seed, style in enumerate(("pop", "electronic", "folk", "pop")):
         shaky, steady = ({**BASE, "steadiness": s} for s in (0.05, 0.95))
         comp = synth.compose_song(seed, steady, style, 4.0)
-        lock_steady = _grid_lock(
-            synth.synthesize_song(seed, steady, style, 4.0).astype(np.float64), comp.tempo_bpm
-        )
-        lock_shaky = _grid_lock(
-            synth.synthesize_song(seed, shaky, style, 4.0).astype(np.float64), comp.tempo_bpm
-        )
+        lock_steady = _grid_lock(synth.synthesize_song(seed, steady, style, 4.0).astype(np.float64), comp.tempo_bpm)
+        lock_shaky = _grid_lock(synth.synthesize_song(seed, shaky, style, 4.0).astype(np.float64), comp.tempo_bpm)
         assert lock_steady > lock_shaky + 0.1, style
 
 

@@ -81,8 +81,7 @@ def test_valid_song_is_scored_once_everywhere(settings: Settings, tmp_path: Path
     assert sorted(keys) == sorted(song_key(f"ok-{i}") for i in range(3))
 
     scored = [
-        SongScored.model_validate_json(m.value)
-        for m in read_topic(settings, settings.kafka.topics.songs_scored, 3)
+        SongScored.model_validate_json(m.value) for m in read_topic(settings, settings.kafka.topics.songs_scored, 3)
     ]
     assert sorted(s.song_id for s in scored) == ["ok-0", "ok-1", "ok-2"]
     assert {m.key for m in read_topic(settings, settings.kafka.topics.songs_scored, 3)} == {
@@ -140,7 +139,9 @@ def test_bad_input_goes_to_dead_letters_and_the_worker_keeps_going(
 ) -> None:
     settings = settings.model_copy(
         update={
-            "audio": AudioSettings(max_bytes=400_000, fetch_timeout_s=1.0, max_duration_s=3.0),
+            "audio": AudioSettings(
+                max_bytes=400_000, fetch_timeout_s=1.0, max_duration_s=3.0, allow_private_networks=True
+            ),
             "worker": WorkerSettings(max_poll_records=4),
         }
     )
@@ -183,8 +184,7 @@ def test_bad_input_goes_to_dead_letters_and_the_worker_keeps_going(
     worker = run_worker(settings, idle_s=3.0)
 
     letters = [
-        DeadLetter.model_validate_json(m.value)
-        for m in read_topic(settings, settings.kafka.topics.dead_letter, 12)
+        DeadLetter.model_validate_json(m.value) for m in read_topic(settings, settings.kafka.topics.dead_letter, 12)
     ]
     by_key = {d.key: d for d in letters if d.key}
     for name, (code, _) in cases.items():
@@ -219,9 +219,7 @@ def test_worker_refuses_to_start_without_mert_weights(settings: Settings, tmp_pa
         Worker(s)
 
 
-def test_sigkill_mid_batch_then_restart_loses_and_duplicates_nothing(
-    settings: Settings, tmp_path: Path
-) -> None:
+def test_sigkill_mid_batch_then_restart_loses_and_duplicates_nothing(settings: Settings, tmp_path: Path) -> None:
     n = 60
     events = [
         event(f"k-{i:03d}", tone(tmp_path / f"k{i}.wav", seconds=8.0, freq=110 + 7 * i, seed=i).as_uri())
