@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 
@@ -41,9 +42,9 @@ from indexes.embedding_index import EmbeddingIndex
 from ranker import feeds
 from ranker.audio import AudioHTTPClient, DecodedAudio, load_song, segment_waveform
 from ranker.encoders import Encoder, build_encoder, pool_song
-from ranker.errors import ErrorCode, InputError
+from ranker.errors import ConfigError, ErrorCode, InputError
 from ranker.events import TASKS, DeadLetter, SongGenerated, SongScored
-from ranker.model.artifact import ScoringModel, load_or_init
+from ranker.model.artifact import ScoringModel, load_or_init, resolve_model_dir
 from ranker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -374,6 +375,13 @@ def _song_record(p: _Pending, s: SongScored) -> SongRecord:
     )
 
 
+def _model_dir(settings: Settings) -> Path | None:
+    try:
+        return resolve_model_dir(settings.head_dir)
+    except ConfigError:
+        return None
+
+
 def _offset_ranges(messages: Sequence[Message]) -> dict[str, list[int]]:
     """``{"topic/partition": [first, last]}`` for structured logs."""
     out: dict[str, list[int]] = {}
@@ -433,15 +441,9 @@ class Worker:
         self._stop = threading.Event()
         # Build the encoder first: missing weights must stop the worker before it joins a group.
         self.encoder = build_encoder(settings)
-        self.model = load_or_init(
-            settings.head_dir,
-            input_dim=self.encoder.dim,
-            encoder_id=self.encoder.encoder_id,
-            seed=settings.model.seed,
-            n_layers=self.encoder.n_layers,
-            layers=settings.model.layers if settings.encoder == "mert" else None,
-            device=settings.model.device,
-        )
+        self.model = self._load_model()
+        self._model_dir = _model_dir(settings)
+        self._next_model_check = time.monotonic() + settings.worker.model_check_s
         self.index = EmbeddingIndex(
             settings.index_dir,
             dim=self.encoder.vector_dim,
@@ -464,8 +466,40 @@ class Worker:
             len(self.index),
         )
 
+    def _load_model(self) -> ScoringModel:
+        s = self.settings
+        return load_or_init(
+            s.head_dir,
+            input_dim=self.encoder.dim,
+            encoder_id=self.encoder.encoder_id,
+            seed=s.model.seed,
+            n_layers=self.encoder.n_layers,
+            layers=s.model.layers if s.encoder == "mert" else None,
+            device=s.model.device,
+        )
+
     def request_stop(self, *_: Any) -> None:
         self._stop.set()
+
+    def maybe_reload_model(self, force: bool = False) -> bool:
+        """Switch to a newly promoted head between batches (``models/current`` moved)."""
+        now = time.monotonic()
+        if not force and now < self._next_model_check:
+            return False
+        self._next_model_check = now + self.settings.worker.model_check_s
+        directory = _model_dir(self.settings)
+        if directory is None or directory == self._model_dir:
+            return False
+        try:
+            model = self._load_model()
+        except ConfigError as exc:
+            log.error("not switching to %s: %s", directory, exc)
+            return False
+        log.info("switching model %s -> %s", self.model.version, model.version)
+        self.model = self.pipeline.model = model
+        self._model_dir = directory
+        metrics.MODEL_INFO.info({"model_version": model.version, "encoder": self.encoder.encoder_id})
+        return True
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -506,6 +540,7 @@ class Worker:
             while not self._stop.is_set():
                 polled = consumer.poll(timeout_ms=s.worker.poll_timeout_ms, max_records=s.worker.max_poll_records)
                 self.assignment = frozenset(consumer.assignment())
+                self.maybe_reload_model()
                 messages = [
                     Message(r.topic, r.partition, r.offset, r.key, r.value)
                     for tp in sorted(polled, key=lambda t: (t.topic, t.partition))

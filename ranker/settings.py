@@ -153,6 +153,19 @@ class WorkerSettings(_Section):
     fetch_threads: int = Field(4, ge=1)
     retry_initial_s: float = Field(0.5, gt=0)
     retry_max_s: float = Field(15.0, gt=0)
+    model_check_s: float = Field(10.0, gt=0, description="How often the worker looks for a newly promoted head.")
+
+
+class RetrainSettings(_Section):
+    """The periodic retraining job (``apexrank retrain``)."""
+
+    min_plays: int = Field(20, ge=1, description="Exposure threshold: songs with fewer plays are left out.")
+    holdout_fraction: float = Field(0.2, gt=0, lt=1, description="Newest songs held out to compare models.")
+    margin: float = Field(0.01, ge=0, description="Mean Spearman(streams, likes) gain needed to promote.")
+    warm_start: bool = Field(True, description="Start the candidate from the current head (else from scratch).")
+    epochs: int = Field(30, ge=1)
+    patience: int = Field(8, ge=1)
+    cold_start_window_h: float = Field(72.0, gt=0, description="Songs this young are rescored on promotion.")
 
 
 class FeedbackSettings(_Section):
@@ -346,6 +359,7 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     worker: WorkerSettings = WorkerSettings()
     feedback: FeedbackSettings = FeedbackSettings()
+    retrain: RetrainSettings = RetrainSettings()
     feed: FeedSettings = FeedSettings()
     api: ApiSettings = ApiSettings()
 

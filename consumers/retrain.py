@@ -1,0 +1,228 @@
+"""``apexrank retrain``: the periodic job around :mod:`ranker.model.retrain`.
+
+It gathers the training set (engagement log + the worker's embedding store +
+song metadata from Redis), runs the train/compare/promote step, and after a
+promotion rescores the songs still inside the cold-start window from their
+stored embeddings (Redis and every feed), then publishes ``models.promoted``.
+Run once (cron, a Kubernetes CronJob) or with ``--every`` as a scheduler.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+from rich.progress import Progress
+
+from consumers.kafka_io import Publisher, ensure_topics
+from indexes.base import SongRecord
+from indexes.engagement_log import EngagementLog
+from indexes.redis_store import RedisScoreStore, RedisStoreConfig
+from indexes.sqlite_embeddings import SqliteEmbeddingStore
+from ranker import feeds
+from ranker.encoders import build_encoder
+from ranker.errors import ConfigError
+from ranker.events import TASKS
+from ranker.features import FeatureSet
+from ranker.model.artifact import ScoringModel, load_or_init
+from ranker.model.retrain import Observed, RetrainReport, aggregate_engagement, retrain
+from ranker.model.train import TrainConfig
+from ranker.settings import Settings
+
+log = logging.getLogger(__name__)
+STORE_FILE = "embeddings.sqlite"
+
+
+def _store(settings: Settings) -> RedisScoreStore:
+    return RedisScoreStore(
+        RedisStoreConfig(
+            url=settings.redis.url.get_secret_value(),
+            key_prefix=settings.redis.key_prefix,
+            socket_timeout_s=settings.redis.socket_timeout_s,
+        )
+    )
+
+
+def current_model(settings: Settings) -> ScoringModel:
+    """The promoted head (or the seeded one) for the configured encoder."""
+    encoder = build_encoder(settings)
+    return load_or_init(
+        settings.head_dir,
+        input_dim=encoder.dim,
+        encoder_id=encoder.encoder_id,
+        seed=settings.model.seed,
+        n_layers=encoder.n_layers,
+        layers=settings.model.layers if settings.encoder == "mert" else None,
+    )
+
+
+def gather(settings: Settings, store: RedisScoreStore) -> tuple[Observed, FeatureSet]:
+    """Songs past the exposure threshold that have embeddings and metadata."""
+    log_table = EngagementLog(settings.engagement_log_dir, settings.kafka.topics.engagement).read()
+    ids, plays, likes = aggregate_engagement(log_table)
+    keep = plays >= settings.retrain.min_plays
+    ids = [s for s, k in zip(ids, keep, strict=True) if k]
+    plays, likes = plays[keep], likes[keep]
+    meta = _metadata(store, ids)
+    emb_path = settings.index_dir / STORE_FILE
+    if not emb_path.is_file():
+        raise ConfigError(f"no embedding store at {emb_path}: run the worker first")
+    with SqliteEmbeddingStore(emb_path) as emb:
+        stored = emb.get_many(ids)
+    rows = [i for i, s in enumerate(ids) if s in stored and s in meta]
+    song_ids = [ids[i] for i in rows]
+    records = [stored[s].record for s in song_ids]
+    encoder_ids = {r.encoder_id for r in records}
+    if len(encoder_ids) > 1:
+        raise ConfigError(f"the embedding store mixes encoders {sorted(encoder_ids)}; retrain per encoder")
+    observed = Observed(
+        song_ids=song_ids,
+        plays=plays[rows],
+        likes=likes[rows],
+        generators=[meta[s][0] for s in song_ids],
+        created_at=[meta[s][1] for s in song_ids],
+    )
+    layers = np.stack([r.layers for r in records]).astype(np.float32) if records else np.zeros((0, 4, 1), np.float32)
+    features = FeatureSet(
+        song_ids=song_ids,
+        layers=layers,
+        n_segments=np.array([r.n_segments for r in records], dtype=np.int64),
+        encoder_id=records[0].encoder_id if records else "",
+    )
+    return observed, features
+
+
+def _metadata(store: RedisScoreStore, song_ids: list[str]) -> dict[str, tuple[str, datetime]]:
+    pipe = store.client.pipeline(transaction=False)
+    for s in song_ids:
+        pipe.hmget(store.song_key(s), ["generator", "created_at"])
+    out: dict[str, tuple[str, datetime]] = {}
+    for s, (generator, created) in zip(song_ids, pipe.execute(), strict=True):
+        if generator and created:
+            out[s] = (generator, datetime.fromisoformat(created))
+    return out
+
+
+def rescore_window(settings: Settings, model: ScoringModel, store: RedisScoreStore) -> int:
+    """Rescore every feed member created inside the cold-start window with ``model``."""
+    members: set[str] = set()
+    for feed in settings.feed.feeds:
+        members.update(s for s, _ in store.feed_page(feed, 0, 10_000_000))
+    meta = _metadata(store, sorted(members))
+    horizon = datetime.now(UTC) - timedelta(hours=settings.retrain.cold_start_window_h)
+    window = sorted(s for s, (_, created) in meta.items() if created >= horizon)
+    if not window:
+        return 0
+    now = datetime.now(UTC).isoformat()
+    done = 0
+    with SqliteEmbeddingStore(settings.index_dir / STORE_FILE) as emb, Progress(transient=True) as bar:
+        task = bar.add_task("rescoring the cold-start window", total=len(window))
+        for start in range(0, len(window), 1024):
+            chunk = window[start : start + 1024]
+            stored = emb.get_many(chunk)
+            ids = [s for s in chunk if s in stored]
+            if not ids:
+                continue
+            preds = model.predict(np.stack([stored[s].record.layers for s in ids]).astype(np.float32))
+            records = []
+            for s, row in zip(ids, preds, strict=True):
+                scores = dict(zip(model.tasks, (float(v) for v in row), strict=True))
+                for t in TASKS:
+                    scores.setdefault(t, 3.0)
+                generator, created = meta[s]
+                records.append(
+                    SongRecord(
+                        song_id=s,
+                        model_version=model.version,
+                        scores=scores,
+                        rank_score=feeds.cold_start_quality(
+                            settings,
+                            scores,
+                            feeds.model_like_rate(model.target_transform, scores, generator, created.isoformat()),
+                        ),
+                        generator=generator,
+                        created_at=created.isoformat(),
+                        scored_at=now,
+                    )
+                )
+            feeds.write_scored(store, settings, feeds.with_prior(records, model.target_transform))
+            done += len(records)
+            bar.advance(task, len(chunk))
+    return done
+
+
+def run_once(
+    settings: Settings, publisher: Publisher | None = None, train_overrides: dict[str, object] | None = None
+) -> RetrainReport:
+    """One retrain; ``train_overrides`` adjusts the candidate's TrainConfig (ablations, tests)."""
+    store = _store(settings)
+    try:
+        current = current_model(settings)
+        observed, features = gather(settings, store)
+        r = settings.retrain
+        config = TrainConfig.model_validate(
+            {"epochs": r.epochs, "patience": r.patience, "seed": settings.model.seed, **(train_overrides or {})}
+        )
+        report = retrain(
+            current,
+            features,
+            observed,
+            models_root=settings.head_dir.parent,
+            holdout_fraction=r.holdout_fraction,
+            margin=r.margin,
+            warm_start=r.warm_start,
+            train_config=config,
+        )
+        if report.promoted:
+            promoted = ScoringModel.load(report.model_dir)  # type: ignore[arg-type]
+            n = rescore_window(settings, promoted, store)
+            log.info("rescored %d songs inside the cold-start window with %s", n, promoted.version)
+            event = {
+                "schema_version": 1,
+                "model_version": promoted.version,
+                "previous_version": report.current_version,
+                "model_dir": report.model_dir,
+                "holdout_spearman": report.candidate,
+                "rescored": n,
+                "promoted_at": datetime.now(UTC).isoformat(),
+            }
+            topic = settings.kafka.topics.models_promoted
+            ensure_topics(settings.kafka, [topic])
+            pub = publisher or Publisher(settings.kafka)
+            try:
+                pub.publish([(topic, promoted.version.encode(), json.dumps(event).encode())])
+            finally:
+                if publisher is None:
+                    pub.close()
+        return report
+    finally:
+        store.close()
+
+
+def run_every(settings: Settings, every_s: float, stop: threading.Event) -> None:
+    """Retrain on a schedule until ``stop`` is set; a failed run is logged and retried next time."""
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            report = run_once(settings)
+            print(json.dumps(report.to_dict(), default=str))
+        except Exception:
+            log.exception("retrain run failed; next attempt in %.0fs", every_s)
+        stop.wait(max(0.0, every_s - (time.monotonic() - started)))
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``15m``, ``6h``, ``1d`` -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip().lower()
+    if text and text[-1] in units:
+        return float(text[:-1]) * units[text[-1]]
+    return float(text)
+
+
+__all__ = ["Path", "gather", "parse_duration", "rescore_window", "run_every", "run_once"]

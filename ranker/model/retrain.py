@@ -1,0 +1,168 @@
+"""Periodic retraining from observed engagement, promoting a candidate only when it is better.
+
+One run:
+
+1. **Training set.** Songs with at least ``min_plays`` plays in the engagement log,
+   their pooled layers from the worker's embedding store (audio is never decoded
+   again), and their observed counts: ``streams`` = plays, ``likes`` = likes minus
+   unlikes. The five aesthetic targets are the current head's own predictions
+   (pseudo-labels, as SongEval's were in the paper), so that learning popularity
+   from engagement does not drift the aesthetic outputs.
+2. **Time-based holdout.** The newest ``holdout_fraction`` of those songs (by
+   ``created_at``) never enters training; both models are judged on them.
+3. **Candidate.** Trained warm from the current head, or from scratch (a setting),
+   with the same target transform recipe, fitted on the training songs.
+4. **Gate.** Spearman of streams and of likes on the holdout. The candidate is
+   promoted only when the mean of the two improves by at least ``margin`` and
+   neither gets worse by more than ``margin``.
+5. **Promotion.** The candidate is saved as a new version with its report, and
+   ``models/current`` is switched atomically. The caller then rescores the songs
+   inside the cold-start window and announces the new version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ranker.catalog import Catalog
+from ranker.events import AESTHETIC_TASKS, POPULARITY_TASKS
+from ranker.features import FeatureSet
+from ranker.model.artifact import ScoringModel, promote
+from ranker.model.evaluate import evaluate
+from ranker.model.train import TrainConfig, train_head
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Per-song engagement aggregated from the log, plus the song's metadata."""
+
+    song_ids: list[str]
+    plays: np.ndarray
+    likes: np.ndarray
+    generators: list[str]
+    created_at: list[datetime]
+
+
+@dataclass
+class RetrainReport:
+    promoted: bool
+    reason: str
+    current_version: str
+    candidate_version: str | None
+    n_train: int
+    n_holdout: int
+    current: dict[str, float] = field(default_factory=dict)
+    candidate: dict[str, float] = field(default_factory=dict)
+    model_dir: str | None = None
+    finished_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def aggregate_engagement(log_table: pa.Table) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(song_ids, plays, likes) from engagement-log rows; likes floor at zero."""
+    if log_table.num_rows == 0:
+        return [], np.zeros(0, np.int64), np.zeros(0, np.int64)
+    types = log_table.column("type")
+    signed = pa.table(
+        {
+            "song_id": log_table.column("song_id"),
+            "play": pc.cast(pc.equal(types, "play"), pa.int64()),
+            "like": pc.subtract(
+                pc.cast(pc.equal(types, "like"), pa.int64()), pc.cast(pc.equal(types, "unlike"), pa.int64())
+            ),
+        }
+    )
+    grouped = signed.group_by("song_id").aggregate([("play", "sum"), ("like", "sum")])
+    ids = [str(s) for s in grouped.column("song_id").to_pylist()]
+    plays = np.asarray(grouped.column("play_sum").to_numpy(), dtype=np.int64)
+    likes = np.clip(np.asarray(grouped.column("like_sum").to_numpy(), dtype=np.int64), 0, None)
+    order = np.argsort(ids)
+    return [ids[i] for i in order], plays[order], np.minimum(likes[order], plays[order])
+
+
+def training_catalog(observed: Observed, rows: np.ndarray, pseudo: np.ndarray, tasks: Sequence[str]) -> Catalog:
+    """An in-memory catalog for ``train_head``/``evaluate``: counts plus aesthetic pseudo-labels."""
+    cols: dict[str, Any] = {
+        "song_id": [observed.song_ids[i] for i in rows],
+        "audio_uri": ["embedding-store:" + observed.song_ids[i] for i in rows],
+        "generator": [observed.generators[i] for i in rows],
+        "created_at": pa.array([observed.created_at[i] for i in rows], pa.timestamp("us", tz="UTC")),
+        "streams": observed.plays[rows].astype(np.int64),
+        "likes": observed.likes[rows].astype(np.int64),
+    }
+    for j, task in enumerate(tasks):
+        if task in AESTHETIC_TASKS:
+            cols[task] = pseudo[:, j].astype(np.float64)
+    return Catalog(table=pa.table(cols), path=Path("<engagement log>"))
+
+
+def gate(current: dict[str, float], candidate: dict[str, float], margin: float) -> tuple[bool, str]:
+    """Promote when mean Spearman(streams, likes) gains >= margin and neither loses > margin."""
+    cur = [current[t] for t in POPULARITY_TASKS]
+    new = [candidate[t] for t in POPULARITY_TASKS]
+    if not all(np.isfinite(cur + new)):
+        return False, "Spearman is undefined on the holdout (constant predictions or targets)"
+    gain = float(np.mean(new) - np.mean(cur))
+    worst = min(n - c for n, c in zip(new, cur, strict=True))
+    if gain >= margin and worst >= -margin:
+        return True, f"mean Spearman gain {gain:+.4f} >= margin {margin}"
+    return False, f"mean Spearman gain {gain:+.4f} (worst task {worst:+.4f}) below margin {margin}"
+
+
+def retrain(
+    current: ScoringModel,
+    features: FeatureSet,
+    observed: Observed,
+    *,
+    models_root: Path,
+    holdout_fraction: float,
+    margin: float,
+    warm_start: bool,
+    train_config: TrainConfig,
+) -> RetrainReport:
+    """Train, compare and maybe promote; see the module docstring."""
+    n = len(observed.song_ids)
+    order = np.argsort(np.array([d.timestamp() for d in observed.created_at]), kind="stable")
+    n_hold = max(1, round(n * holdout_fraction))
+    holdout, train = np.sort(order[n - n_hold :]), np.sort(order[: n - n_hold])
+    if len(train) < 8 or len(holdout) < 4:
+        return RetrainReport(
+            False, f"too few songs past the exposure threshold ({n})", current.version, None, len(train), len(holdout)
+        )
+    rows = np.arange(n)
+    pseudo = current.predict(features.layers)
+    catalog = training_catalog(observed, rows, pseudo, current.tasks)
+    train_ids = [observed.song_ids[i] for i in train]
+    hold_ids = [observed.song_ids[i] for i in holdout]
+
+    result = train_head(features, catalog, train_config, song_ids=train_ids, init=current if warm_start else None)
+    candidate = result.model
+    cur_metrics = evaluate(current, features, catalog, song_ids=hold_ids)
+    new_metrics = evaluate(candidate, features, catalog, song_ids=hold_ids)
+    cur_s = {t: cur_metrics[t]["spearman"] for t in POPULARITY_TASKS}
+    new_s = {t: new_metrics[t]["spearman"] for t in POPULARITY_TASKS}
+    ok, why = gate(cur_s, new_s, margin)
+    report = RetrainReport(ok, why, current.version, candidate.version, len(train), len(holdout), cur_s, new_s)
+    if ok:
+        directory = candidate.save_versioned(models_root)
+        (directory / "retrain-report.json").write_text(json.dumps(report.to_dict(), indent=2))
+        promote(models_root, directory)
+        report.model_dir = str(directory)
+        log.info("promoted %s over %s: %s", candidate.version, current.version, why)
+    else:
+        log.info("kept %s; candidate %s not promoted: %s", current.version, candidate.version, why)
+    return report
