@@ -225,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (default api.host)")
     serve.add_argument("--port", type=int, help="port (default api.port)")
     serve.add_argument("--workers", type=int, default=1, help="worker processes (each loads the index)")
+    from consumers.model_cli import register
+
+    register(sub)
     return p
 
 

@@ -33,14 +33,21 @@ def _guard(fn: Handler) -> Handler:
     """Turn the errors users can fix into a message and exit code 2 (not a traceback)."""
 
     def run(args: argparse.Namespace) -> int:
+        from pydantic import ValidationError
+
         from ranker.model.artifact import ModelArtifactError
+        from ranker.model.train import TrainingError
 
         try:
             return fn(args)
         except (CatalogError, ConfigError, ModelArtifactError) as exc:
             return _fail(str(exc))
+        except ValidationError as exc:
+            return _fail(f"invalid options: {exc}")
         except FileExistsError as exc:
             return _fail(f"{exc}; choose another --out")
+        except TrainingError as exc:
+            return _fail(str(exc), code=1)
 
     run.__name__ = fn.__name__
     run.__doc__ = fn.__doc__
@@ -121,6 +128,8 @@ def _train_config(args: argparse.Namespace) -> Any:
         "cohort": args.cohort,
         "shuffle_targets": args.shuffle_targets,
         "device": args.device,
+        "threads": args.threads,
+        "stop_on": args.stop_on,
     }
     if args.grad_clip is not None:
         fields["grad_clip"] = args.grad_clip if args.grad_clip > 0 else None
@@ -130,17 +139,12 @@ def _train_config(args: argparse.Namespace) -> Any:
 @_guard
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a head on cached features; save it as a model directory (and optionally promote it)."""
-    from pydantic import ValidationError
-
     from ranker.features import load_features
     from ranker.model.evaluate import print_metrics, write_json
     from ranker.model.train import train_head
 
     settings = Settings()
-    try:
-        config = _train_config(args)
-    except ValidationError as exc:
-        return _fail(f"invalid training options: {exc}")
+    config = _train_config(args)
     features = load_features(args.features)
     result = train_head(features, args.catalog, config, progress=not args.no_progress)
     out = result.model.save(args.out)
@@ -204,6 +208,8 @@ def cmd_ablation(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         seed=args.seed,
         device=args.device,
+        threads=args.threads,
+        stop_on=args.stop_on,
     )
     conditions = {"all": all_conditions, "paper": paper_conditions, "ours": improvement_conditions}[args.only]()
     features = load_features(args.features)
@@ -294,6 +300,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ab.add_argument("--val-fraction", type=float, default=0.15)
     ab.add_argument("--seed", type=int, default=42, help="seed of the test split")
     ab.add_argument("--device", default="auto")
+    ab.add_argument("--stop-on", choices=["val_loss", "val_scaled_mse"], default="val_loss")
+    ab.add_argument("--threads", type=int, help="CPU threads (default: 1 for small batches, else torch's)")
     ab.add_argument("--no-progress", action="store_true")
 
     imp = add("import-released", cmd_import_released, "import the paper's released checkpoint")
@@ -325,4 +333,6 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", type=float, help="power of the percentile -> score transform")
     p.add_argument("--cohort", choices=["all", "generator_week"])
     p.add_argument("--shuffle-targets", action="store_true", help="null baseline")
+    p.add_argument("--stop-on", choices=["val_loss", "val_scaled_mse"], help="early-stopping criterion")
     p.add_argument("--device")
+    p.add_argument("--threads", type=int, help="CPU threads (default: 1 for small batches, else torch's)")

@@ -272,9 +272,7 @@ class EmbeddingIndex:
         for rec in records:
             shape = np.shape(rec.vector)
             if shape != (self.config.dim,):
-                raise ValueError(
-                    f"song {rec.song_id!r}: vector shape {shape}, the index is {self.config.dim}-d"
-                )
+                raise ValueError(f"song {rec.song_id!r}: vector shape {shape}, the index is {self.config.dim}-d")
         with self._lock:
             self._check_open()
             changed = self.store.put_many_changed(records)
@@ -365,9 +363,7 @@ class EmbeddingIndex:
             self._since_snapshot = 0
             self._last_snapshot_at = self._clock()
             self._retry_snapshot_at = 0.0
-            log.info(
-                "FAISS snapshot: %d vectors up to store seq %d (%d bytes)", meta["ntotal"], watermark, size
-            )
+            log.info("FAISS snapshot: %d vectors up to store seq %d (%d bytes)", meta["ntotal"], watermark, size)
 
     # -- reads ---------------------------------------------------------------------------
     def search(self, vector: np.ndarray, k: int) -> list[tuple[str, float]]:
@@ -387,12 +383,8 @@ class EmbeddingIndex:
             sims, keys = self._index.search(stored.record.vector, k + 1)
         return self._named(sims[0], keys[0], exclude=stored.key, k=k)
 
-    def _named(
-        self, sims: np.ndarray, keys: np.ndarray, exclude: int | None, k: int
-    ) -> list[tuple[str, float]]:
-        hits = [
-            (int(key), float(sim)) for key, sim in zip(keys, sims, strict=True) if key >= 0 and key != exclude
-        ]
+    def _named(self, sims: np.ndarray, keys: np.ndarray, exclude: int | None, k: int) -> list[tuple[str, float]]:
+        hits = [(int(key), float(sim)) for key, sim in zip(keys, sims, strict=True) if key >= 0 and key != exclude]
         names = self.store.song_ids_for_keys(key for key, _ in hits)
         return [(names[key], sim) for key, sim in hits if key in names][:k]
 

@@ -194,9 +194,7 @@ class FaissVectorIndex(VectorIndex):
         return size
 
     def _inner(self) -> Any:
-        return (
-            faiss.downcast_index(self._cpu.index) if isinstance(self._cpu, faiss.IndexIDMap2) else self._cpu
-        )
+        return faiss.downcast_index(self._cpu.index) if isinstance(self._cpu, faiss.IndexIDMap2) else self._cpu
 
     def _decide_gpu(self) -> bool:
         if self.config.use_gpu == "never":
@@ -302,10 +300,7 @@ class FaissVectorIndex(VectorIndex):
             present = np.array([k for k in keys.tolist() if self._has(k)], dtype=np.int64)
             if present.size == 0:
                 return 0
-            if self._removable:
-                removed = int(self._cpu.remove_ids(present))
-            else:
-                removed = self._rebuild_without(present)
+            removed = int(self._cpu.remove_ids(present)) if self._removable else self._rebuild_without(present)
         if removed:
             self._gpu_stale = True
         return removed
@@ -328,9 +323,7 @@ class FaissVectorIndex(VectorIndex):
                 "cannot be replaced; use EmbeddingIndex.rebuild() or a removable factory (Flat, IVF)"
             ) from exc
         keep = ~np.isin(ids, drop)
-        log.info(
-            "rebuilding %s index without %d key(s): %d vectors", self.config.factory, drop.size, keep.sum()
-        )
+        log.info("rebuilding %s index without %d key(s): %d vectors", self.config.factory, drop.size, keep.sum())
         fresh = self._prepare(self._new_cpu_index())
         if not fresh.is_trained:
             fresh.train(vectors)

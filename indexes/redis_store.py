@@ -5,7 +5,15 @@ depends only on the song id or feed name, and a client can route it)::
 
     {prefix}:song:{<song_id>}   hash: song_id, model_version, rank_score, generator,
                                 created_at, scored_at, score.<task>..., <extra key>...
-    {prefix}:feed:{<feed>}      sorted set: member song_id, score rank_score
+    {prefix}:feed:{<feed>}      sorted set: member song_id, score = the feed's stored score
+    {prefix}:feedage:{<feed>}   sorted set: member song_id, score created_at (epoch s); only for
+                                feeds with an age limit, so old songs can be trimmed
+    {prefix}:calibration        hash: likes, expected (totals behind the like-rate calibration)
+
+The song hash also holds the engagement counters ``eng.<counter>`` (plays, likes,
+skips, completes, shares), incremented with HINCRBY by the feedback consumer, and
+the ranker's fields ``prior.like_rate`` (the model's predicted like rate) and
+``cal.*`` (what of this song the calibration totals already count).
 
 Scores are stored as ``score.<task>`` fields so a task name can never collide
 with a metadata field. ``extra`` values are stored under their own key (names
@@ -20,10 +28,11 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import redis
+import redis.asyncio
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from indexes.base import ScoreStore, SongRecord
@@ -32,9 +41,27 @@ from indexes.base import ScoreStore, SongRecord
 _NAME = re.compile(r"^[A-Za-z0-9._:-]{1,256}$")
 _PREFIX = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 SCORE_FIELD_PREFIX = "score."
-RESERVED_FIELDS = frozenset(
-    {"song_id", "model_version", "rank_score", "generator", "created_at", "scored_at"}
-)
+RESERVED_FIELDS = frozenset({"song_id", "model_version", "rank_score", "generator", "created_at", "scored_at"})
+ENGAGEMENT_FIELD_PREFIX = "eng."
+ENGAGEMENT_COUNTERS = ("plays", "likes", "skips", "completes", "shares")
+
+#: A (feed -> song_id -> score) map; None removes the song from that feed.
+FeedEntries = Mapping[str, Mapping[str, float | None]]
+
+# Counts what of one song the calibration totals hold, atomically, and returns the change:
+# concurrent callers for the same song never count it twice. KEYS[1] = song hash,
+# ARGV[1] = the song's prior like rate. Returns {likes delta, expected-likes delta} as strings.
+_CLAIM_CALIBRATION = """
+local v = redis.call('HMGET', KEYS[1], 'eng.plays', 'eng.likes', 'cal.likes', 'cal.expected')
+local plays = tonumber(v[1]) or 0
+local likes = tonumber(v[2]) or 0
+local expected = plays * tonumber(ARGV[1])
+local dl = likes - (tonumber(v[3]) or 0)
+local de = expected - (tonumber(v[4]) or 0)
+if dl == 0 and de == 0 then return {'0', '0'} end
+redis.call('HSET', KEYS[1], 'cal.likes', likes, 'cal.expected', string.format('%.17g', expected))
+return {tostring(dl), string.format('%.17g', de)}
+"""
 
 
 class RedisStoreConfig(BaseModel):
@@ -56,9 +83,7 @@ class RedisStoreConfig(BaseModel):
 
 def _check_name(kind: str, value: str) -> str:
     if not _NAME.fullmatch(value):
-        raise ValueError(
-            f"{kind} {value!r} must be 1-256 letters, digits or ._:- (it sits in a Redis hash tag)"
-        )
+        raise ValueError(f"{kind} {value!r} must be 1-256 letters, digits or ._:- (it sits in a Redis hash tag)")
     return value
 
 
@@ -105,6 +130,7 @@ class RedisScoreStore(ScoreStore):
             socket_connect_timeout=config.socket_timeout_s,
             health_check_interval=30,
         )
+        self._claim = self._redis.register_script(_CLAIM_CALIBRATION)
 
     # -- keys ---------------------------------------------------------------------------
     def song_key(self, song_id: str) -> str:
@@ -112,6 +138,12 @@ class RedisScoreStore(ScoreStore):
 
     def feed_key(self, feed: str) -> str:
         return f"{self.prefix}:feed:{{{_check_name('feed', feed)}}}"
+
+    def age_key(self, feed: str) -> str:
+        return f"{self.prefix}:feedage:{{{_check_name('feed', feed)}}}"
+
+    def calibration_key(self) -> str:
+        return f"{self.prefix}:calibration"
 
     # -- writes -------------------------------------------------------------------------
     def write_songs(self, songs: Sequence[SongRecord], feed: str) -> None:
@@ -136,7 +168,147 @@ class RedisScoreStore(ScoreStore):
         pipe.zadd(feed_key, members)
         pipe.execute()
 
+    def write_feed_entries(
+        self,
+        songs: Sequence[SongRecord],
+        entries: FeedEntries,
+        ages: FeedEntries | None = None,
+    ) -> None:
+        """HSET ``songs`` (may be empty), then per feed ZADD the scored members and ZREM the
+        ones mapped to None, in one pipelined round trip; everything is validated first.
+
+        ``ages`` holds created_at (epoch seconds) for feeds with an age limit, in the same shape.
+        """
+        for song in songs:
+            if not math.isfinite(song.rank_score):
+                raise ValueError(f"song {song.song_id!r}: rank_score must be finite, got {song.rank_score}")
+        prepared = [(self.song_key(song.song_id), song_fields(song)) for song in songs]
+        ops: list[tuple[str, dict[str, float], list[str]]] = []
+        for groups in (entries, ages or {}):
+            for feed, members in groups.items():
+                key = self.feed_key(feed) if groups is entries else self.age_key(feed)
+                add: dict[str, float] = {}
+                drop: list[str] = []
+                for song_id, value in members.items():
+                    _check_name("song id", song_id)
+                    if value is None:
+                        drop.append(song_id)
+                    elif not math.isfinite(value):
+                        raise ValueError(f"song {song_id!r}: feed {feed!r} score must be finite, got {value}")
+                    else:
+                        add[song_id] = float(value)
+                ops.append((key, add, drop))
+        if not prepared and not any(add or drop for _, add, drop in ops):
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for key, fields in prepared:
+            pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
+        for key, add, drop in ops:
+            if add:
+                pipe.zadd(key, add)
+            if drop:
+                pipe.zrem(key, *drop)
+        pipe.execute()
+
+    def claim_calibration(self, priors: Mapping[str, float]) -> tuple[float, float]:
+        """Fold these songs' current plays and likes into the calibration totals.
+
+        ``priors`` maps song id -> prior like rate. Each song's share (likes, plays x
+        prior) is claimed atomically in its own hash (cluster-safe: one key per script),
+        then the changes are added to the totals. Returns the new (likes, expected) totals.
+        A crash between the two steps loses that batch's change (the totals run low), it
+        never counts twice.
+        """
+        ids = list(priors)
+        if ids:
+            pipe = self._redis.pipeline(transaction=False)
+            for song_id in ids:
+                self._claim(keys=[self.song_key(song_id)], args=[repr(float(priors[song_id]))], client=pipe)
+            deltas = pipe.execute()
+            d_likes = sum(float(d[0]) for d in deltas)
+            d_expected = sum(float(d[1]) for d in deltas)
+            if d_likes or d_expected:
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.hincrbyfloat(self.calibration_key(), "likes", d_likes)
+                pipe.hincrbyfloat(self.calibration_key(), "expected", d_expected)
+                pipe.execute()
+        return self.calibration_totals()
+
+    def calibration_totals(self) -> tuple[float, float]:
+        """(observed likes, predicted likes) over every song with plays."""
+        return _totals(self._redis.hmget(self.calibration_key(), ["likes", "expected"]))
+
+    def trim_feed(self, feed: str, created_before: float) -> int:
+        """Remove songs created before ``created_before`` (epoch s) from an age-limited feed."""
+        age_key = self.age_key(feed)
+        old = [str(m) for m in self._redis.zrangebyscore(age_key, "-inf", f"({created_before!r}")]
+        if not old:
+            return 0
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zrem(self.feed_key(feed), *old)
+        pipe.zrem(age_key, *old)
+        pipe.execute()
+        return len(old)
+
+    def replace_feed(self, feed: str, members: Mapping[str, float], ages: Mapping[str, float] | None = None) -> None:
+        """Atomically replace a feed (and its age index) with ``members``: built under a
+        temporary key in the feed's slot, then renamed over it."""
+        for song_id, value in members.items():
+            _check_name("song id", song_id)
+            if not math.isfinite(value):
+                raise ValueError(f"song {song_id!r}: feed {feed!r} score must be finite, got {value}")
+        pairs = [(self.feed_key(feed), members)]
+        if ages is not None:
+            pairs.append((self.age_key(feed), ages))
+        pipe = self._redis.pipeline(transaction=True)
+        for key, values in pairs:
+            tmp = f"{key}:rebuild"
+            pipe.delete(tmp)
+            items = list(values.items())
+            for i in range(0, len(items), 10_000):
+                pipe.zadd(tmp, dict(items[i : i + 10_000]))
+            if items:
+                pipe.rename(tmp, key)
+            else:
+                pipe.delete(key)
+        pipe.execute()
+
+    def scan_song_ids(self, batch: int = 1000) -> Iterator[str]:
+        """Every song id with a hash (SCAN: no blocking; a song written meanwhile may be missed)."""
+        head = f"{self.prefix}:song:{{"
+        for key in self._redis.scan_iter(match=f"{self.prefix}:song:*", count=batch):
+            if key.startswith(head) and key.endswith("}"):
+                yield key[len(head) : -1]
+
     # -- reads --------------------------------------------------------------------------
+    def read_fields(self, song_ids: Sequence[str], fields: Sequence[str]) -> list[list[str | None]]:
+        """HMGET ``fields`` of many songs in one pipelined round trip (missing values are None)."""
+        if not song_ids:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for song_id in song_ids:
+            pipe.hmget(self.song_key(song_id), list(fields))
+        return pipe.execute()
+
+    def feed_window(self, feed: str, max_score: float | None, count: int) -> list[tuple[str, float]]:
+        """Up to ``count`` (song_id, score) pairs with score <= ``max_score`` (inclusive), best first."""
+        return _pairs(
+            self._redis.zrange(
+                self.feed_key(feed),
+                _bound(max_score),
+                "-inf",
+                desc=True,
+                byscore=True,
+                offset=0,
+                num=count,
+                withscores=True,
+            )
+        )
+
+    def async_reads(self) -> AsyncStoreReads:
+        """An asyncio client for the read path (create it inside the event loop that uses it)."""
+        return AsyncStoreReads(self)
+
     def get_song(self, song_id: str) -> dict[str, str] | None:
         raw = self._redis.hgetall(self.song_key(song_id))
         return {str(k): str(v) for k, v in raw.items()} or None
@@ -147,9 +319,7 @@ class RedisScoreStore(ScoreStore):
             raise ValueError("start must be >= 0")
         if count <= 0:
             return []
-        rows: list[Any] = self._redis.zrevrange(
-            self.feed_key(feed), start, start + count - 1, withscores=True
-        )
+        rows: list[Any] = self._redis.zrevrange(self.feed_key(feed), start, start + count - 1, withscores=True)
         return [(str(member), float(score)) for member, score in rows]
 
     def feed_size(self, feed: str) -> int:
@@ -169,3 +339,99 @@ class RedisScoreStore(ScoreStore):
     def client(self) -> redis.Redis:
         """The underlying client (for callers that need other commands on the same connection pool)."""
         return self._redis
+
+
+class AsyncStoreReads:
+    """The read path of :class:`RedisScoreStore` on ``redis.asyncio`` (for the API's event loop).
+
+    Same keys and results as the synchronous methods of the same names.
+    """
+
+    def __init__(self, store: RedisScoreStore) -> None:
+        self._store = store
+        config = store.config
+        self._redis: redis.asyncio.Redis = redis.asyncio.Redis.from_url(
+            config.url,
+            decode_responses=True,
+            socket_timeout=config.socket_timeout_s,
+            socket_connect_timeout=config.socket_timeout_s,
+            health_check_interval=30,
+        )
+        self._hmget_many = self._redis.register_script(_HMGET_MANY)
+        self._script_ok = True
+
+    async def feed_window(self, feed: str, max_score: float | None, count: int) -> list[tuple[str, float]]:
+        rows = await self._redis.zrange(
+            self._store.feed_key(feed),
+            _bound(max_score),
+            "-inf",
+            desc=True,
+            byscore=True,
+            offset=0,
+            num=count,
+            withscores=True,
+        )
+        return _pairs(rows)
+
+    async def read_fields(self, song_ids: Sequence[str], fields: Sequence[str]) -> list[list[str | None]]:
+        """HMGET of many songs in one round trip.
+
+        On a single Redis node this is one read-only script call (packing one command
+        instead of one per song is most of the client-side cost); where the keys span
+        cluster slots the script is refused (CROSSSLOT) and a pipeline is used from then on.
+        """
+        if not song_ids:
+            return []
+        keys = [self._store.song_key(s) for s in song_ids]
+        if self._script_ok:
+            try:
+                return await self._hmget_many(keys=keys, args=list(fields))
+            except redis.exceptions.ResponseError as exc:
+                if "CROSSSLOT" not in str(exc) and "cross" not in str(exc).lower():
+                    raise
+                self._script_ok = False
+        pipe = self._redis.pipeline(transaction=False)
+        names = list(fields)
+        for key in keys:
+            pipe.hmget(key, names)
+        return await pipe.execute()
+
+    async def get_song(self, song_id: str) -> dict[str, str] | None:
+        raw = await self._redis.hgetall(self._store.song_key(song_id))
+        return {str(k): str(v) for k, v in raw.items()} or None
+
+    async def feed_size(self, feed: str) -> int:
+        return int(await self._redis.zcard(self._store.feed_key(feed)))
+
+    async def calibration_totals(self) -> tuple[float, float]:
+        return _totals(await self._redis.hmget(self._store.calibration_key(), ["likes", "expected"]))
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._redis.ping())
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            return False
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+# KEYS = song hashes, ARGV = field names: HMGET of each, in order (read-only).
+_HMGET_MANY = """
+local out = {}
+for i, key in ipairs(KEYS) do out[i] = redis.call('HMGET', key, unpack(ARGV)) end
+return out
+"""
+
+
+def _bound(max_score: float | None) -> str:
+    return "+inf" if max_score is None else repr(float(max_score))
+
+
+def _pairs(rows: Any) -> list[tuple[str, float]]:
+    return [(str(member), float(score)) for member, score in rows]
+
+
+def _totals(values: Sequence[Any]) -> tuple[float, float]:
+    likes, expected = values
+    return float(likes or 0.0), float(expected or 0.0)

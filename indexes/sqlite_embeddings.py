@@ -122,9 +122,7 @@ class SqliteEmbeddingStore(EmbeddingStore):
     def _init_schema(self, conn: sqlite3.Connection) -> None:
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
-            log.warning(
-                "SQLite refused WAL mode for %s (got %s); writes stay durable but slower", self.path, mode
-            )
+            log.warning("SQLite refused WAL mode for %s (got %s); writes stay durable but slower", self.path, mode)
         conn.execute("PRAGMA synchronous=FULL")
         conn.executescript(_SCHEMA)
         with self._tx():
@@ -138,8 +136,7 @@ class SqliteEmbeddingStore(EmbeddingStore):
                 )
             elif int(row[0]) != SCHEMA_VERSION:
                 raise RuntimeError(
-                    f"{self.path} has embedding-store schema version {row[0]}, this code reads "
-                    f"version {SCHEMA_VERSION}"
+                    f"{self.path} has embedding-store schema version {row[0]}, this code reads version {SCHEMA_VERSION}"
                 )
 
     @classmethod
@@ -230,9 +227,7 @@ class SqliteEmbeddingStore(EmbeddingStore):
     # -- reads -------------------------------------------------------------------------
     def get(self, song_id: str) -> StoredEmbedding | None:
         with self._lock:
-            row = self._db.execute(
-                f"SELECT {_COLUMNS} FROM embeddings WHERE song_id=?", (song_id,)
-            ).fetchone()
+            row = self._db.execute(f"SELECT {_COLUMNS} FROM embeddings WHERE song_id=?", (song_id,)).fetchone()
         return None if row is None else self._row(row)
 
     def get_many(self, song_ids: Sequence[str]) -> dict[str, StoredEmbedding]:
@@ -314,9 +309,7 @@ class SqliteEmbeddingStore(EmbeddingStore):
     def vector_dims(self) -> set[int]:
         """Distinct index-vector dimensions stored (float32 blobs are 4 bytes an element)."""
         with self._lock:
-            return {
-                int(r[0]) // 4 for r in self._db.execute("SELECT DISTINCT length(vector) FROM embeddings")
-            }
+            return {int(r[0]) // 4 for r in self._db.execute("SELECT DISTINCT length(vector) FROM embeddings")}
 
     def close(self) -> None:
         """Close the connection (idempotent); committed writes are already durable."""

@@ -75,9 +75,7 @@ def read_catalog(path: str | Path) -> Catalog:
     ids = [str(x) if x is not None else "" for x in table.column("song_id").to_pylist()]
     bad = np.array([i for i, s in enumerate(ids) if not is_valid_song_id(s)], dtype=np.int64)
     if len(bad):
-        raise CatalogError(
-            f"catalog {path}: invalid song_id (1-128 of letters, digits, ._:-) at {_describe_rows(bad)}"
-        )
+        raise CatalogError(f"catalog {path}: invalid song_id (1-128 of letters, digits, ._:-) at {_describe_rows(bad)}")
     seen: dict[str, int] = {}
     dups = []
     for i, s in enumerate(ids):
@@ -93,18 +91,12 @@ def read_catalog(path: str | Path) -> Catalog:
         if col in POPULARITY_TASKS:
             nan = np.flatnonzero(np.isnan(values))
             if len(nan):
-                raise CatalogError(
-                    f"catalog {path}: column {col} has NaN or missing counts at {_describe_rows(nan)}"
-                )
+                raise CatalogError(f"catalog {path}: column {col} has NaN or missing counts at {_describe_rows(nan)}")
             neg = np.flatnonzero(values < 0)
             if len(neg):
-                raise CatalogError(
-                    f"catalog {path}: column {col} has negative counts at {_describe_rows(neg)}"
-                )
+                raise CatalogError(f"catalog {path}: column {col} has negative counts at {_describe_rows(neg)}")
         else:
             out = np.flatnonzero(~np.isnan(values) & ((values < 1) | (values > 5)))
             if len(out):
-                raise CatalogError(
-                    f"catalog {path}: column {col} must be on the 1-5 scale at {_describe_rows(out)}"
-                )
+                raise CatalogError(f"catalog {path}: column {col} must be on the 1-5 scale at {_describe_rows(out)}")
     return Catalog(table=table, path=path)

@@ -210,12 +210,8 @@ class GeneratorSpec:
 
 DEFAULT_GENERATORS: tuple[GeneratorSpec, ...] = (
     GeneratorSpec("synthetic-a", share=0.5, skill=0.0, log_exposure=5.8, growth_per_week=0.05),
-    GeneratorSpec(
-        "synthetic-b", share=0.3, skill=0.08, log_exposure=5.0, growth_per_week=0.15, lowpass_hz=10_000.0
-    ),
-    GeneratorSpec(
-        "synthetic-c", share=0.2, skill=-0.08, log_exposure=4.2, growth_per_week=-0.05, lowpass_hz=6_500.0
-    ),
+    GeneratorSpec("synthetic-b", share=0.3, skill=0.08, log_exposure=5.0, growth_per_week=0.15, lowpass_hz=10_000.0),
+    GeneratorSpec("synthetic-c", share=0.2, skill=-0.08, log_exposure=4.2, growth_per_week=-0.05, lowpass_hz=6_500.0),
 )
 
 DrumHits = tuple[tuple[int, float], ...]  # (sixteenth step within the bar, velocity)
@@ -729,9 +725,7 @@ def compose_song(
         steps_b = np.where(moved, move_to, base_steps[None, :])
         kept = drop_u >= 0.3 * (1.0 - steady)
         strays = stray_u < stray_p
-        onsets = np.concatenate(
-            [(bar_ids * 4 + steps_b / 4.0)[kept], (bar_ids * 4 + stray_pos / 4.0)[strays]]
-        )
+        onsets = np.concatenate([(bar_ids * 4 + steps_b / 4.0)[kept], (bar_ids * 4 + stray_pos / 4.0)[strays]])
         vels = np.concatenate([(base_vel[None, :] * vel_f)[kept], stray_vel[strays]])
         zs = np.concatenate([z_hits[kept], z_stray[strays]])
         in_song = onsets * beat < duration_s
@@ -790,9 +784,7 @@ def _wavetable(amps: FloatArray) -> FloatArray:
     return np.asarray(table / max(float(np.max(np.abs(table))), 1e-9), dtype=np.float64)
 
 
-def _harmonics(
-    inst: _Instrument, slope: float, n: int, smooth: float, rng: np.random.Generator
-) -> FloatArray:
+def _harmonics(inst: _Instrument, slope: float, n: int, smooth: float, rng: np.random.Generator) -> FloatArray:
     k = np.arange(1, n + 1, dtype=np.float64)
     amps = k**-slope
     if inst.odd_only:
@@ -827,9 +819,7 @@ def _render_part(
     max_len = min(int((float(part.durations.max()) + release) * sr) + 1, n_out)
     # Per-part curves, sliced per note: no transcendental function is evaluated per note.
     t_all = np.arange(max_len, dtype=np.float64) / sr
-    base_env = np.minimum(1.0, t_all / attack) * (
-        inst.sustain + (1.0 - inst.sustain) * np.exp(-t_all / inst.decay_s)
-    )
+    base_env = np.minimum(1.0, t_all / attack) * (inst.sustain + (1.0 - inst.sustain) * np.exp(-t_all / inst.decay_s))
     darken = np.exp(-t_all / inst.darken_s) if dull_table is not None else None
     vibrato = np.cumsum(1.0 + vib_depth * np.sin(2 * math.pi * 5.0 * t_all)) if vib_depth > 0 else None
     ramp_index = np.arange(max_len, dtype=np.float64)
@@ -871,9 +861,7 @@ def _drum_sounds(sr: int, rng: np.random.Generator) -> dict[str, FloatArray]:
     kick = np.sin(2 * math.pi * np.cumsum(freq) / sr) * np.exp(-t / rng.uniform(0.1, 0.22))
     t = t_of(0.25)
     snare_noise = np.diff(rng.standard_normal(t.size + 1)) * 0.5
-    snare = (
-        snare_noise * np.exp(-t / 0.06) + 0.6 * np.sin(2 * math.pi * 185.0 * t) * np.exp(-t / 0.04)
-    ) * 0.8
+    snare = (snare_noise * np.exp(-t / 0.06) + 0.6 * np.sin(2 * math.pi * 185.0 * t) * np.exp(-t / 0.04)) * 0.8
     t = t_of(0.08)
     hat = np.diff(rng.standard_normal(t.size + 1)) * np.exp(-t / rng.uniform(0.012, 0.03)) * 0.4
     t = t_of(0.12)
@@ -952,9 +940,7 @@ def _lowpass(y: FloatArray, cutoff_hz: float, sr: int) -> FloatArray:
     return np.fft.irfft(spec, nfft)[: y.size]
 
 
-def render_composition(
-    comp: Composition, sample_rate: int = 24000, *, lowpass_hz: float | None = None
-) -> FloatArray:
+def render_composition(comp: Composition, sample_rate: int = 24000, *, lowpass_hz: float | None = None) -> FloatArray:
     """Turn a score into a mono waveform (float64) and apply the quality damage.
 
     The noise and smoothness qualities act here, on the sound rather than on the notes.
@@ -1318,9 +1304,7 @@ def simulate_catalog(
         "appeal_weights": APPEAL_WEIGHTS,
         "appeal_noise_sd": APPEAL_NOISE_SD,
         "like_probability": f"sigmoid({LIKE_INTERCEPT} + {LIKE_SLOPE} * appeal)",
-        "streams": (
-            f"NegBin(mean=exp(log_exposure + {STREAMS_APPEAL_SLOPE} * appeal), shape={STREAMS_GAMMA_SHAPE})"
-        ),
+        "streams": (f"NegBin(mean=exp(log_exposure + {STREAMS_APPEAL_SLOPE} * appeal), shape={STREAMS_GAMMA_SHAPE})"),
         "likes": "Binomial(streams, like_prob)",
     }
     metadata_path = out / "catalog.json"

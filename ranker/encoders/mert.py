@@ -176,8 +176,7 @@ def _resolve_local(directory: Path) -> tuple[Path, list[Path]]:
                 return config, [directory / shard for shard in _shard_names(candidate)]
             return config, [candidate]
     raise ConfigError(
-        f"MERT model directory {directory} holds no weights (looked for {', '.join(WEIGHT_FILES)}). "
-        + FIX_HINT
+        f"MERT model directory {directory} holds no weights (looked for {', '.join(WEIGHT_FILES)}). " + FIX_HINT
     )
 
 
@@ -206,8 +205,7 @@ def _resolve_hub(repo_id: str, *, offline: bool) -> tuple[Path, list[Path]]:
             continue
         except Exception as exc:
             raise ConfigError(
-                f"could not get {name} of MERT model {repo_id!r} from {where}: {type(exc).__name__}: {exc}. "
-                + FIX_HINT
+                f"could not get {name} of MERT model {repo_id!r} from {where}: {type(exc).__name__}: {exc}. " + FIX_HINT
             ) from exc
         if not name.endswith(".index.json"):
             return config, [found]
@@ -218,8 +216,7 @@ def _resolve_hub(repo_id: str, *, offline: bool) -> tuple[Path, list[Path]]:
                 f"could not get the weight shards of MERT model {repo_id!r} from {where}: {exc}. " + FIX_HINT
             ) from exc
     raise ConfigError(
-        f"found no weights for MERT model {repo_id!r} in {where} (looked for {', '.join(WEIGHT_FILES)}). "
-        + FIX_HINT
+        f"found no weights for MERT model {repo_id!r} in {where} (looked for {', '.join(WEIGHT_FILES)}). " + FIX_HINT
     )
 
 
@@ -243,9 +240,7 @@ def read_state_dict(files: Iterable[Path]) -> dict[str, torch.Tensor]:
             else:
                 state.update(torch.load(f, map_location="cpu", weights_only=True))
         except Exception as exc:
-            raise ConfigError(
-                f"cannot read MERT weights from {f}: {type(exc).__name__}: {exc}. " + FIX_HINT
-            ) from exc
+            raise ConfigError(f"cannot read MERT weights from {f}: {type(exc).__name__}: {exc}. " + FIX_HINT) from exc
     return state
 
 
@@ -290,16 +285,12 @@ def load_hubert(ref: str, *, offline: bool) -> tuple[Any, dict[str, Any]]:
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches
-        raise ConfigError(
-            f"the weights of MERT model {ref!r} do not fit its config.json: {exc}. " + FIX_HINT
-        ) from exc
+        raise ConfigError(f"the weights of MERT model {ref!r} do not fit its config.json: {exc}. " + FIX_HINT) from exc
     # masked_spec_embed is only used for training-time masking.
     missing = [k for k in result.missing_keys if k != "masked_spec_embed"]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ConfigError(
-            f"the weights of MERT model {ref!r} lack {len(missing)} tensors ({shown}). " + FIX_HINT
-        )
+        raise ConfigError(f"the weights of MERT model {ref!r} lack {len(missing)} tensors ({shown}). " + FIX_HINT)
     if result.unexpected_keys:
         log.warning(
             "MERT model %r: ignoring %d checkpoint tensors HubertModel does not use (e.g. %s)",
@@ -322,9 +313,7 @@ def resolve_device(spec: str) -> torch.device:
     try:
         device = torch.device(spec)
     except RuntimeError as exc:
-        raise ConfigError(
-            f"APEXRANK_MODEL__DEVICE={spec!r} is not a device (auto, cpu, cuda, cuda:N)"
-        ) from exc
+        raise ConfigError(f"APEXRANK_MODEL__DEVICE={spec!r} is not a device (auto, cpu, cuda, cuda:N)") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"APEXRANK_MODEL__DEVICE={spec!r} but CUDA is not available; use auto or cpu")
     if device.type not in ("cpu", "cuda"):
@@ -473,9 +462,7 @@ class MertEncoder(Encoder):
             raise ValueError("cannot encode an empty segment")
         for idx in self._batches(lengths):
             with self._lock:
-                pooled, n_frames = self._encode_batch(
-                    [np.asarray(segments[i], dtype=np.float32) for i in idx]
-                )
+                pooled, n_frames = self._encode_batch([np.asarray(segments[i], dtype=np.float32) for i in idx])
             features[idx] = pooled
             frames[idx] = n_frames
         return features, frames
@@ -510,9 +497,7 @@ class MertEncoder(Encoder):
             k0, s0 = self.config.conv_kernel[0], self.config.conv_stride[0]
             self._masked_norm.valid = ((effective - k0) // s0 + 1).tolist() if padded else None
         amp = (
-            torch.autocast(device_type=dev.type, dtype=self.amp_dtype)
-            if self.amp_dtype is not None
-            else nullcontext()
+            torch.autocast(device_type=dev.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
         )
         try:
             with amp:

@@ -261,9 +261,7 @@ class ScoringModel:
         """Scores (B, T) float32 for features (B, n_layers, input_dim); columns follow :attr:`tasks`."""
         x = np.asarray(features, dtype=np.float32)
         if x.ndim != 3 or x.shape[1:] != (self.n_layers, self.input_dim):
-            raise ValueError(
-                f"expected features of shape (batch, {self.n_layers}, {self.input_dim}), got {x.shape}"
-            )
+            raise ValueError(f"expected features of shape (batch, {self.n_layers}, {self.input_dim}), got {x.shape}")
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         finite = np.isfinite(x).all(axis=(1, 2))
@@ -384,9 +382,7 @@ def _read_card(path: Path) -> ModelCard:
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     weights_path = path / WEIGHTS_FILE
     if not weights_path.is_file():
-        pickles = sorted(
-            p.name for p in path.iterdir() if p.suffix in {".pt", ".pth", ".bin", ".ckpt", ".pkl"}
-        )
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in {".pt", ".pth", ".bin", ".ckpt", ".pkl"})
         hint = f" (found {', '.join(pickles)}: pickle checkpoints are never loaded)" if pickles else ""
         raise ModelArtifactError(f"{path} has no {WEIGHTS_FILE}{hint}")
     try:
@@ -410,9 +406,7 @@ def _check_tensors(path: Path, head: ApexHead, tensors: Mapping[str, torch.Tenso
         if tensors[name].shape != t.shape
     ]
     if wrong:
-        raise ModelArtifactError(
-            f"{path / WEIGHTS_FILE} has tensors of the wrong shape: {'; '.join(wrong[:8])}"
-        )
+        raise ModelArtifactError(f"{path / WEIGHTS_FILE} has tensors of the wrong shape: {'; '.join(wrong[:8])}")
     for name, t in tensors.items():
         if t.is_floating_point() != expected[name].is_floating_point():
             raise ModelArtifactError(f"{path / WEIGHTS_FILE}: tensor {name} has dtype {t.dtype}")
@@ -497,25 +491,19 @@ def load_or_init(
             layers=tuple(layers) if layers is not None else DEFAULT_LAYERS,
             device=device,
         )
-        log.warning(
-            "no trained APEX head at %s: using %s (scores are not meaningful)", head_dir, model.version
-        )
+        log.warning("no trained APEX head at %s: using %s (scores are not meaningful)", head_dir, model.version)
         return model
     model = ScoringModel.load(model_dir, device=device)
     problems = []
     if model.encoder_id != encoder_id:
-        problems.append(
-            f"it was trained on encoder {model.encoder_id!r}, the configured encoder is {encoder_id!r}"
-        )
+        problems.append(f"it was trained on encoder {model.encoder_id!r}, the configured encoder is {encoder_id!r}")
     if model.input_dim != input_dim or model.n_layers != n_layers:
         problems.append(
             f"it expects features of shape ({model.n_layers}, {model.input_dim}), "
             f"the encoder gives ({n_layers}, {input_dim})"
         )
     if layers is not None and model.layers is not None and tuple(layers) != model.layers:
-        problems.append(
-            f"it was trained on layers {list(model.layers)}, the configured layers are {list(layers)}"
-        )
+        problems.append(f"it was trained on layers {list(model.layers)}, the configured layers are {list(layers)}")
     if problems:
         raise ConfigError(
             f"the APEX head at {model_dir} ({model.version}) does not fit this encoder: "

@@ -198,8 +198,7 @@ class ApexHead(nn.Module):
         cfg = self.config
         if features.dim() != 3 or features.shape[1] != cfg.n_layers or features.shape[2] != cfg.input_dim:
             raise ValueError(
-                f"expected features of shape (batch, {cfg.n_layers}, {cfg.input_dim}), "
-                f"got {tuple(features.shape)}"
+                f"expected features of shape (batch, {cfg.n_layers}, {cfg.input_dim}), got {tuple(features.shape)}"
             )
         shared = self.trunk(self.mix(features))
         return torch.cat([self.branches[t](shared) for t in self.tasks], dim=1)
@@ -232,9 +231,7 @@ class ApexHead(nn.Module):
         mse = sq.sum(dim=0) / counts.clamp(min=1.0)
         return mse, counts
 
-    def loss(
-        self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def loss(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The training loss (a scalar) under ``config.loss``; NaN or masked-out targets are ignored.
 
         - ``equal``: sum of per-task MSE;

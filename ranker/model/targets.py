@@ -275,9 +275,7 @@ class TargetTransform:
             generator = created_at = None
             if self.cohort == "generator_week":
                 generator, created_at = _column(data, "generator"), _column(data, "created_at")
-            pct = self.percentile(
-                task, counts, generator=generator, created_at=created_at, allow_missing=allow_missing
-            )
+            pct = self.percentile(task, counts, generator=generator, created_at=created_at, allow_missing=allow_missing)
             out[task] = self.score_from_percentile(pct).astype(np.float32)
         return out
 
@@ -392,9 +390,7 @@ class TargetTransform:
         try:
             return self._tables[task]
         except KeyError:
-            raise ValueError(
-                f"no reference for task {task!r}; this transform covers {list(self.tasks)}"
-            ) from None
+            raise ValueError(f"no reference for task {task!r}; this transform covers {list(self.tasks)}") from None
 
     def _resolve(self, task: str, n: int, generator: Any, created_at: Any) -> npt.NDArray[Any]:
         """Per row, the most specific stored group: cohort, then generator, then all."""

@@ -1,0 +1,648 @@
+"""Latency of the feed API under load, its overhead over raw Redis, reranking, and similar-song search.
+
+What is measured, and why:
+
+a. **Feed pages of 50 under load.** ``apexrank serve`` runs in its own process (one
+   uvicorn worker, the default ``cold-start`` policy: 10% exploration by Thompson
+   sampling, near-duplicate suppression on 768-d vectors) over N scored songs in a
+   private Redis. A load generator in this process (asyncio, raw HTTP/1.1 keep-alive on
+   loopback, bounded in time) sends an **open-loop** stream at a fixed rate: latency is
+   measured from each request's scheduled send time, so a stalled server is charged for
+   the queue it causes (no coordinated omission). Requests mix first pages (70%) and
+   pages deeper in the feed through cursors (30%). Target: p99 <= 5 ms at >= 1,000 req/s.
+   A closed-loop run (C connections back to back) gives the saturation throughput.
+b. **Overhead over raw Redis**, in the same run: the same page done directly (ZREVRANGE
+   0 49 WITHSCORES + one pipelined HMGET of the same fields for the 50 songs, redis.asyncio
+   + hiredis, one connection, sequential) against the API's page (one keep-alive
+   connection, sequential). Target: API <= 3x raw.
+c. **POST /v1/rank with 500 candidates** (sequential, then open loop at 100 req/s).
+   Target: p99 <= 15 ms.
+d. **Similar songs, k=10, over 1M clustered vectors**, through the project's
+   ``FaissVectorIndex`` (what the API searches): the flat index and the approximate
+   IVF index for each nprobe, one query at a time (the API's access pattern), with
+   recall@10 against the flat index's exact answers. Vectors are L2-normalised two-level
+   Gaussian clusters (random Gaussian vectors make every ANN index look broken, tight
+   clusters make every one look perfect; see ``clustered``).
+
+Run from the repository root (writes its own Redis, index and state under a temp dir)::
+
+    .venv/bin/python benchmarks/api_latency.py --json bench-api.json
+    .venv/bin/python benchmarks/api_latency.py --quick      # a smoke run (~1 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import redis.asyncio  # noqa: E402
+from pydantic import SecretStr  # noqa: E402
+
+from consumers.stack import find_redis_server, free_port, port_open  # noqa: E402
+from indexes import EmbeddingIndex, EmbeddingRecord, RedisScoreStore, RedisStoreConfig, SongRecord  # noqa: E402
+from indexes.faiss_index import FaissIndexConfig, FaissVectorIndex  # noqa: E402
+from ranker.events import TASKS  # noqa: E402
+from ranker.feeds import READ_FIELDS, FeedWriter  # noqa: E402
+from ranker.settings import IndexSettings, RedisSettings, Settings  # noqa: E402
+
+PREFIX = "bench"
+
+
+# -- small helpers -------------------------------------------------------------------------------
+def pct(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if len(values) else float("nan")
+
+
+def summary(lat_s: Sequence[float], wall_s: float, errors: int = 0) -> dict[str, Any]:
+    ms = [1000 * v for v in lat_s]
+    return {
+        "requests": len(ms),
+        "errors": errors,
+        "req_per_s": len(ms) / wall_s if wall_s > 0 else float("nan"),
+        "p50_ms": pct(ms, 50),
+        "p90_ms": pct(ms, 90),
+        "p99_ms": pct(ms, 99),
+        "max_ms": max(ms) if ms else float("nan"),
+    }
+
+
+def machine_info() -> dict[str, Any]:
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem = 0.0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) / 2**20
+    import faiss
+    import fastapi
+    import uvicorn
+
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "mem_gib": round(mem, 1),
+        "python": platform.python_version(),
+        "fastapi": fastapi.__version__,
+        "uvicorn": uvicorn.__version__,
+        "faiss": faiss.__version__,
+        "http_parser": "httptools" if _has("httptools") else "h11 (pure Python)",
+        "event_loop": "uvloop" if _has("uvloop") else "asyncio",
+    }
+
+
+def _has(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+def loadavg() -> str:
+    """Other work on the machine skews every figure: recorded with the results."""
+    with contextlib.suppress(OSError):
+        return Path("/proc/loadavg").read_text().strip()
+    return "unknown"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its children (uvicorn's workers), from /proc."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if stat.parent.name == str(pid) or int(fields[1]) == pid:
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+# -- services ------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def redis_server(directory: Path) -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(find_redis_server()), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(directory)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not port_open("127.0.0.1", port):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def api_server(
+    settings: Settings, state: Path, workers: int = 1, pythonpath: str | None = None, page_cache_ttl_s: float = 1.0
+) -> Iterator[tuple[str, int, subprocess.Popen[bytes]]]:
+    """``apexrank serve`` in a subprocess, configured through APEXRANK_* variables."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "APEXRANK_REDIS__URL": settings.redis.url.get_secret_value(),
+        "APEXRANK_REDIS__KEY_PREFIX": PREFIX,
+        "APEXRANK_INDEX__PATH": str(settings.index_dir),
+        "APEXRANK_STATE_DIR": str(state),
+        "APEXRANK_API__PAGE_CACHE_TTL_S": str(page_cache_ttl_s),
+    }
+    if pythonpath:  # e.g. a --target directory holding httptools and uvloop, to compare
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH")) if p)
+    log = open(state / "serve.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "consumers.cli",
+            "--log-level",
+            "WARNING",
+            "serve",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r,
+            ):
+                if r.status == 200:
+                    break
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"apexrank serve did not become ready; see {state / 'serve.log'}")
+            time.sleep(0.2)
+        yield "127.0.0.1", port, proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        log.close()
+
+
+# -- data ----------------------------------------------------------------------------------------
+def populate(settings: Settings, n: int, dim: int, seed: int) -> list[str]:
+    """N scored songs over the last week (10% with engagement) in Redis, and their vectors in the index."""
+    rng = np.random.default_rng(seed)
+    now = time.time()
+    ids = [f"song-{i:07d}" for i in range(n)]
+    store = RedisScoreStore(RedisStoreConfig(url=settings.redis.url.get_secret_value(), key_prefix=PREFIX))
+    writer = FeedWriter(settings, store)
+    for start in range(0, n, 2000):
+        batch = []
+        for sid in ids[start : start + 2000]:
+            scores = {t: float(rng.uniform(0, 100) if t in ("streams", "likes") else rng.uniform(1, 5)) for t in TASKS}
+            created = now - float(rng.uniform(0, 7 * 24 * 3600))
+            batch.append(
+                SongRecord(
+                    song_id=sid,
+                    model_version="bench",
+                    scores=scores,
+                    rank_score=0.5,
+                    generator=f"gen-{int(rng.integers(0, 5))}",
+                    created_at=datetime.fromtimestamp(created, UTC).isoformat(),
+                    scored_at=datetime.fromtimestamp(now, UTC).isoformat(),
+                    extra={"tags": "bench", "duration_s": 120.0},
+                )
+            )
+        writer.on_scored(batch, now=now)
+    engaged = rng.choice(n, size=n // 10, replace=False)
+    pipe = store.client.pipeline(transaction=False)
+    for i in engaged:
+        plays = int(rng.integers(1, 500))
+        pipe.hincrby(store.song_key(ids[i]), "eng.plays", plays)
+        pipe.hincrby(store.song_key(ids[i]), "eng.likes", int(rng.binomial(plays, 0.1)))
+    pipe.execute()
+    writer.on_engagement([ids[i] for i in engaged], now=now)
+    store.close()
+    vectors = clustered(n, dim, max(8, n // 50), rng)
+    index = EmbeddingIndex(settings.index_dir, dim=dim, factory="Flat", use_gpu="never")
+    try:
+        for start in range(0, n, 2000):
+            index.add(
+                [
+                    EmbeddingRecord(ids[i], "bench", np.zeros((1, 1), np.float32), vectors[i], 1, 1)
+                    for i in range(start, min(n, start + 2000))
+                ]
+            )
+    finally:
+        index.close()
+    return ids
+
+
+def clustered(n: int, dim: int, clusters: int, rng: np.random.Generator) -> np.ndarray:
+    """L2-normalised vectors in two levels of Gaussian clusters (float32), built in chunks.
+
+    ``clusters`` styles in ``clusters / 200`` genres, with point noise larger than the
+    style offsets: neighbourhoods overlap across IVF cell borders, as real embeddings do.
+    (Tight one-level clusters give every index a recall of 1.0 and say nothing; at 100k
+    vectors and 256 lists these parameters give recall@10 0.54 / 0.87 / 0.996 at nprobe
+    1 / 4 / 16.)
+    """
+
+    def noise(m: int, norm: float) -> np.ndarray:
+        return (norm / np.sqrt(dim)) * rng.standard_normal((m, dim), dtype=np.float32)
+
+    genres = noise(max(2, clusters // 200), 1.0)
+    styles = genres[rng.integers(0, len(genres), size=clusters)] + noise(clusters, 0.5)
+    out = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, 100_000):
+        m = min(n, start + 100_000) - start
+        chunk = styles[rng.integers(0, clusters, size=m)] + noise(m, 1.0)
+        out[start : start + m] = chunk / np.linalg.norm(chunk, axis=1, keepdims=True)
+    return out
+
+
+# -- HTTP load generation --------------------------------------------------------------------------
+class Conn:
+    """One keep-alive HTTP/1.1 connection speaking just enough of the protocol."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def open(self) -> Conn:
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        return self
+
+    async def send(self, raw: bytes) -> tuple[int, bytes]:
+        assert self.reader is not None and self.writer is not None
+        self.writer.write(raw)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        body = await self.reader.readexactly(length)
+        return status, body
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(ConnectionError):
+                await self.writer.wait_closed()
+
+
+def get(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
+
+
+def post(path: str, body: bytes) -> bytes:
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def open_loop(
+    host: str, port: int, requests: Sequence[bytes], rate: float, duration_s: float, conns: int
+) -> dict[str, Any]:
+    """Send at ``rate`` req/s for ``duration_s``; latency counted from each scheduled send time."""
+    pool: asyncio.Queue[Conn] = asyncio.Queue()
+    for _ in range(conns):
+        pool.put_nowait(await Conn(host, port).open())
+    n = int(rate * duration_s)
+    lat: list[float] = []
+    errors = 0
+    t0 = time.perf_counter()
+
+    async def one(i: int) -> None:
+        nonlocal errors
+        due = t0 + i / rate
+        conn = await pool.get()
+        try:
+            status, _ = await conn.send(requests[i % len(requests)])
+            if status != 200:
+                errors += 1
+            lat.append(time.perf_counter() - due)
+        finally:
+            pool.put_nowait(conn)
+
+    tasks = []
+    for i in range(n):
+        delay = t0 + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*tasks)
+    wall = time.perf_counter() - t0
+    while not pool.empty():
+        await pool.get_nowait().close()
+    return {"offered_req_per_s": rate, **summary(lat, wall, errors)}
+
+
+async def closed_loop(host: str, port: int, requests: Sequence[bytes], duration_s: float, conns: int) -> dict[str, Any]:
+    """``conns`` connections sending back to back: the saturation throughput."""
+    lat: list[float] = []
+    errors = 0
+    stop = time.perf_counter() + duration_s
+
+    async def worker(k: int) -> None:
+        nonlocal errors
+        conn = await Conn(host, port).open()
+        i = k
+        while time.perf_counter() < stop:
+            t = time.perf_counter()
+            status, _ = await conn.send(requests[i % len(requests)])
+            lat.append(time.perf_counter() - t)
+            errors += status != 200
+            i += conns
+        await conn.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(k) for k in range(conns)))
+    return {"connections": conns, **summary(lat, time.perf_counter() - t0, errors)}
+
+
+async def sequential(host: str, port: int, requests: Sequence[bytes], n: int) -> dict[str, Any]:
+    conn = await Conn(host, port).open()
+    lat: list[float] = []
+    errors = 0
+    for i in range(n):
+        t = time.perf_counter()
+        status, _ = await conn.send(requests[i % len(requests)])
+        lat.append(time.perf_counter() - t)
+        errors += status != 200
+    await conn.close()
+    return summary(lat, sum(lat), errors)
+
+
+async def raw_redis_pages(url: str, n: int) -> dict[str, Any]:
+    """The page without the API: ZREVRANGE 0 49 WITHSCORES + pipelined HMGET of the same fields."""
+    client = redis.asyncio.Redis.from_url(url, decode_responses=True)
+    store = RedisScoreStore(RedisStoreConfig(url=url, key_prefix=PREFIX))
+    key = store.feed_key("cold-start")
+    fields = list(READ_FIELDS)
+    lat: list[float] = []
+    for _ in range(n):
+        t = time.perf_counter()
+        rows: list[Any] = await client.zrevrange(key, 0, 49, withscores=True)
+        pipe = client.pipeline(transaction=False)
+        for member, _score in rows:
+            pipe.hmget(store.song_key(str(member)), fields)
+        await pipe.execute()
+        lat.append(time.perf_counter() - t)
+    await client.aclose()
+    store.close()
+    return summary(lat, sum(lat))
+
+
+def fetch_json(host: str, port: int, path: str) -> Any:
+    with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=10) as r:
+        return json.loads(r.read())
+
+
+# -- the API benchmark ---------------------------------------------------------------------------
+def bench_api(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with redis_server(work) as url:
+        settings = Settings(
+            state_dir=work / "state",
+            redis=RedisSettings(url=SecretStr(url), key_prefix=PREFIX),
+            index=IndexSettings(path=work / "index"),
+        )
+        t = time.perf_counter()
+        ids = populate(settings, args.songs, args.dim, args.seed)
+        out["songs"], out["populate_s"] = len(ids), time.perf_counter() - t
+        print(f"populated {len(ids)} songs ({args.dim}-d vectors) in {out['populate_s']:.1f}s", flush=True)
+        (work / "state").mkdir(exist_ok=True)
+        server = api_server(settings, work / "state", args.server_workers, args.server_pythonpath, args.page_cache_ttl)
+        with server as (host, port, proc):
+            # Cursors into the feed: pages 2-10, collected once (a client walking the feed).
+            cursors: list[str] = []
+            cursor = None
+            for _ in range(10):
+                q = "/v1/feeds/cold-start?limit=50" + (f"&cursor={cursor}" if cursor else "")
+                cursor = fetch_json(host, port, q)["next_cursor"]
+                cursors.append(cursor)
+            first = get("/v1/feeds/cold-start?limit=50")
+            mix = [first] * 7 + [get(f"/v1/feeds/cold-start?limit=50&cursor={c}") for c in cursors[:3]]
+            rng = random.Random(args.seed)
+            samples = [rng.sample(ids, 500) for _ in range(20)]
+            rank_bodies = [post("/v1/rank", json.dumps({"candidates": c}).encode()) for c in samples]
+            lean_bodies = [post("/v1/rank", json.dumps({"candidates": c, "explain": False}).encode()) for c in samples]
+
+            async def run() -> None:
+                await sequential(host, port, mix, 200)  # warm up
+                out["raw_redis_page_seq"] = await raw_redis_pages(url, args.seq)
+                out["api_page_seq"] = await sequential(host, port, [first], args.seq)
+                out["api_page_mix_seq"] = await sequential(host, port, mix, args.seq)
+                out["overhead_p50_x"] = out["api_page_seq"]["p50_ms"] / out["raw_redis_page_seq"]["p50_ms"]
+                out["overhead_p99_x"] = out["api_page_seq"]["p99_ms"] / out["raw_redis_page_seq"]["p99_ms"]
+                out["feed_open_loop"] = []
+                for rate in args.rates:
+                    cpu0 = cpu_seconds(proc.pid)
+                    res = await open_loop(host, port, mix, rate, args.duration, args.conns)
+                    res["server_cpu_share"] = (cpu_seconds(proc.pid) - cpu0) / (res["requests"] / res["req_per_s"])
+                    out["feed_open_loop"].append(res)
+                    print(f"feed open loop {rate:>6.0f}/s: {res}", flush=True)
+                out["feed_closed_loop"] = await closed_loop(host, port, mix, args.duration, args.conns)
+                print(f"feed closed loop: {out['feed_closed_loop']}", flush=True)
+                out["rank500_seq"] = await sequential(host, port, rank_bodies, max(100, args.seq // 5))
+                out["rank500_noexplain_seq"] = await sequential(host, port, lean_bodies, max(100, args.seq // 5))
+                out["rank500_open_loop_100"] = await open_loop(host, port, rank_bodies, 100, args.duration, args.conns)
+                print(f"rank 500: {out['rank500_seq']} / {out['rank500_open_loop_100']}", flush=True)
+                sim = [get(f"/v1/songs/{ids[i]}/similar?k=10") for i in range(0, len(ids), max(1, len(ids) // 200))]
+                out["similar_api_seq"] = await sequential(host, port, sim, 200)
+
+            asyncio.run(run())
+            page = fetch_json(host, port, "/v1/feeds/cold-start?limit=50")
+            out["explore_items_per_page"] = sum(1 for i in page["items"] if i["explore"])
+    return out
+
+
+# -- similar songs over many vectors -------------------------------------------------------------
+def bench_ann(n: int, dim: int, nlist: int, nprobes: Sequence[int], queries: int, seed: int) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    t = time.perf_counter()
+    data = clustered(n, dim, max(16, n // 50), rng)
+    keys = np.arange(1, n + 1, dtype=np.int64)
+    out: dict[str, Any] = {"n": n, "dim": dim, "gen_s": time.perf_counter() - t}
+    qi = rng.choice(n, size=queries, replace=False)
+    q = data[qi]
+    flat = FaissVectorIndex(FaissIndexConfig(dim=dim, factory="Flat", use_gpu="never"))
+    t = time.perf_counter()
+    for start in range(0, n, 200_000):
+        flat.upsert(keys[start : start + 200_000], data[start : start + 200_000])
+    out["flat_build_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    _, truth = flat.search(q, 11)
+    out["flat_batch_ms_per_query"] = 1000 * (time.perf_counter() - t) / queries
+    lat = []
+    for i in range(min(queries, 50)):
+        t = time.perf_counter()
+        flat.search(q[i], 11)
+        lat.append(time.perf_counter() - t)
+    out["flat_single"] = summary(lat, sum(lat))
+    del flat
+    truth_sets = [set(row[row != keys[qi[j]]][:10].tolist()) for j, row in enumerate(truth)]
+    factory = f"IVF{nlist},Flat"
+    ivf = FaissVectorIndex(FaissIndexConfig(dim=dim, factory=factory, use_gpu="never"))
+    t = time.perf_counter()
+    for start in range(0, n, 200_000):
+        ivf.upsert(keys[start : start + 200_000], data[start : start + 200_000])
+    ivf.train_now()
+    out["ivf_factory"], out["ivf_build_s"], out["ivf_train_size"] = factory, time.perf_counter() - t, ivf.train_size
+    import faiss
+
+    inner = faiss.extract_index_ivf(ivf._cpu)  # the knob the API's index config sets (nprobe)
+    out["ivf"] = []
+    for nprobe in nprobes:
+        inner.nprobe = nprobe
+        lat = []
+        hits = 0
+        for j in range(queries):
+            t = time.perf_counter()
+            _, found = ivf.search(q[j], 11)
+            lat.append(time.perf_counter() - t)
+            got = [k for k in found[0].tolist() if k != keys[qi[j]]][:10]
+            hits += len(truth_sets[j] & set(got))
+        out["ivf"].append({"nprobe": nprobe, "recall_at_10": hits / (10 * queries), **summary(lat, sum(lat))})
+        print(f"ivf nprobe={nprobe}: {out['ivf'][-1]}", flush=True)
+    return out
+
+
+# -- report --------------------------------------------------------------------------------------
+def report(result: dict[str, Any]) -> str:
+    a = result["args"]
+    lines = [
+        f"server: {a['server_workers']} worker(s), page cache {a['page_cache_ttl']} s, extra path"
+        f" {a['server_pythonpath'] or '-'}",
+        f"machine: {result['machine']}",
+        f"load average before/after: {result['loadavg_before']} / {result.get('loadavg_after')}",
+    ]
+    api = result.get("api")
+    if api:
+        raw, seq = api["raw_redis_page_seq"], api["api_page_seq"]
+        lines += [
+            f"songs: {api['songs']}; explore items on a page of 50: {api['explore_items_per_page']}",
+            f"raw Redis page (ZREVRANGE 50 + HMGET x50), sequential: p50 {raw['p50_ms']:.2f} ms,"
+            f" p99 {raw['p99_ms']:.2f} ms",
+            f"API page of 50, sequential: p50 {seq['p50_ms']:.2f} ms, p99 {seq['p99_ms']:.2f} ms"
+            f" -> overhead x{api['overhead_p50_x']:.1f} (p50), x{api['overhead_p99_x']:.1f} (p99)",
+            "feed open loop (offered req/s -> achieved, p50/p90/p99/max ms, server CPU share):",
+        ]
+        for r in api["feed_open_loop"]:
+            lines.append(
+                f"  {r['offered_req_per_s']:>6.0f} -> {r['req_per_s']:7.1f}  {r['p50_ms']:.2f} / {r['p90_ms']:.2f} /"
+                f" {r['p99_ms']:.2f} / {r['max_ms']:.1f}  cpu {r['server_cpu_share']:.2f}  errors {r['errors']}"
+            )
+        c = api["feed_closed_loop"]
+        lines.append(
+            f"feed closed loop ({c['connections']} conns): {c['req_per_s']:.0f} req/s, p99 {c['p99_ms']:.1f} ms"
+        )
+        r1, r2 = api["rank500_seq"], api["rank500_open_loop_100"]
+        lines.append(f"rank 500 sequential: p50 {r1['p50_ms']:.2f} ms p99 {r1['p99_ms']:.2f} ms;"
+                     f" at 100 req/s: p50 {r2['p50_ms']:.2f} ms p99 {r2['p99_ms']:.2f} ms")  # fmt: skip
+        r3 = api["rank500_noexplain_seq"]
+        lines.append(f"rank 500 explain=false sequential: p50 {r3['p50_ms']:.2f} ms p99 {r3['p99_ms']:.2f} ms")
+        s = api["similar_api_seq"]
+        lines.append(
+            f"similar k=10 via API ({api['songs']} flat vectors): p50 {s['p50_ms']:.2f} ms p99 {s['p99_ms']:.2f} ms"
+        )
+    ann = result.get("ann")
+    if ann:
+        f = ann["flat_single"]
+        lines.append(
+            f"ANN {ann['n']:,} x {ann['dim']}: flat build {ann['flat_build_s']:.1f}s,"
+            f" single query p50 {f['p50_ms']:.1f} ms p99 {f['p99_ms']:.1f} ms"
+            f" (batched {ann['flat_batch_ms_per_query']:.1f} ms/query)"
+        )
+        lines.append(f"  {ann['ivf_factory']} build {ann['ivf_build_s']:.1f}s (trained on {ann['ivf_train_size']:,})")
+        for r in ann["ivf"]:
+            lines.append(
+                f"  nprobe {r['nprobe']:>3}: recall@10 {r['recall_at_10']:.3f},"
+                f" p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms"
+            )
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--songs", type=int, default=20_000, help="songs in the feed")
+    p.add_argument("--dim", type=int, default=768, help="vector size of the feed's songs")
+    p.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[250, 500, 750, 1000])
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per load run")
+    p.add_argument("--conns", type=int, default=32)
+    p.add_argument("--seq", type=int, default=2000, help="sequential requests per latency comparison")
+    p.add_argument("--ann-n", type=int, default=1_000_000)
+    p.add_argument("--ann-dim", type=int, default=768)
+    p.add_argument("--ann-nlist", type=int, default=1024)
+    p.add_argument("--ann-nprobe", type=lambda s: [int(x) for x in s.split(",")], default=[4, 8, 16, 32, 64])
+    p.add_argument("--ann-queries", type=int, default=200)
+    p.add_argument("--server-workers", type=int, default=1, help="apexrank serve --workers")
+    p.add_argument("--server-pythonpath", help="extra PYTHONPATH for the server (e.g. httptools + uvloop)")
+    p.add_argument("--page-cache-ttl", type=float, default=1.0, help="api.page_cache_ttl_s of the server")
+    p.add_argument("--skip-api", action="store_true")
+    p.add_argument("--skip-ann", action="store_true")
+    p.add_argument("--quick", action="store_true", help="small sizes, short runs")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.songs, args.duration, args.seq, args.rates = 3000, 3.0, 300, [250, 1000]
+        args.ann_n, args.ann_nlist, args.ann_queries, args.ann_nprobe = 50_000, 64, 50, [4, 16]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    result: dict[str, Any] = {"machine": machine_info(), "args": vars(args), "loadavg_before": loadavg()}
+    work = Path(tempfile.mkdtemp(prefix="apexrank-bench-api-"))
+    try:
+        if not args.skip_api:
+            result["api"] = bench_api(args, work)
+        if not args.skip_ann:
+            result["ann"] = bench_ann(
+                args.ann_n, args.ann_dim, args.ann_nlist, args.ann_nprobe, args.ann_queries, args.seed
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result["loadavg_after"] = loadavg()
+    print(report(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,409 @@
+"""The HTTP API that recommender backends call: feed pages, reranking, songs, similar songs.
+
+``create_app(settings)`` builds the FastAPI app; ``apexrank serve`` runs it under
+uvicorn. OpenAPI is served at ``/openapi.json`` (``/docs`` renders it).
+
+Every bad request gets a 4xx with a JSON body ``{"error": <code>, "message": <text>}``:
+422 for parameters and bodies that fail validation, 400 for a bad cursor, 401 without
+a valid bearer token (when tokens are configured), 404 for an unknown feed or song,
+413 for a body over ``api.max_body_bytes``. Redis being unreachable is a 503, never a 500.
+The feed and rank endpoints are async end to end (redis.asyncio, one ZRANGE plus one
+pipelined HMGET per page); similar-song searches run in the thread pool (FAISS releases
+the GIL). /healthz, /readyz, /metrics and the OpenAPI documents need no token.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis.exceptions
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
+from prometheus_client import Counter as MetricCounter
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from indexes.redis_store import RedisScoreStore, RedisStoreConfig
+from ranker.events import SONG_ID_PATTERN, SongId
+from ranker.feeds import CursorError, FeedReader, UnknownFeedError
+from ranker.settings import Settings, get_settings
+from ranker.vectors import IndexReader
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+REQUESTS = MetricCounter("apexrank_api_requests_total", "API requests", ["route", "method", "status"])
+LATENCY = Histogram(
+    "apexrank_api_request_seconds",
+    "API request latency (server side)",
+    ["route"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+
+
+# -- response models (for OpenAPI; the hot paths serialise plain dicts) -----------------------
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Components(_Out):
+    quality: float = Field(description="Weighted blend of popularity and aesthetics, 0-1.")
+    freshness: float = Field(description="2^(-age/half-life).")
+    age_hours: float
+    contributions: dict[str, float] = Field(description="Each term's share of the quality.")
+    prior_rate: float = Field(description="p0: the model's like rate, calibrated.")
+    posterior_rate: float = Field(description="(w*p0 + likes) / (w + plays).")
+    plays: float
+    likes: float
+    sampled_rate: float | None = Field(None, description="Exploration slots: the Thompson draw.")
+
+
+class Item(_Out):
+    song_id: str
+    score: float = Field(description="(0.01 + quality) * freshness.")
+    explore: bool = False
+    components: Components | None = Field(None, description="Absent from /v1/rank with explain=false.")
+
+
+class FeedPageOut(_Out):
+    feed: str
+    items: list[Item]
+    next_cursor: str | None = Field(description="Pass back as ?cursor= for the next page; null at the end.")
+
+
+class RankIn(BaseModel):
+    """Candidates to order, and the policy: a named feed, optionally with inline overrides."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    candidates: list[SongId] = Field(min_length=1)
+    feed: str | None = Field(None, description="Base policy; default: the default feed.")
+    weights: dict[str, float] | None = Field(None, description="Inline weights over the seven tasks.")
+    half_life_hours: float | None = Field(None, description="Inline half-life (explicit null: no decay).")
+    prior_strength: float | None = Field(None, description="Inline w.")
+    apply_filters: bool = Field(False, description="List candidates the feed's filters reject in 'filtered'.")
+    explain: bool = Field(True, description="Include each score's components (about a third of the cost).")
+
+
+class RankOut(_Out):
+    feed: str
+    items: list[Item]
+    unknown: list[str] = Field(description="Ids with no scored song: never silently dropped.")
+    filtered: list[str]
+
+
+class SimilarOut(_Out):
+    song_id: str
+    items: list[dict[str, Any]]
+
+
+class ErrorOut(BaseModel):
+    error: str
+    message: str
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (400, 401, 404, 413, 422, 503)}
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _json(data: Any, status: int = 200) -> Response:
+    body = json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
+    return Response(body, status_code=status, media_type="application/json")
+
+
+def _error(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(
+        {"error": code, "message": message}, status_code=status, headers=dict(headers) if headers else None
+    )
+
+
+class ApiError(HTTPException):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status, message, headers)
+        self.code = code
+
+
+class _Edge:
+    """Pure ASGI middleware: body size limit (413) and Prometheus metrics per route template."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 500
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            if scope["method"] in ("POST", "PUT", "PATCH"):
+                bounded = await self._bounded(scope, receive, sending)
+                if bounded is None:
+                    return
+                receive = bounded
+            await self.app(scope, receive, sending)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            REQUESTS.labels(path, scope["method"], str(status)).inc()
+            LATENCY.labels(path).observe(time.perf_counter() - t0)
+
+    async def _bounded(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
+        """Read the body up to the limit (it is small), answering 413 beyond it; replay it to the app."""
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = -1
+                if declared > self.max_body or declared < 0:
+                    await self._too_large(scope, receive, send)
+                    return None
+        chunks: list[Message] = []
+        size = 0
+        while True:
+            message = await receive()
+            chunks.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_body:
+                await self._too_large(scope, receive, send)
+                return None
+            if not message.get("more_body", False):
+                break
+        replay = iter(chunks)
+
+        async def replayed() -> Message:
+            try:
+                return next(replay)
+            except StopIteration:
+                return await receive()
+
+        return replayed
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = _error(413, "body_too_large", f"request body exceeds {self.max_body} bytes")
+        await response(scope, receive, send)
+
+
+# -- the app -------------------------------------------------------------------------------------
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API app for ``settings`` (default: the process settings)."""
+    settings = settings or get_settings()
+    api = settings.api
+    tokens = [t.get_secret_value().encode() for t in api.tokens]
+    store = RedisScoreStore(
+        RedisStoreConfig(
+            url=settings.redis.url.get_secret_value(),
+            key_prefix=settings.redis.key_prefix,
+            socket_timeout_s=settings.redis.socket_timeout_s,
+        )
+    )
+    index = IndexReader(settings.index_dir, settings.index.factory)
+    holder: dict[str, FeedReader] = {}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        reads = store.async_reads()
+        holder["reader"] = FeedReader(settings, reads, index)
+        try:
+            await run_in_threadpool(index.load)
+        except Exception:
+            log.exception("could not load the embedding index from %s; /readyz says so", settings.index_dir)
+        index.start(api.index_refresh_s)
+        try:
+            yield
+        finally:
+            index.close()
+            await reads.close()
+            store.close()
+
+    app = FastAPI(
+        title="apexrank",
+        version="1",
+        summary="Cold-start ranking of AI-generated songs: feeds, reranking, similar songs.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(_Edge, max_body_bytes=api.max_body_bytes)
+    bearer = HTTPBearer(auto_error=False, description="One of api.tokens, when any are configured.")
+
+    # A default, not Annotated: with postponed annotations FastAPI cannot see a closure's ``bearer``.
+    async def authorised(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
+        if not tokens:
+            return
+        given = creds.credentials.encode() if creds is not None else b""
+        ok = False
+        for token in tokens:  # compare with every token: the time taken says nothing about which
+            ok |= hmac.compare_digest(given, token)
+        if not ok:
+            raise ApiError(401, "unauthorized", "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
+
+    def reader() -> FeedReader:
+        return holder["reader"]
+
+    # -- errors ----------------------------------------------------------------------------------
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [
+            {"loc": [str(p) for p in err.get("loc", ())], "msg": str(err.get("msg", ""))} for err in exc.errors()
+        ]
+        message = "; ".join(f"{'.'.join(p['loc'])}: {p['msg']}" for p in problems) or "invalid request"
+        return JSONResponse({"error": "invalid_request", "message": message, "detail": problems}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = getattr(exc, "code", None) or {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error")
+        return _error(exc.status_code, code, str(exc.detail), exc.headers)
+
+    @app.exception_handler(redis.exceptions.ConnectionError)
+    @app.exception_handler(redis.exceptions.TimeoutError)
+    async def store_down(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("Redis unavailable: %s", exc)
+        return _error(503, "store_unavailable", "the score store (Redis) is unavailable; retry later")
+
+    # -- probes ----------------------------------------------------------------------------------
+    @app.get("/healthz", tags=["probes"])
+    async def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["probes"], responses={503: {"description": "Redis or the index is not ready"}})
+    async def readyz() -> JSONResponse:
+        """Redis answers and the embedding index is loaded."""
+        redis_ok = await reader().reads.ping()
+        status = index.status()
+        body = {
+            "redis": redis_ok,
+            "index": {
+                "ready": status.ready,
+                "vectors": status.vectors,
+                "source": status.source,
+                "reason": status.reason,
+            },
+        }
+        return JSONResponse(body, status_code=200 if redis_ok and status.ready else 503)
+
+    @app.get("/metrics", tags=["probes"], response_class=Response)
+    async def metrics() -> Response:
+        """Prometheus metrics."""
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    # -- feeds -----------------------------------------------------------------------------------
+    auth = [Depends(authorised)]
+
+    @app.get("/v1/feeds", tags=["feeds"], dependencies=auth)
+    async def feeds() -> dict[str, Any]:
+        """The configured feeds and their policies."""
+        return {
+            "default": settings.feed.name,
+            "feeds": {name: p.model_dump(mode="json") for name, p in settings.feed.feeds.items()},
+        }
+
+    @app.get(
+        "/v1/feeds/{feed}",
+        tags=["feeds"],
+        dependencies=auth,
+        response_model=FeedPageOut,
+        responses=_ERRORS,
+    )
+    async def feed_page(
+        feed: str = Path(description="A configured feed name."),
+        limit: int = Query(min(50, api.max_limit), ge=1, le=api.max_limit),
+        cursor: str | None = Query(None, min_length=1, max_length=8192, description="next_cursor of the last page."),
+    ) -> Response:
+        """A page of a feed, best first, with each score's components; exploration slots are marked."""
+        try:
+            page = await reader().page(feed, limit, cursor)
+        except UnknownFeedError:
+            raise ApiError(404, "unknown_feed", f"no feed named {feed!r}; see GET /v1/feeds") from None
+        except CursorError as exc:
+            raise ApiError(400, "bad_cursor", str(exc)) from None
+        return _json({"feed": page.feed, "items": page.items, "next_cursor": page.next_cursor})
+
+    @app.post("/v1/rank", tags=["feeds"], dependencies=auth, response_model=RankOut, responses=_ERRORS)
+    async def rank(body: RankIn) -> Response:
+        """Order candidate songs by a feed policy (named, or with inline weights)."""
+        if len(body.candidates) > api.max_candidates:
+            raise ApiError(
+                422, "too_many_candidates", f"{len(body.candidates)} candidates; at most {api.max_candidates}"
+            )
+        dupes = sorted(c for c, n in Counter(body.candidates).items() if n > 1)
+        if dupes:
+            raise ApiError(422, "duplicate_candidates", f"candidates repeat: {dupes[:10]}")
+        overrides: dict[str, Any] = {
+            k: getattr(body, k) for k in ("weights", "half_life_hours", "prior_strength") if k in body.model_fields_set
+        }
+        try:
+            if overrides:
+                policy = reader().inline_policy(body.feed, overrides)
+            else:
+                policy = reader().policy(body.feed or settings.feed.name)
+        except UnknownFeedError:
+            raise ApiError(404, "unknown_feed", f"no feed named {body.feed!r}; see GET /v1/feeds") from None
+        except ValidationError as exc:
+            message = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+            raise ApiError(422, "invalid_policy", message) from None
+        ranked = await reader().rank(body.candidates, policy, apply_filters=body.apply_filters, explain=body.explain)
+        return _json(ranked)
+
+    # -- songs -----------------------------------------------------------------------------------
+    song_path = Path(pattern=SONG_ID_PATTERN, description="1-128 letters, digits or ._:-")
+
+    @app.get("/v1/songs/{song_id}", tags=["songs"], dependencies=auth, responses=_ERRORS)
+    async def song(song_id: str = song_path) -> Response:
+        """A song's scores, engagement counts, like-rate prior and posterior, model version."""
+        found = await reader().song(song_id)
+        if found is None:
+            raise ApiError(404, "unknown_song", f"no scored song {song_id!r}")
+        return _json(found)
+
+    @app.get(
+        "/v1/songs/{song_id}/similar",
+        tags=["songs"],
+        dependencies=auth,
+        response_model=SimilarOut,
+        responses=_ERRORS,
+    )
+    async def similar(song_id: str = song_path, k: int = Query(10, ge=1, le=api.max_k)) -> Response:
+        """The k nearest songs by embedding (cosine similarity), from the FAISS index."""
+        try:
+            hits = await run_in_threadpool(index.similar, song_id, k)
+        except LookupError as exc:
+            if isinstance(exc, KeyError):
+                raise ApiError(404, "unknown_song", f"song {song_id!r} is not in the index") from None
+            raise ApiError(503, "index_unavailable", str(exc)) from None
+        return _json({"song_id": song_id, "items": [{"song_id": s, "similarity": sim} for s, sim in hits]})
+
+    @app.post("/v1/index/reload", tags=["songs"], dependencies=auth)
+    async def reload_index() -> dict[str, Any]:
+        """Reload the index from the newest snapshot and the store now (it also refreshes periodically)."""
+        status = await run_in_threadpool(index.load)
+        return {"ready": status.ready, "vectors": status.vectors, "source": status.source, "reason": status.reason}
+
+    app.state.index = index
+    return app

@@ -1,0 +1,262 @@
+"""A read-only view of the worker's embedding index, for the API process.
+
+The worker owns its index directory (``EmbeddingIndex`` locks it). The API opens
+the same directory without the lock and never writes to it: it loads the FAISS
+snapshot (checked against its metadata: size, sha256, store uid, dimension) and
+then applies every embedding-store record newer than the snapshot's watermark.
+:meth:`IndexReader.refresh` repeats that catch-up (the API calls it every
+``api.index_refresh_s`` seconds and on ``POST /v1/index/reload``), and reloads
+from scratch when the worker has written a snapshot of a different store (the
+store was replaced or restored). SQLite's WAL mode lets this reader run beside
+the worker's writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from indexes.base import StoredEmbedding, song_key
+from indexes.embedding_index import INDEX_FILE, META_FILE, STORE_FILE, _sha256_file
+from indexes.faiss_index import FaissIndexConfig, FaissVectorIndex
+from indexes.sqlite_embeddings import SqliteEmbeddingStore
+
+log = logging.getLogger(__name__)
+_BATCH = 4096
+
+
+@dataclass(frozen=True)
+class ReaderStatus:
+    ready: bool
+    vectors: int
+    watermark: int
+    source: str  # "snapshot", "store" or "none"
+    reason: str | None
+
+
+class _ReadWriteLock:
+    """Many readers or one writer: FAISS allows concurrent searches, not a search during an add."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+
+    def acquire_read(self) -> None:
+        with self._cond:
+            while self._writer:
+                self._cond.wait()
+            self._readers += 1
+
+    def release_read(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if not self._readers:
+                self._cond.notify_all()
+
+    def __enter__(self) -> None:  # write side
+        with self._cond:
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writer = True
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._writer = False
+            self._cond.notify_all()
+
+
+class IndexReader:
+    """Snapshot + store catch-up, searchable; thread-safe (searches share, updates exclude)."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        factory: str = "Flat",
+        *,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+    ) -> None:
+        self.directory = Path(directory)
+        self.factory = factory
+        self.nprobe = nprobe
+        self.ef_search = ef_search
+        self._lock = _ReadWriteLock()
+        self._store: SqliteEmbeddingStore | None = None
+        self._index: FaissVectorIndex | None = None
+        self._watermark = 0
+        self._store_uid = 0
+        self._source = "none"
+        self._reason: str | None = "not loaded yet"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- loading -----------------------------------------------------------------------------
+    def load(self) -> ReaderStatus:
+        """(Re)load from the snapshot, or from the whole store when the snapshot is unusable."""
+        store_path = self.directory / STORE_FILE
+        if not store_path.exists():
+            with self._lock:
+                self._reason = f"no embedding store at {store_path}"
+            return self.status()
+        store = SqliteEmbeddingStore(store_path)
+        try:
+            index, watermark, source, reason = self._open(store)
+        except BaseException:
+            store.close()
+            raise
+        with self._lock:
+            old = self._store
+            self._store, self._index, self._watermark = store, index, watermark
+            self._store_uid = store.store_uid()
+            self._source, self._reason = source, reason
+            self._catch_up()
+        if old is not None:
+            old.close()
+        status = self.status()
+        log.info("index reader: %d vectors (%s) from %s", status.vectors, status.source, self.directory)
+        return status
+
+    def _open(self, store: SqliteEmbeddingStore) -> tuple[FaissVectorIndex | None, int, str, str | None]:
+        meta_path, index_path = self.directory / META_FILE, self.directory / INDEX_FILE
+        why = "no snapshot"
+        if meta_path.exists() and index_path.exists():
+            try:
+                meta = json.loads(meta_path.read_text(encoding="utf-8"))
+                config = self._config(int(meta["dim"]), str(meta["factory"]))
+                if int(meta["store_uid"]) != store.store_uid():
+                    why = "the snapshot belongs to another store"
+                elif index_path.stat().st_size != int(meta["bytes"]):
+                    why = "the snapshot's size does not match its metadata"
+                elif _sha256_file(index_path) != str(meta["sha256"]):
+                    why = "the snapshot's sha256 does not match its metadata"
+                else:
+                    return FaissVectorIndex.load(config, index_path), int(meta["watermark"]), "snapshot", None
+            except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+                why = f"unreadable snapshot: {exc}"
+        dims = store.vector_dims()
+        if not dims:
+            return None, 0, "store", f"{why}; the store is empty"
+        if len(dims) > 1:
+            raise ValueError(f"{store.path} holds vectors of several dimensions {sorted(dims)}")
+        return FaissVectorIndex(self._config(dims.pop(), self.factory)), 0, "store", why
+
+    def _config(self, dim: int, factory: str) -> FaissIndexConfig:
+        return FaissIndexConfig(dim=dim, factory=factory, use_gpu="never", nprobe=self.nprobe, ef_search=self.ef_search)
+
+    def _catch_up(self) -> int:
+        """Apply store records newer than the watermark (caller holds the lock)."""
+        if self._store is None:
+            return 0
+        applied = 0
+        batch = []
+        for stored in self._store.iter_since(self._watermark, batch_size=_BATCH):
+            batch.append(stored)
+            if len(batch) >= _BATCH:
+                applied += self._apply(batch)
+                batch = []
+        if batch:
+            applied += self._apply(batch)
+        return applied
+
+    def _apply(self, batch: list[StoredEmbedding]) -> int:
+        if self._index is None:
+            self._index = FaissVectorIndex(self._config(batch[0].record.vector.shape[0], self.factory))
+        keys = np.fromiter((s.key for s in batch), dtype=np.int64, count=len(batch))
+        self._index.upsert(keys, np.stack([s.record.vector for s in batch]).astype(np.float32))
+        self._watermark = max(self._watermark, batch[-1].seq)
+        return len(batch)
+
+    def refresh(self) -> int:
+        """Apply new store records; reload when there is no store yet or it was replaced."""
+        store = self._store
+        if store is None or not (self.directory / STORE_FILE).exists():
+            self.load()
+            return self.status().vectors
+        try:
+            replaced = store.store_uid() != self._store_uid
+        except Exception:  # the file was swapped under us: start over
+            replaced = True
+        if replaced:
+            self.load()
+            return self.status().vectors
+        with self._lock:
+            return self._catch_up()
+
+    def start(self, every_s: float) -> None:
+        """Refresh in a daemon thread every ``every_s`` seconds (errors are logged, not raised)."""
+        if self._thread is not None:
+            return
+
+        def loop() -> None:
+            while not self._stop.wait(every_s):
+                try:
+                    self.refresh()
+                except Exception:
+                    log.exception("index reader refresh failed; retrying in %.0fs", every_s)
+
+        self._thread = threading.Thread(target=loop, name="index-refresh", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
+            self._store, self._index = None, None
+
+    # -- reads -------------------------------------------------------------------------------
+    def status(self) -> ReaderStatus:
+        self._lock.acquire_read()
+        try:
+            n = self._index.ntotal if self._index is not None else 0
+            ready = self._store is not None
+            return ReaderStatus(ready, n, self._watermark, self._source, self._reason)
+        finally:
+            self._lock.release_read()
+
+    @property
+    def ready(self) -> bool:
+        return self.status().ready
+
+    def vectors(self, song_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """The indexed vectors of these songs (those not indexed are absent)."""
+        out: dict[str, np.ndarray] = {}
+        self._lock.acquire_read()
+        try:
+            if self._index is None:
+                return out
+            for song_id in song_ids:
+                vec = self._index.reconstruct(song_key(song_id))
+                if vec is not None:
+                    out[song_id] = vec
+        finally:
+            self._lock.release_read()
+        return out
+
+    def similar(self, song_id: str, k: int) -> list[tuple[str, float]]:
+        """The ``k`` nearest songs (cosine), excluding the song; KeyError if it is not indexed."""
+        self._lock.acquire_read()
+        try:
+            store, index = self._store, self._index
+            if store is None or index is None:
+                raise LookupError("the index is not loaded")
+            stored = store.get(song_id)
+            if stored is None:
+                raise KeyError(song_id)
+            sims, keys = index.search(stored.record.vector.astype(np.float32), k + 1)
+        finally:
+            self._lock.release_read()
+        hits = [
+            (int(key), float(sim)) for key, sim in zip(keys[0], sims[0], strict=True) if key >= 0 and key != stored.key
+        ]
+        names = store.song_ids_for_keys(key for key, _ in hits)
+        return [(names[key], sim) for key, sim in hits if key in names][:k]

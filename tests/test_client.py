@@ -1,0 +1,167 @@
+"""ApexRankClient against real uvicorn servers on free loopback ports."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from consumers.stack import free_port
+from indexes import RedisScoreStore, RedisStoreConfig
+from ranker.api import create_app
+from ranker.client import ApexRankClient, ApexRankError
+from ranker.feeds import FeedWriter
+from ranker.settings import Settings
+from tests.test_api import DIM, add_vectors
+from tests.test_policy import NOW, plain, record, with_feeds
+
+
+class Served:
+    """A uvicorn server in a thread (started with :meth:`start`, stopped with :meth:`stop`)."""
+
+    def __init__(self, app: FastAPI, port: int) -> None:
+        self.port = port
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait: bool = True) -> Served:
+        self.thread.start()
+        deadline = time.monotonic() + 15
+        while wait and not self.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def api(settings: Settings) -> Iterator[tuple[Served, Settings]]:
+    s = with_feeds(settings, {"f": plain(half_life_hours=None)}, calibrate=False)
+    store = RedisScoreStore(RedisStoreConfig(url=s.redis.url.get_secret_value(), key_prefix=s.redis.key_prefix))
+    FeedWriter(s, store).on_scored([record(f"s{i}", likes=90 - i) for i in range(12)], now=NOW)
+    store.close()
+    rng = np.random.default_rng(1)
+    add_vectors(s, {f"s{i}": rng.standard_normal(DIM) for i in range(12)})
+    served = Served(create_app(s), free_port()).start()
+    yield served, s
+    served.stop()
+
+
+def test_client_calls_every_endpoint(api: tuple[Served, Settings]) -> None:
+    served, _ = api
+    with ApexRankClient(served.url, timeout_s=5) as client:
+        assert client.ready()
+        page = client.feed("f", limit=5)
+        assert [i.song_id for i in page.items] == [f"s{i}" for i in range(5)] and page.next_cursor
+        assert page.items[0].components["quality"] > 0
+        assert [i.song_id for i in client.iter_feed("f", limit=5)] == [f"s{i}" for i in range(12)]
+        ranked = client.rank(["s3", "ghost", "s1"])
+        assert [i.song_id for i in ranked.items] == ["s1", "s3"] and ranked.unknown == ["ghost"]
+        assert client.rank(["s3", "s1"], weights={"coherence": 1.0}).feed == "f"
+        assert client.song("s2")["scores"]["likes"] == 88.0
+        similar = client.similar("s0", k=3)
+        assert len(similar) == 3 and all(-1.0 <= s.similarity <= 1.0 for s in similar)
+        t0 = time.monotonic()
+        with pytest.raises(ApexRankError) as err:
+            ApexRankClient(served.url, backoff_s=2.0).feed("no-such-feed")  # a retry would wait >= 1 s
+        assert err.value.status == 404 and err.value.code == "unknown_feed"
+        assert time.monotonic() - t0 < 1.0  # a 4xx is not retried
+        with pytest.raises(ApexRankError) as err:
+            client.similar("s0", k=0)
+        assert err.value.status == 422 and "k" in err.value.message
+
+
+def test_client_token(settings: Settings) -> None:
+    from ranker.settings import ApiSettings
+
+    s = settings.model_copy(update={"api": ApiSettings(tokens=["t0k3n"])})  # type: ignore[list-item]
+    served = Served(create_app(s), free_port()).start()
+    try:
+        with pytest.raises(ApexRankError) as err:
+            ApexRankClient(served.url).feed("cold-start")
+        assert err.value.status == 401
+        assert ApexRankClient(served.url, token="t0k3n").feed("cold-start").items == []
+    finally:
+        served.stop()
+
+
+def test_client_retries_until_the_server_is_up(settings: Settings) -> None:
+    port = free_port()
+    served = Served(create_app(settings), port)
+    timer = threading.Timer(0.6, served.start, kwargs={"wait": False})
+    timer.start()
+    try:
+        client = ApexRankClient(served.url, retries=40, backoff_s=0.1, max_backoff_s=0.5)  # >= 10 s: a loaded CI box
+        t0 = time.monotonic()
+        assert client.feed("cold-start").items == []  # connection refused at first, then served
+        assert time.monotonic() - t0 >= 0.5
+        client.close()
+    finally:
+        timer.join()
+        while not served.server.started:
+            time.sleep(0.02)
+        served.stop()
+
+
+def flaky_app(failures: int, calls: list[float]) -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/v1/feeds/{feed}")
+    async def feed(feed: str) -> JSONResponse:
+        calls.append(time.monotonic())
+        if len(calls) <= failures:
+            return JSONResponse({"error": "store_unavailable", "message": "Redis down"}, status_code=503)
+        return JSONResponse({"feed": feed, "items": [], "next_cursor": None})
+
+    @app.get("/slow")
+    async def slow() -> JSONResponse:
+        calls.append(time.monotonic())
+        await asyncio.sleep(2)
+        return JSONResponse({})
+
+    return app
+
+
+def test_client_retries_5xx_with_backoff() -> None:
+    calls: list[float] = []
+    served = Served(flaky_app(2, calls), free_port()).start()
+    try:
+        client = ApexRankClient(served.url, retries=3, backoff_s=0.1)
+        assert client.feed("x").items == []
+        assert len(calls) == 3
+        gaps = np.diff(calls)
+        assert gaps[0] >= 0.05 and gaps[1] >= 0.1  # 0.1 then 0.2 s, jittered to 50-100%
+        calls.clear()
+        with pytest.raises(ApexRankError) as err:
+            ApexRankClient(served.url, retries=1, backoff_s=0.01).feed("x")
+        assert err.value.status == 503 and err.value.code == "store_unavailable" and len(calls) == 2
+    finally:
+        served.stop()
+
+
+def test_client_times_out_and_gives_up() -> None:
+    calls: list[float] = []
+    served = Served(flaky_app(0, calls), free_port()).start()
+    try:
+        client = ApexRankClient(served.url, timeout_s=0.2, retries=1, backoff_s=0.01)
+        t0 = time.monotonic()
+        with pytest.raises(ApexRankError) as err:
+            client._request("GET", "/slow")
+        assert err.value.status == 0 and err.value.code == "unreachable"
+        assert len(calls) == 2 and time.monotonic() - t0 < 3.0
+    finally:
+        served.stop()
