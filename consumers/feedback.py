@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 from prometheus_client import Counter
 
 from consumers.kafka_io import Publisher, dead_letter_record, ensure_topics, make_consumer
-from consumers.worker import INFRA_ERRORS, Message, Stopping, commit
+from consumers.worker import Message, Stopping, commit, retry_infra
 from indexes.engagement_log import EngagementLog, LoggedEvent
 from indexes.redis_engagement import CountedEvent, RedisEngagementCounters
 from ranker.errors import InputError
@@ -79,15 +79,7 @@ class FeedbackConsumer:
         self._stop.set()
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
-        delay = self.settings.worker.retry_initial_s
-        while True:
-            try:
-                return fn()
-            except INFRA_ERRORS as exc:
-                log.warning("%s failed (%s: %s); retrying in %.1fs", what, type(exc).__name__, exc, delay)
-                if self._stop.wait(delay):
-                    raise Stopping(what) from exc
-                delay = min(delay * 2, self.settings.worker.retry_max_s)
+        return retry_infra(what, fn, stop=self._stop, settings=self.settings.worker)
 
     def process(self, messages: Sequence[Message]) -> list[DeadLetter]:
         """Steps 1-5 for one batch; returns the dead letters to publish. Safe to repeat."""

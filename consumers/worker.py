@@ -45,7 +45,7 @@ from ranker.encoders import Encoder, build_encoder, pool_song
 from ranker.errors import ConfigError, ErrorCode, InputError
 from ranker.events import TASKS, DeadLetter, SongGenerated, SongScored
 from ranker.model.artifact import ScoringModel, load_or_init, resolve_model_dir
-from ranker.settings import Settings
+from ranker.settings import Settings, WorkerSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -406,6 +406,24 @@ def update_lag(consumer: Any) -> None:
             metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, high - position))
 
 
+def retry_infra(what: str, fn: Callable[[], T], *, stop: threading.Event, settings: WorkerSettings) -> T:
+    """Retry infrastructure failures with exponential backoff until they pass or ``stop`` is set.
+
+    Raises :class:`Stopping` when shutdown is requested mid-retry, so the caller leaves the
+    batch uncommitted (it will be redelivered) instead of committing what was not written.
+    """
+    delay = settings.retry_initial_s
+    while True:
+        try:
+            return fn()
+        except INFRA_ERRORS as exc:
+            metrics.RETRIES.labels(what).inc()
+            log.warning("%s failed (%s: %s); retrying in %.1fs", what, type(exc).__name__, exc, delay)
+            if stop.wait(delay):
+                raise Stopping(what) from exc
+            delay = min(delay * 2, settings.retry_max_s)
+
+
 def commit(consumer: Any) -> None:
     """Commit the consumed positions; a commit refused after a rebalance is not retried.
 
@@ -510,17 +528,7 @@ class Worker:
         self._stop.set()
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
-        """Retry infrastructure failures with exponential backoff until they pass or we stop."""
-        delay = self.settings.worker.retry_initial_s
-        while True:
-            try:
-                return fn()
-            except INFRA_ERRORS as exc:
-                metrics.RETRIES.labels(what).inc()
-                log.warning("%s failed (%s: %s); retrying in %.1fs", what, type(exc).__name__, exc, delay)
-                if self._stop.wait(delay):
-                    raise Stopping(what) from exc
-                delay = min(delay * 2, self.settings.worker.retry_max_s)
+        return retry_infra(what, fn, stop=self._stop, settings=self.settings.worker)
 
     def run(self, until_idle_s: float | None = None) -> WorkerStats:
         """Consume until stopped (or until ``until_idle_s`` seconds pass with no message)."""
