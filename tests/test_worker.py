@@ -259,3 +259,27 @@ def test_sigkill_mid_batch_then_restart_loses_and_duplicates_nothing(settings: S
     assert all(song(settings, i) is not None for i in ids)
     keys = index_keys(settings, worker.encoder.vector_dim)
     assert len(keys) == n and sorted(keys) == sorted(song_key(i) for i in ids)
+
+
+def test_sigterm_finishes_the_batch_in_hand_commits_and_exits(settings: Settings, tmp_path: Path) -> None:
+    from tests.test_faults import committed_total
+
+    n = 40
+    events = [event(f"t-{i:03d}", tone(tmp_path / f"t{i}.wav", seconds=8.0, seed=i).as_uri()) for i in range(n)]
+    publish_events(settings, events)
+    env = {**os.environ, **settings_env(settings), "APEXRANK_WORKER__MAX_POLL_RECORDS": "4"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "consumers.cli", "worker"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(feed(settings)) < 4:
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    stats = json.loads(out.decode().strip().splitlines()[-1])
+    scored = len(feed(settings))
+    assert 4 <= scored < n, "SIGTERM must land while work remains"
+    # Everything written was committed, and nothing was committed that was not written.
+    assert stats["messages"] == stats["scored"] == scored == committed_total(settings)
