@@ -127,6 +127,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(_settings(args), songs=args.songs, seed=args.seed, out=Path(args.out))
 
 
+# -- simulate ------------------------------------------------------------------------
+def cmd_simulate_catalog(args: argparse.Namespace) -> int:
+    from ranker.synth import simulate_catalog
+
+    result = simulate_catalog(
+        Path(args.out), n_songs=args.songs, seed=args.seed, duration_s=args.duration, workers=args.workers
+    )
+    print(f"{result.n_songs} synthetic songs in {result.audio_dir}; catalog {result.catalog_path}")
+    return 0
+
+
 # -- retrain -------------------------------------------------------------------------
 def cmd_retrain(args: argparse.Namespace) -> int:
     import signal
@@ -218,6 +229,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--songs", type=int, default=48)
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--out", default="demo-out")
+    simulate = sub.add_parser("simulate", help="synthetic worlds (never to be confused with real data)")
+    simulate_sub = simulate.add_subparsers(dest="simulate_cmd", required=True)
+    sim_catalog = add(
+        "catalog",
+        cmd_simulate_catalog,
+        "synthesise songs with audible hidden qualities",
+        simulate_sub,
+    )
+    sim_catalog.add_argument("--songs", type=int, required=True)
+    sim_catalog.add_argument("--seed", type=int, default=0)
+    sim_catalog.add_argument("--out", required=True)
+    sim_catalog.add_argument("--duration", type=float, default=6.0, help="seconds per song")
+    sim_catalog.add_argument("--workers", type=int, default=1, help="processes used to synthesise")
+
     retrain = add("retrain", cmd_retrain, "retrain the APEX head from engagement; promote it only if better")
     retrain.add_argument("--every", metavar="DURATION", help="run on a schedule, e.g. 6h, 30m (default: once)")
 
