@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim_catalog.add_argument("--out", required=True)
     sim_catalog.add_argument("--duration", type=float, default=6.0, help="seconds per song")
     sim_catalog.add_argument("--workers", type=int, default=1, help="processes used to synthesise")
+    from consumers.simulate_loop import register as register_loop
+
+    register_loop(simulate_sub)
 
     retrain = add("retrain", cmd_retrain, "retrain the APEX head from engagement; promote it only if better")
     retrain.add_argument("--every", metavar="DURATION", help="run on a schedule, e.g. 6h, 30m (default: once)")

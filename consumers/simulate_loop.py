@@ -468,11 +468,8 @@ def plot_like_rates(result: LoopResult, path: Path) -> Path | None:
 # --------------------------------------------------------------------------- CLI
 
 
-def register(sub: Any) -> None:
-    """Add ``apexrank simulate loop`` to the CLI's top-level subparsers (``build_parser``'s ``sub``)."""
-    simulate = sub.add_parser("simulate", help="simulations on the embedded stack").add_subparsers(
-        dest="simulate_cmd", required=True
-    )
+def register(simulate: Any) -> None:
+    """Add ``loop`` to the CLI's ``apexrank simulate`` subcommands."""
     help_ = "the seeded feedback-loop simulation of the feed policies (synthetic; docs/loop-simulation.md)"
     loop = simulate.add_parser("loop", help=help_, description=help_)
     loop.set_defaults(fn=cmd_simulate_loop)
