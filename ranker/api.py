@@ -38,7 +38,7 @@ from indexes.redis_store import RedisScoreStore, RedisStoreConfig
 from ranker.events import SONG_ID_PATTERN, SongId
 from ranker.feeds import CursorError, FeedReader, UnknownFeedError
 from ranker.settings import Settings, get_settings
-from ranker.vectors import IndexReader
+from ranker.vectors import open_index_reader
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             socket_timeout_s=settings.redis.socket_timeout_s,
         )
     )
-    index = IndexReader(settings.index_dir, settings.index.factory)
+    index = open_index_reader(settings.index_shards, settings.index.factory)
     holder: dict[str, FeedReader] = {}
 
     @asynccontextmanager

@@ -10,6 +10,7 @@ starts, so a fresh checkout works with no configuration at all.
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 import re
@@ -101,6 +102,11 @@ class IndexSettings(_Section):
     use_gpu: Literal["auto", "never", "always"] = "auto"
     snapshot_every_songs: int = Field(1000, ge=1)
     snapshot_every_s: float = Field(60.0, gt=0)
+    shards: list[str] = Field(
+        [],
+        description="Index directories (glob patterns allowed) the API searches and merges, one per worker; "
+        "default: the index path alone.",
+    )
 
 
 class AudioSettings(_Section):
@@ -385,6 +391,19 @@ class Settings(BaseSettings):
     @property
     def index_dir(self) -> Path:
         return self.index.path or self.state_dir / "index"
+
+    @property
+    def index_shards(self) -> list[Path]:
+        """The index directories the API fans similar-song queries out to."""
+        if not self.index.shards:
+            return [self.index_dir]
+        out: list[Path] = []
+        for pattern in self.index.shards:
+            matches = (
+                [Path(m) for m in sorted(glob.glob(pattern))] if any(c in pattern for c in "*?[") else [Path(pattern)]
+            )
+            out.extend(m for m in matches if m not in out)
+        return out or [self.index_dir]
 
     @property
     def head_dir(self) -> Path:

@@ -244,19 +244,93 @@ class IndexReader:
 
     def similar(self, song_id: str, k: int) -> list[tuple[str, float]]:
         """The ``k`` nearest songs (cosine), excluding the song; KeyError if it is not indexed."""
+        vector = self.vector_of(song_id)
+        if vector is None:
+            raise KeyError(song_id)
+        return [(s, sim) for s, sim in self.search(vector, k + 1) if s != song_id][:k]
+
+    def vector_of(self, song_id: str) -> np.ndarray | None:
+        """The song's stored vector, or None when this index does not hold it."""
+        store = self._store
+        if store is None or self._index is None:
+            raise LookupError("the index is not loaded")
+        stored = store.get(song_id)
+        return None if stored is None else stored.record.vector.astype(np.float32)
+
+    def search(self, vector: np.ndarray, k: int) -> list[tuple[str, float]]:
+        """The ``k`` nearest songs to ``vector``: (song_id, similarity), best first."""
         self._lock.acquire_read()
         try:
             store, index = self._store, self._index
             if store is None or index is None:
                 raise LookupError("the index is not loaded")
-            stored = store.get(song_id)
-            if stored is None:
-                raise KeyError(song_id)
-            sims, keys = index.search(stored.record.vector.astype(np.float32), k + 1)
+            sims, keys = index.search(vector, k)
         finally:
             self._lock.release_read()
-        hits = [
-            (int(key), float(sim)) for key, sim in zip(keys[0], sims[0], strict=True) if key >= 0 and key != stored.key
-        ]
+        hits = [(int(key), float(sim)) for key, sim in zip(keys[0], sims[0], strict=True) if key >= 0]
         names = store.song_ids_for_keys(key for key, _ in hits)
-        return [(names[key], sim) for key, sim in hits if key in names][:k]
+        return [(names[key], sim) for key, sim in hits if key in names]
+
+
+class ShardedIndexReader:
+    """Similar-song search over several workers' index shards: ask each, keep the k best.
+
+    Each worker owns one index directory and Kafka gives every song to one worker, so a song
+    lives in exactly one shard; its vector is looked up there and searched in all of them.
+    """
+
+    def __init__(self, readers: Sequence[IndexReader]) -> None:
+        if not readers:
+            raise ValueError("a sharded reader needs at least one shard")
+        self.readers = list(readers)
+
+    def load(self) -> ReaderStatus:
+        for r in self.readers:
+            r.load()
+        return self.status()
+
+    def refresh(self) -> int:
+        return sum(r.refresh() for r in self.readers)
+
+    def start(self, every_s: float) -> None:
+        for r in self.readers:
+            r.start(every_s)
+
+    def close(self) -> None:
+        for r in self.readers:
+            r.close()
+
+    def status(self) -> ReaderStatus:
+        parts = [r.status() for r in self.readers]
+        reasons = [f"{r.directory}: {p.reason}" for r, p in zip(self.readers, parts, strict=True) if p.reason]
+        return ReaderStatus(
+            ready=all(p.ready for p in parts),
+            vectors=sum(p.vectors for p in parts),
+            watermark=min(p.watermark for p in parts),
+            source=",".join(sorted({p.source for p in parts})),
+            reason="; ".join(reasons) or None,
+        )
+
+    @property
+    def ready(self) -> bool:
+        return self.status().ready
+
+    def vectors(self, song_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for r in self.readers:
+            out.update(r.vectors([s for s in song_ids if s not in out]))
+        return out
+
+    def similar(self, song_id: str, k: int) -> list[tuple[str, float]]:
+        vector = next((v for r in self.readers if (v := r.vector_of(song_id)) is not None), None)
+        if vector is None:
+            raise KeyError(song_id)
+        hits = [h for r in self.readers for h in r.search(vector, k + 1) if h[0] != song_id]
+        return sorted(hits, key=lambda h: -h[1])[:k]
+
+
+def open_index_reader(directories: Sequence[Path], factory: str) -> IndexReader | ShardedIndexReader:
+    """One reader for one directory, a fan-out reader for several (``index.shards``)."""
+    if len(directories) == 1:
+        return IndexReader(directories[0], factory)
+    return ShardedIndexReader([IndexReader(d, factory) for d in directories])

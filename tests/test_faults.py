@@ -23,6 +23,7 @@ from consumers.stack import EmbeddedStack
 from consumers.worker import Worker
 from indexes.base import song_key
 from ranker.settings import IndexSettings, Settings, WorkerSettings
+from ranker.vectors import open_index_reader
 from tests.helpers import event, tone
 from tests.test_worker import feed, index_keys
 
@@ -205,3 +206,17 @@ def test_two_workers_in_one_group_share_partitions(settings: Settings, tmp_path:
     for s, w in zip(shard, (w0, w1), strict=True):
         keys += index_keys(s, w.encoder.vector_dim)
     assert sorted(keys) == sorted(song_key(e.song_id) for e in batch), "each song in exactly one shard"
+
+    # Similar-song search fans out over both shards (settings.index.shards, glob allowed) and merges.
+    api_settings = settings.model_copy(
+        update={"index": IndexSettings(path=tmp_path / "shard-0", shards=[str(tmp_path / "shard-*")])}
+    )
+    assert api_settings.index_shards == [tmp_path / "shard-0", tmp_path / "shard-1"]
+    reader = open_index_reader(api_settings.index_shards, "Flat")
+    try:
+        assert reader.load().vectors == len(batch)
+        hits = reader.similar(batch[0].song_id, k=len(batch))
+    finally:
+        reader.close()
+    assert sorted(s for s, _ in hits) == sorted(e.song_id for e in batch[1:])
+    assert [sim for _, sim in hits] == sorted((sim for _, sim in hits), reverse=True)
