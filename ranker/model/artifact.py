@@ -269,11 +269,24 @@ class ScoringModel:
             bad = np.flatnonzero(~finite)
             raise ValueError(f"features contain NaN or inf in rows {bad[:10].tolist()} ({len(bad)} rows)")
         out = np.empty((len(x), len(self.tasks)), dtype=np.float32)
+        # The head is small: on the CPU one thread is faster, and a second OpenMP thread on a busy
+        # core made worker batches 10-30x slower (benchmarks/worker_throughput.py, part c).
+        threads = torch.get_num_threads()
+        single = self._device.type == "cpu" and threads > 1
+        if single:
+            torch.set_num_threads(1)
+        try:
+            self._predict_into(x, out, batch_size)
+        finally:
+            if single:
+                torch.set_num_threads(threads)
+        return out
+
+    def _predict_into(self, x: np.ndarray, out: np.ndarray, batch_size: int) -> None:
         with torch.inference_mode():
             for start in range(0, len(x), batch_size):
                 chunk = torch.from_numpy(x[start : start + batch_size]).to(self._device)
                 out[start : start + len(chunk)] = self._head(chunk).float().cpu().numpy()
-        return out
 
     # Persistence --------------------------------------------------------------------
     def save(self, directory: str | os.PathLike[str]) -> Path:
