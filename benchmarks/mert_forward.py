@@ -277,7 +277,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", default="1,4,16")
     p.add_argument("--segment-s", type=float, help="segment length (default: 10 on CPU, 30 on CUDA)")
     p.add_argument("--segments", type=int, help="segments per timed call (default: 16 on CPU, 64 on CUDA)")
-    p.add_argument("--rounds", type=int, default=2, help="timed repeats of every configuration (best is kept)")
+    p.add_argument("--rounds", type=int, default=3, help="timed repeats of every configuration (best is kept)")
     p.add_argument("--fp32", action="store_true", help="on CUDA: no bf16 autocast")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     p.add_argument("--no-mixed", action="store_true", help="skip the mixed-length (padded) check")
@@ -391,6 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         verdicts = []
         for key, res in results.items():
             best = min(res["walls"])
+            res["best_round_other_pct"] = res["other_pct"][res["walls"].index(best)]
             rate = audio_s / best
             res.update(
                 audio_s_per_s=rate,
@@ -413,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     res["audio_s_per_cpu_s"],
                     res["vs_baseline"],
                     res["max_rel_err_vs_baseline"],
-                    max(res["other_pct"]),
+                    res["best_round_other_pct"],
                     res["peak_gib"],
                     verdict,
                 ]
@@ -430,14 +431,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "audio-s/cpu-s",
             "x one-clip",
             "rel err",
-            "other cpu%",
+            "other cpu% (best round)",
             "peak GiB",
             "batched >= one-clip",
         ]
         print("\n" + table(title, headers, rows))
         report["results"] = list(results.values())
         report["verdict"] = "FAIL" if "FAIL" in verdicts else "PASS"
-        other = max(max(r["other_pct"]) for r in results.values())
+        other = max(r["best_round_other_pct"] for r in results.values())
         report["max_other_pct"] = other
         note = f" (other processes used up to {other:.0f}% of the cores: contended, noisy)" if other > 25 else ""
         print(f"batching not slower per audio second (>= {TOLERANCE:.0%} of one-clip): {report['verdict']}{note}")
