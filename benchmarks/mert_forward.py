@@ -373,9 +373,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     run = encoder
                     encoder.batch_size = b
                 holder: dict[str, np.ndarray] = {}
-                wall, cpu, other, peak = timed(
-                    device, lambda run=run, holder=holder: holder.update(out=run.encode(segments)[0])
-                )
+
+                def call(run: SegmentEncoder = run, holder: dict[str, np.ndarray] = holder) -> None:
+                    holder["out"] = run.encode(segments)[0]
+
+                wall, cpu, other, peak = timed(device, call)
                 outputs[key] = holder["out"]
                 res = results.setdefault(key, {"name": name, "batch": b, "walls": [], "cpus": [], "other_pct": []})
                 res["walls"].append(wall)
