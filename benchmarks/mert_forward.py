@@ -463,7 +463,7 @@ def mixed_lengths(
 ) -> dict[str, Any]:
     """Songs as the worker segments them (full segments + a shorter tail), batched across songs."""
     rng = np.random.default_rng(seed + 1)
-    songs = [seg_s * 2 + float(rng.uniform(1.0, seg_s - 1.0)) for _ in range(max(2, batch // 4))]
+    songs = [seg_s * (2 + float(rng.uniform(0.1, 0.9))) for _ in range(max(2, batch // 4))]  # 2 segments + a tail
     segments: list[np.ndarray] = []
     for i, length in enumerate(songs):
         (wave,) = make_segments(1, length, seed + 10 + i)
