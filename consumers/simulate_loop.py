@@ -34,6 +34,7 @@ from consumers.kafka_io import all_topics, ensure_topics, flush_or_raise, make_p
 from consumers.publish import publish_events
 from consumers.retrain import run_once
 from consumers.worker import Worker
+from indexes import open_score_store
 from ranker.events import Engagement, SongGenerated
 from ranker.settings import (
     DEFAULT_FEED,
@@ -284,6 +285,14 @@ def _engage(settings: Settings, events: list[Engagement]) -> None:
         producer.close(timeout=10)
 
 
+def _feed_size(settings: Settings) -> int:
+    store = open_score_store(settings.redis.url.get_secret_value(), settings.redis.key_prefix, 5.0)
+    try:
+        return store.feed_size(settings.feed.name)
+    finally:
+        store.close()
+
+
 def _parallel(fns: Sequence[Callable[[], object]]) -> list[object]:
     with ThreadPoolExecutor(max_workers=max(1, len(fns))) as pool:
         return [f.result() for f in [pool.submit(fn) for fn in fns]]
@@ -333,6 +342,7 @@ def run_loop_simulation(
 
     with ExitStack() as stack:
         clients = {p: stack.enter_context(TestClient(create_app(s))) for p, s in ns.items()}
+        published = 0
         for hour in range(hours):
             arriving = [s for s in world.songs if s.hour == hour]
             events = [
@@ -348,7 +358,15 @@ def run_loop_simulation(
             ]
             for s in ns.values():
                 publish_events(s, events)
-            _parallel([lambda s=s: Worker(s).run(until_idle_s=cfg.idle_s) for s in ns.values()])  # type: ignore[misc]
+            published += len(events)
+            # A worker that saw no message within idle_s exits; run again until every song is scored,
+            # so that a slow first fetch on a busy machine cannot leave a policy with an empty feed.
+            pending = list(ns.values())
+            for _ in range(5):
+                _parallel([lambda s=s: Worker(s).run(until_idle_s=cfg.idle_s) for s in pending])  # type: ignore[misc]
+                pending = [s for s in pending if _feed_size(s) < published]
+                if not pending:
+                    break
             for p, s in ns.items():
                 # The same users draw the same random numbers under every policy (common random numbers).
                 rng = np.random.default_rng(np.random.SeedSequence([seed, 200, hour]))
