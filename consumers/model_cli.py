@@ -116,6 +116,7 @@ def _train_config(args: argparse.Namespace) -> Any:
         "shared_depth": args.shared_depth,
         "layer_mix": args.layer_mix,
         "train_layer_mix": not args.freeze_layer_mix,
+        "standardize": not args.no_standardize,
         "epochs": args.epochs,
         "lr": args.lr,
         "weight_decay": args.weight_decay,
@@ -321,6 +322,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shared-depth", type=int, choices=[2, 3])
     p.add_argument("--layer-mix", choices=["softmax", "conv1x1", "mean"])
     p.add_argument("--freeze-layer-mix", action="store_true", help="keep the mix at its start (paper)")
+    p.add_argument(
+        "--no-standardize", action="store_true", help="feed the head raw features (paper); default: standardised"
+    )
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", type=float)

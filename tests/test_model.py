@@ -587,6 +587,35 @@ def test_inverse_round_trips() -> None:
     assert rate.shape == (2,) and ((rate >= 0) & (rate <= 1)).all() and rate[0] >= rate[1]
 
 
+def test_the_prior_like_rate_follows_the_likes_score_through_an_increasing_curve() -> None:
+    rng = np.random.default_rng(11)
+    n = 4000
+    true_rate = rng.uniform(0.02, 0.3, n)
+    streams = np.floor(rng.lognormal(4, 1.2, n)) + 1
+    likes = rng.binomial(streams.astype(np.int64), true_rate).astype(np.float64)
+    tf = TargetTransform.fit({"streams": streams, "likes": likes})
+    grid = np.linspace(0, 100, 101)
+    curve = tf.expected_rate(grid, np.full(101, 50.0))
+    assert np.all(np.diff(curve) >= 0) and 0 <= curve[0] < curve[-1] <= 1
+    # It does not depend on the streams score, and it survives serialisation.
+    np.testing.assert_array_equal(curve, tf.expected_rate(grid, np.zeros(101)))
+    again = TargetTransform.from_dict(tf.to_dict())
+    np.testing.assert_array_equal(again.expected_rate(grid, grid), curve)
+    # Streams-weighted, the curve's rates average to the pooled like rate of the data.
+    scores = tf.transform({"streams": streams, "likes": likes})["likes"].astype(np.float64)
+    fitted = tf.expected_rate(scores, scores)
+    assert np.average(fitted, weights=streams) == pytest.approx(likes.sum() / streams.sum(), rel=0.05)
+    # A transform saved before the curve existed keeps the ratio of the two expected counts.
+    old = tf.to_dict()
+    del old["like_rate"]
+    legacy = TargetTransform.from_dict(old)
+    ratio = legacy.expected_count("likes", [80.0]) / legacy.expected_count("streams", [60.0])
+    np.testing.assert_allclose(legacy.expected_rate([80.0], [60.0]), np.clip(ratio, 0, 1))
+    broken = tf.to_dict() | {"like_rate": {"x": [1.0, 0.5], "y": [0.1, 0.2]}}
+    with pytest.raises(ValueError, match="like-rate curve"):
+        TargetTransform.from_dict(broken)
+
+
 def test_thinned_knots_stay_close_and_monotone() -> None:
     rng = np.random.default_rng(3)
     counts = np.floor(rng.lognormal(3, 2, 20_000))

@@ -220,6 +220,29 @@ def test_training_is_deterministic_and_the_model_dir_round_trips(small: dict[str
     assert loaded.metrics is not None and "validation" in loaded.metrics
 
 
+def test_input_standardisation_makes_training_blind_to_feature_scale(small: dict[str, Any]) -> None:
+    import dataclasses
+
+    features = load_features(small["features"])
+    # A power-of-two scale is exact in float32, so standardised inputs are bit for bit the same.
+    rescaled = dataclasses.replace(features, layers=(features.layers * 256.0).astype(np.float32))
+    a = train_head(features, small["catalog"], TrainConfig(**FAST)).model
+    b = train_head(rescaled, small["catalog"], TrainConfig(**FAST)).model
+    assert a.head.config.input_norm and b.head.config.input_norm
+    # The statistics travel with the weights: the same songs score the same at either scale.
+    np.testing.assert_allclose(a.predict(features.layers), b.predict(rescaled.layers), rtol=1e-5, atol=1e-4)
+    stats = b.head.state_dict()
+    torch.testing.assert_close(stats["in_std"], a.head.state_dict()["in_std"] * 256.0)
+    # Off, the paper's head sees the raw scale and learns something else.
+    c = train_head(rescaled, small["catalog"], TrainConfig(**FAST, standardize=False)).model
+    assert not c.head.config.input_norm and "in_mean" not in c.head.state_dict()
+    assert not np.allclose(c.predict(rescaled.layers), b.predict(rescaled.layers), atol=1e-2)
+    # A warm start keeps the starting head's choice (and its statistics), whatever the config says.
+    warm = train_head(rescaled, small["catalog"], TrainConfig(**FAST, standardize=False), init=b).model
+    assert warm.head.config.input_norm
+    assert torch.equal(warm.head.state_dict()["in_mean"], stats["in_mean"])
+
+
 def test_early_stopping_restores_the_best_weights(small: dict[str, Any]) -> None:
     from ranker.model.evaluate import align, target_matrix
     from ranker.model.targets import TargetTransform

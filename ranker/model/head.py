@@ -61,6 +61,11 @@ class HeadConfig(BaseModel):
     shared_dropout: float = Field(0.3, ge=0.0, lt=1.0)
     branch_dropout: float = Field(0.1, ge=0.0, lt=1.0)
     layer_mix: LayerMix = "softmax"
+    input_norm: bool = Field(
+        False,
+        description="Standardise each pooled (layer, feature) by statistics of the training songs, kept with "
+        "the weights. Not in the paper (MERT features are near unit scale); the logmel baseline's are not.",
+    )
     loss: LossMode = "uncertainty"
     task_weights: dict[str, float] = Field(
         default_factory=lambda: dict(DEFAULT_TASK_WEIGHTS),
@@ -162,12 +167,17 @@ class ApexHead(nn.Module):
 
     out_shift: torch.Tensor
     out_scale: torch.Tensor
+    in_mean: torch.Tensor
+    in_std: torch.Tensor
 
     def __init__(self, config: HeadConfig) -> None:
         super().__init__()
         self.config = config
         self.tasks: tuple[str, ...] = config.tasks
         self.mix = LayerMixer(config.layer_mix, config.n_layers)
+        if config.input_norm:  # identity until set_input_stats; saved with the weights
+            self.register_buffer("in_mean", torch.zeros(config.n_layers, config.input_dim))
+            self.register_buffer("in_std", torch.ones(config.n_layers, config.input_dim))
 
         dims = (config.input_dim, *config.shared_dims)
         self.trunk = nn.Sequential(*(_block(a, b, config.shared_dropout) for a, b in pairwise(dims)))
@@ -200,8 +210,20 @@ class ApexHead(nn.Module):
             raise ValueError(
                 f"expected features of shape (batch, {cfg.n_layers}, {cfg.input_dim}), got {tuple(features.shape)}"
             )
+        if cfg.input_norm:
+            features = (features - self.in_mean) / self.in_std
         shared = self.trunk(self.mix(features))
         return torch.cat([self.branches[t](shared) for t in self.tasks], dim=1)
+
+    def set_input_stats(self, features: torch.Tensor) -> None:
+        """Fit the input standardisation on training rows (B, L, D); a constant feature keeps scale 1."""
+        if not self.config.input_norm:
+            raise ValueError("this head was built without input_norm")
+        x = features.detach().to(self.in_mean.device, torch.float32)
+        std = x.std(dim=0, unbiased=False)
+        with torch.no_grad():
+            self.in_mean.copy_(x.mean(dim=0))
+            self.in_std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
 
     # Loss --------------------------------------------------------------------------
     def task_mse(

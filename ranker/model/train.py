@@ -8,6 +8,11 @@ purpose:
 - The target transform (raw counts -> percentile -> power) is fitted on the *training split
   only* and saved in the model card, so validation truth never leaks into the targets' scale
   and evaluation later maps counts exactly as training did.
+- The head's inputs are standardised per (layer, feature) by the training songs' mean and
+  standard deviation, saved with the weights (``standardize``; off reproduces the paper). MERT
+  features are near unit scale, but the logmel baseline's are not: on 240 synthetic songs this
+  lifted the held-out Spearman of the likes score against the true like probability from
+  0.25 to 0.38.
 - Weight decay is not applied to the uncertainty weights' log-sigmas (decay would pull every
   task's learned weight towards one for no reason).
 - The validation split is by song (seeded) or by whole generators (``holdout_generators``:
@@ -83,6 +88,11 @@ class TrainConfig(BaseModel):
     shared_depth: Literal[2, 3] = 2
     layer_mix: LayerMix = Field("softmax", description="softmax (learned convex weights) is our default.")
     train_layer_mix: bool = Field(True, description="False keeps the mix at its start (paper: fixed).")
+    standardize: bool = Field(
+        True,
+        description="Standardise the head's inputs by the training songs' statistics (HeadConfig.input_norm; "
+        "not in the paper). A warm start keeps the starting model's choice.",
+    )
     epochs: int = Field(50, ge=1)
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
@@ -126,6 +136,7 @@ class TrainConfig(BaseModel):
             tasks=self.task_names,
             shared_dims=SHARED_DIMS_BY_DEPTH[self.shared_depth],
             layer_mix=self.layer_mix,
+            input_norm=self.standardize,
             loss=self.loss,
         )
 
@@ -343,6 +354,8 @@ def train_head(
         bad = [al.song_ids[i] for i in np.flatnonzero(~finite)[:10]]
         raise FeatureStoreError(f"features of {int((~finite).sum())} songs are NaN or infinite (e.g. {bad})")
     head_cfg = cfg.head_config(features.dim, features.n_layers)
+    if init is not None:  # a warm start keeps the starting head's input standardisation (and its statistics)
+        head_cfg = head_cfg.model_copy(update={"input_norm": init.head.config.input_norm})
 
     # Training rows: songs, or every segment of the training songs with its song's targets.
     val_index: torch.Tensor | None = None  # segment mode: each validation segment's song
@@ -386,6 +399,8 @@ def train_head(
                     f"cannot warm-start from {init.version}: its head differs ({init.head.config} vs {head_cfg})"
                 )
             head.load_state_dict(init.head.state_dict())
+        elif head_cfg.input_norm:
+            head.set_input_stats(x_train)
         head = head.to(device)
         opt = torch.optim.AdamW(_param_groups(head, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
