@@ -161,9 +161,11 @@ def run_once(
 ) -> RetrainReport:
     """One retrain; ``train_overrides`` adjusts the candidate's TrainConfig (ablations, tests)."""
     store = _store(settings)
+    began = time.perf_counter()
     try:
         current = current_model(settings)
         observed, features = gather(settings, store)
+        gathered = time.perf_counter()
         r = settings.retrain
         config = TrainConfig.model_validate(
             {"epochs": r.epochs, "patience": r.patience, "seed": settings.model.seed, **(train_overrides or {})}
@@ -178,9 +180,12 @@ def run_once(
             warm_start=r.warm_start,
             train_config=config,
         )
+        report.timings_s = {"gather": round(gathered - began, 3), **report.timings_s}
         if report.promoted:
             promoted = ScoringModel.load(report.model_dir)  # type: ignore[arg-type]
+            rescoring = time.perf_counter()
             n = rescore_window(settings, promoted, store)
+            report.timings_s["rescore"] = round(time.perf_counter() - rescoring, 3)
             log.info("rescored %d songs inside the cold-start window with %s", n, promoted.version)
             event = {
                 "schema_version": 1,
@@ -199,6 +204,7 @@ def run_once(
             finally:
                 if publisher is None:
                     pub.close()
+        report.timings_s["total"] = round(time.perf_counter() - began, 3)
         return report
     finally:
         store.close()

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Mutable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import numpy as np
 import redis.exceptions
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -212,8 +213,12 @@ class _Edge:
 
 
 # -- the app -------------------------------------------------------------------------------------
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The API app for ``settings`` (default: the process settings)."""
+def create_app(settings: Settings | None = None, *, explore_rng: np.random.Generator | None = None) -> FastAPI:
+    """The API app for ``settings`` (default: the process settings).
+
+    ``explore_rng`` drives Thompson exploration on every page (seeded simulations and tests
+    pass one for reproducible pages); by default each page draws from fresh OS entropy.
+    """
     settings = settings or get_settings()
     api = settings.api
     tokens = [t.get_secret_value().encode() for t in api.tokens]
@@ -338,7 +343,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ) -> Response:
         """A page of a feed, best first, with each score's components; exploration slots are marked."""
         try:
-            page = await reader().page(feed, limit, cursor)
+            page = await reader().page(feed, limit, cursor, rng=explore_rng)
         except UnknownFeedError:
             raise ApiError(404, "unknown_feed", f"no feed named {feed!r}; see GET /v1/feeds") from None
         except CursorError as exc:

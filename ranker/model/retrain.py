@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -66,6 +67,7 @@ class RetrainReport:
     current: dict[str, float] = field(default_factory=dict)
     candidate: dict[str, float] = field(default_factory=dict)
     model_dir: str | None = None
+    timings_s: dict[str, float] = field(default_factory=dict)  # wall time per step (gather, train, ...)
     finished_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,6 +145,7 @@ def retrain(
         return RetrainReport(
             False, f"too few songs past the exposure threshold ({n})", current.version, None, len(train), len(holdout)
         )
+    began = time.perf_counter()
     rows = np.arange(n)
     pseudo = current.predict(features.layers)
     catalog = training_catalog(observed, rows, pseudo, current.tasks)
@@ -151,12 +154,14 @@ def retrain(
 
     result = train_head(features, catalog, train_config, song_ids=train_ids, init=current if warm_start else None)
     candidate = result.model
+    trained = time.perf_counter()
     cur_metrics = evaluate(current, features, catalog, song_ids=hold_ids)
     new_metrics = evaluate(candidate, features, catalog, song_ids=hold_ids)
     cur_s = {t: cur_metrics[t]["spearman"] for t in POPULARITY_TASKS}
     new_s = {t: new_metrics[t]["spearman"] for t in POPULARITY_TASKS}
     ok, why = gate(cur_s, new_s, margin)
     report = RetrainReport(ok, why, current.version, candidate.version, len(train), len(holdout), cur_s, new_s)
+    report.timings_s = {"train": round(trained - began, 3), "evaluate": round(time.perf_counter() - trained, 3)}
     if ok:
         directory = candidate.save_versioned(models_root)
         (directory / "retrain-report.json").write_text(json.dumps(report.to_dict(), indent=2))
