@@ -58,7 +58,7 @@ def build_settings(state: Path, dim: int, epochs: int) -> Settings:
             bootstrap_servers=f"127.0.0.1:{free_port()}",
             topics=TopicSettings(engagement=f"r{tag}.engagement", models_promoted=f"r{tag}.models.promoted"),
         ),
-        redis=RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0", key_prefix=f"r{tag}"),  # type: ignore[arg-type]
+        redis=RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0", key_prefix=f"r{tag}"),
         retrain=RetrainSettings(epochs=epochs, margin=0.0),
     )
 
