@@ -76,6 +76,19 @@ class Message:
     value: bytes | None
 
 
+def dead_letter(msg: Message, code: ErrorCode | str, message: str) -> DeadLetter:
+    """The dead letter for ``msg`` (the worker's and the feedback consumer's)."""
+    return DeadLetter.build(
+        msg.value,
+        key=msg.key,
+        topic=msg.topic,
+        partition=msg.partition,
+        offset=msg.offset,
+        code=code,
+        message=message,
+    )
+
+
 @dataclass
 class BatchResult:
     scored: list[SongScored] = field(default_factory=list)
@@ -141,7 +154,7 @@ class ScoringPipeline:
             try:
                 event = SongGenerated.parse(msg.value)  # type: ignore[arg-type]
             except InputError as exc:
-                dead.append(self._dead(msg, exc.code, exc.message))
+                dead.append(dead_letter(msg, exc.code, exc.message))
                 continue
             # The last event for a song in a batch wins; earlier ones are the same upsert.
             pending.pop(event.song_id, None)
@@ -169,7 +182,7 @@ class ScoringPipeline:
         dead: list[DeadLetter] = []
         for p, (audio, err) in zip(todo, results, strict=True):
             if err is not None:
-                dead.append(self._dead(p.msg, *_error_parts(err)))
+                dead.append(dead_letter(p.msg, *_error_parts(err)))
             else:
                 p.audio = audio
                 ok.append(p)
@@ -212,7 +225,7 @@ class ScoringPipeline:
                 ok.append(p)
             else:
                 reason = "encoder produced non-finite features"
-                dead.append(self._dead(p.msg, ErrorCode.INTERNAL_ERROR, reason))
+                dead.append(dead_letter(p.msg, ErrorCode.INTERNAL_ERROR, reason))
         return ok, dead
 
     def _encode_one_by_one(
@@ -230,7 +243,7 @@ class ScoringPipeline:
                 ok.append(p)
             except Exception as exc:
                 log.exception("encoder failed on song %s", p.event.song_id)
-                dead.append(self._dead(p.msg, ErrorCode.INTERNAL_ERROR, f"encoder failed: {exc!r}"))
+                dead.append(dead_letter(p.msg, ErrorCode.INTERNAL_ERROR, f"encoder failed: {exc!r}"))
         finite, bad = self._finite_only(ok)
         return finite, dead + bad
 
@@ -339,17 +352,6 @@ class ScoringPipeline:
         result.scored = [s for _, s in scored]
         result.reused = sum(1 for p, _ in scored if p.reused)
         return result, lambda: self.write(scored)
-
-    def _dead(self, msg: Message, code: ErrorCode | str, message: str) -> DeadLetter:
-        return DeadLetter.build(
-            msg.value,
-            key=msg.key,
-            topic=msg.topic,
-            partition=msg.partition,
-            offset=msg.offset,
-            code=code,
-            message=message,
-        )
 
 
 def _song_record(p: _Pending, s: SongScored) -> SongRecord:
