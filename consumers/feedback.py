@@ -3,17 +3,25 @@
 Per polled batch, in this order:
 
 1. parse; invalid events go to ``engagement.dead-letter`` with a reason;
-2. drop events already counted (event ids remembered in Redis for a window);
-3. append the rest to the engagement log (exactly once: files are named by
-   partition offset range, see :mod:`indexes.engagement_log`);
-4. count them in Redis in one atomic Lua call per song, which also marks their
-   event ids as seen (a replay after a crash counts nothing twice);
-5. recompute the affected songs' feed entries;
-6. flush dead letters, then commit offsets.
+2. count the events in Redis, one Lua script call per batch (per song on Redis
+   Cluster, see :mod:`indexes.redis_engagement`): each event's dedup key is set
+   (NX, for the dedup window) to the id of the message carrying it (partition
+   and offset), and only a new key increments the counter. An event
+   already counted by another message is a duplicate and goes no further; one
+   counted by this same message before a crash comes back as a replay: not
+   counted again, but it goes through the steps below like a new one;
+3. append the new and replayed events to the engagement log (exactly once: files
+   are named by partition offset range, and offsets already logged are skipped,
+   see :mod:`indexes.engagement_log`);
+4. recompute the affected songs' feed entries (from the counters in Redis);
+5. flush dead letters, then commit offsets.
 
-A crash between any two steps replays the batch and converges to the same
-counters and the same log. Engagement for a song that has not been scored yet
-is counted all the same: its counters wait in the song's hash for its scores.
+A crash between any two steps replays the batch from the last committed offset:
+step 2 counts nothing twice and hands back exactly the events the crashed run had
+counted, step 3 logs nothing twice, step 4 recomputes from the current counters.
+So the batch converges to the same counters, log and feeds, provided it is
+replayed within the dedup window. Engagement for a song that has not been scored
+yet is counted all the same: its counters wait in the song's hash for its scores.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -31,9 +40,9 @@ from typing import Any, TypeVar
 from prometheus_client import Counter
 
 from consumers.kafka_io import Publisher, dead_letter_record, ensure_topics, make_consumer
-from consumers.worker import Message, Stopping, commit, retry_infra
-from indexes.engagement_log import EngagementLog, LoggedEvent
-from indexes.redis_engagement import CountedEvent, RedisEngagementCounters
+from consumers.worker import Message, Stopping, commit, dead_letter, retry_infra
+from indexes.engagement_log import EngagementLog
+from indexes.redis_engagement import DUPLICATE, REPLAY, RedisEngagementCounters, message_marker
 from ranker.errors import InputError
 from ranker.events import DeadLetter, Engagement
 from ranker.settings import Settings
@@ -51,16 +60,27 @@ FeedUpdater = Callable[[Sequence[str]], None]
 class FeedbackStats:
     batches: int = 0
     messages: int = 0
-    accepted: int = 0
+    accepted: int = 0  # counted by this batch, or by an earlier run of it (replayed)
+    replayed: int = 0  # counted before a crash and finished now (log, feed)
     duplicates: int = 0
     dead_letters: int = 0
     logged: int = 0
     dead_by_code: dict[str, int] = field(default_factory=dict)
     busy_s: float = 0.0  # wall time from the first message polled to the last commit
+    #: Wall time per step (poll, parse, count, log+feed, commit), for profiling.
+    step_s: dict[str, float] = field(default_factory=dict)
+
+    def add_time(self, step: str, since: float) -> float:
+        now = time.perf_counter()
+        self.step_s[step] = self.step_s.get(step, 0.0) + now - since
+        return now
 
 
 class FeedbackConsumer:
     """The Kafka loop for engagement events; see the module docstring for the write order."""
+
+    #: Events parsed per count call: the next chunk is parsed while Redis counts this one.
+    count_chunk = 2500
 
     def __init__(self, settings: Settings, on_engagement: FeedUpdater | None = None) -> None:
         self.settings = settings
@@ -74,6 +94,8 @@ class FeedbackConsumer:
         )
         self.log = EngagementLog(settings.engagement_log_dir, settings.kafka.topics.engagement)
         self.on_engagement = on_engagement if on_engagement is not None else _default_feed_updater(settings)
+        self._log_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engagement-log")
+        self._count_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engagement-count")
 
     def request_stop(self, *_: Any) -> None:
         self._stop.set()
@@ -82,59 +104,80 @@ class FeedbackConsumer:
         return retry_infra(what, fn, stop=self._stop, settings=self.settings.worker)
 
     def process(self, messages: Sequence[Message]) -> list[DeadLetter]:
-        """Steps 1-5 for one batch; returns the dead letters to publish. Safe to repeat."""
+        """Steps 1-4 for one batch; returns the dead letters to publish. Safe to repeat."""
+        stats = self.stats
+        t = time.perf_counter()
         dead: list[DeadLetter] = []
-        parsed: list[tuple[Message, Engagement]] = []
-        for msg in messages:
-            try:
-                parsed.append((msg, Engagement.parse(msg.value)))  # type: ignore[arg-type]
-            except InputError as exc:
-                dead.append(
-                    DeadLetter.build(
-                        msg.value,
-                        key=msg.key,
-                        topic=msg.topic,
-                        partition=msg.partition,
-                        offset=msg.offset,
-                        code=exc.code,
-                        message=exc.message,
+        kept: list[Message] = []
+        events: list[Engagement] = []
+        parse = Engagement.parse
+        updated_at = datetime.now(UTC).isoformat()
+        # Steps 1 and 2 overlap: each chunk parsed is counted on a thread (which mostly waits on
+        # Redis running the script) while the next chunk is parsed. One thread, so chunks are
+        # counted in order.
+        counting: list[Future[str]] = []
+        try:
+            for lo in range(0, len(messages), self.count_chunk):
+                first = len(events)
+                for msg in messages[lo : lo + self.count_chunk]:
+                    try:
+                        events.append(parse(msg.value))  # type: ignore[arg-type]
+                    except InputError as exc:
+                        dead.append(dead_letter(msg, exc.code, exc.message))
+                        continue
+                    kept.append(msg)
+                chunk, msgs = events[first:], kept[first:]
+                counting.append(
+                    self._count_thread.submit(
+                        self.counters.count,
+                        [e.song_id for e in chunk],
+                        [e.event_id for e in chunk],
+                        [e.type for e in chunk],
+                        [message_marker(m.partition, m.offset) for m in msgs],
+                        updated_at,
                     )
                 )
-        counted = [CountedEvent(e.event_id, e.song_id, e.type) for _, e in parsed]
-        already = self.counters.seen(counted)
-        fresh: dict[tuple[str, str], tuple[Message, Engagement]] = {}
-        for msg, e in parsed:
-            key = (e.song_id, e.event_id)
-            if key not in already and key not in fresh:
-                fresh[key] = (msg, e)
-        self.stats.duplicates += len(parsed) - len(fresh)
-        logged = self.log.append(
-            [
-                LoggedEvent(
-                    event_id=e.event_id,
-                    song_id=e.song_id,
-                    user_id=e.user_id,
-                    type=e.type,
-                    ts=e.ts.astimezone(UTC),
-                    feed=e.feed,
-                    position=e.position,
-                    partition=msg.partition,
-                    offset=msg.offset,
-                )
-                for msg, e in fresh.values()
-            ]
-        )
-        accepted = self.counters.apply(
-            [CountedEvent(e.event_id, e.song_id, e.type) for _, e in fresh.values()],
-            updated_at=datetime.now(UTC).isoformat(),
-        )
-        songs = sorted({e.song_id for e in accepted})
-        if songs:
-            self.on_engagement(songs)
-        self.stats.logged += logged
-        self.stats.accepted += len(accepted)
-        EVENTS.labels("accepted").inc(len(accepted))
-        EVENTS.labels("duplicate").inc(len(parsed) - len(fresh))
+            t = stats.add_time("parse", t)
+        finally:
+            wait(counting)
+        status = "".join(f.result() for f in counting)
+        if DUPLICATE in status:
+            take = [i for i, st in enumerate(status) if st != DUPLICATE]
+            events = [events[i] for i in take]
+            kept = [kept[i] for i in take]
+        t = stats.add_time("count", t)
+
+        columns: dict[str, list[Any]] = {
+            "event_id": [e.event_id for e in events],
+            "song_id": [e.song_id for e in events],
+            "user_id": [e.user_id for e in events],
+            "type": [e.type for e in events],
+            "ts": [e.ts for e in events],
+            "feed": [e.feed for e in events],
+            "position": [e.position for e in events],
+            "partition": [m.partition for m in kept],
+            "offset": [m.offset for m in kept],
+        }
+        songs = sorted({e.song_id for e in events})
+        # Steps 3 and 4 are independent: the Parquet write and its fsyncs (which release the GIL)
+        # run on a thread while the feed update waits on Redis. Both end before this returns.
+        pending = self._log_thread.submit(self.log.append_columns, columns)
+        try:
+            if songs:
+                self.on_engagement(songs)
+        finally:
+            logged = pending.result()
+        stats.add_time("log+feed", t)
+
+        replayed = status.count(REPLAY)
+        duplicates = len(status) - len(events)
+        stats.logged += logged
+        stats.accepted += len(events)
+        stats.replayed += replayed
+        stats.duplicates += duplicates
+        EVENTS.labels("accepted").inc(len(events) - replayed)
+        EVENTS.labels("replayed").inc(replayed)
+        EVENTS.labels("duplicate").inc(duplicates)
         return dead
 
     def run(self, until_idle_s: float | None = None) -> FeedbackStats:
@@ -155,15 +198,15 @@ class FeedbackConsumer:
         first_message: float | None = None
         try:
             while not self._stop.is_set():
+                t = time.perf_counter()
                 polled = consumer.poll(timeout_ms=s.feedback.poll_timeout_ms, max_records=s.feedback.max_poll_records)
                 now_assigned = frozenset(consumer.assignment())
                 if now_assigned != assigned:  # partitions moved: other members may have logged them
                     assigned = now_assigned
                     self.log.refresh()
-                messages = [
-                    Message(r.topic, r.partition, r.offset, r.key, r.value)
-                    for tp in sorted(polled, key=lambda t: (t.topic, t.partition))
-                    for r in polled[tp]
+                # kafka-python's ConsumerRecords carry the fields of a Message: used as they are.
+                messages: list[Message] = [
+                    r for tp in sorted(polled, key=lambda p: (p.topic, p.partition)) for r in polled[tp]
                 ]
                 if not messages:
                     if not assigned:
@@ -173,12 +216,15 @@ class FeedbackConsumer:
                     continue
                 last_message = time.monotonic()
                 first_message = first_message or last_message
+                self.stats.add_time("poll", t)
                 try:
                     dead = self._retry("process", functools.partial(self.process, messages))
 
+                    t = time.perf_counter()
                     records = [dead_letter_record(topics.engagement_dead_letter, d) for d in dead]
                     self._retry("publish dead letters", functools.partial(producer.publish, records))
                     self._retry("commit offsets", lambda: commit(consumer))
+                    self.stats.add_time("commit", t)
                 except Stopping:
                     log.warning("stopping with a batch uncommitted; it will be redelivered")
                     break
@@ -193,6 +239,8 @@ class FeedbackConsumer:
             producer.close()
             consumer.close(autocommit=False)
             self.counters.close()
+            self._log_thread.shutdown(wait=True)
+            self._count_thread.shutdown(wait=True)
         return self.stats
 
 

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import os
 import re
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 SCHEMA = pa.schema(
@@ -79,28 +81,41 @@ class EngagementLog:
         return self._logged.get(partition, -1)
 
     def append(self, events: Sequence[LoggedEvent]) -> int:
-        """Log ``events`` not yet logged (offset above the partition's logged offset); returns the count.
+        """Log ``events`` not yet logged (offset above the partition's logged offset); returns the count."""
+        return self.append_columns({f.name: [getattr(e, f.name) for e in events] for f in fields(LoggedEvent)})
+
+    def append_columns(self, columns: Mapping[str, Sequence[Any]]) -> int:
+        """:meth:`append` for rows given as columns: one equal-length sequence per SCHEMA field
+        (``ts`` as aware datetimes, converted to UTC). Returns how many rows were logged.
 
         One file per partition per call, in the day folder of its earliest event: a single file
         per offset range keeps the logged offset free of holes after a crash between files.
         """
-        groups: dict[int, list[LoggedEvent]] = defaultdict(list)
-        for e in events:
-            if e.offset > self.logged_through(e.partition):
-                groups[e.partition].append(e)
-        for partition, rows in sorted(groups.items()):
-            rows.sort(key=lambda e: e.offset)
-            day = min(e.ts for e in rows).date().isoformat()
-            self._write(day, partition, rows[0].offset, rows[-1].offset, rows)
-            self._logged[partition] = rows[-1].offset
-        return sum(len(rows) for rows in groups.values())
+        partitions = np.asarray(columns["partition"], dtype=np.int64)
+        offsets = np.asarray(columns["offset"], dtype=np.int64)
+        if not len(offsets):
+            return 0
+        todo: list[tuple[int, np.ndarray]] = []
+        for partition in np.unique(partitions).tolist():
+            idx = np.flatnonzero((partitions == partition) & (offsets > self.logged_through(partition)))
+            if len(idx):
+                todo.append((partition, idx[np.argsort(offsets[idx], kind="stable")]))
+        if not todo:
+            return 0
+        table = pa.table([pa.array(columns[f.name], type=f.type) for f in SCHEMA], schema=SCHEMA)
+        for partition, idx in todo:
+            rows = table.take(pa.array(idx))
+            first, last = int(offsets[idx[0]]), int(offsets[idx[-1]])
+            earliest = pc.min(rows.column("ts")).as_py()
+            self._write(earliest.date().isoformat(), partition, first, last, rows)
+            self._logged[partition] = last
+        return sum(len(idx) for _, idx in todo)
 
-    def _write(self, day: str, partition: int, first: int, last: int, rows: Sequence[LoggedEvent]) -> None:
+    def _write(self, day: str, partition: int, first: int, last: int, table: pa.Table) -> None:
         folder = self.dir / f"day={day}"
         folder.mkdir(parents=True, exist_ok=True)
         final = folder / f"{self.topic}-p{partition}-o{first}-{last}.parquet"
         tmp = folder / f".{final.name}.tmp"
-        table = pa.Table.from_pylist([e.__dict__ for e in rows], schema=SCHEMA)
         pq.write_table(table, tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())

@@ -2,10 +2,26 @@
 
 Counters are fields of the song's hash (``eng.plays``, ``eng.likes``, ...), so a
 song that has not been scored yet still keeps its engagement (the hash exists
-before its scores do). Deduplication keys share the song's hash tag, so one Lua
-call per song touches a single cluster slot: for each event it sets
-``{prefix}:evt:{<song_id>}:<event_id>`` with NX and a TTL and, only if that key
-was new, increments the counter. A replayed batch therefore counts nothing twice.
+before its scores do). For each event a Lua script sets the dedup key
+``{prefix}:evt:{<song_id>}:<event_id>`` with NX and a TTL, its value naming the
+message that carried the event (:func:`message_marker`: partition and offset packed
+into one integer, which Redis stores without a string allocation), and only if that
+key was new increments the counter. Each event comes back with a status:
+
+* ``NEW``: counted now;
+* ``REPLAY``: counted earlier by this very message (the batch is being replayed after
+  a crash): not counted again, but the caller still owes it its other writes
+  (the engagement log, the feed);
+* ``DUPLICATE``: counted earlier by another message (a redelivered or republished event).
+
+A replayed batch therefore counts nothing twice, and the caller can still finish
+what the crash interrupted.
+
+One script call per batch: on a single Redis node (or a proxy that allows it) every
+event of the batch goes into one call, a few thousand keys at a time. Dedup keys share
+their song's hash tag, so on Redis Cluster (the script is refused with CROSSSLOT, or
+``per_song=True``) the same script runs once per song, pipelined, each call touching
+a single slot.
 """
 
 from __future__ import annotations
@@ -15,6 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import redis
+import redis.exceptions
 
 #: Event type -> (hash field, delta).
 COUNTER_FIELDS: dict[str, tuple[str, int]] = {
@@ -27,22 +44,70 @@ COUNTER_FIELDS: dict[str, tuple[str, int]] = {
 }
 COUNTERS = ("plays", "completes", "likes", "skips", "shares")
 
-# KEYS[1] = song hash; KEYS[2..n+1] = dedup keys. ARGV[1] = ttl, then (field, delta) per event.
-_SCRIPT = """
-local ttl = tonumber(ARGV[1])
-local accepted = {}
-for i = 2, #KEYS do
-  local field = ARGV[2 * (i - 1)]
-  local delta = tonumber(ARGV[2 * (i - 1) + 1])
-  if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ttl) then
-    local v = redis.call('HINCRBY', KEYS[1], field, delta)
-    if v < 0 then redis.call('HSET', KEYS[1], field, 0) end
-    accepted[#accepted + 1] = i - 1
+#: Per-event statuses returned by :meth:`RedisEngagementCounters.count`.
+NEW, REPLAY, DUPLICATE = "n", "r", "d"
+#: Events per script call on a single node (bounds how long one call holds Redis).
+CHUNK = 5000
+
+_LUA_FIELDS = ", ".join(f"['{t}'] = {{'{f}', {d}}}" for t, (f, d) in COUNTER_FIELDS.items())
+
+# KEYS = the song hashes (n_songs of them), then one dedup key per event.
+# ARGV = ttl, updated_at, n_songs, then per event: song index (1-based), type, marker.
+# Returns one status character per event (n, r, d). Counters are read once per song and
+# field, changed in event order (a count that would go below zero stays at zero, as with
+# HINCRBY and a floor after each event) and written back with one HSET per song.
+_SCRIPT = (
+    "local FIELDS = {" + _LUA_FIELDS + "}\n"
+    """local ttl = tonumber(ARGV[1])
+local n_songs = tonumber(ARGV[3])
+local out = {}
+local n_out = 0
+local counts = {}
+local a = 4
+for i = n_songs + 1, #KEYS do
+  local song, kind, marker = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2]
+  a = a + 3
+  n_out = n_out + 1
+  if redis.call('SET', KEYS[i], marker, 'NX', 'EX', ttl) then
+    local fd = FIELDS[kind]
+    local c = counts[song]
+    if not c then
+      c = {}
+      counts[song] = c
+    end
+    local v = c[fd[1]]
+    if v == nil then v = tonumber(redis.call('HGET', KEYS[song], fd[1])) or 0 end
+    v = v + fd[2]
+    if v < 0 then v = 0 end
+    c[fd[1]] = v
+    out[n_out] = 'n'
+  elseif redis.call('GET', KEYS[i]) == marker then
+    out[n_out] = 'r'
+  else
+    out[n_out] = 'd'
   end
 end
-redis.call('HSET', KEYS[1], 'eng.updated', ARGV[#ARGV])
-return accepted
+for song, c in pairs(counts) do
+  local args = {'eng.updated', ARGV[2]}
+  for f, v in pairs(c) do
+    args[#args + 1] = f
+    args[#args + 1] = string.format('%d', v)
+  end
+  redis.call('HSET', KEYS[song], unpack(args))
+end
+return table.concat(out)
 """
+)
+
+
+def message_marker(partition: int, offset: int) -> str:
+    """The dedup value naming a Kafka message: ``(partition + 1) * 2**44 + offset`` in decimal.
+
+    An integer, which Redis keeps inside the key's object (about 24 bytes less per key than
+    the string ``"<partition>:<offset>"``); unique while offsets stay below 2**44 and
+    partitions below 2**19 - 1, and never ``"1"``, the value older versions wrote.
+    """
+    return str((partition + 1) << 44 | offset)
 
 
 @dataclass(frozen=True)
@@ -55,10 +120,12 @@ class CountedEvent:
 class RedisEngagementCounters:
     """Atomic, deduplicated counter updates; keys compatible with the score store's layout."""
 
-    def __init__(self, client: redis.Redis, key_prefix: str, dedup_window_s: int) -> None:
+    def __init__(self, client: redis.Redis, key_prefix: str, dedup_window_s: int, per_song: bool = False) -> None:
         self.client = client
         self.prefix = key_prefix
         self.ttl = int(dedup_window_s)
+        #: One script call per song (Redis Cluster) instead of one per batch; set on CROSSSLOT.
+        self.per_song = per_song
         self._script = client.register_script(_SCRIPT)
 
     @classmethod
@@ -74,48 +141,88 @@ class RedisEngagementCounters:
     def _event_key(self, song_id: str, event_id: str) -> str:
         return f"{self.prefix}:evt:{{{song_id}}}:{event_id}"
 
-    def seen(self, events: Sequence[CountedEvent]) -> set[tuple[str, str]]:
-        """(song_id, event_id) pairs already counted within the window (read-only).
+    def count(
+        self,
+        song_ids: Sequence[str],
+        event_ids: Sequence[str],
+        types: Sequence[str],
+        markers: Sequence[str],
+        updated_at: str,
+    ) -> str:
+        """Count the events not seen within the window; one status per event, in input order.
 
-        One MGET per song: its dedup keys share the song's hash tag, hence one cluster slot.
+        The four sequences are parallel: event ``i`` is ``event_ids[i]`` for ``song_ids[i]``, of
+        ``types[i]`` (a key of :data:`COUNTER_FIELDS`), carried by the message ``markers[i]``
+        (unique per message: :func:`message_marker`). Returns a string with
+        :data:`NEW`, :data:`REPLAY` or :data:`DUPLICATE` for each event. A repeat of an event
+        inside the batch is a duplicate too.
         """
-        by_song: dict[str, list[str]] = defaultdict(list)
-        for e in events:
-            by_song[e.song_id].append(e.event_id)
-        pipe = self.client.pipeline(transaction=False)
-        order = list(by_song)
-        for song_id in order:
-            pipe.mget([self._event_key(song_id, event_id) for event_id in by_song[song_id]])
-        out: set[tuple[str, str]] = set()
-        for song_id, values in zip(order, pipe.execute(), strict=True):
-            out.update((song_id, ev) for ev, v in zip(by_song[song_id], values, strict=True) if v is not None)
-        return out
+        n = len(event_ids)
+        if not n:
+            return ""
+        if not self.per_song:
+            try:
+                return "".join(
+                    self._call(song_ids, event_ids, types, markers, lo, min(n, lo + CHUNK), updated_at)
+                    for lo in range(0, n, CHUNK)
+                )
+            except redis.exceptions.ResponseError as exc:
+                if "crossslot" not in str(exc).lower():
+                    raise
+                self.per_song = True  # Redis Cluster: one slot per call from now on
+        return self._count_per_song(song_ids, event_ids, types, markers, updated_at)
 
-    def apply(self, events: Sequence[CountedEvent], updated_at: str) -> list[CountedEvent]:
-        """Count the events not seen within the window; returns those accepted (in input order)."""
-        by_song: dict[str, list[CountedEvent]] = defaultdict(list)
-        unique: dict[tuple[str, str], CountedEvent] = {}
-        for e in events:
-            if (e.song_id, e.event_id) not in unique:  # a repeat inside the batch is a duplicate too
-                unique[(e.song_id, e.event_id)] = e
-                by_song[e.song_id].append(e)
+    def _call(
+        self,
+        song_ids: Sequence[str],
+        event_ids: Sequence[str],
+        types: Sequence[str],
+        markers: Sequence[str],
+        lo: int,
+        hi: int,
+        updated_at: str,
+    ) -> str:
+        """Events ``lo:hi`` in one script call."""
+        slots: dict[str, int] = {}
+        keys: list[str] = []
+        args: list[str | int] = [self.ttl, updated_at, 0]
+        prefix = self.prefix
+        for i in range(lo, hi):
+            song_id = song_ids[i]
+            slot = slots.get(song_id)
+            if slot is None:
+                slot = slots[song_id] = len(slots) + 1
+            keys.append(f"{prefix}:evt:{{{song_id}}}:{event_ids[i]}")
+            args += (slot, types[i], markers[i])
+        args[2] = len(slots)
+        song_keys = [f"{prefix}:song:{{{song_id}}}" for song_id in slots]
+        out = self._script(keys=song_keys + keys, args=args)
+        return out.decode() if isinstance(out, bytes) else str(out)
+
+    def _count_per_song(
+        self,
+        song_ids: Sequence[str],
+        event_ids: Sequence[str],
+        types: Sequence[str],
+        markers: Sequence[str],
+        updated_at: str,
+    ) -> str:
+        by_song: dict[str, list[int]] = defaultdict(list)
+        for i, song_id in enumerate(song_ids):
+            by_song[song_id].append(i)
         pipe = self.client.pipeline(transaction=False)
-        order = list(by_song)
-        for song_id in order:
-            group = by_song[song_id]
-            keys = [self.song_key(song_id)] + [self._event_key(song_id, e.event_id) for e in group]
-            args: list[str | int] = [self.ttl]
-            for e in group:
-                field, delta = COUNTER_FIELDS[e.type]
-                args += [field, delta]
-            args.append(updated_at)
+        for song_id, idx in by_song.items():
+            args: list[str | int] = [self.ttl, updated_at, 1]
+            for i in idx:
+                args += (1, types[i], markers[i])
+            keys = [self.song_key(song_id)] + [self._event_key(song_id, event_ids[i]) for i in idx]
             self._script(keys=keys, args=args, client=pipe)
-        results = pipe.execute()
-        accepted_ids: set[tuple[str, str]] = set()
-        for song_id, idx in zip(order, results, strict=True):
-            group = by_song[song_id]
-            accepted_ids.update((song_id, group[int(i) - 1].event_id) for i in idx)
-        return [e for k, e in unique.items() if k in accepted_ids]
+        status = [DUPLICATE] * len(event_ids)
+        for idx, out in zip(by_song.values(), pipe.execute(), strict=True):
+            text = out.decode() if isinstance(out, bytes) else str(out)
+            for i, st in zip(idx, text, strict=True):
+                status[i] = st
+        return "".join(status)
 
     def counts(self, song_ids: Iterable[str]) -> dict[str, dict[str, int]]:
         ids = list(song_ids)

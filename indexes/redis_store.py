@@ -131,6 +131,11 @@ class RedisScoreStore(ScoreStore):
             health_check_interval=30,
         )
         self._claim = self._redis.register_script(_CLAIM_CALIBRATION)
+        self._claim_many = self._redis.register_script(_CLAIM_CALIBRATION_MANY)
+        self._hmget_many = self._redis.register_script(_HMGET_MANY)
+        #: Multi-key scripts over many songs' hashes work on one node; Redis Cluster refuses
+        #: them (CROSSSLOT) and the per-song pipelines are used from then on.
+        self.multi_key_scripts = True
 
     # -- keys ---------------------------------------------------------------------------
     def song_key(self, song_id: str) -> str:
@@ -214,24 +219,35 @@ class RedisScoreStore(ScoreStore):
         """Fold these songs' current plays and likes into the calibration totals.
 
         ``priors`` maps song id -> prior like rate. Each song's share (likes, plays x
-        prior) is claimed atomically in its own hash (cluster-safe: one key per script),
-        then the changes are added to the totals. Returns the new (likes, expected) totals.
-        A crash between the two steps loses that batch's change (the totals run low), it
-        never counts twice.
+        prior) is claimed atomically in its own hash, then the changes are added to the
+        totals. Returns the new (likes, expected) totals. On a single node this is one
+        script call, atomic as a whole. On Redis Cluster each song is claimed by its own
+        script call (one slot each), then the totals are incremented: a crash between the
+        two steps loses that batch's change (the totals run low), it never counts twice.
         """
         ids = list(priors)
-        if ids:
+        if not ids:
+            return self.calibration_totals()
+        args = [repr(float(priors[song_id])) for song_id in ids]
+        if self.multi_key_scripts:
+            try:
+                out = self._claim_many(keys=[*(self.song_key(s) for s in ids), self.calibration_key()], args=args)
+                return _totals(out)
+            except redis.exceptions.ResponseError as exc:
+                if not _cross_slot(exc):
+                    raise
+                self.multi_key_scripts = False
+        pipe = self._redis.pipeline(transaction=False)
+        for song_id, prior in zip(ids, args, strict=True):
+            self._claim(keys=[self.song_key(song_id)], args=[prior], client=pipe)
+        deltas = pipe.execute()
+        d_likes = sum(float(d[0]) for d in deltas)
+        d_expected = sum(float(d[1]) for d in deltas)
+        if d_likes or d_expected:
             pipe = self._redis.pipeline(transaction=False)
-            for song_id in ids:
-                self._claim(keys=[self.song_key(song_id)], args=[repr(float(priors[song_id]))], client=pipe)
-            deltas = pipe.execute()
-            d_likes = sum(float(d[0]) for d in deltas)
-            d_expected = sum(float(d[1]) for d in deltas)
-            if d_likes or d_expected:
-                pipe = self._redis.pipeline(transaction=False)
-                pipe.hincrbyfloat(self.calibration_key(), "likes", d_likes)
-                pipe.hincrbyfloat(self.calibration_key(), "expected", d_expected)
-                pipe.execute()
+            pipe.hincrbyfloat(self.calibration_key(), "likes", d_likes)
+            pipe.hincrbyfloat(self.calibration_key(), "expected", d_expected)
+            pipe.execute()
         return self.calibration_totals()
 
     def calibration_totals(self) -> tuple[float, float]:
@@ -282,12 +298,25 @@ class RedisScoreStore(ScoreStore):
 
     # -- reads --------------------------------------------------------------------------
     def read_fields(self, song_ids: Sequence[str], fields: Sequence[str]) -> list[list[str | None]]:
-        """HMGET ``fields`` of many songs in one pipelined round trip (missing values are None)."""
+        """HMGET ``fields`` of many songs in one round trip (missing values are None).
+
+        One read-only script call on a single node; a pipeline of HMGETs on Redis Cluster.
+        """
         if not song_ids:
             return []
+        keys = [self.song_key(song_id) for song_id in song_ids]
+        if self.multi_key_scripts:
+            try:
+                out: list[list[str | None]] = self._hmget_many(keys=keys, args=list(fields))
+                return out
+            except redis.exceptions.ResponseError as exc:
+                if not _cross_slot(exc):
+                    raise
+                self.multi_key_scripts = False
         pipe = self._redis.pipeline(transaction=False)
-        for song_id in song_ids:
-            pipe.hmget(self.song_key(song_id), list(fields))
+        names = list(fields)
+        for key in keys:
+            pipe.hmget(key, names)
         return pipe.execute()
 
     def feed_window(self, feed: str, max_score: float | None, count: int) -> list[tuple[str, float]]:
@@ -387,7 +416,7 @@ class AsyncStoreReads:
             try:
                 return await self._hmget_many(keys=keys, args=list(fields))
             except redis.exceptions.ResponseError as exc:
-                if "CROSSSLOT" not in str(exc) and "cross" not in str(exc).lower():
+                if not _cross_slot(exc):
                     raise
                 self._script_ok = False
         pipe = self._redis.pipeline(transaction=False)
@@ -422,6 +451,40 @@ local out = {}
 for i, key in ipairs(KEYS) do out[i] = redis.call('HMGET', key, unpack(ARGV)) end
 return out
 """
+
+
+# KEYS = song hashes, then the calibration hash; ARGV = each song's prior like rate.
+# _CLAIM_CALIBRATION for every song, then the totals incremented: one atomic step.
+# Returns the new totals {likes, expected}.
+_CLAIM_CALIBRATION_MANY = """
+local n = #KEYS - 1
+local cal = KEYS[#KEYS]
+local d_likes, d_expected = 0, 0
+for i = 1, n do
+  local v = redis.call('HMGET', KEYS[i], 'eng.plays', 'eng.likes', 'cal.likes', 'cal.expected')
+  local plays = tonumber(v[1]) or 0
+  local likes = tonumber(v[2]) or 0
+  local expected = plays * tonumber(ARGV[i])
+  local dl = likes - (tonumber(v[3]) or 0)
+  local de = expected - (tonumber(v[4]) or 0)
+  if dl ~= 0 or de ~= 0 then
+    redis.call('HSET', KEYS[i], 'cal.likes', likes, 'cal.expected', string.format('%.17g', expected))
+    d_likes = d_likes + dl
+    d_expected = d_expected + de
+  end
+end
+if d_likes ~= 0 or d_expected ~= 0 then
+  redis.call('HINCRBYFLOAT', cal, 'likes', string.format('%.17g', d_likes))
+  redis.call('HINCRBYFLOAT', cal, 'expected', string.format('%.17g', d_expected))
+end
+return redis.call('HMGET', cal, 'likes', 'expected')
+"""
+
+
+def _cross_slot(exc: redis.exceptions.ResponseError) -> bool:
+    """Whether Redis refused a multi-key command because its keys span cluster slots."""
+    text = str(exc).lower()
+    return "cross" in text or "same slot" in text
 
 
 def _bound(max_score: float | None) -> str:

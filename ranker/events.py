@@ -169,7 +169,8 @@ def parse_event(cls: type[E], raw: bytes | None) -> E:
     if raw is None:
         raise InputError(ErrorCode.INVALID_JSON, "message has no value")
     try:
-        return cls.model_validate_json(raw)
+        event: E = cls.__pydantic_validator__.validate_json(raw)  # model_validate_json, minus a call
+        return event
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         if errors and errors[0]["type"] == "json_invalid":

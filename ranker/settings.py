@@ -177,7 +177,11 @@ class RetrainSettings(_Section):
 class FeedbackSettings(_Section):
     """The engagement (feedback) consumer."""
 
-    max_poll_records: int = Field(2000, ge=1)
+    max_poll_records: int = Field(
+        10000,
+        ge=1,
+        description="Events per batch: each batch costs one log file per partition (fsync) and a few Redis calls.",
+    )
     poll_timeout_ms: int = Field(500, ge=10)
     dedup_window_s: int = Field(7 * 24 * 3600, ge=60, description="How long an event_id is remembered.")
     log_dir: Path | None = Field(

@@ -12,13 +12,26 @@ import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
+import pytest
 import redis
 
 from consumers.feedback import FeedbackConsumer
 from consumers.kafka_io import ensure_topics, flush_or_raise, make_producer
+from indexes.base import SongRecord
 from indexes.engagement_log import EngagementLog
-from indexes.redis_engagement import COUNTERS, CountedEvent, RedisEngagementCounters, counter_deltas
+from indexes.redis_engagement import (
+    COUNTERS,
+    DUPLICATE,
+    NEW,
+    REPLAY,
+    CountedEvent,
+    RedisEngagementCounters,
+    counter_deltas,
+    message_marker,
+)
+from indexes.redis_store import RedisScoreStore, RedisStoreConfig
 from ranker.events import DeadLetter, Engagement
+from ranker.feeds import write_scored
 from ranker.settings import FeedbackSettings, Settings
 from tests.helpers import read_topic, settings_env
 
@@ -149,3 +162,132 @@ def test_sigkill_mid_batch_then_restart_counts_each_event_once(settings: Setting
     logged = EngagementLog(settings.engagement_log_dir, settings.kafka.topics.engagement).read()
     ids = logged.column("event_id").to_pylist()
     assert Counter(ids).most_common(1)[0][1] == 1 and len(ids) == len(events)
+
+
+def counters_for(settings: Settings, per_song: bool) -> RedisEngagementCounters:
+    counters = RedisEngagementCounters.from_url(settings.redis.url.get_secret_value(), settings.redis.key_prefix, 60)
+    counters.per_song = per_song
+    return counters
+
+
+@pytest.mark.parametrize("per_song", [False, True], ids=["one-call", "per-song"])
+def test_count_statuses_new_replay_duplicate(settings: Settings, per_song: bool) -> None:
+    """A message seen again is a replay (its writes are owed), another message with the event a duplicate."""
+    counters = counters_for(settings, per_song)
+    try:
+        songs, ids = ["a", "b", "a", "a"], ["e1", "e2", "e3", "e1"]
+        types, markers = ["play", "like", "like", "play"], ["0:1", "0:2", "0:3", "0:4"]
+        assert counters.count(songs, ids, types, markers, "t1") == NEW + NEW + NEW + DUPLICATE  # e1 twice
+        assert counters.count(songs, ids, types, markers, "t2") == REPLAY + REPLAY + REPLAY + DUPLICATE
+        assert counters.count(["a", "b"], ["e1", "e9"], ["play", "play"], ["1:7", "1:8"], "t3") == DUPLICATE + NEW
+        assert counters.counts(["a", "b"]) == {
+            "a": {"plays": 1, "completes": 0, "likes": 1, "skips": 0, "shares": 0},
+            "b": {"plays": 1, "completes": 0, "likes": 1, "skips": 0, "shares": 0},
+        }
+        assert counters.count([], [], [], [], "t4") == ""
+    finally:
+        counters.close()
+
+
+@pytest.mark.parametrize("per_song", [False, True], ids=["one-call", "per-song"])
+def test_likes_floor_at_zero_in_event_order_within_one_call(settings: Settings, per_song: bool) -> None:
+    counters = counters_for(settings, per_song)
+    try:
+        kinds = ["unlike", "like", "unlike", "unlike", "like", "like", "unlike"]  # 0 1 0 0 1 2 1
+        n = len(kinds)
+        status = counters.count(["s"] * n, [f"u{i}" for i in range(n)], kinds, [f"0:{i}" for i in range(n)], "t")
+        assert status == NEW * n
+        assert counters.counts(["s"])["s"]["likes"] == 1
+    finally:
+        counters.close()
+
+
+def test_a_failed_log_write_is_replayed_counting_nothing_twice(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counted, then the log write fails: the retried batch logs every event once and counts none twice."""
+    settings = settings.model_copy(
+        update={"worker": settings.worker.model_copy(update={"retry_initial_s": 0.05, "retry_max_s": 0.1})}
+    )
+    events = make_events(300, songs=12, seed=11)
+    publish(settings, [e.to_bytes() for e in events], [e.song_id.encode() for e in events])
+    consumer = FeedbackConsumer(settings, on_engagement=lambda ids: None)
+    real = consumer.log.append_columns
+    failures = []
+
+    def flaky(columns: dict[str, list[object]]) -> int:
+        if not failures:
+            failures.append(len(columns["offset"]))
+            raise OSError("disk went away")
+        return real(columns)
+
+    monkeypatch.setattr(consumer.log, "append_columns", flaky)
+    stats = consumer.run(until_idle_s=2.0)
+
+    assert failures and failures[0] > 0
+    assert stats.replayed == failures[0]  # the failed batch's events came back as replays...
+    assert stats.accepted == 300 and stats.duplicates == 0  # ...and were accepted once
+    assert actual_counts(settings, sorted({e.song_id for e in events})) == expected_counts(events)
+    logged = EngagementLog(settings.engagement_log_dir, settings.kafka.topics.engagement).read()
+    ids = logged.column("event_id").to_pylist()
+    assert sorted(ids) == sorted(e.event_id for e in events)
+
+
+def test_real_feed_updater_rescores_played_songs(settings: Settings) -> None:
+    """The default updater (ranker.feeds) moves the feed entry and claims the calibration share."""
+    now = time.time()
+    created = datetime.fromtimestamp(now, UTC).isoformat()
+    scores = {"streams": 50.0, "likes": 50.0, "coherence": 3.0, "musicality": 3.0}
+    scores |= {"memorability": 3.0, "clarity": 3.0, "naturalness": 3.0}
+    store = RedisScoreStore(
+        RedisStoreConfig(url=settings.redis.url.get_secret_value(), key_prefix=settings.redis.key_prefix)
+    )
+    try:
+        write_scored(
+            store,
+            settings,
+            [SongRecord(sid, "m1", scores, 0.5, "suno", created, created) for sid in ("liked", "skipped")],
+        )
+        before = dict(store.feed_page(settings.feed.name, 0, 10))
+        t0 = datetime.now(UTC)
+        events = [
+            Engagement(event_id=f"{sid}-{i}", song_id=sid, user_id=f"u{i}", type=kind, ts=t0)
+            for i in range(30)
+            for sid, kind in (("liked", "like" if i % 2 else "play"), ("skipped", "play"))
+        ]
+        publish(settings, [e.to_bytes() for e in events], [e.song_id.encode() for e in events])
+        FeedbackConsumer(settings).run(until_idle_s=2.0)
+        after = dict(store.feed_page(settings.feed.name, 0, 10))
+        assert after["liked"] > before["liked"] and after["skipped"] < before["skipped"]
+        song = store.get_song("liked")
+        assert song is not None and song["cal.likes"] == song["eng.likes"] == "15"
+    finally:
+        store.close()
+
+
+def test_store_scripts_and_cluster_pipelines_agree(settings: Settings) -> None:
+    """read_fields and claim_calibration: one script call on one node, per-song pipelines on a cluster."""
+    results = []
+    for multi_key in (True, False):
+        prefix = f"{settings.redis.key_prefix}-{int(multi_key)}"
+        store = RedisScoreStore(RedisStoreConfig(url=settings.redis.url.get_secret_value(), key_prefix=prefix))
+        store.multi_key_scripts = multi_key
+        try:
+            for i, sid in enumerate(("a", "b", "c")):
+                store.client.hset(store.song_key(sid), mapping={"eng.plays": 10 * (i + 1), "eng.likes": i})
+            fields = store.read_fields(["a", "b", "c", "none"], ["eng.plays", "eng.likes", "missing"])
+            first = store.claim_calibration({"a": 0.1, "b": 0.2, "c": 0.05})
+            again = store.claim_calibration({"a": 0.1, "b": 0.2, "c": 0.05})
+            results.append((fields, first, again, store.multi_key_scripts))
+        finally:
+            store.close()
+    (f1, c1, a1, m1), (f2, c2, a2, m2) = results
+    assert m1 and not m2
+    assert f1 == f2 == [["10", "0", None], ["20", "1", None], ["30", "2", None], [None, None, None]]
+    assert c1 == pytest.approx(c2) and c1 == pytest.approx((3.0, 10 * 0.1 + 20 * 0.2 + 30 * 0.05))
+    assert a1 == pytest.approx(c1) and a2 == pytest.approx(c2)  # claimed once only
+
+
+def test_message_markers_are_distinct_integers() -> None:
+    seen = {message_marker(p, o) for p in (0, 1, 2, 500) for o in (0, 1, 2**40, 2**44 - 1)}
+    assert len(seen) == 16 and all(m.isdigit() for m in seen) and "1" not in seen
