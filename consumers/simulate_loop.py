@@ -16,7 +16,9 @@ import argparse
 import json
 import logging
 import math
+import sys
 import time
+import typing
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -64,14 +66,25 @@ class LoopConfig:
     page_size: int = 10  # songs a user is shown per simulated hour
     plays_per_user: int = 3  # of which they play this many, position-biased
     style_boost: float = 1.0  # log-odds added to a song's like probability for a user of its style
-    history_songs: int = 240  # songs of the separate "history" catalog the initial head is trained on
+    history_songs: int = 600  # songs of the separate "history" catalog the initial head is trained on
     history_epochs: int = 60
+    # A few hundred songs: small batches and a larger step (TrainConfig's 512 and 1e-4 make one step an epoch,
+    # and the head barely leaves its initialisation), with early stopping on the validation songs.
+    history_lr: float = 1e-3
+    history_batch_size: int = 32
+    history_patience: int = 10
     duration_s: float = 2.0  # length of every synthetic song
     retrain_every_h: int = 2
     retrain_min_plays: int = 4
     retrain_epochs: int = 20
+    retrain_margin: float = 0.01  # the gate's margin (RetrainSettings' default)
+    retrain_lr: float | None = None  # None: TrainConfig's (1e-4); small retraining sets barely move at that rate
+    retrain_batch_size: int | None = None  # None: TrainConfig's (512)
     idle_s: float = 0.8  # worker / feedback ``until_idle_s`` per simulated hour
     max_candidates: int = 2000  # random / newest: how much of the feed is fetched to be re-ordered
+    #: The loop's listeners weigh the qualities differently from the history's audience (None: the same
+    #: weights, synth.APPEAL_WEIGHTS). The initial head only knows the history's taste; retraining can learn theirs.
+    audience_weights: tuple[tuple[str, float], ...] | None = None
 
 
 @dataclass
@@ -83,6 +96,8 @@ class PolicyOutcome:
     expected_likes: list[float] = field(default_factory=list)  # sum of the true like probabilities played
     promotions: int = 0
     retrains: int = 0
+    #: After each promotion: Spearman(the new head's prior like rate, true like probability) over the songs so far.
+    promoted_prior_spearman: list[float | None] = field(default_factory=list)
 
     @property
     def like_rate(self) -> float:
@@ -167,7 +182,8 @@ def _build_world(*, songs: int, users: int, hours: int, seed: int, out_dir: Path
     for i in range(songs):
         spec = sample_song_spec(np.random.default_rng(np.random.SeedSequence([seed, 100, i])))
         q = spec.qualities.as_array()[None, :]
-        p = float(like_probability(appeal_scores(q, [spec.style], truth_rng))[0])
+        weights = dict(cfg.audience_weights) if cfg.audience_weights is not None else None
+        p = float(like_probability(appeal_scores(q, [spec.style], truth_rng, weights=weights))[0])
         song_id = f"syn-loop-{seed}-{i:05d}"
         path = audio / f"{song_id}.wav"
         if not path.is_file():
@@ -192,7 +208,13 @@ def _pretrain_head(settings: Settings, *, seed: int, out_dir: Path, cfg: LoopCon
     ).catalog_path
     feats = out_dir / "history-features"
     embed_catalog(catalog, feats, settings, progress=False)
-    config = TrainConfig(epochs=cfg.history_epochs, patience=cfg.history_epochs, seed=seed)
+    config = TrainConfig(
+        epochs=cfg.history_epochs,
+        patience=cfg.history_patience,
+        lr=cfg.history_lr,
+        batch_size=cfg.history_batch_size,
+        seed=seed,
+    )
     return train_head(load_features(feats), catalog, config).model
 
 
@@ -226,7 +248,10 @@ def _policy_settings(base: Settings, policy: str, out_dir: Path, cfg: LoopConfig
             "feed": FeedSettings(feeds={DEFAULT_FEED: feed}),
             "api": ApiSettings(page_cache_ttl_s=0.0, calibration_ttl_s=0.0, max_limit=200),
             "retrain": RetrainSettings(
-                min_plays=cfg.retrain_min_plays, epochs=cfg.retrain_epochs, patience=cfg.retrain_epochs, margin=0.0
+                min_plays=cfg.retrain_min_plays,
+                epochs=cfg.retrain_epochs,
+                patience=cfg.retrain_epochs,
+                margin=cfg.retrain_margin,
             ),
             "feedback": base.feedback.model_copy(update={"log_dir": None}),
         }
@@ -341,7 +366,13 @@ def run_loop_simulation(
     boost = [dict.fromkeys(STYLES, 0.0) | {st: cfg.style_boost} for st in world.user_styles]
 
     with ExitStack() as stack:
-        clients = {p: stack.enter_context(TestClient(create_app(s))) for p, s in ns.items()}
+        # Exploration draws from one seeded generator per policy, the same seed for each (common random numbers).
+        clients = {
+            p: stack.enter_context(
+                TestClient(create_app(s, explore_rng=np.random.default_rng(np.random.SeedSequence([seed, 300]))))
+            )
+            for p, s in ns.items()
+        }
         published = 0
         for hour in range(hours):
             arriving = [s for s in world.songs if s.hour == hour]
@@ -411,9 +442,13 @@ def run_loop_simulation(
             retrain_p = "prior+evidence+retrain"
             if retrain_p in ns and (hour + 1) % cfg.retrain_every_h == 0 and hour + 1 < hours:
                 try:
-                    report = run_once(ns[retrain_p])
+                    recipe = {"lr": cfg.retrain_lr, "batch_size": cfg.retrain_batch_size}
+                    report = run_once(ns[retrain_p], train_overrides={k: v for k, v in recipe.items() if v is not None})
                     outcomes[retrain_p].retrains += 1
                     outcomes[retrain_p].promotions += int(report.promoted)
+                    if report.promoted:
+                        items = _candidates(clients[retrain_p], cfg.max_candidates)
+                        outcomes[retrain_p].promoted_prior_spearman.append(_prior_spearman(items, world))
                     log.info("retrain at hour %d: %s", hour, report.to_dict())
                 except Exception as exc:  # too little data yet is not a failure of the simulation
                     log.warning("retrain at hour %d failed: %s", hour, exc)
@@ -496,16 +531,56 @@ def register(simulate: Any) -> None:
     loop.add_argument("--hours", type=int, default=6)
     loop.add_argument("--seed", type=int, default=1)
     loop.add_argument("--out", default="loop-out")
+    loop.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a LoopConfig field (repeatable), e.g. history_songs=60, "
+        "audience_weights=consonance:0.2,steadiness:0.6,repetition:-0.5,clean:1.5,smoothness:1.0",
+    )
+
+
+def loop_config(overrides: Sequence[str]) -> LoopConfig:
+    """A :class:`LoopConfig` with ``KEY=VALUE`` overrides (the CLI's ``--set``)."""
+    hints = typing.get_type_hints(LoopConfig)
+    values: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in hints:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, KEY one of {', '.join(sorted(hints))}")
+        try:
+            if key == "audience_weights":
+                pairs = (part.split(":") for part in raw.split(","))
+                values[key] = tuple((name.strip(), float(w)) for name, w in pairs)
+            elif int in typing.get_args(hints[key]) or hints[key] is int:
+                values[key] = int(raw)
+            else:
+                values[key] = float(raw)
+        except ValueError as exc:
+            raise ValueError(f"--set {item!r}: {exc}") from None
+    return LoopConfig(**values)
 
 
 def cmd_simulate_loop(args: argparse.Namespace) -> int:
     """Start the embedded stack (idempotent), run the simulation, print the table."""
     from consumers.stack import EmbeddedStack
 
+    try:
+        config = loop_config(args.set)
+    except ValueError as exc:
+        print(f"apexrank simulate loop: {exc}", file=sys.stderr)
+        return 2
     settings = Settings()
     EmbeddedStack(settings).up()
     result = run_loop_simulation(
-        settings, songs=args.songs, users=args.users, hours=args.hours, seed=args.seed, out_dir=Path(args.out)
+        settings,
+        songs=args.songs,
+        users=args.users,
+        hours=args.hours,
+        seed=args.seed,
+        out_dir=Path(args.out),
+        config=config,
     )
     print_result(result)
     print(f"results: {result.json_path}  plot: {result.png_path}")

@@ -1058,13 +1058,21 @@ def appeal_scores(
     rng: np.random.Generator,
     *,
     noise_sd: float = APPEAL_NOISE_SD,
+    weights: Mapping[str, float] | None = None,
 ) -> FloatArray:
-    """The audience's latent appeal (log-odds scale) of songs: qualities, style taste and luck."""
+    """The audience's latent appeal (log-odds scale) of songs: qualities, style taste and luck.
+
+    ``weights`` overrides some of :data:`APPEAL_WEIGHTS`, for an audience with other tastes.
+    """
     good = _goodness(np.asarray(qualities, dtype=np.float64))
     n = next(iter(good.values())).size
     if len(styles) != n:
         raise ValueError("one style per song is needed")
-    score = sum((w * (good[src] - APPEAL_CENTER) for src, w in APPEAL_WEIGHTS.items()), start=np.zeros(n))
+    chosen = {**APPEAL_WEIGHTS, **(weights or {})}
+    unknown = set(chosen) - set(APPEAL_WEIGHTS)
+    if unknown:
+        raise ValueError(f"unknown appeal weights {sorted(unknown)}; known: {sorted(APPEAL_WEIGHTS)}")
+    score = sum((w * (good[src] - APPEAL_CENTER) for src, w in chosen.items()), start=np.zeros(n))
     taste = np.array([_style(s).taste for s in styles], dtype=np.float64)
     return np.asarray(score + taste + rng.normal(0.0, noise_sd, size=n), dtype=np.float64)
 

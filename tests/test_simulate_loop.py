@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from consumers.simulate_loop import POLICIES, LoopConfig, run_loop_simulation
+from consumers.simulate_loop import POLICIES, LoopConfig, loop_config, run_loop_simulation
 from ranker.settings import Settings
 
 SMALL = LoopConfig(history_songs=120, history_epochs=30, idle_s=0.5)
@@ -24,12 +25,28 @@ def test_loop_simulation_orders_policies_by_like_rate(settings: Settings, tmp_pa
     assert result.json_path is not None and result.json_path.is_file()
     rate = result.expected_like_rates()
     observed = result.like_rates()
-    # Evidence (counted by the real feedback consumer, read back through the API) beats every policy without
-    # it in the expected like rate (held on seeds 1-4); the observed rate adds coin flips, so it is compared
-    # on average (one pairwise comparison failed on seed 2 by 0.003).
+    # The order the issue asks for, in the expected like rate (the mean true like probability of the songs
+    # played; the observed rate adds coin flips: 900 plays a policy leave it about +-0.012 of noise).
+    # The initial head's prior is informative: prior-only beats newest-first and random.
+    assert result.prior_spearman is not None and result.prior_spearman > 0.3, result.prior_spearman
+    assert rate["prior-only"] > max(rate["newest"], rate["random"]), rate
+    # Evidence (counted by the real feedback consumer, read back through the API) beats every policy without it.
     with_evidence, without = ("prior+evidence", "prior+evidence+retrain"), ("random", "newest", "prior-only")
     for w in with_evidence:
         for wo in without:
             assert rate[w] > rate[wo], (w, wo, rate)
     assert np.mean([observed[w] for w in with_evidence]) > np.mean([observed[w] for w in without]), observed
+    # Retraining ran; its gate keeps it from costing the feed much. It is NOT shown to beat evidence alone
+    # (docs/loop-simulation.md: in this loop the candidates learn the feed's own exposure).
     assert result.outcomes["prior+evidence+retrain"].retrains >= 1
+    assert rate["prior+evidence+retrain"] > rate["prior+evidence"] - 0.02, rate
+
+
+def test_loop_config_overrides_parse_and_refuse_unknown_keys() -> None:
+    cfg = loop_config(["history_songs=60", "retrain_lr=0.001", "audience_weights=consonance:0.2,clean:1.5"])
+    assert cfg.history_songs == 60 and cfg.retrain_lr == 0.001 and cfg.retrain_batch_size is None
+    assert cfg.audience_weights == (("consonance", 0.2), ("clean", 1.5))
+    with pytest.raises(ValueError, match="KEY one of"):
+        loop_config(["history=60"])
+    with pytest.raises(ValueError, match="retrain_epochs"):
+        loop_config(["retrain_epochs=many"])

@@ -173,6 +173,18 @@ def test_streams_are_heavy_tailed_and_likes_follow_like_prob() -> None:
     assert 0.03 < float(np.median(world.like_prob)) < 0.15
 
 
+def test_an_audience_with_other_tastes_weighs_the_qualities_its_own_way() -> None:
+    q = np.array([[0.9, 0.5, 0.5, 0.1, 0.5], [0.2, 0.5, 0.5, 0.1, 0.5]])  # consonant vs dissonant, else equal
+    styles = ["pop", "pop"]
+    same = synth.appeal_scores(q, styles, np.random.default_rng(0), noise_sd=0.0, weights=synth.APPEAL_WEIGHTS)
+    np.testing.assert_array_equal(same, synth.appeal_scores(q, styles, np.random.default_rng(0), noise_sd=0.0))
+    deaf = dict(synth.APPEAL_WEIGHTS, consonance=0.0)
+    other = synth.appeal_scores(q, styles, np.random.default_rng(0), noise_sd=0.0, weights=deaf)
+    assert same[0] > same[1] and other[0] == pytest.approx(other[1])
+    with pytest.raises(ValueError, match="unknown appeal weights"):
+        synth.appeal_scores(q, styles, np.random.default_rng(0), weights={"loudness": 1.0})
+
+
 def test_labels_follow_their_driving_qualities() -> None:
     world = synth.sample_world(n_songs=1000, seed=5)
     q = {name: world.qualities[:, i] for i, name in enumerate(synth.QUALITY_NAMES)}
