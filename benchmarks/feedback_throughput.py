@@ -298,9 +298,9 @@ def main() -> None:
     figures["cpu_s"] = {k: round(v, 2) for k, v in cpu.items()}
     figures["consumer_run_wall_s"] = round(wall, 2)
     print("consumer time per step (s, share of busy time):")
-    for step, secs in stats.step_s.items():
+    for step, secs in getattr(stats, "step_s", {}).items():
         print(f"  {step:<10} {secs:8.2f}  {secs / total_s:6.1%}")
-    figures["step_s"] = {k: round(v, 3) for k, v in stats.step_s.items()}
+    figures["step_s"] = {k: round(v, 3) for k, v in getattr(stats, "step_s", {}).items()}
     if profile_text:
         print(profile_text)
     if args.json:

@@ -3,18 +3,19 @@
 Per polled batch, in this order:
 
 1. parse; invalid events go to ``engagement.dead-letter`` with a reason;
-2. count the events in Redis, one Lua script call per batch (per song on Redis
-   Cluster, see :mod:`indexes.redis_engagement`): each event's dedup key is set
-   (NX, for the dedup window) to the id of the message carrying it (partition
-   and offset), and only a new key increments the counter. An event
-   already counted by another message is a duplicate and goes no further; one
-   counted by this same message before a crash comes back as a replay: not
-   counted again, but it goes through the steps below like a new one;
+2. count the events in Redis, one Lua script call per 2,500 events (per song on
+   Redis Cluster, see :mod:`indexes.redis_engagement`), each chunk while the next
+   is parsed: each event's dedup key is set (NX, for the dedup window) to the id
+   of the message carrying it (partition and offset), and only a new key
+   increments the counter. An event already counted by another message is a
+   duplicate and goes no further; one counted by this same message before a crash
+   comes back as a replay: not counted again, but it goes through the steps below
+   like a new one;
 3. append the new and replayed events to the engagement log (exactly once: files
    are named by partition offset range, and offsets already logged are skipped,
-   see :mod:`indexes.engagement_log`);
-4. recompute the affected songs' feed entries (from the counters in Redis);
-5. flush dead letters, then commit offsets.
+   see :mod:`indexes.engagement_log`), on a thread, while
+4. the affected songs' feed entries are recomputed (from the counters in Redis);
+5. once both are done, flush dead letters, then commit offsets.
 
 A crash between any two steps replays the batch from the last committed offset:
 step 2 counts nothing twice and hands back exactly the events the crashed run had
