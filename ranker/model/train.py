@@ -12,7 +12,7 @@ purpose:
   standard deviation, saved with the weights (``standardize``; off reproduces the paper). MERT
   features are near unit scale, but the logmel baseline's are not: on 240 synthetic songs this
   lifted the held-out Spearman of the likes score against the true like probability from
-  0.25 to 0.38.
+  0.25 to 0.38 (on 2,000 songs with a tuned recipe it is neutral; docs/model.md).
 - Weight decay is not applied to the uncertainty weights' log-sigmas (decay would pull every
   task's learned weight towards one for no reason).
 - The validation split is by song (seeded) or by whole generators (``holdout_generators``:
