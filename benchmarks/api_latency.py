@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import random
 import shutil
 import subprocess
@@ -56,6 +55,8 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 import numpy as np  # noqa: E402
 import redis.asyncio  # noqa: E402
+from _common import loadavg  # noqa: E402
+from _common import machine_info as common_machine_info  # noqa: E402
 from pydantic import SecretStr  # noqa: E402
 
 from consumers.stack import find_redis_server, free_port, port_open  # noqa: E402
@@ -87,26 +88,12 @@ def summary(lat_s: Sequence[float], wall_s: float, errors: int = 0) -> dict[str,
 
 
 def machine_info() -> dict[str, Any]:
-    model = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem = 0.0
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem = int(line.split()[1]) / 2**20
     import faiss
     import fastapi
     import uvicorn
 
     return {
-        "nproc": os.cpu_count(),
-        "cpu_model": model,
-        "mem_gib": round(mem, 1),
-        "python": platform.python_version(),
+        **common_machine_info(),
         "fastapi": fastapi.__version__,
         "uvicorn": uvicorn.__version__,
         "faiss": faiss.__version__,
@@ -121,13 +108,6 @@ def _has(module: str) -> bool:
     except ImportError:
         return False
     return True
-
-
-def loadavg() -> str:
-    """Other work on the machine skews every figure: recorded with the results."""
-    with contextlib.suppress(OSError):
-        return Path("/proc/loadavg").read_text().strip()
-    return "unknown"
 
 
 def cpu_seconds(pid: int) -> float:

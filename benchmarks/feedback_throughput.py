@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import redis
+from _common import git_state, print_figures, write_json
 from kafka import KafkaConsumer
 
 from consumers.feedback import FeedbackConsumer
@@ -284,10 +285,9 @@ def main() -> None:
         "max_poll_records": args.max_poll,
         "load_avg_1m_before_after": f"{load_before[0]:.2f} / {load_after[0]:.2f}",
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "commit": git_state(),
     }
-    width = max(len(k) for k in figures)
-    for k, v in figures.items():
-        print(f"{k:<{width}}  {v}")
+    print_figures(figures)
     cpu = {k: cpu_after[k] - cpu_before[k] for k in cpu_after if k in cpu_before}
     if "machine" in cpu:
         cpu["other processes"] = max(0.0, cpu.pop("machine") - sum(cpu.values()))
@@ -304,7 +304,7 @@ def main() -> None:
     if profile_text:
         print(profile_text)
     if args.json:
-        args.json.write_text(json.dumps(figures, indent=2))
+        write_json(figures, args.json)
     if not exact:
         raise SystemExit("counters do not match the distinct events")
     if feed_ok is False:

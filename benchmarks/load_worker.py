@@ -12,7 +12,6 @@ and the process's peak RSS.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+from _common import git_state, print_figures, write_json
 from kafka import KafkaConsumer
 
 from consumers.publish import publish_events
@@ -87,7 +87,7 @@ def main() -> None:
                 ),
                 worker_group_id=f"load-{tag}",
             ),
-            redis=RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0", key_prefix=f"l{tag}"),  # type: ignore[arg-type]
+            redis=RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0", key_prefix=f"l{tag}"),
             index=IndexSettings(path=root / "index"),
             worker=WorkerSettings(max_poll_records=args.max_poll, encoder_batch_segments=64),
         )
@@ -134,12 +134,11 @@ def main() -> None:
         "prepare_s": round(prep_s, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "machine": f"{os.cpu_count()} cores",
+        "commit": git_state(),
     }
-    width = max(len(k) for k in figures)
-    for k, v in figures.items():
-        print(f"{k:<{width}}  {v}")
+    print_figures(figures)
     if args.json:
-        args.json.write_text(json.dumps(figures, indent=2))
+        write_json(figures, args.json)
     if not exact:
         raise SystemExit("counts do not match")
 

@@ -51,6 +51,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from _common import table
 
 SAMPLE_RATE = 24_000
 LAYERS = (2, 5, 8, 12)
@@ -252,22 +253,6 @@ def make_segments(n: int, seconds: float, seed: int) -> list[np.ndarray]:
 # --------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------
-
-
-def table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    def cell(v: Any) -> str:
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:,.1f}" if abs(v) >= 100 else f"{v:,.3g}"
-        return f"{v:,}" if isinstance(v, int) else str(v)
-
-    cells = [[cell(v) for v in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    lines = [title, "  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
-    return "\n".join(lines)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -14,7 +14,6 @@ publish ``models.promoted``. No audio is decoded. Prints a table; ``--json`` wri
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import git_state, print_figures, write_json
 
 from consumers.retrain import STORE_FILE, run_once
 from consumers.stack import EmbeddedStack, free_port
@@ -186,13 +186,12 @@ def main() -> None:
         "peak RSS MiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "torch threads": torch.get_num_threads(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "commit": git_state(),
     }
-    width = max(len(k) for k in figures)
-    for k, v in figures.items():
-        print(f"{k:<{width}}  {v}")
+    print_figures(figures)
     print("report:", report.reason)
     if args.json:
-        args.json.write_text(json.dumps(figures, indent=2, default=str))
+        write_json(figures, args.json)
 
 
 if __name__ == "__main__":

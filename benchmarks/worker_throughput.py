@@ -49,7 +49,6 @@ import io
 import json
 import logging
 import os
-import platform
 import pstats
 import statistics
 import sys
@@ -70,6 +69,8 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
+from _common import loadavg, table  # noqa: E402
+from _common import machine_info as common_machine_info  # noqa: E402
 from kafka import KafkaConsumer, KafkaProducer  # noqa: E402
 from prometheus_client import REGISTRY  # noqa: E402
 from pydantic import SecretStr  # noqa: E402
@@ -107,59 +108,9 @@ PLUMBING_TARGET = 2_000.0  # songs/s on 2 cores
 # --------------------------------------------------------------------------------------
 
 
-def table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain-text table (right-aligned numbers) with a title line."""
-
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:,.1f}" if abs(v) >= 100 else f"{v:,.3g}"
-        if isinstance(v, int):
-            return f"{v:,}"
-        return str(v)
-
-    cells = [[cell(v) for v in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    lines = [title, "  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
-    return "\n".join(lines)
-
-
-def git_state() -> str:
-    """The commit measured, and whether the working tree had uncommitted changes."""
-    import subprocess
-
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"{head}{' + uncommitted changes' if dirty else ''}"
-
-
 def machine_info() -> dict[str, Any]:
-    model = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem_gib = 0.0
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_gib = int(line.split()[1]) / 2**20
-
     return {
-        "git": git_state(),
-        "nproc": os.cpu_count(),
-        "cpu_model": model,
-        "mem_gib": round(mem_gib, 1),
-        "python": platform.python_version(),
+        **common_machine_info(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
     }
@@ -922,13 +873,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json.write_text(json.dumps(report, indent=2, default=str))
         print(f"wrote {args.json}")
     return 0
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
 
 
 def run_table(title: str, runs: Sequence[RunResult]) -> str:
