@@ -254,8 +254,11 @@ class ScoringPipeline:
             return []
         out: list[tuple[_Pending, SongScored]] = []
         fresh: list[_Pending] = []
+        reused = [p for p in songs if p.reused]
+        records = self.store.get_songs([p.event.song_id for p in reused]) if reused else []
+        stored = {id(p): rec for p, rec in zip(reused, records, strict=True)}  # one round trip for all
         for p in songs:
-            previous = self._previous(p) if p.reused else None
+            previous = self._previous(p, stored[id(p)]) if p.reused else None
             if previous is not None:
                 p.unchanged = True
                 out.append((p, previous))
@@ -292,8 +295,8 @@ class ScoringPipeline:
             )
         return out
 
-    def _previous(self, p: _Pending) -> SongScored | None:
-        rec = self.store.get_song(p.event.song_id)
+    def _previous(self, p: _Pending, rec: dict[str, str] | None) -> SongScored | None:
+        """The stored record of a replayed song, when it was scored by this very model."""
         if not rec or rec.get("model_version") != self.model.version:
             return None
         try:

@@ -123,6 +123,10 @@ class ScoreStore(ABC):
     @abstractmethod
     def get_song(self, song_id: str) -> dict[str, str] | None: ...
 
+    def get_songs(self, song_ids: Sequence[str]) -> list[dict[str, str] | None]:
+        """:meth:`get_song` of many songs, in order; backends override it with one round trip."""
+        return [self.get_song(song_id) for song_id in song_ids]
+
     @abstractmethod
     def feed_page(self, feed: str, start: int, count: int) -> list[tuple[str, float]]:
         """(song_id, score) pairs, best first."""

@@ -342,6 +342,13 @@ class RedisScoreStore(ScoreStore):
         raw = self._redis.hgetall(self.song_key(song_id))
         return {str(k): str(v) for k, v in raw.items()} or None
 
+    def get_songs(self, song_ids: Sequence[str]) -> list[dict[str, str] | None]:
+        """HGETALL of many songs, pipelined (one round trip; works on Redis Cluster too)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for song_id in song_ids:
+            pipe.hgetall(self.song_key(song_id))
+        return [{str(k): str(v) for k, v in raw.items()} or None for raw in pipe.execute()]
+
     def feed_page(self, feed: str, start: int, count: int) -> list[tuple[str, float]]:
         """(song_id, rank_score) pairs, best first, from rank ``start`` (0-based)."""
         if start < 0:

@@ -53,6 +53,10 @@ def test_write_then_read_back(store: RedisScoreStore) -> None:
     }
     assert store.get_song("absent") is None
     assert store.ping()
+    # Many at once (the worker's replay check): one round trip, same records, None where absent.
+    store.write_songs([song("b.2", 0.25)], "cold-start")
+    assert store.get_songs(["a.1", "absent", "b.2"]) == [got, None, store.get_song("b.2")]
+    assert store.get_songs([]) == []
 
 
 def test_replay_is_idempotent_and_rescoring_moves_not_duplicates(store: RedisScoreStore) -> None:
