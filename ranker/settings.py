@@ -100,7 +100,9 @@ class IndexSettings(_Section):
     path: Path | None = Field(None, description="Index directory; default STATE_DIR/index.")
     factory: str = Field("Flat", description="faiss.index_factory string; wrapped in an ID map when needed.")
     use_gpu: Literal["auto", "never", "always"] = "auto"
-    snapshot_every_songs: int = Field(1000, ge=1)
+    snapshot_every_songs: int = Field(
+        1000, ge=1, description="Snapshot the FAISS index after this many changes, or a tenth of the index if more."
+    )
     snapshot_every_s: float = Field(60.0, gt=0)
     shards: list[str] = Field(
         [],

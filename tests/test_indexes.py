@@ -502,6 +502,13 @@ def test_snapshots_every_n_songs_or_t_seconds(tmp_path: Path) -> None:
         now[0] = 11.0
         assert index.maybe_snapshot()
         assert json.loads((tmp_path / META_FILE).read_text())["watermark"] == 6
+        # Once a tenth of the index is more than snapshot_every_songs, that tenth is the count.
+        index.add(records(94, prefix="d"))  # 100 vectors, then due after a tenth of the index, not 5
+        assert json.loads((tmp_path / META_FILE).read_text())["watermark"] == 100
+        index.add(records(10, prefix="e"))  # 110 vectors: 10 changes < 11
+        assert json.loads((tmp_path / META_FILE).read_text())["watermark"] == 100
+        index.add(records(1, prefix="f"))  # 111 vectors: 11 changes
+        assert json.loads((tmp_path / META_FILE).read_text())["watermark"] == 111
     finally:
         index.close()
 
