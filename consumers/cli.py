@@ -150,9 +150,9 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
-        run_every(s, parse_duration(args.every), stop)
+        run_every(s, parse_duration(args.every), stop, progress=sys.stderr.isatty())
         return 0
-    report = run_once(s)
+    report = run_once(s, progress=sys.stderr.isatty())  # a bar per training epoch on a terminal
     print(json.dumps(report.to_dict(), indent=2, default=str))
     return 0
 

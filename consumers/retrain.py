@@ -157,9 +157,15 @@ def rescore_window(settings: Settings, model: ScoringModel, store: RedisScoreSto
 
 
 def run_once(
-    settings: Settings, publisher: Publisher | None = None, train_overrides: dict[str, object] | None = None
+    settings: Settings,
+    publisher: Publisher | None = None,
+    train_overrides: dict[str, object] | None = None,
+    progress: bool = False,
 ) -> RetrainReport:
-    """One retrain; ``train_overrides`` adjusts the candidate's TrainConfig (ablations, tests)."""
+    """One retrain; ``train_overrides`` adjusts the candidate's TrainConfig (ablations, tests).
+
+    ``progress`` shows a bar per training epoch (the long step; rescoring always has one).
+    """
     store = _store(settings)
     began = time.perf_counter()
     try:
@@ -179,6 +185,7 @@ def run_once(
             margin=r.margin,
             warm_start=r.warm_start,
             train_config=config,
+            progress=progress,
         )
         report.timings_s = {"gather": round(gathered - began, 3), **report.timings_s}
         if report.promoted:
@@ -210,12 +217,12 @@ def run_once(
         store.close()
 
 
-def run_every(settings: Settings, every_s: float, stop: threading.Event) -> None:
+def run_every(settings: Settings, every_s: float, stop: threading.Event, progress: bool = False) -> None:
     """Retrain on a schedule until ``stop`` is set; a failed run is logged and retried next time."""
     while not stop.is_set():
         started = time.monotonic()
         try:
-            report = run_once(settings)
+            report = run_once(settings, progress=progress)
             print(json.dumps(report.to_dict(), default=str))
         except Exception:
             log.exception("retrain run failed; next attempt in %.0fs", every_s)

@@ -135,6 +135,7 @@ def retrain(
     margin: float,
     warm_start: bool,
     train_config: TrainConfig,
+    progress: bool = False,
 ) -> RetrainReport:
     """Train, compare and maybe promote; see the module docstring."""
     n = len(observed.song_ids)
@@ -152,7 +153,9 @@ def retrain(
     train_ids = [observed.song_ids[i] for i in train]
     hold_ids = [observed.song_ids[i] for i in holdout]
 
-    result = train_head(features, catalog, train_config, song_ids=train_ids, init=current if warm_start else None)
+    result = train_head(
+        features, catalog, train_config, song_ids=train_ids, init=current if warm_start else None, progress=progress
+    )
     candidate = result.model
     trained = time.perf_counter()
     cur_metrics = evaluate(current, features, catalog, song_ids=hold_ids)
