@@ -342,6 +342,22 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
 
 
+def test_a_model_saved_before_input_norm_existed_loads_with_its_version(tmp_path: Path) -> None:
+    model = trained_model()
+    assert not model.head.config.input_norm
+    path = model.save(tmp_path / "m")
+    card = json.loads((path / CONFIG_FILE).read_text())
+    del card["head"]["input_norm"]  # what the code before the field wrote
+    (path / CONFIG_FILE).write_text(json.dumps(card))
+    loaded = ScoringModel.load(path)
+    assert loaded.version == model.version and not loaded.head.config.input_norm
+    # With standardised inputs the statistics are part of the weights, hence of the version.
+    normed = ScoringModel.from_seed(DIM, 0, "enc", head_config=HeadConfig(input_dim=DIM, input_norm=True))
+    again = ScoringModel.load(normed.save(tmp_path / "n"))
+    assert again.head.config.input_norm and again.version == normed.version
+    assert "in_mean" in again.head.state_dict()
+
+
 @pytest.mark.parametrize(
     "config",
     [
@@ -614,6 +630,17 @@ def test_the_prior_like_rate_follows_the_likes_score_through_an_increasing_curve
     broken = tf.to_dict() | {"like_rate": {"x": [1.0, 0.5], "y": [0.1, 0.2]}}
     with pytest.raises(ValueError, match="like-rate curve"):
         TargetTransform.from_dict(broken)
+
+
+def test_isotonic_fit_pools_ties_as_a_whole() -> None:
+    from ranker.model.targets import _isotonic
+
+    ones = np.ones(4)
+    # A tie group is one point: (0: .5) then (1: mean of .4 and .9 = .65), already increasing.
+    assert _isotonic(np.array([0.0, 0.0, 1.0, 1.0]), np.array([0.5, 0.5, 0.4, 0.9]), ones) == [(0.0, 0.5), (1.0, 0.65)]
+    # Violators pool, weighted: .3 (w 1) and .1 (w 3) -> .15 at x = (0*1 + 1*3) / 4.
+    fit = _isotonic(np.array([0.0, 1.0, 2.0]), np.array([0.3, 0.1, 0.4]), np.array([1.0, 3.0, 1.0]))
+    assert fit == [(pytest.approx(0.75), pytest.approx(0.15)), (2.0, 0.4)]
 
 
 def test_thinned_knots_stay_close_and_monotone() -> None:

@@ -87,6 +87,8 @@ class ModelCard(BaseModel):
     def hashed_json(self) -> bytes:
         """The card as canonical JSON, without the fields that do not change behaviour."""
         data = self.model_dump(mode="json", exclude={"created_at", "model_version"})
+        if not data["head"].get("input_norm"):
+            del data["head"]["input_norm"]  # a card from before the field existed keeps its version
         return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
 
