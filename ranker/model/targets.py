@@ -185,16 +185,22 @@ class _RateCurve:
 
 
 def _isotonic(x: FloatArray, y: FloatArray, w: FloatArray) -> list[tuple[float, float]]:
-    """Weighted pool-adjacent-violators over points sorted by ``x``: (mean x, fitted y) per block.
+    """Weighted pool-adjacent-violators: (x, fitted y) per block of the increasing fit of y on x.
 
-    Equal ``x`` values are pooled first, so the knots' x are strictly increasing.
+    Points with equal ``x`` are pooled first (their weighted mean), so the knots' x are strictly
+    increasing and a tie group is merged as a whole, never point by point. A block's x is the
+    weighted mean of its points' x.
     """
-    stack: list[list[float]] = []  # [sum w*x, sum w*y, sum w, x of the block's last point]
-    for xi, yi, wi in zip(x.tolist(), y.tolist(), w.tolist(), strict=True):
-        cur = [wi * xi, wi * yi, wi, xi]
-        while stack and (stack[-1][3] == xi or stack[-1][1] / stack[-1][2] >= cur[1] / cur[2]):
+    xs, inverse = np.unique(x, return_inverse=True)
+    wsum = np.bincount(inverse, weights=w)
+    ysum = np.bincount(inverse, weights=w * y)
+    keep = wsum > 0
+    stack: list[list[float]] = []  # [sum w*x, sum w*y, sum w]
+    for xi, yw, wi in zip(xs[keep].tolist(), ysum[keep].tolist(), wsum[keep].tolist(), strict=True):
+        cur = [wi * xi, yw, wi]
+        while stack and stack[-1][1] / stack[-1][2] >= cur[1] / cur[2]:
             top = stack.pop()
-            cur = [top[0] + cur[0], top[1] + cur[1], top[2] + cur[2], xi]
+            cur = [top[0] + cur[0], top[1] + cur[1], top[2] + cur[2]]
         stack.append(cur)
     return [(b[0] / b[2], b[1] / b[2]) for b in stack]
 
