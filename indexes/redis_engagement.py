@@ -19,9 +19,14 @@ what the crash interrupted.
 
 One script call per batch: on a single Redis node (or a proxy that allows it) every
 event of the batch goes into one call, a few thousand keys at a time. Dedup keys share
-their song's hash tag, so on Redis Cluster (the script is refused with CROSSSLOT, or
-``per_song=True``) the same script runs once per song, pipelined, each call touching
-a single slot.
+their song's hash tag, so where a multi-slot script is refused (CROSSSLOT, e.g. behind a
+cluster proxy) or with ``per_song=True``, the same script runs once per song, pipelined,
+each call touching a single slot. The client is a plain ``redis.Redis``: Redis Cluster
+itself is reached through a proxy (MOVED redirections are not followed), as for the
+score store.
+
+Before any write, the script reads every counter it will change, so a failing call (a key
+of the wrong type) writes nothing: no dedup key is ever left without its count.
 """
 
 from __future__ import annotations
@@ -60,36 +65,46 @@ _SCRIPT = (
     "local FIELDS = {" + _LUA_FIELDS + "}\n"
     """local ttl = tonumber(ARGV[1])
 local n_songs = tonumber(ARGV[3])
-local out = {}
-local n_out = 0
+-- Pass 1, reads only: everything that can fail (a key of the wrong type, an unknown event type)
+-- fails here, before anything is written, so an error never leaves dedup keys without their counts.
 local counts = {}
 local a = 4
 for i = n_songs + 1, #KEYS do
+  local song, kind = tonumber(ARGV[a]), ARGV[a + 1]
+  a = a + 3
+  local fd = FIELDS[kind]
+  if not fd then return redis.error_reply('unknown engagement type ' .. tostring(kind)) end
+  local c = counts[song]
+  if not c then
+    c = {}
+    counts[song] = c
+  end
+  if c[fd[1]] == nil then c[fd[1]] = tonumber(redis.call('HGET', KEYS[song], fd[1])) or 0 end
+end
+-- Pass 2: deduplicate and count in memory, then one HSET per song with a new event.
+local out = {}
+local changed = {}
+a = 4
+for i = n_songs + 1, #KEYS do
   local song, kind, marker = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2]
   a = a + 3
-  n_out = n_out + 1
   if redis.call('SET', KEYS[i], marker, 'NX', 'EX', ttl) then
     local fd = FIELDS[kind]
     local c = counts[song]
-    if not c then
-      c = {}
-      counts[song] = c
-    end
-    local v = c[fd[1]]
-    if v == nil then v = tonumber(redis.call('HGET', KEYS[song], fd[1])) or 0 end
-    v = v + fd[2]
+    local v = c[fd[1]] + fd[2]
     if v < 0 then v = 0 end
     c[fd[1]] = v
-    out[n_out] = 'n'
-  elseif redis.call('GET', KEYS[i]) == marker then
-    out[n_out] = 'r'
+    changed[song] = true
+    out[#out + 1] = 'n'
+  elseif redis.pcall('GET', KEYS[i]) == marker then  -- pcall: a foreign key there is a duplicate
+    out[#out + 1] = 'r'
   else
-    out[n_out] = 'd'
+    out[#out + 1] = 'd'
   end
 end
-for song, c in pairs(counts) do
+for song, _ in pairs(changed) do
   local args = {'eng.updated', ARGV[2]}
-  for f, v in pairs(c) do
+  for f, v in pairs(counts[song]) do
     args[#args + 1] = f
     args[#args + 1] = string.format('%d', v)
   end

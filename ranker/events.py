@@ -105,7 +105,9 @@ class Engagement(_Event):
     type: EngagementType
     ts: AwareDatetime
     feed: str | None = Field(None, max_length=64)
-    position: int | None = Field(None, ge=0, description="0-based rank at which the song was shown")
+    position: int | None = Field(
+        None, ge=0, le=2**31 - 1, description="0-based rank at which the song was shown (the log keeps int32)"
+    )
 
     @classmethod
     def parse(cls, raw: bytes) -> Engagement:

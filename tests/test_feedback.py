@@ -11,6 +11,7 @@ import sys
 import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 import redis
@@ -18,7 +19,7 @@ import redis
 from consumers.feedback import FeedbackConsumer
 from consumers.kafka_io import ensure_topics, flush_or_raise, make_producer
 from indexes.base import SongRecord
-from indexes.engagement_log import EngagementLog
+from indexes.engagement_log import EngagementLog, LoggedEvent
 from indexes.redis_engagement import (
     COUNTERS,
     DUPLICATE,
@@ -190,6 +191,27 @@ def test_count_statuses_new_replay_duplicate(settings: Settings, per_song: bool)
 
 
 @pytest.mark.parametrize("per_song", [False, True], ids=["one-call", "per-song"])
+def test_a_script_error_writes_nothing_and_the_retry_counts(settings: Settings, per_song: bool) -> None:
+    """A song key of the wrong type fails the call before any dedup key is set: nothing is lost."""
+    counters = counters_for(settings, per_song)
+    try:
+        counters.client.set(counters.song_key("b"), "not a hash")
+        args = (["a", "a", "b"], ["e1", "e2", "e3"], ["play", "like", "play"], ["0:1", "0:2", "0:3"], "t")
+        with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
+            counters.count(*args)
+        if not per_song:  # one call for the batch: nothing of it was written
+            assert counters.counts(["a"])["a"]["plays"] == 0
+        counters.client.delete(counters.song_key("b"))
+        assert counters.count(*args) in (NEW * 3, REPLAY * 2 + NEW)  # per song, song a's call went through
+        assert counters.counts(["a", "b"]) == {
+            "a": {"plays": 1, "completes": 0, "likes": 1, "skips": 0, "shares": 0},
+            "b": {"plays": 1, "completes": 0, "likes": 0, "skips": 0, "shares": 0},
+        }
+    finally:
+        counters.close()
+
+
+@pytest.mark.parametrize("per_song", [False, True], ids=["one-call", "per-song"])
 def test_likes_floor_at_zero_in_event_order_within_one_call(settings: Settings, per_song: bool) -> None:
     counters = counters_for(settings, per_song)
     try:
@@ -286,6 +308,30 @@ def test_store_scripts_and_cluster_pipelines_agree(settings: Settings) -> None:
     assert f1 == f2 == [["10", "0", None], ["20", "1", None], ["30", "2", None], [None, None, None]]
     assert c1 == pytest.approx(c2) and c1 == pytest.approx((3.0, 10 * 0.1 + 20 * 0.2 + 30 * 0.05))
     assert a1 == pytest.approx(c1) and a2 == pytest.approx(c2)  # claimed once only
+
+
+def test_an_offset_range_logged_twice_after_a_rebalance_race_is_read_once(tmp_path: Path) -> None:
+    """Two members both write offsets 10-12 (the old owner had not finished): one row per message."""
+    ts = datetime(2026, 11, 26, tzinfo=UTC)
+
+    def events(first: int, last: int) -> list[LoggedEvent]:
+        return [LoggedEvent(f"e{o}", "s", "u", "play", ts, None, None, 0, o) for o in range(first, last + 1)]
+
+    old_owner, new_owner = EngagementLog(tmp_path, "eng"), EngagementLog(tmp_path, "eng")
+    assert new_owner.append(events(10, 15)) == 6
+    assert old_owner.append(events(10, 12)) == 3  # its view of the log was from before the new owner's write
+    assert len(list(tmp_path.glob("day=*/*.parquet"))) == 2
+    table = EngagementLog(tmp_path, "eng").read()
+    assert table.column("offset").to_pylist() == list(range(10, 16))
+
+
+def test_a_position_beyond_the_logs_int32_is_refused_not_crashed_on() -> None:
+    from ranker.errors import InputError
+
+    base = {"event_id": "e", "song_id": "s", "user_id": "u", "type": "play", "ts": "2026-11-26T00:00:00Z"}
+    assert Engagement.parse(json.dumps(base | {"position": 2**31 - 1}).encode()).position == 2**31 - 1
+    with pytest.raises(InputError):
+        Engagement.parse(json.dumps(base | {"position": 2**31}).encode())
 
 
 def test_message_markers_are_distinct_integers() -> None:
