@@ -84,7 +84,7 @@ def table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> 
 
 def print_figures(figures: Mapping[str, Any]) -> None:
     """One figure a line, names aligned."""
-    width = max(len(k) for k in figures)
+    width = max((len(k) for k in figures), default=0)
     for k, v in figures.items():
         print(f"{k:<{width}}  {v}")
 

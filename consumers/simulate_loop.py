@@ -49,7 +49,15 @@ from ranker.settings import (
     Settings,
     TopicSettings,
 )
-from ranker.synth import STYLES, appeal_scores, like_probability, sample_song_spec, simulate_catalog, synthesize_song
+from ranker.synth import (
+    APPEAL_WEIGHTS,
+    STYLES,
+    appeal_scores,
+    like_probability,
+    sample_song_spec,
+    simulate_catalog,
+    synthesize_song,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +93,24 @@ class LoopConfig:
     #: The loop's listeners weigh the qualities differently from the history's audience (None: the same
     #: weights, synth.APPEAL_WEIGHTS). The initial head only knows the history's taste; retraining can learn theirs.
     audience_weights: tuple[tuple[str, float], ...] | None = None
+
+    def __post_init__(self) -> None:
+        counts: tuple[str, ...] = ("page_size", "plays_per_user", "history_songs", "history_epochs")
+        counts += ("history_batch_size", "history_patience", "retrain_every_h", "retrain_min_plays")
+        counts += ("retrain_epochs", "max_candidates")
+        bad = [name for name in counts if getattr(self, name) < 1]
+        if self.retrain_batch_size is not None and self.retrain_batch_size < 2:
+            bad.append("retrain_batch_size")
+        bad += [name for name in ("duration_s", "idle_s", "history_lr") if not getattr(self, name) > 0]
+        if self.retrain_lr is not None and not self.retrain_lr > 0:
+            bad.append("retrain_lr")
+        if self.retrain_margin < 0:
+            bad.append("retrain_margin")
+        if bad:
+            raise ValueError(f"LoopConfig: {', '.join(bad)} out of range")
+        unknown = sorted({name for name, _ in self.audience_weights or ()} - set(APPEAL_WEIGHTS))
+        if unknown:
+            raise ValueError(f"LoopConfig: unknown audience_weights {unknown}; known: {sorted(APPEAL_WEIGHTS)}")
 
 
 @dataclass
@@ -559,7 +585,10 @@ def loop_config(overrides: Sequence[str]) -> LoopConfig:
                 values[key] = float(raw)
         except ValueError as exc:
             raise ValueError(f"--set {item!r}: {exc}") from None
-    return LoopConfig(**values)
+    try:
+        return LoopConfig(**values)
+    except ValueError as exc:
+        raise ValueError(f"--set: {exc}") from None
 
 
 def cmd_simulate_loop(args: argparse.Namespace) -> int:

@@ -50,3 +50,7 @@ def test_loop_config_overrides_parse_and_refuse_unknown_keys() -> None:
         loop_config(["history=60"])
     with pytest.raises(ValueError, match="retrain_epochs"):
         loop_config(["retrain_epochs=many"])
+    with pytest.raises(ValueError, match="page_size out of range"):
+        loop_config(["page_size=0"])
+    with pytest.raises(ValueError, match="unknown audience_weights"):
+        loop_config(["audience_weights=loudness:1"])
