@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import redis
 import redis.exceptions
 
+from indexes.redis_store import cross_slot
+
 #: Event type -> (hash field, delta).
 COUNTER_FIELDS: dict[str, tuple[str, int]] = {
     "play": ("eng.plays", 1),
@@ -182,7 +184,7 @@ class RedisEngagementCounters:
                     for lo in range(0, n, CHUNK)
                 )
             except redis.exceptions.ResponseError as exc:
-                if "crossslot" not in str(exc).lower():
+                if not cross_slot(exc):
                     raise
                 self.per_song = True  # Redis Cluster: one slot per call from now on
         return self._count_per_song(song_ids, event_ids, types, markers, updated_at)
@@ -201,16 +203,15 @@ class RedisEngagementCounters:
         slots: dict[str, int] = {}
         keys: list[str] = []
         args: list[str | int] = [self.ttl, updated_at, 0]
-        prefix = self.prefix
         for i in range(lo, hi):
             song_id = song_ids[i]
             slot = slots.get(song_id)
             if slot is None:
                 slot = slots[song_id] = len(slots) + 1
-            keys.append(f"{prefix}:evt:{{{song_id}}}:{event_ids[i]}")
+            keys.append(self._event_key(song_id, event_ids[i]))
             args += (slot, types[i], markers[i])
         args[2] = len(slots)
-        song_keys = [f"{prefix}:song:{{{song_id}}}" for song_id in slots]
+        song_keys = [self.song_key(song_id) for song_id in slots]
         out = self._script(keys=song_keys + keys, args=args)
         return out.decode() if isinstance(out, bytes) else str(out)
 

@@ -234,7 +234,7 @@ class RedisScoreStore(ScoreStore):
                 out = self._claim_many(keys=[*(self.song_key(s) for s in ids), self.calibration_key()], args=args)
                 return _totals(out)
             except redis.exceptions.ResponseError as exc:
-                if not _cross_slot(exc):
+                if not cross_slot(exc):
                     raise
                 self.multi_key_scripts = False
         pipe = self._redis.pipeline(transaction=False)
@@ -310,7 +310,7 @@ class RedisScoreStore(ScoreStore):
                 out: list[list[str | None]] = self._hmget_many(keys=keys, args=list(fields))
                 return out
             except redis.exceptions.ResponseError as exc:
-                if not _cross_slot(exc):
+                if not cross_slot(exc):
                     raise
                 self.multi_key_scripts = False
         pipe = self._redis.pipeline(transaction=False)
@@ -423,7 +423,7 @@ class AsyncStoreReads:
             try:
                 return await self._hmget_many(keys=keys, args=list(fields))
             except redis.exceptions.ResponseError as exc:
-                if not _cross_slot(exc):
+                if not cross_slot(exc):
                     raise
                 self._script_ok = False
         pipe = self._redis.pipeline(transaction=False)
@@ -488,7 +488,7 @@ return redis.call('HMGET', cal, 'likes', 'expected')
 """
 
 
-def _cross_slot(exc: redis.exceptions.ResponseError) -> bool:
+def cross_slot(exc: redis.exceptions.ResponseError) -> bool:
     """Whether Redis refused a multi-key command because its keys span cluster slots."""
     text = str(exc).lower()
     return "cross" in text or "same slot" in text
