@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from consumers.stack import EmbeddedStack, free_port
+from indexes.redis_store import RedisScoreStore, RedisStoreConfig
 from ranker.settings import (
     IndexSettings,
     KafkaSettings,
@@ -68,3 +69,13 @@ def settings(stack: EmbeddedStack, tmp_path: Path) -> Settings:
         index=IndexSettings(path=tmp_path / "index"),
         model=ModelSettings(logmel_n_mels=32),
     )
+
+
+@pytest.fixture
+def store(settings: Settings) -> Iterator[RedisScoreStore]:
+    """The Redis score store under the test's own key prefix."""
+    s = RedisScoreStore(
+        RedisStoreConfig(url=settings.redis.url.get_secret_value(), key_prefix=settings.redis.key_prefix)
+    )
+    yield s
+    s.close()

@@ -9,22 +9,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from indexes import EmbeddingIndex, EmbeddingRecord, RedisScoreStore, RedisStoreConfig
+from indexes import EmbeddingIndex, EmbeddingRecord, RedisScoreStore
 from ranker.api import create_app
 from ranker.feeds import FeedWriter
 from ranker.settings import ApiSettings, FeedFilters, Settings
 from tests.test_policy import NOW, plain, record, with_feeds
 
 DIM = 16
-
-
-@pytest.fixture
-def store(settings: Settings) -> Iterator[RedisScoreStore]:
-    s = RedisScoreStore(
-        RedisStoreConfig(url=settings.redis.url.get_secret_value(), key_prefix=settings.redis.key_prefix)
-    )
-    yield s
-    s.close()
 
 
 def add_vectors(settings: Settings, vectors: dict[str, np.ndarray]) -> None:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import numpy as np
 import pytest
 
-from indexes import RedisScoreStore, RedisStoreConfig, SongRecord
+from indexes import RedisScoreStore, SongRecord
 from ranker.feeds import (
     PRIOR_FIELD,
     Cursor,
@@ -75,15 +74,6 @@ def plain(**kw: object) -> FeedPolicy:
     """A feed policy without exploration or de-duplication unless asked for."""
     base: dict[str, object] = {"explore_share": 0.0, "dedup_threshold": None}
     return FeedPolicy(**{**base, **kw})  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def store(settings: Settings) -> Iterator[RedisScoreStore]:
-    s = RedisScoreStore(
-        RedisStoreConfig(url=settings.redis.url.get_secret_value(), key_prefix=settings.redis.key_prefix)
-    )
-    yield s
-    s.close()
 
 
 # -- pure policy --------------------------------------------------------------------------------

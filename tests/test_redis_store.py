@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import redis
 
 from consumers.stack import free_port
 from indexes import RedisScoreStore, RedisStoreConfig, ScoreStore, SongRecord, open_score_store
 from ranker.settings import Settings
-
-
-@pytest.fixture
-def store(settings: Settings) -> Iterator[RedisScoreStore]:
-    s = RedisScoreStore(
-        RedisStoreConfig(url=settings.redis.url.get_secret_value(), key_prefix=settings.redis.key_prefix)
-    )
-    yield s
-    s.close()
 
 
 def song(song_id: str, rank: float, **extra: object) -> SongRecord:
