@@ -230,6 +230,24 @@ class FeedWriter:
         entries, ages = _entries(self.policies, states, self.scale(), now)
         self.store.write_feed_entries(songs, entries, ages)
 
+    def recalibrate(self, songs: Sequence[SongRecord]) -> float:
+        """Re-claim these songs' share of the calibration totals with their new prior; the new scale.
+
+        For rescoring under a newly promoted model: the totals compare observed likes with what
+        the model that scored each song predicted, so a song whose prior changed must be counted
+        at its new prior. Otherwise the old model's bias stays in the scale and is applied to the
+        new model's priors as well (a model that corrects a 2x under-prediction would have its
+        priors doubled again). Call it for every rescored song before writing their entries.
+        """
+        cfg = self.settings.feed.like_rate
+        if not cfg.calibrate:
+            return 1.0
+        if not songs:
+            return self.scale()
+        first = next(iter(self.policies.values()))  # the prior is the same in every feed (on_engagement too)
+        priors = {song.song_id: first.prior_rate(state_from_record(song, 0.0, 0.0, 0.0)) for song in songs}
+        return calibration_scale(*self.store.claim_calibration(priors), cfg)
+
     def on_engagement(self, song_ids: Sequence[str], now: float | None = None) -> int:
         """Recompute the feed entries of songs whose engagement counters changed.
 

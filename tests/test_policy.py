@@ -300,6 +300,29 @@ def test_calibration_scales_the_prior(settings: Settings, store: RedisScoreStore
     assert store.calibration_totals() == pytest.approx((40.0, 25.5))
 
 
+def test_a_rescore_recalibrates_at_the_new_prior(settings: Settings, store: RedisScoreStore) -> None:
+    """After a promotion the scale must measure the new model, not keep correcting the old one."""
+    s = with_feeds(settings, {"f": plain(half_life_hours=None)}, calibration_strength=10)
+    writer = FeedWriter(s, store)
+    old = [SongRecord(**{**record(x, likes=50).__dict__, "extra": {PRIOR_FIELD: 0.1}}) for x in ("a", "b")]
+    writer.on_scored(old, now=NOW)
+    for sid in ("a", "b"):
+        store.client.hincrby(store.song_key(sid), "eng.plays", 100)
+        store.client.hincrby(store.song_key(sid), "eng.likes", 20)
+    writer.on_engagement(["a", "b"], now=NOW)
+    assert store.calibration_totals() == pytest.approx((40.0, 20.0))  # the old model predicted half the likes
+    assert writer.scale() == pytest.approx(50 / 30)
+    # A new model predicts 0.2 for both: right on. Its scale is 1, not the old model's 5/3.
+    new = [SongRecord(**{**r.__dict__, "extra": {PRIOR_FIELD: 0.2}}) for r in old]
+    assert writer.recalibrate(new) == pytest.approx(1.0)
+    assert store.calibration_totals() == pytest.approx((40.0, 40.0))
+    assert writer.recalibrate(new) == pytest.approx(1.0)  # idempotent: each song is counted once
+    assert store.calibration_totals() == pytest.approx((40.0, 40.0))
+    assert writer.recalibrate([]) == pytest.approx(1.0)
+    off = FeedWriter(with_feeds(settings, {"f": plain()}, calibrate=False), store)
+    assert off.recalibrate(new) == 1.0
+
+
 def test_model_prior_field_wins_over_the_fallback(settings: Settings, store: RedisScoreStore) -> None:
     s = with_feeds(settings, {"f": plain(half_life_hours=None)}, calibrate=False)
     writer = FeedWriter(s, store)
