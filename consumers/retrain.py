@@ -119,7 +119,7 @@ def rescore_window(settings: Settings, model: ScoringModel, store: RedisScoreSto
     if not window:
         return 0
     now = datetime.now(UTC).isoformat()
-    done = 0
+    rescored: list[list[SongRecord]] = []
     with SqliteEmbeddingStore(settings.index_dir / STORE_FILE) as emb, Progress(transient=True) as bar:
         task = bar.add_task("rescoring the cold-start window", total=len(window))
         for start in range(0, len(window), 1024):
@@ -150,10 +150,16 @@ def rescore_window(settings: Settings, model: ScoringModel, store: RedisScoreSto
                         scored_at=now,
                     )
                 )
-            feeds.write_scored(store, settings, feeds.with_prior(records, model.target_transform))
-            done += len(records)
+            rescored.append(feeds.with_prior(records, model.target_transform))
             bar.advance(task, len(chunk))
-    return done
+    # Calibration first, for every rescored song, so that no entry is written with a scale
+    # that still measures the previous model (see FeedWriter.recalibrate).
+    writer = feeds.FeedWriter(settings, store)
+    for records in rescored:
+        writer.recalibrate(records)
+    for records in rescored:
+        feeds.write_scored(store, settings, records)
+    return sum(len(r) for r in rescored)
 
 
 def run_once(
@@ -174,7 +180,14 @@ def run_once(
         gathered = time.perf_counter()
         r = settings.retrain
         config = TrainConfig.model_validate(
-            {"epochs": r.epochs, "patience": r.patience, "seed": settings.model.seed, **(train_overrides or {})}
+            {
+                "epochs": r.epochs,
+                "patience": r.patience,
+                "lr": r.lr,
+                "batch_size": r.batch_size,
+                "seed": settings.model.seed,
+                **(train_overrides or {}),
+            }
         )
         report = retrain(
             current,
@@ -185,6 +198,8 @@ def run_once(
             margin=r.margin,
             warm_start=r.warm_start,
             train_config=config,
+            targets=r.targets,
+            rate_prior_plays=r.rate_prior_plays,
             progress=progress,
         )
         report.timings_s = {"gather": round(gathered - began, 3), **report.timings_s}

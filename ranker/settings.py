@@ -171,8 +171,20 @@ class RetrainSettings(_Section):
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="Newest songs held out to compare models.")
     margin: float = Field(0.01, ge=0, description="Mean Spearman(streams, likes) gain needed to promote.")
     warm_start: bool = Field(True, description="Start the candidate from the current head (else from scratch).")
+    targets: Literal["exposure", "counts"] = Field(
+        "exposure",
+        description="exposure: the likes target is a song's smoothed like rate x the median plays (what the audience "
+        "decided, not where the feed placed it); counts: raw play and like counts.",
+    )
+    rate_prior_plays: float = Field(
+        20.0, ge=0, description="Exposure targets: like rates are smoothed toward the pooled rate by this many plays."
+    )
     epochs: int = Field(30, ge=1)
     patience: int = Field(8, ge=1)
+    lr: float = Field(1e-4, gt=0, description="The candidate's learning rate (TrainConfig's default).")
+    batch_size: int = Field(
+        512, ge=2, description="The candidate's batch; a few hundred songs want 32 (512 is one step an epoch)."
+    )
     cold_start_window_h: float = Field(72.0, gt=0, description="Songs this young are rescored on promotion.")
 
 

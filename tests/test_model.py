@@ -342,6 +342,16 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
 
 
+def test_another_target_transform_makes_another_version_of_the_same_head() -> None:
+    model = trained_model()
+    other = model.with_target_transform({"kind": "opaque", "gamma": 0.25})
+    assert other.target_transform == {"kind": "opaque", "gamma": 0.25} and other.version != model.version
+    assert model.target_transform == {"kind": "opaque", "gamma": 0.5}  # the original is untouched
+    x = features(20)
+    np.testing.assert_array_equal(other.predict(x), model.predict(x))
+    assert other.card.training == model.card.training and other.layers == model.layers
+
+
 def test_a_model_saved_before_input_norm_existed_loads_with_its_version(tmp_path: Path) -> None:
     model = trained_model()
     assert not model.head.config.input_norm
@@ -630,6 +640,29 @@ def test_the_prior_like_rate_follows_the_likes_score_through_an_increasing_curve
     broken = tf.to_dict() | {"like_rate": {"x": [1.0, 0.5], "y": [0.1, 0.2]}}
     with pytest.raises(ValueError, match="like-rate curve"):
         TargetTransform.from_dict(broken)
+
+
+def test_the_like_rate_curve_can_be_refitted_on_other_scores() -> None:
+    rng = np.random.default_rng(5)
+    n = 3000
+    true_rate = rng.uniform(0.02, 0.3, n)
+    streams = np.floor(rng.lognormal(4, 1.0, n)) + 1
+    likes = rng.binomial(streams.astype(np.int64), true_rate).astype(np.float64)
+    tf = TargetTransform.fit({"streams": streams, "likes": likes})
+    # Scores that know the true rate (a head that predicts taste), against raw likes that mostly
+    # follow streams: the refitted curve spans far more of the true range than the original.
+    predicted = 100 * (true_rate - 0.02) / 0.28
+    refit = tf.with_like_rate(predicted, likes, streams)
+    grid = np.array([5.0, 50.0, 95.0])
+    rates = refit.expected_rate(grid, grid)
+    assert np.all(np.diff(rates) > 0)
+    np.testing.assert_allclose(rates, 0.02 + 0.28 * grid / 100, atol=0.02)
+    # Only the curve changes: the tables, the original transform and serialisation are intact.
+    assert refit.to_dict()["tables"] == tf.to_dict()["tables"]
+    assert tf.expected_rate(grid, grid).tolist() != rates.tolist()
+    np.testing.assert_array_equal(TargetTransform.from_dict(refit.to_dict()).expected_rate(grid, grid), rates)
+    with pytest.raises(ValueError, match="negative"):
+        tf.with_like_rate(predicted, -likes, streams)
 
 
 def test_isotonic_fit_pools_ties_as_a_whole() -> None:

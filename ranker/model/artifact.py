@@ -205,6 +205,11 @@ class ScoringModel:
         )
         return cls(copy.deepcopy(head), card, device=device, metrics=metrics)
 
+    def with_target_transform(self, target_transform: Mapping[str, Any]) -> ScoringModel:
+        """The same head with another target transform (a new card, so a new version)."""
+        card = self._card.model_copy(update={"target_transform": dict(target_transform)})
+        return ScoringModel(copy.deepcopy(self._head), card, device=self._device, metrics=self.metrics)
+
     # Properties ---------------------------------------------------------------------
     @property
     def version(self) -> str:

@@ -8,6 +8,15 @@ One run:
    unlikes. The five aesthetic targets are the current head's own predictions
    (pseudo-labels, as SongEval's were in the paper), so that learning popularity
    from engagement does not drift the aesthetic outputs.
+
+   With ``targets="exposure"`` (the default) the likes target is the song's likes
+   *at the median exposure*: its like rate, smoothed toward the pooled rate with
+   the weight of ``rate_prior_plays`` plays, times the median play count. In a
+   closed loop a song's play count says mostly where the feed placed it, and raw
+   likes inherit that; the like rate per play is what the audience decided. The
+   candidate's like-rate curve is refitted to its predictions at the incumbent's level
+   (see ``_exposure_like_rate``).
+   ``targets="counts"`` trains on the raw counts.
 2. **Time-based holdout.** The newest ``holdout_fraction`` of those songs (by
    ``created_at``) never enters training; both models are judged on them.
 3. **Candidate.** Trained warm from the current head, or from scratch (a setting),
@@ -29,7 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -40,9 +49,13 @@ from ranker.events import AESTHETIC_TASKS, POPULARITY_TASKS
 from ranker.features import FeatureSet
 from ranker.model.artifact import ScoringModel, promote
 from ranker.model.evaluate import evaluate
+from ranker.model.targets import TargetTransform
 from ranker.model.train import TrainConfig, train_head
 
 log = logging.getLogger(__name__)
+
+#: ``exposure``: likes at the median exposure (like rate x median plays); ``counts``: raw counts.
+TargetMode = Literal["exposure", "counts"]
 
 
 @dataclass(frozen=True)
@@ -96,15 +109,78 @@ def aggregate_engagement(log_table: pa.Table) -> tuple[list[str], np.ndarray, np
     return [ids[i] for i in order], plays[order], np.minimum(likes[order], plays[order])
 
 
-def training_catalog(observed: Observed, rows: np.ndarray, pseudo: np.ndarray, tasks: Sequence[str]) -> Catalog:
-    """An in-memory catalog for ``train_head``/``evaluate``: counts plus aesthetic pseudo-labels."""
+def exposure_adjusted_likes(plays: np.ndarray, likes: np.ndarray, prior_plays: float) -> np.ndarray:
+    """Each song's likes at the median play count, from its smoothed like rate.
+
+    The rate is ``(likes + k * pooled) / (plays + k)`` with ``k = prior_plays`` and ``pooled``
+    the like rate of all songs together (Beta-Binomial smoothing, as the feed's posterior, but
+    toward a prior no model produced, so that the holdout does not favour the incumbent).
+    """
+    plays = np.asarray(plays, dtype=np.float64)
+    likes = np.asarray(likes, dtype=np.float64)
+    if plays.size == 0:
+        return np.zeros(0, np.float64)
+    pooled = float(likes.sum() / max(plays.sum(), 1.0))
+    rate = (likes + prior_plays * pooled) / (plays + prior_plays)
+    return np.asarray(rate * _median(plays), dtype=np.float64)
+
+
+def _median(values: np.ndarray) -> float:
+    return max(float(np.median(values)), 1.0) if len(values) else 1.0
+
+
+def _exposure_like_rate(
+    current: ScoringModel, candidate: ScoringModel, layers: np.ndarray, rates: np.ndarray
+) -> dict[str, Any]:
+    """The candidate's transform with the like-rate curve an exposure-trained head should carry.
+
+    The curve is the prior like rate of a *new* song. Its shape is refitted: an increasing fit
+    of the training songs' smoothed like rates against the candidate's predicted likes score,
+    one vote per song (weighting by plays would let the feed's few big hits set it). Its level
+    is the incumbent's: the songs a retrain sees are the ones the feed chose to play, and their
+    like rates run higher than a new song's, so a curve fitted on them alone would put every
+    unplayed song above songs with proven rates (in the loop simulation that cost more like
+    rate than the better ranking won). The curve is scaled so that, over the training songs,
+    the candidate's mean prior equals the incumbent's; the feed's calibration tracks the level
+    from there. A first head (no incumbent curve) keeps the fitted level.
+    """
+    assert candidate.target_transform is not None
+    likes = list(candidate.tasks).index("likes")
+    predicted = candidate.predict(layers)[:, likes]
+    transform = TargetTransform.from_dict(candidate.target_transform)
+    refit = transform.with_like_rate(predicted, rates, np.ones(len(rates)))
+    out = refit.to_dict()
+    if current.target_transform is None or "like_rate" not in out or "likes" not in current.tasks:
+        return out
+    incumbent = TargetTransform.from_dict(current.target_transform)
+    old = current.predict(layers)
+    cols = [list(current.tasks).index(t) for t in ("likes", "streams")]
+    old_mean = float(np.mean(incumbent.expected_rate(old[:, cols[0]], old[:, cols[1]])))
+    new_mean = float(np.mean(refit.expected_rate(predicted, predicted)))
+    if new_mean > 0 and np.isfinite(old_mean):
+        y = np.clip(np.asarray(out["like_rate"]["y"]) * (old_mean / new_mean), 0.0, 1.0)
+        out["like_rate"] = {"x": out["like_rate"]["x"], "y": y.tolist()}
+    return out
+
+
+def training_catalog(
+    observed: Observed,
+    rows: np.ndarray,
+    pseudo: np.ndarray,
+    tasks: Sequence[str],
+    likes: np.ndarray | None = None,
+) -> Catalog:
+    """An in-memory catalog for ``train_head``/``evaluate``: counts plus aesthetic pseudo-labels.
+
+    ``likes`` replaces the observed likes column (exposure-adjusted targets).
+    """
     cols: dict[str, Any] = {
         "song_id": [observed.song_ids[i] for i in rows],
         "audio_uri": ["embedding-store:" + observed.song_ids[i] for i in rows],
         "generator": [observed.generators[i] for i in rows],
         "created_at": pa.array([observed.created_at[i] for i in rows], pa.timestamp("us", tz="UTC")),
         "streams": observed.plays[rows].astype(np.int64),
-        "likes": observed.likes[rows].astype(np.int64),
+        "likes": observed.likes[rows].astype(np.int64) if likes is None else np.asarray(likes, np.float64)[rows],
     }
     for j, task in enumerate(tasks):
         if task in AESTHETIC_TASKS:
@@ -135,6 +211,8 @@ def retrain(
     margin: float,
     warm_start: bool,
     train_config: TrainConfig,
+    targets: TargetMode = "counts",
+    rate_prior_plays: float = 20.0,
     progress: bool = False,
 ) -> RetrainReport:
     """Train, compare and maybe promote; see the module docstring."""
@@ -149,7 +227,10 @@ def retrain(
     began = time.perf_counter()
     rows = np.arange(n)
     pseudo = current.predict(features.layers)
-    catalog = training_catalog(observed, rows, pseudo, current.tasks)
+    adjusted = None
+    if targets == "exposure":
+        adjusted = exposure_adjusted_likes(observed.plays, observed.likes, rate_prior_plays)
+    catalog = training_catalog(observed, rows, pseudo, current.tasks, likes=adjusted)
     train_ids = [observed.song_ids[i] for i in train]
     hold_ids = [observed.song_ids[i] for i in holdout]
 
@@ -157,6 +238,10 @@ def retrain(
         features, catalog, train_config, song_ids=train_ids, init=current if warm_start else None, progress=progress
     )
     candidate = result.model
+    if adjusted is not None and candidate.target_transform is not None:
+        candidate = candidate.with_target_transform(
+            _exposure_like_rate(current, candidate, features.layers[train], adjusted[train] / _median(observed.plays))
+        )
     trained = time.perf_counter()
     cur_metrics = evaluate(current, features, catalog, song_ids=hold_ids)
     new_metrics = evaluate(candidate, features, catalog, song_ids=hold_ids)

@@ -345,6 +345,28 @@ class TargetTransform:
             out._like_rate = _RateCurve.fit(likes_score, columns["likes"], columns["streams"], max_knots)
         return out
 
+    def with_like_rate(
+        self, likes_score: npt.ArrayLike, likes: npt.ArrayLike, streams: npt.ArrayLike
+    ) -> TargetTransform:
+        """A copy whose like-rate curve is refitted: observed ``likes / streams`` (streams-weighted,
+        isotonic) against the given likes scores.
+
+        Retraining passes the candidate's *predicted* likes scores, so the curve calibrates what
+        the head says of a new song. Fitted against the training targets' scores instead, a curve
+        is as steep as the targets are sharp, and a head's predictions, which regress toward the
+        mean, would read as over-confident priors.
+        """
+        scores = np.atleast_1d(np.asarray(likes_score, dtype=np.float64))
+        curve = _RateCurve.fit(
+            scores,
+            _counts("likes", likes, allow_missing=False),
+            _counts("streams", streams, allow_missing=False),
+            self.max_knots,
+        )
+        out = TargetTransform.from_dict(self.to_dict())
+        out._like_rate = curve
+        return out
+
     def _score(self, task: str, counts: FloatArray, generator: Any, created_at: Any) -> FloatArray:
         """Scores of counts in each row's reference group (NaN stays NaN)."""
         pct = self.percentile(task, counts, generator=generator, created_at=created_at, allow_missing=True)
