@@ -26,7 +26,7 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import soundfile as sf
@@ -88,6 +88,10 @@ class LoopConfig:
     retrain_margin: float = 0.01  # the gate's margin (RetrainSettings' default)
     retrain_lr: float | None = None  # None: TrainConfig's (1e-4); small retraining sets barely move at that rate
     retrain_batch_size: int | None = None  # None: TrainConfig's (512)
+    retrain_targets: Literal["exposure", "counts"] = "exposure"  # RetrainSettings.targets
+    #: The feed's freshness half-life in simulated hours (None: FeedPolicy's 72 h, hardly any decay over a run).
+    half_life_hours: float | None = None
+    retrain_rate_prior_plays: float = 20.0
     idle_s: float = 0.8  # worker / feedback ``until_idle_s`` per simulated hour
     max_candidates: int = 2000  # random / newest: how much of the feed is fetched to be re-ordered
     #: The loop's listeners weigh the qualities differently from the history's audience (None: the same
@@ -106,6 +110,10 @@ class LoopConfig:
             bad.append("retrain_lr")
         if self.retrain_margin < 0:
             bad.append("retrain_margin")
+        if self.retrain_rate_prior_plays < 0:
+            bad.append("retrain_rate_prior_plays")
+        if self.retrain_targets not in ("exposure", "counts"):
+            bad.append("retrain_targets")
         if bad:
             raise ValueError(f"LoopConfig: {', '.join(bad)} out of range")
         unknown = sorted({name for name, _ in self.audience_weights or ()} - set(APPEAL_WEIGHTS))
@@ -122,8 +130,13 @@ class PolicyOutcome:
     expected_likes: list[float] = field(default_factory=list)  # sum of the true like probabilities played
     promotions: int = 0
     retrains: int = 0
-    #: After each promotion: Spearman(the new head's prior like rate, true like probability) over the songs so far.
+    #: After each promotion: Spearman(the new head's prior like rate, audience like rate) over the songs so far
+    #: (including the songs it was trained on).
     promoted_prior_spearman: list[float | None] = field(default_factory=list)
+    first_promotion_hour: int | None = None
+    #: At the end: Spearman(this policy's prior like rate, audience like rate) over the songs that arrived after
+    #: the retrain policy's first promotion, none of which any retrained head was trained on (None without one).
+    late_prior_spearman: float | None = None
 
     @property
     def like_rate(self) -> float:
@@ -259,7 +272,11 @@ def _policy_settings(base: Settings, policy: str, out_dir: Path, cfg: LoopConfig
         partitions=1,
     )
     prior_only = policy == "prior-only"
-    feed = FeedPolicy(prior_strength=PRIOR_ONLY_STRENGTH, explore_share=0.0) if prior_only else FeedPolicy()
+    fresh: dict[str, Any] = {} if cfg.half_life_hours is None else {"half_life_hours": cfg.half_life_hours}
+    if prior_only:
+        feed = FeedPolicy(prior_strength=PRIOR_ONLY_STRENGTH, explore_share=0.0, **fresh)
+    else:
+        feed = FeedPolicy(**fresh)
     state = out_dir / "policies" / policy.replace("+", "-") / "state"
     return base.model_copy(
         update={
@@ -278,6 +295,8 @@ def _policy_settings(base: Settings, policy: str, out_dir: Path, cfg: LoopConfig
                 epochs=cfg.retrain_epochs,
                 patience=cfg.retrain_epochs,
                 margin=cfg.retrain_margin,
+                targets=cfg.retrain_targets,
+                rate_prior_plays=cfg.retrain_rate_prior_plays,
             ),
             "feedback": base.feedback.model_copy(update={"log_dir": None}),
         }
@@ -474,14 +493,23 @@ def run_loop_simulation(
                     outcomes[retrain_p].promotions += int(report.promoted)
                     if report.promoted:
                         items = _candidates(clients[retrain_p], cfg.max_candidates)
-                        outcomes[retrain_p].promoted_prior_spearman.append(_prior_spearman(items, world))
+                        outcomes[retrain_p].promoted_prior_spearman.append(_prior_spearman(items, world, cfg))
+                        if outcomes[retrain_p].first_promotion_hour is None:
+                            outcomes[retrain_p].first_promotion_hour = hour
                     log.info("retrain at hour %d: %s", hour, report.to_dict())
                 except Exception as exc:  # too little data yet is not a failure of the simulation
                     log.warning("retrain at hour %d failed: %s", hour, exc)
             log.info("hour %d: %s", hour, {p: o.hourly_rates()[-1] for p, o in outcomes.items()})
         result = LoopResult(seed, songs, users, hours, outcomes)
         if "prior-only" in clients:
-            result.prior_spearman = _prior_spearman(_candidates(clients["prior-only"], cfg.max_candidates), world)
+            result.prior_spearman = _prior_spearman(_candidates(clients["prior-only"], cfg.max_candidates), world, cfg)
+        first = outcomes["prior+evidence+retrain"].first_promotion_hour if "prior+evidence+retrain" in ns else None
+        if first is not None:
+            late = {s.song_id for s in world.songs if s.hour > first}
+            for p in ("prior-only", "prior+evidence", "prior+evidence+retrain"):
+                if p in clients:
+                    items = [it for it in _candidates(clients[p], cfg.max_candidates) if it["song_id"] in late]
+                    outcomes[p].late_prior_spearman = _prior_spearman(items, world, cfg)
 
     result.json_path = out_dir / "loop-result.json"
     result.json_path.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
@@ -492,9 +520,27 @@ def run_loop_simulation(
 # --------------------------------------------------------------------------- reporting
 
 
-def _prior_spearman(items: list[dict[str, Any]], world: _World) -> float | None:
-    """How well the initial head's prior like rate orders the songs by their true like probability."""
-    truth = {s.song_id: s.like_prob for s in world.songs}
+def audience_like_rates(world: _World, cfg: LoopConfig) -> dict[str, float]:
+    """Each song's like rate over the whole audience: its listeners' like probabilities, averaged.
+
+    What the feed's like rate measures, and what a head retrained on this audience can learn (the
+    style boost included, which the history's targets do not have).
+    """
+    shares: dict[str, float] = {}
+    for style in world.user_styles:
+        shares[style] = shares.get(style, 0.0) + 1.0 / len(world.user_styles)
+    return {
+        s.song_id: sum(
+            share / (1.0 + math.exp(-(_logit(s.like_prob) + (cfg.style_boost if style == s.style else 0.0))))
+            for style, share in shares.items()
+        )
+        for s in world.songs
+    }
+
+
+def _prior_spearman(items: list[dict[str, Any]], world: _World, cfg: LoopConfig) -> float | None:
+    """How well a head's prior like rate orders these songs by the audience's like rate."""
+    truth = audience_like_rates(world, cfg)
     pairs = [(float(it["components"]["prior_rate"]), truth[it["song_id"]]) for it in items if it["song_id"] in truth]
     if len(pairs) < 3:
         return None
@@ -579,6 +625,8 @@ def loop_config(overrides: Sequence[str]) -> LoopConfig:
             if key == "audience_weights":
                 pairs = (part.split(":") for part in raw.split(","))
                 values[key] = tuple((name.strip(), float(w)) for name, w in pairs)
+            elif typing.get_origin(hints[key]) is Literal:
+                values[key] = raw
             elif int in typing.get_args(hints[key]) or hints[key] is int:
                 values[key] = int(raw)
             else:
