@@ -211,7 +211,7 @@ def retrain(
     margin: float,
     warm_start: bool,
     train_config: TrainConfig,
-    targets: TargetMode = "counts",
+    targets: TargetMode = "exposure",
     rate_prior_plays: float = 20.0,
     progress: bool = False,
 ) -> RetrainReport:
