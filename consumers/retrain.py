@@ -159,6 +159,10 @@ def rescore_window(settings: Settings, model: ScoringModel, store: RedisScoreSto
         writer.recalibrate(records)
     for records in rescored:
         feeds.write_scored(store, settings, records)
+    # Once more: the feedback consumer may have re-claimed a song at its old prior (still in
+    # its hash) between the two passes. Idempotent; only such songs change the totals.
+    for records in rescored:
+        writer.recalibrate(records)
     return sum(len(r) for r in rescored)
 
 

@@ -112,6 +112,8 @@ class LoopConfig:
             bad.append("retrain_margin")
         if self.retrain_rate_prior_plays < 0:
             bad.append("retrain_rate_prior_plays")
+        if self.half_life_hours is not None and not self.half_life_hours > 0:
+            bad.append("half_life_hours")
         if self.retrain_targets not in ("exposure", "counts"):
             bad.append("retrain_targets")
         if bad:
@@ -135,7 +137,8 @@ class PolicyOutcome:
     promoted_prior_spearman: list[float | None] = field(default_factory=list)
     first_promotion_hour: int | None = None
     #: At the end: Spearman(this policy's prior like rate, audience like rate) over the songs that arrived after
-    #: the retrain policy's first promotion, none of which any retrained head was trained on (None without one).
+    #: the retrain policy's first promotion, which the first promoted head was not trained on (a later promotion
+    #: may have trained on some of them; None without a promotion).
     late_prior_spearman: float | None = None
 
     @property

@@ -342,7 +342,7 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
 
 
-def test_another_target_transform_makes_another_version_of_the_same_head() -> None:
+def test_another_target_transform_makes_another_version_of_the_same_head(tmp_path: Path) -> None:
     model = trained_model()
     other = model.with_target_transform({"kind": "opaque", "gamma": 0.25})
     assert other.target_transform == {"kind": "opaque", "gamma": 0.25} and other.version != model.version
@@ -350,6 +350,10 @@ def test_another_target_transform_makes_another_version_of_the_same_head() -> No
     x = features(20)
     np.testing.assert_array_equal(other.predict(x), model.predict(x))
     assert other.card.training == model.card.training and other.layers == model.layers
+    noted = model.with_target_transform({"kind": "opaque"}, training={"retrain_targets": "exposure"})
+    assert noted.card.training == {**(model.card.training or {}), "retrain_targets": "exposure"}
+    loaded = ScoringModel.load(noted.save(tmp_path / "noted"))
+    assert loaded.version == noted.version and loaded.target_transform == {"kind": "opaque"}
 
 
 def test_a_model_saved_before_input_norm_existed_loads_with_its_version(tmp_path: Path) -> None:

@@ -300,8 +300,10 @@ def test_calibration_scales_the_prior(settings: Settings, store: RedisScoreStore
     assert store.calibration_totals() == pytest.approx((40.0, 25.5))
 
 
-def test_a_rescore_recalibrates_at_the_new_prior(settings: Settings, store: RedisScoreStore) -> None:
+@pytest.mark.parametrize("one_script", [True, False], ids=["one-script", "per-song (cluster fallback)"])
+def test_a_rescore_recalibrates_at_the_new_prior(settings: Settings, store: RedisScoreStore, one_script: bool) -> None:
     """After a promotion the scale must measure the new model, not keep correcting the old one."""
+    store.multi_key_scripts = one_script
     s = with_feeds(settings, {"f": plain(half_life_hours=None)}, calibration_strength=10)
     writer = FeedWriter(s, store)
     old = [SongRecord(**{**record(x, likes=50).__dict__, "extra": {PRIOR_FIELD: 0.1}}) for x in ("a", "b")]

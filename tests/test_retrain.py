@@ -16,7 +16,7 @@ from consumers.worker import Worker
 from indexes.engagement_log import EngagementLog, LoggedEvent
 from indexes.redis_store import RedisScoreStore
 from ranker.features import FeatureSet
-from ranker.feeds import PRIOR_FIELD, on_engagement
+from ranker.feeds import PRIOR_FIELD, FeedWriter, on_engagement
 from ranker.model.artifact import ScoringModel, resolve_model_dir
 from ranker.model.retrain import Observed, _exposure_like_rate, exposure_adjusted_likes, retrain
 from ranker.model.targets import TargetTransform
@@ -89,6 +89,12 @@ def test_retrain_promotes_a_better_head_rescoring_the_feed_and_never_a_worse_one
     # The calibration totals now measure the promoted model: plays x its prior, song by song.
     priors = [float(song(settings, sid)[PRIOR_FIELD]) for sid in played]  # type: ignore[index]
     assert store.calibration_totals() == pytest.approx((50.0, 50 * sum(priors)))
+    # ...and every entry was written at that final scale: recomputing every feed changes nothing.
+    FeedWriter(settings, store).rebuild()
+    rebuilt = dict(feed(settings))
+    assert {s: pytest.approx(v, abs=1e-9) for s, v in after} == rebuilt
+    card = ScoringModel.load(report.model_dir).card.training  # type: ignore[arg-type]
+    assert card is not None and card["retrain_targets"] == "exposure" and card["rate_prior_plays"] == 20.0
     announced = read_topic(settings, settings.kafka.topics.models_promoted, 1)
     assert [m.key for m in announced] == [report.candidate_version.encode()]  # type: ignore[union-attr]
 
@@ -198,12 +204,18 @@ def test_an_exposure_trained_candidate_is_calibrated_at_the_incumbents_level(tmp
         return float(np.mean(TargetTransform.from_dict(tf).expected_rate(likes_s, streams_s)))
 
     # The shape is the candidate's own (fitted to the songs' rates, increasing), the level the incumbent's.
-    out = _exposure_like_rate(incumbent, candidate, features.layers, rates)
+    old_scores, new_scores = incumbent.predict(features.layers), candidate.predict(features.layers)
+    out = _exposure_like_rate(incumbent, candidate, old_scores, new_scores, rates)
     assert out["like_rate"] != incumbent.target_transform["like_rate"]  # type: ignore[index]
     assert np.all(np.diff(out["like_rate"]["y"]) >= 0)
     assert mean_prior(candidate, out) == pytest.approx(mean_prior(incumbent, incumbent.target_transform), rel=1e-3)  # type: ignore[arg-type]
     # A first head (no incumbent curve) keeps the fitted level: within the songs' rates.
-    fitted = _exposure_like_rate(seeded, candidate, features.layers, rates)["like_rate"]
+    fitted = _exposure_like_rate(seeded, candidate, old_scores, new_scores, rates)["like_rate"]
     assert np.all(np.diff(fitted["y"]) >= 0)
     assert rates.min() <= fitted["y"][0] <= fitted["y"][-1] <= rates.max()
+    # So does an incumbent whose transform predates the curve, or whose mean prior is zero.
+    legacy = seeded.with_target_transform({k: v for k, v in transform.items() if k != "like_rate"})
+    assert _exposure_like_rate(legacy, candidate, old_scores, new_scores, rates)["like_rate"] == fitted
+    zero = seeded.with_target_transform({**transform, "like_rate": {"x": [0.0, 100.0], "y": [0.0, 0.0]}})
+    assert _exposure_like_rate(zero, candidate, old_scores, new_scores, rates)["like_rate"] == fitted
     assert mean_prior(candidate, {**transform, "like_rate": fitted}) == pytest.approx(float(np.mean(rates)), rel=0.2)

@@ -205,9 +205,17 @@ class ScoringModel:
         )
         return cls(copy.deepcopy(head), card, device=device, metrics=metrics)
 
-    def with_target_transform(self, target_transform: Mapping[str, Any]) -> ScoringModel:
-        """The same head with another target transform (a new card, so a new version)."""
-        card = self._card.model_copy(update={"target_transform": dict(target_transform)})
+    def with_target_transform(
+        self, target_transform: Mapping[str, Any], training: Mapping[str, Any] | None = None
+    ) -> ScoringModel:
+        """The same head with another target transform (a new card, so a new version).
+
+        ``training`` entries are added to the card's training record (how the transform came about).
+        """
+        update: dict[str, Any] = {"target_transform": dict(target_transform)}
+        if training:
+            update["training"] = {**(self._card.training or {}), **training}
+        card = self._card.model_copy(update=update)
         return ScoringModel(copy.deepcopy(self._head), card, device=self._device, metrics=self.metrics)
 
     # Properties ---------------------------------------------------------------------

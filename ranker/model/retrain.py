@@ -121,7 +121,8 @@ def exposure_adjusted_likes(plays: np.ndarray, likes: np.ndarray, prior_plays: f
     if plays.size == 0:
         return np.zeros(0, np.float64)
     pooled = float(likes.sum() / max(plays.sum(), 1.0))
-    rate = (likes + prior_plays * pooled) / (plays + prior_plays)
+    den = plays + prior_plays
+    rate = np.divide(likes + prior_plays * pooled, den, out=np.full_like(den, pooled), where=den > 0)
     return np.asarray(rate * _median(plays), dtype=np.float64)
 
 
@@ -130,34 +131,38 @@ def _median(values: np.ndarray) -> float:
 
 
 def _exposure_like_rate(
-    current: ScoringModel, candidate: ScoringModel, layers: np.ndarray, rates: np.ndarray
+    current: ScoringModel,
+    candidate: ScoringModel,
+    current_scores: np.ndarray,
+    candidate_scores: np.ndarray,
+    rates: np.ndarray,
 ) -> dict[str, Any]:
     """The candidate's transform with the like-rate curve an exposure-trained head should carry.
 
-    The curve is the prior like rate of a *new* song. Its shape is refitted: an increasing fit
-    of the training songs' smoothed like rates against the candidate's predicted likes score,
+    ``*_scores`` are each model's predictions (all tasks) on the training songs, ``rates``
+    their smoothed like rates. The curve is the prior like rate of a *new* song. Its shape is
+    refitted: an increasing fit of the rates against the candidate's predicted likes score,
     one vote per song (weighting by plays would let the feed's few big hits set it). Its level
     is the incumbent's: the songs a retrain sees are the ones the feed chose to play, and their
     like rates run higher than a new song's, so a curve fitted on them alone would put every
     unplayed song above songs with proven rates (in the loop simulation that cost more like
     rate than the better ranking won). The curve is scaled so that, over the training songs,
     the candidate's mean prior equals the incumbent's; the feed's calibration tracks the level
-    from there. A first head (no incumbent curve) keeps the fitted level.
+    from there. When the incumbent has no like-rate curve (a first head, or a transform saved
+    before curves existed) or its mean prior is not positive, the fitted level is kept.
     """
     assert candidate.target_transform is not None
-    likes = list(candidate.tasks).index("likes")
-    predicted = candidate.predict(layers)[:, likes]
-    transform = TargetTransform.from_dict(candidate.target_transform)
-    refit = transform.with_like_rate(predicted, rates, np.ones(len(rates)))
+    predicted = candidate_scores[:, list(candidate.tasks).index("likes")]
+    refit = TargetTransform.from_dict(candidate.target_transform).with_like_rate(predicted, rates, np.ones(len(rates)))
     out = refit.to_dict()
-    if current.target_transform is None or "like_rate" not in out or "likes" not in current.tasks:
+    previous = current.target_transform
+    if previous is None or "like_rate" not in previous or "like_rate" not in out or "likes" not in current.tasks:
         return out
-    incumbent = TargetTransform.from_dict(current.target_transform)
-    old = current.predict(layers)
+    incumbent = TargetTransform.from_dict(previous)
     cols = [list(current.tasks).index(t) for t in ("likes", "streams")]
-    old_mean = float(np.mean(incumbent.expected_rate(old[:, cols[0]], old[:, cols[1]])))
+    old_mean = float(np.mean(incumbent.expected_rate(current_scores[:, cols[0]], current_scores[:, cols[1]])))
     new_mean = float(np.mean(refit.expected_rate(predicted, predicted)))
-    if new_mean > 0 and np.isfinite(old_mean):
+    if new_mean > 0 and old_mean > 0 and np.isfinite(old_mean):
         y = np.clip(np.asarray(out["like_rate"]["y"]) * (old_mean / new_mean), 0.0, 1.0)
         out["like_rate"] = {"x": out["like_rate"]["x"], "y": y.tolist()}
     return out
@@ -239,8 +244,15 @@ def retrain(
     )
     candidate = result.model
     if adjusted is not None and candidate.target_transform is not None:
+        transform = _exposure_like_rate(
+            current,
+            candidate,
+            pseudo[train],
+            candidate.predict(features.layers)[train],  # all songs, then rows: no copy of the features
+            adjusted[train] / _median(observed.plays),
+        )
         candidate = candidate.with_target_transform(
-            _exposure_like_rate(current, candidate, features.layers[train], adjusted[train] / _median(observed.plays))
+            transform, training={"retrain_targets": targets, "rate_prior_plays": rate_prior_plays}
         )
     trained = time.perf_counter()
     cur_metrics = evaluate(current, features, catalog, song_ids=hold_ids)
