@@ -70,6 +70,8 @@ def test_loop_config_overrides_parse_and_refuse_unknown_keys() -> None:
     assert other.retrain_targets == "counts" and other.half_life_hours == 2.0
     with pytest.raises(ValueError, match="retrain_targets"):
         loop_config(["retrain_targets=likes"])
+    with pytest.raises(ValueError, match="half_life_hours"):
+        loop_config(["half_life_hours=0"])
     assert cfg.audience_weights == (("consonance", 0.2), ("clean", 1.5))
     with pytest.raises(ValueError, match="KEY one of"):
         loop_config(["history=60"])
