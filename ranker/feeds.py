@@ -239,14 +239,15 @@ class FeedWriter:
         new model's priors as well (a model that corrects a 2x under-prediction would have its
         priors doubled again). Call it for every rescored song before writing their entries.
         """
+        return self._claim([state_from_record(song, 0.0, 0.0, 0.0) for song in songs])
+
+    def _claim(self, states: Sequence[SongState]) -> float:
+        """Claim these songs' calibration shares at their current prior; the resulting scale (1 when off)."""
         cfg = self.settings.feed.like_rate
         if not cfg.calibrate:
             return 1.0
-        if not songs:
-            return self.scale()
-        first = next(iter(self.policies.values()))  # the prior is the same in every feed (on_engagement too)
-        priors = {song.song_id: first.prior_rate(state_from_record(song, 0.0, 0.0, 0.0)) for song in songs}
-        return calibration_scale(*self.store.claim_calibration(priors), cfg)
+        first = next(iter(self.policies.values()))  # the prior is the same in every feed
+        return calibration_scale(*self.store.claim_calibration({s.song_id: first.prior_rate(s) for s in states}), cfg)
 
     def on_engagement(self, song_ids: Sequence[str], now: float | None = None) -> int:
         """Recompute the feed entries of songs whose engagement counters changed.
@@ -263,14 +264,7 @@ class FeedWriter:
         states = [st for sid, v in zip(ids, values, strict=True) if (st := state_from_fields(sid, v, now)) is not None]
         if not states:
             return 0
-        cfg = self.settings.feed.like_rate
-        if cfg.calibrate:
-            first = next(iter(self.policies.values()))
-            totals = self.store.claim_calibration({s.song_id: first.prior_rate(s) for s in states})
-            scale = calibration_scale(*totals, cfg)
-        else:
-            scale = 1.0
-        entries, ages = _entries(self.policies, states, scale, now)
+        entries, ages = _entries(self.policies, states, self._claim(states), now)
         self.store.write_feed_entries([], entries, ages)
         return len(states)
 

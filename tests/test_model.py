@@ -617,12 +617,17 @@ def test_inverse_round_trips() -> None:
     assert rate.shape == (2,) and ((rate >= 0) & (rate <= 1)).all() and rate[0] >= rate[1]
 
 
-def test_the_prior_like_rate_follows_the_likes_score_through_an_increasing_curve() -> None:
-    rng = np.random.default_rng(11)
-    n = 4000
+def _rated_songs(seed: int, n: int, streams_sd: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(true like rate, streams, likes) of ``n`` songs: rates uniform on 0.02-0.3, lognormal streams."""
+    rng = np.random.default_rng(seed)
     true_rate = rng.uniform(0.02, 0.3, n)
-    streams = np.floor(rng.lognormal(4, 1.2, n)) + 1
+    streams = np.floor(rng.lognormal(4, streams_sd, n)) + 1
     likes = rng.binomial(streams.astype(np.int64), true_rate).astype(np.float64)
+    return true_rate, streams, likes
+
+
+def test_the_prior_like_rate_follows_the_likes_score_through_an_increasing_curve() -> None:
+    _, streams, likes = _rated_songs(11, 4000, 1.2)
     tf = TargetTransform.fit({"streams": streams, "likes": likes})
     grid = np.linspace(0, 100, 101)
     curve = tf.expected_rate(grid, np.full(101, 50.0))
@@ -647,11 +652,7 @@ def test_the_prior_like_rate_follows_the_likes_score_through_an_increasing_curve
 
 
 def test_the_like_rate_curve_can_be_refitted_on_other_scores() -> None:
-    rng = np.random.default_rng(5)
-    n = 3000
-    true_rate = rng.uniform(0.02, 0.3, n)
-    streams = np.floor(rng.lognormal(4, 1.0, n)) + 1
-    likes = rng.binomial(streams.astype(np.int64), true_rate).astype(np.float64)
+    true_rate, streams, likes = _rated_songs(5, 3000, 1.0)
     tf = TargetTransform.fit({"streams": streams, "likes": likes})
     # Scores that know the true rate (a head that predicts taste), against raw likes that mostly
     # follow streams: the refitted curve spans far more of the true range than the original.

@@ -18,7 +18,13 @@ from indexes.redis_store import RedisScoreStore
 from ranker.features import FeatureSet
 from ranker.feeds import PRIOR_FIELD, FeedWriter, on_engagement
 from ranker.model.artifact import ScoringModel, resolve_model_dir
-from ranker.model.retrain import Observed, _exposure_like_rate, exposure_adjusted_likes, retrain
+from ranker.model.retrain import (
+    Observed,
+    _exposure_like_rate,
+    exposure_adjusted_likes,
+    retrain,
+    smoothed_like_rates,
+)
 from ranker.model.targets import TargetTransform
 from ranker.model.train import TrainConfig
 from ranker.settings import RetrainSettings, Settings
@@ -192,7 +198,7 @@ def test_exposure_targets_learn_the_audiences_taste_where_counts_learn_the_place
 
 def test_an_exposure_trained_candidate_is_calibrated_at_the_incumbents_level(tmp_path: Path) -> None:
     features, _, plays, likes = _placement_world(200, seed=3)
-    rates = exposure_adjusted_likes(plays, likes, 20.0) / np.median(plays)
+    rates = smoothed_like_rates(plays, likes, 20.0)
     seeded = ScoringModel.from_seed(16, seed=0, encoder_id="test-enc", n_layers=4)
     transform = TargetTransform.fit({"streams": plays, "likes": likes}).to_dict()
     incumbent = seeded.with_target_transform({**transform, "like_rate": {"x": [0.0, 100.0], "y": [0.05, 0.1]}})

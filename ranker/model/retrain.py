@@ -109,12 +109,12 @@ def aggregate_engagement(log_table: pa.Table) -> tuple[list[str], np.ndarray, np
     return [ids[i] for i in order], plays[order], np.minimum(likes[order], plays[order])
 
 
-def exposure_adjusted_likes(plays: np.ndarray, likes: np.ndarray, prior_plays: float) -> np.ndarray:
-    """Each song's likes at the median play count, from its smoothed like rate.
+def smoothed_like_rates(plays: np.ndarray, likes: np.ndarray, prior_plays: float) -> np.ndarray:
+    """Each song's like rate ``(likes + k * pooled) / (plays + k)``, ``k = prior_plays``.
 
-    The rate is ``(likes + k * pooled) / (plays + k)`` with ``k = prior_plays`` and ``pooled``
-    the like rate of all songs together (Beta-Binomial smoothing, as the feed's posterior, but
-    toward a prior no model produced, so that the holdout does not favour the incumbent).
+    ``pooled`` is the like rate of all songs together (Beta-Binomial smoothing, as the feed's
+    posterior, but toward a prior no model produced, so that the holdout does not favour the
+    incumbent).
     """
     plays = np.asarray(plays, dtype=np.float64)
     likes = np.asarray(likes, dtype=np.float64)
@@ -122,8 +122,12 @@ def exposure_adjusted_likes(plays: np.ndarray, likes: np.ndarray, prior_plays: f
         return np.zeros(0, np.float64)
     pooled = float(likes.sum() / max(plays.sum(), 1.0))
     den = plays + prior_plays
-    rate = np.divide(likes + prior_plays * pooled, den, out=np.full_like(den, pooled), where=den > 0)
-    return np.asarray(rate * _median(plays), dtype=np.float64)
+    return np.divide(likes + prior_plays * pooled, den, out=np.full_like(den, pooled), where=den > 0)
+
+
+def exposure_adjusted_likes(plays: np.ndarray, likes: np.ndarray, prior_plays: float) -> np.ndarray:
+    """Each song's likes at the median play count: its smoothed like rate x the median plays."""
+    return smoothed_like_rates(plays, likes, prior_plays) * _median(np.asarray(plays))
 
 
 def _median(values: np.ndarray) -> float:
@@ -232,9 +236,10 @@ def retrain(
     began = time.perf_counter()
     rows = np.arange(n)
     pseudo = current.predict(features.layers)
-    adjusted = None
+    rates = adjusted = None
     if targets == "exposure":
-        adjusted = exposure_adjusted_likes(observed.plays, observed.likes, rate_prior_plays)
+        rates = smoothed_like_rates(observed.plays, observed.likes, rate_prior_plays)
+        adjusted = rates * _median(observed.plays)
     catalog = training_catalog(observed, rows, pseudo, current.tasks, likes=adjusted)
     train_ids = [observed.song_ids[i] for i in train]
     hold_ids = [observed.song_ids[i] for i in holdout]
@@ -243,13 +248,13 @@ def retrain(
         features, catalog, train_config, song_ids=train_ids, init=current if warm_start else None, progress=progress
     )
     candidate = result.model
-    if adjusted is not None and candidate.target_transform is not None:
+    if rates is not None and candidate.target_transform is not None:
         transform = _exposure_like_rate(
             current,
             candidate,
             pseudo[train],
             candidate.predict(features.layers)[train],  # all songs, then rows: no copy of the features
-            adjusted[train] / _median(observed.plays),
+            rates[train],
         )
         candidate = candidate.with_target_transform(
             transform, training={"retrain_targets": targets, "rate_prior_plays": rate_prior_plays}

@@ -363,9 +363,14 @@ class TargetTransform:
             _counts("streams", streams, allow_missing=False),
             self.max_knots,
         )
-        out = TargetTransform.from_dict(self.to_dict())
-        out._like_rate = curve
-        return out
+        return TargetTransform(
+            self._tables,
+            gamma=self.gamma,
+            cohort=self.cohort,
+            min_cohort_size=self.min_cohort_size,
+            max_knots=self.max_knots,
+            like_rate=curve,
+        )
 
     def _score(self, task: str, counts: FloatArray, generator: Any, created_at: Any) -> FloatArray:
         """Scores of counts in each row's reference group (NaN stays NaN)."""
