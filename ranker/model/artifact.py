@@ -39,6 +39,7 @@ from safetensors.torch import save as save_safetensors
 
 from ranker.errors import ConfigError
 from ranker.model.head import ApexHead, HeadConfig
+from ranker.model.readout import LikeReadout
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,9 @@ class ModelCard(BaseModel):
         None, description="Parameters of the raw-count -> score transform (ranker.model.targets)."
     )
     created_at: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC))
+    like_readout: dict[str, Any] | None = Field(
+        None, description="A like-rate read-out that gives the likes output (ranker.model.readout); None: the head."
+    )
     training: dict[str, Any] | None = Field(None, description="How it was trained; None: never trained.")
     init_seed: int | None = Field(None, description="Seed the weights were initialised from.")
     model_version: str | None = Field(None, description="Written on save; checked on load.")
@@ -82,6 +86,15 @@ class ModelCard(BaseModel):
             raise ValueError(f"layers {list(self.layers)} do not match head.n_layers={self.head.n_layers}")
         if self.training is None and self.init_seed is None:
             raise ValueError("an untrained model (training is null) must record its init_seed")
+        if self.like_readout is not None:
+            readout = LikeReadout.from_dict(self.like_readout)
+            if "likes" not in self.head.tasks:
+                raise ValueError("a like read-out needs a head with a likes output")
+            if readout.dim != self.head.n_layers * self.head.input_dim:
+                raise ValueError(
+                    f"the like read-out takes {readout.dim} features; the head's are "
+                    f"{self.head.n_layers} x {self.head.input_dim}"
+                )
         return self
 
     def hashed_json(self) -> bytes:
@@ -89,6 +102,8 @@ class ModelCard(BaseModel):
         data = self.model_dump(mode="json", exclude={"created_at", "model_version"})
         if not data["head"].get("input_norm"):
             del data["head"]["input_norm"]  # a card from before the field existed keeps its version
+        if data.get("like_readout") is None:
+            data.pop("like_readout", None)  # likewise
         return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -146,6 +161,7 @@ class ScoringModel:
         self._digest = content_hash(self._head.state_dict(), card)
         self._version = version_from(self._digest, card)
         self._card = card.model_copy(update={"model_version": self._version})
+        self._readout = LikeReadout.from_dict(card.like_readout) if card.like_readout is not None else None
         self.metrics: dict[str, Any] | None = dict(metrics) if metrics is not None else None
 
     # Construction -------------------------------------------------------------------
@@ -218,6 +234,14 @@ class ScoringModel:
         card = self._card.model_copy(update=update)
         return ScoringModel(copy.deepcopy(self._head), card, device=self._device, metrics=self.metrics)
 
+    def with_like_readout(self, readout: LikeReadout, training: Mapping[str, Any] | None = None) -> ScoringModel:
+        """The same head whose likes output is ``readout``'s score (a new card, so a new version)."""
+        update: dict[str, Any] = {"like_readout": readout.to_dict()}
+        if training:
+            update["training"] = {**(self._card.training or {}), **training}
+        card = ModelCard.model_validate({**self._card.model_dump(), **update})
+        return ScoringModel(copy.deepcopy(self._head), card, device=self._device, metrics=self.metrics)
+
     # Properties ---------------------------------------------------------------------
     @property
     def version(self) -> str:
@@ -265,6 +289,11 @@ class ScoringModel:
         return self._card.target_transform
 
     @property
+    def like_readout(self) -> LikeReadout | None:
+        """The read-out that gives the likes output, if the model has one."""
+        return self._readout
+
+    @property
     def trained(self) -> bool:
         return self._card.training is not None
 
@@ -295,6 +324,8 @@ class ScoringModel:
         finally:
             if single:
                 torch.set_num_threads(threads)
+        if self._readout is not None:
+            out[:, self.tasks.index("likes")] = self._readout.scores(x.reshape(len(x), -1))
         return out
 
     def _predict_into(self, x: np.ndarray, out: np.ndarray, batch_size: int) -> None:
