@@ -62,10 +62,11 @@ def current_model(settings: Settings) -> ScoringModel:
 
 
 def gather(settings: Settings, store: RedisScoreStore) -> tuple[Observed, FeatureSet]:
-    """Songs past the exposure threshold that have embeddings and metadata."""
+    """Played songs that have embeddings and metadata (with ``likes_model=head``, only those past the threshold)."""
     log_table = EngagementLog(settings.engagement_log_dir, settings.kafka.topics.engagement).read()
     ids, plays, likes = aggregate_engagement(log_table)
-    keep = plays >= settings.retrain.min_plays
+    # Every played song: the likes read-out learns from songs below the exposure threshold too.
+    keep = plays >= (1 if settings.retrain.likes_model == "readout" else settings.retrain.min_plays)
     ids = [s for s, k in zip(ids, keep, strict=True) if k]
     plays, likes = plays[keep], likes[keep]
     meta = _metadata(store, ids)
@@ -204,6 +205,9 @@ def run_once(
             train_config=config,
             targets=r.targets,
             rate_prior_plays=r.rate_prior_plays,
+            likes_model=r.likes_model,
+            min_songs_head=r.min_songs_head,
+            min_plays=r.min_plays,
             progress=progress,
         )
         report.timings_s = {"gather": round(gathered - began, 3), **report.timings_s}

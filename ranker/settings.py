@@ -179,6 +179,17 @@ class RetrainSettings(_Section):
     rate_prior_plays: float = Field(
         20.0, ge=0, description="Exposure targets: like rates are smoothed toward the pooled rate by this many plays."
     )
+    likes_model: Literal["readout", "head"] = Field(
+        "readout",
+        description="readout: the candidate's likes output is a ridge-penalised logistic read-out of the embedding, "
+        "fitted on plays and likes (ranker.model.readout); head: the retrained head's own likes output.",
+    )
+    min_songs_head: int = Field(
+        1000,
+        ge=0,
+        description="likes_model=readout: with fewer training songs the head is not fine-tuned; the candidate is the "
+        "current head with a new likes read-out.",
+    )
     epochs: int = Field(30, ge=1)
     patience: int = Field(8, ge=1)
     lr: float = Field(1e-4, gt=0, description="The candidate's learning rate (TrainConfig's default).")

@@ -99,17 +99,23 @@ def test_retrain_promotes_a_better_head_rescoring_the_feed_and_never_a_worse_one
     FeedWriter(settings, store).rebuild()
     rebuilt = dict(feed(settings))
     assert {s: pytest.approx(v, abs=1e-9) for s, v in after} == rebuilt
-    card = ScoringModel.load(report.model_dir).card.training  # type: ignore[arg-type]
+    promoted = ScoringModel.load(report.model_dir)  # type: ignore[arg-type]
+    card = promoted.card.training
     assert card is not None and card["retrain_targets"] == "exposure" and card["rate_prior_plays"] == 20.0
+    # The default: the likes output is a read-out fitted on the plays and likes; 240 songs are too few to
+    # fine-tune the head, which is the incumbent's.
+    assert card["likes_model"] == "readout" and promoted.like_readout is not None
+    assert promoted.like_readout.n_songs >= report.n_train
     announced = read_topic(settings, settings.kafka.topics.models_promoted, 1)
     assert [m.key for m in announced] == [report.candidate_version.encode()]  # type: ignore[union-attr]
 
     # A new worker picks the promoted head up.
     assert Worker(settings).model.version == report.candidate_version
 
-    # A deliberately worse candidate (trained on shuffled targets) is not promoted over it.
+    # A deliberately worse candidate (a head trained on shuffled targets, its own likes output) is not
+    # promoted over it.
     settings = settings.model_copy(
-        update={"retrain": RetrainSettings(min_plays=10, epochs=15, margin=0.0, warm_start=False)}
+        update={"retrain": RetrainSettings(min_plays=10, epochs=15, margin=0.0, warm_start=False, likes_model="head")}
     )
     promoted_feed = feed(settings)
     worse = run_once(settings, train_overrides={"shuffle_targets": True, "layer_mix": "mean"})
@@ -174,6 +180,7 @@ def _promoted_prior_spearman(tmp_path: Path, targets: str) -> tuple[float, float
         warm_start=True,
         train_config=TrainConfig(epochs=60, lr=1e-3, batch_size=32, patience=10, seed=0),
         targets=targets,  # type: ignore[arg-type]
+        likes_model="head",  # the head's own likes output is what the targets shape
     )
     assert report.promoted and report.model_dir is not None, report  # the seeded head knows nothing
     candidate = ScoringModel.load(report.model_dir)
@@ -225,3 +232,43 @@ def test_an_exposure_trained_candidate_is_calibrated_at_the_incumbents_level(tmp
     zero = seeded.with_target_transform({**transform, "like_rate": {"x": [0.0, 100.0], "y": [0.0, 0.0]}})
     assert _exposure_like_rate(zero, candidate, old_scores, new_scores, rates)["like_rate"] == fitted
     assert mean_prior(candidate, {**transform, "like_rate": fitted}) == pytest.approx(float(np.mean(rates)), rel=0.2)
+
+
+def test_a_readout_candidate_keeps_a_small_sets_head_and_learns_from_songs_below_the_threshold(tmp_path: Path) -> None:
+    features, rate, plays, likes = _placement_world(300, seed=4)
+    plays[::3] = np.minimum(plays[::3], 3)  # a third of the songs below the exposure threshold
+    likes[::3] = np.random.default_rng(6).binomial(plays[::3], rate[::3])
+    t0 = datetime(2026, 11, 1, tzinfo=UTC)
+    observed = Observed(features.song_ids, plays, likes, ["g"] * 300, [t0 + timedelta(minutes=i) for i in range(300)])
+    current = ScoringModel.from_seed(16, seed=0, encoder_id="test-enc", n_layers=4)
+    report = retrain(
+        current,
+        features,
+        observed,
+        models_root=tmp_path,
+        holdout_fraction=0.2,
+        margin=0.0,
+        warm_start=True,
+        train_config=TrainConfig(epochs=5, seed=0),
+        min_plays=5,
+    )
+    assert report.promoted and report.model_dir is not None, report
+    assert report.n_train + report.n_holdout == int((plays >= 5).sum())
+    candidate = ScoringModel.load(report.model_dir)
+    readout = candidate.like_readout
+    assert readout is not None
+    # Fitted on every played song created before the holdout's first, below the threshold too.
+    first_held = sorted(np.flatnonzero(plays >= 5))[-report.n_holdout]
+    assert readout.n_songs == first_held > report.n_train
+    # Fewer songs than min_songs_head: the head is the incumbent's, only the likes output changed.
+    before, after = current.predict(features.layers), candidate.predict(features.layers)
+    streams = current.tasks.index("streams")
+    np.testing.assert_array_equal(after[:, streams], before[:, streams])
+    fresh, true_rate, _, _ = _placement_world(600, seed=5)
+    scores = candidate.predict(fresh.layers)
+    transform = TargetTransform.from_dict(candidate.target_transform)  # type: ignore[arg-type]
+    prior = transform.expected_rate(scores[:, candidate.tasks.index("likes")], scores[:, streams])
+    assert float(spearmanr(prior, true_rate).statistic) > 0.8
+    # The prior is the read-out's rate (its curve), at the pooled level.
+    np.testing.assert_allclose(prior, readout.rates(fresh.layers.reshape(600, -1)), atol=0.01)
+    assert float(np.mean(prior)) == pytest.approx(likes.sum() / plays.sum(), rel=0.25)

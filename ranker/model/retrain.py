@@ -20,7 +20,13 @@ One run:
 2. **Time-based holdout.** The newest ``holdout_fraction`` of those songs (by
    ``created_at``) never enters training; both models are judged on them.
 3. **Candidate.** Trained warm from the current head, or from scratch (a setting),
-   with the same target transform recipe, fitted on the training songs.
+   with the same target transform recipe, fitted on the training songs. With
+   ``likes_model="readout"`` (the default) its likes output is a like-rate read-out of the
+   embedding (``ranker.model.readout``), fitted on the plays and likes of every played song
+   created before the holdout's first (below ``min_plays`` too: its likelihood weighs a song
+   by its plays), and with fewer than ``min_songs_head`` training songs the head itself is
+   kept as it is, warm start or not: on a few dozen songs fine-tuning it made its likes worse
+   and moved its streams output at random (docs/loop-simulation.md).
 4. **Gate.** Spearman of streams and of likes on the holdout. The candidate is
    promoted only when the mean of the two improves by at least ``margin`` and
    neither gets worse by more than ``margin``.
@@ -48,7 +54,8 @@ from ranker.catalog import Catalog
 from ranker.events import AESTHETIC_TASKS, POPULARITY_TASKS
 from ranker.features import FeatureSet
 from ranker.model.artifact import ScoringModel, promote
-from ranker.model.evaluate import evaluate
+from ranker.model.evaluate import evaluate, fit_transform
+from ranker.model.readout import fit_like_readout
 from ranker.model.targets import TargetTransform
 from ranker.model.train import TrainConfig, train_head
 
@@ -56,6 +63,8 @@ log = logging.getLogger(__name__)
 
 #: ``exposure``: likes at the median exposure (like rate x median plays); ``counts``: raw counts.
 TargetMode = Literal["exposure", "counts"]
+#: ``readout``: the candidate's likes output is a like-rate read-out of the embedding; ``head``: the head's.
+LikesModel = Literal["readout", "head"]
 
 
 @dataclass(frozen=True)
@@ -172,6 +181,34 @@ def _exposure_like_rate(
     return out
 
 
+def _with_readout(
+    candidate: ScoringModel,
+    features: FeatureSet,
+    observed: Observed,
+    rows: np.ndarray,
+    *,
+    seed: int,
+    training: dict[str, Any],
+) -> ScoringModel:
+    """The candidate with a like-rate read-out fitted on ``rows``' plays and likes (see ranker.model.readout).
+
+    The score keeps the target transform's power, so a likes score means what it meant.
+    """
+    gamma = TargetTransform.from_dict(candidate.target_transform).gamma if candidate.target_transform else 1.0
+    fitted = fit_like_readout(
+        features.layers[rows].reshape(len(rows), -1),
+        observed.plays[rows],
+        observed.likes[rows],
+        gamma=gamma,
+        seed=seed,
+    )
+    log.info("like read-out: %d songs, %d plays, penalty %g per song", fitted.n_songs, fitted.n_plays, fitted.l2)
+    out = candidate.with_like_readout(fitted, training=training)
+    if candidate.target_transform is None:
+        return out
+    return out.with_target_transform({**candidate.target_transform, "like_rate": fitted.rate_curve()})
+
+
 def training_catalog(
     observed: Observed,
     rows: np.ndarray,
@@ -222,11 +259,20 @@ def retrain(
     train_config: TrainConfig,
     targets: TargetMode = "exposure",
     rate_prior_plays: float = 20.0,
+    likes_model: LikesModel = "readout",
+    min_songs_head: int = 1000,
+    min_plays: int = 1,
     progress: bool = False,
 ) -> RetrainReport:
-    """Train, compare and maybe promote; see the module docstring."""
-    n = len(observed.song_ids)
-    order = np.argsort(np.array([d.timestamp() for d in observed.created_at]), kind="stable")
+    """Train, compare and maybe promote; see the module docstring.
+
+    ``observed`` may hold songs below ``min_plays``: only the read-out learns from them (those
+    created before the holdout's first song), since its likelihood weighs each song by its plays.
+    """
+    created = np.array([d.timestamp() for d in observed.created_at])
+    eligible = np.flatnonzero(np.asarray(observed.plays) >= min_plays)
+    n = len(eligible)
+    order = eligible[np.argsort(created[eligible], kind="stable")]
     n_hold = max(1, round(n * holdout_fraction))
     holdout, train = np.sort(order[n - n_hold :]), np.sort(order[: n - n_hold])
     if len(train) < 8 or len(holdout) < 4:
@@ -234,21 +280,39 @@ def retrain(
             False, f"too few songs past the exposure threshold ({n})", current.version, None, len(train), len(holdout)
         )
     began = time.perf_counter()
-    rows = np.arange(n)
+    rows = np.arange(len(observed.song_ids))
     pseudo = current.predict(features.layers)
+    readout = likes_model == "readout" and "likes" in current.tasks
     rates = adjusted = None
-    if targets == "exposure":
+    if targets == "exposure" or readout:
         rates = smoothed_like_rates(observed.plays, observed.likes, rate_prior_plays)
-        adjusted = rates * _median(observed.plays)
+        adjusted = rates * _median(observed.plays[eligible]) if targets == "exposure" else None
     catalog = training_catalog(observed, rows, pseudo, current.tasks, likes=adjusted)
     train_ids = [observed.song_ids[i] for i in train]
     hold_ids = [observed.song_ids[i] for i in holdout]
 
-    result = train_head(
-        features, catalog, train_config, song_ids=train_ids, init=current if warm_start else None, progress=progress
-    )
-    candidate = result.model
-    if rates is not None and candidate.target_transform is not None:
+    if readout and len(train) < min_songs_head:
+        # Too few songs to move a deep head for the better: keep it, refit the read-out.
+        candidate = current
+        if candidate.target_transform is None:  # a seeded head: the transform a trained one would have
+            fitted = fit_transform(
+                catalog,
+                train,
+                gamma=train_config.gamma,
+                cohort=train_config.cohort,
+                min_cohort_size=train_config.min_cohort_size,
+            )
+            candidate = candidate.with_target_transform(fitted.to_dict())
+    else:
+        candidate = train_head(
+            features, catalog, train_config, song_ids=train_ids, init=current if warm_start else None, progress=progress
+        ).model
+    if readout:
+        before = np.flatnonzero((created < created[holdout].min()) & (np.asarray(observed.plays) > 0))
+        record = {"retrain_targets": targets, "rate_prior_plays": rate_prior_plays, "likes_model": likes_model}
+        rows_fit = np.union1d(train, before)
+        candidate = _with_readout(candidate, features, observed, rows_fit, seed=train_config.seed, training=record)
+    elif rates is not None and candidate.target_transform is not None:
         transform = _exposure_like_rate(
             current,
             candidate,
