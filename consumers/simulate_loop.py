@@ -65,6 +65,15 @@ log = logging.getLogger(__name__)
 POLICIES: tuple[str, ...] = ("random", "newest", "prior-only", "prior+evidence", "prior+evidence+retrain")
 #: A prior strength so large that no amount of plays moves the posterior off the prior.
 PRIOR_ONLY_STRENGTH = 1e12
+#: The default listeners: against the history's audience (synth.APPEAL_WEIGHTS) they care much less about
+#: consonance, dislike repetition, and weigh clean, smooth production more.
+LISTENER_WEIGHTS: tuple[tuple[str, float], ...] = (
+    ("consonance", 0.2),
+    ("steadiness", 0.6),
+    ("repetition", -0.5),
+    ("clean", 1.5),
+    ("smoothness", 1.0),
+)
 
 
 @dataclass(frozen=True)
@@ -82,21 +91,25 @@ class LoopConfig:
     history_batch_size: int = 32
     history_patience: int = 10
     duration_s: float = 2.0  # length of every synthetic song
-    retrain_every_h: int = 2
+    retrain_every_h: int = 1
     retrain_min_plays: int = 4
     retrain_epochs: int = 20
     retrain_margin: float = 0.01  # the gate's margin (RetrainSettings' default)
+    retrain_holdout_fraction: float = 0.2  # the newest share of the retraining songs the gate judges on (the default)
     retrain_lr: float | None = None  # None: TrainConfig's (1e-4); small retraining sets barely move at that rate
     retrain_batch_size: int | None = None  # None: TrainConfig's (512)
     retrain_targets: Literal["exposure", "counts"] = "exposure"  # RetrainSettings.targets
-    #: The feed's freshness half-life in simulated hours (None: FeedPolicy's 72 h, hardly any decay over a run).
-    half_life_hours: float | None = None
+    retrain_likes_model: Literal["readout", "head"] = "readout"  # RetrainSettings.likes_model
+    #: The feed's freshness half-life in simulated hours. A run compresses days of arrivals into a few hours, so
+    #: the feed's freshness is scaled to the simulated clock (None: FeedPolicy's 72 h, no decay to speak of).
+    half_life_hours: float | None = 2.0
     retrain_rate_prior_plays: float = 20.0
     idle_s: float = 0.8  # worker / feedback ``until_idle_s`` per simulated hour
     max_candidates: int = 2000  # random / newest: how much of the feed is fetched to be re-ordered
-    #: The loop's listeners weigh the qualities differently from the history's audience (None: the same
-    #: weights, synth.APPEAL_WEIGHTS). The initial head only knows the history's taste; retraining can learn theirs.
-    audience_weights: tuple[tuple[str, float], ...] | None = None
+    #: The loop's listeners weigh the qualities differently from the history's audience (None, or
+    #: ``--set audience_weights=history``: the same weights, synth.APPEAL_WEIGHTS). The initial head only knows
+    #: the history's taste, as APEX knows the taste of Suno's and Udio's public; retraining can learn theirs.
+    audience_weights: tuple[tuple[str, float], ...] | None = LISTENER_WEIGHTS
 
     def __post_init__(self) -> None:
         counts: tuple[str, ...] = ("page_size", "plays_per_user", "history_songs", "history_epochs")
@@ -110,12 +123,16 @@ class LoopConfig:
             bad.append("retrain_lr")
         if self.retrain_margin < 0:
             bad.append("retrain_margin")
+        if not 0 < self.retrain_holdout_fraction < 1:
+            bad.append("retrain_holdout_fraction")
         if self.retrain_rate_prior_plays < 0:
             bad.append("retrain_rate_prior_plays")
         if self.half_life_hours is not None and not self.half_life_hours > 0:
             bad.append("half_life_hours")
         if self.retrain_targets not in ("exposure", "counts"):
             bad.append("retrain_targets")
+        if self.retrain_likes_model not in ("readout", "head"):
+            bad.append("retrain_likes_model")
         if bad:
             raise ValueError(f"LoopConfig: {', '.join(bad)} out of range")
         unknown = sorted({name for name, _ in self.audience_weights or ()} - set(APPEAL_WEIGHTS))
@@ -298,7 +315,9 @@ def _policy_settings(base: Settings, policy: str, out_dir: Path, cfg: LoopConfig
                 epochs=cfg.retrain_epochs,
                 patience=cfg.retrain_epochs,
                 margin=cfg.retrain_margin,
+                holdout_fraction=cfg.retrain_holdout_fraction,
                 targets=cfg.retrain_targets,
+                likes_model=cfg.retrain_likes_model,
                 rate_prior_plays=cfg.retrain_rate_prior_plays,
             ),
             "feedback": base.feedback.model_copy(update={"log_dir": None}),
@@ -611,8 +630,9 @@ def register(simulate: Any) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a LoopConfig field (repeatable), e.g. history_songs=60, "
-        "audience_weights=consonance:0.2,steadiness:0.6,repetition:-0.5,clean:1.5,smoothness:1.0",
+        help="override a LoopConfig field (repeatable), e.g. history_songs=60, half_life_hours=72, "
+        "audience_weights=history (the listeners share the history's taste) or "
+        "audience_weights=consonance:1.2,clean:1.0",
     )
 
 
@@ -625,7 +645,9 @@ def loop_config(overrides: Sequence[str]) -> LoopConfig:
         if not sep or key not in hints:
             raise ValueError(f"--set {item!r}: expected KEY=VALUE, KEY one of {', '.join(sorted(hints))}")
         try:
-            if key == "audience_weights":
+            if key == "audience_weights" and raw == "history":
+                values[key] = None
+            elif key == "audience_weights":
                 pairs = (part.split(":") for part in raw.split(","))
                 values[key] = tuple((name.strip(), float(w)) for name, w in pairs)
             elif typing.get_origin(hints[key]) is Literal:

@@ -1,7 +1,7 @@
-"""The seeded feedback-loop simulation on the real stack: evidence lifts the like rate.
+"""The seeded feedback-loop simulation on the real stack: evidence, then retraining, lift the like rate.
 
-A small world (one seed) run through the real worker, feedback consumer, API and retrain
-job under every policy; see docs/loop-simulation.md for the design and the full-size runs.
+The documented world (one seed of five) run through the real worker, feedback consumer, API and
+retrain job under every policy; see docs/loop-simulation.md for the design and all the runs.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import math
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from consumers.simulate_loop import (
+    LISTENER_WEIGHTS,
     POLICIES,
     LoopConfig,
     _Song,
@@ -24,34 +24,38 @@ from consumers.simulate_loop import (
 )
 from ranker.settings import Settings
 
-SMALL = LoopConfig(history_songs=120, history_epochs=30, idle_s=0.5)
-
 
 def test_loop_simulation_orders_policies_by_like_rate(settings: Settings, tmp_path: Path) -> None:
-    result = run_loop_simulation(settings, songs=60, users=60, hours=5, seed=6, out_dir=tmp_path, config=SMALL)
+    # The documented world (docs/loop-simulation.md: 96 mel bands, the default LoopConfig), seed 3: the
+    # test checks the table's row for that seed, on the real worker, feedback consumer, API and retrain job.
+    settings = settings.model_copy(update={"model": settings.model.model_copy(update={"logmel_n_mels": 96})})
+    result = run_loop_simulation(settings, songs=120, users=100, hours=6, seed=3, out_dir=tmp_path)
 
     assert list(result.outcomes) == list(POLICIES)
-    assert all(sum(o.plays) == 60 * 3 * 5 for o in result.outcomes.values())  # every user played every hour
+    assert all(sum(o.plays) == 100 * 3 * 6 for o in result.outcomes.values())  # every user played every hour
     assert result.json_path is not None and result.json_path.is_file()
     rate = result.expected_like_rates()
     observed = result.like_rates()
     print(f"expected {rate}\nobserved {observed}\nprior Spearman {result.prior_spearman}")  # pytest -s shows it
     # The order the issue asks for, in the expected like rate (the mean true like probability of the songs
-    # played; the observed rate adds coin flips: 900 plays a policy leave it about +-0.012 of noise).
+    # played; the observed rate adds coin flips: 1,800 plays a policy leave it about +-0.009 of noise).
     # The initial head's prior is informative: prior-only beats newest-first and random.
-    assert result.prior_spearman is not None and result.prior_spearman > 0.3, result.prior_spearman
+    assert result.prior_spearman is not None and result.prior_spearman > 0.2, result.prior_spearman
     assert rate["prior-only"] > max(rate["newest"], rate["random"]), rate
     # Evidence (counted by the real feedback consumer, read back through the API) beats every policy without it.
     with_evidence, without = ("prior+evidence", "prior+evidence+retrain"), ("random", "newest", "prior-only")
     for w in with_evidence:
         for wo in without:
             assert rate[w] > rate[wo], (w, wo, rate)
-    assert np.mean([observed[w] for w in with_evidence]) > np.mean([observed[w] for w in without]), observed
-    # Retraining ran; its gate keeps it from costing the feed much. It is NOT shown to beat evidence alone
-    # (docs/loop-simulation.md: small retraining sets chosen by the feed, and a holdout whose selection
-    # depends on its own likes).
-    assert result.outcomes["prior+evidence+retrain"].retrains >= 1
-    assert rate["prior+evidence+retrain"] > rate["prior+evidence"] - 0.02, rate
+    assert min(observed[w] for w in with_evidence) > max(observed[w] for w in without), observed
+    # Retraining learns the listeners' taste, which the history-trained head does not know: a candidate is
+    # promoted, ranks the songs that arrive after it better than the initial head, and lifts the like rate.
+    retrain = result.outcomes["prior+evidence+retrain"]
+    assert retrain.retrains == 5 and retrain.promotions >= 1, retrain
+    late_new, late_old = retrain.late_prior_spearman, result.outcomes["prior+evidence"].late_prior_spearman
+    assert late_new is not None and late_old is not None and late_new > late_old, (late_new, late_old)
+    assert rate["prior+evidence+retrain"] > rate["prior+evidence"], rate
+    assert observed["prior+evidence+retrain"] > observed["prior+evidence"], observed
 
 
 def test_the_audience_like_rate_averages_the_listeners_style_boost() -> None:
@@ -66,8 +70,14 @@ def test_the_audience_like_rate_averages_the_listeners_style_boost() -> None:
 def test_loop_config_overrides_parse_and_refuse_unknown_keys() -> None:
     cfg = loop_config(["history_songs=60", "retrain_lr=0.001", "audience_weights=consonance:0.2,clean:1.5"])
     assert cfg.history_songs == 60 and cfg.retrain_lr == 0.001 and cfg.retrain_batch_size is None
-    other = loop_config(["retrain_targets=counts", "half_life_hours=2"])
-    assert other.retrain_targets == "counts" and other.half_life_hours == 2.0
+    other = loop_config(["retrain_targets=counts", "half_life_hours=72", "audience_weights=history"])
+    assert other.retrain_targets == "counts" and other.half_life_hours == 72.0 and other.audience_weights is None
+    assert LoopConfig().audience_weights == LISTENER_WEIGHTS and LoopConfig().half_life_hours == 2.0
+    assert loop_config(["retrain_likes_model=head"]).retrain_likes_model == "head"
+    with pytest.raises(ValueError, match="retrain_likes_model"):
+        loop_config(["retrain_likes_model=forest"])
+    with pytest.raises(ValueError, match="retrain_holdout_fraction"):
+        loop_config(["retrain_holdout_fraction=1"])
     with pytest.raises(ValueError, match="retrain_targets"):
         loop_config(["retrain_targets=likes"])
     with pytest.raises(ValueError, match="half_life_hours"):
