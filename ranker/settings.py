@@ -187,8 +187,8 @@ class RetrainSettings(_Section):
     min_songs_head: int = Field(
         1000,
         ge=0,
-        description="likes_model=readout: with fewer training songs the head is not fine-tuned; the candidate is the "
-        "current head with a new likes read-out.",
+        description="likes_model=readout: with fewer training songs a trained head is not fine-tuned; the candidate "
+        "is the current head with a new likes read-out (so the gate is decided by likes: a gain of 2 x margin).",
     )
     epochs: int = Field(30, ge=1)
     patience: int = Field(8, ge=1)

@@ -92,7 +92,9 @@ def test_a_model_carries_its_readout_through_save_and_load(tmp_path: Path) -> No
     loaded = ScoringModel.load(model.save(tmp_path / "m"))
     assert loaded.version == model.version
     np.testing.assert_allclose(loaded.predict(layers), with_readout, rtol=1e-6)
-    # A card from before the read-out existed keeps its version (the empty field is not hashed).
+    # A card from before the read-out existed keeps its version (the empty field is not hashed): the
+    # version this seeded model had at commit b0ccfbb, before the field.
+    assert base.version == "untrained-seed0-c21653ed3749"
     assert ScoringModel.load(base.save(tmp_path / "b")).version == base.version
 
 
@@ -109,3 +111,30 @@ def test_a_readout_that_does_not_fit_the_head_is_refused_on_load(tmp_path: Path)
     narrow = ScoringModel.from_seed(8, seed=0, encoder_id="test-enc", n_layers=2, layers=(5, 12))
     with pytest.raises(ValueError, match="read-out takes 24 features"):
         narrow.with_like_readout(fit_like_readout(x, plays, likes))
+
+
+def test_the_penalty_is_not_scaled_up_past_the_cross_validated_songs() -> None:
+    # 4,000 songs, cross-validation on 400 of them: the fit keeps the spread of the rates that a
+    # cross-validation on all of them gives (scaling the penalty with the songs flattened it).
+    x, true_rate, plays, likes = _songs(4000, seed=7)
+    sub = fit_like_readout(x, plays, likes, max_cv_songs=400)
+    full = fit_like_readout(x, plays, likes, max_cv_songs=4000)
+    spread_sub, spread_full = float(np.std(sub.rates(x))), float(np.std(full.rates(x)))
+    assert spread_sub > 0.6 * spread_full and spread_sub > 0.5 * float(np.std(true_rate)), (spread_sub, spread_full)
+
+
+def test_no_like_at_all_keeps_the_intercept_finite() -> None:
+    x, _, plays, _ = _songs(50, seed=8)
+    readout = fit_like_readout(x, plays, np.zeros_like(plays))
+    rates = readout.rates(x)
+    assert np.all(np.isfinite(readout.quantiles)) and readout.intercept > -12
+    assert float(np.max(rates)) < 0.05  # low, as the counts say, but not 1e-12
+
+
+def test_scoring_far_from_zero_features_is_precise() -> None:
+    # Features with a mean 30x their spread: centring before the product keeps the logits exact.
+    x, _, plays, likes = _songs(200, seed=9)
+    shifted = x + 30.0 * np.abs(x).max()
+    a, b = fit_like_readout(x, plays, likes), fit_like_readout(shifted, plays, likes)
+    assert a.l2 == b.l2
+    np.testing.assert_allclose(b.logits(shifted), a.logits(x), atol=0.02)

@@ -20,6 +20,7 @@ from ranker.feeds import PRIOR_FIELD, FeedWriter, on_engagement
 from ranker.model.artifact import ScoringModel, resolve_model_dir
 from ranker.model.retrain import (
     Observed,
+    RetrainReport,
     _exposure_like_rate,
     exposure_adjusted_likes,
     retrain,
@@ -240,7 +241,9 @@ def test_a_readout_candidate_keeps_a_small_sets_head_and_learns_from_songs_below
     likes[::3] = np.random.default_rng(6).binomial(plays[::3], rate[::3])
     t0 = datetime(2026, 11, 1, tzinfo=UTC)
     observed = Observed(features.song_ids, plays, likes, ["g"] * 300, [t0 + timedelta(minutes=i) for i in range(300)])
-    current = ScoringModel.from_seed(16, seed=0, encoder_id="test-enc", n_layers=4)
+    seeded = ScoringModel.from_seed(16, seed=0, encoder_id="test-enc", n_layers=4)
+    transform = TargetTransform.fit({"streams": plays, "likes": likes}).to_dict()
+    current = seeded.with_target_transform(transform, training={"note": "a trained head, for the test"})
     report = retrain(
         current,
         features,
@@ -272,3 +275,42 @@ def test_a_readout_candidate_keeps_a_small_sets_head_and_learns_from_songs_below
     # The prior is the read-out's rate (its curve), at the pooled level.
     np.testing.assert_allclose(prior, readout.rates(fresh.layers.reshape(600, -1)), atol=0.01)
     assert float(np.mean(prior)) == pytest.approx(likes.sum() / plays.sum(), rel=0.25)
+
+
+def test_a_worse_readout_is_not_promoted_and_a_seeded_head_is_still_trained(tmp_path: Path) -> None:
+    features, _, plays, likes = _placement_world(300, seed=4)
+    t0 = datetime(2026, 11, 1, tzinfo=UTC)
+
+    def observed(likes: np.ndarray) -> Observed:
+        return Observed(features.song_ids, plays, likes, ["g"] * 300, [t0 + timedelta(minutes=i) for i in range(300)])
+
+    seeded = ScoringModel.from_seed(16, seed=0, encoder_id="test-enc", n_layers=4)
+
+    def run(model: ScoringModel, likes: np.ndarray) -> RetrainReport:
+        return retrain(
+            model,
+            features,
+            observed(likes),
+            models_root=tmp_path,
+            holdout_fraction=0.2,
+            margin=0.0,
+            warm_start=True,
+            train_config=TrainConfig(epochs=3),
+            min_plays=5,
+        )
+
+    first = run(seeded, likes)
+    assert first.promoted and first.model_dir is not None, first
+    good = ScoringModel.load(first.model_dir)
+    # The seeded head was trained (its streams output moved), not kept with random outputs.
+    streams = seeded.tasks.index("streams")
+    assert not np.array_equal(good.predict(features.layers)[:, streams], seeded.predict(features.layers)[:, streams])
+    # A read-out fitted on shuffled likes (the training songs' only: the holdout, the newest 20 %,
+    # keeps its real likes) is worse there, and the gate keeps the good model.
+    train = np.arange(240)
+    shuffled = np.random.default_rng(0).permutation(likes[train] / plays[train])
+    worse = likes.copy()
+    worse[train] = np.minimum(np.round(shuffled * plays[train]), plays[train]).astype(np.int64)
+    second = run(good, worse)
+    assert not second.promoted, second
+    assert second.candidate["likes"] < second.current["likes"], second

@@ -17,7 +17,8 @@ meaning (higher means more likes per play), and the model's like-rate curve is t
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,12 +26,16 @@ import numpy as np
 import numpy.typing as npt
 from scipy.optimize import minimize
 
+log = logging.getLogger(__name__)
+
 FloatArray = npt.NDArray[np.float64]
 
 #: Penalties tried by cross-validation, on standardised features (per song: they scale with the songs fitted).
 DEFAULT_L2_GRID: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)
 #: Percentiles stored to turn a read-out logit into a likes score.
 N_QUANTILES = 101
+#: Rows per block when features are centred or scored (bounds the temporary copies).
+BLOCK_ROWS = 4096
 
 
 class ReadoutError(ValueError):
@@ -56,11 +61,19 @@ class LikeReadout:
         return int(self.coef.size)
 
     def logits(self, x: npt.ArrayLike) -> FloatArray:
-        """Log-odds of a like per play, one per row of ``x`` (songs x flattened features)."""
-        arr = np.asarray(x, dtype=np.float64)
+        """Log-odds of a like per play, one per row of ``x`` (songs x flattened features).
+
+        Computed a block of rows at a time in float64, so that scoring 100k songs does not copy them.
+        """
+        arr = np.asarray(x)
         if arr.ndim != 2 or arr.shape[1] != self.dim:
             raise ValueError(f"expected features of shape (batch, {self.dim}), got {arr.shape}")
-        return np.asarray(self.intercept + ((arr - self.mean) / self.scale) @ self.coef, dtype=np.float64)
+        v = self.coef / self.scale
+        out = np.empty(len(arr), dtype=np.float64)
+        for start in range(0, len(arr), BLOCK_ROWS):
+            block = np.asarray(arr[start : start + BLOCK_ROWS], dtype=np.float64)
+            out[start : start + len(block)] = (block - self.mean) @ v
+        return out + self.intercept
 
     def rates(self, x: npt.ArrayLike) -> FloatArray:
         """The like rate per play each row is expected to get."""
@@ -121,9 +134,11 @@ class LikeReadout:
 
 @dataclass(frozen=True)
 class _Design:
-    """Raw features with the standardisation folded into the weights, so no standardised copy is made.
+    """Raw float32 features, centred in float64 a block at a time, with the scale folded into the weights.
 
-    With ``v = coef / scale``: ``z = x @ v + intercept - mean @ v``.
+    With ``v = coef / scale``: ``z = intercept + (x - mean) @ v``. No standardised copy of the
+    features is made, and centring before the product avoids the cancellation of ``x @ v``
+    against ``mean @ v`` when the features sit far from zero.
     """
 
     x: npt.NDArray[np.float32]
@@ -133,28 +148,53 @@ class _Design:
     def rows(self, index: Any) -> _Design:
         return _Design(self.x[index], self.mean, self.scale)
 
+    def _blocks(self) -> Iterator[tuple[int, FloatArray]]:
+        """(first row, centred float64 rows) a block at a time: exact sums without a full float64 copy."""
+        for start in range(0, len(self.x), BLOCK_ROWS):
+            yield start, self.x[start : start + BLOCK_ROWS].astype(np.float64) - self.mean
+
     def logits(self, w: FloatArray) -> FloatArray:
         v = w[1:] / self.scale
-        return np.asarray(self.x @ v.astype(np.float32), dtype=np.float64) + (w[0] - float(self.mean @ v))
+        out = np.empty(len(self.x), dtype=np.float64)
+        for start, block in self._blocks():
+            out[start : start + len(block)] = block @ v
+        return out + w[0]
 
     def gradient(self, resid: FloatArray) -> FloatArray:
         """d logits / d coef, contracted with ``resid``."""
-        xt_r = np.asarray(self.x.T @ resid.astype(np.float32), dtype=np.float64)
-        return np.asarray((xt_r - self.mean * resid.sum()) / self.scale, dtype=np.float64)
+        total = np.zeros(self.x.shape[1], dtype=np.float64)
+        for start, block in self._blocks():
+            total += block.T @ resid[start : start + len(block)]
+        return total / self.scale
 
 
-def _nll(w: FloatArray, d: _Design, plays: FloatArray, likes: FloatArray, l2: float) -> tuple[float, FloatArray]:
-    """Binomial negative log-likelihood (plus ``l2/2 |coef|^2``) and its gradient; ``w = [intercept, coef]``."""
+#: Weight of a unit-variance prior on the intercept around the smoothed pooled logit: negligible with
+#: real counts, it keeps the intercept finite when no song was liked (or every play was).
+INTERCEPT_PRIOR = 1.0
+
+
+def _pooled_logit(plays: FloatArray, likes: FloatArray) -> float:
+    return float(np.log((likes.sum() + 0.5) / (plays.sum() - likes.sum() + 0.5)))
+
+
+def _nll(
+    w: FloatArray, d: _Design, plays: FloatArray, likes: FloatArray, l2: float, centre: float
+) -> tuple[float, FloatArray]:
+    """Binomial negative log-likelihood plus the penalties, and its gradient; ``w = [intercept, coef]``."""
     z = d.logits(w)
-    nll = float(np.sum(plays * np.logaddexp(0.0, z) - likes * z) + 0.5 * l2 * (w[1:] @ w[1:]))
+    nll = float(np.sum(plays * np.logaddexp(0.0, z) - likes * z))
+    nll += 0.5 * l2 * float(w[1:] @ w[1:]) + 0.5 * INTERCEPT_PRIOR * (w[0] - centre) ** 2
     resid = plays / (1.0 + np.exp(-z)) - likes
-    return nll, np.concatenate(([resid.sum()], d.gradient(resid) + l2 * w[1:]))
+    grad0 = resid.sum() + INTERCEPT_PRIOR * (w[0] - centre)
+    return nll, np.concatenate(([grad0], d.gradient(resid) + l2 * w[1:]))
 
 
 def _fit(d: _Design, plays: FloatArray, likes: FloatArray, l2: float) -> FloatArray:
     w0 = np.zeros(d.x.shape[1] + 1)
-    w0[0] = np.log((likes.sum() + 0.5) / (plays.sum() - likes.sum() + 0.5))  # the pooled rate
-    res = minimize(_nll, w0, args=(d, plays, likes, l2), jac=True, method="L-BFGS-B", options={"maxiter": 500})
+    w0[0] = centre = _pooled_logit(plays, likes)
+    res = minimize(_nll, w0, args=(d, plays, likes, l2, centre), jac=True, method="L-BFGS-B", options={"maxiter": 500})
+    if not res.success:
+        log.warning("like read-out: the optimiser stopped early (%s); keeping its last weights", res.message)
     return np.asarray(res.x, dtype=np.float64)
 
 
@@ -214,8 +254,8 @@ def fit_like_readout(
 ) -> LikeReadout:
     """Fit the read-out on songs' flattened features and their play and like counts.
 
-    The penalty is ``l2 * n_songs`` with ``l2`` chosen from ``l2_grid`` by cross-validation
-    (on at most ``max_cv_songs`` songs, so that a 100k-song retrain stays cheap).
+    The penalty is ``l2 * min(n_songs, max_cv_songs)`` with ``l2`` chosen from ``l2_grid`` by
+    cross-validation on at most ``max_cv_songs`` songs (so that a 100k-song retrain stays cheap).
     """
     x = np.asarray(features, dtype=np.float32)
     n_plays = np.asarray(plays, dtype=np.float64)
@@ -236,7 +276,9 @@ def fit_like_readout(
     cv_rows = np.sort(rng.choice(len(x), size=max_cv_songs, replace=False)) if len(x) > max_cv_songs else slice(None)
     folds = max(2, min(folds, len(x) // 2))
     l2 = choose_l2(d.rows(cv_rows), n_plays[cv_rows], n_likes[cv_rows], l2_grid, folds=folds, seed=seed)
-    w = _fit(d, n_plays, n_likes, l2 * len(x))
+    # The penalty cross-validation judged, for as many songs as it saw: a prior's strength does not
+    # grow with the data, so beyond max_cv_songs it is not scaled up (that would flatten the rates).
+    w = _fit(d, n_plays, n_likes, l2 * min(len(x), max_cv_songs))
     logits = d.logits(w)
     return LikeReadout(
         mean=mean,

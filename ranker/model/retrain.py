@@ -24,9 +24,10 @@ One run:
    ``likes_model="readout"`` (the default) its likes output is a like-rate read-out of the
    embedding (``ranker.model.readout``), fitted on the plays and likes of every played song
    created before the holdout's first (below ``min_plays`` too: its likelihood weighs a song
-   by its plays), and with fewer than ``min_songs_head`` training songs the head itself is
+   by its plays), and with fewer than ``min_songs_head`` training songs a trained head is
    kept as it is, warm start or not: on a few dozen songs fine-tuning it made its likes worse
-   and moved its streams output at random (docs/loop-simulation.md).
+   and moved its streams output at random (docs/model.md). A seeded, untrained head is
+   trained as before.
 4. **Gate.** Spearman of streams and of likes on the holdout. The candidate is
    promoted only when the mean of the two improves by at least ``margin`` and
    neither gets worse by more than ``margin``.
@@ -291,8 +292,8 @@ def retrain(
     train_ids = [observed.song_ids[i] for i in train]
     hold_ids = [observed.song_ids[i] for i in holdout]
 
-    if readout and len(train) < min_songs_head:
-        # Too few songs to move a deep head for the better: keep it, refit the read-out.
+    if readout and len(train) < min_songs_head and current.trained:
+        # Too few songs to move a trained deep head for the better: keep it, refit the read-out.
         candidate = current
         if candidate.target_transform is None:  # a seeded head: the transform a trained one would have
             fitted = fit_transform(
