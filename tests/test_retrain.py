@@ -158,18 +158,18 @@ def _placement_world(n: int, seed: int) -> tuple[FeatureSet, np.ndarray, np.ndar
     return fs, rate, plays, likes
 
 
+def _observed(features: FeatureSet, plays: np.ndarray, likes: np.ndarray) -> Observed:
+    """The songs' counts as a retrain gathers them: one generator, created a minute apart in order."""
+    t0 = datetime(2026, 11, 1, tzinfo=UTC)
+    n = len(plays)
+    return Observed(features.song_ids, plays, likes, ["g"] * n, [t0 + timedelta(minutes=i) for i in range(n)])
+
+
 def _promoted_prior_spearman(tmp_path: Path, targets: str) -> tuple[float, float]:
     """Retrain a seeded head on a placement world; (Spearman of the promoted head's prior like
     rate with the true like rate on fresh songs, the prior's mean)."""
     features, _, plays, likes = _placement_world(800, seed=1)
-    t0 = datetime(2026, 11, 1, tzinfo=UTC)
-    observed = Observed(
-        song_ids=features.song_ids,
-        plays=plays,
-        likes=likes,
-        generators=["g"] * len(plays),
-        created_at=[t0 + timedelta(minutes=i) for i in range(len(plays))],
-    )
+    observed = _observed(features, plays, likes)
     current = ScoringModel.from_seed(16, seed=0, encoder_id="test-enc", n_layers=4)
     report = retrain(
         current,
@@ -239,8 +239,7 @@ def test_a_readout_candidate_keeps_a_small_sets_head_and_learns_from_songs_below
     features, rate, plays, likes = _placement_world(300, seed=4)
     plays[::3] = np.minimum(plays[::3], 3)  # a third of the songs below the exposure threshold
     likes[::3] = np.random.default_rng(6).binomial(plays[::3], rate[::3])
-    t0 = datetime(2026, 11, 1, tzinfo=UTC)
-    observed = Observed(features.song_ids, plays, likes, ["g"] * 300, [t0 + timedelta(minutes=i) for i in range(300)])
+    observed = _observed(features, plays, likes)
     seeded = ScoringModel.from_seed(16, seed=0, encoder_id="test-enc", n_layers=4)
     transform = TargetTransform.fit({"streams": plays, "likes": likes}).to_dict()
     current = seeded.with_target_transform(transform, training={"note": "a trained head, for the test"})
@@ -279,18 +278,13 @@ def test_a_readout_candidate_keeps_a_small_sets_head_and_learns_from_songs_below
 
 def test_a_worse_readout_is_not_promoted_and_a_seeded_head_is_still_trained(tmp_path: Path) -> None:
     features, _, plays, likes = _placement_world(300, seed=4)
-    t0 = datetime(2026, 11, 1, tzinfo=UTC)
-
-    def observed(likes: np.ndarray) -> Observed:
-        return Observed(features.song_ids, plays, likes, ["g"] * 300, [t0 + timedelta(minutes=i) for i in range(300)])
-
     seeded = ScoringModel.from_seed(16, seed=0, encoder_id="test-enc", n_layers=4)
 
     def run(model: ScoringModel, likes: np.ndarray) -> RetrainReport:
         return retrain(
             model,
             features,
-            observed(likes),
+            _observed(features, plays, likes),
             models_root=tmp_path,
             holdout_fraction=0.2,
             margin=0.0,

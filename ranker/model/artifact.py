@@ -228,17 +228,27 @@ class ScoringModel:
 
         ``training`` entries are added to the card's training record (how the transform came about).
         """
-        update: dict[str, Any] = {"target_transform": dict(target_transform)}
-        if training:
-            update["training"] = {**(self._card.training or {}), **training}
-        card = self._card.model_copy(update=update)
-        return ScoringModel(copy.deepcopy(self._head), card, device=self._device, metrics=self.metrics)
+        return self._with_card({"target_transform": dict(target_transform)}, training)
 
-    def with_like_readout(self, readout: LikeReadout, training: Mapping[str, Any] | None = None) -> ScoringModel:
-        """The same head whose likes output is ``readout``'s score (a new card, so a new version)."""
+    def with_like_readout(
+        self,
+        readout: LikeReadout,
+        training: Mapping[str, Any] | None = None,
+        target_transform: Mapping[str, Any] | None = None,
+    ) -> ScoringModel:
+        """The same head whose likes output is ``readout``'s score (a new card, so a new version).
+
+        ``target_transform``, if given, replaces the card's in the same step (the read-out's curve).
+        """
         update: dict[str, Any] = {"like_readout": readout.to_dict()}
+        if target_transform is not None:
+            update["target_transform"] = dict(target_transform)
+        return self._with_card(update, training)
+
+    def _with_card(self, update: dict[str, Any], training: Mapping[str, Any] | None) -> ScoringModel:
+        """A copy of this model whose card has ``update`` (validated), ``training`` merged into its record."""
         if training:
-            update["training"] = {**(self._card.training or {}), **training}
+            update = {**update, "training": {**(self._card.training or {}), **training}}
         card = ModelCard.model_validate({**self._card.model_dump(), **update})
         return ScoringModel(copy.deepcopy(self._head), card, device=self._device, metrics=self.metrics)
 

@@ -63,17 +63,13 @@ class LikeReadout:
     def logits(self, x: npt.ArrayLike) -> FloatArray:
         """Log-odds of a like per play, one per row of ``x`` (songs x flattened features).
 
-        Computed a block of rows at a time in float64, so that scoring 100k songs does not copy them.
+        Computed a block of rows at a time in float64 (``_Design``), so that scoring 100k songs does
+        not copy them.
         """
         arr = np.asarray(x)
         if arr.ndim != 2 or arr.shape[1] != self.dim:
             raise ValueError(f"expected features of shape (batch, {self.dim}), got {arr.shape}")
-        v = self.coef / self.scale
-        out = np.empty(len(arr), dtype=np.float64)
-        for start in range(0, len(arr), BLOCK_ROWS):
-            block = np.asarray(arr[start : start + BLOCK_ROWS], dtype=np.float64)
-            out[start : start + len(block)] = (block - self.mean) @ v
-        return out + self.intercept
+        return _Design(arr, self.mean, self.scale).logits(np.concatenate(([self.intercept], self.coef)))
 
     def rates(self, x: npt.ArrayLike) -> FloatArray:
         """The like rate per play each row is expected to get."""
@@ -134,14 +130,14 @@ class LikeReadout:
 
 @dataclass(frozen=True)
 class _Design:
-    """Raw float32 features, centred in float64 a block at a time, with the scale folded into the weights.
+    """Raw features, centred in float64 a block at a time, with the scale folded into the weights.
 
     With ``v = coef / scale``: ``z = intercept + (x - mean) @ v``. No standardised copy of the
     features is made, and centring before the product avoids the cancellation of ``x @ v``
     against ``mean @ v`` when the features sit far from zero.
     """
 
-    x: npt.NDArray[np.float32]
+    x: npt.NDArray[Any]  # float32 when fitting; whatever a caller scores
     mean: FloatArray
     scale: FloatArray
 
@@ -228,7 +224,7 @@ def choose_l2(
     return float(grid[int(np.argmin(losses))])
 
 
-def _moments(x: npt.NDArray[np.float32], block: int = 4096) -> tuple[FloatArray, FloatArray]:
+def _moments(x: npt.NDArray[np.float32], block: int = BLOCK_ROWS) -> tuple[FloatArray, FloatArray]:
     """Column means and standard deviations in float64, a block of rows at a time (no full copy)."""
     total = np.zeros(x.shape[1])
     squares = np.zeros(x.shape[1])

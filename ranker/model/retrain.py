@@ -204,10 +204,9 @@ def _with_readout(
         seed=seed,
     )
     log.info("like read-out: %d songs, %d plays, penalty %g per song", fitted.n_songs, fitted.n_plays, fitted.l2)
-    out = candidate.with_like_readout(fitted, training=training)
-    if candidate.target_transform is None:
-        return out
-    return out.with_target_transform({**candidate.target_transform, "like_rate": fitted.rate_curve()})
+    transform = candidate.target_transform
+    curve = None if transform is None else {**transform, "like_rate": fitted.rate_curve()}
+    return candidate.with_like_readout(fitted, training=training, target_transform=curve)
 
 
 def training_catalog(
@@ -285,9 +284,9 @@ def retrain(
     pseudo = current.predict(features.layers)
     readout = likes_model == "readout" and "likes" in current.tasks
     rates = adjusted = None
-    if targets == "exposure" or readout:
+    if targets == "exposure":
         rates = smoothed_like_rates(observed.plays, observed.likes, rate_prior_plays)
-        adjusted = rates * _median(observed.plays[eligible]) if targets == "exposure" else None
+        adjusted = rates * _median(observed.plays[eligible])
     catalog = training_catalog(observed, rows, pseudo, current.tasks, likes=adjusted)
     train_ids = [observed.song_ids[i] for i in train]
     hold_ids = [observed.song_ids[i] for i in holdout]
