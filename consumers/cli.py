@@ -72,14 +72,20 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
 
 
 # -- worker ----------------------------------------------------------------------------
+def _serve_metrics(args: argparse.Namespace) -> None:
+    """Prometheus metrics on ``--metrics-host:--metrics-port`` (loopback unless told otherwise)."""
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port, addr=args.metrics_host)
+        log.info("metrics on http://%s:%d/metrics", args.metrics_host, args.metrics_port)
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from consumers.worker import Worker
 
     s = _settings(args)
-    if args.metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(args.metrics_port)
+    _serve_metrics(args)
     worker = Worker(s)
     worker.install_signal_handlers()
     stats = worker.run(until_idle_s=args.until_idle)
@@ -93,10 +99,7 @@ def cmd_feedback(args: argparse.Namespace) -> int:
 
     from consumers.feedback import FeedbackConsumer
 
-    if args.metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(args.metrics_port)
+    _serve_metrics(args)
     consumer = FeedbackConsumer(_settings(args))
     signal.signal(signal.SIGTERM, consumer.request_stop)
     signal.signal(signal.SIGINT, consumer.request_stop)
@@ -213,10 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker = add("worker", cmd_worker, "score songs from songs.generated into Redis and the index")
     worker.add_argument("--until-idle", type=float, metavar="SECONDS", help="exit after SECONDS with no messages")
     worker.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    worker.add_argument("--metrics-host", default="127.0.0.1", help="address metrics listen on (default loopback)")
 
     feedback = add("feedback", cmd_feedback, "count engagement events into Redis, the log and the feeds")
     feedback.add_argument("--until-idle", type=float, metavar="SECONDS", help="exit after SECONDS with no messages")
     feedback.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    feedback.add_argument("--metrics-host", default="127.0.0.1", help="address metrics listen on (default loopback)")
 
     publish = add("publish", cmd_publish, "publish songs.generated events for a catalog (Parquet or CSV)")
     publish.add_argument("--catalog", required=True)

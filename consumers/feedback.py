@@ -40,7 +40,8 @@ from typing import Any, TypeVar
 
 from prometheus_client import Counter
 
-from consumers.kafka_io import Publisher, dead_letter_record, ensure_topics, make_consumer
+from consumers import metrics
+from consumers.kafka_io import Publisher, ensure_topics, log_size_limits, make_consumer, publish_outputs
 from consumers.worker import Message, Stopping, commit, dead_letter, retry_infra
 from indexes.engagement_log import EngagementLog
 from indexes.redis_engagement import DUPLICATE, REPLAY, RedisEngagementCounters, message_marker
@@ -112,6 +113,7 @@ class FeedbackConsumer:
         kept: list[Message] = []
         events: list[Engagement] = []
         parse = Engagement.parse
+        budget = self.settings.kafka.dead_letter_original_bytes
         updated_at = datetime.now(UTC).isoformat()
         # Steps 1 and 2 overlap: each chunk parsed is counted on a thread (which mostly waits on
         # Redis running the script) while the next chunk is parsed. One thread, so chunks are
@@ -124,7 +126,7 @@ class FeedbackConsumer:
                     try:
                         events.append(parse(msg.value))  # type: ignore[arg-type]
                     except InputError as exc:
-                        dead.append(dead_letter(msg, exc.code, exc.message))
+                        dead.append(dead_letter(msg, exc.code, exc.message, budget))
                         continue
                     kept.append(msg)
                 chunk, msgs = events[first:], kept[first:]
@@ -189,6 +191,7 @@ class FeedbackConsumer:
                 "create topics",
                 lambda: ensure_topics(s.kafka, [topics.engagement, topics.engagement_dead_letter]),
             )
+        self._retry("read size limits", lambda: log_size_limits(s.kafka, [topics.engagement_dead_letter]))
         consumer = self._retry(
             "connect consumer",
             lambda: make_consumer(s.kafka, s.kafka.feedback_group_id, [topics.engagement], s.feedback.max_poll_records),
@@ -222,8 +225,11 @@ class FeedbackConsumer:
                     dead = self._retry("process", functools.partial(self.process, messages))
 
                     t = time.perf_counter()
-                    records = [dead_letter_record(topics.engagement_dead_letter, d) for d in dead]
-                    self._retry("publish dead letters", functools.partial(producer.publish, records))
+                    dropped = self._retry(
+                        "publish dead letters",
+                        functools.partial(publish_outputs, producer, [], dead, topics.engagement_dead_letter),
+                    )
+                    metrics.RECORDS_DROPPED.inc(dropped)
                     self._retry("commit offsets", lambda: commit(consumer))
                     self.stats.add_time("commit", t)
                 except Stopping:

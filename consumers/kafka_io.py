@@ -5,10 +5,19 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
-from kafka.admin import NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.admin import ConfigResource, NewTopic
+from kafka.errors import (
+    CorruptRecordError,
+    InvalidRecordError,
+    InvalidTimestampError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    TopicAlreadyExistsError,
+)
 
 from ranker.events import DeadLetter
 from ranker.settings import KafkaSettings
@@ -34,7 +43,91 @@ def make_consumer(kafka: KafkaSettings, group_id: str, topics: Sequence[str], ma
 
 def make_producer(kafka: KafkaSettings) -> KafkaProducer:
     """An acks=all producer; callers flush before committing what it carried."""
-    return KafkaProducer(acks="all", linger_ms=5, retries=5, **kafka.client_kwargs())
+    return KafkaProducer(
+        acks="all", linger_ms=5, retries=5, max_request_size=kafka.max_request_size, **kafka.client_kwargs()
+    )
+
+
+#: Producer errors about the record itself: sending it again cannot succeed, so they are
+#: the input's fault (dead-lettered, committed past), never an outage to retry.
+RECORD_ERRORS: tuple[type[KafkaError], ...] = (
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    InvalidRecordError,
+    CorruptRecordError,
+    InvalidTimestampError,
+)
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A record the producer or broker refused for what it is (``RECORD_ERRORS``)."""
+
+    index: int  # position in the published sequence
+    error: KafkaError
+
+
+def size_limits(kafka: KafkaSettings, topics: Sequence[str]) -> dict[str, int | None]:
+    """The record size limits in force: the producer's, the broker's and each topic's (None: not reported).
+
+    Logged at start-up so that a dead letter's budget can be checked against them. A broker
+    that does not answer DescribeConfigs (the embedded Tansu) reports nothing; that is logged too.
+    """
+    limits: dict[str, int | None] = {"producer max_request_size": kafka.max_request_size}
+    try:
+        admin = KafkaAdminClient(**kafka.client_kwargs())
+    except KafkaError as exc:
+        log.info("record size limits: the broker could not be asked (%s)", exc)
+        return limits
+    try:
+        wanted = [("topic", t, "max.message.bytes") for t in dict.fromkeys(topics)]
+        wanted.append(("broker", str(_any_broker_id(admin)), "message.max.bytes"))
+        described = admin.describe_configs(
+            [ConfigResource(kind.upper(), name) for kind, name, _ in wanted], config_filter="all"
+        )
+        for kind, name, key in wanted:
+            entry = (described.get(kind) or {}).get(name, {}).get(key)
+            value = entry.get("value") if isinstance(entry, dict) else entry
+            limits[f"{kind} {name} {key}" if kind == "topic" else f"broker {key}"] = _int(value)
+    except Exception as exc:  # an admin API the broker lacks: only the producer's limit is known
+        log.info("record size limits: the broker did not describe its configs (%s: %s)", type(exc).__name__, exc)
+    finally:
+        admin.close()
+    return limits
+
+
+def _any_broker_id(admin: KafkaAdminClient) -> int:
+    brokers = admin.describe_cluster().get("brokers") or [{}]
+    return int(brokers[0].get("broker_id", brokers[0].get("node_id", 0)))
+
+
+def _int(value: object) -> int | None:
+    try:
+        return int(str(value))
+    except ValueError:
+        return None
+
+
+def log_size_limits(kafka: KafkaSettings, topics: Sequence[str]) -> int:
+    """Log the size limits in force and return the smallest one reported (what a record must fit)."""
+    limits = size_limits(kafka, topics)
+    known = {k: v for k, v in limits.items() if v is not None}
+    smallest = min(known.values())
+    log.info(
+        "record size limits (bytes): %s%s; dead letters embed at most %d bytes of the original",
+        ", ".join(f"{k}={v}" for k, v in known.items()),
+        "".join(f", {k} not reported" for k, v in limits.items() if v is None),
+        kafka.dead_letter_original_bytes,
+    )
+    # A letter of a wholly binary original is base64: 4/3 of the budget plus about 1 KB of fields.
+    if kafka.dead_letter_original_bytes * 4 // 3 + 4096 > smallest:
+        log.warning(
+            "kafka.dead_letter_original_bytes=%d may not fit the smallest record limit (%d bytes); "
+            "letters that do not fit are sent without their original",
+            kafka.dead_letter_original_bytes,
+            smallest,
+        )
+    return smallest
 
 
 def ensure_topics(kafka: KafkaSettings, names: Iterable[str]) -> list[str]:
@@ -84,16 +177,34 @@ class Publisher:
         self.kafka = kafka
         self._producer: KafkaProducer | None = None
 
-    def publish(self, records: Sequence[tuple[str, bytes | None, bytes]], timeout_s: float = 30.0) -> None:
+    def publish(self, records: Sequence[tuple[str, bytes | None, bytes]], timeout_s: float = 30.0) -> list[Refused]:
+        """Send and flush ``records``; return those refused for what they are (too large, invalid).
+
+        Any other failure is an outage: it raises, and the caller retries the whole batch.
+        """
         if self._producer is None:
             self._producer = make_producer(self.kafka)
         producer = self._producer
+        refused: list[Refused] = []
         try:
-            futures = [producer.send(topic, key=key, value=value) for topic, key, value in records]
-            flush_or_raise(producer, futures, timeout_s)
+            futures: list[tuple[int, object]] = []
+            for i, (topic, key, value) in enumerate(records):
+                try:
+                    futures.append((i, producer.send(topic, key=key, value=value)))
+                except RECORD_ERRORS as exc:  # kafka-python checks max_request_size in send()
+                    refused.append(Refused(i, exc))
+            producer.flush(timeout=timeout_s)
+            for i, fut in futures:
+                error = _failure(fut)
+                if error is None:
+                    continue
+                if not isinstance(error, RECORD_ERRORS):
+                    raise error
+                refused.append(Refused(i, error))
         except KafkaError:
             self.reset()
             raise
+        return sorted(refused, key=lambda r: r.index)
 
     def reset(self) -> None:
         if self._producer is not None:
@@ -111,10 +222,62 @@ def dead_letter_record(topic: str, letter: DeadLetter) -> tuple[str, bytes | Non
     return topic, letter.key.encode() if letter.key is not None else None, letter.to_bytes()
 
 
+def publish_outputs(
+    publisher: Publisher,
+    records: Sequence[tuple[str, bytes | None, bytes]],
+    letters: Sequence[DeadLetter],
+    dead_letter_topic: str,
+) -> int:
+    """Publish a batch's outputs and its dead letters so that no record can block the batch.
+
+    A dead letter refused for its size is sent again without its original (its length and
+    sha256 still identify it); any record still refused is logged and dropped, since
+    retrying cannot change the answer. Outages raise as usual. Returns how many were dropped.
+    """
+    out = list(records) + [dead_letter_record(dead_letter_topic, d) for d in letters]
+    refused = publisher.publish(out)
+    if not refused:
+        return 0
+    n_records = len(records)
+    retry: list[DeadLetter] = []
+    dropped = 0
+    for r in refused:
+        if r.index >= n_records and letters[r.index - n_records].original:
+            retry.append(letters[r.index - n_records].without_original())
+        else:
+            dropped += _drop(out[r.index], r.error)
+    if retry:
+        again = [dead_letter_record(dead_letter_topic, d) for d in retry]
+        for r in publisher.publish(again):
+            dropped += _drop(again[r.index], r.error)
+    return dropped
+
+
+def _drop(record: tuple[str, bytes | None, bytes], error: KafkaError) -> int:
+    topic, key, value = record
+    log.error(
+        "record refused by Kafka and dropped (retrying cannot help): topic %s, key %r, %d bytes: %s: %s",
+        topic,
+        (key or b"")[:128],
+        len(value),
+        type(error).__name__,
+        error,
+    )
+    return 1
+
+
+def _failure(future: object) -> KafkaError | None:
+    """The error of a failed send future, as a KafkaError; None when it succeeded."""
+    exc = getattr(future, "exception", None)
+    if not getattr(future, "failed", lambda: False)() or exc is None:
+        return None
+    return exc if isinstance(exc, KafkaError) else KafkaError(str(exc))
+
+
 def flush_or_raise(producer: KafkaProducer, futures: Sequence[object], timeout_s: float = 30.0) -> None:
     """Flush and surface any failed send, so the caller does not commit what did not land."""
     producer.flush(timeout=timeout_s)
     for fut in futures:
-        exc = getattr(fut, "exception", None)
-        if getattr(fut, "failed", lambda: False)() and exc is not None:
-            raise exc if isinstance(exc, KafkaError) else KafkaError(str(exc))
+        exc = _failure(fut)
+        if exc is not None:
+            raise exc

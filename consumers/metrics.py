@@ -8,6 +8,11 @@ EVENTS_IN = Counter("apexrank_worker_events_total", "Messages polled from songs.
 SONGS_SCORED = Counter("apexrank_worker_songs_scored_total", "Songs scored and written")
 DEAD_LETTERS = Counter("apexrank_worker_dead_letters_total", "Messages sent to the dead-letter topic", ["code"])
 RETRIES = Counter("apexrank_worker_retries_total", "Infrastructure failures retried", ["stage"])
+RECORDS_DROPPED = Counter(
+    "apexrank_records_dropped_total",
+    "Output records Kafka refused for what they are (too large, invalid), even as a dead letter without its "
+    "original; logged with their topic and key",
+)
 COMMITS = Counter("apexrank_worker_commits_total", "Offset commits after a batch's writes landed")
 BATCH_SIZE = Histogram(
     "apexrank_worker_batch_messages",

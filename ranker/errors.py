@@ -8,6 +8,8 @@ from enum import StrEnum
 class ErrorCode(StrEnum):
     INVALID_JSON = "invalid_json"
     INVALID_SCHEMA = "invalid_schema"
+    INVALID_CREATED_AT = "invalid_created_at"
+    KEY_MISMATCH = "key_mismatch"
     UNSUPPORTED_URI_SCHEME = "unsupported_uri_scheme"
     FORBIDDEN_URI = "forbidden_uri"
     FILE_NOT_FOUND = "file_not_found"

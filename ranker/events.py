@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from ranker.errors import ErrorCode, InputError
 
@@ -29,6 +30,16 @@ def _check_uri(value: str) -> str:
         raise ValueError("audio_uri must be an absolute URI such as file:///path or https://host/path")
     return value
 
+
+def _rfc3339_text(value: Any) -> Any:
+    """Timestamps travel as RFC 3339 text: a bare number is refused, not guessed to be (milli)seconds."""
+    if not isinstance(value, str | datetime):
+        raise ValueError("must be an RFC 3339 timestamp string with a timezone, e.g. 2026-01-31T12:00:00Z")
+    return value
+
+
+#: An RFC 3339 timestamp with a timezone; numbers are refused.
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_rfc3339_text)]
 
 SongId = Annotated[str, Field(pattern=SONG_ID_PATTERN, description="1-128 letters, digits or ._:-")]
 
@@ -60,7 +71,7 @@ class SongGenerated(_Event):
     song_id: SongId
     audio_uri: Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_check_uri)]
     generator: str = Field(min_length=1, max_length=64, description="e.g. suno-v5")
-    created_at: AwareDatetime
+    created_at: Timestamp
     title: str | None = Field(None, max_length=512)
     tags: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=list, max_length=64)
     prompt: str | None = Field(None, max_length=8192)
@@ -69,8 +80,31 @@ class SongGenerated(_Event):
 
     @classmethod
     def parse(cls, raw: bytes) -> SongGenerated:
-        """Parse a message value, turning every failure into an :class:`InputError`."""
-        return parse_event(cls, raw)
+        """Parse a message value, turning every failure into an :class:`InputError`.
+
+        A bad ``created_at`` has its own code: it decides a song's freshness for its whole life.
+        """
+        try:
+            return parse_event(cls, raw)
+        except InputError as exc:
+            only_created_at = exc.message.startswith("created_at:") and ";" not in exc.message
+            if exc.code == ErrorCode.INVALID_SCHEMA and only_created_at:
+                raise InputError(ErrorCode.INVALID_CREATED_AT, exc.message) from exc
+            raise
+
+    def check_created_at(self, now: datetime, max_skew_s: float, earliest: datetime) -> None:
+        """Refuse a creation time in the future (beyond clock skew) or before ``earliest``."""
+        if (self.created_at - now).total_seconds() > max_skew_s:
+            raise InputError(
+                ErrorCode.INVALID_CREATED_AT,
+                f"created_at {self.created_at.isoformat()} is in the future (more than {max_skew_s:g} s ahead of "
+                f"{now.isoformat(timespec='seconds')}); a song's freshness is measured from it",
+            )
+        if self.created_at < earliest:
+            raise InputError(
+                ErrorCode.INVALID_CREATED_AT,
+                f"created_at {self.created_at.isoformat()} is before {earliest.isoformat()}, the earliest accepted",
+            )
 
 
 class SongScored(_Event):
@@ -114,12 +148,24 @@ class Engagement(_Event):
         return parse_event(cls, raw)
 
 
-class DeadLetter(_Event):
-    """``songs.dead-letter`` (and ``engagement.dead-letter``): a message that could not be processed."""
+#: Most bytes of a failed message embedded in its dead letter unless a caller says otherwise.
+DEFAULT_DEAD_LETTER_ORIGINAL_BYTES = 65_536
 
-    schema_version: Literal[1] = 1
+
+class DeadLetter(_Event):
+    """``songs.dead-letter`` (and ``engagement.dead-letter``): a message that could not be processed.
+
+    Version 2 bounds the embedded original so that a dead letter always fits on its topic:
+    at most a configured number of bytes of it, with the full length and sha256 beside them
+    to match it against the source topic. Version 1 letters (whole originals) still parse.
+    """
+
+    schema_version: Literal[1, 2] = 2
     original: str
     original_encoding: Literal["utf-8", "base64"]
+    original_length: int | None = Field(None, ge=0, description="Bytes of the whole original value.")
+    original_sha256: str | None = Field(None, description="sha256 of the whole original value, hex.")
+    original_truncated: bool = Field(False, description="original holds only the first bytes of the value.")
     key: str | None = None
     source_topic: str
     partition: int
@@ -139,19 +185,19 @@ class DeadLetter(_Event):
         offset: int,
         code: ErrorCode | str,
         message: str,
+        max_original_bytes: int = DEFAULT_DEAD_LETTER_ORIGINAL_BYTES,
     ) -> DeadLetter:
         data = raw or b""
-        encoding: Literal["utf-8", "base64"]
-        try:
-            original, encoding = data.decode("utf-8"), "utf-8"
-        except UnicodeDecodeError:
-            original, encoding = base64.b64encode(data).decode("ascii"), "base64"
+        original, encoding, truncated = _bounded_text(data, max_original_bytes)
         key_text = None
         if key is not None:
-            key_text = key.decode("utf-8", errors="backslashreplace")
+            key_text = key[:_MAX_KEY_BYTES].decode("utf-8", errors="backslashreplace")
         return cls(
             original=original,
             original_encoding=encoding,
+            original_length=len(data),
+            original_sha256=hashlib.sha256(data).hexdigest(),
+            original_truncated=truncated,
             key=key_text,
             source_topic=topic,
             partition=partition,
@@ -160,10 +206,39 @@ class DeadLetter(_Event):
             message=message[:2000],
         )
 
+    def without_original(self) -> DeadLetter:
+        """This letter with none of the original embedded (its length and hash stay)."""
+        return self.model_copy(update={"original": "", "original_encoding": "utf-8", "original_truncated": True})
+
     def original_bytes(self) -> bytes:
         if self.original_encoding == "base64":
             return base64.b64decode(self.original)
         return self.original.encode("utf-8")
+
+
+#: A dead letter's key is shown, not used: a key past this many bytes is cut.
+_MAX_KEY_BYTES = 1024
+
+
+def _bounded_text(data: bytes, limit: int) -> tuple[str, Literal["utf-8", "base64"], bool]:
+    """At most ``limit`` bytes of ``data`` as text where that stays compact in JSON, else as base64.
+
+    Text whose JSON escaping would more than double it (control bytes become six
+    characters each) travels as base64 instead, so the letter's size stays near the budget.
+    """
+    head = data[:limit]
+    truncated = len(head) < len(data)
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # A cut in the middle of a character is not a reason for base64: drop the partial tail.
+        if truncated and exc.start >= len(head) - 3 and exc.reason == "unexpected end of data":
+            text = head[: exc.start].decode("utf-8", errors="strict")
+        else:
+            return base64.b64encode(head).decode("ascii"), "base64", truncated
+    if len(json.dumps(text, ensure_ascii=False)) > 2 * len(head) + 2:
+        return base64.b64encode(head).decode("ascii"), "base64", truncated
+    return text, "utf-8", truncated
 
 
 def parse_event(cls: type[E], raw: bytes | None) -> E:

@@ -14,6 +14,7 @@ import glob
 import math
 import os
 import re
+from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -65,6 +66,18 @@ class KafkaSettings(_Section):
     max_poll_interval_ms: int = Field(600_000, ge=10_000)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     request_timeout_ms: int = Field(30_000, ge=1000)
+    max_request_size: int = Field(
+        1_048_576,
+        ge=65_536,
+        description="Largest record batch the producers send (bytes); keep it at or below the broker's "
+        "message.max.bytes and the topics' max.message.bytes.",
+    )
+    dead_letter_original_bytes: int = Field(
+        65_536,
+        ge=0,
+        description="Most bytes of a failed message's value embedded in its dead letter; the full length and "
+        "sha256 are always given, so the original can be matched in the source topic.",
+    )
     auto_create_topics: bool = Field(True, description="Create missing topics at start-up.")
     topics: TopicSettings = TopicSettings()
 
@@ -135,7 +148,9 @@ class AudioSettings(_Section):
     )
     max_redirects: int = Field(3, ge=0, description="Redirects followed per fetch; each hop is re-checked.")
     max_sample_rate: int = Field(
-        192_000, ge=1, description="Audio declaring a higher sample rate is refused (bounds decode cost)."
+        48_000,
+        ge=1,
+        description="Audio declaring a higher sample rate is refused (bounds decode cost; 192000 for hi-res masters).",
     )
 
 
@@ -162,6 +177,18 @@ class WorkerSettings(_Section):
     retry_initial_s: float = Field(0.5, gt=0)
     retry_max_s: float = Field(15.0, gt=0)
     model_check_s: float = Field(10.0, gt=0, description="How often the worker looks for a newly promoted head.")
+    max_batch_audio_bytes: int = Field(
+        1 << 30,
+        ge=1 << 20,
+        description="Decoded audio (float32 waveforms) one batch holds at once; songs past it wait for the "
+        "encoder to release what came before them (docs/security.md, worst case).",
+    )
+    created_at_max_skew_s: float = Field(
+        300.0, ge=0, description="A song's created_at may be at most this far in the future (clock skew)."
+    )
+    created_at_min: datetime = Field(
+        datetime(2020, 1, 1, tzinfo=UTC), description="A song's created_at may not be earlier than this."
+    )
 
 
 class RetrainSettings(_Section):
@@ -220,6 +247,13 @@ DEFAULT_FEED = "cold-start"
 _FEED_NAME = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
+#: Bounds on policy numbers (also inline ones sent to the API): far past any useful value, far
+#: below where the score's sums, logs and exponentials stop being finite.
+MAX_WEIGHT = 1e6
+MAX_HALF_LIFE_HOURS = 1e6
+MAX_PRIOR_STRENGTH = 1e15  # the loop simulation's prior-only policy uses 1e12
+
+
 def _default_weights() -> dict[str, float]:
     return {
         "streams": 0.35,
@@ -237,9 +271,9 @@ def check_weights(weights: dict[str, float]) -> dict[str, float]:
     unknown = sorted(set(weights) - set(TASKS))
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; weights take {list(TASKS)}")
-    bad = [t for t, w in weights.items() if not (math.isfinite(w) and w >= 0)]
+    bad = [t for t, w in weights.items() if not (math.isfinite(w) and 0 <= w <= MAX_WEIGHT)]
     if bad:
-        raise ValueError(f"weights must be finite and >= 0 (scores are logged), got {bad}")
+        raise ValueError(f"weights must be finite and in [0, {MAX_WEIGHT:g}] (scores are logged), got {bad}")
     if not any(w > 0 for w in weights.values()):
         raise ValueError("at least one weight must be > 0")
     return weights
@@ -278,9 +312,14 @@ class FeedPolicy(_Section):
         description="Weights over the seven APEX tasks; streams+likes weigh the like-rate posterior.",
     )
     half_life_hours: float | None = Field(
-        72.0, ge=0, description="Freshness: a song's score halves every this many hours; 0 or null: no decay."
+        72.0,
+        ge=0,
+        le=MAX_HALF_LIFE_HOURS,
+        description="Freshness: a song's score halves every this many hours; 0 or null: no decay.",
     )
-    prior_strength: float = Field(20.0, gt=0, description="w: how many plays the model's predicted like rate is worth.")
+    prior_strength: float = Field(
+        20.0, gt=0, le=MAX_PRIOR_STRENGTH, description="w: how many plays the model's predicted like rate is worth."
+    )
     explore_share: float = Field(
         0.1, ge=0, le=0.5, description="Share of each page's slots filled by Thompson sampling."
     )
@@ -374,6 +413,9 @@ class ApiSettings(_Section):
         ge=0,
         description="How long a fetched feed window (songs, scores, vectors) is reused for the same page; 0: off.",
     )
+    page_cache_max_bytes: int = Field(
+        64 * 1024 * 1024, ge=0, description="Memory the page cache may hold per API process; oldest entries go first."
+    )
 
 
 class Settings(BaseSettings):
@@ -386,6 +428,11 @@ class Settings(BaseSettings):
     )
 
     state_dir: Path = Field(Path(".apexrank"), description="Pid files, logs, index and models.")
+    dev_mode: bool = Field(
+        False,
+        description="Development (the demo, tests): file:// audio is read with no audio.file_root, with a warning. "
+        "Otherwise the worker refuses to start with 'file' allowed and no file_root.",
+    )
     encoder: Literal["mert", "logmel"] = Field("mert", description="logmel needs no weights (baseline/demo).")
     kafka: KafkaSettings = KafkaSettings()
     redis: RedisSettings = RedisSettings()
