@@ -79,6 +79,7 @@ def main() -> None:
         tag = uuid.uuid4().hex[:8]
         settings = Settings(
             state_dir=root / "state",
+            dev_mode=True,  # the benchmark's songs are local files
             encoder="logmel",
             kafka=KafkaSettings(
                 bootstrap_servers=f"127.0.0.1:{free_port()}",

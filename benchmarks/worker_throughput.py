@@ -170,6 +170,7 @@ def bench_settings(
     )
     return Settings(
         state_dir=root / f"state-{run_tag}",
+        dev_mode=True,  # the benchmark's songs are local files
         encoder="logmel",
         kafka=base.kafka.model_copy(
             update={

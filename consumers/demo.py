@@ -36,6 +36,8 @@ def run_demo(settings: Settings, *, songs: int, seed: int, out: Path, train_song
     if settings.encoder != "logmel":
         console.print("[yellow]demo: using the weightless logmel baseline encoder (no MERT weights offline)[/]")
         settings = settings.model_copy(update={"encoder": "logmel"})
+    # The demo's songs are local files it writes itself: development mode reads them with no file_root.
+    settings = settings.model_copy(update={"dev_mode": True})
 
     console.rule("1. embedded services")
     stack = EmbeddedStack(settings)

@@ -301,6 +301,7 @@ def _policy_settings(base: Settings, policy: str, out_dir: Path, cfg: LoopConfig
     return base.model_copy(
         update={
             "state_dir": state,
+            "dev_mode": True,  # the simulated songs are local files
             "encoder": "logmel",
             "kafka": base.kafka.model_copy(
                 update={"topics": topics, "worker_group_id": f"w-{tag}", "feedback_group_id": f"f-{tag}"}

@@ -16,14 +16,18 @@ backoff and nothing is committed until the batch's writes have landed.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import math
+import re
 import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,15 +39,15 @@ import redis.exceptions
 from kafka.errors import CommitFailedError, KafkaError
 
 from consumers import metrics
-from consumers.kafka_io import Publisher, all_topics, dead_letter_record, ensure_topics, make_consumer
+from consumers.kafka_io import Publisher, all_topics, ensure_topics, log_size_limits, make_consumer, publish_outputs
 from indexes import open_score_store
 from indexes.base import EmbeddingRecord, ScoreStore, SongRecord
 from indexes.embedding_index import EmbeddingIndex
 from ranker import feeds
-from ranker.audio import AudioHTTPClient, DecodedAudio, load_song, segment_waveform
+from ranker.audio import AudioHTTPClient, DecodedAudio, check_file_policy, load_song, segment_waveform
 from ranker.encoders import Encoder, build_encoder, pool_song
 from ranker.errors import ConfigError, ErrorCode, InputError
-from ranker.events import TASKS, DeadLetter, SongGenerated, SongScored
+from ranker.events import DEFAULT_DEAD_LETTER_ORIGINAL_BYTES, TASKS, DeadLetter, SongGenerated, SongScored
 from ranker.model.artifact import ScoringModel, load_or_init, resolve_model_dir
 from ranker.settings import Settings, WorkerSettings
 
@@ -76,8 +80,13 @@ class Message:
     value: bytes | None
 
 
-def dead_letter(msg: Message, code: ErrorCode | str, message: str) -> DeadLetter:
-    """The dead letter for ``msg`` (the worker's and the feedback consumer's)."""
+def dead_letter(
+    msg: Message,
+    code: ErrorCode | str,
+    message: str,
+    max_original_bytes: int = DEFAULT_DEAD_LETTER_ORIGINAL_BYTES,
+) -> DeadLetter:
+    """The dead letter for ``msg`` (the worker's and the feedback consumer's), its original bounded."""
     return DeadLetter.build(
         msg.value,
         key=msg.key,
@@ -86,6 +95,7 @@ def dead_letter(msg: Message, code: ErrorCode | str, message: str) -> DeadLetter
         offset=msg.offset,
         code=code,
         message=message,
+        max_original_bytes=max_original_bytes,
     )
 
 
@@ -94,6 +104,8 @@ class BatchResult:
     scored: list[SongScored] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
     reused: int = 0
+    audio_waves: int = 0  # groups the batch's audio was decoded in (more than one: the byte cap split it)
+    peak_audio_bytes: int = 0  # most decoded audio the batch held at once
 
 
 @dataclass
@@ -147,14 +159,21 @@ class ScoringPipeline:
         self._http.close()
 
     # -- stage 1: parse ---------------------------------------------------------------
+    def dead_letter(self, msg: Message, code: ErrorCode | str, message: str) -> DeadLetter:
+        return dead_letter(msg, code, message, self.settings.kafka.dead_letter_original_bytes)
+
     def parse(self, messages: Sequence[Message]) -> tuple[list[_Pending], list[DeadLetter]]:
         pending: dict[str, _Pending] = {}
         dead: list[DeadLetter] = []
+        w = self.settings.worker
+        now = datetime.now(UTC)
         for msg in messages:
             try:
                 event = SongGenerated.parse(msg.value)  # type: ignore[arg-type]
+                event.check_created_at(now, w.created_at_max_skew_s, w.created_at_min)
+                _check_key(msg.key, event.song_id)
             except InputError as exc:
-                dead.append(dead_letter(msg, exc.code, exc.message))
+                dead.append(self.dead_letter(msg, exc.code, exc.message))
                 continue
             # The last event for a song in a batch wins; earlier ones are the same upsert.
             pending.pop(event.song_id, None)
@@ -162,8 +181,8 @@ class ScoringPipeline:
         return list(pending.values()), dead
 
     # -- stage 2: audio ---------------------------------------------------------------
-    def load_audio(self, songs: list[_Pending]) -> tuple[list[_Pending], list[DeadLetter]]:
-        """Reuse stored embeddings; fetch and decode the rest in parallel threads."""
+    def reuse_stored(self, songs: list[_Pending]) -> list[_Pending]:
+        """Take stored embeddings of songs seen before under this encoder; return the songs to decode."""
         stored = self.index.store.get_many([p.event.song_id for p in songs])
         todo: list[_Pending] = []
         for p in songs:
@@ -175,18 +194,54 @@ class ScoringPipeline:
                 p.reused = True
             else:
                 todo.append(p)
-        audio_settings = self.settings.audio
+        return todo
+
+    def song_audio_bytes(self) -> int:
+        """The most decoded audio one song can hold: ``max_duration_s`` of float32 at the encoder's rate."""
+        a = self.settings.audio
+        return (math.ceil(a.max_duration_s * a.sample_rate) + 1024) * 4
+
+    def decoded_waves(self, todo: list[_Pending], result: BatchResult) -> Iterator[list[_Pending]]:
+        """Fetch and decode ``todo`` in parallel, in waves that hold at most ``max_batch_audio_bytes``.
+
+        A song is started only while the audio already decoded plus the worst case of every
+        song in flight fits under the cap; when nothing more fits, the wave decoded so far is
+        handed to the encoder (which drops the waveforms) before the next one starts. One song
+        always fits an empty wave, so a cap below one song's worst case still makes progress.
+        Dead letters go straight into ``result``.
+        """
+        cap = self.settings.worker.max_batch_audio_bytes
+        worst = self.song_audio_bytes()
         fetch = functools.partial(load_song, client=self._http)
-        results = list(self._pool.map(lambda p: _try(fetch, p.event.audio_uri, audio_settings), todo))
-        ok: list[_Pending] = [p for p in songs if p.reused]
-        dead: list[DeadLetter] = []
-        for p, (audio, err) in zip(todo, results, strict=True):
-            if err is not None:
-                dead.append(dead_letter(p.msg, *_error_parts(err)))
-            else:
-                p.audio = audio
-                ok.append(p)
-        return ok, dead
+        audio_settings = self.settings.audio
+        queue = deque(enumerate(todo))
+        inflight: dict[Future[tuple[DecodedAudio | None, BaseException | None]], tuple[int, _Pending]] = {}
+        held: list[tuple[int, _Pending]] = []
+        held_bytes = 0
+        while queue or inflight:
+            while queue and ((not held and not inflight) or held_bytes + worst * (len(inflight) + 1) <= cap):
+                i, p = queue.popleft()
+                inflight[self._pool.submit(_try, fetch, p.event.audio_uri, audio_settings)] = (i, p)
+            if inflight:
+                done, _ = wait(inflight, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    i, p = inflight.pop(fut)
+                    audio, err = fut.result()
+                    if err is not None:
+                        result.dead.append(self.dead_letter(p.msg, *_error_parts(err)))
+                        continue
+                    assert audio is not None
+                    p.audio = audio
+                    held.append((i, p))
+                    held_bytes += audio.waveform.nbytes
+                result.peak_audio_bytes = max(result.peak_audio_bytes, held_bytes)
+                continue
+            yield [p for _, p in sorted(held, key=lambda ip: ip[0])]  # nothing more fits: encode these
+            result.audio_waves += 1
+            held, held_bytes = [], 0
+        if held:
+            yield [p for _, p in sorted(held, key=lambda ip: ip[0])]
+            result.audio_waves += 1
 
     # -- stage 3: encode --------------------------------------------------------------
     def encode(self, songs: list[_Pending]) -> tuple[list[_Pending], list[DeadLetter]]:
@@ -214,6 +269,7 @@ class ScoringPipeline:
             p.layers = pool_song(feats[sel], frames[sel])
             p.n_segments = int(sel.sum())
             p.n_frames = int(frames[sel].sum())
+            _drop_waveform(p)
         return self._finite_only(songs)
 
     def _finite_only(self, songs: list[_Pending]) -> tuple[list[_Pending], list[DeadLetter]]:
@@ -225,7 +281,7 @@ class ScoringPipeline:
                 ok.append(p)
             else:
                 reason = "encoder produced non-finite features"
-                dead.append(dead_letter(p.msg, ErrorCode.INTERNAL_ERROR, reason))
+                dead.append(self.dead_letter(p.msg, ErrorCode.INTERNAL_ERROR, reason))
         return ok, dead
 
     def _encode_one_by_one(
@@ -243,7 +299,8 @@ class ScoringPipeline:
                 ok.append(p)
             except Exception as exc:
                 log.exception("encoder failed on song %s", p.event.song_id)
-                dead.append(dead_letter(p.msg, ErrorCode.INTERNAL_ERROR, f"encoder failed: {exc!r}"))
+                dead.append(self.dead_letter(p.msg, ErrorCode.INTERNAL_ERROR, f"encoder failed: {type(exc).__name__}"))
+            _drop_waveform(p)
         finite, bad = self._finite_only(ok)
         return finite, dead + bad
 
@@ -346,15 +403,39 @@ class ScoringPipeline:
         result = BatchResult()
         songs, dead = self.parse(messages)
         result.dead.extend(dead)
-        with metrics.STAGE_SECONDS.labels("fetch_decode").time():
-            songs, dead = self.load_audio(songs)
-        result.dead.extend(dead)
-        songs, dead = self.encode(songs)
-        result.dead.extend(dead)
-        scored = self.score(songs)
+        todo = self.reuse_stored(songs)
+        encoded = [p for p in songs if p.reused]
+        waves = self.decoded_waves(todo, result)
+        while True:
+            with metrics.STAGE_SECONDS.labels("fetch_decode").time():
+                wave = next(waves, None)
+            if wave is None:
+                break
+            ok, dead = self.encode(wave)
+            encoded.extend(ok)
+            result.dead.extend(dead)
+        order = {id(p): i for i, p in enumerate(songs)}
+        scored = self.score(sorted(encoded, key=lambda p: order[id(p)]))
         result.scored = [s for _, s in scored]
         result.reused = sum(1 for p, _ in scored if p.reused)
         return result, lambda: self.write(scored)
+
+
+def _drop_waveform(p: _Pending) -> None:
+    """The encoder is done with the song's samples: release them (the wave's byte budget assumes it)."""
+    if p.audio is not None:
+        p.audio = dataclasses.replace(p.audio, waveform=np.empty(0, dtype=np.float32))
+
+
+def _check_key(key: bytes | None, song_id: str) -> None:
+    """``songs.generated`` is keyed by song_id so that one song's events keep their order on one partition.
+
+    A message without a key is accepted (a producer that sets none loses only that ordering);
+    a key naming another song is refused: it would race that song's own events.
+    """
+    if key is not None and key != song_id.encode():
+        shown = key[:64].decode("utf-8", errors="backslashreplace")
+        raise InputError(ErrorCode.KEY_MISMATCH, f"message key {shown!r} is not the event's song_id {song_id!r}")
 
 
 def _song_record(p: _Pending, s: SongScored) -> SongRecord:
@@ -451,7 +532,11 @@ def _try(fn: Callable[..., T], *args: Any) -> tuple[T | None, BaseException | No
 def _error_parts(exc: BaseException) -> tuple[ErrorCode, str]:
     if isinstance(exc, InputError):
         return exc.code, exc.message
-    return ErrorCode.INTERNAL_ERROR, f"unexpected {type(exc).__name__}: {exc}"
+    # No repr of objects: heap addresses say nothing to whoever reads the dead letter.
+    return ErrorCode.INTERNAL_ERROR, _HEAP_ADDRESS.sub("0x...", f"unexpected {type(exc).__name__}: {exc}")
+
+
+_HEAP_ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,}")
 
 
 class Worker:
@@ -462,6 +547,8 @@ class Worker:
         self.stats = WorkerStats()
         self.assignment: frozenset[Any] = frozenset()  # partitions owned after the last poll
         self._stop = threading.Event()
+        # Refuse what cannot be run safely before loading anything: file:// with no root outside development.
+        check_file_policy(settings.audio, settings.dev_mode)
         # Build the encoder first: missing weights must stop the worker before it joins a group.
         self.encoder = build_encoder(settings)
         self.model = self._load_model()
@@ -541,6 +628,7 @@ class Worker:
         topics = s.kafka.topics
         if s.kafka.auto_create_topics:
             self._retry("create topics", lambda: ensure_topics(s.kafka, all_topics(s.kafka)))
+        self._retry("read size limits", lambda: log_size_limits(s.kafka, [topics.songs_scored, topics.dead_letter]))
         consumer = self._retry(
             "connect consumer",
             lambda: make_consumer(
@@ -597,8 +685,8 @@ class Worker:
         records: list[tuple[str, bytes | None, bytes]] = [
             (topics.songs_scored, s.song_id.encode(), s.to_bytes()) for s in result.scored
         ]
-        records += [dead_letter_record(topics.dead_letter, d) for d in result.dead]
-        self._retry("publish", lambda: producer.publish(records))
+        dropped = self._retry("publish", lambda: publish_outputs(producer, records, result.dead, topics.dead_letter))
+        metrics.RECORDS_DROPPED.inc(dropped)
         st = self.stats
         st.batches += 1
         st.messages += len(messages)

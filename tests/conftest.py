@@ -57,6 +57,7 @@ def settings(stack: EmbeddedStack, tmp_path: Path) -> Settings:
     )
     return Settings(
         state_dir=tmp_path / "state",
+        dev_mode=True,  # the tests' audio is file:// under tmp_path, with no file_root
         encoder="logmel",
         kafka=base.kafka.model_copy(
             update={

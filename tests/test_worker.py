@@ -283,3 +283,48 @@ def test_sigterm_finishes_the_batch_in_hand_commits_and_exits(settings: Settings
     assert 4 <= scored < n, "SIGTERM must land while work remains"
     # Everything written was committed, and nothing was committed that was not written.
     assert stats["messages"] == stats["scored"] == scored == committed_total(settings)
+
+
+def test_a_batch_holds_at_most_its_audio_budget(settings: Settings, tmp_path: Path) -> None:
+    """Songs past ``max_batch_audio_bytes`` wait for the encoder; the scores do not change."""
+    from consumers.worker import Message
+
+    settings = settings.model_copy(
+        update={
+            "audio": settings.audio.model_copy(update={"max_duration_s": 3.0}),
+            "worker": settings.worker.model_copy(update={"max_batch_audio_bytes": 1 << 20}),
+        }
+    )
+    events = [event(f"cap-{i}", tone(tmp_path / f"c{i}.wav", freq=200 + 50 * i).as_uri()) for i in range(8)]
+    messages = [Message("t", 0, i, e.song_id.encode(), e.to_bytes()) for i, e in enumerate(events)]
+    worker = Worker(settings)
+    try:
+        per_song = worker.pipeline.song_audio_bytes()
+        assert 3 * per_song <= 1 << 20 < 4 * per_song  # three worst cases fit; 2 s songs let a fourth in
+        capped, _ = worker.pipeline.process(messages)
+        worker.pipeline.settings = settings.model_copy(
+            update={"worker": settings.worker.model_copy(update={"max_batch_audio_bytes": 1 << 30})}
+        )
+        whole, _ = worker.pipeline.process(messages)
+    finally:
+        worker.close()
+    assert capped.audio_waves == 2 and whole.audio_waves == 1
+    assert 0 < capped.peak_audio_bytes <= 1 << 20 < whole.peak_audio_bytes
+    assert [s.song_id for s in capped.scored] == [e.song_id for e in events]
+    assert [s.model_dump(exclude={"scored_at"}) for s in capped.scored] == [
+        s.model_dump(exclude={"scored_at"}) for s in whole.scored
+    ]
+
+
+def test_worker_refuses_unconfined_file_uris_outside_development(settings: Settings, tmp_path: Path) -> None:
+    from ranker.errors import ConfigError
+
+    production = settings.model_copy(update={"dev_mode": False})
+    with pytest.raises(ConfigError, match="APEXRANK_AUDIO__FILE_ROOT"):
+        Worker(production)
+    rooted = production.model_copy(update={"audio": production.audio.model_copy(update={"file_root": tmp_path})})
+    Worker(rooted).close()  # a root makes file:// safe to allow
+    http_only = production.model_copy(
+        update={"audio": production.audio.model_copy(update={"allowed_schemes": ["http", "https"]})}
+    )
+    Worker(http_only).close()
