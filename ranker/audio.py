@@ -18,7 +18,12 @@ this service's main attack surface (see ``docs/security.md``):
 
 Policy for long songs: only the first ``max_duration_s`` seconds are decoded and scored
 (``DecodedAudio.truncated`` says so). Decoding stops there, so an hour-long upload costs
-no more than a ten-minute one.
+no more than a ten-minute one. Decoding lives in :mod:`ranker.decode` (re-exported here).
+
+Messages name the URI and the failure, never the content: no bytes of a file or body,
+no exact size of a local file, no heap address (library error text goes through
+:func:`~ranker.decode.safe_error_text`). They end up in logs and on the dead-letter
+topic, where whoever published the URI can read them.
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import io
 import ipaddress
 import logging
 import math
@@ -39,7 +43,6 @@ import time
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -47,19 +50,34 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import httpcore
 import httpx
 import numpy as np
-import soundfile as sf
 
-from ranker.errors import ErrorCode, InputError
+from ranker.decode import (
+    ACCEPTED_FORMATS,
+    DecodedAudio,
+    decode_audio,
+    resample,
+    resample_rates,
+    safe_error_text,
+    sniff_format,
+)
+from ranker.errors import ConfigError, ErrorCode, InputError
 from ranker.settings import AudioSettings
 
 __all__ = [
+    "ACCEPTED_FORMATS",
     "AudioHTTPClient",
     "DecodedAudio",
+    "check_file_policy",
     "decode_audio",
     "display_uri",
     "fetch_audio",
     "load_song",
+    "non_public_reason",
+    "resample",
+    "resample_rates",
+    "safe_error_text",
     "segment_waveform",
+    "sniff_format",
 ]
 
 log = logging.getLogger(__name__)
@@ -107,7 +125,9 @@ def fetch_audio(uri: str, settings: AudioSettings, *, client: AudioHTTPClient | 
     try:
         parts = urlsplit(uri)
     except ValueError as exc:
-        raise InputError(ErrorCode.UNSUPPORTED_URI_SCHEME, f"{shown!r} is not a valid URI: {exc}") from exc
+        raise InputError(
+            ErrorCode.UNSUPPORTED_URI_SCHEME, f"{shown!r} is not a valid URI: {safe_error_text(exc)}"
+        ) from exc
     scheme = parts.scheme.lower()
     allowed = {s.lower() for s in settings.allowed_schemes} & KNOWN_SCHEMES
     if scheme not in allowed:
@@ -123,7 +143,33 @@ def fetch_audio(uri: str, settings: AudioSettings, *, client: AudioHTTPClient | 
 
 # -- file:// ---------------------------------------------------------------------------
 
+#: Set once the "file:// without a root" warning has been logged (start-up or first read).
 _warned_unconfined = False
+
+
+def check_file_policy(settings: AudioSettings, dev_mode: bool) -> None:
+    """Refuse to start with ``file://`` allowed and no ``file_root``, outside development.
+
+    Without a root a producer may name any file the worker can read (only regular files,
+    and their bytes never come back, but existence and decodability do). The worker calls
+    this at start-up; in ``dev_mode`` (the demo, tests) it warns once instead.
+    """
+    global _warned_unconfined
+    if "file" not in {s.lower() for s in settings.allowed_schemes} or settings.file_root is not None:
+        return
+    if not dev_mode:
+        raise ConfigError(
+            "audio.allowed_schemes includes 'file' but audio.file_root is not set, so a producer could "
+            "name any file the worker can read. Set audio.file_root (APEXRANK_AUDIO__FILE_ROOT) to the "
+            "shared audio volume, or drop 'file' from audio.allowed_schemes (APEXRANK_AUDIO__ALLOWED_SCHEMES). "
+            "For development only, APEXRANK_DEV_MODE=1 allows it with a warning."
+        )
+    if not _warned_unconfined:
+        _warned_unconfined = True
+        log.warning(
+            "dev_mode: file:// audio URIs may name any file this process can read (no audio.file_root); "
+            "outside dev_mode the worker refuses to start like this"
+        )
 
 
 def _fetch_file(shown: str, netloc: str, raw_path: str, settings: AudioSettings) -> bytes:
@@ -143,7 +189,7 @@ def _fetch_file(shown: str, netloc: str, raw_path: str, settings: AudioSettings)
     try:
         real = Path(os.path.realpath(path))
     except (ValueError, OSError) as exc:  # e.g. an embedded NUL byte
-        raise InputError(ErrorCode.FORBIDDEN_URI, f"{shown!r} is not a usable path: {exc}") from exc
+        raise InputError(ErrorCode.FORBIDDEN_URI, f"{shown!r} is not a usable path: {safe_error_text(exc)}") from exc
     root: Path | None = None
     if settings.file_root is not None:
         root = Path(os.path.realpath(settings.file_root))
@@ -163,10 +209,8 @@ def _fetch_file(shown: str, netloc: str, raw_path: str, settings: AudioSettings)
     except OSError as exc:
         raise InputError(ErrorCode.FILE_NOT_FOUND, f"{shown!r} cannot be read: {exc.strerror or exc}") from exc
     _check_regular(shown, st.st_mode)
-    if st.st_size > settings.max_bytes:
-        raise InputError(
-            ErrorCode.TOO_LARGE, f"{shown!r} is {st.st_size} bytes, over the limit of {settings.max_bytes}"
-        )
+    if st.st_size > settings.max_bytes:  # the size itself is not shown: it says something about the file
+        raise InputError(ErrorCode.TOO_LARGE, f"{shown!r} is over the limit of {settings.max_bytes} bytes")
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
     try:
         fd = os.open(real, flags | getattr(os, "O_CLOEXEC", 0))
@@ -178,7 +222,7 @@ def _fetch_file(shown: str, netloc: str, raw_path: str, settings: AudioSettings)
         _check_regular(shown, os.fstat(fd).st_mode)
         if root is not None:
             _check_fd_inside(shown, fd, root)
-        return _read_capped(shown, fd, settings.max_bytes)
+        return _read_capped(shown, fd, settings.max_bytes, st.st_size)
     except OSError as exc:
         raise InputError(ErrorCode.FILE_NOT_FOUND, f"{shown!r} cannot be read: {exc.strerror or exc}") from exc
     finally:
@@ -204,12 +248,17 @@ def _check_fd_inside(shown: str, fd: int, root: Path) -> None:
         raise InputError(ErrorCode.FORBIDDEN_URI, f"{shown!r} resolves outside the allowed root {root}")
 
 
-def _read_capped(shown: str, fd: int, max_bytes: int) -> bytes:
-    """Read to EOF, at most ``max_bytes`` (the file may have grown since ``stat``)."""
+def _read_capped(shown: str, fd: int, max_bytes: int, expected: int) -> bytes:
+    """Read to EOF, at most ``max_bytes`` (the file may have grown since ``stat``).
+
+    The first read asks for the ``expected`` size, so a file that did not change is read
+    into one ``bytes`` object and never copied again (joining one chunk returns it).
+    """
     chunks: list[bytes] = []
     total = 0
+    first = min(max(expected, 0), max_bytes) + 1
     while True:
-        chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
+        chunk = os.read(fd, min(first if not chunks else 1 << 20, max_bytes + 1 - total))
         if not chunk:
             return b"".join(chunks)
         chunks.append(chunk)
@@ -231,7 +280,7 @@ _NON_PUBLIC_NETWORKS: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network,
         ("192.0.0.0/24", "IETF protocol assignment"),
         ("192.88.99.0/24", "6to4 relay"),
         ("198.18.0.0/15", "benchmarking"),
-        ("::/96", "IPv4-compatible IPv6"),
+        ("::/96", "IPv4-compatible IPv6"),  # after the checks for :: and ::1, which it contains
         ("::ffff:0:0/96", "IPv4-mapped IPv6"),
         ("64:ff9b:1::/48", "local-use NAT64"),
         ("100::/64", "discard-only"),
@@ -246,6 +295,10 @@ _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 def non_public_reason(ip: IPAddress) -> str | None:
     """Why ``ip`` must not be fetched from by default (``None``: it is a public unicast address)."""
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_unspecified:
+        return "unspecified"
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return "IPv4-mapped IPv6"
@@ -291,7 +344,7 @@ def _checked_http_url(target: str, settings: AudioSettings, shown: str, *, base:
     try:
         url = httpx.URL(target) if base is None else base.join(target)
     except (httpx.InvalidURL, ValueError, TypeError) as exc:
-        raise InputError(ErrorCode.HTTP_ERROR, f"{shown!r}{hop} is not a valid URL: {exc}") from exc
+        raise InputError(ErrorCode.HTTP_ERROR, f"{shown!r}{hop} is not a valid URL: {safe_error_text(exc)}") from exc
     allowed = {s.lower() for s in settings.allowed_schemes} & HTTP_SCHEMES
     if url.scheme not in allowed:
         raise InputError(
@@ -629,10 +682,14 @@ def _fetch_http(uri: str, settings: AudioSettings, client: AudioHTTPClient | Non
         raise AssertionError("unreachable: the loop returns or raises")
     except httpx.TimeoutException as exc:
         raise InputError(
-            ErrorCode.FETCH_TIMEOUT, f"{shown!r} timed out after {timeout_s:g} s ({type(exc).__name__}: {exc})"
+            ErrorCode.FETCH_TIMEOUT,
+            f"{shown!r} timed out after {timeout_s:g} s ({type(exc).__name__}: {safe_error_text(exc)})",
         ) from exc
     except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
-        raise InputError(ErrorCode.HTTP_ERROR, f"{shown!r} could not be fetched: {type(exc).__name__}: {exc}") from exc
+        # A server's reply is quoted by h11 when it is not HTTP ("illegal header line: b'...'").
+        raise InputError(
+            ErrorCode.HTTP_ERROR, f"{shown!r} could not be fetched: {type(exc).__name__}: {safe_error_text(exc)}"
+        ) from exc
     finally:
         _CURRENT.reset(token)
         if client is None:
@@ -668,187 +725,8 @@ def _read_body(shown: str, resp: httpx.Response, settings: AudioSettings, deadli
 
 
 # --------------------------------------------------------------------------------------
-# Decoding
+# Segmenting and loading (decoding is in ranker/decode.py)
 # --------------------------------------------------------------------------------------
-
-#: Samples (frames x channels) read from libsndfile at a time: memory follows the audio
-#: actually decoded, never a frame count that a header merely claims.
-_BLOCK_SAMPLES = 1 << 20
-#: Largest sinc kernel (elements) that torchaudio may build when resampling.
-_MAX_RESAMPLE_KERNEL = 1 << 21
-#: Containers handed to libsndfile (``SoundFile.format`` names). libsndfile parses two
-#: dozen more (CAF, AU, PAF, MAT, SD2, ...); untrusted bytes reach only these parsers.
-ACCEPTED_FORMATS = frozenset({"WAV", "WAVEX", "RF64", "FLAC", "OGG", "MP3", "AIFF"})
-
-
-def sniff_format(data: bytes) -> str | None:
-    """The container named by the first bytes, if it is one of :data:`ACCEPTED_FORMATS`."""
-    head = data[:12]
-    if head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE":
-        return "WAV"
-    if head[:4] == b"fLaC":
-        return "FLAC"
-    if head[:4] == b"OggS":
-        return "OGG"
-    if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
-        return "AIFF"
-    if head[:3] == b"ID3" or (len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0):
-        return "MP3"  # an ID3v2 tag (also found before FLAC) or an MPEG frame sync
-    return None
-
-
-@dataclass
-class DecodedAudio:
-    """A song ready for the encoder.
-
-    ``duration_s`` is the original length; ``scored_duration_s`` the length of
-    ``waveform`` (shorter when ``truncated``).
-    """
-
-    waveform: np.ndarray  # float32, mono, at sample_rate
-    sample_rate: int
-    duration_s: float
-    truncated: bool
-    scored_duration_s: float
-
-
-def decode_audio(data: bytes, settings: AudioSettings) -> DecodedAudio:
-    """Decode any format libsndfile reads (WAV, FLAC, OGG Vorbis/Opus, MP3) to mono float32.
-
-    Only :data:`ACCEPTED_FORMATS` reach libsndfile. Only the first ``max_duration_s``
-    seconds are decoded, block by block and mixed to mono as they come, so a header that
-    claims billions of frames or a thousand channels costs only what is really there.
-    Sample rates above ``max_sample_rate`` are refused.
-    """
-    if sniff_format(data) is None:
-        raise InputError(
-            ErrorCode.UNDECODABLE_AUDIO,
-            f"audio is not WAV, FLAC, OGG, MP3 or AIFF (starts with {bytes(data[:12])!r})",
-        )
-    try:
-        with sf.SoundFile(_SeekableBytes(data)) as snd:
-            if snd.format not in ACCEPTED_FORMATS:
-                raise InputError(ErrorCode.UNDECODABLE_AUDIO, f"audio in {snd.format} format is not accepted")
-            sr = int(snd.samplerate)
-            channels = int(snd.channels)
-            if sr <= 0 or sr > settings.max_sample_rate:
-                raise InputError(
-                    ErrorCode.UNDECODABLE_AUDIO,
-                    f"audio declares a sample rate of {sr} Hz; 1 to {settings.max_sample_rate} Hz are accepted",
-                )
-            if channels <= 0:
-                raise InputError(ErrorCode.UNDECODABLE_AUDIO, f"audio declares {channels} channels")
-            total = int(snd.frames)
-            # Some streams report no (or a bogus) frame count; then read up to the cap.
-            known = 0 < total < 2**62
-            cap = max(1, math.floor(settings.max_duration_s * sr))
-            want = min(total, cap) if known else cap
-            mono = _read_mono(snd, want, channels)
-            n = mono.shape[0]
-            if n < want:  # the data ended before the header said: its real length is known now
-                total, known, more = n, True, False
-            elif known:
-                more = total > cap
-            else:
-                more = len(snd.read(frames=1, dtype="float32", always_2d=True)) > 0
-    except (sf.LibsndfileError, sf.SoundFileError, RuntimeError, ValueError, TypeError, OverflowError) as exc:
-        raise InputError(ErrorCode.UNDECODABLE_AUDIO, f"audio could not be decoded: {exc}") from exc
-    if n == 0:
-        raise InputError(ErrorCode.EMPTY_AUDIO, "audio has no samples")
-    duration_s = (total if known else n) / sr
-    if duration_s < settings.min_duration_s:
-        raise InputError(
-            ErrorCode.TOO_SHORT,
-            f"audio lasts {duration_s:.3f} s, shorter than the minimum {settings.min_duration_s:g} s",
-        )
-    if not np.isfinite(mono).all():
-        raise InputError(ErrorCode.UNDECODABLE_AUDIO, "audio contains non-finite samples (NaN or infinity)")
-    with np.errstate(over="ignore"):
-        rms = float(np.sqrt(np.mean(np.square(mono, dtype=np.float64))))
-    if rms < settings.silence_rms:
-        raise InputError(
-            ErrorCode.SILENT_AUDIO,
-            f"audio is silent (RMS {rms:.2e} below the threshold {settings.silence_rms:.1e})",
-        )
-    target = settings.sample_rate
-    if sr != target:
-        mono = _resample(mono, sr, target)
-    waveform = np.ascontiguousarray(mono, dtype=np.float32)
-    return DecodedAudio(
-        waveform=waveform,
-        sample_rate=target,
-        duration_s=float(duration_s),
-        truncated=bool(more),
-        scored_duration_s=waveform.shape[0] / target,
-    )
-
-
-class _SeekableBytes(io.BytesIO):
-    """``BytesIO`` that answers a seek before the start as ``lseek`` does: position unchanged.
-
-    libsndfile seeks wherever a corrupt header points; ``BytesIO`` raises on a negative
-    position, and soundfile's C callback can only swallow that and report position 0.
-    """
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.tell(), io.SEEK_END: len(self.getbuffer())}.get(whence, 0)
-        if base + offset < 0:
-            return self.tell()
-        return super().seek(offset, whence)
-
-
-def _read_mono(snd: sf.SoundFile, want: int, channels: int) -> np.ndarray:
-    """Up to ``want`` frames, averaged over channels one block at a time."""
-    block = max(1, _BLOCK_SAMPLES // channels)
-    parts: list[np.ndarray] = []
-    got = 0
-    while got < want:
-        frames = snd.read(frames=min(block, want - got), dtype="float32", always_2d=True)
-        if frames.shape[0] == 0:
-            break
-        if channels > 1:  # float64 sums: absurd float samples become inf/NaN only if they are; checked later
-            with np.errstate(over="ignore", invalid="ignore"):
-                parts.append(frames.mean(axis=1, dtype=np.float64).astype(np.float32))
-        else:
-            parts.append(frames[:, 0])
-        got += frames.shape[0]
-    if not parts:
-        return np.zeros(0, dtype=np.float32)
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-
-def _resample_kernel_size(orig: int, new: int) -> int:
-    """Elements of torchaudio's sinc kernel for ``orig -> new`` (default filter width 6, rolloff 0.99)."""
-    g = math.gcd(orig, new)
-    o, n = orig // g, new // g
-    width = math.ceil(6 * o / (min(o, n) * 0.99))
-    return n * (o + 2 * width)
-
-
-def resample_rates(orig: int, new: int) -> tuple[int, int]:
-    """The rates handed to torchaudio: exact when its kernel is small, else the nearest small ratio.
-
-    torchaudio builds a ``(new/g) x (orig/g)`` kernel (g = gcd): 44,101 Hz -> 24 kHz would
-    take about 18 GB and a minute. Standard rates are exact; odd ones are approximated by a
-    ratio with a bounded denominator (a pitch error far below a cent).
-    """
-    if _resample_kernel_size(orig, new) <= _MAX_RESAMPLE_KERNEL:
-        return orig, new
-    for max_den in (1000, 300, 100, 30, 10, 1):
-        ratio = Fraction(new, orig).limit_denominator(max_den)
-        if ratio > 0 and _resample_kernel_size(ratio.denominator, ratio.numerator) <= _MAX_RESAMPLE_KERNEL:
-            return ratio.denominator, ratio.numerator
-    raise InputError(ErrorCode.UNDECODABLE_AUDIO, f"cannot resample {orig} Hz to {new} Hz at a bounded cost")
-
-
-def _resample(x: np.ndarray, orig: int, new: int) -> np.ndarray:
-    import torch
-    import torchaudio.functional as taf
-
-    src, dst = resample_rates(orig, new)
-    with torch.inference_mode():
-        out = taf.resample(torch.from_numpy(np.ascontiguousarray(x)), src, dst)
-    return out.numpy()
 
 
 def segment_waveform(waveform: np.ndarray, sample_rate: int, segment_s: float) -> list[np.ndarray]:

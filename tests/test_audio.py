@@ -176,6 +176,7 @@ def test_file_too_large(tmp_path: Path, settings: AudioSettings) -> None:
     cfg = settings.model_copy(update={"max_bytes": 1000})
     err = expect(ErrorCode.TOO_LARGE, fetch_audio, path.as_uri(), cfg)
     assert path.as_uri() in err.message
+    assert "1000 bytes" in err.message and str(path.stat().st_size) not in err.message  # the limit, not the size
 
 
 def test_percent_encoded_file_uri(tmp_path: Path, settings: AudioSettings) -> None:
@@ -195,6 +196,7 @@ def test_undecodable(tmp_path: Path, settings: AudioSettings) -> None:
     path.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunk")
     err = expect(ErrorCode.UNDECODABLE_AUDIO, load_song, path.as_uri(), settings)
     assert path.as_uri() in err.message  # load_song names the uri for decode errors too
+    assert "junk" not in err.message and " at 0x" not in err.message  # neither content nor heap addresses
 
 
 def test_non_finite_samples(settings: AudioSettings) -> None:
@@ -243,13 +245,19 @@ def test_odd_sample_rate_resamples_at_a_bounded_cost(settings: AudioSettings) ->
     assert time.monotonic() - start < 5.0
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KiB
     assert abs(song.waveform.shape[0] - round(1.2 * SR)) <= 2
+    hi_res = settings.model_copy(update={"max_sample_rate": 192_000})
     for sr in [1_000, 7_919, 96_001, 191_999]:
-        assert decode_audio(encode_bytes(tone(1.1, sr, freq=300.0), sr), settings).sample_rate == SR
+        assert decode_audio(encode_bytes(tone(1.1, sr, freq=300.0), sr), hi_res).sample_rate == SR
 
 
 def test_sample_rate_limit(settings: AudioSettings) -> None:
     data = encode_bytes(tone(1.0, 192_000), 192_000)
-    assert decode_audio(data, settings).sample_rate == SR
+    assert settings.max_sample_rate == 48_000  # the default: generated music is at most 48 kHz
+    err = expect(ErrorCode.UNDECODABLE_AUDIO, decode_audio, data, settings)
+    assert "192000 Hz" in err.message and "48000 Hz" in err.message
+    assert decode_audio(encode_bytes(tone(1.0, 48_000), 48_000), settings).sample_rate == SR
+    hi_res = settings.model_copy(update={"max_sample_rate": 192_000})
+    assert decode_audio(data, hi_res).sample_rate == SR
     err = expect(
         ErrorCode.UNDECODABLE_AUDIO, decode_audio, data, settings.model_copy(update={"max_sample_rate": 96_000})
     )

@@ -15,6 +15,7 @@ import io
 import ipaddress
 import json
 import os
+import re
 import struct
 from datetime import timedelta
 from functools import cache
@@ -59,7 +60,7 @@ def budget(default: int) -> settings:
 #: A generous hard stop per test for a long campaign; a hang fails instead of blocking CI.
 HANG_GUARD = pytest.mark.timeout(max(120, _OVERRIDE // 5))
 
-EVENT_CODES = {ErrorCode.INVALID_JSON, ErrorCode.INVALID_SCHEMA}
+EVENT_CODES = {ErrorCode.INVALID_JSON, ErrorCode.INVALID_SCHEMA, ErrorCode.INVALID_CREATED_AT}
 AUDIO_CODES = {ErrorCode.UNDECODABLE_AUDIO, ErrorCode.EMPTY_AUDIO, ErrorCode.TOO_SHORT, ErrorCode.SILENT_AUDIO}
 
 # --------------------------------------------------------------------------------------
@@ -277,6 +278,7 @@ def check_decode(data: bytes) -> None:
         song = decode_audio(data, DECODE)
     except InputError as exc:
         assert exc.code in AUDIO_CODES, exc
+        assert not re.search(r"0x[0-9a-fA-F]{6,}", exc.message), exc.message  # no heap addresses
         event(f"refused: {exc.code}")
         return
     event("decoded")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -259,6 +260,14 @@ def test_non_public_literal_addresses_are_refused_before_connecting(host: str, c
     assert connects == []
 
 
+@pytest.mark.parametrize(("host", "why"), [("[::1]", "loopback"), ("[::]", "unspecified"), ("127.0.0.1", "loopback")])
+def test_ipv6_loopback_is_refused_as_loopback(port: int, host: str, why: str, connects: list[str]) -> None:
+    """``::1`` and ``::`` lie inside ``::/96`` (IPv4-compatible) but are named for what they are."""
+    err = expect(ErrorCode.FORBIDDEN_URI, f"http://{host}:{port}/ok.wav", PROD)
+    assert f"is not public ({why})" in err.message and "IPv4-compatible" not in err.message
+    assert connects == []
+
+
 @pytest.mark.parametrize("host", ["2130706433", "0x7f000001", "127.1", "0x7f.1", "0177.0.0.1"])
 def test_odd_spellings_of_loopback_are_refused(host: str, connects: list[str]) -> None:
     """inet_aton's legacy forms reach the resolver, whose answer is what gets vetted (or fail to parse)."""
@@ -477,6 +486,35 @@ def test_content_encoding_is_refused(http_server: tuple[str, list[dict[str, str]
     err = expect(ErrorCode.HTTP_ERROR, f"{server}/gzip", DEV)
     assert "Content-Encoding 'gzip'" in err.message
     assert seen[-1]["accept-encoding"] == "identity"
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"-ERR SECRET-TOKEN-4f2a unknown command\r\n",  # Redis, say, reached under the opt-in
+        b"HTTP/1.1 200 OK\r\nSECRET-TOKEN-4f2a\r\n\r\n",  # h11 quotes a bad header line
+        b"HTTP/1.1 SECRET-TOKEN-4f2a\r\n\r\n",  # a bad status line
+        b"SECRET-TOKEN-4f2a 200 OK\r\n\r\n",
+    ],
+)
+def test_a_non_http_reply_is_not_quoted(reply: bytes) -> None:
+    """What an internal service answers is not echoed into the message (logs, dead letters)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        def answer() -> None:
+            conn, _ = listener.accept()
+            with conn, contextlib.suppress(OSError):
+                conn.recv(65536)
+                conn.sendall(reply)
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        err = expect(ErrorCode.HTTP_ERROR, f"http://127.0.0.1:{listener.getsockname()[1]}/a.wav", DEV)
+        thread.join(5)
+    assert "SECRET" not in err.message and "4f2a" not in err.message
+    assert not re.search(r"0x[0-9a-f]{6,}", err.message)
 
 
 def test_pooled_connections_never_cross_policies(port: int, connects: list[str]) -> None:
