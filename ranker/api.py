@@ -6,7 +6,9 @@ uvicorn. OpenAPI is served at ``/openapi.json`` (``/docs`` renders it).
 Every bad request gets a 4xx with a JSON body ``{"error": <code>, "message": <text>}``:
 422 for parameters and bodies that fail validation, 400 for a bad cursor, 401 without
 a valid bearer token (when tokens are configured), 404 for an unknown feed or song,
-413 for a body over ``api.max_body_bytes``. Redis being unreachable is a 503, never a 500.
+413 for a body over ``api.max_body_bytes``. An inline policy (``POST /v1/rank``) with a
+number out of its range, or one that would give a NaN or infinite value for the songs
+asked about, is a 422 ``invalid_policy``. Redis being unreachable is a 503, never a 500.
 The feed and rank endpoints are async end to end (redis.asyncio, one ZRANGE plus one
 pipelined HMGET per page); similar-song searches run in the thread pool (FAISS releases
 the GIL). /healthz, /readyz, /metrics and the OpenAPI documents need no token.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
@@ -30,7 +33,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge, Histogram, generate_latest
 from prometheus_client import Counter as MetricCounter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -55,6 +58,9 @@ LATENCY = Histogram(
     "API request latency (server side)",
     ["route"],
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+PAGE_CACHE_BYTES = Gauge(
+    "apexrank_api_page_cache_bytes", "Estimated bytes the feed page cache holds (at most api.page_cache_max_bytes)"
 )
 
 
@@ -126,6 +132,23 @@ _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code i
 def _json(data: Any, status: int = 200) -> Response:
     body = json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
     return Response(body, status_code=status, media_type="application/json")
+
+
+def _first_non_finite(data: Any, path: str = "") -> str | None:
+    """Where the first NaN or infinity in a JSON-like value is (``items.3.components.posterior_rate``)."""
+    if isinstance(data, float):
+        return None if math.isfinite(data) else path or "value"
+    if isinstance(data, Mapping):
+        items: Any = data.items()
+    elif isinstance(data, list | tuple):
+        items = enumerate(data)
+    else:
+        return None
+    for key, value in items:
+        found = _first_non_finite(value, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def _error(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
@@ -233,9 +256,9 @@ def create_app(settings: Settings | None = None, *, explore_rng: np.random.Gener
     holder: dict[str, FeedReader] = {}
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         reads = store.async_reads()
-        holder["reader"] = FeedReader(settings, reads, index)
+        holder["reader"] = app.state.reader = FeedReader(settings, reads, index)
         try:
             await run_in_threadpool(index.load)
         except Exception:
@@ -316,6 +339,10 @@ def create_app(settings: Settings | None = None, *, explore_rng: np.random.Gener
     @app.get("/metrics", tags=["probes"], response_class=Response)
     async def metrics() -> Response:
         """Prometheus metrics."""
+        current = holder.get("reader")
+        if current is not None:
+            current.page_cache.expire()
+            PAGE_CACHE_BYTES.set(current.page_cache.nbytes)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     # -- feeds -----------------------------------------------------------------------------------
@@ -373,8 +400,21 @@ def create_app(settings: Settings | None = None, *, explore_rng: np.random.Gener
         except ValidationError as exc:
             message = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
             raise ApiError(422, "invalid_policy", message) from None
+        except ValueError as exc:
+            raise ApiError(422, "invalid_policy", str(exc)) from None
         ranked = await reader().rank(body.candidates, policy, apply_filters=body.apply_filters, explain=body.explain)
-        return _json(ranked)
+        try:
+            return _json(ranked)  # refuses NaN and infinities: the finiteness check, free when all is well
+        except ValueError:
+            where = _first_non_finite(ranked["items"])
+            if where is None or not overrides:  # the configured feed's own policy: not the caller's doing
+                raise
+        raise ApiError(
+            422,
+            "invalid_policy",
+            f"this inline policy gives a non-finite value at items.{where}: "
+            "use less extreme weights, half_life_hours or prior_strength",
+        )
 
     # -- songs -----------------------------------------------------------------------------------
     song_path = Path(pattern=SONG_ID_PATTERN, description="1-128 letters, digits or ._:-")

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import math
 import struct
+import sys
 import time
 import zlib
 from collections import Counter
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
+from cachetools import TTLCache
 
 from indexes.base import ScoreStore, SongRecord, song_key
 from indexes.redis_store import (
@@ -42,6 +45,7 @@ from indexes.redis_store import (
 from ranker.events import TASKS
 from ranker.model.targets import TargetTransform
 from ranker.policy import (
+    EPOCH,
     Evaluation,
     Policy,
     SongState,
@@ -68,11 +72,12 @@ READ_FIELDS: tuple[str, ...] = (
     LIKES_FIELD,
     "created_at",
     "generator",
+    "scored_at",
 )
 WRITE_FIELDS: tuple[str, ...] = (*READ_FIELDS, "tags", "duration_s")
 _N_TASKS = len(TASKS)
+_N_READ = len(READ_FIELDS)
 _MAX_FETCHES = 4
-_WINDOW_CACHE_SIZE = 4096
 MAX_SKIP = 512
 
 
@@ -95,11 +100,41 @@ def _float(value: str | None, default: float = 0.0) -> float:
     return out if math.isfinite(out) else default
 
 
-def state_from_fields(song_id: str, values: Sequence[str | None], now: float) -> SongState | None:
+def created_ts(created_at: str | None, scored_at: str | None) -> float:
+    """The creation time (epoch s) that freshness counts from: ``created_at``, but never after ``scored_at``.
+
+    A song cannot have been made after it was scored, so a ``created_at`` later than
+    ``scored_at`` (a future date accepted before ingest checked it) counts as
+    ``scored_at``. The bound is a fixed point of the song's hash, not the clock: every
+    recomputation of the song's feed entries (engagement, a rebuild) stores the same
+    freshness term, where a bound of "now" re-dated the song to the instant of each
+    engagement event and kept it brand new for ever. (A rescore writes a new
+    ``scored_at``, and so re-dates such a song once per rescore.)
+
+    An unreadable ``created_at`` counts as ``scored_at`` (the song was new when scored).
+    Without a readable ``scored_at`` (every store write has one: only a hand-made or
+    damaged hash lacks it) nothing the hash holds bounds a future date, so the bound is
+    :data:`~ranker.policy.EPOCH`, the stored scores' origin: stable, and such a song
+    gets no freshness it cannot vouch for (it ranks as if created at EPOCH, or earlier
+    if its ``created_at`` is earlier).
+    """
+    created = to_timestamp(created_at)
+    scored = to_timestamp(scored_at)
+    bound = scored if scored is not None and math.isfinite(scored) else EPOCH
+    if created is None or not math.isfinite(created):
+        return bound
+    return min(created, bound)
+
+
+def state_from_fields(song_id: str, values: Sequence[str | None], now: float | None = None) -> SongState | None:
     """A :class:`SongState` from READ_FIELDS (or WRITE_FIELDS) values; None if not scored yet.
 
     A hash holding only engagement counters (engagement that arrived before the
-    scores) is not a rankable song. A creation time in the future counts as now.
+    scores) is not a rankable song. The creation time is :func:`created_ts`, the same
+    whenever it is computed. Reads pass ``now``, the instant they serve at, which caps
+    it further: a song whose ``scored_at`` is ahead of this machine's clock (skew) is
+    served as brand new, never newer. Writes pass no ``now``: what they store must not
+    depend on when they run.
     """
     scores: dict[str, float] = {}
     for task, value in zip(TASKS, values[:_N_TASKS], strict=True):
@@ -107,13 +142,15 @@ def state_from_fields(song_id: str, values: Sequence[str | None], now: float) ->
             scores[task] = _float(value)
     if not scores:
         return None
-    prior, plays, likes, created_at, generator = values[_N_TASKS : _N_TASKS + 5]
-    created = to_timestamp(created_at)
+    prior, plays, likes, created_at, generator, scored_at = values[_N_TASKS:_N_READ]
+    created = created_ts(created_at, scored_at)
+    if now is not None and created > now:
+        created = now
     tags: tuple[str, ...] = ()
     duration: float | None = None
-    if len(values) > _N_TASKS + 5:
-        tags = parse_tags(values[_N_TASKS + 5])
-        raw_duration = values[_N_TASKS + 6]
+    if len(values) > _N_READ:
+        tags = parse_tags(values[_N_READ])
+        raw_duration = values[_N_READ + 1]
         duration = _float(raw_duration) if raw_duration is not None else None
     return SongState(
         song_id=song_id,
@@ -121,15 +158,15 @@ def state_from_fields(song_id: str, values: Sequence[str | None], now: float) ->
         model_rate=_float(prior) if prior is not None else None,
         plays=max(0.0, _float(plays)),
         likes=max(0.0, _float(likes)),
-        created_ts=min(created, now) if created is not None else now,
+        created_ts=created,
         generator=generator or "",
         tags=tags,
         duration_s=duration,
     )
 
 
-def state_from_record(song: SongRecord, plays: float, likes: float, now: float) -> SongState:
-    created = to_timestamp(song.created_at)
+def state_from_record(song: SongRecord, plays: float, likes: float) -> SongState:
+    """A :class:`SongState` of a record being written (creation time: :func:`created_ts`)."""
     prior = song.extra.get(PRIOR_FIELD)
     raw_tags = song.extra.get("tags")
     tags = parse_tags(raw_tags) if isinstance(raw_tags, str) else tuple(raw_tags or ())
@@ -140,7 +177,7 @@ def state_from_record(song: SongRecord, plays: float, likes: float, now: float) 
         model_rate=float(prior) if prior is not None else None,
         plays=plays,
         likes=likes,
-        created_ts=min(created, now) if created is not None else now,
+        created_ts=created_ts(song.created_at, song.scored_at),
         generator=song.generator,
         tags=tags,
         duration_s=float(duration) if duration is not None else None,
@@ -224,7 +261,7 @@ class FeedWriter:
         now = time.time() if now is None else now
         counts = self.store.read_fields([s.song_id for s in songs], [PLAYS_FIELD, LIKES_FIELD])
         states = [
-            state_from_record(song, max(0.0, _float(plays)), max(0.0, _float(likes)), now)
+            state_from_record(song, max(0.0, _float(plays)), max(0.0, _float(likes)))
             for song, (plays, likes) in zip(songs, counts, strict=True)
         ]
         entries, ages = _entries(self.policies, states, self.scale(), now)
@@ -239,7 +276,7 @@ class FeedWriter:
         new model's priors as well (a model that corrects a 2x under-prediction would have its
         priors doubled again). Call it for every rescored song before writing their entries.
         """
-        return self._claim([state_from_record(song, 0.0, 0.0, 0.0) for song in songs])
+        return self._claim([state_from_record(song, 0.0, 0.0) for song in songs])
 
     def _claim(self, states: Sequence[SongState]) -> float:
         """Claim these songs' calibration shares at their current prior; the resulting scale (1 when off)."""
@@ -261,7 +298,7 @@ class FeedWriter:
             return 0
         now = time.time() if now is None else now
         values = self.store.read_fields(ids, WRITE_FIELDS)
-        states = [st for sid, v in zip(ids, values, strict=True) if (st := state_from_fields(sid, v, now)) is not None]
+        states = [st for sid, v in zip(ids, values, strict=True) if (st := state_from_fields(sid, v)) is not None]
         if not states:
             return 0
         entries, ages = _entries(self.policies, states, self._claim(states), now)
@@ -291,9 +328,7 @@ class FeedWriter:
 
         def flush() -> None:
             values = self.store.read_fields(ids, WRITE_FIELDS)
-            states = [
-                st for sid, v in zip(ids, values, strict=True) if (st := state_from_fields(sid, v, now)) is not None
-            ]
+            states = [st for sid, v in zip(ids, values, strict=True) if (st := state_from_fields(sid, v)) is not None]
             entries, age_entries = _entries(self.policies, states, scale, now)
             for name, scored in entries.items():
                 members[name].update({k: v for k, v in scored.items() if v is not None})
@@ -461,6 +496,82 @@ class _Window:
     gram: np.ndarray = field(default_factory=lambda: np.empty((0, 0), dtype=np.float32))
 
 
+#: Estimated bytes of one fetched row (the _Row, its id string, its place in the window's lists),
+#: of a hydrated row's SongState (seven scores in a dict, the generator, tags, five floats), of a
+#: vector slot, and of a window and its cache entry beyond those. From sys.getsizeof on CPython,
+#: rounded up: the cache's byte total is an estimate, good to some tens of percent.
+_ROW_BYTES = 200
+_STATE_BYTES = 650
+_SLOT_BYTES = 100
+_WINDOW_BYTES = 600
+
+
+def window_nbytes(window: _Window, key: tuple[str, str, int] | None = None) -> int:
+    """An estimate of the memory a cached window holds: its gram matrix plus a per-row estimate."""
+    size = _WINDOW_BYTES + int(window.gram.nbytes) + _SLOT_BYTES * len(window.slot)
+    for row in window.rows:
+        size += _ROW_BYTES + len(row.song_id)
+        if row.state is not None:
+            size += _STATE_BYTES + sys.getsizeof(row.state.generator) + 60 * len(row.state.tags)
+    if key is not None:
+        size += sum(len(part) for part in key[:2])
+    return size
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    window: _Window
+    nbytes: int
+
+
+class PageCache:
+    """Fetched feed windows reused for ``ttl_s`` by requests for the same page, within ``max_bytes``.
+
+    A thin layer over cachetools' ``TTLCache`` sized in bytes (:func:`window_nbytes`
+    estimates each entry): an insert first drops every expired entry, then the least
+    recently used until the new one fits; a window larger than the whole budget is not
+    cached. An entry's expiry is fixed when it is inserted (a hit does not extend it).
+    """
+
+    def __init__(self, ttl_s: float, max_bytes: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl_s = ttl_s
+        self.max_bytes = max_bytes
+        self.enabled = ttl_s > 0 and max_bytes > 0
+        self._cache: TTLCache[tuple[str, str, int], _Entry] = TTLCache(
+            maxsize=max(1, max_bytes), ttl=ttl_s if ttl_s > 0 else 1.0, timer=clock, getsizeof=_entry_size
+        )
+
+    @property
+    def nbytes(self) -> int:
+        """The estimated bytes of the windows held now."""
+        return int(self._cache.currsize)
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def get(self, key: tuple[str, str, int]) -> _Window | None:
+        entry = self._cache.get(key)
+        return entry.window if entry is not None else None
+
+    def put(self, key: tuple[str, str, int], window: _Window) -> None:
+        if not self.enabled:
+            return
+        self._cache.pop(key, None)
+        with contextlib.suppress(ValueError):  # larger than the whole budget: not cached
+            self._cache[key] = _Entry(window, window_nbytes(window, key))
+
+    def expire(self) -> int:
+        """Drop every expired entry; how many were dropped."""
+        return len(self._cache.expire())
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
+def _entry_size(entry: _Entry) -> int:
+    return entry.nbytes
+
+
 @dataclass
 class FeedPage:
     feed: str
@@ -478,15 +589,18 @@ class FeedReader:
         vectors: VectorSource | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock`` is the wall clock scores are computed at; ``monotonic`` times the caches."""
         self.settings = settings
         self.reads = reads
         self.vectors = vectors
         self.policies = compile_policies(settings.feed.feeds, settings.feed.like_rate)
         self._clock = clock
+        self._monotonic = monotonic
         self._scale = 1.0
         self._scale_at = -math.inf
-        self._windows: dict[tuple[str, str, int], _Window] = {}
+        self.page_cache = PageCache(settings.api.page_cache_ttl_s, settings.api.page_cache_max_bytes, monotonic)
 
     def policy(self, feed: str) -> Policy:
         try:
@@ -495,15 +609,22 @@ class FeedReader:
             raise UnknownFeedError(feed) from None
 
     def inline_policy(self, base: str | None, overrides: Mapping[str, Any]) -> Policy:
-        """A named feed's policy (default feed if None) with some fields replaced; ValueError if invalid."""
+        """A named feed's policy (default feed if None) with some fields replaced; ValueError if invalid.
+
+        Beyond FeedPolicy's own bounds, a half-life so short that its decay rate is not a
+        finite number (below about 1e-316 hours) is refused: freshness would be NaN.
+        """
         name = base or self.settings.feed.name
         config = self.policy(name).config
         merged = FeedPolicy.model_validate({**config.model_dump(), **overrides})
-        return Policy(name, merged, self.settings.feed.like_rate)
+        policy = Policy(name, merged, self.settings.feed.like_rate)
+        if not math.isfinite(policy.decay):
+            raise ValueError(f"half_life_hours: {merged.half_life_hours!r} is too short to decay by")
+        return policy
 
     async def scale(self) -> float:
         """The calibration scale, cached for ``api.calibration_ttl_s``."""
-        now = time.monotonic()
+        now = self._monotonic()
         if now - self._scale_at >= self.settings.api.calibration_ttl_s:
             totals = await self.reads.calibration_totals()
             self._scale = calibration_scale(*totals, self.settings.feed.like_rate)
@@ -536,17 +657,18 @@ class FeedReader:
         """The rows after the cursor, hydrated, until ``want`` are eligible (ZRANGE + HMGET, rarely more).
 
         Reused for ``api.page_cache_ttl_s`` by requests for the same page: a hot first page
-        then costs no Redis round trip (it is at most that many seconds stale).
+        then costs no Redis round trip (it is at most that many seconds stale). The cache
+        holds at most ``api.page_cache_max_bytes`` (:class:`PageCache`).
         """
-        ttl = self.settings.api.page_cache_ttl_s
+        cache = self.page_cache
         key = (policy.name, token or "", want)
-        if ttl > 0:
-            hit = self._windows.get(key)
-            if hit is not None and time.monotonic() - hit.fetched_at < ttl:
+        if cache.enabled:
+            hit = cache.get(key)
+            if hit is not None:
                 return hit
         skip = cur.skip if cur else frozenset()
         start_score, start_id = (cur.score, cur.song_id) if cur else (math.inf, "")
-        found = _Window(time.monotonic())
+        found = _Window(self._monotonic())
         for _ in range(_MAX_FETCHES):
             count = want - len(found.eligible) + 8
             rows = await self.reads.feed_window(policy.name, None if math.isinf(start_score) else start_score, count)
@@ -569,10 +691,7 @@ class FeedReader:
                 found.slot = {sid: n for n, sid in enumerate(vectors)}
                 matrix = np.stack(list(vectors.values()))
                 found.gram = matrix @ matrix.T  # cosines between every pair of candidates, once
-        if ttl > 0:
-            if len(self._windows) >= _WINDOW_CACHE_SIZE:
-                self._windows.clear()
-            self._windows[key] = found
+        cache.put(key, found)
         return found
 
     def _assemble(

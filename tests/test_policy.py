@@ -16,8 +16,10 @@ from ranker.feeds import (
     CursorError,
     FeedWriter,
     cold_start_quality,
+    created_ts,
     model_like_rate,
     on_engagement,
+    write_scored,
 )
 from ranker.policy import (
     EPOCH,
@@ -187,8 +189,14 @@ def test_feed_settings_validation() -> None:
         FeedSettings(feeds={"bad name": FeedPolicy()})
     with pytest.raises(ValueError, match="unknown task"):
         FeedPolicy(weights={"likes": 1, "vibes": 1})
-    with pytest.raises(ValueError, match=">= 0"):
+    with pytest.raises(ValueError, match=r"finite and in \[0, 1e\+06\]"):
         FeedPolicy(weights={"likes": -1})
+    for huge in (1e308, math.inf, math.nan):
+        with pytest.raises(ValueError, match="finite and in"):
+            FeedPolicy(weights={"likes": huge})
+    for field, value in (("half_life_hours", 1e7), ("half_life_hours", math.nan), ("prior_strength", 1e16)):
+        with pytest.raises(ValueError, match="less than or equal"):
+            FeedPolicy(**{field: value})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="at least one"):
         FeedPolicy(weights={"likes": 0})
     with pytest.raises(ValueError):
@@ -354,3 +362,43 @@ def test_age_limited_feed_trims_and_rebuild_recomputes(settings: Settings, store
     assert writer.rebuild(now=NOW) == {"all": 2, "young": 1}
     assert [sid for sid, _ in store.feed_page("all", 0, 5)] == ["new", "old"]
     assert [sid for sid, _ in store.feed_page("young", 0, 5)] == ["new"]
+
+
+def test_creation_time_is_bounded_by_scored_at_not_the_clock() -> None:
+    scored = iso(NOW)
+    assert created_ts(iso(NOW - 5 * HOUR), scored) == pytest.approx(NOW - 5 * HOUR)
+    assert created_ts("9999-12-31T00:00:00+00:00", scored) == pytest.approx(NOW)
+    assert created_ts(None, scored) == created_ts("not a time", scored) == pytest.approx(NOW)
+    # no readable scored_at: nothing in the hash bounds a future date; EPOCH is the fixed fallback
+    assert created_ts("9999-12-31T00:00:00+00:00", None) == EPOCH
+    assert created_ts(None, "garbage") == EPOCH
+    assert created_ts("2024-06-01T00:00:00+00:00", None) < EPOCH  # an earlier date stands
+
+
+def test_engagement_never_re_dates_a_future_song(settings: Settings, store: RedisScoreStore) -> None:
+    """A song dated in the future keeps the freshness of its scoring time, whenever engagement arrives."""
+    s = with_feeds(settings, {"f": plain(half_life_hours=24)}, calibrate=False)
+    writer = FeedWriter(s, store)
+    song = SongRecord(**{**record("future", likes=50).__dict__, "created_at": "9999-12-31T23:59:59+00:00"})
+    write_scored(store, s, [song, record("today", likes=50)])
+    policy = writer.policies["f"]
+    scored = NOW  # record() scores at NOW
+
+    def stored() -> float:
+        return dict(store.feed_page("f", 0, 10))["future"]
+
+    def expected(plays: float, likes: float) -> float:
+        state = SongState("future", song.scores, None, plays, likes, scored, song.generator)
+        return policy.stored_score(policy.evaluate(state, 1.0, scored).quality, scored)
+
+    assert stored() == pytest.approx(expected(0, 0), abs=1e-9)
+    key = store.song_key("future")
+    for later, plays, likes in ((5 * HOUR, 100, 30), (50 * HOUR, 300, 31)):
+        store.client.hset(key, mapping={"eng.plays": plays, "eng.likes": likes})
+        assert writer.on_engagement(["future"], now=NOW + later) == 1
+        assert stored() == pytest.approx(expected(plays, likes), abs=1e-9)
+    # the freshness term is that of scored_at, not of either engagement's clock
+    quality = policy.evaluate(SongState("future", song.scores, None, 300, 31, scored, "g"), 1.0, scored).quality
+    assert stored() - math.log(SCORE_FLOOR + quality) == pytest.approx(policy.decay * (scored - EPOCH), abs=1e-9)
+    assert writer.rebuild(now=NOW + 500 * HOUR) == {"f": 2}
+    assert stored() == pytest.approx(expected(300, 31), abs=1e-9)
