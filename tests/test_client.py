@@ -15,11 +15,11 @@ from fastapi.responses import JSONResponse
 
 from consumers.stack import free_port
 from indexes import RedisScoreStore, RedisStoreConfig
-from ranker.api import create_app
-from ranker.client import ApexRankClient, ApexRankError
-from ranker.feeds import FeedWriter
+from ranker.serving.api import create_app
+from ranker.serving.client import ApexRankClient, ApexRankError
+from ranker.serving.writer import FeedWriter
 from ranker.settings import Settings
-from tests.test_api import DIM, add_vectors
+from tests.test_api import DIM, add_vectors, unit
 from tests.test_policy import NOW, plain, record, with_feeds
 
 
@@ -48,14 +48,26 @@ class Served:
         self.thread.join(timeout=10)
 
 
+def song_vectors() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    return {f"s{i}": rng.standard_normal(DIM) for i in range(12)}
+
+
+def expected_similar(song_id: str, k: int) -> list[tuple[str, float]]:
+    """The k songs nearest ``song_id`` by the cosine of the vectors the fixture stored (unit float32)."""
+    stored = {sid: unit(v).astype(np.float64) for sid, v in song_vectors().items()}
+    query = stored[song_id]
+    sims = sorted(((sid, float(v @ query)) for sid, v in stored.items() if sid != song_id), key=lambda h: -h[1])
+    return sims[:k]
+
+
 @pytest.fixture
 def api(settings: Settings) -> Iterator[tuple[Served, Settings]]:
     s = with_feeds(settings, {"f": plain(half_life_hours=None)}, calibrate=False)
     store = RedisScoreStore(RedisStoreConfig(url=s.redis.url.get_secret_value(), key_prefix=s.redis.key_prefix))
     FeedWriter(s, store).on_scored([record(f"s{i}", likes=90 - i) for i in range(12)], now=NOW)
     store.close()
-    rng = np.random.default_rng(1)
-    add_vectors(s, {f"s{i}": rng.standard_normal(DIM) for i in range(12)})
+    add_vectors(s, song_vectors())
     served = Served(create_app(s), free_port()).start()
     yield served, s
     served.stop()
@@ -73,8 +85,12 @@ def test_client_calls_every_endpoint(api: tuple[Served, Settings]) -> None:
         assert [i.song_id for i in ranked.items] == ["s1", "s3"] and ranked.unknown == ["ghost"]
         assert client.rank(["s3", "s1"], weights={"coherence": 1.0}).feed == "f"
         assert client.song("s2")["scores"]["likes"] == 88.0
-        similar = client.similar("s0", k=3)
-        assert len(similar) == 3 and all(-1.0 <= s.similarity <= 1.0 for s in similar)
+        for song_id in ("s0", "s7"):
+            similar = client.similar(song_id, k=3)
+            want = expected_similar(song_id, 3)
+            assert [s.song_id for s in similar] == [sid for sid, _ in want]
+            for got, (_, cosine) in zip(similar, want, strict=True):
+                assert got.similarity == pytest.approx(cosine, abs=1e-5)  # FAISS works in float32
         t0 = time.monotonic()
         with pytest.raises(ApexRankError) as err:
             ApexRankClient(served.url, backoff_s=2.0).feed("no-such-feed")  # a retry would wait >= 1 s

@@ -225,8 +225,24 @@ def test_mert_hub_layout_loads_identically(tiny: dict[str, Any]) -> None:
     b, fb = mert(tiny["hub"]).encode(segs)
     np.testing.assert_array_equal(fa, fb)
     np.testing.assert_allclose(a, b, atol=1e-6)
-    # A wrong positional conv would show: the features depend on it.
-    assert np.abs(a).max() > 0
+    # The renamed weight_g/weight_v tensors landed: the Hub layout's positional conv is the
+    # reference model's, gain and direction alike, and so are its features.
+    hub = mert(tiny["hub"])
+    ref_conv = tiny["model"].encoder.pos_conv_embed.conv
+    hub_conv = hub.model.encoder.pos_conv_embed.conv
+    for part in ("original0", "original1"):
+        torch.testing.assert_close(
+            getattr(hub_conv.parametrizations.weight, part), getattr(ref_conv.parametrizations.weight, part)
+        )
+    torch.testing.assert_close(hub_conv.weight, ref_conv.weight)
+    for seg, got in zip(segs, b, strict=True):
+        np.testing.assert_allclose(got, reference_features(tiny["model"], seg, hub.layers), atol=1e-5)
+    # ... and the comparisons above have teeth: with another positional conv the features move
+    # far beyond their tolerance (a checkpoint whose weight_g was dropped would score differently).
+    with torch.no_grad():
+        hub_conv.parametrizations.weight.original0.mul_(0.5)
+    moved, _ = hub.encode(segs)
+    assert np.abs(moved - b).max() > 1e-2
 
 
 def test_mert_batching_equal_lengths(tiny: dict[str, Any]) -> None:

@@ -188,22 +188,44 @@ def test_pathological_json_is_an_input_error(raw: bytes) -> None:
 @pytest.mark.parametrize(
     "extra",
     [
-        {"metadata": {"k": "\ud800"}},
-        {"duration_s": float("inf")},
-        {"metadata": {"k": float("nan")}},
+        {},
+        {"metadata": {"k": "é ✓ 𝄞", "n": 1, "x": 0.1, "big": 2**62, "nested": [None, True, {"a": -1.5e-300}]}},
+        {"duration_s": 1e300, "title": 'tab\tnewline\nquote"', "tags": ["a", "b"]},
     ],
-    ids=["lone-surrogate-in-metadata", "infinite-duration", "nan-in-metadata"],
+    ids=["plain", "unicode-and-numbers-in-metadata", "extreme-but-finite"],
 )
 def test_accepted_events_round_trip(extra: dict[str, Any]) -> None:
-    """An accepted event must re-serialize to the same event (it is republished and logged).
-
-    ``Infinity``/``NaN`` (found by fuzzing) are refused: JSON cannot carry them back out.
-    """
-    try:
-        event = SongGenerated.parse(dumps(VALID_SONG | extra))
-    except InputError:
-        return  # refusing it is a fine fix too
+    """An accepted event must re-serialize to the same event (it is republished and logged)."""
+    event = SongGenerated.parse(dumps(VALID_SONG | extra))
     assert SongGenerated.parse(event.to_bytes()) == event
+    for key, value in extra.items():
+        assert getattr(event, key) == value
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"duration_s": float("inf")}, "duration_s"),
+        ({"duration_s": float("-inf")}, "duration_s"),
+        ({"duration_s": float("nan")}, "duration_s"),
+        ({"metadata": {"k": float("nan")}}, "metadata"),
+        ({"metadata": {"k": float("inf")}}, "metadata"),
+        ({"metadata": {"deep": [1, {"k": float("-inf")}]}}, "metadata"),
+    ],
+    ids=["inf-duration", "minus-inf-duration", "nan-duration", "nan-in-metadata", "inf-in-metadata", "nested-inf"],
+)
+def test_non_finite_numbers_are_refused(extra: dict[str, Any], field: str) -> None:
+    """``Infinity``/``NaN`` (found by fuzzing) are refused: JSON cannot carry them back out."""
+    with pytest.raises(InputError) as info:
+        SongGenerated.parse(dumps(VALID_SONG | extra))
+    assert info.value.code == ErrorCode.INVALID_SCHEMA and field in info.value.message
+
+
+def test_a_lone_surrogate_is_refused() -> None:
+    """A lone surrogate cannot be written back out as UTF-8: the event is refused as invalid JSON."""
+    with pytest.raises(InputError) as info:
+        SongGenerated.parse(dumps(VALID_SONG | {"metadata": {"k": "\ud800"}}))
+    assert info.value.code == ErrorCode.INVALID_JSON
 
 
 # --------------------------------------------------------------------------------------
@@ -374,7 +396,7 @@ def test_non_public_networks_are_always_refused(ip: ipaddress.IPv4Address | ipad
 @given(uri=st.one_of(any_text, st.from_regex(r"\Ahttps?://[^/?#]{0,30}(/[^?#]{0,20})?\Z")))
 def test_http_uri_checks_never_crash(uri: str) -> None:
     """URL parsing and vetting before any connection: only InputErrors, and never a connection."""
-    from ranker.audio import _checked_http_url  # the pre-connection half of fetch_audio
+    from ranker.audio.fetch import _checked_http_url  # the pre-connection half of fetch_audio
 
     try:
         url = _checked_http_url(uri, AudioSettings(allowed_hosts=["*.example.com"]), uri)

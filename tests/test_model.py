@@ -168,14 +168,35 @@ def test_layer_mixes() -> None:
     assert torch.allclose(conv.mix(x), expected, atol=1e-5)
 
 
-def test_softmax_layer_weights_learn() -> None:
-    head = ApexHead(HeadConfig(input_dim=DIM, layer_mix="softmax"))
-    x = torch.from_numpy(features(32))
-    target = torch.full((32, 7), 3.0)
-    target[:, :2] = 80.0
-    head.loss(head(x), target).backward()
-    assert head.mix.logits is not None and head.mix.logits.grad is not None
-    assert bool(head.mix.logits.grad.abs().sum() > 0)
+@pytest.mark.parametrize("informative", [0, 3])
+def test_softmax_layer_weights_learn(informative: int) -> None:
+    """Only one layer carries the targets' signal: a few steps move the mix toward that layer."""
+    head = ApexHead(HeadConfig(input_dim=DIM, layer_mix="softmax", loss="equal"))
+    x = features(128)  # 4 layers of independent noise...
+    signal = np.tanh(x[:, informative, :4].sum(axis=1) / 2.0)  # ...and the targets follow one layer
+    target = np.empty((128, 7), np.float32)
+    target[:, :2] = (50.0 + 40.0 * signal)[:, None]
+    target[:, 2:] = (3.0 + 1.5 * signal)[:, None]
+    assert head.mix.logits is not None
+    rest = [p for name, p in head.named_parameters() if not name.startswith("mix.")]
+    opt = torch.optim.Adam([{"params": [head.mix.logits], "lr": 0.1}, {"params": rest, "lr": 1e-2}])
+    xt, tt = torch.from_numpy(x), torch.from_numpy(target)
+    head.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny steps: more threads only wait on each other (and on a busy machine)
+    try:
+        for _ in range(40):
+            opt.zero_grad()
+            head.loss(head(xt), tt).backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    weights = head.mix.weights()
+    assert weights is not None
+    others = [float(w) for i, w in enumerate(weights) if i != informative]
+    assert int(weights.argmax()) == informative, weights
+    assert float(weights[informative]) > 0.3 and float(weights[informative]) - max(others) > 0.1, weights
+    assert float(weights.sum()) == pytest.approx(1.0)
 
 
 # Loss -------------------------------------------------------------------------------------

@@ -364,25 +364,61 @@ def test_metrics_and_roc_auc_are_right() -> None:
     assert 0.35 < noise["auc"] < 0.65
 
 
+def _battle_rows(ids: list[str], better: np.ndarray, seed: int, n: int = 120) -> list[tuple[str, str, str]]:
+    """``n`` random pairs; the song with the larger ``better`` wins, except 10% ties/both_bad (20% upper case)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        i, j = rng.choice(len(ids), 2, replace=False)
+        pref = rng.choice(["tie", "both_bad"]) if rng.random() < 0.1 else ("a" if better[i] > better[j] else "b")
+        rows.append((ids[i], ids[j], pref.upper() if rng.random() < 0.2 else pref))
+    return rows
+
+
+def _write_battles(path: Path, rows: list[tuple[str, str, str]]) -> Path:
+    path.write_text("song_a,song_b,preference\n" + "".join(f"{a},{b},{p}\n" for a, b, p in rows))
+    return path
+
+
 def test_battles(small: dict[str, Any], tmp_path: Path) -> None:
+    """Battles whose winner is known: the one the model itself scores higher on popularity.
+
+    The preferred side is computed here from ``model.predict`` on the stored features (mean of
+    the streams and likes outputs), so every rule built on those outputs must call nearly every
+    battle right; the same pairs with the decided preferences shuffled stay near chance.
+    """
     features = load_features(small["features"])
     model = train_head(features, small["catalog"], TrainConfig(**FAST)).model
-    cat = read_catalog(small["catalog"])
-    ids, appeal = cat.song_ids, cat.column("latent_appeal")
-    rng = np.random.default_rng(1)
-    rows = []
-    for _ in range(120):
-        i, j = rng.choice(len(ids), 2, replace=False)
-        pref = rng.choice(["tie", "both_bad"]) if rng.random() < 0.1 else ("a" if appeal[i] > appeal[j] else "b")
-        rows.append((ids[i], ids[j], pref.upper() if rng.random() < 0.2 else pref))
-    path = tmp_path / "battles.csv"
-    path.write_text("song_a,song_b,preference\n" + "".join(f"{a},{b},{p}\n" for a, b, p in rows))
-    report = evaluate_battles(model, features, path)
-    assert report.n_battles == 120 and report.n_decided == sum(p.lower() in ("a", "b") for *_, p in rows)
+    ids = features.song_ids
+    pred = model.predict(features.layers).astype(np.float64)
+    popularity = pred[:, [model.tasks.index(t) for t in POPULARITY_TASKS]].mean(axis=1)
+    rows = _battle_rows(ids, popularity, seed=1)
+    decided = [p.lower() in ("a", "b") for *_, p in rows]
+    report = evaluate_battles(model, features, _write_battles(tmp_path / "battles.csv", rows))
+    assert report.n_battles == 120 and report.n_decided == sum(decided) > 100
+    assert report.outcomes == {p: sum(r[2].lower() == p for r in rows) for p in ("a", "b", "tie", "both_bad")}
+    assert min(report.outcomes["a"], report.outcomes["b"]) > 30  # both sides win often: no constant guess passes
     assert {"streams", "likes", "popularity_mean", "aesthetic_mean", "all_z_sum"} <= set(report.rules)
     assert set(report.logistic) == {"popularity", "popularity+aesthetics"}
-    for row in [*report.rules.values(), *report.logistic.values()]:
-        assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["auc"] <= 1.0
+    # The rule the preferences were made with is right on every battle.
+    assert report.rules["popularity_mean"]["accuracy"] == 1.0 and report.rules["popularity_mean"]["auc"] == 1.0
+    assert report.rules["popularity_mean"]["n"] == report.n_decided
+    for name in ("streams", "likes"):  # each half of it, well above chance
+        assert report.rules[name]["accuracy"] > 0.75 and report.rules[name]["auc"] > 0.85, (name, report.rules[name])
+    for name, row in report.logistic.items():  # cross-validated fits on the score differences too
+        assert row["accuracy"] > 0.8 and row["auc"] > 0.9, (name, row)
+
+    # Control: the same pairs with the decided preferences shuffled (a and b swapped at random).
+    rng = np.random.default_rng(2)
+    flips = iter(rng.permutation([r[2] for r, d in zip(rows, decided, strict=True) if d]))
+    shuffled = [(a, b, next(flips) if d else p) for (a, b, p), d in zip(rows, decided, strict=True)]
+    control = evaluate_battles(model, features, _write_battles(tmp_path / "shuffled.csv", shuffled))
+    assert control.n_decided == report.n_decided
+    for name, row in control.rules.items():
+        assert 0.35 < row["accuracy"] < 0.65 and 0.35 < row["auc"] < 0.65, (name, row)
+    for name, row in control.logistic.items():  # out-of-fold fits on noise can land a little below chance
+        assert 0.25 < row["accuracy"] < 0.75 and 0.25 < row["auc"] < 0.75, (name, row)
+
     out = write_json(tmp_path / "b.json", report.to_dict())
     assert json.loads(out.read_text())["n_decided"] == report.n_decided
 
