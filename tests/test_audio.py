@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -460,21 +461,67 @@ def test_http_too_large(server: str, http_settings: AudioSettings) -> None:
         assert time.monotonic() - start < 1.0  # aborted early, not after the server's 3 s
 
 
-def test_http_shares_a_client(server: str, http_settings: AudioSettings) -> None:
+class _CountingServer(ThreadingHTTPServer):
+    """Counts the TCP connections it accepts."""
+
+    daemon_threads = True
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(("127.0.0.1", 0), handler)
+        self.accepted = 0
+
+    def get_request(self) -> tuple[Any, Any]:
+        conn = super().get_request()
+        self.accepted += 1
+        return conn
+
+
+class _KeepAliveHandler(_Handler):
+    protocol_version = "HTTP/1.1"  # a connection serves request after request (the module's server closes each)
+
+
+@pytest.fixture
+def counting_server() -> Iterator[_CountingServer]:
+    httpd = _CountingServer(_KeepAliveHandler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_http_shares_a_client(counting_server: _CountingServer, http_settings: AudioSettings) -> None:
     import httpx
 
+    server = f"http://127.0.0.1:{counting_server.server_address[1]}"
     with AudioHTTPClient() as client:
-        for _ in range(3):  # the pooled connection is reused across songs
+        for _ in range(3):  # the pooled connection is reused across songs...
             assert fetch_audio(f"{server}/ok.wav", http_settings, client=client) == WAV_BYTES
+        assert counting_server.accepted == 1
+        # A redirect costs at most one more connection: fetch_audio leaves the 302's (empty) body
+        # unread, so httpcore drops that connection instead of pooling it, and the next hop opens one.
         assert fetch_audio(f"{server}/redirect.wav", http_settings, client=client) == WAV_BYTES
+        pooled = counting_server.accepted
+        assert pooled <= 2
+        for _ in range(2):  # the connection that served the redirect's target serves the next songs
+            assert fetch_audio(f"{server}/ok.wav", http_settings, client=client) == WAV_BYTES
+        assert counting_server.accepted == pooled
         # The shared client still applies each call's policy: loopback is refused by default.
         expect(ErrorCode.FORBIDDEN_URI, fetch_audio, f"{server}/ok.wav", AudioSettings(), client=client)
         # Outside fetch_audio it connects nowhere, since nothing vets the address there.
         with pytest.raises(httpx.ConnectError):
             client.get(f"{server}/ok.wav")
+        assert counting_server.accepted == pooled  # neither refusal opened a connection
+    # Without a shared client each song opens (and closes) its own connection.
+    for n in (1, 2):
+        assert fetch_audio(f"{server}/ok.wav", http_settings) == WAV_BYTES
+        assert counting_server.accepted == pooled + n
     # A plain httpx client would connect wherever DNS points: it is not accepted.
     with httpx.Client() as plain, pytest.raises(TypeError):
         fetch_audio(f"{server}/ok.wav", http_settings, client=plain)  # type: ignore[arg-type]
+    assert counting_server.accepted == pooled + 2
 
 
 def test_display_uri_hides_secrets() -> None:

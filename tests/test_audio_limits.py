@@ -26,6 +26,7 @@ import pytest
 import soundfile as sf
 
 import ranker.audio as audio
+import ranker.audio.fetch as fetch
 from ranker.audio import decode_audio, load_song
 from ranker.errors import ConfigError, ErrorCode, InputError
 from ranker.settings import AudioSettings
@@ -161,7 +162,7 @@ def test_file_policy_refuses_an_unconfined_file_scheme(tmp_path: Path) -> None:
 def test_file_policy_warns_once_in_dev_mode(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(audio, "_warned_unconfined", False)  # a fresh process, as far as the warning goes
+    monkeypatch.setattr(fetch, "_warned_unconfined", False)  # a fresh process, as far as the warning goes
     path = tmp_path / "a.wav"
     path.write_bytes(encode_bytes(tone(1.0)))
     with caplog.at_level(logging.WARNING, logger="ranker.audio"):
@@ -200,7 +201,7 @@ def test_blockwise_resample_matches_the_whole_signal(
     orig: int, new: int, length: int, block: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Random audio and a sine, odd lengths; ``block`` makes blocks tiny so most outputs sit at a seam."""
-    import ranker.decode as decode
+    import ranker.audio.decode as decode
 
     if block is not None:
         monkeypatch.setattr(decode, "_RESAMPLE_BLOCK", block)
@@ -217,7 +218,7 @@ def test_blockwise_resample_matches_the_whole_signal(
 
 def test_resampling_a_long_signal_uses_many_blocks() -> None:
     """The default block really splits a song (a 48 kHz minute is dozens of convolutions)."""
-    import ranker.decode as decode
+    import ranker.audio.decode as decode
 
     x = tone(60.0, 48_000, freq=1234.5)
     taps = 2 + 2 * 13  # 48 kHz -> 24 kHz: o = 2, width = ceil(6 * 2 / 0.99)
@@ -257,7 +258,7 @@ def test_decode_holds_no_whole_signal_copies(channels: int) -> None:
 
 def test_unknown_frame_count_grows_to_the_real_length() -> None:
     """Streams without a frame count are read into a buffer grown in place, then trimmed."""
-    from ranker.decode import _read_mono
+    from ranker.audio.decode import _read_mono
 
     x = np.stack([tone(3.3), tone(3.3, freq=660.0)], axis=1)
     data = encode_bytes(x, subtype="FLOAT")

@@ -31,7 +31,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-import ranker.audio as audio
+import ranker.audio.fetch as audio
+import ranker.audio.transport as transport
 from ranker.audio import AudioHTTPClient, fetch_audio, non_public_reason
 from ranker.errors import ErrorCode, InputError
 from ranker.settings import AudioSettings
@@ -359,8 +360,8 @@ def test_unknown_host_is_an_http_error(dns: Callable[..., FakeDNS]) -> None:
 @pytest.fixture
 def loopback_is_public(monkeypatch: pytest.MonkeyPatch) -> None:
     """Treat 127.0.0.1 (only) as public, so that the test server can play an internet host."""
-    real = audio.non_public_reason
-    monkeypatch.setattr(audio, "non_public_reason", lambda ip: None if str(ip) == "127.0.0.1" else real(ip))
+    real = transport.non_public_reason
+    monkeypatch.setattr(transport, "non_public_reason", lambda ip: None if str(ip) == "127.0.0.1" else real(ip))
 
 
 def _to(server: str, target: str, status: int = 302) -> str:

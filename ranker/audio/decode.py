@@ -1,6 +1,8 @@
-"""Decoding untrusted audio bytes to a mono float32 waveform at a bounded cost.
+"""Decoding untrusted audio bytes to a mono float32 waveform at a bounded cost, and segmenting it.
 
-Re-exported by :mod:`ranker.audio`, which fetches the bytes; see ``docs/security.md``.
+The bytes come from :mod:`ranker.audio.fetch`; see ``docs/security.md``. Only the first
+``max_duration_s`` seconds of a long song are decoded and scored (``DecodedAudio.truncated``
+says so), so an hour-long upload costs no more than a ten-minute one.
 
 Memory for one song is bounded and known in advance: the decoded mono signal at the
 source rate (at most ``max_duration_s x max_sample_rate x 4`` bytes, allocated once and
@@ -33,11 +35,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ACCEPTED_FORMATS",
+    "MIN_TAIL_S",
     "DecodedAudio",
     "decode_audio",
     "resample",
     "resample_rates",
     "safe_error_text",
+    "segment_waveform",
     "sniff_format",
 ]
 
@@ -57,6 +61,9 @@ _ROLLOFF = 0.99
 #: Containers handed to libsndfile (``SoundFile.format`` names). libsndfile parses two
 #: dozen more (CAF, AU, PAF, MAT, SD2, ...); untrusted bytes reach only these parsers.
 ACCEPTED_FORMATS = frozenset({"WAV", "WAVEX", "RF64", "FLAC", "OGG", "MP3", "AIFF"})
+
+#: MERT's receptive field (400 samples at 24 kHz): a shorter tail yields no full frame.
+MIN_TAIL_S = 400 / 24_000
 
 # --------------------------------------------------------------------------------------
 # Error text
@@ -361,3 +368,28 @@ def _slice_with_zeros(x: np.ndarray, start: int, stop: int) -> np.ndarray:
     if hi > lo:
         seg[lo - start : hi - start] = x[lo:hi]
     return seg
+
+
+# --------------------------------------------------------------------------------------
+# Segmenting
+# --------------------------------------------------------------------------------------
+
+
+def segment_waveform(waveform: np.ndarray, sample_rate: int, segment_s: float) -> list[np.ndarray]:
+    """Split into consecutive non-overlapping segments (views, not copies).
+
+    The last segment is shorter rather than zero-padded: the encoder pads and masks, so
+    padding never reaches the features. A tail too short to give one MERT frame
+    (400 samples at 24 kHz) is dropped when there are other segments.
+    """
+    seg_len = round(segment_s * sample_rate)
+    if seg_len < 1:
+        raise ValueError(f"segment_s={segment_s} at {sample_rate} Hz is shorter than one sample")
+    x = np.asarray(waveform)
+    if x.ndim != 1:
+        raise ValueError(f"expected a 1-D waveform, got shape {x.shape}")
+    segments = [x[i : i + seg_len] for i in range(0, x.shape[0], seg_len)]
+    min_tail = math.ceil(MIN_TAIL_S * sample_rate)
+    if len(segments) > 1 and segments[-1].shape[0] < min_tail:
+        segments.pop()
+    return segments
