@@ -1,62 +1,120 @@
 """Storage for apexrank: the interfaces, their backends, and factories that pick a backend by URL.
 
-The FAISS-backed classes are imported on first use, so ``import indexes`` (and
-the score store) works on an install without faiss.
+Interfaces (:mod:`indexes.base`): :class:`ScoreStore` (with :class:`AsyncScoreReads`),
+:class:`EngagementCounters`, :class:`EmbeddingStore`, :class:`VectorIndex`.
+Backends register by URL scheme (:func:`register_score_store`,
+:func:`register_engagement_counters`); each has its own pydantic config
+(``config_type``, unknown options refused) and is built with ``from_config``.
+:func:`open_score_store` and :func:`open_engagement_counters` pick one by the URL's
+scheme. The ranker maps its settings onto these in one place (``ranker.stores``).
+
+The FAISS-backed classes and the backends are imported on first use, so ``import
+indexes`` (and the score store) works on an install without faiss.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import importlib
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
+from pydantic import BaseModel
+
 from indexes.base import (
+    DUPLICATE,
+    NEW,
+    REPLAY,
+    AsyncScoreReads,
     EmbeddingRecord,
     EmbeddingStore,
+    EngagementCounters,
+    FeedEntries,
     ScoreStore,
     SongRecord,
     StoredEmbedding,
+    StoredSong,
     VectorIndex,
-    song_key,
+    faiss_id,
+    message_marker,
 )
 from indexes.sqlite_embeddings import KeyCollisionError, SqliteEmbeddingStore, SqliteEmbeddingStoreConfig
 
 if TYPE_CHECKING:
-    from indexes.embedding_index import EmbeddingIndex, OpenReport, SnapshotError
+    from indexes.embedding_index import EmbeddingIndex, OpenReport
     from indexes.faiss_index import FaissIndexConfig, FaissVectorIndex
+    from indexes.index_reader import IndexReader, ReaderStatus, ShardedIndexReader, open_index_reader
+    from indexes.redis_engagement import RedisEngagementConfig, RedisEngagementCounters
     from indexes.redis_store import RedisScoreStore, RedisStoreConfig
-
-SCORE_STORE_SCHEMES = ("redis", "rediss", "unix")
+    from indexes.segment_store import SegmentStore, SegmentStoreError
+    from indexes.snapshots import SnapshotError
 
 _LAZY = {
     "EmbeddingIndex": "indexes.embedding_index",
     "OpenReport": "indexes.embedding_index",
-    "SnapshotError": "indexes.embedding_index",
+    "SnapshotError": "indexes.snapshots",
     "FaissIndexConfig": "indexes.faiss_index",
     "FaissVectorIndex": "indexes.faiss_index",
+    "IndexReader": "indexes.index_reader",
+    "ReaderStatus": "indexes.index_reader",
+    "ShardedIndexReader": "indexes.index_reader",
+    "open_index_reader": "indexes.index_reader",
+    "RedisEngagementConfig": "indexes.redis_engagement",
+    "RedisEngagementCounters": "indexes.redis_engagement",
     "RedisScoreStore": "indexes.redis_store",
     "RedisStoreConfig": "indexes.redis_store",
+    "SegmentStore": "indexes.segment_store",
+    "SegmentStoreError": "indexes.segment_store",
 }
 
+#: URL scheme -> "module:Class" of the backend serving it (imported when first opened).
+_SCORE_STORES: dict[str, str] = {
+    scheme: "indexes.redis_store:RedisScoreStore" for scheme in ("redis", "rediss", "unix")
+}
+_ENGAGEMENT_COUNTERS: dict[str, str] = {
+    scheme: "indexes.redis_engagement:RedisEngagementCounters" for scheme in ("redis", "rediss", "unix")
+}
+#: The schemes served out of the box.
+SCORE_STORE_SCHEMES = tuple(_SCORE_STORES)
+
 __all__ = [
+    "DUPLICATE",
+    "NEW",
+    "REPLAY",
     "SCORE_STORE_SCHEMES",
+    "AsyncScoreReads",
     "EmbeddingIndex",
     "EmbeddingRecord",
     "EmbeddingStore",
+    "EngagementCounters",
     "FaissIndexConfig",
     "FaissVectorIndex",
+    "FeedEntries",
+    "IndexReader",
     "KeyCollisionError",
     "OpenReport",
+    "ReaderStatus",
+    "RedisEngagementConfig",
+    "RedisEngagementCounters",
     "RedisScoreStore",
     "RedisStoreConfig",
     "ScoreStore",
+    "SegmentStore",
+    "SegmentStoreError",
+    "ShardedIndexReader",
     "SnapshotError",
     "SongRecord",
     "SqliteEmbeddingStore",
     "SqliteEmbeddingStoreConfig",
     "StoredEmbedding",
+    "StoredSong",
     "VectorIndex",
+    "faiss_id",
+    "message_marker",
+    "open_engagement_counters",
+    "open_index_reader",
     "open_score_store",
-    "song_key",
+    "register_engagement_counters",
+    "register_score_store",
 ]
 
 
@@ -64,21 +122,67 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'indexes' has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
 
 
-def open_score_store(url: str, key_prefix: str = "apexrank", socket_timeout_s: float = 5.0) -> ScoreStore:
-    """The score store for ``url``, chosen by its scheme (redis://, rediss://, unix://)."""
-    scheme = urlsplit(url).scheme.lower()
-    if scheme in SCORE_STORE_SCHEMES:
-        from indexes.redis_store import RedisScoreStore, RedisStoreConfig
+class Backend(Protocol):
+    """What a registered backend class offers: its config model and a constructor from it."""
 
-        config = RedisStoreConfig(url=url, key_prefix=key_prefix, socket_timeout_s=socket_timeout_s)
-        return RedisScoreStore(config)
-    supported = ", ".join(f"{s}://" for s in SCORE_STORE_SCHEMES)
-    shown = f"{scheme}://" if scheme else "(none)"  # never echo the URL: it may hold a password
-    raise ValueError(f"unsupported score store URL scheme {shown}: use {supported}")
+    config_type: type[BaseModel]
+
+    @classmethod
+    def from_config(cls, config: Any) -> Any: ...
+
+
+def register_score_store(scheme: str, backend: str | type[ScoreStore]) -> None:
+    """Serve ``scheme://`` URLs with ``backend`` (a :class:`ScoreStore` class, or "module:Class")."""
+    _SCORE_STORES[scheme.lower()] = backend if isinstance(backend, str) else f"{backend.__module__}:{backend.__name__}"
+
+
+def register_engagement_counters(scheme: str, backend: str | type[EngagementCounters]) -> None:
+    """Serve ``scheme://`` URLs with ``backend`` (an :class:`EngagementCounters` class, or "module:Class")."""
+    _ENGAGEMENT_COUNTERS[scheme.lower()] = (
+        backend if isinstance(backend, str) else f"{backend.__module__}:{backend.__name__}"
+    )
+
+
+def _open(kind: str, table: dict[str, str], url: str, options: dict[str, Any]) -> Any:
+    scheme = urlsplit(url).scheme.lower()
+    target = table.get(scheme)
+    if target is None:
+        supported = ", ".join(f"{s}://" for s in table)
+        shown = f"{scheme}://" if scheme else "(none)"  # never echo the URL: it may hold a password
+        raise ValueError(f"unsupported {kind} URL scheme {shown}: use {supported}")
+    module, _, name = target.partition(":")
+    backend: Backend = getattr(importlib.import_module(module), name)
+    return backend.from_config(backend.config_type(url=url, **options))
+
+
+def open_score_store(
+    url: str, key_prefix: str = "apexrank", socket_timeout_s: float = 5.0, **options: Any
+) -> ScoreStore:
+    """The score store for ``url``, chosen by its scheme (redis://, rediss://, unix://).
+
+    The options are validated by the backend's config (unknown ones are refused).
+    """
+    store: ScoreStore = _open(
+        "score store", _SCORE_STORES, url, {"key_prefix": key_prefix, "socket_timeout_s": socket_timeout_s, **options}
+    )
+    return store
+
+
+def open_engagement_counters(url: str, key_prefix: str, dedup_window_s: int, **options: Any) -> EngagementCounters:
+    """The engagement counters for ``url``, chosen by its scheme (redis://, rediss://, unix://).
+
+    ``dedup_window_s``: how long an event id is remembered. Other options (``socket_timeout_s``)
+    are validated by the backend's config.
+    """
+    counters: EngagementCounters = _open(
+        "engagement counters",
+        _ENGAGEMENT_COUNTERS,
+        url,
+        {"key_prefix": key_prefix, "dedup_window_s": dedup_window_s, **options},
+    )
+    return counters

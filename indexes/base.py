@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +18,11 @@ import numpy as np
 _ID_MASK = (1 << 63) - 1
 
 
-def song_key(song_id: str) -> int:
-    """Stable positive int64 id for a song (FAISS ids are int64): 63 bits of BLAKE2b."""
+def faiss_id(song_id: str) -> int:
+    """Stable positive int64 id of a song in the vector index (FAISS ids are int64): 63 bits of BLAKE2b.
+
+    Not to be confused with a store's key (a Redis key string): this is the song's number in FAISS.
+    """
     digest = hashlib.blake2b(song_id.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "big") & _ID_MASK
 
@@ -41,7 +44,7 @@ class StoredEmbedding:
     """An embedding as read back from the store, with its insertion sequence number."""
 
     seq: int
-    key: int
+    key: int  # the song's faiss_id
     record: EmbeddingRecord
 
 
@@ -57,6 +60,33 @@ class SongRecord:
     created_at: str  # RFC 3339
     scored_at: str  # RFC 3339
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StoredSong:
+    """A song as read back from the score store, typed; None (or empty) where the hash lacks a field.
+
+    Values that do not parse (a damaged or foreign hash) read as absent: a score is left
+    out of ``scores``, ``rank_score`` or ``prior_like_rate`` is None, a counter is 0.
+    Timestamps stay the RFC 3339 strings they were written as. ``fields`` is every field
+    read, as stored (strings), for anything else a caller needs (tags, duration_s, ...).
+    """
+
+    song_id: str
+    model_version: str | None = None
+    rank_score: float | None = None
+    scores: dict[str, float] = field(default_factory=dict)
+    generator: str | None = None
+    created_at: str | None = None
+    scored_at: str | None = None
+    truncated: bool = False
+    prior_like_rate: float | None = None
+    counters: dict[str, int] = field(default_factory=dict)  # engagement: plays, likes, ... (0 when absent)
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+#: A (feed -> song_id -> value) map; None removes the song from that feed.
+FeedEntries = Mapping[str, Mapping[str, float | None]]
 
 
 class EmbeddingStore(ABC):
@@ -88,7 +118,7 @@ class EmbeddingStore(ABC):
 
 
 class VectorIndex(ABC):
-    """Nearest-neighbour search over song vectors keyed by :func:`song_key`."""
+    """Nearest-neighbour search over song vectors keyed by :func:`faiss_id`."""
 
     @property
     @abstractmethod
@@ -113,29 +143,164 @@ class VectorIndex(ABC):
     def reconstruct(self, key: int) -> np.ndarray | None: ...
 
 
-class ScoreStore(ABC):
-    """Per-song scores and the cold-start feeds (sorted by score)."""
+class AsyncScoreReads(ABC):
+    """The read path of a :class:`ScoreStore` on asyncio (the API's event loop).
 
+    Same results as the synchronous methods of the same names. Create it inside the
+    event loop that uses it (:meth:`ScoreStore.async_reads`) and close it there.
+    """
+
+    @abstractmethod
+    async def feed_window(self, feed: str, max_score: float | None, count: int) -> list[tuple[str, float]]: ...
+
+    @abstractmethod
+    async def read_fields(self, song_ids: Sequence[str], fields: Sequence[str]) -> list[list[str | None]]: ...
+
+    @abstractmethod
+    async def get_song(self, song_id: str) -> dict[str, str] | None: ...
+
+    @abstractmethod
+    async def feed_size(self, feed: str) -> int: ...
+
+    @abstractmethod
+    async def calibration_totals(self) -> tuple[float, float]: ...
+
+    @abstractmethod
+    async def ping(self) -> bool: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+
+class ScoreStore(ABC):
+    """Per-song records (one field map per song: scores, metadata, engagement counters) and the
+    feeds (songs sorted by a stored score), with the calibration totals behind the like-rate prior.
+
+    Field names are those of :mod:`indexes.redis_schema`. Writes merge fields and are
+    idempotent; everything a batch write is given is validated before anything is sent.
+    """
+
+    @property
+    @abstractmethod
+    def namespace(self) -> str:
+        """What names this store's data (the key prefix): two stores with the same namespace share it."""
+
+    # -- writes ---------------------------------------------------------------------------
     @abstractmethod
     def write_songs(self, songs: Sequence[SongRecord], feed: str) -> None:
-        """Write records and their feed entries in one round trip; idempotent."""
+        """Write records and their entries in ``feed`` (scored by ``rank_score``) in one round trip."""
 
     @abstractmethod
-    def get_song(self, song_id: str) -> dict[str, str] | None: ...
+    def write_feed_entries(
+        self, songs: Sequence[SongRecord], entries: FeedEntries, ages: FeedEntries | None = None
+    ) -> None:
+        """Write ``songs`` (may be empty), then per feed add the scored members and remove the
+        ones mapped to None, in one round trip. ``ages`` holds created_at (epoch s) for feeds
+        with an age limit, in the same shape."""
+
+    @abstractmethod
+    def claim_calibration(self, priors: Mapping[str, float]) -> tuple[float, float]:
+        """Fold these songs' (song id -> prior like rate) plays and likes into the calibration
+        totals, never counting a song twice; the new (likes, expected likes) totals."""
+
+    @abstractmethod
+    def calibration_totals(self) -> tuple[float, float]:
+        """(observed likes, predicted likes) over every song with plays."""
+
+    @abstractmethod
+    def trim_feed(self, feed: str, created_before: float) -> int:
+        """Remove songs created before ``created_before`` (epoch s) from an age-limited feed; how many."""
+
+    @abstractmethod
+    def replace_feed(self, feed: str, members: Mapping[str, float], ages: Mapping[str, float] | None = None) -> None:
+        """Atomically replace a feed (and its age index) with ``members``."""
+
+    # -- reads ----------------------------------------------------------------------------
+    @abstractmethod
+    def scan_song_ids(self, batch: int = 1000) -> Iterator[str]:
+        """Every song id with a record (without blocking the store; a song written meanwhile may be missed)."""
+
+    @abstractmethod
+    def read_fields(self, song_ids: Sequence[str], fields: Sequence[str]) -> list[list[str | None]]:
+        """``fields`` of many songs in one round trip, in order (missing values are None)."""
+
+    @abstractmethod
+    def read_songs(self, song_ids: Sequence[str], fields: Sequence[str] | None = None) -> list[StoredSong | None]:
+        """Many songs' records, parsed, in one round trip, in order; None for a song with no record.
+
+        ``fields`` reads only those fields (the rest of the record is then empty or None),
+        and a song none of whose ``fields`` is stored reads as None.
+        """
+
+    @abstractmethod
+    def feed_window(self, feed: str, max_score: float | None, count: int) -> list[tuple[str, float]]:
+        """Up to ``count`` (song_id, score) pairs with score <= ``max_score`` (inclusive), best first."""
+
+    @abstractmethod
+    def feed_page(self, feed: str, start: int, count: int) -> list[tuple[str, float]]:
+        """(song_id, score) pairs, best first, from rank ``start`` (0-based)."""
+
+    @abstractmethod
+    def feed_size(self, feed: str) -> int: ...
+
+    @abstractmethod
+    def get_song(self, song_id: str) -> dict[str, str] | None:
+        """A song's record as stored (strings), or None."""
 
     def get_songs(self, song_ids: Sequence[str]) -> list[dict[str, str] | None]:
         """:meth:`get_song` of many songs, in order; backends override it with one round trip."""
         return [self.get_song(song_id) for song_id in song_ids]
 
     @abstractmethod
-    def feed_page(self, feed: str, start: int, count: int) -> list[tuple[str, float]]:
-        """(song_id, score) pairs, best first."""
+    def async_reads(self) -> AsyncScoreReads:
+        """The read path on asyncio (create it inside the event loop that uses it)."""
+
+    # -- lifecycle ------------------------------------------------------------------------
+    @abstractmethod
+    def ping(self) -> bool:
+        """True if the store answers; False when it is unreachable (a health probe never raises)."""
 
     @abstractmethod
-    def feed_size(self, feed: str) -> int: ...
+    def close(self) -> None: ...
+
+
+#: Per-event statuses returned by :meth:`EngagementCounters.count`: counted now; counted
+#: earlier by this very message (a replayed batch); counted earlier by another message.
+NEW, REPLAY, DUPLICATE = "n", "r", "d"
+
+
+def message_marker(partition: int, offset: int) -> str:
+    """The dedup value naming a Kafka message: ``(partition + 1) * 2**44 + offset`` in decimal.
+
+    An integer, which Redis keeps inside the key's object (about 24 bytes less per key than
+    the string ``"<partition>:<offset>"``); unique while offsets stay below 2**44 and
+    partitions below 2**19 - 1, and never ``"1"``, the value older versions wrote.
+    """
+    return str((partition + 1) << 44 | offset)
+
+
+class EngagementCounters(ABC):
+    """Per-song engagement counters (plays, likes, ...) with event-id deduplication."""
 
     @abstractmethod
-    def ping(self) -> bool: ...
+    def count(
+        self,
+        song_ids: Sequence[str],
+        event_ids: Sequence[str],
+        types: Sequence[str],
+        markers: Sequence[str],
+        updated_at: str,
+    ) -> str:
+        """Count the events not seen within the dedup window; one status per event, in input order.
+
+        Event ``i`` is ``event_ids[i]`` for ``song_ids[i]``, of ``types[i]`` (play, like, ...),
+        carried by the message ``markers[i]`` (:func:`message_marker`). Returns a string of
+        :data:`NEW`, :data:`REPLAY` or :data:`DUPLICATE`, one per event.
+        """
+
+    @abstractmethod
+    def counts(self, song_ids: Iterable[str]) -> dict[str, dict[str, int]]:
+        """Each song's counters (0 where none)."""
 
     @abstractmethod
     def close(self) -> None: ...

@@ -8,43 +8,28 @@ opening the directory loads the snapshot and replays only what came after it.
 A crash between a store write and a snapshot therefore loses nothing (the store
 has it) and duplicates nothing (replays are upserts by key).
 
-Directory layout::
-
-    DIR/embeddings.sqlite   the store (source of truth)
-    DIR/index.faiss         the FAISS index as of the watermark
-    DIR/.lock               advisory lock: one process per directory
-    DIR/index.meta.json     watermark, ntotal, dim, factory, sha256 and size of index.faiss,
-                            the store's uid (a replaced store invalidates the snapshot), written_at
-
-A snapshot writes both files under temporary names in DIR, fsyncs them, renames
-them into place (index first, metadata last) and fsyncs DIR. Any failure before
-the renames (a full disk) leaves the previous pair untouched and raises
-:class:`SnapshotError`. A crash between the two renames leaves a new index file
-beside old metadata: the hash no longer matches, so the next open rebuilds from
-the store instead of trusting it.
+The directory layout, the snapshot files and the checks a snapshot must pass are
+:mod:`indexes.snapshots`' (shared with the API's read-only
+:class:`~indexes.index_reader.IndexReader`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import hashlib
-import json
 import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
-from indexes.base import EmbeddingRecord, StoredEmbedding, song_key
+from indexes import snapshots
+from indexes.base import EmbeddingRecord, StoredEmbedding, faiss_id
 from indexes.faiss_index import FaissIndexConfig, FaissVectorIndex
+from indexes.snapshots import INDEX_FILE, LOCK_FILE, META_FILE, META_FORMAT, STORE_FILE, SnapshotError
 from indexes.sqlite_embeddings import SqliteEmbeddingStore
 
 try:
@@ -54,17 +39,16 @@ except ImportError:  # pragma: no cover - Windows
 
 log = logging.getLogger(__name__)
 
-STORE_FILE = "embeddings.sqlite"
-INDEX_FILE = "index.faiss"
-META_FILE = "index.meta.json"
-LOCK_FILE = ".lock"
-META_FORMAT = 1
-_REPLAY_BATCH = 4096
-_HASH_CHUNK = 1 << 20
-
-
-class SnapshotError(OSError):
-    """Writing a snapshot failed (typically a full disk); the previous snapshot is intact."""
+__all__ = [
+    "INDEX_FILE",
+    "LOCK_FILE",
+    "META_FILE",
+    "META_FORMAT",
+    "STORE_FILE",
+    "EmbeddingIndex",
+    "OpenReport",
+    "SnapshotError",
+]
 
 
 @dataclass(frozen=True)
@@ -121,7 +105,7 @@ class EmbeddingIndex:
         self._watermark = 0
         self._lock_fd = _lock_directory(self.directory)
         try:
-            self._remove_stale_temp_files()
+            snapshots.remove_stale_temp_files(self.directory)
             self.store = SqliteEmbeddingStore(self.directory / STORE_FILE)
         except BaseException:
             os.close(self._lock_fd)
@@ -147,12 +131,7 @@ class EmbeddingIndex:
 
     def _temp_path(self, final: Path) -> Path:
         """Where a snapshot file is written before its rename (same directory: rename is atomic)."""
-        return final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-    def _remove_stale_temp_files(self) -> None:
-        for name in (INDEX_FILE, META_FILE):
-            for stale in self.directory.glob(f".{name}.tmp-*"):
-                stale.unlink(missing_ok=True)
+        return snapshots.temp_path(final)
 
     # -- open and reconcile --------------------------------------------------------------
     def _check_store_dims(self) -> None:
@@ -184,60 +163,21 @@ class EmbeddingIndex:
 
     def _load_snapshot(self) -> tuple[tuple[FaissVectorIndex, int] | None, str]:
         """The snapshot and its watermark, or None and why it cannot be used."""
-        if not self.meta_path.exists():
-            return None, f"missing snapshot metadata {self.meta_path.name}"
-        if not self.index_path.exists():
-            return None, f"missing snapshot index file {self.index_path.name}"
-        try:
-            meta = json.loads(self.meta_path.read_text(encoding="utf-8"))
-            watermark = int(meta["watermark"])
-            digest, size, ntotal = str(meta["sha256"]), int(meta["bytes"]), int(meta["ntotal"])
-            dim, factory, fmt = int(meta["dim"]), str(meta["factory"]), int(meta["format"])
-            store_uid = int(meta["store_uid"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            return None, f"corrupt snapshot metadata: {exc!r}"
-        if fmt != META_FORMAT:
-            return None, f"snapshot metadata format {fmt}, expected {META_FORMAT}"
+        loaded, reason = snapshots.load_snapshot(self.directory, self.store, self._snapshot_config)
+        return ((loaded.index, loaded.watermark), "") if loaded is not None else (None, reason)
+
+    def _snapshot_config(self, dim: int, factory: str) -> FaissIndexConfig | str:
+        """This index's config for a snapshot of its dimension and factory; why another is refused."""
         if dim != self.config.dim or factory != self.config.factory:
-            return None, (
+            return (
                 f"mismatched snapshot: dim {dim}, factory {factory!r}; "
                 f"wanted dim {self.config.dim}, factory {self.config.factory!r}"
             )
-        if store_uid != self.store.store_uid():
-            return None, "snapshot belongs to another store file (the store was replaced or restored)"
-        if watermark > self.store.max_seq():
-            return None, (
-                f"snapshot is ahead of the store (watermark {watermark} > store seq {self.store.max_seq()}): "
-                "the store was replaced or restored"
-            )
-        try:
-            actual_size = self.index_path.stat().st_size
-            if actual_size != size:
-                return (
-                    None,
-                    f"corrupt snapshot: {self.index_path.name} has {actual_size} bytes, meta says {size}",
-                )
-            if _sha256_file(self.index_path) != digest:
-                return None, f"corrupt snapshot: sha256 of {self.index_path.name} does not match its metadata"
-            index = FaissVectorIndex.load(self.config, self.index_path)
-        except (OSError, ValueError, RuntimeError) as exc:
-            return None, f"corrupt snapshot: {exc}"
-        if index.ntotal != ntotal:
-            return None, f"corrupt snapshot: index holds {index.ntotal} vectors, meta says {ntotal}"
-        return (index, watermark), ""
+        return self.config
 
     def _catch_up(self) -> int:
         """Apply every store record newer than the watermark (remove-then-add by key)."""
-        applied = 0
-        batch: list[StoredEmbedding] = []
-        for stored in self.store.iter_since(self._watermark, batch_size=_REPLAY_BATCH):
-            batch.append(stored)
-            if len(batch) >= _REPLAY_BATCH:
-                applied += self._apply(batch)
-                batch = []
-        if batch:
-            applied += self._apply(batch)
-        return applied
+        return snapshots.catch_up(self.store, self._watermark, self._apply)
 
     def _apply(self, batch: Sequence[StoredEmbedding]) -> int:
         for stored in batch:
@@ -281,7 +221,7 @@ class EmbeddingIndex:
                 if seqs == list(range(self._watermark + 1, self._watermark + 1 + len(seqs))):
                     latest = {rec.song_id: rec for rec in records}  # last record per song, as stored
                     ids = sorted(changed, key=changed.__getitem__)
-                    keys = np.fromiter((song_key(s) for s in ids), dtype=np.int64, count=len(ids))
+                    keys = np.fromiter((faiss_id(s) for s in ids), dtype=np.int64, count=len(ids))
                     vectors = np.stack([np.asarray(latest[s].vector, dtype=np.float32) for s in ids])
                     self._index.upsert(keys, vectors)
                     self._watermark = seqs[-1]
@@ -324,50 +264,18 @@ class EmbeddingIndex:
         """Atomically replace the snapshot; raises :class:`SnapshotError` and keeps the old one on failure."""
         with self._lock:
             self._check_open()
-            # Buffered (untrained) vectors are not in the file: watermark 0 makes the next open replay them.
-            watermark = 0 if self._index.pending else self._watermark
-            tmp_index = self._temp_path(self.index_path)
-            tmp_meta = self._temp_path(self.meta_path)
-            renamed = False
-            try:
-                digest, size = _write_synced(tmp_index, self._index.write_to)
-                meta = {
-                    "format": META_FORMAT,
-                    "watermark": watermark,
-                    "ntotal": self._index.ntotal - self._index.pending,
-                    "dim": self.config.dim,
-                    "factory": self.config.factory,
-                    "store_uid": self.store.store_uid(),
-                    "trained": self._index.is_trained,
-                    "sha256": digest,
-                    "bytes": size,
-                    "written_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
-                }
-                body = json.dumps(meta, indent=2).encode("utf-8")
-                _write_synced(tmp_meta, lambda write: write(body))
-                os.replace(tmp_index, self.index_path)
-                renamed = True
-                os.replace(tmp_meta, self.meta_path)
-            except (OSError, RuntimeError) as exc:
-                for tmp in (tmp_index, tmp_meta):
-                    with contextlib.suppress(OSError):
-                        tmp.unlink(missing_ok=True)
-                code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
-                state = (
-                    "the snapshot pair is torn and the next open rebuilds from the store"
-                    if renamed
-                    else "the previous snapshot is intact"
-                )
-                raise SnapshotError(
-                    code,
-                    f"writing the FAISS snapshot in {self.directory} failed ({exc}); {state}; "
-                    "the store holds every record",
-                ) from exc
-            _fsync_dir(self.directory)
+            meta = snapshots.write_snapshot(
+                self.directory, self._index, self._watermark, self.store.store_uid(), self._temp_path
+            )
             self._since_snapshot = 0
             self._last_snapshot_at = self._clock()
             self._retry_snapshot_at = 0.0
-            log.info("FAISS snapshot: %d vectors up to store seq %d (%d bytes)", meta["ntotal"], watermark, size)
+            log.info(
+                "FAISS snapshot: %d vectors up to store seq %d (%d bytes)",
+                meta["ntotal"],
+                meta["watermark"],
+                meta["bytes"],
+            )
 
     # -- reads ---------------------------------------------------------------------------
     def search(self, vector: np.ndarray, k: int) -> list[tuple[str, float]]:
@@ -459,43 +367,3 @@ def _lock_directory(directory: Path) -> int:
             "process or another); each worker needs its own index directory"
         ) from None
     return fd
-
-
-def _write_synced(path: Path, produce: Callable[[Callable[[bytes], Any]], None]) -> tuple[str, int]:
-    """Create ``path``, fill it through ``produce(write)``, fsync it; returns (sha256, size)."""
-    hasher = hashlib.sha256()
-    size = 0
-    with open(path, "xb") as f:
-
-        def write(chunk: bytes) -> None:
-            nonlocal size
-            f.write(chunk)
-            hasher.update(chunk)
-            size += len(chunk)
-
-        produce(write)
-        f.flush()
-        os.fsync(f.fileno())
-    return hasher.hexdigest(), size
-
-
-def _sha256_file(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            hasher.update(chunk)
-    return hasher.hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the renames durable (POSIX; skipped where a directory cannot be opened or synced)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as exc:  # the new snapshot is in place; only its durability is in doubt
-        log.warning("fsync of %s failed after a snapshot: %s", directory, exc)
-    finally:
-        os.close(fd)

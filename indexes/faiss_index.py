@@ -1,4 +1,4 @@
-"""FAISS vector index keyed by :func:`indexes.base.song_key`, on CPU with an optional GPU copy.
+"""FAISS vector index keyed by :func:`indexes.base.faiss_id`, on CPU with an optional GPU copy.
 
 Choices, and why:
 
@@ -90,7 +90,7 @@ def check_keys(keys: np.ndarray) -> np.ndarray:
         raise ValueError(f"keys must be integers, got {arr.dtype}")
     arr = np.ascontiguousarray(arr, dtype=np.int64)
     if arr.size and int(arr.min()) < 0:
-        raise ValueError("keys must be >= 0 (song_key gives 63-bit positive ids; -1 means 'no result')")
+        raise ValueError("keys must be >= 0 (faiss_id gives 63-bit positive ids; -1 means 'no result')")
     return arr
 
 

@@ -2,7 +2,8 @@
 
 Counters are fields of the song's hash (``eng.plays``, ``eng.likes``, ...), so a
 song that has not been scored yet still keeps its engagement (the hash exists
-before its scores do). For each event a Lua script sets the dedup key
+before its scores do); keys and fields are :mod:`indexes.redis_schema`'s. For each
+event a Lua script sets the dedup key
 ``{prefix}:evt:{<song_id>}:<event_id>`` with NX and a TTL, its value naming the
 message that carried the event (:func:`message_marker`: partition and offset packed
 into one integer, which Redis stores without a string allocation), and only if that
@@ -34,25 +35,32 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import redis
 import redis.exceptions
+from pydantic import BaseModel, ConfigDict, Field
 
+from indexes.base import DUPLICATE, NEW, REPLAY, EngagementCounters, message_marker
+from indexes.redis_schema import COUNTER_FIELDS, ENGAGEMENT_COUNTERS, RedisKeys, counter_field, lua
 from indexes.redis_store import cross_slot
 
-#: Event type -> (hash field, delta).
-COUNTER_FIELDS: dict[str, tuple[str, int]] = {
-    "play": ("eng.plays", 1),
-    "complete": ("eng.completes", 1),
-    "like": ("eng.likes", 1),
-    "unlike": ("eng.likes", -1),
-    "skip": ("eng.skips", 1),
-    "share": ("eng.shares", 1),
-}
-COUNTERS = ("plays", "completes", "likes", "skips", "shares")
+__all__ = [
+    "CHUNK",
+    "COUNTERS",
+    "COUNTER_FIELDS",
+    "DUPLICATE",
+    "NEW",
+    "REPLAY",
+    "CountedEvent",
+    "RedisEngagementConfig",
+    "RedisEngagementCounters",
+    "counter_deltas",
+    "message_marker",
+]
 
-#: Per-event statuses returned by :meth:`RedisEngagementCounters.count`.
-NEW, REPLAY, DUPLICATE = "n", "r", "d"
+#: The counters :meth:`RedisEngagementCounters.counts` reports.
+COUNTERS = ENGAGEMENT_COUNTERS
 #: Events per script call on a single node (bounds how long one call holds Redis).
 CHUNK = 5000
 
@@ -63,7 +71,7 @@ _LUA_FIELDS = ", ".join(f"['{t}'] = {{'{f}', {d}}}" for t, (f, d) in COUNTER_FIE
 # Returns one status character per event (n, r, d). Counters are read once per song and
 # field, changed in event order (a count that would go below zero stays at zero, as with
 # HINCRBY and a floor after each event) and written back with one HSET per song.
-_SCRIPT = (
+_SCRIPT = lua(
     "local FIELDS = {" + _LUA_FIELDS + "}\n"
     """local ttl = tonumber(ARGV[1])
 local n_songs = tonumber(ARGV[3])
@@ -105,7 +113,7 @@ for i = n_songs + 1, #KEYS do
   end
 end
 for song, _ in pairs(changed) do
-  local args = {'eng.updated', ARGV[2]}
+  local args = {'$updated', ARGV[2]}
   for f, v in pairs(counts[song]) do
     args[#args + 1] = f
     args[#args + 1] = string.format('%d', v)
@@ -117,16 +125,6 @@ return table.concat(out)
 )
 
 
-def message_marker(partition: int, offset: int) -> str:
-    """The dedup value naming a Kafka message: ``(partition + 1) * 2**44 + offset`` in decimal.
-
-    An integer, which Redis keeps inside the key's object (about 24 bytes less per key than
-    the string ``"<partition>:<offset>"``); unique while offsets stay below 2**44 and
-    partitions below 2**19 - 1, and never ``"1"``, the value older versions wrote.
-    """
-    return str((partition + 1) << 44 | offset)
-
-
 @dataclass(frozen=True)
 class CountedEvent:
     event_id: str
@@ -134,12 +132,27 @@ class CountedEvent:
     type: str
 
 
-class RedisEngagementCounters:
+class RedisEngagementConfig(BaseModel):
+    """Connection, key prefix and dedup window of :class:`RedisEngagementCounters`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(description="redis://, rediss:// or unix:// URL.")
+    key_prefix: str = "apexrank"
+    dedup_window_s: int = Field(gt=0, description="How long an event id is remembered.")
+    socket_timeout_s: float = Field(5.0, gt=0)
+
+
+class RedisEngagementCounters(EngagementCounters):
     """Atomic, deduplicated counter updates; keys compatible with the score store's layout."""
+
+    #: The options :func:`indexes.open_engagement_counters` validates for this backend.
+    config_type: ClassVar[type[BaseModel]] = RedisEngagementConfig
 
     def __init__(self, client: redis.Redis, key_prefix: str, dedup_window_s: int, per_song: bool = False) -> None:
         self.client = client
         self.prefix = key_prefix
+        self.keys = RedisKeys(key_prefix)
         self.ttl = int(dedup_window_s)
         #: One script call per song (Redis Cluster) instead of one per batch; set on CROSSSLOT.
         self.per_song = per_song
@@ -152,11 +165,16 @@ class RedisEngagementCounters:
         client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=socket_timeout_s)
         return cls(client, key_prefix, dedup_window_s)
 
+    @classmethod
+    def from_config(cls, config: RedisEngagementConfig) -> RedisEngagementCounters:
+        return cls.from_url(config.url, config.key_prefix, config.dedup_window_s, config.socket_timeout_s)
+
     def song_key(self, song_id: str) -> str:
-        return f"{self.prefix}:song:{{{song_id}}}"
+        """The song's hash (ids come validated by the event schema)."""
+        return self.keys.song(song_id, check=False)
 
     def _event_key(self, song_id: str, event_id: str) -> str:
-        return f"{self.prefix}:evt:{{{song_id}}}:{event_id}"
+        return self.keys.event(song_id, event_id)
 
     def count(
         self,
@@ -244,7 +262,7 @@ class RedisEngagementCounters:
         ids = list(song_ids)
         pipe = self.client.pipeline(transaction=False)
         for song_id in ids:
-            pipe.hmget(self.song_key(song_id), [f"eng.{c}" for c in COUNTERS])
+            pipe.hmget(self.song_key(song_id), [counter_field(c) for c in COUNTERS])
         out: dict[str, dict[str, int]] = {}
         for song_id, values in zip(ids, pipe.execute(), strict=True):
             out[song_id] = {c: int(v or 0) for c, v in zip(COUNTERS, values, strict=True)}
@@ -259,5 +277,5 @@ def counter_deltas(events: Iterable[CountedEvent]) -> Mapping[str, dict[str, int
     out: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(COUNTERS, 0))
     for e in events:
         field, delta = COUNTER_FIELDS[e.type]
-        out[e.song_id][field.removeprefix("eng.")] += delta
+        out[e.song_id][field.removeprefix(counter_field(""))] += delta
     return out

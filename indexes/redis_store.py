@@ -1,67 +1,50 @@
 """Redis score store: one hash per song and one sorted set per feed.
 
-Key layout (Redis Cluster ready: the braces are hash tags, so each key's slot
-depends only on the song id or feed name, and a client can route it)::
-
-    {prefix}:song:{<song_id>}   hash: song_id, model_version, rank_score, generator,
-                                created_at, scored_at, score.<task>..., <extra key>...
-    {prefix}:feed:{<feed>}      sorted set: member song_id, score = the feed's stored score
-    {prefix}:feedage:{<feed>}   sorted set: member song_id, score created_at (epoch s); only for
-                                feeds with an age limit, so old songs can be trimmed
-    {prefix}:calibration        hash: likes, expected (totals behind the like-rate calibration)
-
-The song hash also holds the engagement counters ``eng.<counter>`` (plays, likes,
-skips, completes, shares), incremented with HINCRBY by the feedback consumer, and
-the ranker's fields ``prior.like_rate`` (the model's predicted like rate) and
-``cal.*`` (what of this song the calibration totals already count).
-
-Scores are stored as ``score.<task>`` fields so a task name can never collide
-with a metadata field. ``extra`` values are stored under their own key (names
-that clash with the fields above or start with ``score.`` are refused), strings
-as-is and anything else JSON-encoded. A write merges fields (HSET): a replay
-changes nothing, and fields written by other components into the same hash
-survive; a field dropped by a newer model stays until overwritten.
+The keys and the fields of a song hash are :mod:`indexes.redis_schema`'s. ``extra``
+values of a record are stored under their own key (names that clash with the
+reserved fields or start with ``score.`` are refused), strings as-is and anything
+else JSON-encoded. A write merges fields (HSET): a replay changes nothing, and
+fields written by other components into the same hash (the engagement counters
+``eng.<counter>``, the calibration claims ``cal.*``) survive.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import redis
 import redis.asyncio
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from indexes.base import ScoreStore, SongRecord
-
-# Song ids and feed names go inside a {hash tag}: a brace would end it early.
-_NAME = re.compile(r"^[A-Za-z0-9._:-]{1,256}$")
-_PREFIX = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-SCORE_FIELD_PREFIX = "score."
-RESERVED_FIELDS = frozenset({"song_id", "model_version", "rank_score", "generator", "created_at", "scored_at"})
-ENGAGEMENT_FIELD_PREFIX = "eng."
-ENGAGEMENT_COUNTERS = ("plays", "likes", "skips", "completes", "shares")
-
-#: A (feed -> song_id -> score) map; None removes the song from that feed.
-FeedEntries = Mapping[str, Mapping[str, float | None]]
+from indexes.base import AsyncScoreReads, FeedEntries, ScoreStore, SongRecord, StoredSong
+from indexes.redis_schema import (
+    CALIBRATION_FIELDS,
+    RedisKeys,
+    check_name,
+    check_prefix,
+    lua,
+    parse_song,
+    song_fields,
+)
 
 # Counts what of one song the calibration totals hold, atomically, and returns the change:
 # concurrent callers for the same song never count it twice. KEYS[1] = song hash,
 # ARGV[1] = the song's prior like rate. Returns {likes delta, expected-likes delta} as strings.
-_CLAIM_CALIBRATION = """
-local v = redis.call('HMGET', KEYS[1], 'eng.plays', 'eng.likes', 'cal.likes', 'cal.expected')
+_CLAIM_CALIBRATION = lua(
+    """
+local v = redis.call('HMGET', KEYS[1], '$plays', '$likes', '$claimed_likes', '$claimed_expected')
 local plays = tonumber(v[1]) or 0
 local likes = tonumber(v[2]) or 0
 local expected = plays * tonumber(ARGV[1])
 local dl = likes - (tonumber(v[3]) or 0)
 local de = expected - (tonumber(v[4]) or 0)
 if dl == 0 and de == 0 then return {'0', '0'} end
-redis.call('HSET', KEYS[1], 'cal.likes', likes, 'cal.expected', string.format('%.17g', expected))
+redis.call('HSET', KEYS[1], '$claimed_likes', likes, '$claimed_expected', string.format('%.17g', expected))
 return {tostring(dl), string.format('%.17g', de)}
 """
+)
 
 
 class RedisStoreConfig(BaseModel):
@@ -76,40 +59,7 @@ class RedisStoreConfig(BaseModel):
     @field_validator("key_prefix")
     @classmethod
     def _check_prefix(cls, value: str) -> str:
-        if not _PREFIX.fullmatch(value):
-            raise ValueError("key_prefix may hold only letters, digits and ._:- (1-64 characters)")
-        return value
-
-
-def _check_name(kind: str, value: str) -> str:
-    if not _NAME.fullmatch(value):
-        raise ValueError(f"{kind} {value!r} must be 1-256 letters, digits or ._:- (it sits in a Redis hash tag)")
-    return value
-
-
-def song_fields(song: SongRecord) -> dict[str, str]:
-    """The hash fields written for one song (all strings: what ``get_song`` reads back)."""
-    fields: dict[str, str] = {
-        "song_id": song.song_id,
-        "model_version": song.model_version,
-        "rank_score": repr(float(song.rank_score)),
-        "generator": song.generator,
-        "created_at": song.created_at,
-        "scored_at": song.scored_at,
-    }
-    for task, value in song.scores.items():
-        fields[SCORE_FIELD_PREFIX + task] = repr(float(value))
-    for name, value in song.extra.items():
-        if name in RESERVED_FIELDS or name.startswith(SCORE_FIELD_PREFIX):
-            raise ValueError(f"song {song.song_id!r}: extra field {name!r} clashes with a reserved field")
-        if isinstance(value, str):
-            fields[name] = value
-        else:
-            try:
-                fields[name] = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"song {song.song_id!r}: extra field {name!r} is not JSON: {exc}") from exc
-    return fields
+        return check_prefix(value)
 
 
 class RedisScoreStore(ScoreStore):
@@ -120,9 +70,13 @@ class RedisScoreStore(ScoreStore):
     after an unknown outcome is safe.
     """
 
+    #: The options :func:`indexes.open_score_store` validates for this backend.
+    config_type: ClassVar[type[BaseModel]] = RedisStoreConfig
+
     def __init__(self, config: RedisStoreConfig) -> None:
         self.config = config
         self.prefix = config.key_prefix
+        self.keys = RedisKeys(config.key_prefix)
         self._redis: redis.Redis = redis.Redis.from_url(
             config.url,
             decode_responses=True,
@@ -137,18 +91,26 @@ class RedisScoreStore(ScoreStore):
         #: them (CROSSSLOT) and the per-song pipelines are used from then on.
         self.multi_key_scripts = True
 
-    # -- keys ---------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: RedisStoreConfig) -> RedisScoreStore:
+        return cls(config)
+
+    @property
+    def namespace(self) -> str:
+        return self.prefix
+
+    # -- keys (indexes.redis_schema) -----------------------------------------------------
     def song_key(self, song_id: str) -> str:
-        return f"{self.prefix}:song:{{{_check_name('song id', song_id)}}}"
+        return self.keys.song(song_id)
 
     def feed_key(self, feed: str) -> str:
-        return f"{self.prefix}:feed:{{{_check_name('feed', feed)}}}"
+        return self.keys.feed(feed)
 
     def age_key(self, feed: str) -> str:
-        return f"{self.prefix}:feedage:{{{_check_name('feed', feed)}}}"
+        return self.keys.feed_age(feed)
 
     def calibration_key(self) -> str:
-        return f"{self.prefix}:calibration"
+        return self.keys.calibration()
 
     # -- writes -------------------------------------------------------------------------
     def write_songs(self, songs: Sequence[SongRecord], feed: str) -> None:
@@ -195,7 +157,7 @@ class RedisScoreStore(ScoreStore):
                 add: dict[str, float] = {}
                 drop: list[str] = []
                 for song_id, value in members.items():
-                    _check_name("song id", song_id)
+                    check_name("song id", song_id)
                     if value is None:
                         drop.append(song_id)
                     elif not math.isfinite(value):
@@ -245,14 +207,14 @@ class RedisScoreStore(ScoreStore):
         d_expected = sum(float(d[1]) for d in deltas)
         if d_likes or d_expected:
             pipe = self._redis.pipeline(transaction=False)
-            pipe.hincrbyfloat(self.calibration_key(), "likes", d_likes)
-            pipe.hincrbyfloat(self.calibration_key(), "expected", d_expected)
+            for name, delta in zip(CALIBRATION_FIELDS, (d_likes, d_expected), strict=True):
+                pipe.hincrbyfloat(self.calibration_key(), name, delta)
             pipe.execute()
         return self.calibration_totals()
 
     def calibration_totals(self) -> tuple[float, float]:
         """(observed likes, predicted likes) over every song with plays."""
-        return _totals(self._redis.hmget(self.calibration_key(), ["likes", "expected"]))
+        return _totals(self._redis.hmget(self.calibration_key(), list(CALIBRATION_FIELDS)))
 
     def trim_feed(self, feed: str, created_before: float) -> int:
         """Remove songs created before ``created_before`` (epoch s) from an age-limited feed."""
@@ -270,7 +232,7 @@ class RedisScoreStore(ScoreStore):
         """Atomically replace a feed (and its age index) with ``members``: built under a
         temporary key in the feed's slot, then renamed over it."""
         for song_id, value in members.items():
-            _check_name("song id", song_id)
+            check_name("song id", song_id)
             if not math.isfinite(value):
                 raise ValueError(f"song {song_id!r}: feed {feed!r} score must be finite, got {value}")
         pairs = [(self.feed_key(feed), members)]
@@ -278,7 +240,7 @@ class RedisScoreStore(ScoreStore):
             pairs.append((self.age_key(feed), ages))
         pipe = self._redis.pipeline(transaction=True)
         for key, values in pairs:
-            tmp = f"{key}:rebuild"
+            tmp = self.keys.rebuild(key)
             pipe.delete(tmp)
             items = list(values.items())
             for i in range(0, len(items), 10_000):
@@ -291,10 +253,10 @@ class RedisScoreStore(ScoreStore):
 
     def scan_song_ids(self, batch: int = 1000) -> Iterator[str]:
         """Every song id with a hash (SCAN: no blocking; a song written meanwhile may be missed)."""
-        head = f"{self.prefix}:song:{{"
-        for key in self._redis.scan_iter(match=f"{self.prefix}:song:*", count=batch):
-            if key.startswith(head) and key.endswith("}"):
-                yield key[len(head) : -1]
+        for key in self._redis.scan_iter(match=self.keys.song_pattern(), count=batch):
+            song_id = self.keys.song_id_of(key)
+            if song_id is not None:
+                yield song_id
 
     # -- reads --------------------------------------------------------------------------
     def read_fields(self, song_ids: Sequence[str], fields: Sequence[str]) -> list[list[str | None]]:
@@ -318,6 +280,23 @@ class RedisScoreStore(ScoreStore):
         for key in keys:
             pipe.hmget(key, names)
         return pipe.execute()
+
+    def read_songs(self, song_ids: Sequence[str], fields: Sequence[str] | None = None) -> list[StoredSong | None]:
+        """Many songs' records parsed (:func:`~indexes.redis_schema.parse_song`), in one round trip:
+        a pipeline of HGETALLs, or of HMGETs of ``fields`` (no script: any number of songs, on
+        Redis Cluster too, without holding the server)."""
+        pipe = self._redis.pipeline(transaction=False)
+        names = None if fields is None else list(fields)
+        for song_id in song_ids:
+            if names is None:
+                pipe.hgetall(self.song_key(song_id))
+            else:
+                pipe.hmget(self.song_key(song_id), names)
+        out: list[StoredSong | None] = []
+        for song_id, raw in zip(song_ids, pipe.execute() if song_ids else [], strict=True):
+            values = raw if names is None else dict(zip(names, raw, strict=True))
+            out.append(parse_song(song_id, {str(k): None if v is None else str(v) for k, v in values.items()}))
+        return out
 
     def feed_window(self, feed: str, max_score: float | None, count: int) -> list[tuple[str, float]]:
         """Up to ``count`` (song_id, score) pairs with score <= ``max_score`` (inclusive), best first."""
@@ -377,7 +356,7 @@ class RedisScoreStore(ScoreStore):
         return self._redis
 
 
-class AsyncStoreReads:
+class AsyncStoreReads(AsyncScoreReads):
     """The read path of :class:`RedisScoreStore` on ``redis.asyncio`` (for the API's event loop).
 
     Same keys and results as the synchronous methods of the same names.
@@ -440,7 +419,7 @@ class AsyncStoreReads:
         return int(await self._redis.zcard(self._store.feed_key(feed)))
 
     async def calibration_totals(self) -> tuple[float, float]:
-        return _totals(await self._redis.hmget(self._store.calibration_key(), ["likes", "expected"]))
+        return _totals(await self._redis.hmget(self._store.calibration_key(), list(CALIBRATION_FIELDS)))
 
     async def ping(self) -> bool:
         try:
@@ -463,29 +442,31 @@ return out
 # KEYS = song hashes, then the calibration hash; ARGV = each song's prior like rate.
 # _CLAIM_CALIBRATION for every song, then the totals incremented: one atomic step.
 # Returns the new totals {likes, expected}.
-_CLAIM_CALIBRATION_MANY = """
+_CLAIM_CALIBRATION_MANY = lua(
+    """
 local n = #KEYS - 1
 local cal = KEYS[#KEYS]
 local d_likes, d_expected = 0, 0
 for i = 1, n do
-  local v = redis.call('HMGET', KEYS[i], 'eng.plays', 'eng.likes', 'cal.likes', 'cal.expected')
+  local v = redis.call('HMGET', KEYS[i], '$plays', '$likes', '$claimed_likes', '$claimed_expected')
   local plays = tonumber(v[1]) or 0
   local likes = tonumber(v[2]) or 0
   local expected = plays * tonumber(ARGV[i])
   local dl = likes - (tonumber(v[3]) or 0)
   local de = expected - (tonumber(v[4]) or 0)
   if dl ~= 0 or de ~= 0 then
-    redis.call('HSET', KEYS[i], 'cal.likes', likes, 'cal.expected', string.format('%.17g', expected))
+    redis.call('HSET', KEYS[i], '$claimed_likes', likes, '$claimed_expected', string.format('%.17g', expected))
     d_likes = d_likes + dl
     d_expected = d_expected + de
   end
 end
 if d_likes ~= 0 or d_expected ~= 0 then
-  redis.call('HINCRBYFLOAT', cal, 'likes', string.format('%.17g', d_likes))
-  redis.call('HINCRBYFLOAT', cal, 'expected', string.format('%.17g', d_expected))
+  redis.call('HINCRBYFLOAT', cal, '$total_likes', string.format('%.17g', d_likes))
+  redis.call('HINCRBYFLOAT', cal, '$total_expected', string.format('%.17g', d_expected))
 end
-return redis.call('HMGET', cal, 'likes', 'expected')
+return redis.call('HMGET', cal, '$total_likes', '$total_expected')
 """
+)
 
 
 def cross_slot(exc: redis.exceptions.ResponseError) -> bool:

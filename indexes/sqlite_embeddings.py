@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from indexes.base import EmbeddingRecord, EmbeddingStore, StoredEmbedding, song_key
+from indexes.base import EmbeddingRecord, EmbeddingStore, StoredEmbedding, faiss_id
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ class SqliteEmbeddingStore(EmbeddingStore):
             if rec.n_segments < 0 or rec.n_frames < 0:
                 raise ValueError(f"{rec.song_id!r}: n_segments and n_frames must be >= 0")
             shape = (int(layers.shape[0]), int(layers.shape[1]))
-            prepared.append((rec, song_key(rec.song_id), layers.tobytes(), shape, vector.tobytes()))
+            prepared.append((rec, faiss_id(rec.song_id), layers.tobytes(), shape, vector.tobytes()))
         if not prepared:
             return {}
         changed: dict[str, int] = {}

@@ -21,9 +21,9 @@ from kafka import KafkaConsumer, TopicPartition
 from consumers.publish import publish_events
 from consumers.stack import EmbeddedStack
 from consumers.worker import Worker
-from indexes.base import song_key
+from indexes.base import faiss_id
+from indexes.index_reader import open_index_reader
 from ranker.settings import IndexSettings, Settings, WorkerSettings
-from ranker.vectors import open_index_reader
 from tests.helpers import event, tone
 from tests.test_worker import feed, index_keys
 
@@ -92,7 +92,7 @@ def songs(tmp_path: Path, prefix: str, n: int) -> list:  # type: ignore[type-arg
 
 def assert_exactly_once(settings: Settings, worker: Worker, ids: list[str]) -> None:
     assert sorted(s for s, _ in feed(settings)) == sorted(ids)
-    assert sorted(index_keys(settings, worker.encoder.vector_dim)) == sorted(song_key(i) for i in ids)
+    assert sorted(index_keys(settings, worker.encoder.vector_dim)) == sorted(faiss_id(i) for i in ids)
 
 
 def test_redis_outage_nothing_committed_unwritten(stack: EmbeddedStack, settings: Settings, tmp_path: Path) -> None:
@@ -205,7 +205,7 @@ def test_two_workers_in_one_group_share_partitions(settings: Settings, tmp_path:
     keys: list[int] = []
     for s, w in zip(shard, (w0, w1), strict=True):
         keys += index_keys(s, w.encoder.vector_dim)
-    assert sorted(keys) == sorted(song_key(e.song_id) for e in batch), "each song in exactly one shard"
+    assert sorted(keys) == sorted(faiss_id(e.song_id) for e in batch), "each song in exactly one shard"
 
     # Similar-song search fans out over both shards (settings.index.shards, glob allowed) and merges.
     api_settings = settings.model_copy(

@@ -28,10 +28,11 @@ from indexes import (
     KeyCollisionError,
     SnapshotError,
     SqliteEmbeddingStore,
-    song_key,
+    faiss_id,
 )
 from indexes.embedding_index import INDEX_FILE, META_FILE, STORE_FILE
 from indexes.faiss_index import gpu_count
+from indexes.index_reader import IndexReader
 
 DIM = 16
 
@@ -71,7 +72,7 @@ def test_store_is_durable_across_reopen(tmp_path: Path) -> None:
     with SqliteEmbeddingStore(tmp_path / "e.sqlite") as s:
         assert s.count() == 5 and s.max_seq() == 5
         got = s.get("song-3")
-        assert got is not None and got.key == song_key("song-3")
+        assert got is not None and got.key == faiss_id("song-3")
         np.testing.assert_array_equal(got.record.vector, recs[3].vector)
         np.testing.assert_array_equal(got.record.layers, recs[3].layers)
         assert got.record.layers.shape == (3, DIM) and got.record.n_frames == 150
@@ -79,7 +80,7 @@ def test_store_is_durable_across_reopen(tmp_path: Path) -> None:
         assert set(s.get_many(["song-0", "song-2", "nope"])) == {"song-0", "song-2"}
         assert s.encoder_ids() == {"enc-a"} and s.vector_dims() == {DIM}
         assert s.get("nope") is None
-        assert s.song_ids_for_keys([song_key("song-2"), 12345]) == {song_key("song-2"): "song-2"}
+        assert s.song_ids_for_keys([faiss_id("song-2"), 12345]) == {faiss_id("song-2"): "song-2"}
 
 
 def test_identical_put_keeps_seq_and_changed_put_bumps_it(store: SqliteEmbeddingStore) -> None:
@@ -119,7 +120,7 @@ def test_key_collision_is_refused_and_the_batch_rolled_back(tmp_path: Path) -> N
         "INSERT INTO embeddings(song_id, key, seq, encoder_id, layers, n_layers, layer_dim, vector, "
         "n_segments, n_frames, updated_at) SELECT 'forged', ?, 99, encoder_id, layers, n_layers, layer_dim, "
         "vector, n_segments, n_frames, updated_at FROM embeddings LIMIT 1",
-        (song_key("victim"),),
+        (faiss_id("victim"),),
     )
     raw.commit()
     raw.close()
@@ -400,6 +401,81 @@ def test_damaged_snapshot_is_rebuilt_from_the_store(tmp_path: Path, damage: str)
         assert index.search(recs[2].vector, 1)[0][0] == "song-2"
     with open_index(tmp_path) as index:  # the rebuild was snapshotted on close
         assert index.open_report.source == "snapshot"
+
+
+def _edit_meta(directory: Path, **changes: object) -> None:
+    meta = json.loads((directory / META_FILE).read_text())
+    meta.update(changes)
+    (directory / META_FILE).write_text(json.dumps(meta))
+
+
+#: Snapshots with sound files but metadata that must not be trusted: (meta changes, reason).
+_WRONG_META = [
+    pytest.param({"format": 2}, "metadata format 2", id="format"),
+    pytest.param({"ntotal": 14}, "meta says 14", id="ntotal"),
+    pytest.param({"watermark": 99}, "ahead of the store", id="watermark"),
+    pytest.param({"store_uid": 12345}, "another store", id="store-uid"),
+]
+
+
+@pytest.mark.parametrize(("changes", "reason"), _WRONG_META)
+def test_snapshot_with_wrong_metadata_is_rebuilt(tmp_path: Path, changes: dict[str, object], reason: str) -> None:
+    with open_index(tmp_path) as index:
+        index.add(records(15))
+    _edit_meta(tmp_path, **changes)
+    with open_index(tmp_path) as index:
+        assert index.open_report.source == "rebuilt" and reason in (index.open_report.reason or "")
+        assert len(index) == 15
+
+
+def _reader(directory: Path) -> IndexReader:
+    reader = IndexReader(directory)
+    reader.load()
+    return reader
+
+
+def test_reader_loads_the_writers_snapshot_and_catches_up(tmp_path: Path) -> None:
+    recs = records(20)
+    with open_index(tmp_path) as index:
+        index.add(recs[:15])
+    with SqliteEmbeddingStore(tmp_path / STORE_FILE) as s:  # written after the snapshot
+        s.put_many(recs[15:])
+    reader = _reader(tmp_path)
+    try:
+        status = reader.status()
+        assert status.source == "snapshot" and status.reason is None
+        assert status.vectors == 20 and status.watermark == 20
+        assert reader.similar("song-17", 3)[0][0] != "song-17"
+        assert reader.search(recs[17].vector, 1)[0][0] == "song-17"
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        *_WRONG_META,
+        pytest.param({"sha256": "0" * 64}, "sha256", id="sha256"),
+        pytest.param({"bytes": 1}, "meta says 1", id="bytes"),
+        pytest.param({"dim": "x"}, "corrupt snapshot metadata", id="bad-meta"),
+    ],
+)
+def test_reader_refuses_a_snapshot_the_writer_would_refuse(
+    tmp_path: Path, changes: dict[str, object], reason: str
+) -> None:
+    """The reader accepts a snapshot on the writer's checks and otherwise builds from the store."""
+    recs = records(15)
+    with open_index(tmp_path) as index:
+        index.add(recs)
+    _edit_meta(tmp_path, **changes)
+    reader = _reader(tmp_path)
+    try:
+        status = reader.status()
+        assert status.source == "store" and reason in (status.reason or "")
+        assert status.ready and status.vectors == 15 and status.watermark == 15
+        assert reader.search(recs[2].vector, 1)[0][0] == "song-2"
+    finally:
+        reader.close()
 
 
 def test_mismatched_factory_rebuilds(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

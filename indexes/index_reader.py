@@ -2,8 +2,11 @@
 
 The worker owns its index directory (``EmbeddingIndex`` locks it). The API opens
 the same directory without the lock and never writes to it: it loads the FAISS
-snapshot (checked against its metadata: size, sha256, store uid, dimension) and
-then applies every embedding-store record newer than the snapshot's watermark.
+snapshot, on the checks the worker applies (:func:`indexes.snapshots.load_snapshot`:
+format, store uid, watermark, size, sha256, vector count; the dimension and factory
+are the snapshot's own), and then applies every embedding-store record newer than
+the snapshot's watermark (:func:`indexes.snapshots.catch_up`). A snapshot that fails
+a check is not used: the index is built from the whole store instead.
 :meth:`IndexReader.refresh` repeats that catch-up (the API calls it every
 ``api.index_refresh_s`` seconds and on ``POST /v1/index/reload``), and reloads
 from scratch when the worker has written a snapshot of a different store (the
@@ -13,7 +16,6 @@ the worker's writes.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Sequence
@@ -22,13 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from indexes.base import StoredEmbedding, song_key
-from indexes.embedding_index import INDEX_FILE, META_FILE, STORE_FILE, _sha256_file
+from indexes import snapshots
+from indexes.base import StoredEmbedding, faiss_id
 from indexes.faiss_index import FaissIndexConfig, FaissVectorIndex
+from indexes.snapshots import STORE_FILE
 from indexes.sqlite_embeddings import SqliteEmbeddingStore
 
 log = logging.getLogger(__name__)
-_BATCH = 4096
 
 
 @dataclass(frozen=True)
@@ -124,22 +126,9 @@ class IndexReader:
         return status
 
     def _open(self, store: SqliteEmbeddingStore) -> tuple[FaissVectorIndex | None, int, str, str | None]:
-        meta_path, index_path = self.directory / META_FILE, self.directory / INDEX_FILE
-        why = "no snapshot"
-        if meta_path.exists() and index_path.exists():
-            try:
-                meta = json.loads(meta_path.read_text(encoding="utf-8"))
-                config = self._config(int(meta["dim"]), str(meta["factory"]))
-                if int(meta["store_uid"]) != store.store_uid():
-                    why = "the snapshot belongs to another store"
-                elif index_path.stat().st_size != int(meta["bytes"]):
-                    why = "the snapshot's size does not match its metadata"
-                elif _sha256_file(index_path) != str(meta["sha256"]):
-                    why = "the snapshot's sha256 does not match its metadata"
-                else:
-                    return FaissVectorIndex.load(config, index_path), int(meta["watermark"]), "snapshot", None
-            except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-                why = f"unreadable snapshot: {exc}"
+        loaded, why = snapshots.load_snapshot(self.directory, store, self._config)
+        if loaded is not None:
+            return loaded.index, loaded.watermark, "snapshot", None
         dims = store.vector_dims()
         if not dims:
             return None, 0, "store", f"{why}; the store is empty"
@@ -154,16 +143,7 @@ class IndexReader:
         """Apply store records newer than the watermark (caller holds the lock)."""
         if self._store is None:
             return 0
-        applied = 0
-        batch = []
-        for stored in self._store.iter_since(self._watermark, batch_size=_BATCH):
-            batch.append(stored)
-            if len(batch) >= _BATCH:
-                applied += self._apply(batch)
-                batch = []
-        if batch:
-            applied += self._apply(batch)
-        return applied
+        return snapshots.catch_up(self._store, self._watermark, self._apply)
 
     def _apply(self, batch: list[StoredEmbedding]) -> int:
         if self._index is None:
@@ -235,7 +215,7 @@ class IndexReader:
             if self._index is None:
                 return out
             for song_id in song_ids:
-                vec = self._index.reconstruct(song_key(song_id))
+                vec = self._index.reconstruct(faiss_id(song_id))
                 if vec is not None:
                     out[song_id] = vec
         finally:

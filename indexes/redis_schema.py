@@ -1,0 +1,237 @@
+"""The Redis layout of the score store and the engagement counters, in one place: keys, fields, parsing.
+
+Keys (Redis Cluster ready: the braces are hash tags, so each key's slot depends only
+on the song id or feed name, and a client can route it)::
+
+    {prefix}:song:{<song_id>}   hash: one per song (fields below)
+    {prefix}:feed:{<feed>}      sorted set: member song_id, score = the feed's stored score
+    {prefix}:feedage:{<feed>}   sorted set: member song_id, score created_at (epoch s); only for
+                                feeds with an age limit, so old songs can be trimmed
+    {prefix}:calibration        hash: likes, expected (totals behind the like-rate calibration)
+    {prefix}:evt:{<song_id>}:<event_id>
+                                string: an engagement event's dedup key (value: the message
+                                that counted it), in its song's slot
+
+Fields of a song hash:
+
+* written with the scores: ``song_id``, ``model_version``, ``rank_score``, ``generator``,
+  ``created_at``, ``scored_at`` (:data:`RESERVED_FIELDS`), ``score.<task>`` per task (so a
+  task name can never collide with a metadata field), and the record's extra fields under
+  their own names (``tags``, ``duration_s``, ``truncated``, ``prior.like_rate``: the model's
+  predicted like rate, ...): strings as-is, anything else JSON-encoded;
+* the engagement counters ``eng.<counter>`` (:data:`ENGAGEMENT_COUNTERS`) and ``eng.updated``,
+  written by the feedback consumer (the hash may exist before its scores do);
+* ``cal.likes`` and ``cal.expected``: what of this song the calibration totals already count.
+
+A write merges fields (HSET): a replay changes nothing, and fields written by other
+components into the same hash survive; a field dropped by a newer model stays until
+overwritten.
+
+Task names are data here (``indexes`` knows nothing of the model): a score field is any
+``score.<name>``, and :func:`hydration_fields` takes the task names from its caller.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from string import Template
+
+from indexes.base import SongRecord, StoredSong
+
+# Song ids and feed names go inside a {hash tag}: a brace would end it early.
+_NAME = re.compile(r"^[A-Za-z0-9._:-]{1,256}$")
+_PREFIX = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+# -- fields of a song hash ------------------------------------------------------------------------
+SONG_ID = "song_id"
+MODEL_VERSION = "model_version"
+RANK_SCORE = "rank_score"
+GENERATOR = "generator"
+CREATED_AT = "created_at"  # RFC 3339
+SCORED_AT = "scored_at"  # RFC 3339
+RESERVED_FIELDS = frozenset({SONG_ID, MODEL_VERSION, RANK_SCORE, GENERATOR, CREATED_AT, SCORED_AT})
+SCORE_FIELD_PREFIX = "score."
+#: Extra fields the worker writes: the song's tags (JSON list), its length, whether its audio was cut.
+TAGS = "tags"
+DURATION_S = "duration_s"
+TRUNCATED = "truncated"
+#: The model's predicted like rate (written when the model has a target transform; absent otherwise).
+PRIOR_FIELD = "prior.like_rate"
+
+ENGAGEMENT_FIELD_PREFIX = "eng."
+ENGAGEMENT_COUNTERS = ("plays", "likes", "skips", "completes", "shares")
+PLAYS_FIELD = f"{ENGAGEMENT_FIELD_PREFIX}plays"
+LIKES_FIELD = f"{ENGAGEMENT_FIELD_PREFIX}likes"
+ENGAGEMENT_UPDATED_FIELD = f"{ENGAGEMENT_FIELD_PREFIX}updated"
+#: Engagement event type -> (hash field, delta).
+COUNTER_FIELDS: dict[str, tuple[str, int]] = {
+    "play": (PLAYS_FIELD, 1),
+    "complete": (f"{ENGAGEMENT_FIELD_PREFIX}completes", 1),
+    "like": (LIKES_FIELD, 1),
+    "unlike": (LIKES_FIELD, -1),
+    "skip": (f"{ENGAGEMENT_FIELD_PREFIX}skips", 1),
+    "share": (f"{ENGAGEMENT_FIELD_PREFIX}shares", 1),
+}
+
+#: What of a song the calibration totals count (in the song hash), and the totals' fields.
+CLAIMED_LIKES_FIELD = "cal.likes"
+CLAIMED_EXPECTED_FIELD = "cal.expected"
+CALIBRATION_FIELDS = ("likes", "expected")
+
+#: After the score fields, what a feed read hydrates per song (in this order), and what a feed
+#: write additionally needs for the feeds' filters.
+STATE_FIELDS: tuple[str, ...] = (PRIOR_FIELD, PLAYS_FIELD, LIKES_FIELD, CREATED_AT, GENERATOR, SCORED_AT)
+FILTER_FIELDS: tuple[str, ...] = (TAGS, DURATION_S)
+
+
+def score_field(task: str) -> str:
+    return SCORE_FIELD_PREFIX + task
+
+
+def counter_field(counter: str) -> str:
+    """The hash field of an engagement counter (``plays`` -> ``eng.plays``)."""
+    return ENGAGEMENT_FIELD_PREFIX + counter
+
+
+def hydration_fields(tasks: Iterable[str]) -> tuple[str, ...]:
+    """``score.<task>`` for each task, in order, then :data:`STATE_FIELDS`."""
+    return (*(score_field(t) for t in tasks), *STATE_FIELDS)
+
+
+def lua(source: str) -> str:
+    """A Lua script with ``$plays``, ``$likes``, ``$claimed_likes``, ``$claimed_expected``, ``$updated``,
+    ``$total_likes`` and ``$total_expected`` replaced by the field names above (scripts name fields
+    literally)."""
+    return Template(source).substitute(
+        plays=PLAYS_FIELD,
+        likes=LIKES_FIELD,
+        claimed_likes=CLAIMED_LIKES_FIELD,
+        claimed_expected=CLAIMED_EXPECTED_FIELD,
+        updated=ENGAGEMENT_UPDATED_FIELD,
+        total_likes=CALIBRATION_FIELDS[0],
+        total_expected=CALIBRATION_FIELDS[1],
+    )
+
+
+# -- keys -----------------------------------------------------------------------------------------
+def check_name(kind: str, value: str) -> str:
+    """``value`` if it can sit in a hash tag (a song id, a feed name); ValueError otherwise."""
+    if not _NAME.fullmatch(value):
+        raise ValueError(f"{kind} {value!r} must be 1-256 letters, digits or ._:- (it sits in a Redis hash tag)")
+    return value
+
+
+def check_prefix(value: str) -> str:
+    if not _PREFIX.fullmatch(value):
+        raise ValueError("key_prefix may hold only letters, digits and ._:- (1-64 characters)")
+    return value
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    """The key names under one prefix (see the module docstring)."""
+
+    prefix: str
+
+    def song(self, song_id: str, *, check: bool = True) -> str:
+        """The song's hash. ``check=False`` skips the name check (for ids already validated upstream)."""
+        return f"{self.prefix}:song:{{{check_name('song id', song_id) if check else song_id}}}"
+
+    def feed(self, feed: str) -> str:
+        return f"{self.prefix}:feed:{{{check_name('feed', feed)}}}"
+
+    def feed_age(self, feed: str) -> str:
+        return f"{self.prefix}:feedage:{{{check_name('feed', feed)}}}"
+
+    @staticmethod
+    def rebuild(key: str) -> str:
+        """Where a feed (or its age index) is built before it is renamed over ``key`` (same slot)."""
+        return f"{key}:rebuild"
+
+    def calibration(self) -> str:
+        return f"{self.prefix}:calibration"
+
+    def event(self, song_id: str, event_id: str) -> str:
+        """An engagement event's dedup key, in its song's slot (ids validated upstream)."""
+        return f"{self.prefix}:evt:{{{song_id}}}:{event_id}"
+
+    def song_pattern(self) -> str:
+        """A SCAN pattern matching every song hash (and possibly more: check with :meth:`song_id_of`)."""
+        return f"{self.prefix}:song:*"
+
+    def song_id_of(self, key: str) -> str | None:
+        """The song id of a song hash's key; None for another key."""
+        head = f"{self.prefix}:song:{{"
+        if key.startswith(head) and key.endswith("}"):
+            return key[len(head) : -1]
+        return None
+
+
+# -- records <-> hashes ---------------------------------------------------------------------------
+def song_fields(song: SongRecord) -> dict[str, str]:
+    """The hash fields written for one song (all strings: what ``get_song`` reads back)."""
+    fields: dict[str, str] = {
+        SONG_ID: song.song_id,
+        MODEL_VERSION: song.model_version,
+        RANK_SCORE: repr(float(song.rank_score)),
+        GENERATOR: song.generator,
+        CREATED_AT: song.created_at,
+        SCORED_AT: song.scored_at,
+    }
+    for task, value in song.scores.items():
+        fields[score_field(task)] = repr(float(value))
+    for name, value in song.extra.items():
+        if name in RESERVED_FIELDS or name.startswith(SCORE_FIELD_PREFIX):
+            raise ValueError(f"song {song.song_id!r}: extra field {name!r} clashes with a reserved field")
+        if isinstance(value, str):
+            fields[name] = value
+        else:
+            try:
+                fields[name] = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"song {song.song_id!r}: extra field {name!r} is not JSON: {exc}") from exc
+    return fields
+
+
+def _float(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def _count(value: str | None) -> int:
+    number = _float(value)
+    return int(number) if number is not None and math.isfinite(number) else 0
+
+
+def parse_song(song_id: str, raw: Mapping[str, str | None]) -> StoredSong | None:
+    """The typed record of a song hash (HGETALL, or the fields an HMGET asked for); None if it holds nothing."""
+    fields = {name: value for name, value in raw.items() if value is not None}
+    if not fields:
+        return None
+    scores: dict[str, float] = {}
+    for name, value in fields.items():
+        if name.startswith(SCORE_FIELD_PREFIX):
+            number = _float(value)
+            if number is not None:
+                scores[name[len(SCORE_FIELD_PREFIX) :]] = number
+    return StoredSong(
+        song_id=song_id,
+        model_version=fields.get(MODEL_VERSION),
+        rank_score=_float(fields.get(RANK_SCORE)),
+        scores=scores,
+        generator=fields.get(GENERATOR),
+        created_at=fields.get(CREATED_AT),
+        scored_at=fields.get(SCORED_AT),
+        truncated=fields.get(TRUNCATED, "0") in ("1", "true", "True"),
+        prior_like_rate=_float(fields.get(PRIOR_FIELD)),
+        counters={c: _count(fields.get(counter_field(c))) for c in ENGAGEMENT_COUNTERS},
+        fields=fields,
+    )

@@ -1,0 +1,59 @@
+"""Every store the ranker and the consumers use, built from :class:`~ranker.settings.Settings` in one place.
+
+``indexes`` cannot see the settings (it is the bottom layer), so this module maps
+them, once, onto the backends' own configs: the URL picks the backend
+(:func:`indexes.open_score_store`), and the backend's config validates the rest.
+Callers never construct a backend themselves.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from indexes import EngagementCounters, ScoreStore, open_engagement_counters, open_score_store
+
+if TYPE_CHECKING:
+    from indexes.embedding_index import EmbeddingIndex
+    from indexes.index_reader import IndexReader, ShardedIndexReader
+    from ranker.settings import Settings
+
+
+def score_store(settings: Settings) -> ScoreStore:
+    """The score and feed store (``redis.*``)."""
+    redis = settings.redis
+    return open_score_store(
+        redis.url.get_secret_value(), key_prefix=redis.key_prefix, socket_timeout_s=redis.socket_timeout_s
+    )
+
+
+def engagement_counters(settings: Settings) -> EngagementCounters:
+    """The feedback consumer's deduplicated engagement counters (``redis.*``, ``feedback.dedup_window_s``)."""
+    redis = settings.redis
+    return open_engagement_counters(
+        redis.url.get_secret_value(),
+        key_prefix=redis.key_prefix,
+        dedup_window_s=settings.feedback.dedup_window_s,
+        socket_timeout_s=redis.socket_timeout_s,
+    )
+
+
+def embedding_index(settings: Settings, dim: int) -> EmbeddingIndex:
+    """The worker's embedding index (``index.*``) for vectors of ``dim`` (the encoder's ``vector_dim``)."""
+    from indexes.embedding_index import EmbeddingIndex  # FAISS: imported only where an index is used
+
+    index = settings.index
+    return EmbeddingIndex(
+        settings.index_dir,
+        dim=dim,
+        factory=index.factory,
+        use_gpu=index.use_gpu,
+        snapshot_every_songs=index.snapshot_every_songs,
+        snapshot_every_s=index.snapshot_every_s,
+    )
+
+
+def index_reader(settings: Settings) -> IndexReader | ShardedIndexReader:
+    """The API's read-only view of the workers' indexes: one directory, or one per shard (``index.shards``)."""
+    from indexes.index_reader import open_index_reader
+
+    return open_index_reader(settings.index_shards, settings.index.factory)
