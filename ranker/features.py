@@ -17,8 +17,9 @@ A features directory holds
   the L2-normalised ``encoder.song_vector``, the segment and frame counts. A song is *done*
   once it is here; this record is written last.
 - ``segments.sqlite``: per song, every segment's pooled layers (the ablation's "segment"
-  input mode trains on them) and the failures of the last attempts. Layout (one row per
-  song, so that loading 100k songs is 100k rows, not millions)::
+  input mode trains on them) and the failures of the last attempts, in an
+  :class:`~indexes.segment_store.SegmentStore`. Layout (one row per song, so that loading
+  100k songs is 100k rows, not millions)::
 
       segments(song_id TEXT PRIMARY KEY, encoder_id TEXT, n_segments INT, n_layers INT,
                dim INT, frames BLOB  -- little-endian int64, (n_segments,)
@@ -40,10 +41,8 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -54,6 +53,7 @@ import numpy as np
 import numpy.typing as npt
 
 from indexes.base import EmbeddingRecord
+from indexes.segment_store import SegmentStore, SegmentStoreError
 from indexes.sqlite_embeddings import SqliteEmbeddingStore
 from ranker.catalog import read_catalog
 from ranker.errors import ConfigError, ErrorCode, InputError
@@ -70,157 +70,22 @@ EMBEDDINGS_FILE = "embeddings.sqlite"
 SEGMENTS_FILE = "segments.sqlite"
 FEATURES_FORMAT = "apexrank-features"
 FEATURES_FORMAT_VERSION = 1
-SEGMENTS_SCHEMA_VERSION = 1
 #: Songs decoded and encoded together; two batches of decoded audio are in memory at once.
 DEFAULT_BATCH_SONGS = 16
-_IN_CHUNK = 500
 _MAX_NAMED = 10
-
-_SEGMENTS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (
-    name  TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS segments (
-    song_id     TEXT PRIMARY KEY,
-    encoder_id  TEXT NOT NULL,
-    n_segments  INTEGER NOT NULL,
-    n_layers    INTEGER NOT NULL,
-    dim         INTEGER NOT NULL,
-    frames      BLOB NOT NULL,
-    features    BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS failures (
-    song_id    TEXT PRIMARY KEY,
-    code       TEXT NOT NULL,
-    message    TEXT NOT NULL,
-    failed_at  REAL NOT NULL
-);
-"""
 
 
 class FeatureStoreError(ConfigError):
     """A features directory is missing, belongs to another encoder, or lacks what was asked for."""
 
 
-# --------------------------------------------------------------------------------------
-# The segment store
-# --------------------------------------------------------------------------------------
-
-
-class SegmentStore:
-    """Per-song segment features and embedding failures in one SQLite file (see the module doc)."""
-
-    def __init__(self, path: str | Path, *, busy_timeout_s: float = 30.0) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.RLock()
-        self._conn: sqlite3.Connection | None = sqlite3.connect(
-            str(self.path), timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
-        )
-        try:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.executescript(_SEGMENTS_SCHEMA)
-            row = self._conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
-            if row is None:
-                self._conn.execute(
-                    "INSERT OR IGNORE INTO meta(name, value) VALUES ('schema_version', ?)",
-                    (str(SEGMENTS_SCHEMA_VERSION),),
-                )
-            elif int(row[0]) != SEGMENTS_SCHEMA_VERSION:
-                raise FeatureStoreError(
-                    f"{self.path} has segment-store schema {row[0]}, this code reads {SEGMENTS_SCHEMA_VERSION}"
-                )
-        except BaseException:
-            self.close()
-            raise
-
-    @property
-    def _db(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise RuntimeError(f"segment store {self.path} is closed")
-        return self._conn
-
-    def put(
-        self,
-        encoder_id: str,
-        songs: Sequence[tuple[str, np.ndarray, np.ndarray]],
-        failures: Sequence[EmbedFailure] = (),
-    ) -> None:
-        """Store ``(song_id, features (S, L, D), frames (S,))`` per song and the failures, atomically.
-
-        A stored song's old failure is cleared; a failed song's old segments are kept (they
-        still describe the audio as it was when it last decoded).
-        """
-        rows = []
-        for song_id, feats, frames in songs:
-            f = np.ascontiguousarray(feats, dtype="<f4")
-            fr = np.ascontiguousarray(frames, dtype="<i8")
-            if f.ndim != 3 or fr.shape != (f.shape[0],):
-                raise ValueError(f"{song_id!r}: segment features {f.shape} and frames {fr.shape} disagree")
-            rows.append((song_id, encoder_id, f.shape[0], f.shape[1], f.shape[2], fr.tobytes(), f.tobytes()))
-        now = time.time()
-        with self._lock:
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.executemany(
-                    "INSERT OR REPLACE INTO segments(song_id, encoder_id, n_segments, n_layers, dim, "
-                    "frames, features) VALUES (?,?,?,?,?,?,?)",
-                    rows,
-                )
-                db.executemany("DELETE FROM failures WHERE song_id=?", [(r[0],) for r in rows])
-                db.executemany(
-                    "INSERT OR REPLACE INTO failures(song_id, code, message, failed_at) VALUES (?,?,?,?)",
-                    [(f.song_id, f.code, f.message, now) for f in failures],
-                )
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-
-    def get_many(self, song_ids: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """``{song_id: (features (S, L, D) float32, frames (S,) int64)}`` for the stored ones."""
-        out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for chunk in _chunks(list(dict.fromkeys(song_ids))):
-            marks = ",".join("?" * len(chunk))
-            with self._lock:
-                rows = self._db.execute(
-                    "SELECT song_id, n_segments, n_layers, dim, frames, features FROM segments "
-                    f"WHERE song_id IN ({marks})",
-                    chunk,
-                ).fetchall()
-            for song_id, s, n_layers, dim, frames, feats in rows:
-                out[song_id] = (
-                    np.frombuffer(feats, dtype="<f4").reshape(s, n_layers, dim).astype(np.float32),
-                    np.frombuffer(frames, dtype="<i8").astype(np.int64),
-                )
-        return out
-
-    def failures(self) -> dict[str, tuple[str, str]]:
-        """``{song_id: (error code, message)}`` of songs whose last attempt failed."""
-        with self._lock:
-            rows = self._db.execute("SELECT song_id, code, message FROM failures").fetchall()
-        return {r[0]: (r[1], r[2]) for r in rows}
-
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    def __enter__(self) -> SegmentStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _chunks(items: list[Any]) -> Iterator[list[Any]]:
-    for i in range(0, len(items), _IN_CHUNK):
-        yield items[i : i + _IN_CHUNK]
+def _segment_store(path: Path) -> SegmentStore:
+    """The segment store at ``path`` (:mod:`indexes.segment_store`); one this code cannot read
+    is a :class:`FeatureStoreError`."""
+    try:
+        return SegmentStore(path)
+    except SegmentStoreError as exc:
+        raise FeatureStoreError(str(exc)) from exc
 
 
 # --------------------------------------------------------------------------------------
@@ -427,7 +292,7 @@ def embed_catalog(
     threads = decode_threads or settings.worker.fetch_threads
     with (
         SqliteEmbeddingStore(out / EMBEDDINGS_FILE) as store,
-        SegmentStore(out / SEGMENTS_FILE) as segstore,
+        _segment_store(out / SEGMENTS_FILE) as segstore,
         ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool,
     ):
         done = store.contains(ids)
@@ -476,51 +341,27 @@ def _embed_batch(
         segs = segment_waveform(s.audio.waveform, s.audio.sample_rate, settings.audio.segment_s)
         ready.append((s, segs))
 
-    results: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    all_segments = [seg for _, segs in ready for seg in segs]
-    try:
-        feats, frames = encoder.encode(all_segments) if all_segments else (None, None)
-    except Exception:
-        log.exception("encoding a batch of %d songs failed; retrying song by song", len(ready))
-        feats = frames = None
-        for s, segs in ready:
-            try:
-                results[s.song_id] = encoder.encode(segs)
-            except Exception as exc:
-                failures.append(
-                    EmbedFailure(s.song_id, s.row, str(ErrorCode.INTERNAL_ERROR), f"encoder failed: {exc!r}")
-                )
-    if feats is not None and frames is not None:
-        start = 0
-        for s, segs in ready:
-            results[s.song_id] = (feats[start : start + len(segs)], frames[start : start + len(segs)])
-            start += len(segs)
+    # The worker's encoding path, so that offline features equal what the worker stores.
+    from ranker.scoring import encode_songs
 
-    from ranker.encoders.base import pool_song
-
+    encoded = encode_songs(encoder, [segs for _, segs in ready]) if ready else []
     seg_rows: list[tuple[str, np.ndarray, np.ndarray]] = []
     records: list[EmbeddingRecord] = []
-    for s, segs in ready:
-        if s.song_id not in results:
+    for (s, segs), e in zip(ready, encoded, strict=True):
+        if e.layers is None or e.vector is None or e.features is None or e.frames is None:
+            # Unlike the worker's dead letters, the failure record may name the exception in full.
+            message = f"encoder failed: {e.exception!r}" if e.exception is not None else str(e.error)
+            failures.append(EmbedFailure(s.song_id, s.row, str(ErrorCode.INTERNAL_ERROR), message))
             continue
-        f, fr = results[s.song_id]
-        if not np.isfinite(f).all():
-            failures.append(
-                EmbedFailure(s.song_id, s.row, str(ErrorCode.INTERNAL_ERROR), "encoder produced non-finite features")
-            )
-            continue
-        layers = pool_song(f, fr)
-        vec = encoder.song_vector(layers).astype(np.float32)
-        vec /= max(float(np.linalg.norm(vec)), 1e-12)
-        seg_rows.append((s.song_id, f, fr))
+        seg_rows.append((s.song_id, e.features, e.frames))
         records.append(
             EmbeddingRecord(
                 song_id=s.song_id,
                 encoder_id=encoder.encoder_id,
-                layers=layers,
-                vector=vec,
-                n_segments=len(segs),
-                n_frames=int(np.asarray(fr).sum()),
+                layers=e.layers,
+                vector=e.vector,
+                n_segments=e.n_segments,
+                n_frames=e.n_frames,
             )
         )
         report.segments += len(segs)
@@ -652,7 +493,7 @@ def _segment_loader(path: Path) -> Callable[[list[str]], SegmentFeatures]:
     def load(song_ids: list[str]) -> SegmentFeatures:
         if not path.is_file():
             raise FeatureStoreError(f"{path} does not exist: these features have no per-segment features")
-        with SegmentStore(path) as store:
+        with _segment_store(path) as store:
             got = store.get_many(song_ids)
         missing = [s for s in song_ids if s not in got]
         if missing:
@@ -707,7 +548,7 @@ def load_features(directory: str | Path, song_ids: Sequence[str] | None = None) 
     failed: dict[str, str] = {}
     seg_path = out / SEGMENTS_FILE
     if seg_path.is_file():
-        with SegmentStore(seg_path) as segstore:
+        with _segment_store(seg_path) as segstore:
             failed = {k: v[0] for k, v in segstore.failures().items() if k not in records}
     raw_layers = manifest.get("layers")
     return FeatureSet(

@@ -10,8 +10,27 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What a head, an index and a stored embedding need to know of an encoder.
+
+    Known without loading any weights (see :func:`ranker.encoders.encoder_spec`), so that a
+    job that only scores stored embeddings (retraining) never loads a model it does not run.
+    """
+
+    name: str
+    encoder_id: str
+    sample_rate: int
+    n_layers: int
+    dim: int
+    vector_dim: int
+    #: the hidden states pooled, for encoders whose settings choose them (MERT); else None
+    layers: tuple[int, ...] | None = None
 
 
 class Encoder(ABC):
@@ -34,6 +53,11 @@ class Encoder(ABC):
         Batching across segments is the encoder's business and must not change results
         beyond float tolerance.
         """
+
+    @property
+    def spec(self) -> EncoderSpec:
+        """This encoder's :class:`EncoderSpec` (the same ``encoder_spec(settings)`` gives)."""
+        return EncoderSpec(self.name, self.encoder_id, self.sample_rate, self.n_layers, self.dim, self.vector_dim)
 
     @property
     def vector_dim(self) -> int:

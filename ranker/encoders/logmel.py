@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ranker.encoders.base import Encoder
+from ranker.encoders.base import Encoder, EncoderSpec
 
 if TYPE_CHECKING:
     from ranker.settings import ModelSettings
@@ -40,6 +40,19 @@ HOP = 320
 N_FFT = 1024
 LOG_EPS = 1e-6
 _CORR_EPS = 1e-6
+N_STATS = 4
+
+
+def logmel_spec(n_mels: int = DEFAULT_N_MELS) -> EncoderSpec:
+    """The spec of a :class:`LogMelEncoder` with ``n_mels`` bands, without building its filterbank."""
+    return EncoderSpec(
+        name="logmel",
+        encoder_id=f"logmel-v1-n{n_mels}-sr{SAMPLE_RATE}",
+        sample_rate=SAMPLE_RATE,
+        n_layers=N_STATS,
+        dim=n_mels,
+        vector_dim=2 * n_mels,
+    )
 
 
 class LogMelEncoder(Encoder):
@@ -53,12 +66,13 @@ class LogMelEncoder(Encoder):
         n_mels = settings.logmel_n_mels if settings is not None else DEFAULT_N_MELS
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        spec = logmel_spec(n_mels)
         self.n_mels = n_mels
         self.batch_size = batch_size
-        self.sample_rate = SAMPLE_RATE
-        self.n_layers = 4
-        self.dim = n_mels
-        self.encoder_id = f"logmel-v1-n{n_mels}-sr{SAMPLE_RATE}"
+        self.sample_rate = spec.sample_rate
+        self.n_layers = spec.n_layers
+        self.dim = spec.dim
+        self.encoder_id = spec.encoder_id
         self._mel = torchaudio.transforms.MelSpectrogram(
             sample_rate=SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP, n_mels=n_mels, center=False, power=2.0
         ).eval()

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ranker.encoders.base import Encoder
+from ranker.encoders.base import Encoder, EncoderSpec
 from ranker.errors import ConfigError
 
 if TYPE_CHECKING:  # settings need pydantic; a GPU benchmark host may only have torch + transformers
@@ -155,20 +155,37 @@ def resolve_model_files(ref: str, *, offline: bool) -> tuple[Path, list[Path]]:
     Hub files come through huggingface_hub's cache; with ``offline`` only the cache is
     consulted. Every failure becomes a :class:`ConfigError` that says what to change.
     """
+    directory = _local_directory(ref)
+    return _resolve_local(directory) if directory is not None else _resolve_hub(ref, offline=offline)
+
+
+def resolve_config_file(ref: str, *, offline: bool) -> Path:
+    """``config.json`` alone of a local directory or a Hub id: no weight file is looked for or fetched."""
+    directory = _local_directory(ref)
+    return _local_config(directory) if directory is not None else _hub_config(ref, offline=offline)
+
+
+def _local_directory(ref: str) -> Path | None:
+    """The directory ``ref`` names, or None when it is a Hub id."""
     path = Path(ref).expanduser()
     if path.is_dir():
-        return _resolve_local(path)
+        return path
     if path.exists():
         raise ConfigError(f"MERT model {ref!r} is a file; it must be a directory or a Hub id. " + FIX_HINT)
     if _is_local_reference(ref):
         raise ConfigError(f"MERT model directory {ref!r} does not exist. " + FIX_HINT)
-    return _resolve_hub(ref, offline=offline)
+    return None
 
 
-def _resolve_local(directory: Path) -> tuple[Path, list[Path]]:
+def _local_config(directory: Path) -> Path:
     config = directory / "config.json"
     if not config.is_file():
         raise ConfigError(f"MERT model directory {directory} has no config.json. " + FIX_HINT)
+    return config
+
+
+def _resolve_local(directory: Path) -> tuple[Path, list[Path]]:
+    config = _local_config(directory)
     for name in WEIGHT_FILES:
         candidate = directory / name
         if candidate.is_file():
@@ -180,24 +197,36 @@ def _resolve_local(directory: Path) -> tuple[Path, list[Path]]:
     )
 
 
+def _hub_where(offline: bool) -> str:
+    return "the local Hub cache (offline mode)" if offline else "the Hugging Face Hub"
+
+
+def _hub_config(repo_id: str, *, offline: bool) -> Path:
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as exc:  # pragma: no cover - transformers depends on it
+        raise ConfigError(f"huggingface_hub is needed to fetch {repo_id!r}: {exc}. " + FIX_HINT) from exc
+    try:
+        return Path(hf_hub_download(repo_id=repo_id, filename="config.json", local_files_only=offline))
+    except Exception as exc:
+        raise ConfigError(
+            f"could not get config.json of MERT model {repo_id!r} from {_hub_where(offline)}: "
+            f"{type(exc).__name__}: {exc}. " + FIX_HINT
+        ) from exc
+
+
 def _resolve_hub(repo_id: str, *, offline: bool) -> tuple[Path, list[Path]]:
     try:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError
     except ImportError as exc:  # pragma: no cover - transformers depends on it
         raise ConfigError(f"huggingface_hub is needed to fetch {repo_id!r}: {exc}. " + FIX_HINT) from exc
-    where = "the local Hub cache (offline mode)" if offline else "the Hugging Face Hub"
+    where = _hub_where(offline)
 
     def get(name: str) -> Path:
         return Path(hf_hub_download(repo_id=repo_id, filename=name, local_files_only=offline))
 
-    try:
-        config = get("config.json")
-    except Exception as exc:
-        raise ConfigError(
-            f"could not get config.json of MERT model {repo_id!r} from {where}: {type(exc).__name__}: {exc}. "
-            + FIX_HINT
-        ) from exc
+    config = _hub_config(repo_id, offline=offline)
     for name in WEIGHT_FILES:
         try:
             found = get(name)
@@ -268,18 +297,23 @@ def adapt_state_dict(state: dict[str, torch.Tensor], expected: Iterable[str]) ->
     return out
 
 
-def load_hubert(ref: str, *, offline: bool) -> tuple[Any, dict[str, Any]]:
-    """Build a ``HubertModel`` for ``ref`` and load its weights; returns ``(model, raw config)``."""
-    from transformers import HubertModel
-
-    config_file, weight_files = resolve_model_files(ref, offline=offline)
+def read_config(config_file: Path) -> tuple[Any, dict[str, Any]]:
+    """``(HubertConfig, raw dict)`` of a checkpoint's ``config.json``."""
     try:
         raw = json.loads(config_file.read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read {config_file}: {exc}. " + FIX_HINT) from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{config_file} is not a JSON object. " + FIX_HINT)
-    config = hubert_config_from_dict(raw, source=str(config_file))
+    return hubert_config_from_dict(raw, source=str(config_file)), raw
+
+
+def load_hubert(ref: str, *, offline: bool) -> tuple[Any, dict[str, Any]]:
+    """Build a ``HubertModel`` for ``ref`` and load its weights; returns ``(model, raw config)``."""
+    from transformers import HubertModel
+
+    config_file, weight_files = resolve_model_files(ref, offline=offline)
+    config, raw = read_config(config_file)
     model = HubertModel(config)
     state = adapt_state_dict(read_state_dict(weight_files), model.state_dict().keys())
     try:
@@ -392,6 +426,40 @@ def install_masked_norm(model: Any) -> MaskedInstanceNorm | None:
 # --------------------------------------------------------------------------------------
 
 
+def mert_spec(settings: ModelSettings, config: Any, raw: dict[str, Any]) -> EncoderSpec:
+    """The spec of the MERT ``settings`` name, from its config (``HubertConfig`` and raw dict) alone."""
+    ref = settings.mert_model
+    layers = list(settings.layers)
+    n_hidden = int(config.num_hidden_layers) + 1
+    bad = [i for i in layers if not 0 <= i < n_hidden]
+    if not layers or bad:
+        raise ConfigError(
+            f"APEXRANK_MODEL__LAYERS={layers} must name hidden states 0..{n_hidden - 1} of {ref!r} "
+            f"({config.num_hidden_layers} transformer layers)"
+        )
+    label = Path(ref).expanduser().name if Path(ref).expanduser().is_dir() else ref
+    dim = int(config.hidden_size)
+    return EncoderSpec(
+        name="mert",
+        encoder_id=f"mert:{label}:layers={','.join(str(i) for i in layers)}",
+        sample_rate=int(raw.get("sample_rate", MERT_SAMPLE_RATE)),
+        n_layers=len(layers),
+        dim=dim,
+        vector_dim=dim,
+        layers=tuple(layers),
+    )
+
+
+def _offline(offline: bool) -> bool:
+    return offline or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+
+
+def mert_encoder_spec(settings: ModelSettings, *, offline: bool) -> EncoderSpec:
+    """What :class:`MertEncoder` would report as its spec, reading only the checkpoint's ``config.json``."""
+    config, raw = read_config(resolve_config_file(settings.mert_model, offline=_offline(offline)))
+    return mert_spec(settings, config, raw)
+
+
 class MertEncoder(Encoder):
     """MERT hidden layers ``settings.layers``, each time-mean pooled over real frames."""
 
@@ -400,36 +468,30 @@ class MertEncoder(Encoder):
     def __init__(self, settings: ModelSettings, *, offline: bool, batch_size: int = 8) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        ref = settings.mert_model
-        offline = offline or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        model, raw = load_hubert(ref, offline=offline)
+        model, raw = load_hubert(settings.mert_model, offline=_offline(offline))
         config = model.config
-        layers = list(settings.layers)
-        n_hidden = int(config.num_hidden_layers) + 1
-        bad = [i for i in layers if not 0 <= i < n_hidden]
-        if not layers or bad:
-            raise ConfigError(
-                f"APEXRANK_MODEL__LAYERS={layers} must name hidden states 0..{n_hidden - 1} of {ref!r} "
-                f"({config.num_hidden_layers} transformer layers)"
-            )
+        self._spec = spec = mert_spec(settings, config, raw)
         self.device = resolve_device(settings.device)
         self.amp_dtype = autocast_dtype(self.device, settings.precision)
         self._masked_norm = install_masked_norm(model)
         self.model = model.to(self.device)
         self.config = config
-        self.layers = layers
+        self.layers = list(settings.layers)
         self.batch_size = batch_size
         #: Whether segments of different lengths may share a padded batch exactly.
         self.mixes_lengths = config.feat_extract_norm == "layer" or self._masked_norm is not None
-        self.sample_rate = int(raw.get("sample_rate", MERT_SAMPLE_RATE))
+        self.sample_rate = spec.sample_rate
         #: Batch widths are rounded up to whole seconds on CUDA so that shapes repeat and
         #: kernel plans (cuDNN convolution and attention) are reused, not rebuilt per tail.
         self.pad_multiple = self.sample_rate if self.device.type == "cuda" else 1
         self._lock = threading.Lock()  # the masked norm's per-batch state
-        self.n_layers = len(layers)
-        self.dim = int(config.hidden_size)
-        label = Path(ref).expanduser().name if Path(ref).expanduser().is_dir() else ref
-        self.encoder_id = f"mert:{label}:layers={','.join(str(i) for i in layers)}"
+        self.n_layers = spec.n_layers
+        self.dim = spec.dim
+        self.encoder_id = spec.encoder_id
+
+    @property
+    def spec(self) -> EncoderSpec:
+        return self._spec
 
     def frames_for(self, n_samples: int) -> int:
         """MERT frames for a segment of ``n_samples`` (segments under 400 samples give one)."""

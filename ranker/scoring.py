@@ -1,0 +1,236 @@
+"""One scoring path: segments -> song embeddings -> head scores -> score-store records.
+
+The scoring worker, ``apexrank embed`` and the retrain job's rescoring of the cold-start
+window all turn audio or stored embeddings into the same things. Each step lives here
+once, so a song gets the same embedding and the same record whichever path scored it:
+
+* :func:`encode_songs`: the segments of many songs through the encoder in one batch
+  (one song at a time when the batch fails, so a poison song fails alone), pooled per
+  song and L2-normalised for the similarity index;
+* :func:`score_predictions`: head outputs to scores, the cold-start ``rank_score`` and
+  the model's prior like rate, computed once and carried to the record;
+* :func:`load_current_model`: the promoted head for an encoder *spec*, so a job that only
+  rescores stored embeddings never loads the encoder's weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from indexes.base import SongRecord
+from ranker.encoders.base import Encoder, EncoderSpec, pool_song
+from ranker.events import TASKS, SongScored
+from ranker.model.artifact import ScoringModel, load_or_init
+from ranker.serving.state import PRIOR_FIELD, cold_start_quality, model_like_rate
+
+if TYPE_CHECKING:
+    from ranker.audio import DecodedAudio
+    from ranker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: The failure of a song whose features contain NaN or infinity (it cannot be scored).
+NON_FINITE = "encoder produced non-finite features"
+#: Where a popularity-only head leaves the aesthetic scores: the middle of their 1..5 scale.
+AESTHETIC_MIDPOINT = 3.0
+
+# -- encoding -------------------------------------------------------------------------------
+
+
+@dataclass
+class EncodedSong:
+    """One song's encoder output, or why there is none (``error`` set, ``layers`` None).
+
+    ``features``/``frames`` are the per-segment outputs (views into the batch's arrays),
+    kept for callers that store them (``apexrank embed``'s segment store).
+    """
+
+    n_segments: int
+    n_frames: int = 0
+    features: np.ndarray | None = None  # (S, n_layers, dim) float32
+    frames: np.ndarray | None = None  # (S,) int64
+    layers: np.ndarray | None = None  # (n_layers, dim): frame-weighted mean over the segments
+    vector: np.ndarray | None = None  # (vector_dim,): encoder.song_vector, L2-normalised
+    error: str | None = None
+    exception: BaseException | None = None  # the encoder's, when it raised
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def song_vector(encoder: Encoder, layers: np.ndarray) -> np.ndarray:
+    """The song's similarity-index vector: ``encoder.song_vector`` scaled to unit length."""
+    vec = encoder.song_vector(layers).astype(np.float32)
+    vec /= max(float(np.linalg.norm(vec)), 1e-12)
+    return vec
+
+
+def encode_songs(encoder: Encoder, songs: Sequence[Sequence[np.ndarray]]) -> list[EncodedSong]:
+    """Encode the segments of every song together, then pool each song over its real frames.
+
+    Batching across songs keeps the encoder's batches full. If the batch raises, every
+    song is encoded again on its own: one bad song must not fail its batch mates, so only
+    the songs that still raise get an error (``encoder failed: <type>``; the exception is
+    kept). A song whose features are not finite gets :data:`NON_FINITE`. Returns one
+    :class:`EncodedSong` per input song, in order.
+    """
+    segments = [seg for segs in songs for seg in segs]
+    try:
+        feats, frames = encoder.encode(segments)
+    except Exception:
+        log.exception("encoding %d songs together failed; retrying one song at a time", len(songs))
+        return [_encode_alone(encoder, segs) for segs in songs]
+    out: list[EncodedSong] = []
+    start = 0
+    for segs in songs:
+        end = start + len(segs)
+        out.append(_pooled(encoder, feats[start:end], frames[start:end]))
+        start = end
+    return out
+
+
+def _encode_alone(encoder: Encoder, segments: Sequence[np.ndarray]) -> EncodedSong:
+    try:
+        feats, frames = encoder.encode(segments)
+    except Exception as exc:
+        # The type only: a message or repr may carry heap addresses or data into dead letters.
+        return EncodedSong(len(segments), error=f"encoder failed: {type(exc).__name__}", exception=exc)
+    return _pooled(encoder, feats, frames)
+
+
+def _pooled(encoder: Encoder, feats: np.ndarray, frames: np.ndarray) -> EncodedSong:
+    song = EncodedSong(len(feats), int(np.asarray(frames).sum()), feats, frames)
+    if not np.isfinite(feats).all():
+        song.error = NON_FINITE
+        return song
+    layers = pool_song(feats, frames)
+    if not np.isfinite(layers).all():
+        song.error = NON_FINITE
+        return song
+    song.layers, song.vector = layers, song_vector(encoder, layers)
+    return song
+
+
+# -- scoring --------------------------------------------------------------------------------
+
+
+class SongMeta(NamedTuple):
+    """What scoring needs of a song besides its features (the like-rate cohort is generator x week)."""
+
+    song_id: str
+    generator: str
+    created_at: str  # RFC 3339, exactly as stored in the song's record
+
+
+@dataclass(frozen=True)
+class SongScore:
+    """A song scored by one model: what ``songs.scored`` and the song's record carry."""
+
+    song_id: str
+    model_version: str
+    generator: str
+    created_at: str
+    scores: dict[str, float]  # every task of TASKS
+    rank_score: float  # the default feed's quality of the song unplayed (uncalibrated)
+    like_rate: float | None  # the model's prior like rate; None when the model has no target transform
+
+    def record(self, scored_at: str, extra: Mapping[str, Any] | None = None) -> SongRecord:
+        """The score-store record; the prior like rate goes in ``extra`` under ``PRIOR_FIELD``."""
+        fields = dict(extra or {})
+        if self.like_rate is not None:
+            fields[PRIOR_FIELD] = self.like_rate
+        return SongRecord(
+            song_id=self.song_id,
+            model_version=self.model_version,
+            scores={t: self.scores[t] for t in TASKS},
+            rank_score=self.rank_score,
+            generator=self.generator,
+            created_at=self.created_at,
+            scored_at=scored_at,
+            extra=fields,
+        )
+
+    def event(self, scored_at: datetime, *, truncated: bool = False) -> SongScored:
+        """The ``songs.scored`` event."""
+        return SongScored(
+            song_id=self.song_id,
+            model_version=self.model_version,
+            rank_score=self.rank_score,
+            scored_at=scored_at,
+            generator=self.generator,
+            truncated=truncated,
+            **self.scores,
+        )
+
+
+def score_predictions(
+    settings: Settings, model: ScoringModel, predictions: np.ndarray, songs: Sequence[SongMeta]
+) -> list[SongScore]:
+    """Row ``i`` of ``model.predict(...)`` for ``songs[i]`` -> its :class:`SongScore`.
+
+    The like-rate prior is computed here once: the rank score uses it, and the record
+    carries it, so the feeds read the very rate the rank score was computed with.
+    """
+    transform = model.target_transform
+    out: list[SongScore] = []
+    for song, row in zip(songs, predictions, strict=True):
+        scores = {task: float(v) for task, v in zip(model.tasks, row, strict=True)}
+        for task in TASKS:  # a popularity-only head leaves aesthetics at the scale's midpoint
+            scores.setdefault(task, AESTHETIC_MIDPOINT)
+        rate = model_like_rate(transform, scores, song.generator, song.created_at)
+        out.append(
+            SongScore(
+                song_id=song.song_id,
+                model_version=model.version,
+                generator=song.generator,
+                created_at=song.created_at,
+                scores=scores,
+                rank_score=cold_start_quality(settings, scores, rate),
+                like_rate=rate,
+            )
+        )
+    return out
+
+
+def audio_extra(
+    n_segments: int, audio: DecodedAudio | None, title: str | None = None, tags: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The record's descriptive fields of a song scored from its audio (``audio`` None: reused embedding)."""
+    extra: dict[str, Any] = {"n_segments": n_segments}
+    if audio is not None:
+        extra["duration_s"] = round(audio.duration_s, 3)
+        extra["truncated"] = int(audio.truncated)
+        if audio.truncated:
+            extra["scored_duration_s"] = round(audio.scored_duration_s, 3)
+    if title:
+        extra["title"] = title
+    if tags:
+        extra["tags"] = ",".join(tags)
+    return extra
+
+
+# -- the current model ----------------------------------------------------------------------
+
+
+def load_current_model(settings: Settings, spec: EncoderSpec) -> ScoringModel:
+    """The head ``settings.head_dir`` designates (or the seeded one) for the encoder ``spec`` describes.
+
+    Takes a spec, not an encoder: the worker passes its encoder's, the retrain job
+    ``encoder_spec(settings)``, which loads no weights. On ``settings.model.device``.
+    """
+    return load_or_init(
+        settings.head_dir,
+        input_dim=spec.dim,
+        encoder_id=spec.encoder_id,
+        seed=settings.model.seed,
+        n_layers=spec.n_layers,
+        layers=spec.layers,
+        device=settings.model.device,
+    )
