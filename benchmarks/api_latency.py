@@ -63,7 +63,8 @@ from consumers.stack import find_redis_server, free_port, port_open  # noqa: E40
 from indexes import EmbeddingIndex, EmbeddingRecord, RedisScoreStore, RedisStoreConfig, SongRecord  # noqa: E402
 from indexes.faiss_index import FaissIndexConfig, FaissVectorIndex  # noqa: E402
 from ranker.events import TASKS  # noqa: E402
-from ranker.feeds import READ_FIELDS, FeedWriter  # noqa: E402
+from ranker.serving.state import READ_FIELDS  # noqa: E402
+from ranker.serving.writer import FeedWriter  # noqa: E402
 from ranker.settings import IndexSettings, RedisSettings, Settings  # noqa: E402
 
 PREFIX = "bench"

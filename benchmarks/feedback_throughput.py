@@ -1,11 +1,11 @@
 """Feedback consumer throughput against kafka-python's raw consume rate, on the embedded stack.
 
 Scores ``--songs`` songs into Redis first through the worker's own write path
-(``ranker.feeds.write_scored``: song hashes plus the feed), publishes N
+(``ranker.serving.writer.write_scored``: song hashes plus the feed), publishes N
 engagement events (with a share of duplicates) to a fresh topic, measures a
 plain kafka-python consumer reading them, then the feedback consumer processing
 them with everything it does in production: parse, dedup, engagement log, Lua
-counters, the real feed updater (``ranker.feeds.make_engagement_updater``),
+counters, the real feed updater (``ranker.serving.writer.make_engagement_updater``),
 dead letters, commit. At the end it checks the counters exactly, and that the
 feed updater saw every song's final counters (its calibration claim ``cal.likes``
 equals ``eng.likes`` and the song is in the feed). ``--no-feed-updates`` swaps
@@ -45,8 +45,8 @@ from consumers.stack import EmbeddedStack, free_port
 from indexes.base import SongRecord
 from indexes.redis_engagement import COUNTERS, RedisEngagementCounters
 from indexes.redis_store import RedisScoreStore, RedisStoreConfig
-from ranker import feeds
 from ranker.events import AESTHETIC_TASKS
+from ranker.serving import writer as feeds
 from ranker.settings import FeedbackSettings, KafkaSettings, RedisSettings, Settings, TopicSettings
 
 TYPES = np.array(["play", "complete", "like", "skip", "share"])
@@ -98,7 +98,7 @@ def score_songs(settings: Settings, songs: int, seed: int, chunk: int = 2000) ->
                         scored_at=datetime.fromtimestamp(now, UTC).isoformat(),
                     )
                 )
-            feeds.write_scored(store, settings, feeds.with_prior(records, None))
+            feeds.write_scored(store, settings, records)
     finally:
         store.close()
     return time.perf_counter() - start

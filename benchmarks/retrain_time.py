@@ -33,9 +33,9 @@ from indexes.base import EmbeddingRecord, SongRecord
 from indexes.engagement_log import EngagementLog, LoggedEvent
 from indexes.redis_store import RedisScoreStore, RedisStoreConfig
 from indexes.sqlite_embeddings import SqliteEmbeddingStore
-from ranker import feeds
 from ranker.encoders import build_encoder
 from ranker.events import TASKS
+from ranker.serving.writer import write_scored
 from ranker.settings import (
     KafkaSettings,
     ModelSettings,
@@ -103,7 +103,7 @@ def populate(settings: Settings, n: int, dim: int, window_share: float, seed: in
             young = rng.random(m) < window_share
             age_h = np.where(young, rng.uniform(0, horizon_h * 0.9, m), rng.uniform(horizon_h * 1.1, 30 * 24, m))
             created = [(now - timedelta(hours=float(a))).isoformat() for a in age_h]
-            feeds.write_scored(
+            write_scored(
                 store,
                 settings,
                 [

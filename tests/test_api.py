@@ -10,8 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from indexes import EmbeddingIndex, EmbeddingRecord, RedisScoreStore
-from ranker.api import create_app
-from ranker.feeds import FeedWriter
+from ranker.serving.api import create_app
+from ranker.serving.writer import FeedWriter
 from ranker.settings import ApiSettings, FeedFilters, Settings
 from tests.test_policy import NOW, plain, record, with_feeds
 

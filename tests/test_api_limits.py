@@ -18,10 +18,12 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from indexes import RedisScoreStore, SongRecord
-from ranker.api import create_app
 from ranker.events import TASKS
-from ranker.feeds import FeedReader, FeedWriter, PageCache, _Row, _Window, window_nbytes
-from ranker.policy import SongState
+from ranker.serving.api import create_app
+from ranker.serving.page_cache import PageCache, _Row, _Window, window_nbytes
+from ranker.serving.policy import SongState
+from ranker.serving.reader import FeedReader
+from ranker.serving.writer import FeedWriter
 from ranker.settings import ApiSettings, Settings
 from tests.test_policy import NOW, plain, record, with_feeds
 

@@ -4,24 +4,14 @@ from __future__ import annotations
 
 import math
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 import numpy as np
 import pytest
 
 from indexes import RedisScoreStore, SongRecord
-from ranker.feeds import (
-    PRIOR_FIELD,
-    Cursor,
-    CursorError,
-    FeedWriter,
-    cold_start_quality,
-    created_ts,
-    model_like_rate,
-    on_engagement,
-    write_scored,
-)
-from ranker.policy import (
+from ranker.serving.cursor import Cursor, CursorError
+from ranker.serving.policy import (
     EPOCH,
     SCORE_FLOOR,
     Policy,
@@ -32,6 +22,8 @@ from ranker.policy import (
     explore_slots,
     posterior_mean,
 )
+from ranker.serving.state import PRIOR_FIELD, cold_start_quality, created_ts, model_like_rate
+from ranker.serving.writer import FeedWriter, on_engagement, write_scored
 from ranker.settings import FeedFilters, FeedPolicy, FeedSettings, LikeRatePrior, Settings
 
 NOW = time.time()
@@ -216,17 +208,104 @@ def test_cursor_round_trip_and_rejections() -> None:
             Cursor.decode(bad, "cold-start")
 
 
-def test_model_like_rate_uses_the_target_transform() -> None:
+def _table(counts: list[float], pct: list[float]) -> dict[str, object]:
+    return {"n": 1000, "x": counts, "pct": pct}
+
+
+def _transform(tables: dict[str, dict[str, object]], **extra: object) -> dict[str, object]:
+    """A saved percentile-power transform (gamma 0.5), written out by hand."""
+    return {"kind": "percentile-power", "format_version": 1, "gamma": 0.5, "tables": tables, **extra}
+
+
+@pytest.fixture
+def fresh_transform_cache() -> None:
+    """model_like_rate keeps the last transform it parsed, keyed by the dict's id(); a dict freed by an
+    earlier test can hand its id to a new one, so start from an empty cache."""
+    import ranker.serving.state as state
+
+    state._TRANSFORMS.clear()
+
+
+def test_model_like_rate_uses_the_target_transform(fresh_transform_cache: None) -> None:
+    """Rates computed here from the transform's definition (see ranker/model/targets.py).
+
+    A score s stands for the percentile p = 100 (s/100)^(1/gamma) = 100 (s/100)^2; the count at p
+    interpolates log1p(count) linearly between a table's knots. Without a like-rate curve the
+    rate is expected likes / max(expected streams, 1); with one, the curve at the likes score.
+    """
     from ranker.model.targets import TargetTransform
 
+    # Knots at percentiles 0 and 100: the count at percentile p is (1 + top)^(p/100) - 1.
+    # likes 50 -> p 25, likes 90 -> p 81, streams 50 -> p 25, streams 80 -> p 64.
+    ratio = _transform({"likes": {"all": _table([0, 9], [0, 100])}, "streams": {"all": _table([0, 9999], [0, 100])}})
+    cases = [
+        (50.0, 50.0, (10**0.25 - 1) / (10000**0.25 - 1)),  # 0.778 likes / 9 streams = 0.0865
+        (90.0, 50.0, (10**0.81 - 1) / (10000**0.25 - 1)),  # 5.457 / 9 = 0.606
+        (50.0, 80.0, (10**0.25 - 1) / (10000**0.64 - 1)),  # 0.778 / 362 = 0.00215
+    ]
+    for likes, streams, want in cases:
+        got = model_like_rate(ratio, {"likes": likes, "streams": streams}, "g", iso(NOW))
+        assert got == pytest.approx(want, rel=1e-12), (likes, streams)
+    # Fewer than one expected stream counts as one (streams 1 -> percentile 0.01 -> 0.0009 streams), and the
+    # rate is clipped to 1: likes 90 stands for 5.5 likes.
+    assert model_like_rate(ratio, {"likes": 90.0, "streams": 1.0}, "g", iso(NOW)) == 1.0
+
+    # With a like-rate curve the likes score alone decides: linear between the curve's knots.
+    curve = {**ratio, "like_rate": {"x": [0.0, 50.0, 100.0], "y": [0.01, 0.05, 0.2]}}
+    for likes, want in [(90.0, 0.05 + 0.8 * 0.15), (20.0, 0.01 + 0.4 * 0.04), (50.0, 0.05), (100.0, 0.2)]:
+        for streams in (5.0, 95.0):
+            got = model_like_rate(curve, {"likes": likes, "streams": streams}, "g", iso(NOW))
+            assert got == pytest.approx(want, rel=1e-12), (likes, streams)
+
+    # A transform fitted on data (with its curve): increasing in the likes score.
     rng = np.random.default_rng(0)
     streams = rng.lognormal(6, 1.5, 5000).round()
     likes = (streams * rng.beta(2, 30, 5000)).round()
-    transform = TargetTransform.fit({"streams": streams, "likes": likes}).to_dict()
-    hi = model_like_rate(transform, {"likes": 90.0, "streams": 50.0}, "g", iso(NOW))
-    lo = model_like_rate(transform, {"likes": 20.0, "streams": 50.0}, "g", iso(NOW))
+    fitted = TargetTransform.fit({"streams": streams, "likes": likes}).to_dict()
+    hi = model_like_rate(fitted, {"likes": 90.0, "streams": 50.0}, "g", iso(NOW))
+    lo = model_like_rate(fitted, {"likes": 20.0, "streams": 50.0}, "g", iso(NOW))
     assert hi is not None and lo is not None and 0 < lo < hi <= 1
+    assert hi == pytest.approx(float(TargetTransform.from_dict(fitted).expected_rate(90.0, 50.0)[0]), rel=1e-12)
     assert model_like_rate(None, {"likes": 90.0, "streams": 50.0}, "g", iso(NOW)) is None
+    assert model_like_rate(ratio, {"likes": 90.0}, "g", iso(NOW)) is None  # no streams score: no rate
+
+
+def test_model_like_rate_reads_the_songs_generator_week_cohort(fresh_transform_cache: None) -> None:
+    """A cohort transform looks a song up in its generator's ISO week, else its generator, else all songs."""
+    week = datetime(2026, 2, 10, 12, tzinfo=UTC)  # a Tuesday of ISO week 2026-W07
+    cohort = "cohort:suno-v5|2026-W07"
+    transform = _transform(
+        {
+            "likes": {
+                "all": _table([0, 99], [0, 100]),
+                "generator:suno-v5": _table([0, 999], [0, 100]),
+                cohort: _table([0, 9999], [0, 100]),
+            },
+            "streams": {
+                "all": _table([0, 9999], [0, 100]),
+                "generator:suno-v5": _table([0, 9999], [0, 100]),
+                cohort: _table([0, 99999], [0, 100]),
+            },
+        },
+        cohort="generator_week",
+        min_cohort_size=1,
+    )
+    scores = {"likes": 50.0, "streams": 50.0}  # percentile 25 in every table: count (1 + top)^0.25 - 1
+    cases = [
+        ("suno-v5", week, (10000**0.25 - 1) / (100000**0.25 - 1)),  # its week's cohort: 9 / 16.78
+        ("suno-v5", week + timedelta(days=7), (1000**0.25 - 1) / (10000**0.25 - 1)),  # no cohort that week
+        ("udio", week, (100**0.25 - 1) / (10000**0.25 - 1)),  # a generator without tables: all songs
+    ]
+    for generator, created, want in cases:
+        got = model_like_rate(transform, scores, generator, created.isoformat())
+        assert got == pytest.approx(want, rel=1e-12), (generator, created)
+    # Week boundaries are UTC: Sunday 23:30 in New York is Monday in UTC, the next ISO week.
+    sunday_ny = datetime(2026, 2, 15, 23, 30, tzinfo=timezone(timedelta(hours=-5)))
+    got = model_like_rate(transform, scores, "suno-v5", sunday_ny.isoformat())
+    assert got == pytest.approx((1000**0.25 - 1) / (10000**0.25 - 1), rel=1e-12)
+    assert model_like_rate(transform, scores, "suno-v5", (week - timedelta(days=1)).isoformat()) == pytest.approx(
+        (10000**0.25 - 1) / (100000**0.25 - 1), rel=1e-12
+    )
 
 
 # -- feeds in Redis ------------------------------------------------------------------------------

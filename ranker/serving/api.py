@@ -38,11 +38,11 @@ from prometheus_client import Counter as MetricCounter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from indexes.redis_store import RedisScoreStore, RedisStoreConfig
 from ranker.events import SONG_ID_PATTERN, SongId
-from ranker.feeds import CursorError, FeedReader, UnknownFeedError
+from ranker.serving.cursor import CursorError
+from ranker.serving.reader import FeedReader, UnknownFeedError
 from ranker.settings import Settings, get_settings
-from ranker.vectors import open_index_reader
+from ranker.stores import index_reader, score_store
 
 log = logging.getLogger(__name__)
 
@@ -245,14 +245,8 @@ def create_app(settings: Settings | None = None, *, explore_rng: np.random.Gener
     settings = settings or get_settings()
     api = settings.api
     tokens = [t.get_secret_value().encode() for t in api.tokens]
-    store = RedisScoreStore(
-        RedisStoreConfig(
-            url=settings.redis.url.get_secret_value(),
-            key_prefix=settings.redis.key_prefix,
-            socket_timeout_s=settings.redis.socket_timeout_s,
-        )
-    )
-    index = open_index_reader(settings.index_shards, settings.index.factory)
+    store = score_store(settings)
+    index = index_reader(settings)
     holder: dict[str, FeedReader] = {}
 
     @asynccontextmanager
