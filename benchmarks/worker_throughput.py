@@ -76,9 +76,10 @@ from prometheus_client import REGISTRY  # noqa: E402
 from pydantic import SecretStr  # noqa: E402
 
 from consumers.kafka_io import ensure_topics  # noqa: E402
+from consumers.loop import Message  # noqa: E402
 from consumers.publish import publish_events  # noqa: E402
 from consumers.stack import EmbeddedStack, free_port  # noqa: E402
-from consumers.worker import Message, Worker  # noqa: E402
+from consumers.worker import Worker  # noqa: E402
 from indexes import open_score_store  # noqa: E402
 from indexes.base import EmbeddingRecord, SongRecord  # noqa: E402
 from indexes.embedding_index import EmbeddingIndex  # noqa: E402

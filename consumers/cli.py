@@ -9,14 +9,19 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ranker.errors import ConfigError
-from ranker.settings import Settings
+
+if TYPE_CHECKING:  # imported by the commands that read settings: `--help` loads no pydantic
+    from ranker.settings import Settings
 
 log = logging.getLogger("apexrank")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    from ranker.settings import Settings
+
     return Settings()
 
 
@@ -95,14 +100,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_feedback(args: argparse.Namespace) -> int:
-    import signal
-
     from consumers.feedback import FeedbackConsumer
+    from consumers.loop import stop_on_signals
 
     _serve_metrics(args)
     consumer = FeedbackConsumer(_settings(args))
-    signal.signal(signal.SIGTERM, consumer.request_stop)
-    signal.signal(signal.SIGINT, consumer.request_stop)
+    stop_on_signals(consumer.request_stop)
     stats = consumer.run(until_idle_s=args.until_idle)
     print(json.dumps(stats.__dict__))
     return 0
@@ -141,6 +144,12 @@ def cmd_simulate_catalog(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate_loop(args: argparse.Namespace) -> int:
+    from consumers.simulate_loop import cmd_simulate_loop as run
+
+    return run(args)
+
+
 # -- retrain -------------------------------------------------------------------------
 def cmd_retrain(args: argparse.Namespace) -> int:
     import signal
@@ -167,7 +176,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     import uvicorn
 
-    from ranker.api import create_app
+    from ranker.serving.api import create_app
 
     s = _settings(args)
     host = args.host or s.api.host
@@ -175,7 +184,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log_level = args.log_level.lower()
     if args.workers > 1:  # each worker process builds its app from the same settings (environment / --config)
         uvicorn.run(
-            "ranker.api:create_app",
+            "ranker.serving.api:create_app",
             factory=True,
             workers=args.workers,
             host=host,
@@ -247,9 +256,26 @@ def build_parser() -> argparse.ArgumentParser:
     sim_catalog.add_argument("--out", required=True)
     sim_catalog.add_argument("--duration", type=float, default=6.0, help="seconds per song")
     sim_catalog.add_argument("--workers", type=int, default=1, help="processes used to synthesise")
-    from consumers.simulate_loop import register as register_loop
-
-    register_loop(simulate_sub)
+    loop = add(
+        "loop",
+        cmd_simulate_loop,
+        "the seeded feedback-loop simulation of the feed policies (synthetic; docs/loop-simulation.md)",
+        simulate_sub,
+    )
+    loop.add_argument("--songs", type=int, default=120)
+    loop.add_argument("--users", type=int, default=100)
+    loop.add_argument("--hours", type=int, default=6)
+    loop.add_argument("--seed", type=int, default=1)
+    loop.add_argument("--out", default="loop-out")
+    loop.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a LoopConfig field (repeatable), e.g. history_songs=60, half_life_hours=72, "
+        "audience_weights=history (the listeners share the history's taste) or "
+        "audience_weights=consonance:1.2,clean:1.0",
+    )
 
     retrain = add("retrain", cmd_retrain, "retrain the APEX head from engagement; promote it only if better")
     retrain.add_argument("--every", metavar="DURATION", help="run on a schedule, e.g. 6h, 30m (default: once)")

@@ -127,8 +127,8 @@ def show_feed_via_api(settings: Settings, console: Console, limit: int = 12) -> 
     """Start the API on a free loopback port, read the feed with the Python client, stop it."""
     import uvicorn
 
-    from ranker.api import create_app
-    from ranker.client import ApexRankClient
+    from ranker.serving.api import create_app
+    from ranker.serving.client import ApexRankClient
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))

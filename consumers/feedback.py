@@ -28,7 +28,6 @@ yet is counted all the same: its counters wait in the song's hash for its scores
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
 import threading
 import time
@@ -42,9 +41,10 @@ from prometheus_client import Counter
 
 from consumers import metrics
 from consumers.kafka_io import Publisher, ensure_topics, log_size_limits, make_consumer, publish_outputs
-from consumers.worker import Message, Stopping, commit, dead_letter, retry_infra
+from consumers.loop import IdleClock, Message, Stopping, commit, dead_letter, in_partition_order, retry_infra
+from indexes import DUPLICATE, REPLAY, message_marker
 from indexes.engagement_log import EngagementLog
-from indexes.redis_engagement import DUPLICATE, REPLAY, RedisEngagementCounters, message_marker
+from ranker import stores
 from ranker.errors import InputError
 from ranker.events import DeadLetter, Engagement
 from ranker.settings import Settings
@@ -88,12 +88,7 @@ class FeedbackConsumer:
         self.settings = settings
         self.stats = FeedbackStats()
         self._stop = threading.Event()
-        self.counters = RedisEngagementCounters.from_url(
-            settings.redis.url.get_secret_value(),
-            settings.redis.key_prefix,
-            settings.feedback.dedup_window_s,
-            settings.redis.socket_timeout_s,
-        )
+        self.counters = stores.engagement_counters(settings)
         self.log = EngagementLog(settings.engagement_log_dir, settings.kafka.topics.engagement)
         self.on_engagement = on_engagement if on_engagement is not None else _default_feed_updater(settings)
         self._log_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engagement-log")
@@ -103,7 +98,8 @@ class FeedbackConsumer:
         self._stop.set()
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
-        return retry_infra(what, fn, stop=self._stop, settings=self.settings.worker)
+        f = self.settings.feedback
+        return retry_infra(what, fn, stop=self._stop, initial_s=f.retry_initial_s, max_s=f.retry_max_s)
 
     def process(self, messages: Sequence[Message]) -> list[DeadLetter]:
         """Steps 1-4 for one batch; returns the dead letters to publish. Safe to repeat."""
@@ -198,7 +194,7 @@ class FeedbackConsumer:
         )
         producer = Publisher(s.kafka)
         assigned: frozenset[Any] = frozenset()
-        last_message = time.monotonic()
+        idle = IdleClock(until_idle_s)
         first_message: float | None = None
         try:
             while not self._stop.is_set():
@@ -209,16 +205,12 @@ class FeedbackConsumer:
                     assigned = now_assigned
                     self.log.refresh()
                 # kafka-python's ConsumerRecords carry the fields of a Message: used as they are.
-                messages: list[Message] = [
-                    r for tp in sorted(polled, key=lambda p: (p.topic, p.partition)) for r in polled[tp]
-                ]
+                messages: list[Message] = in_partition_order(polled)
                 if not messages:
-                    if not assigned:
-                        last_message = time.monotonic()
-                    elif until_idle_s is not None and time.monotonic() - last_message >= until_idle_s:
+                    if idle.expired(bool(assigned)):
                         break
                     continue
-                last_message = time.monotonic()
+                last_message = idle.busy()
                 first_message = first_message or last_message
                 self.stats.add_time("poll", t)
                 try:
@@ -252,13 +244,7 @@ class FeedbackConsumer:
 
 
 def _default_feed_updater(settings: Settings) -> FeedUpdater:
-    """The ranker's incremental feed update, when it is available."""
-    try:
-        feeds = importlib.import_module("ranker.feeds")
-    except ImportError:  # pragma: no cover - the ranker always ships feeds
-        return lambda song_ids: None
-    updater = getattr(feeds, "make_engagement_updater", None)
-    if updater is None:
-        return lambda song_ids: None
-    result: FeedUpdater = updater(settings)
-    return result
+    """The ranker's incremental feed update (imported when a consumer is built, not with this module)."""
+    from ranker.serving.writer import make_engagement_updater
+
+    return make_engagement_updater(settings)

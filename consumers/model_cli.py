@@ -13,11 +13,12 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ranker.catalog import CatalogError
 from ranker.errors import ConfigError
-from ranker.settings import Settings
+
+if TYPE_CHECKING:  # imported where settings are built: `apexrank --help` loads no pydantic
+    from ranker.settings import Settings
 
 log = logging.getLogger("apexrank.model")
 
@@ -35,6 +36,7 @@ def _guard(fn: Handler) -> Handler:
     def run(args: argparse.Namespace) -> int:
         from pydantic import ValidationError
 
+        from ranker.catalog import CatalogError
         from ranker.model.artifact import ModelArtifactError
         from ranker.model.train import TrainingError
 
@@ -55,6 +57,8 @@ def _guard(fn: Handler) -> Handler:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    from ranker.settings import Settings
+
     settings = Settings()
     encoder = getattr(args, "encoder", None)
     if encoder:
@@ -143,6 +147,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ranker.features import load_features
     from ranker.model.evaluate import print_metrics, write_json
     from ranker.model.train import train_head
+    from ranker.settings import Settings
 
     settings = Settings()
     config = _train_config(args)
@@ -235,6 +240,7 @@ def cmd_ablation(args: argparse.Namespace) -> int:
 def cmd_import_released(args: argparse.Namespace) -> int:
     """Convert the paper's released checkpoint into a model directory."""
     from ranker.model.released import PAPER_LAYERS, load_released, mert_encoder_id
+    from ranker.settings import Settings
 
     settings = Settings()
     layers = tuple(settings.model.layers)

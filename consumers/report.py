@@ -7,8 +7,8 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from indexes import open_score_store
-from ranker.policy import Policy
+from ranker import stores
+from ranker.serving.policy import Policy
 from ranker.settings import Settings
 
 
@@ -19,11 +19,7 @@ def wide_console() -> Console:
 
 
 def print_feed(settings: Settings, limit: int = 20, console: Console | None = None) -> None:
-    store = open_score_store(
-        settings.redis.url.get_secret_value(),
-        key_prefix=settings.redis.key_prefix,
-        socket_timeout_s=settings.redis.socket_timeout_s,
-    )
+    store = stores.score_store(settings)
     try:
         feed = settings.feed.name
         # The sorted set holds time-invariant scores; show what the API serves now.
@@ -45,17 +41,18 @@ def print_feed(settings: Settings, limit: int = 20, console: Console | None = No
             "natur.",
         ):
             table.add_column(col, justify="right" if col not in ("song_id", "generator") else "left")
-        for i, (song_id, score) in enumerate(page, 1):
-            rec = store.get_song(song_id) or {}
+        records = store.read_songs([song_id for song_id, _ in page])
+        for i, ((song_id, score), rec) in enumerate(zip(page, records, strict=True), 1):
+            scores = rec.scores if rec is not None else {}
 
-            def f(task: str, rec: dict[str, str] = rec) -> str:
-                v = rec.get(f"score.{task}")
-                return f"{float(v):.1f}" if v is not None else "-"
+            def f(task: str, scores: dict[str, float] = scores) -> str:
+                v = scores.get(task)
+                return f"{v:.1f}" if v is not None else "-"
 
             table.add_row(
                 str(i),
                 song_id,
-                rec.get("generator", "?"),
+                rec.generator if rec is not None and rec.generator is not None else "?",
                 f"{score:.3f}",
                 f("streams"),
                 f("likes"),

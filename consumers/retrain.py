@@ -20,48 +20,31 @@ import numpy as np
 from rich.progress import Progress
 
 from consumers.kafka_io import Publisher, ensure_topics
-from indexes.base import SongRecord
+from indexes.base import ScoreStore, SongRecord
 from indexes.engagement_log import EngagementLog
-from indexes.redis_store import RedisScoreStore, RedisStoreConfig
+from indexes.redis_schema import CREATED_AT, GENERATOR
 from indexes.sqlite_embeddings import SqliteEmbeddingStore
-from ranker import feeds
-from ranker.encoders import build_encoder
+from ranker import stores
+from ranker.encoders import encoder_spec
 from ranker.errors import ConfigError
-from ranker.events import TASKS
 from ranker.features import FeatureSet
-from ranker.model.artifact import ScoringModel, load_or_init
+from ranker.model.artifact import ScoringModel
 from ranker.model.retrain import Observed, RetrainReport, aggregate_engagement, retrain
 from ranker.model.train import TrainConfig
+from ranker.scoring import SongMeta, load_current_model, score_predictions
+from ranker.serving.writer import FeedWriter, write_scored
 from ranker.settings import Settings
 
 log = logging.getLogger(__name__)
 STORE_FILE = "embeddings.sqlite"
 
 
-def _store(settings: Settings) -> RedisScoreStore:
-    return RedisScoreStore(
-        RedisStoreConfig(
-            url=settings.redis.url.get_secret_value(),
-            key_prefix=settings.redis.key_prefix,
-            socket_timeout_s=settings.redis.socket_timeout_s,
-        )
-    )
-
-
 def current_model(settings: Settings) -> ScoringModel:
-    """The promoted head (or the seeded one) for the configured encoder."""
-    encoder = build_encoder(settings)
-    return load_or_init(
-        settings.head_dir,
-        input_dim=encoder.dim,
-        encoder_id=encoder.encoder_id,
-        seed=settings.model.seed,
-        n_layers=encoder.n_layers,
-        layers=settings.model.layers if settings.encoder == "mert" else None,
-    )
+    """The promoted head (or the seeded one) for the configured encoder, whose weights are never loaded."""
+    return load_current_model(settings, encoder_spec(settings))
 
 
-def gather(settings: Settings, store: RedisScoreStore) -> tuple[Observed, FeatureSet]:
+def gather(settings: Settings, store: ScoreStore) -> tuple[Observed, FeatureSet]:
     """Played songs that have embeddings and metadata (with ``likes_model=head``, only those past the threshold)."""
     log_table = EngagementLog(settings.engagement_log_dir, settings.kafka.topics.engagement).read()
     ids, plays, likes = aggregate_engagement(log_table)
@@ -98,18 +81,16 @@ def gather(settings: Settings, store: RedisScoreStore) -> tuple[Observed, Featur
     return observed, features
 
 
-def _metadata(store: RedisScoreStore, song_ids: list[str]) -> dict[str, tuple[str, datetime]]:
-    pipe = store.client.pipeline(transaction=False)
-    for s in song_ids:
-        pipe.hmget(store.song_key(s), ["generator", "created_at"])
+def _metadata(store: ScoreStore, song_ids: list[str]) -> dict[str, tuple[str, datetime]]:
+    """Each song's generator and creation time (the targets' cohorts and the rescore window), one round trip."""
     out: dict[str, tuple[str, datetime]] = {}
-    for s, (generator, created) in zip(song_ids, pipe.execute(), strict=True):
-        if generator and created:
-            out[s] = (generator, datetime.fromisoformat(created))
+    for s, rec in zip(song_ids, store.read_songs(song_ids, fields=[GENERATOR, CREATED_AT]), strict=True):
+        if rec is not None and rec.generator and rec.created_at:
+            out[s] = (rec.generator, datetime.fromisoformat(rec.created_at))
     return out
 
 
-def rescore_window(settings: Settings, model: ScoringModel, store: RedisScoreStore) -> int:
+def rescore_window(settings: Settings, model: ScoringModel, store: ScoreStore) -> int:
     """Rescore every feed member created inside the cold-start window with ``model``."""
     members: set[str] = set()
     for feed in settings.feed.feeds:
@@ -130,36 +111,16 @@ def rescore_window(settings: Settings, model: ScoringModel, store: RedisScoreSto
             if not ids:
                 continue
             preds = model.predict(np.stack([stored[s].record.layers for s in ids]).astype(np.float32))
-            records = []
-            for s, row in zip(ids, preds, strict=True):
-                scores = dict(zip(model.tasks, (float(v) for v in row), strict=True))
-                for t in TASKS:
-                    scores.setdefault(t, 3.0)
-                generator, created = meta[s]
-                records.append(
-                    SongRecord(
-                        song_id=s,
-                        model_version=model.version,
-                        scores=scores,
-                        rank_score=feeds.cold_start_quality(
-                            settings,
-                            scores,
-                            feeds.model_like_rate(model.target_transform, scores, generator, created.isoformat()),
-                        ),
-                        generator=generator,
-                        created_at=created.isoformat(),
-                        scored_at=now,
-                    )
-                )
-            rescored.append(feeds.with_prior(records, model.target_transform))
+            songs = [SongMeta(s, meta[s][0], meta[s][1].isoformat()) for s in ids]
+            rescored.append([score.record(now) for score in score_predictions(settings, model, preds, songs)])
             bar.advance(task, len(chunk))
     # Calibration first, for every rescored song, so that no entry is written with a scale
     # that still measures the previous model (see FeedWriter.recalibrate).
-    writer = feeds.FeedWriter(settings, store)
+    writer = FeedWriter(settings, store)
     for records in rescored:
         writer.recalibrate(records)
     for records in rescored:
-        feeds.write_scored(store, settings, records)
+        write_scored(store, settings, records)
     # Once more: the feedback consumer may have re-claimed a song at its old prior (still in
     # its hash) between the two passes. Idempotent; only such songs change the totals.
     for records in rescored:
@@ -177,7 +138,7 @@ def run_once(
 
     ``progress`` shows a bar per training epoch (the long step; rescoring always has one).
     """
-    store = _store(settings)
+    store = stores.score_store(settings)
     began = time.perf_counter()
     try:
         current = current_model(settings)

@@ -3,7 +3,7 @@
 Everything runs on the real services: synthetic songs arrive each simulated hour on
 ``songs.generated`` (the real :class:`~consumers.worker.Worker` scores them), synthetic
 users browse feeds through the HTTP API (FastAPI ``TestClient`` over
-:func:`ranker.api.create_app`) and send plays, likes and skips over Kafka to the engagement
+:func:`ranker.serving.api.create_app`) and send plays, likes and skips over Kafka to the engagement
 topic (the real :class:`~consumers.feedback.FeedbackConsumer` counts them). The same world
 (songs, users, their tastes, their random draws) is replayed under each policy, each in its
 own namespace (topics, consumer groups, Redis key prefix, index and state directories).
@@ -36,7 +36,7 @@ from consumers.kafka_io import all_topics, ensure_topics, flush_or_raise, make_p
 from consumers.publish import publish_events
 from consumers.retrain import run_once
 from consumers.worker import Worker
-from indexes import open_score_store
+from ranker import stores
 from ranker.events import Engagement, SongGenerated
 from ranker.settings import (
     DEFAULT_FEED,
@@ -379,7 +379,7 @@ def _engage(settings: Settings, events: list[Engagement]) -> None:
 
 
 def _feed_size(settings: Settings) -> int:
-    store = open_score_store(settings.redis.url.get_secret_value(), settings.redis.key_prefix, 5.0)
+    store = stores.score_store(settings)
     try:
         return store.feed_size(settings.feed.name)
     finally:
@@ -408,8 +408,8 @@ def run_loop_simulation(
     """Run the seeded loop under each policy on the services ``settings`` points at; see the module docstring."""
     from fastapi.testclient import TestClient
 
-    from ranker.api import create_app
     from ranker.model.artifact import promote
+    from ranker.serving.api import create_app
 
     cfg = config or LoopConfig()
     unknown = sorted(set(policies) - set(POLICIES))
@@ -614,27 +614,6 @@ def plot_like_rates(result: LoopResult, path: Path) -> Path | None:
 
 
 # --------------------------------------------------------------------------- CLI
-
-
-def register(simulate: Any) -> None:
-    """Add ``loop`` to the CLI's ``apexrank simulate`` subcommands."""
-    help_ = "the seeded feedback-loop simulation of the feed policies (synthetic; docs/loop-simulation.md)"
-    loop = simulate.add_parser("loop", help=help_, description=help_)
-    loop.set_defaults(fn=cmd_simulate_loop)
-    loop.add_argument("--songs", type=int, default=120)
-    loop.add_argument("--users", type=int, default=100)
-    loop.add_argument("--hours", type=int, default=6)
-    loop.add_argument("--seed", type=int, default=1)
-    loop.add_argument("--out", default="loop-out")
-    loop.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a LoopConfig field (repeatable), e.g. history_songs=60, half_life_hours=72, "
-        "audience_weights=history (the listeners share the history's taste) or "
-        "audience_weights=consonance:1.2,clean:1.0",
-    )
 
 
 def loop_config(overrides: Sequence[str]) -> LoopConfig:

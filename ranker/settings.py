@@ -235,6 +235,8 @@ class FeedbackSettings(_Section):
         description="Events per batch: each batch costs one log file per partition (fsync) and a few Redis calls.",
     )
     poll_timeout_ms: int = Field(500, ge=10)
+    retry_initial_s: float = Field(0.5, gt=0)
+    retry_max_s: float = Field(15.0, gt=0)
     dedup_window_s: int = Field(7 * 24 * 3600, ge=60, description="How long an event_id is remembered.")
     log_dir: Path | None = Field(
         None,

@@ -32,7 +32,7 @@ from indexes.redis_engagement import (
 )
 from indexes.redis_store import RedisScoreStore, RedisStoreConfig
 from ranker.events import DeadLetter, Engagement
-from ranker.feeds import write_scored
+from ranker.serving.writer import write_scored
 from ranker.settings import FeedbackSettings, Settings
 from tests.helpers import read_topic, settings_env
 
@@ -69,6 +69,19 @@ def publish(settings: Settings, values: list[bytes], keys: list[bytes | None]) -
     producer.close()
 
 
+#: What each event type does to the song's counters, written out here rather than read from the
+#: table the counting script is built from (a wrong entry there must not move the expectation too).
+EVENT_EFFECT: dict[str, tuple[str, int]] = {
+    "play": ("plays", 1),
+    "complete": ("completes", 1),
+    "like": ("likes", 1),
+    "unlike": ("likes", -1),
+    "skip": ("skips", 1),
+    "share": ("shares", 1),
+}
+NO_COUNTS = {"plays": 0, "completes": 0, "likes": 0, "skips": 0, "shares": 0}
+
+
 def expected_counts(events: list[Engagement]) -> dict[str, dict[str, int]]:
     """Counts from distinct events, with likes floored at zero in arrival order per song."""
     out: dict[str, dict[str, int]] = {}
@@ -77,11 +90,18 @@ def expected_counts(events: list[Engagement]) -> dict[str, dict[str, int]]:
         if e.event_id in seen:
             continue
         seen.add(e.event_id)
-        c = out.setdefault(e.song_id, dict.fromkeys(COUNTERS, 0))
-        delta = counter_deltas([CountedEvent(e.event_id, e.song_id, e.type)])[e.song_id]
-        for k, v in delta.items():
-            c[k] = max(0, c[k] + v)
+        c = out.setdefault(e.song_id, dict(NO_COUNTS))
+        counter, step = EVENT_EFFECT[e.type]
+        c[counter] = max(0, c[counter] + step)
     return out
+
+
+def test_the_event_table_is_the_one_written_out_here() -> None:
+    """The counters and per-event deltas of the product's table, against the hand-written one."""
+    assert set(COUNTERS) == set(NO_COUNTS)
+    for kind, (counter, step) in EVENT_EFFECT.items():
+        assert dict(counter_deltas([CountedEvent("e", "s", kind)])) == {"s": {**NO_COUNTS, counter: step}}, kind
+    assert {e.type for e in make_events(400, songs=25)} == {"play", "complete", "like", "unlike", "skip", "share"}
 
 
 def actual_counts(settings: Settings, song_ids: list[str]) -> dict[str, dict[str, int]]:
@@ -192,17 +212,23 @@ def test_count_statuses_new_replay_duplicate(settings: Settings, per_song: bool)
 
 @pytest.mark.parametrize("per_song", [False, True], ids=["one-call", "per-song"])
 def test_a_script_error_writes_nothing_and_the_retry_counts(settings: Settings, per_song: bool) -> None:
-    """A song key of the wrong type fails the call before any dedup key is set: nothing is lost."""
+    """A song key of the wrong type fails the call before any dedup key is set: nothing is lost.
+
+    One call for the batch: the whole batch fails and writes nothing, so the retry counts all
+    three events as new. One call per song: song a's call goes through (its events counted),
+    song b's fails alone, so the retry replays a's two events and counts b's.
+    """
     counters = counters_for(settings, per_song)
     try:
         counters.client.set(counters.song_key("b"), "not a hash")
         args = (["a", "a", "b"], ["e1", "e2", "e3"], ["play", "like", "play"], ["0:1", "0:2", "0:3"], "t")
         with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
             counters.count(*args)
-        if not per_song:  # one call for the batch: nothing of it was written
-            assert counters.counts(["a"])["a"]["plays"] == 0
+        a_after_failure = {"plays": 1, "completes": 0, "likes": 1, "skips": 0, "shares": 0} if per_song else NO_COUNTS
+        assert counters.counts(["a"]) == {"a": a_after_failure}
+        assert counters.client.type(counters.song_key("b")) == "string"  # b untouched either way
         counters.client.delete(counters.song_key("b"))
-        assert counters.count(*args) in (NEW * 3, REPLAY * 2 + NEW)  # per song, song a's call went through
+        assert counters.count(*args) == (REPLAY * 2 + NEW if per_song else NEW * 3)
         assert counters.counts(["a", "b"]) == {
             "a": {"plays": 1, "completes": 0, "likes": 1, "skips": 0, "shares": 0},
             "b": {"plays": 1, "completes": 0, "likes": 0, "skips": 0, "shares": 0},
@@ -229,7 +255,7 @@ def test_a_failed_log_write_is_replayed_counting_nothing_twice(
 ) -> None:
     """Counted, then the log write fails: the retried batch logs every event once and counts none twice."""
     settings = settings.model_copy(
-        update={"worker": settings.worker.model_copy(update={"retry_initial_s": 0.05, "retry_max_s": 0.1})}
+        update={"feedback": settings.feedback.model_copy(update={"retry_initial_s": 0.05, "retry_max_s": 0.1})}
     )
     events = make_events(300, songs=12, seed=11)
     publish(settings, [e.to_bytes() for e in events], [e.song_id.encode() for e in events])
@@ -256,7 +282,7 @@ def test_a_failed_log_write_is_replayed_counting_nothing_twice(
 
 
 def test_real_feed_updater_rescores_played_songs(settings: Settings) -> None:
-    """The default updater (ranker.feeds) moves the feed entry and claims the calibration share."""
+    """The default updater (ranker.serving.writer) moves the feed entry and claims the calibration share."""
     now = time.time()
     created = datetime.fromtimestamp(now, UTC).isoformat()
     scores = {"streams": 50.0, "likes": 50.0, "coherence": 3.0, "musicality": 3.0}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,22 +17,67 @@ from consumers.worker import Worker
 from indexes.engagement_log import EngagementLog, LoggedEvent
 from indexes.redis_store import RedisScoreStore
 from ranker.features import FeatureSet
-from ranker.feeds import PRIOR_FIELD, FeedWriter, on_engagement
 from ranker.model.artifact import ScoringModel, resolve_model_dir
 from ranker.model.retrain import (
     Observed,
     RetrainReport,
     _exposure_like_rate,
     exposure_adjusted_likes,
+    gate,
     retrain,
     smoothed_like_rates,
 )
 from ranker.model.targets import TargetTransform
 from ranker.model.train import TrainConfig
+from ranker.serving.state import PRIOR_FIELD
+from ranker.serving.writer import FeedWriter, on_engagement
 from ranker.settings import RetrainSettings, Settings
 from ranker.synth import simulate_catalog
 from tests.helpers import read_topic
 from tests.test_worker import feed, song
+
+#: Spearman of the current model on the holdout; the candidates below move it by binary fractions,
+#: so that "exactly the margin" is exact in floating point.
+CURRENT = {"streams": 0.5, "likes": 0.25}
+MARGIN = 0.125
+TINY = 2.0**-10
+
+
+@pytest.mark.parametrize(
+    ("streams", "likes", "promote"),
+    [
+        pytest.param(0.625, 0.375, True, id="both-gain-exactly-the-margin"),
+        pytest.param(0.625 - TINY, 0.375, False, id="mean-gain-just-below-the-margin"),
+        pytest.param(0.75, 0.25, True, id="one-task-gains-twice-the-margin"),
+        pytest.param(0.75 - TINY, 0.25, False, id="one-task-gains-just-under-twice"),
+        pytest.param(0.875, 0.125, True, id="a-loss-of-exactly-the-margin-is-allowed"),
+        pytest.param(0.875 + TINY, 0.125 - TINY, False, id="a-loss-just-past-the-margin-is-not"),
+        pytest.param(1.0, 0.0, False, id="a-large-gain-cannot-buy-a-large-loss"),
+        pytest.param(0.5, 0.25, False, id="no-change"),
+        pytest.param(0.25, 0.125, False, id="worse"),
+        pytest.param(math.nan, 0.9, False, id="undefined-spearman"),
+        pytest.param(0.9, math.inf, False, id="non-finite-spearman"),
+    ],
+)
+def test_gate_promotes_only_a_gain_of_at_least_the_margin(streams: float, likes: float, promote: bool) -> None:
+    """gate(): mean Spearman gain >= margin, and no task losing more than the margin."""
+    ok, reason = gate(CURRENT, {"streams": streams, "likes": likes, "coherence": 0.0}, MARGIN)
+    assert ok is promote, reason
+    if not math.isfinite(streams + likes):
+        assert "undefined" in reason
+    elif promote:
+        assert reason == f"mean Spearman gain {((streams + likes) - 0.75) / 2:+.4f} >= margin {MARGIN}"
+    else:
+        assert "below margin 0.125" in reason and "worst task" in reason
+
+
+def test_gate_reads_the_popularity_tasks_only() -> None:
+    """Aesthetic outputs do not vote; a missing popularity task is an error, not a silent pass."""
+    base = {"streams": 0.5, "likes": 0.25, "coherence": 0.9}
+    assert gate(base, {**base, "coherence": -0.9}, 0.0)[0] is True  # no popularity change, margin 0
+    assert gate(base, {**base, "coherence": 0.99}, 0.01)[0] is False
+    with pytest.raises(KeyError):
+        gate(base, {"streams": 0.9}, 0.01)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import soundfile as sf
 from consumers.publish import publish_events
 from consumers.worker import Worker
 from indexes import open_score_store
-from indexes.base import song_key
+from indexes.base import faiss_id
 from indexes.embedding_index import EmbeddingIndex
 from ranker.events import TASKS, DeadLetter, SongScored
 from ranker.settings import AudioSettings, Settings, WorkerSettings
@@ -61,6 +61,16 @@ def index_keys(settings: Settings, dim: int) -> list[int]:
         idx.close()
 
 
+def stored_layers(settings: Settings, dim: int, song_ids: list[str]) -> dict[str, np.ndarray]:
+    """The pooled layers the embedding store holds for these songs (read back as a fresh process would)."""
+    idx = EmbeddingIndex(settings.index_dir, dim=dim, factory=settings.index.factory, use_gpu="never")
+    try:
+        got = idx.store.get_many(song_ids)
+        return {s: got[s].record.layers for s in song_ids if s in got}
+    finally:
+        idx.close()
+
+
 def test_valid_song_is_scored_once_everywhere(settings: Settings, tmp_path: Path) -> None:
     events = [event(f"ok-{i}", tone(tmp_path / f"ok{i}.wav", freq=220 * (i + 1)).as_uri()) for i in range(3)]
     publish_events(settings, events)
@@ -76,9 +86,26 @@ def test_valid_song_is_scored_once_everywhere(settings: Settings, tmp_path: Path
         assert f"score.{task}" in rec
     assert 0 <= float(rec["score.streams"]) <= 100 and 1 <= float(rec["score.coherence"]) <= 5
 
+    # Each song's stored scores are the worker's model run on that song's own stored embedding
+    # (a worker that mixed up the songs of a batch would store another song's scores).
     dim = worker.encoder.vector_dim
+    ids = [f"ok-{i}" for i in range(3)]
+    layers = stored_layers(settings, dim, ids)
+    assert sorted(layers) == ids
+    expected = worker.model.predict(np.stack([layers[s] for s in ids]))
+    stored = {s: song(settings, s) for s in ids}
+    for sid, row in zip(ids, expected, strict=True):
+        rec = stored[sid]
+        assert rec is not None
+        for task, value in zip(worker.model.tasks, row, strict=True):
+            assert float(rec[f"score.{task}"]) == pytest.approx(float(value), rel=1e-6), (sid, task)
+    # ... and the songs' scores differ by far more than that tolerance, so a swap would show.
+    for a in range(3):
+        for b in range(a):
+            assert (np.abs(expected[a] - expected[b]) / np.abs(expected[b])).max() > 1e-4, (a, b)
+
     keys = index_keys(settings, dim)
-    assert sorted(keys) == sorted(song_key(f"ok-{i}") for i in range(3))
+    assert sorted(keys) == sorted(faiss_id(f"ok-{i}") for i in range(3))
 
     scored = [
         SongScored.model_validate_json(m.value) for m in read_topic(settings, settings.kafka.topics.songs_scored, 3)
@@ -101,7 +128,7 @@ def test_duplicate_event_changes_nothing(settings: Settings, tmp_path: Path) -> 
     assert worker.stats.reused_embeddings == 1
     assert song(settings, "dup-1") == first
     assert [s for s, _ in feed(settings)] == ["dup-1"]
-    assert index_keys(settings, worker.encoder.vector_dim) == [song_key("dup-1")]
+    assert index_keys(settings, worker.encoder.vector_dim) == [faiss_id("dup-1")]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -258,7 +285,7 @@ def test_sigkill_mid_batch_then_restart_loses_and_duplicates_nothing(settings: S
     assert sorted(s for s, _ in feed(settings)) == ids
     assert all(song(settings, i) is not None for i in ids)
     keys = index_keys(settings, worker.encoder.vector_dim)
-    assert len(keys) == n and sorted(keys) == sorted(song_key(i) for i in ids)
+    assert len(keys) == n and sorted(keys) == sorted(faiss_id(i) for i in ids)
 
 
 def test_sigterm_finishes_the_batch_in_hand_commits_and_exits(settings: Settings, tmp_path: Path) -> None:
@@ -287,7 +314,7 @@ def test_sigterm_finishes_the_batch_in_hand_commits_and_exits(settings: Settings
 
 def test_a_batch_holds_at_most_its_audio_budget(settings: Settings, tmp_path: Path) -> None:
     """Songs past ``max_batch_audio_bytes`` wait for the encoder; the scores do not change."""
-    from consumers.worker import Message
+    from consumers.loop import Message
 
     settings = settings.model_copy(
         update={

@@ -1,0 +1,149 @@
+"""What the two stream consumers (the scoring worker, the feedback consumer) share.
+
+Both run the same loop: poll a batch, process it, write, publish dead letters, commit,
+and stop between batches when asked (a signal, ``request_stop``) or after ``until_idle_s``
+with nothing to read. This module holds the pieces of that loop that do not depend on
+what a batch means: the message shape, dead letters, retries of infrastructure failures,
+commits, consumer lag, the partition order of a poll and the idle clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import redis.exceptions
+from kafka.errors import CommitFailedError, KafkaError
+
+from consumers import metrics
+from ranker.errors import ErrorCode
+from ranker.events import DEFAULT_DEAD_LETTER_ORIGINAL_BYTES, DeadLetter
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: Errors that mean "a dependency is down", never "this input is bad": retried, not dead-lettered.
+INFRA_ERRORS: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.BusyLoadingError,
+    KafkaError,
+    sqlite3.OperationalError,
+    OSError,
+)
+
+
+class Stopping(Exception):
+    """Raised inside a retry loop when shutdown was requested: leave the batch uncommitted."""
+
+
+@dataclass
+class Message:
+    """The parts of a Kafka record the consumers need (decoupled from the client library)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+def dead_letter(
+    msg: Message,
+    code: ErrorCode | str,
+    message: str,
+    max_original_bytes: int = DEFAULT_DEAD_LETTER_ORIGINAL_BYTES,
+) -> DeadLetter:
+    """The dead letter for ``msg`` (the worker's and the feedback consumer's), its original bounded."""
+    return DeadLetter.build(
+        msg.value,
+        key=msg.key,
+        topic=msg.topic,
+        partition=msg.partition,
+        offset=msg.offset,
+        code=code,
+        message=message,
+        max_original_bytes=max_original_bytes,
+    )
+
+
+def in_partition_order(polled: Mapping[Any, Sequence[T]]) -> list[T]:
+    """The records of one ``poll()`` in (topic, partition) order, each partition's in offset order."""
+    return [r for tp in sorted(polled, key=lambda t: (t.topic, t.partition)) for r in polled[tp]]
+
+
+class IdleClock:
+    """``until_idle_s`` of a consumer loop: idleness counts only once partitions are assigned."""
+
+    def __init__(self, until_idle_s: float | None) -> None:
+        self.until_idle_s = until_idle_s
+        self.last_message = time.monotonic()
+
+    def busy(self) -> float:
+        """A batch arrived: restart the clock; returns the time it was restarted at."""
+        self.last_message = time.monotonic()
+        return self.last_message
+
+    def expired(self, assigned: bool) -> bool:
+        """An empty poll: has the loop been idle for ``until_idle_s``? Still joining the group is not idle."""
+        if not assigned:
+            self.busy()
+            return False
+        return self.until_idle_s is not None and time.monotonic() - self.last_message >= self.until_idle_s
+
+
+def stop_on_signals(handler: Callable[[int, Any], Any]) -> None:
+    """Call ``handler`` on SIGTERM and SIGINT (the loop then finishes the batch in hand and exits)."""
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def retry_infra(what: str, fn: Callable[[], T], *, stop: threading.Event, initial_s: float, max_s: float) -> T:
+    """Retry infrastructure failures with exponential backoff until they pass or ``stop`` is set.
+
+    The first wait is ``initial_s``, doubling up to ``max_s``. Raises :class:`Stopping` when
+    shutdown is requested mid-retry, so the caller leaves the batch uncommitted (it will be
+    redelivered) instead of committing what was not written.
+    """
+    delay = initial_s
+    while True:
+        try:
+            return fn()
+        except INFRA_ERRORS as exc:
+            metrics.RETRIES.labels(what).inc()
+            log.warning("%s failed (%s: %s); retrying in %.1fs", what, type(exc).__name__, exc, delay)
+            if stop.wait(delay):
+                raise Stopping(what) from exc
+            delay = min(delay * 2, max_s)
+
+
+def commit(consumer: Any) -> None:
+    """Commit the consumed positions; a commit refused after a rebalance is not retried.
+
+    The partitions now belong to another member, which resumes from the last commit and
+    replays the batch: harmless, since every write is idempotent.
+    """
+    try:
+        consumer.commit()
+    except CommitFailedError as exc:
+        log.warning("commit refused after a rebalance (%s); the batch will be replayed by the new owner", exc)
+
+
+def update_lag(consumer: Any) -> None:
+    """Consumer lag per partition from the high watermark the broker reports in fetch responses."""
+    for tp in consumer.assignment():
+        high = consumer.highwater(tp)
+        if high is None:
+            continue
+        try:
+            position = consumer.position(tp, timeout_ms=100)
+        except Exception:  # the position is unknown until the first fetch
+            continue
+        if position is not None:
+            metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, high - position))
