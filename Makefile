@@ -20,6 +20,7 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check ranker consumers indexes tests benchmarks
 	$(BIN)/ruff format --check ranker consumers indexes tests benchmarks
+	$(BIN)/lint-imports
 
 typecheck: setup
 	$(BIN)/mypy
