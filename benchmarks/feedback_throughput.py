@@ -43,8 +43,8 @@ from consumers.feedback import FeedbackConsumer
 from consumers.kafka_io import ensure_topics, make_producer
 from consumers.stack import EmbeddedStack, free_port
 from indexes.base import SongRecord
-from indexes.redis_engagement import COUNTERS, RedisEngagementCounters
-from indexes.redis_store import RedisScoreStore, RedisStoreConfig
+from indexes.redis_schema import ENGAGEMENT_COUNTERS
+from ranker import stores
 from ranker.events import AESTHETIC_TASKS
 from ranker.serving import writer as feeds
 from ranker.settings import FeedbackSettings, KafkaSettings, RedisSettings, Settings, TopicSettings
@@ -72,9 +72,7 @@ def score_songs(settings: Settings, songs: int, seed: int, chunk: int = 2000) ->
     """Write ``songs`` scored songs the way the worker does (hash + feed entries); returns seconds."""
     rng = np.random.default_rng(seed + 1)
     now = time.time()
-    store = RedisScoreStore(
-        RedisStoreConfig(url=settings.redis.url.get_secret_value(), key_prefix=settings.redis.key_prefix)
-    )
+    store = stores.score_store(settings)
     start = time.perf_counter()
     try:
         for lo in range(0, songs, chunk):
@@ -128,7 +126,7 @@ def produce(
             )
         )
         field = {"play": "plays", "complete": "completes", "like": "likes", "skip": "skips", "share": "shares"}[kind]
-        expected.setdefault(song, dict.fromkeys(COUNTERS, 0))[field] += 1
+        expected.setdefault(song, dict.fromkeys(ENGAGEMENT_COUNTERS, 0))[field] += 1
     dups = [payloads[j] for j in rng.integers(0, unique, size=n - unique)]
     payloads += dups
     ensure_topics(settings.kafka, [settings.kafka.topics.engagement, settings.kafka.topics.engagement_dead_letter])
@@ -254,9 +252,7 @@ def main() -> None:
             stats = consumer.stats
             total_s = stats.busy_s  # first message polled to last commit: no group join, no idle tail
             # Exact check: counters equal the distinct events.
-            counters = RedisEngagementCounters.from_url(
-                settings.redis.url.get_secret_value(), settings.redis.key_prefix, 60
-            )
+            counters = stores.engagement_counters(settings)
             actual = counters.counts(sorted(expected))
             counters.close()
             exact = actual == expected

@@ -18,7 +18,7 @@ import redis
 
 from consumers.stack import EmbeddedStack, free_port
 from indexes.base import SongRecord
-from indexes.redis_store import RedisScoreStore, RedisStoreConfig
+from ranker import stores
 from ranker.events import POPULARITY_TASKS, TASKS
 from ranker.settings import KafkaSettings, RedisSettings, Settings
 
@@ -41,7 +41,7 @@ def main() -> None:
             url = settings.redis.url.get_secret_value()
             client = redis.Redis.from_url(url)
             before = int(client.info("memory")["used_memory"])
-            store = RedisScoreStore(RedisStoreConfig(url=url, key_prefix="apexrank"))
+            store = stores.score_store(settings)  # key prefix "apexrank", the default
             now = datetime.now(UTC).isoformat()
             batch: list[SongRecord] = []
             for i in range(args.songs):

@@ -31,8 +31,8 @@ from consumers.retrain import STORE_FILE, run_once
 from consumers.stack import EmbeddedStack, free_port
 from indexes.base import EmbeddingRecord, SongRecord
 from indexes.engagement_log import EngagementLog, LoggedEvent
-from indexes.redis_store import RedisScoreStore, RedisStoreConfig
 from indexes.sqlite_embeddings import SqliteEmbeddingStore
+from ranker import stores
 from ranker.encoders import build_encoder
 from ranker.events import TASKS
 from ranker.serving.writer import write_scored
@@ -70,9 +70,7 @@ def populate(settings: Settings, n: int, dim: int, window_share: float, seed: in
     direction = rng.normal(size=(4, dim)).astype(np.float32) / np.sqrt(4 * dim)
     now = datetime.now(UTC)
     horizon_h = settings.retrain.cold_start_window_h
-    store = RedisScoreStore(
-        RedisStoreConfig(url=settings.redis.url.get_secret_value(), key_prefix=settings.redis.key_prefix)
-    )
+    store = stores.score_store(settings)
     log = EngagementLog(settings.engagement_log_dir, settings.kafka.topics.engagement)
     settings.index_dir.mkdir(parents=True, exist_ok=True)
     times = {"embeddings": 0.0, "redis": 0.0, "engagement_log": 0.0}

@@ -4,7 +4,7 @@ Per polled batch, in this order:
 
 1. parse; invalid events go to ``engagement.dead-letter`` with a reason;
 2. count the events in Redis, one Lua script call per 2,500 events (per song on
-   Redis Cluster, see :mod:`indexes.redis_engagement`), each chunk while the next
+   Redis Cluster, see :class:`indexes.EngagementCounters`), each chunk while the next
    is parsed: each event's dedup key is set (NX, for the dedup window) to the id
    of the message carrying it (partition and offset), and only a new key
    increments the counter. An event already counted by another message is a

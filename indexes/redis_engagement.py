@@ -33,8 +33,7 @@ of the wrong type) writes nothing: no dedup key is ever left without its count.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from typing import ClassVar
 
 import redis
@@ -52,10 +51,8 @@ __all__ = [
     "DUPLICATE",
     "NEW",
     "REPLAY",
-    "CountedEvent",
     "RedisEngagementConfig",
     "RedisEngagementCounters",
-    "counter_deltas",
     "message_marker",
 ]
 
@@ -123,13 +120,6 @@ end
 return table.concat(out)
 """
 )
-
-
-@dataclass(frozen=True)
-class CountedEvent:
-    event_id: str
-    song_id: str
-    type: str
 
 
 class RedisEngagementConfig(BaseModel):
@@ -270,12 +260,3 @@ class RedisEngagementCounters(EngagementCounters):
 
     def close(self) -> None:
         self.client.close()
-
-
-def counter_deltas(events: Iterable[CountedEvent]) -> Mapping[str, dict[str, int]]:
-    """Expected per-song counter changes of a set of events (for tests and reports)."""
-    out: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(COUNTERS, 0))
-    for e in events:
-        field, delta = COUNTER_FIELDS[e.type]
-        out[e.song_id][field.removeprefix(counter_field(""))] += delta
-    return out

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from consumers.stack import EmbeddedStack, free_port
-from indexes.redis_store import RedisScoreStore, RedisStoreConfig
+from indexes import ScoreStore
+from ranker import stores
 from ranker.settings import (
     IndexSettings,
     KafkaSettings,
@@ -73,10 +74,8 @@ def settings(stack: EmbeddedStack, tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def store(settings: Settings) -> Iterator[RedisScoreStore]:
-    """The Redis score store under the test's own key prefix."""
-    s = RedisScoreStore(
-        RedisStoreConfig(url=settings.redis.url.get_secret_value(), key_prefix=settings.redis.key_prefix)
-    )
+def store(settings: Settings) -> Iterator[ScoreStore]:
+    """The score store (the session's Redis) under the test's own key prefix, built by the factory."""
+    s = stores.score_store(settings)
     yield s
     s.close()

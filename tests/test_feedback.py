@@ -12,25 +12,26 @@ import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
 from consumers.feedback import FeedbackConsumer
 from consumers.kafka_io import ensure_topics, flush_or_raise, make_producer
-from indexes.base import SongRecord
-from indexes.engagement_log import EngagementLog, LoggedEvent
-from indexes.redis_engagement import (
-    COUNTERS,
+from indexes import (
     DUPLICATE,
     NEW,
     REPLAY,
-    CountedEvent,
-    RedisEngagementCounters,
-    counter_deltas,
+    EngagementCounters,
+    SongRecord,
     message_marker,
+    open_engagement_counters,
+    open_score_store,
 )
-from indexes.redis_store import RedisScoreStore, RedisStoreConfig
+from indexes.engagement_log import EngagementLog, LoggedEvent
+from indexes.redis_schema import COUNTER_FIELDS, ENGAGEMENT_COUNTERS, counter_field
+from ranker import stores
 from ranker.events import DeadLetter, Engagement
 from ranker.serving.writer import write_scored
 from ranker.settings import FeedbackSettings, Settings
@@ -98,14 +99,21 @@ def expected_counts(events: list[Engagement]) -> dict[str, dict[str, int]]:
 
 def test_the_event_table_is_the_one_written_out_here() -> None:
     """The counters and per-event deltas of the product's table, against the hand-written one."""
-    assert set(COUNTERS) == set(NO_COUNTS)
+    assert set(ENGAGEMENT_COUNTERS) == set(NO_COUNTS)
     for kind, (counter, step) in EVENT_EFFECT.items():
-        assert dict(counter_deltas([CountedEvent("e", "s", kind)])) == {"s": {**NO_COUNTS, counter: step}}, kind
+        assert COUNTER_FIELDS[kind] == (counter_field(counter), step), kind
     assert {e.type for e in make_events(400, songs=25)} == {"play", "complete", "like", "unlike", "skip", "share"}
 
 
+def open_counters(settings: Settings) -> EngagementCounters:
+    """The engagement counters on the test's Redis and key prefix (a 60 s dedup window)."""
+    return open_engagement_counters(
+        settings.redis.url.get_secret_value(), key_prefix=settings.redis.key_prefix, dedup_window_s=60
+    )
+
+
 def actual_counts(settings: Settings, song_ids: list[str]) -> dict[str, dict[str, int]]:
-    counters = RedisEngagementCounters.from_url(settings.redis.url.get_secret_value(), settings.redis.key_prefix, 60)
+    counters = open_counters(settings)
     try:
         return counters.counts(song_ids)
     finally:
@@ -185,8 +193,9 @@ def test_sigkill_mid_batch_then_restart_counts_each_event_once(settings: Setting
     assert Counter(ids).most_common(1)[0][1] == 1 and len(ids) == len(events)
 
 
-def counters_for(settings: Settings, per_song: bool) -> RedisEngagementCounters:
-    counters = RedisEngagementCounters.from_url(settings.redis.url.get_secret_value(), settings.redis.key_prefix, 60)
+def counters_for(settings: Settings, per_song: bool) -> Any:
+    """The Redis backend's counters, one script call per batch or per song (its client is used too)."""
+    counters: Any = open_counters(settings)
     counters.per_song = per_song
     return counters
 
@@ -287,9 +296,7 @@ def test_real_feed_updater_rescores_played_songs(settings: Settings) -> None:
     created = datetime.fromtimestamp(now, UTC).isoformat()
     scores = {"streams": 50.0, "likes": 50.0, "coherence": 3.0, "musicality": 3.0}
     scores |= {"memorability": 3.0, "clarity": 3.0, "naturalness": 3.0}
-    store = RedisScoreStore(
-        RedisStoreConfig(url=settings.redis.url.get_secret_value(), key_prefix=settings.redis.key_prefix)
-    )
+    store = stores.score_store(settings)
     try:
         write_scored(
             store,
@@ -318,7 +325,7 @@ def test_store_scripts_and_cluster_pipelines_agree(settings: Settings) -> None:
     results = []
     for multi_key in (True, False):
         prefix = f"{settings.redis.key_prefix}-{int(multi_key)}"
-        store = RedisScoreStore(RedisStoreConfig(url=settings.redis.url.get_secret_value(), key_prefix=prefix))
+        store: Any = open_score_store(settings.redis.url.get_secret_value(), key_prefix=prefix)
         store.multi_key_scripts = multi_key
         try:
             for i, sid in enumerate(("a", "b", "c")):

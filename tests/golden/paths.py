@@ -35,12 +35,13 @@ import numpy as np
 from consumers.publish import publish_events
 from consumers.retrain import rescore_window
 from consumers.worker import Worker
+from indexes import ScoreStore, open_engagement_counters
 from indexes.embedding_index import EmbeddingIndex
-from indexes.redis_engagement import RedisEngagementCounters
-from indexes.redis_store import RedisScoreStore, RedisStoreConfig
+from ranker import stores
 from ranker.encoders import build_encoder
 from ranker.events import TASKS, SongGenerated
-from ranker.model.artifact import ScoringModel, promote
+from ranker.model.artifact import ScoringModel
+from ranker.model.registry import promote
 from ranker.model.targets import TargetTransform
 from ranker.serving.reader import FeedPage, FeedReader
 from ranker.serving.writer import FeedWriter
@@ -155,7 +156,7 @@ def page_items(page: FeedPage) -> list[dict[str, Any]]:
 
 
 def read_pages(
-    settings: Settings, store: RedisScoreStore, vectors: StoredVectors, at: float, seed: int, pages: int
+    settings: Settings, store: ScoreStore, vectors: StoredVectors, at: float, seed: int, pages: int
 ) -> list[list[dict[str, Any]]]:
     """``pages`` consecutive pages of the default feed at clock ``at``, exploring with a seeded RNG."""
 
@@ -176,7 +177,7 @@ def read_pages(
     return asyncio.run(read())
 
 
-def stored_songs(store: RedisScoreStore, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+def stored_songs(store: ScoreStore, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for sid, rec in zip(ids, store.get_songs(list(ids)), strict=True):
         assert rec is not None, f"{sid} was not stored"
@@ -201,9 +202,7 @@ def run_paths(settings: Settings, workdir: Path) -> dict[str, Any]:
     stats = worker.run(until_idle_s=2.0)
     assert stats.scored == N_SONGS and stats.dead_letters == 0, stats
     assert worker.model.version == ingest_model.version
-    store = RedisScoreStore(
-        RedisStoreConfig(url=settings.redis.url.get_secret_value(), key_prefix=settings.redis.key_prefix)
-    )
+    store = stores.score_store(settings)
     try:
         ingest = {
             "model_version": ingest_model.version,
@@ -212,8 +211,8 @@ def run_paths(settings: Settings, workdir: Path) -> dict[str, Any]:
         }
 
         # 2. feed: engagement for some songs, then pages as the API serves them.
-        counters = RedisEngagementCounters.from_url(
-            settings.redis.url.get_secret_value(), settings.redis.key_prefix, 3600
+        counters = open_engagement_counters(
+            settings.redis.url.get_secret_value(), key_prefix=settings.redis.key_prefix, dedup_window_s=3600
         )
         try:
             song_ids, event_ids, types = engagement(ids)
