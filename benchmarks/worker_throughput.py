@@ -84,7 +84,6 @@ from indexes import open_score_store  # noqa: E402
 from indexes.base import EmbeddingRecord, SongRecord  # noqa: E402
 from indexes.embedding_index import EmbeddingIndex  # noqa: E402
 from indexes.faiss_index import FaissIndexConfig, FaissVectorIndex  # noqa: E402
-from indexes.redis_store import RedisScoreStore, RedisStoreConfig  # noqa: E402
 from ranker.encoders import build_encoder  # noqa: E402
 from ranker.events import TASKS, SongGenerated  # noqa: E402
 from ranker.settings import (  # noqa: E402
@@ -645,7 +644,7 @@ def bench_store_path(
             ids = [f"store-{run}-{i:07d}" for i in range(n)]
             embeddings = random_records(ids, f"bench-{shape_name}", n_layers, dim, vector_dim, rng)
             songs = song_records(ids, rng)
-            store = RedisScoreStore(RedisStoreConfig(url=base.redis.url.get_secret_value(), key_prefix=f"bench{run}"))
+            store = open_score_store(base.redis.url.get_secret_value(), key_prefix=f"bench{run}")
             add_times: list[float] = []
             redis_times: list[float] = []
             with EmbeddingIndex(root / f"index-store-{run}", dim=vector_dim, use_gpu="never") as idx:
@@ -849,7 +848,7 @@ def part_store(stack: Stack, root: Path, args: argparse.Namespace, report: dict[
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("ranker.model.artifact").setLevel(logging.ERROR)  # "untrained head" on every start
+    logging.getLogger("ranker.model.registry").setLevel(logging.ERROR)  # "untrained head" on every start
     logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)  # slow-task notes under CPU contention
     logging.getLogger("ranker.audio").setLevel(logging.ERROR)  # the file:// advice (benchmark WAVs are local)
     skip = set(args.skip.split(","))

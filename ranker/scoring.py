@@ -26,7 +26,8 @@ import numpy as np
 from indexes.base import SongRecord
 from ranker.encoders.base import Encoder, EncoderSpec, pool_song
 from ranker.events import TASKS, SongScored
-from ranker.model.artifact import ScoringModel, load_or_init
+from ranker.model.artifact import ScoringModel
+from ranker.model.registry import load_or_init
 from ranker.serving.state import PRIOR_FIELD, cold_start_quality, model_like_rate
 
 if TYPE_CHECKING:

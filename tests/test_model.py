@@ -22,12 +22,11 @@ from ranker.model.artifact import (
     WEIGHTS_FILE,
     ModelArtifactError,
     ScoringModel,
-    load_or_init,
-    promote,
-    resolve_model_dir,
 )
 from ranker.model.head import SHARED_DIMS_BY_DEPTH, ApexHead, HeadConfig
-from ranker.model.targets import DEFAULT_GAMMA, TargetTransform, iso_week
+from ranker.model.registry import load_or_init, promote, resolve_model_dir
+from ranker.model.target_tables import iso_week
+from ranker.model.targets import DEFAULT_GAMMA, TargetTransform
 
 DIM = 32  # small features keep the tests fast; the head's shapes do not depend on it otherwise
 ENC = "logmel-test-v1"
@@ -692,7 +691,7 @@ def test_the_like_rate_curve_can_be_refitted_on_other_scores() -> None:
 
 
 def test_isotonic_fit_pools_ties_as_a_whole() -> None:
-    from ranker.model.targets import _isotonic
+    from ranker.model.target_tables import _isotonic
 
     ones = np.ones(4)
     # A tie group is one point: (0: .5) then (1: mean of .4 and .9 = .65), already increasing.

@@ -14,10 +14,11 @@ from scipy.stats import spearmanr
 from consumers.publish import catalog_events, publish_events
 from consumers.retrain import run_once
 from consumers.worker import Worker
+from indexes import ScoreStore
 from indexes.engagement_log import EngagementLog, LoggedEvent
-from indexes.redis_store import RedisScoreStore
 from ranker.features import FeatureSet
-from ranker.model.artifact import ScoringModel, resolve_model_dir
+from ranker.model.artifact import ScoringModel
+from ranker.model.registry import resolve_model_dir
 from ranker.model.retrain import (
     Observed,
     RetrainReport,
@@ -117,7 +118,7 @@ def scored_world(settings: Settings, catalog: Path) -> None:
 
 
 def test_retrain_promotes_a_better_head_rescoring_the_feed_and_never_a_worse_one(
-    settings: Settings, world: Path, store: RedisScoreStore
+    settings: Settings, world: Path, store: ScoreStore
 ) -> None:
     settings = settings.model_copy(update={"retrain": RetrainSettings(min_plays=10, epochs=40, margin=0.05)})
     scored_world(settings, world)

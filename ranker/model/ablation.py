@@ -34,7 +34,8 @@ import numpy as np
 from ranker.catalog import Catalog, CatalogError
 from ranker.events import POPULARITY_TASKS, TASKS
 from ranker.features import FeatureSet
-from ranker.model.evaluate import align, as_catalog, evaluate_report, write_json
+from ranker.model.evaluate import align, as_catalog, evaluate_report
+from ranker.model.report import write_json
 from ranker.model.train import TrainConfig, train_head
 
 log = logging.getLogger(__name__)

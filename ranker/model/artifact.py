@@ -1,43 +1,37 @@
-"""Model directories: how a trained (or seeded) APEX head is stored, versioned, loaded and promoted.
+"""Model directories: how a trained (or seeded) APEX head is stored, loaded and scored with.
 
 A model directory holds
 
 - ``model.safetensors``: the head's tensors (safetensors only: a model file can never run code);
-- ``config.json``: a :class:`ModelCard` (head config, encoder id, layers, target transform,
-  creation time, training info, and the model version it was saved as);
+- ``config.json``: a :class:`~ranker.model.card.ModelCard` (head config, encoder id, layers,
+  target transform, creation time, training info, and the model version it was saved as);
 - ``metrics.json`` (optional): evaluation results, informational only.
 
-The model version is derived from a sha256 over the tensors and the card (minus its creation
-time), so the same weights and settings always get the same version, and a version names
-exactly one behaviour. Trained heads are ``apex-<12 hex>``; untrained heads initialised from
-a seed are ``untrained-seed<N>-<12 hex>`` so that nobody mistakes their scores for real ones.
-
-``models_root/current`` (a symlink, or a file holding a directory name) says which version
-serves; :func:`promote` swaps it atomically.
+The version is a content hash (:mod:`ranker.model.card`). Which version serves, loading it (or a
+seeded head) and promoting another are in :mod:`ranker.model.registry`.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
 import shutil
 import uuid
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ValidationError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from ranker.errors import ConfigError
+from ranker.model.card import FORMAT, ModelCard, content_hash, version_from
 from ranker.model.head import ApexHead, HeadConfig
 from ranker.model.readout import LikeReadout
 
@@ -46,9 +40,6 @@ log = logging.getLogger(__name__)
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
-CURRENT_LINK = "current"
-FORMAT = "apexrank-head"
-FORMAT_VERSION = 1
 #: MERT hidden-state indices the paper pools (index 0 is the feature projection).
 DEFAULT_LAYERS: tuple[int, ...] = (2, 5, 8, 12)
 
@@ -57,78 +48,6 @@ Device = str | torch.device
 
 class ModelArtifactError(ConfigError):
     """A model directory is missing, incomplete, corrupt or does not fit the configured encoder."""
-
-
-class ModelCard(BaseModel):
-    """The contents of ``config.json``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    format: Literal["apexrank-head"] = "apexrank-head"
-    format_version: Literal[1] = 1
-    head: HeadConfig
-    encoder_id: str = Field(min_length=1, description="The encoder the head was trained on.")
-    layers: tuple[int, ...] | None = Field(None, description="Encoder layers pooled into the features.")
-    target_transform: dict[str, Any] | None = Field(
-        None, description="Parameters of the raw-count -> score transform (ranker.model.targets)."
-    )
-    created_at: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC))
-    like_readout: dict[str, Any] | None = Field(
-        None, description="A like-rate read-out that gives the likes output (ranker.model.readout); None: the head."
-    )
-    training: dict[str, Any] | None = Field(None, description="How it was trained; None: never trained.")
-    init_seed: int | None = Field(None, description="Seed the weights were initialised from.")
-    model_version: str | None = Field(None, description="Written on save; checked on load.")
-
-    @model_validator(mode="after")
-    def _check(self) -> ModelCard:
-        if self.layers is not None and len(self.layers) != self.head.n_layers:
-            raise ValueError(f"layers {list(self.layers)} do not match head.n_layers={self.head.n_layers}")
-        if self.training is None and self.init_seed is None:
-            raise ValueError("an untrained model (training is null) must record its init_seed")
-        if self.like_readout is not None:
-            readout = LikeReadout.from_dict(self.like_readout)
-            if "likes" not in self.head.tasks:
-                raise ValueError("a like read-out needs a head with a likes output")
-            if readout.dim != self.head.n_layers * self.head.input_dim:
-                raise ValueError(
-                    f"the like read-out takes {readout.dim} features; the head's are "
-                    f"{self.head.n_layers} x {self.head.input_dim}"
-                )
-        return self
-
-    def hashed_json(self) -> bytes:
-        """The card as canonical JSON, without the fields that do not change behaviour."""
-        data = self.model_dump(mode="json", exclude={"created_at", "model_version"})
-        if not data["head"].get("input_norm"):
-            del data["head"]["input_norm"]  # a card from before the field existed keeps its version
-        if data.get("like_readout") is None:
-            data.pop("like_readout", None)  # likewise
-        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
-
-
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    flat = t.detach().to("cpu").contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes()
-
-
-def content_hash(state: Mapping[str, torch.Tensor], card: ModelCard) -> str:
-    """sha256 over the card and every tensor (name, dtype, shape, bytes), in name order."""
-    h = hashlib.sha256()
-    h.update(f"{FORMAT}/{FORMAT_VERSION}\0".encode())
-    h.update(card.hashed_json())
-    for name in sorted(state):
-        t = state[name]
-        h.update(f"\0{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
-        h.update(_tensor_bytes(t))
-    return h.hexdigest()
-
-
-def version_from(digest: str, card: ModelCard) -> str:
-    """``apex-<12 hex>`` for trained heads, ``untrained-seed<N>-<12 hex>`` for seeded ones."""
-    if card.training is None:
-        return f"untrained-seed{card.init_seed}-{digest[:12]}"
-    return f"apex-{digest[:12]}"
 
 
 def resolve_device(device: Device) -> torch.device:
@@ -497,120 +416,3 @@ def _read_metrics(path: Path) -> dict[str, Any] | None:
         log.warning("ignoring %s: expected a JSON object", metrics_path)
         return None
     return data
-
-
-# Locating and promoting models ------------------------------------------------------
-def resolve_model_dir(head_dir: str | os.PathLike[str]) -> Path | None:
-    """The model directory that ``head_dir`` designates, or None when it designates none yet.
-
-    ``head_dir`` may be a model directory (or a symlink to one), a directory holding a
-    ``current`` symlink or ``current`` file, or a ``current`` file whose text names a model
-    directory relative to the folder it lives in. A ``current`` pointer to nothing is an error:
-    silently serving an untrained head instead would hide a broken deployment.
-    """
-    path = Path(head_dir)
-    if path.is_file():
-        return _follow_pointer_file(path)
-    if path.is_symlink() and not path.exists():
-        raise ModelArtifactError(f"{path} is a symlink to {os.readlink(path)}, which does not exist")
-    if not path.is_dir():
-        return None
-    if (path / CONFIG_FILE).exists() or (path / WEIGHTS_FILE).exists():
-        # Resolve a symlink once, so that a promote() racing with the load cannot mix the
-        # config of one version with the weights of another.
-        return path.resolve() if path.is_symlink() else path
-    current = path / CURRENT_LINK
-    if current.is_symlink() or current.exists():
-        return resolve_model_dir(current)
-    return None
-
-
-def _follow_pointer_file(path: Path) -> Path:
-    name = path.read_text(encoding="utf-8").strip()
-    if not name:
-        raise ModelArtifactError(f"{path} is empty; it should name a model directory")
-    target = path.parent / name
-    if not target.is_dir():
-        raise ModelArtifactError(f"{path} names {name!r}, but {target} is not a directory")
-    return target
-
-
-def load_or_init(
-    head_dir: str | os.PathLike[str] | None,
-    *,
-    input_dim: int,
-    encoder_id: str,
-    seed: int,
-    n_layers: int = 4,
-    layers: Sequence[int] | None = None,
-    device: Device = "cpu",
-) -> ScoringModel:
-    """Load the model ``head_dir`` designates, or, when there is none, the head seeded by ``seed``.
-
-    A loaded model must have been trained on the configured encoder: its encoder_id, input
-    size, layer count (and ``layers``, when given) must match, else :class:`ConfigError`.
-    """
-    model_dir = resolve_model_dir(head_dir) if head_dir is not None else None
-    if model_dir is None:
-        model = ScoringModel.from_seed(
-            input_dim,
-            seed,
-            encoder_id,
-            n_layers=n_layers,
-            layers=tuple(layers) if layers is not None else DEFAULT_LAYERS,
-            device=device,
-        )
-        log.warning("no trained APEX head at %s: using %s (scores are not meaningful)", head_dir, model.version)
-        return model
-    model = ScoringModel.load(model_dir, device=device)
-    problems = []
-    if model.encoder_id != encoder_id:
-        problems.append(f"it was trained on encoder {model.encoder_id!r}, the configured encoder is {encoder_id!r}")
-    if model.input_dim != input_dim or model.n_layers != n_layers:
-        problems.append(
-            f"it expects features of shape ({model.n_layers}, {model.input_dim}), "
-            f"the encoder gives ({n_layers}, {input_dim})"
-        )
-    if layers is not None and model.layers is not None and tuple(layers) != model.layers:
-        problems.append(f"it was trained on layers {list(model.layers)}, the configured layers are {list(layers)}")
-    if problems:
-        raise ConfigError(
-            f"the APEX head at {model_dir} ({model.version}) does not fit this encoder: "
-            + "; ".join(problems)
-            + ". Configure the encoder it was trained on, point model.head_dir at a head trained "
-            "for this encoder, or remove the head to start from the untrained seeded one."
-        )
-    log.info("loaded APEX head %s from %s", model.version, model_dir)
-    return model
-
-
-def promote(models_root: str | os.PathLike[str], model_dir: str | os.PathLike[str]) -> str:
-    """Point ``models_root/current`` at ``model_dir`` atomically; returns the promoted version.
-
-    The model is loaded first (so a broken directory is never promoted); the new symlink is
-    made beside the old one and renamed over it, so readers see either the old or the new
-    model, never neither. The link is relative when ``model_dir`` is inside ``models_root``.
-    """
-    root = Path(models_root)
-    target = Path(model_dir)
-    model = ScoringModel.load(target)
-    root.mkdir(parents=True, exist_ok=True)
-    current = root / CURRENT_LINK
-    if current.is_dir() and not current.is_symlink():
-        raise ModelArtifactError(f"{current} is a real directory; move it aside so it can become a symlink")
-    try:
-        link_target = os.path.relpath(target.resolve(), root.resolve())
-        if link_target.startswith(os.pardir):
-            link_target = str(target.resolve())
-    except ValueError:  # different drives
-        link_target = str(target.resolve())
-    tmp = root / f".{CURRENT_LINK}.tmp-{uuid.uuid4().hex[:8]}"
-    os.symlink(link_target, tmp, target_is_directory=True)
-    try:
-        os.replace(tmp, current)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(root)
-    log.info("promoted %s (%s)", model.version, target)
-    return model.version

@@ -54,9 +54,10 @@ import pyarrow.compute as pc
 from ranker.catalog import Catalog
 from ranker.events import AESTHETIC_TASKS, POPULARITY_TASKS
 from ranker.features import FeatureSet
-from ranker.model.artifact import ScoringModel, promote
+from ranker.model.artifact import ScoringModel
 from ranker.model.evaluate import evaluate, fit_transform
 from ranker.model.readout import fit_like_readout
+from ranker.model.registry import promote
 from ranker.model.targets import TargetTransform
 from ranker.model.train import TrainConfig, train_head
 

@@ -57,13 +57,13 @@ from ranker.model.evaluate import (
     align,
     as_catalog,
     fit_transform,
-    json_safe,
     predict_songs,
     regression_metrics,
     require_columns,
     target_matrix,
 )
 from ranker.model.head import SHARED_DIMS_BY_DEPTH, ApexHead, HeadConfig, LayerMix, LossMode
+from ranker.model.report import json_safe
 from ranker.model.targets import DEFAULT_GAMMA, DEFAULT_MIN_COHORT_SIZE, CohortMode
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,146 @@
+"""Which model serves: locating the current one, loading it (or a seeded head) and promoting another.
+
+``models_root`` holds one directory per model version (``models_root/<version>``, see
+:mod:`ranker.model.artifact`); ``models_root/current`` (a symlink, or a file holding a directory
+name) says which version serves, and :func:`promote` swaps it atomically. Kept apart from the
+model directory itself because this is deployment state that workers and the retrain job share.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from ranker.errors import ConfigError
+from ranker.model.artifact import (
+    CONFIG_FILE,
+    DEFAULT_LAYERS,
+    WEIGHTS_FILE,
+    Device,
+    ModelArtifactError,
+    ScoringModel,
+    _fsync_dir,
+)
+
+log = logging.getLogger(__name__)
+
+CURRENT_LINK = "current"
+
+
+def resolve_model_dir(head_dir: str | os.PathLike[str]) -> Path | None:
+    """The model directory that ``head_dir`` designates, or None when it designates none yet.
+
+    ``head_dir`` may be a model directory (or a symlink to one), a directory holding a
+    ``current`` symlink or ``current`` file, or a ``current`` file whose text names a model
+    directory relative to the folder it lives in. A ``current`` pointer to nothing is an error:
+    silently serving an untrained head instead would hide a broken deployment.
+    """
+    path = Path(head_dir)
+    if path.is_file():
+        return _follow_pointer_file(path)
+    if path.is_symlink() and not path.exists():
+        raise ModelArtifactError(f"{path} is a symlink to {os.readlink(path)}, which does not exist")
+    if not path.is_dir():
+        return None
+    if (path / CONFIG_FILE).exists() or (path / WEIGHTS_FILE).exists():
+        # Resolve a symlink once, so that a promote() racing with the load cannot mix the
+        # config of one version with the weights of another.
+        return path.resolve() if path.is_symlink() else path
+    current = path / CURRENT_LINK
+    if current.is_symlink() or current.exists():
+        return resolve_model_dir(current)
+    return None
+
+
+def _follow_pointer_file(path: Path) -> Path:
+    name = path.read_text(encoding="utf-8").strip()
+    if not name:
+        raise ModelArtifactError(f"{path} is empty; it should name a model directory")
+    target = path.parent / name
+    if not target.is_dir():
+        raise ModelArtifactError(f"{path} names {name!r}, but {target} is not a directory")
+    return target
+
+
+def load_or_init(
+    head_dir: str | os.PathLike[str] | None,
+    *,
+    input_dim: int,
+    encoder_id: str,
+    seed: int,
+    n_layers: int = 4,
+    layers: Sequence[int] | None = None,
+    device: Device = "cpu",
+) -> ScoringModel:
+    """Load the model ``head_dir`` designates, or, when there is none, the head seeded by ``seed``.
+
+    A loaded model must have been trained on the configured encoder: its encoder_id, input
+    size, layer count (and ``layers``, when given) must match, else :class:`ConfigError`.
+    """
+    model_dir = resolve_model_dir(head_dir) if head_dir is not None else None
+    if model_dir is None:
+        model = ScoringModel.from_seed(
+            input_dim,
+            seed,
+            encoder_id,
+            n_layers=n_layers,
+            layers=tuple(layers) if layers is not None else DEFAULT_LAYERS,
+            device=device,
+        )
+        log.warning("no trained APEX head at %s: using %s (scores are not meaningful)", head_dir, model.version)
+        return model
+    model = ScoringModel.load(model_dir, device=device)
+    problems = []
+    if model.encoder_id != encoder_id:
+        problems.append(f"it was trained on encoder {model.encoder_id!r}, the configured encoder is {encoder_id!r}")
+    if model.input_dim != input_dim or model.n_layers != n_layers:
+        problems.append(
+            f"it expects features of shape ({model.n_layers}, {model.input_dim}), "
+            f"the encoder gives ({n_layers}, {input_dim})"
+        )
+    if layers is not None and model.layers is not None and tuple(layers) != model.layers:
+        problems.append(f"it was trained on layers {list(model.layers)}, the configured layers are {list(layers)}")
+    if problems:
+        raise ConfigError(
+            f"the APEX head at {model_dir} ({model.version}) does not fit this encoder: "
+            + "; ".join(problems)
+            + ". Configure the encoder it was trained on, point model.head_dir at a head trained "
+            "for this encoder, or remove the head to start from the untrained seeded one."
+        )
+    log.info("loaded APEX head %s from %s", model.version, model_dir)
+    return model
+
+
+def promote(models_root: str | os.PathLike[str], model_dir: str | os.PathLike[str]) -> str:
+    """Point ``models_root/current`` at ``model_dir`` atomically; returns the promoted version.
+
+    The model is loaded first (so a broken directory is never promoted); the new symlink is
+    made beside the old one and renamed over it, so readers see either the old or the new
+    model, never neither. The link is relative when ``model_dir`` is inside ``models_root``.
+    """
+    root = Path(models_root)
+    target = Path(model_dir)
+    model = ScoringModel.load(target)
+    root.mkdir(parents=True, exist_ok=True)
+    current = root / CURRENT_LINK
+    if current.is_dir() and not current.is_symlink():
+        raise ModelArtifactError(f"{current} is a real directory; move it aside so it can become a symlink")
+    try:
+        link_target = os.path.relpath(target.resolve(), root.resolve())
+        if link_target.startswith(os.pardir):
+            link_target = str(target.resolve())
+    except ValueError:  # different drives
+        link_target = str(target.resolve())
+    tmp = root / f".{CURRENT_LINK}.tmp-{uuid.uuid4().hex[:8]}"
+    os.symlink(link_target, tmp, target_is_directory=True)
+    try:
+        os.replace(tmp, current)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(root)
+    log.info("promoted %s (%s)", model.version, target)
+    return model.version
