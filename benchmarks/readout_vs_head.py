@@ -1,6 +1,6 @@
 """How well a retrain's likes model ranks new songs, learned from a few dozen played songs (synthetic).
 
-The loop simulation's songs (``consumers.simulate_loop``: its world, its history-trained initial
+The loop simulation's songs (``consumers.loop_world``: its world, its history-trained initial
 head, its listeners) are embedded with the log-mel baseline. The first ``--train`` songs get plays
 (Poisson around ``--plays``) and likes drawn from the listeners' like rate; the rest are the new
 songs. Printed per seed: Spearman of each model's likes output with the listeners' like rate on the
@@ -24,8 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from scipy.stats import spearmanr
 
-from consumers.simulate_loop import LoopConfig, _build_world, _pretrain_head, audience_like_rates
-from ranker.features import embed_catalog, load_features
+from consumers.loop_world import LoopConfig, _build_world, _pretrain_head, audience_like_rates
+from ranker.embed import embed_catalog
+from ranker.features import load_features
 from ranker.model.readout import fit_like_readout
 from ranker.model.retrain import Observed, _median, smoothed_like_rates, training_catalog
 from ranker.model.train import TrainConfig, train_head

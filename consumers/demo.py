@@ -94,9 +94,11 @@ def run_demo(settings: Settings, *, songs: int, seed: int, out: Path, train_song
 
 def train_demo_head(settings: Settings, console: Console, *, out: Path, n_songs: int, seed: int) -> str:
     """Synthesise, embed, train on all but a held-out fifth, print its metrics, promote it."""
-    from ranker.features import embed_catalog, load_features
-    from ranker.model.artifact import promote
-    from ranker.model.evaluate import evaluate, metrics_table
+    from ranker.embed import embed_catalog
+    from ranker.features import load_features
+    from ranker.model.evaluate import evaluate
+    from ranker.model.registry import promote
+    from ranker.model.report import metrics_table
     from ranker.model.train import TrainConfig, train_head
     from ranker.synth import simulate_catalog
 

@@ -75,7 +75,7 @@ def _models_root(settings: Settings, explicit: str | None) -> Path:
 
 
 def _promote(settings: Settings, model_dir: Path, root: str | None) -> None:
-    from ranker.model.artifact import promote
+    from ranker.model.registry import promote
 
     models_root = _models_root(settings, root)
     version = promote(models_root, model_dir)
@@ -86,7 +86,7 @@ def _promote(settings: Settings, model_dir: Path, root: str | None) -> None:
 @_guard
 def cmd_embed(args: argparse.Namespace) -> int:
     """Embed a catalog's audio once into a features directory (resumable)."""
-    from ranker.features import embed_catalog
+    from ranker.embed import embed_catalog
 
     settings = _settings(args)
     report = embed_catalog(
@@ -102,7 +102,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if report.failed > args.show_failures:
         print(f"  ... and {report.failed - args.show_failures} more")
     if args.json:
-        from ranker.model.evaluate import write_json
+        from ranker.model.report import write_json
 
         write_json(args.json, report.to_dict())
     nothing_worked = report.total > 0 and report.embedded + report.skipped_existing == 0
@@ -145,7 +145,7 @@ def _train_config(args: argparse.Namespace) -> Any:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a head on cached features; save it as a model directory (and optionally promote it)."""
     from ranker.features import load_features
-    from ranker.model.evaluate import print_metrics, write_json
+    from ranker.model.report import print_metrics, write_json
     from ranker.model.train import train_head
     from ranker.settings import Settings
 
@@ -174,8 +174,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ranker.features import load_features
-    from ranker.model.artifact import ModelArtifactError, ScoringModel, resolve_model_dir
-    from ranker.model.evaluate import evaluate_battles, evaluate_report, metrics_table, write_json
+    from ranker.model.artifact import ModelArtifactError, ScoringModel
+    from ranker.model.battles import evaluate_battles
+    from ranker.model.evaluate import evaluate_report
+    from ranker.model.registry import resolve_model_dir
+    from ranker.model.report import metrics_table, write_json
 
     model_dir = resolve_model_dir(args.model)
     if model_dir is None:

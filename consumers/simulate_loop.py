@@ -8,6 +8,9 @@ topic (the real :class:`~consumers.feedback.FeedbackConsumer` counts them). The 
 (songs, users, their tastes, their random draws) is replayed under each policy, each in its
 own namespace (topics, consumer groups, Redis key prefix, index and state directories).
 docs/loop-simulation.md describes the design and its results. All of it is SYNTHETIC.
+
+This module runs the loop and is the CLI's entry point; the world and the simulation's knobs are
+:mod:`consumers.loop_world`, the outcomes, table and plot :mod:`consumers.loop_report`.
 """
 
 from __future__ import annotations
@@ -18,21 +21,20 @@ import logging
 import math
 import sys
 import time
-import typing
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-import soundfile as sf
 
 from consumers.feedback import FeedbackConsumer
 from consumers.kafka_io import all_topics, ensure_topics, flush_or_raise, make_producer
+from consumers.loop_report import LoopResult, PolicyOutcome, _prior_spearman, plot_like_rates, print_result
+from consumers.loop_world import LoopConfig, _build_world, _logit, _pretrain_head, loop_config
 from consumers.publish import publish_events
 from consumers.retrain import run_once
 from consumers.worker import Worker
@@ -49,15 +51,7 @@ from ranker.settings import (
     Settings,
     TopicSettings,
 )
-from ranker.synth import (
-    APPEAL_WEIGHTS,
-    STYLES,
-    appeal_scores,
-    like_probability,
-    sample_song_spec,
-    simulate_catalog,
-    synthesize_song,
-)
+from ranker.synth import STYLES
 
 log = logging.getLogger(__name__)
 
@@ -65,216 +59,6 @@ log = logging.getLogger(__name__)
 POLICIES: tuple[str, ...] = ("random", "newest", "prior-only", "prior+evidence", "prior+evidence+retrain")
 #: A prior strength so large that no amount of plays moves the posterior off the prior.
 PRIOR_ONLY_STRENGTH = 1e12
-#: The default listeners: against the history's audience (synth.APPEAL_WEIGHTS) they care much less about
-#: consonance, dislike repetition, and weigh clean, smooth production more.
-LISTENER_WEIGHTS: tuple[tuple[str, float], ...] = (
-    ("consonance", 0.2),
-    ("steadiness", 0.6),
-    ("repetition", -0.5),
-    ("clean", 1.5),
-    ("smoothness", 1.0),
-)
-
-
-@dataclass(frozen=True)
-class LoopConfig:
-    """The knobs of the simulation that are not part of the CLI (defaults are documented)."""
-
-    page_size: int = 10  # songs a user is shown per simulated hour
-    plays_per_user: int = 3  # of which they play this many, position-biased
-    style_boost: float = 1.0  # log-odds added to a song's like probability for a user of its style
-    history_songs: int = 600  # songs of the separate "history" catalog the initial head is trained on
-    history_epochs: int = 60
-    # A few hundred songs: small batches and a larger step (TrainConfig's 512 and 1e-4 make one step an epoch,
-    # and the head barely leaves its initialisation), with early stopping on the validation songs.
-    history_lr: float = 1e-3
-    history_batch_size: int = 32
-    history_patience: int = 10
-    duration_s: float = 2.0  # length of every synthetic song
-    retrain_every_h: int = 1
-    retrain_min_plays: int = 4
-    retrain_epochs: int = 20
-    retrain_margin: float = 0.01  # the gate's margin (RetrainSettings' default)
-    retrain_holdout_fraction: float = 0.2  # the newest share of the retraining songs the gate judges on (the default)
-    retrain_lr: float | None = None  # None: TrainConfig's (1e-4); small retraining sets barely move at that rate
-    retrain_batch_size: int | None = None  # None: TrainConfig's (512)
-    retrain_targets: Literal["exposure", "counts"] = "exposure"  # RetrainSettings.targets
-    retrain_likes_model: Literal["readout", "head"] = "readout"  # RetrainSettings.likes_model
-    #: The feed's freshness half-life in simulated hours. A run compresses days of arrivals into a few hours, so
-    #: the feed's freshness is scaled to the simulated clock (None: FeedPolicy's 72 h, no decay to speak of).
-    half_life_hours: float | None = 2.0
-    retrain_rate_prior_plays: float = 20.0
-    idle_s: float = 0.8  # worker / feedback ``until_idle_s`` per simulated hour
-    max_candidates: int = 2000  # random / newest: how much of the feed is fetched to be re-ordered
-    #: The loop's listeners weigh the qualities differently from the history's audience (None, or
-    #: ``--set audience_weights=history``: the same weights, synth.APPEAL_WEIGHTS). The initial head only knows
-    #: the history's taste, as APEX knows the taste of Suno's and Udio's public; retraining can learn theirs.
-    audience_weights: tuple[tuple[str, float], ...] | None = LISTENER_WEIGHTS
-
-    def __post_init__(self) -> None:
-        counts: tuple[str, ...] = ("page_size", "plays_per_user", "history_songs", "history_epochs")
-        counts += ("history_batch_size", "history_patience", "retrain_every_h", "retrain_min_plays")
-        counts += ("retrain_epochs", "max_candidates")
-        bad = [name for name in counts if getattr(self, name) < 1]
-        if self.retrain_batch_size is not None and self.retrain_batch_size < 2:
-            bad.append("retrain_batch_size")
-        bad += [name for name in ("duration_s", "idle_s", "history_lr") if not getattr(self, name) > 0]
-        if self.retrain_lr is not None and not self.retrain_lr > 0:
-            bad.append("retrain_lr")
-        if self.retrain_margin < 0:
-            bad.append("retrain_margin")
-        if not 0 < self.retrain_holdout_fraction < 1:
-            bad.append("retrain_holdout_fraction")
-        if self.retrain_rate_prior_plays < 0:
-            bad.append("retrain_rate_prior_plays")
-        if self.half_life_hours is not None and not self.half_life_hours > 0:
-            bad.append("half_life_hours")
-        if self.retrain_targets not in ("exposure", "counts"):
-            bad.append("retrain_targets")
-        if self.retrain_likes_model not in ("readout", "head"):
-            bad.append("retrain_likes_model")
-        if bad:
-            raise ValueError(f"LoopConfig: {', '.join(bad)} out of range")
-        unknown = sorted({name for name, _ in self.audience_weights or ()} - set(APPEAL_WEIGHTS))
-        if unknown:
-            raise ValueError(f"LoopConfig: unknown audience_weights {unknown}; known: {sorted(APPEAL_WEIGHTS)}")
-
-
-@dataclass
-class PolicyOutcome:
-    """One policy's engagement, hour by hour."""
-
-    plays: list[int] = field(default_factory=list)
-    likes: list[int] = field(default_factory=list)
-    expected_likes: list[float] = field(default_factory=list)  # sum of the true like probabilities played
-    promotions: int = 0
-    retrains: int = 0
-    #: After each promotion: Spearman(the new head's prior like rate, audience like rate) over the songs so far
-    #: (including the songs it was trained on).
-    promoted_prior_spearman: list[float | None] = field(default_factory=list)
-    first_promotion_hour: int | None = None
-    #: At the end: Spearman(this policy's prior like rate, audience like rate) over the songs that arrived after
-    #: the retrain policy's first promotion, which the first promoted head was not trained on (a later promotion
-    #: may have trained on some of them; None without a promotion).
-    late_prior_spearman: float | None = None
-
-    @property
-    def like_rate(self) -> float:
-        plays = sum(self.plays)
-        return sum(self.likes) / plays if plays else 0.0
-
-    @property
-    def expected_like_rate(self) -> float:
-        """The mean true like probability of the songs played: the like rate without the coin flips."""
-        plays = sum(self.plays)
-        return sum(self.expected_likes) / plays if plays else 0.0
-
-    def hourly_rates(self) -> list[float]:
-        return [lk / p if p else 0.0 for p, lk in zip(self.plays, self.likes, strict=True)]
-
-    def hourly_expected_rates(self) -> list[float]:
-        return [lk / p if p else 0.0 for p, lk in zip(self.plays, self.expected_likes, strict=True)]
-
-
-@dataclass
-class LoopResult:
-    """What :func:`run_loop_simulation` measured, and where it wrote it."""
-
-    seed: int
-    songs: int
-    users: int
-    hours: int
-    outcomes: dict[str, PolicyOutcome]
-    prior_spearman: float | None = None  # Spearman(prior like rate, true like probability) over the songs
-    json_path: Path | None = None
-    png_path: Path | None = None
-
-    def like_rates(self) -> dict[str, float]:
-        return {p: o.like_rate for p, o in self.outcomes.items()}
-
-    def expected_like_rates(self) -> dict[str, float]:
-        return {p: o.expected_like_rate for p, o in self.outcomes.items()}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "seed": self.seed,
-            "songs": self.songs,
-            "users": self.users,
-            "hours": self.hours,
-            "prior_spearman": self.prior_spearman,
-            "like_rate": self.like_rates(),
-            "expected_like_rate": self.expected_like_rates(),
-            "hourly_like_rate": {p: o.hourly_rates() for p, o in self.outcomes.items()},
-            "outcomes": {p: asdict(o) for p, o in self.outcomes.items()},
-        }
-
-
-# --------------------------------------------------------------------------- the world
-
-
-@dataclass(frozen=True)
-class _Song:
-    song_id: str
-    style: str
-    generator: str
-    hour: int
-    like_prob: float
-    path: Path
-
-
-@dataclass(frozen=True)
-class _World:
-    songs: list[_Song]
-    user_styles: list[str]
-    start: datetime  # created_at of hour 0; the last hour's songs are created about "now"
-
-
-def _logit(p: float) -> float:
-    return math.log(p / (1.0 - p))
-
-
-def _build_world(*, songs: int, users: int, hours: int, seed: int, out_dir: Path, cfg: LoopConfig) -> _World:
-    audio = out_dir / "audio"
-    audio.mkdir(parents=True, exist_ok=True)
-    truth_rng = np.random.default_rng(np.random.SeedSequence([seed, 101]))
-    out: list[_Song] = []
-    for i in range(songs):
-        spec = sample_song_spec(np.random.default_rng(np.random.SeedSequence([seed, 100, i])))
-        q = spec.qualities.as_array()[None, :]
-        weights = dict(cfg.audience_weights) if cfg.audience_weights is not None else None
-        p = float(like_probability(appeal_scores(q, [spec.style], truth_rng, weights=weights))[0])
-        song_id = f"syn-loop-{seed}-{i:05d}"
-        path = audio / f"{song_id}.wav"
-        if not path.is_file():
-            y = synthesize_song(spec.audio_seed, spec.qualities, spec.style, cfg.duration_s, generator=spec.generator)
-            sf.write(path, y, 24_000)
-        out.append(_Song(song_id, spec.style, spec.generator, i * hours // songs, p, path))
-    names = list(STYLES)
-    shares = np.array([STYLES[n].share for n in names])
-    user_rng = np.random.default_rng(np.random.SeedSequence([seed, 102]))
-    styles = [names[int(k)] for k in user_rng.choice(len(names), size=users, p=shares / shares.sum())]
-    start = datetime.now(UTC) - timedelta(hours=hours)
-    return _World(out, styles, start)
-
-
-def _pretrain_head(settings: Settings, *, seed: int, out_dir: Path, cfg: LoopConfig) -> Any:
-    """An APEX head trained on a separate synthetic history catalog, so the prior means something."""
-    from ranker.features import embed_catalog, load_features
-    from ranker.model.train import TrainConfig, train_head
-
-    catalog = simulate_catalog(
-        out_dir / "history", n_songs=cfg.history_songs, seed=seed + 7919, duration_s=cfg.duration_s
-    ).catalog_path
-    feats = out_dir / "history-features"
-    embed_catalog(catalog, feats, settings, progress=False)
-    config = TrainConfig(
-        epochs=cfg.history_epochs,
-        patience=cfg.history_patience,
-        lr=cfg.history_lr,
-        batch_size=cfg.history_batch_size,
-        seed=seed,
-    )
-    return train_head(load_features(feats), catalog, config).model
 
 
 # --------------------------------------------------------------------------- one namespace per policy
@@ -408,7 +192,7 @@ def run_loop_simulation(
     """Run the seeded loop under each policy on the services ``settings`` points at; see the module docstring."""
     from fastapi.testclient import TestClient
 
-    from ranker.model.artifact import promote
+    from ranker.model.registry import promote
     from ranker.serving.api import create_app
 
     cfg = config or LoopConfig()
@@ -540,108 +324,7 @@ def run_loop_simulation(
     return result
 
 
-# --------------------------------------------------------------------------- reporting
-
-
-def audience_like_rates(world: _World, cfg: LoopConfig) -> dict[str, float]:
-    """Each song's like rate over the whole audience: its listeners' like probabilities, averaged.
-
-    What the feed's like rate measures, and what a head retrained on this audience can learn (the
-    style boost included, which the history's targets do not have).
-    """
-    shares: dict[str, float] = {}
-    for style in world.user_styles:
-        shares[style] = shares.get(style, 0.0) + 1.0 / len(world.user_styles)
-    return {
-        s.song_id: sum(
-            share / (1.0 + math.exp(-(_logit(s.like_prob) + (cfg.style_boost if style == s.style else 0.0))))
-            for style, share in shares.items()
-        )
-        for s in world.songs
-    }
-
-
-def _prior_spearman(items: list[dict[str, Any]], world: _World, cfg: LoopConfig) -> float | None:
-    """How well a head's prior like rate orders these songs by the audience's like rate."""
-    truth = audience_like_rates(world, cfg)
-    pairs = [(float(it["components"]["prior_rate"]), truth[it["song_id"]]) for it in items if it["song_id"] in truth]
-    if len(pairs) < 3:
-        return None
-    a, b = (np.argsort(np.argsort(np.array(col))).astype(np.float64) for col in zip(*pairs, strict=True))
-    return float(np.corrcoef(a, b)[0, 1])
-
-
-def print_result(result: LoopResult) -> None:
-    """The like rate per simulated hour per policy, and overall, as a rich table."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(
-        title=f"like rate per simulated hour (seed {result.seed}, {result.songs} songs, {result.users} users)"
-    )
-    table.add_column("policy")
-    for h in range(result.hours):
-        table.add_column(f"h{h}", justify="right")
-    table.add_column("overall", justify="right", style="bold")
-    table.add_column("plays", justify="right")
-    for p, o in result.outcomes.items():
-        table.add_row(p, *(f"{r:.3f}" for r in o.hourly_rates()), f"{o.like_rate:.3f}", str(sum(o.plays)))
-    Console(width=max(100, 40 + 8 * result.hours)).print(table)
-
-
-def plot_like_rates(result: LoopResult, path: Path) -> Path | None:
-    """A PNG of the like rate per simulated hour per policy; None when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no plot written")
-        return None
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for p, o in result.outcomes.items():
-        ax.plot(range(result.hours), o.hourly_rates(), marker="o", label=f"{p} ({o.like_rate:.3f})")
-    ax.set_xlabel("simulated hour")
-    ax.set_ylabel("like rate (likes / plays)")
-    ax.set_title(f"apexrank loop simulation (synthetic; seed {result.seed})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 # --------------------------------------------------------------------------- CLI
-
-
-def loop_config(overrides: Sequence[str]) -> LoopConfig:
-    """A :class:`LoopConfig` with ``KEY=VALUE`` overrides (the CLI's ``--set``)."""
-    hints = typing.get_type_hints(LoopConfig)
-    values: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or key not in hints:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE, KEY one of {', '.join(sorted(hints))}")
-        try:
-            if key == "audience_weights" and raw == "history":
-                values[key] = None
-            elif key == "audience_weights":
-                pairs = (part.split(":") for part in raw.split(","))
-                values[key] = tuple((name.strip(), float(w)) for name, w in pairs)
-            elif typing.get_origin(hints[key]) is Literal:
-                values[key] = raw
-            elif int in typing.get_args(hints[key]) or hints[key] is int:
-                values[key] = int(raw)
-            else:
-                values[key] = float(raw)
-        except ValueError as exc:
-            raise ValueError(f"--set {item!r}: {exc}") from None
-    try:
-        return LoopConfig(**values)
-    except ValueError as exc:
-        raise ValueError(f"--set: {exc}") from None
 
 
 def cmd_simulate_loop(args: argparse.Namespace) -> int:

@@ -38,7 +38,7 @@ from ranker import stores
 from ranker.audio import check_file_policy
 from ranker.encoders import build_encoder
 from ranker.errors import ConfigError
-from ranker.model.artifact import resolve_model_dir
+from ranker.model.registry import resolve_model_dir
 from ranker.scoring import load_current_model
 from ranker.settings import Settings
 

@@ -1,6 +1,6 @@
 """The offline segment store: per-song segment features and embedding failures, in one SQLite file.
 
-``apexrank embed`` (:func:`ranker.features.embed_catalog`) writes it beside the
+``apexrank embed`` (:func:`ranker.embed.embed_catalog`) writes it beside the
 embedding store of a features directory (``segments.sqlite``); the ablation's
 "segment" input mode trains on it. One row per song, so that loading 100k songs is
 100k rows, not millions::

@@ -12,16 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from consumers.simulate_loop import (
+from consumers.loop_world import (
     LISTENER_WEIGHTS,
-    POLICIES,
     LoopConfig,
     _Song,
     _World,
     audience_like_rates,
     loop_config,
-    run_loop_simulation,
 )
+from consumers.simulate_loop import POLICIES, run_loop_simulation
 from ranker.settings import Settings
 
 

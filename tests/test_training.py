@@ -25,33 +25,26 @@ from torch import nn
 
 from ranker import synth
 from ranker.catalog import CatalogError, read_catalog
+from ranker.embed import embed_catalog
 from ranker.encoders.base import pool_song
 from ranker.events import AESTHETIC_TASKS, POPULARITY_TASKS, TASKS
 from ranker.features import (
     FeatureSet,
     FeatureStoreError,
-    embed_catalog,
     load_features,
 )
 from ranker.model.ablation import all_conditions, paper_conditions, run_ablation
-from ranker.model.artifact import ScoringModel, load_or_init
-from ranker.model.evaluate import (
-    BattleError,
-    cross_validated_logistic,
-    evaluate,
-    evaluate_battles,
-    evaluate_report,
-    read_battles,
-    regression_metrics,
-    roc_auc,
-    write_json,
-)
+from ranker.model.artifact import ScoringModel
+from ranker.model.battles import BattleError, cross_validated_logistic, evaluate_battles, read_battles, roc_auc
+from ranker.model.evaluate import evaluate, evaluate_report, regression_metrics
+from ranker.model.registry import load_or_init
 from ranker.model.released import (
     ReleasedCheckpointError,
     load_released,
     mert_encoder_id,
     paper_layer_mix,
 )
+from ranker.model.report import write_json
 from ranker.model.train import TrainConfig, train_head
 from ranker.settings import AudioSettings, ModelSettings, Settings
 

@@ -48,7 +48,7 @@ def encoder_spec(settings: Settings) -> EncoderSpec:
     """
     spec: EncoderSpec
     if settings.encoder == "mert":
-        from ranker.encoders.mert import mert_encoder_spec
+        from ranker.encoders.mert_checkpoint import mert_encoder_spec
 
         spec = mert_encoder_spec(settings.model, offline=settings.offline)
     elif settings.encoder == "logmel":

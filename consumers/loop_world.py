@@ -1,0 +1,221 @@
+"""The loop simulation's world: its knobs (:class:`LoopConfig`), songs, listeners and initial head.
+
+Everything here is fixed by the seed before any policy runs: each song's style, audio, arrival
+hour and true like probability, each listener's style, and the APEX head trained on a separate
+synthetic history catalog. :mod:`consumers.simulate_loop` replays this world under each feed
+policy (docs/loop-simulation.md). Kept apart from the run loop and the reporting so that each
+module stays short. All of it is SYNTHETIC.
+"""
+
+from __future__ import annotations
+
+import math
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import soundfile as sf
+
+from ranker.settings import Settings
+from ranker.synth import (
+    APPEAL_WEIGHTS,
+    STYLES,
+    appeal_scores,
+    like_probability,
+    sample_song_spec,
+    simulate_catalog,
+    synthesize_song,
+)
+
+#: The default listeners: against the history's audience (synth.APPEAL_WEIGHTS) they care much less about
+#: consonance, dislike repetition, and weigh clean, smooth production more.
+LISTENER_WEIGHTS: tuple[tuple[str, float], ...] = (
+    ("consonance", 0.2),
+    ("steadiness", 0.6),
+    ("repetition", -0.5),
+    ("clean", 1.5),
+    ("smoothness", 1.0),
+)
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """The knobs of the simulation that are not part of the CLI (defaults are documented)."""
+
+    page_size: int = 10  # songs a user is shown per simulated hour
+    plays_per_user: int = 3  # of which they play this many, position-biased
+    style_boost: float = 1.0  # log-odds added to a song's like probability for a user of its style
+    history_songs: int = 600  # songs of the separate "history" catalog the initial head is trained on
+    history_epochs: int = 60
+    # A few hundred songs: small batches and a larger step (TrainConfig's 512 and 1e-4 make one step an epoch,
+    # and the head barely leaves its initialisation), with early stopping on the validation songs.
+    history_lr: float = 1e-3
+    history_batch_size: int = 32
+    history_patience: int = 10
+    duration_s: float = 2.0  # length of every synthetic song
+    retrain_every_h: int = 1
+    retrain_min_plays: int = 4
+    retrain_epochs: int = 20
+    retrain_margin: float = 0.01  # the gate's margin (RetrainSettings' default)
+    retrain_holdout_fraction: float = 0.2  # the newest share of the retraining songs the gate judges on (the default)
+    retrain_lr: float | None = None  # None: TrainConfig's (1e-4); small retraining sets barely move at that rate
+    retrain_batch_size: int | None = None  # None: TrainConfig's (512)
+    retrain_targets: Literal["exposure", "counts"] = "exposure"  # RetrainSettings.targets
+    retrain_likes_model: Literal["readout", "head"] = "readout"  # RetrainSettings.likes_model
+    #: The feed's freshness half-life in simulated hours. A run compresses days of arrivals into a few hours, so
+    #: the feed's freshness is scaled to the simulated clock (None: FeedPolicy's 72 h, no decay to speak of).
+    half_life_hours: float | None = 2.0
+    retrain_rate_prior_plays: float = 20.0
+    idle_s: float = 0.8  # worker / feedback ``until_idle_s`` per simulated hour
+    max_candidates: int = 2000  # random / newest: how much of the feed is fetched to be re-ordered
+    #: The loop's listeners weigh the qualities differently from the history's audience (None, or
+    #: ``--set audience_weights=history``: the same weights, synth.APPEAL_WEIGHTS). The initial head only knows
+    #: the history's taste, as APEX knows the taste of Suno's and Udio's public; retraining can learn theirs.
+    audience_weights: tuple[tuple[str, float], ...] | None = LISTENER_WEIGHTS
+
+    def __post_init__(self) -> None:
+        counts: tuple[str, ...] = ("page_size", "plays_per_user", "history_songs", "history_epochs")
+        counts += ("history_batch_size", "history_patience", "retrain_every_h", "retrain_min_plays")
+        counts += ("retrain_epochs", "max_candidates")
+        bad = [name for name in counts if getattr(self, name) < 1]
+        if self.retrain_batch_size is not None and self.retrain_batch_size < 2:
+            bad.append("retrain_batch_size")
+        bad += [name for name in ("duration_s", "idle_s", "history_lr") if not getattr(self, name) > 0]
+        if self.retrain_lr is not None and not self.retrain_lr > 0:
+            bad.append("retrain_lr")
+        if self.retrain_margin < 0:
+            bad.append("retrain_margin")
+        if not 0 < self.retrain_holdout_fraction < 1:
+            bad.append("retrain_holdout_fraction")
+        if self.retrain_rate_prior_plays < 0:
+            bad.append("retrain_rate_prior_plays")
+        if self.half_life_hours is not None and not self.half_life_hours > 0:
+            bad.append("half_life_hours")
+        if self.retrain_targets not in ("exposure", "counts"):
+            bad.append("retrain_targets")
+        if self.retrain_likes_model not in ("readout", "head"):
+            bad.append("retrain_likes_model")
+        if bad:
+            raise ValueError(f"LoopConfig: {', '.join(bad)} out of range")
+        unknown = sorted({name for name, _ in self.audience_weights or ()} - set(APPEAL_WEIGHTS))
+        if unknown:
+            raise ValueError(f"LoopConfig: unknown audience_weights {unknown}; known: {sorted(APPEAL_WEIGHTS)}")
+
+
+def loop_config(overrides: Sequence[str]) -> LoopConfig:
+    """A :class:`LoopConfig` with ``KEY=VALUE`` overrides (the CLI's ``--set``)."""
+    hints = typing.get_type_hints(LoopConfig)
+    values: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in hints:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, KEY one of {', '.join(sorted(hints))}")
+        try:
+            if key == "audience_weights" and raw == "history":
+                values[key] = None
+            elif key == "audience_weights":
+                pairs = (part.split(":") for part in raw.split(","))
+                values[key] = tuple((name.strip(), float(w)) for name, w in pairs)
+            elif typing.get_origin(hints[key]) is Literal:
+                values[key] = raw
+            elif int in typing.get_args(hints[key]) or hints[key] is int:
+                values[key] = int(raw)
+            else:
+                values[key] = float(raw)
+        except ValueError as exc:
+            raise ValueError(f"--set {item!r}: {exc}") from None
+    try:
+        return LoopConfig(**values)
+    except ValueError as exc:
+        raise ValueError(f"--set: {exc}") from None
+
+
+# --------------------------------------------------------------------------- the world
+
+
+@dataclass(frozen=True)
+class _Song:
+    song_id: str
+    style: str
+    generator: str
+    hour: int
+    like_prob: float
+    path: Path
+
+
+@dataclass(frozen=True)
+class _World:
+    songs: list[_Song]
+    user_styles: list[str]
+    start: datetime  # created_at of hour 0; the last hour's songs are created about "now"
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
+
+
+def _build_world(*, songs: int, users: int, hours: int, seed: int, out_dir: Path, cfg: LoopConfig) -> _World:
+    audio = out_dir / "audio"
+    audio.mkdir(parents=True, exist_ok=True)
+    truth_rng = np.random.default_rng(np.random.SeedSequence([seed, 101]))
+    out: list[_Song] = []
+    for i in range(songs):
+        spec = sample_song_spec(np.random.default_rng(np.random.SeedSequence([seed, 100, i])))
+        q = spec.qualities.as_array()[None, :]
+        weights = dict(cfg.audience_weights) if cfg.audience_weights is not None else None
+        p = float(like_probability(appeal_scores(q, [spec.style], truth_rng, weights=weights))[0])
+        song_id = f"syn-loop-{seed}-{i:05d}"
+        path = audio / f"{song_id}.wav"
+        if not path.is_file():
+            y = synthesize_song(spec.audio_seed, spec.qualities, spec.style, cfg.duration_s, generator=spec.generator)
+            sf.write(path, y, 24_000)
+        out.append(_Song(song_id, spec.style, spec.generator, i * hours // songs, p, path))
+    names = list(STYLES)
+    shares = np.array([STYLES[n].share for n in names])
+    user_rng = np.random.default_rng(np.random.SeedSequence([seed, 102]))
+    styles = [names[int(k)] for k in user_rng.choice(len(names), size=users, p=shares / shares.sum())]
+    start = datetime.now(UTC) - timedelta(hours=hours)
+    return _World(out, styles, start)
+
+
+def _pretrain_head(settings: Settings, *, seed: int, out_dir: Path, cfg: LoopConfig) -> Any:
+    """An APEX head trained on a separate synthetic history catalog, so the prior means something."""
+    from ranker.embed import embed_catalog
+    from ranker.features import load_features
+    from ranker.model.train import TrainConfig, train_head
+
+    catalog = simulate_catalog(
+        out_dir / "history", n_songs=cfg.history_songs, seed=seed + 7919, duration_s=cfg.duration_s
+    ).catalog_path
+    feats = out_dir / "history-features"
+    embed_catalog(catalog, feats, settings, progress=False)
+    config = TrainConfig(
+        epochs=cfg.history_epochs,
+        patience=cfg.history_patience,
+        lr=cfg.history_lr,
+        batch_size=cfg.history_batch_size,
+        seed=seed,
+    )
+    return train_head(load_features(feats), catalog, config).model
+
+
+def audience_like_rates(world: _World, cfg: LoopConfig) -> dict[str, float]:
+    """Each song's like rate over the whole audience: its listeners' like probabilities, averaged.
+
+    What the feed's like rate measures, and what a head retrained on this audience can learn (the
+    style boost included, which the history's targets do not have).
+    """
+    shares: dict[str, float] = {}
+    for style in world.user_styles:
+        shares[style] = shares.get(style, 0.0) + 1.0 / len(world.user_styles)
+    return {
+        s.song_id: sum(
+            share / (1.0 + math.exp(-(_logit(s.like_prob) + (cfg.style_boost if style == s.style else 0.0))))
+            for style, share in shares.items()
+        )
+        for s in world.songs
+    }
