@@ -16,7 +16,11 @@ b. **Overhead over raw Redis**, in the same run: the same page done directly (ZR
    + hiredis, one connection, sequential) against the API's page (one keep-alive
    connection, sequential). Target: API <= 3x raw.
 c. **POST /v1/rank with 500 candidates** (sequential, then open loop at 100 req/s).
-   Target: p99 <= 15 ms.
+   Target: p99 <= 15 ms. And in this process, before the server starts, the same 500
+   candidates through ``FeedReader`` directly: the vectorised rank (``rank_response``, then
+   the API's ``_json``) against the per-song reference it replaced (tests/reference_rank.py,
+   then ``json.dumps``), alternating call by call on the same data, explain on and off
+   (``--profile-rank FILE``: a pyinstrument profile of the vectorised loop).
 d. **Similar songs, k=10, over 1M clustered vectors**, through the project's
    ``FaissVectorIndex`` (what the API searches): the flat index and the approximate
    IVF index for each nprobe, one query at a time (the API's access pattern), with
@@ -412,6 +416,69 @@ def fetch_json(host: str, port: int, path: str) -> Any:
         return json.loads(r.read())
 
 
+# -- rank in-process: the vectorised path against the per-song reference ---------------------------
+def bench_rank_inprocess(
+    settings: Settings, url: str, samples: Sequence[list[str]], n: int, profile: str | None = None
+) -> dict[str, Any]:
+    """``n`` calls of each path per explain setting, alternating which goes first; the body serialised
+    as the API does (new: ``_json`` on the checked arrays, orjson when installed; reference: json.dumps)."""
+    from ranker.serving.api import _json
+    from ranker.serving.reader import FeedReader
+    from tests.reference_rank import reference_rank
+
+    async def run() -> dict[str, Any]:
+        store = RedisScoreStore(RedisStoreConfig(url=url, key_prefix=PREFIX))
+        reads = store.async_reads()
+        reader = FeedReader(settings, reads)
+        policy = reader.policy(settings.feed.name)
+
+        async def new(candidates: list[str], explain: bool) -> tuple[float, float]:
+            t = time.perf_counter()
+            ranked = await reader.rank_response(candidates, policy, explain=explain)
+            t1 = time.perf_counter()
+            assert ranked.non_finite is None
+            _json(ranked.body, finite=True)
+            return t1 - t, time.perf_counter() - t
+
+        async def old(candidates: list[str], explain: bool) -> tuple[float, float]:
+            t = time.perf_counter()
+            body = await reference_rank(reader, candidates, policy, explain=explain)
+            t1 = time.perf_counter()
+            json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+            return t1 - t, time.perf_counter() - t
+
+        paths = {"vectorised": new, "reference": old}
+        lat: dict[str, list[tuple[float, float]]] = {f"{p}_{e}": [] for p in paths for e in ("explain", "lean")}
+        for i in range(20):  # warm up (and check the two agree on the order)
+            a = await reader.rank(samples[i % len(samples)], policy)
+            b = await reference_rank(reader, samples[i % len(samples)], policy)
+            assert [x["song_id"] for x in a["items"]] == [x["song_id"] for x in b["items"]]
+        for i in range(n):
+            names = list(paths) if i % 2 == 0 else list(paths)[::-1]
+            for explain in (True, False):
+                for name in names:
+                    key = f"{name}_{'explain' if explain else 'lean'}"
+                    lat[key].append(await paths[name](samples[i % len(samples)], explain))
+        out: dict[str, Any] = {"calls_per_path": n, "candidates": len(samples[0])}
+        for key, pairs in lat.items():
+            calls, bodies = [r for r, _ in pairs], [b for _, b in pairs]
+            out[key] = {"rank": summary(calls, sum(calls)), "with_body": summary(bodies, sum(bodies))}
+        if profile:
+            from pyinstrument import Profiler
+
+            profiler = Profiler(interval=0.0002, async_mode="enabled")
+            profiler.start()
+            for i in range(n):
+                await new(samples[i % len(samples)], True)
+            profiler.stop()
+            Path(profile).write_text(profiler.output_text(unicode=False, color=False, show_all=False))
+        await reads.close()
+        store.close()
+        return out
+
+    return asyncio.run(run())
+
+
 # -- the API benchmark ---------------------------------------------------------------------------
 def bench_api(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -425,6 +492,12 @@ def bench_api(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         ids = populate(settings, args.songs, args.dim, args.seed)
         out["songs"], out["populate_s"] = len(ids), time.perf_counter() - t
         print(f"populated {len(ids)} songs ({args.dim}-d vectors) in {out['populate_s']:.1f}s", flush=True)
+        pick = random.Random(args.seed)
+        samples = [pick.sample(ids, 500) for _ in range(20)]
+        out["rank500_inprocess"] = bench_rank_inprocess(
+            settings, url, samples, max(100, args.seq // 2), args.profile_rank
+        )
+        print(f"rank 500 in-process: {out['rank500_inprocess']}", flush=True)
         (work / "state").mkdir(exist_ok=True)
         server = api_server(settings, work / "state", args.server_workers, args.server_pythonpath, args.page_cache_ttl)
         with server as (host, port, proc):
@@ -437,8 +510,6 @@ def bench_api(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 cursors.append(cursor)
             first = get("/v1/feeds/cold-start?limit=50")
             mix = [first] * 7 + [get(f"/v1/feeds/cold-start?limit=50&cursor={c}") for c in cursors[:3]]
-            rng = random.Random(args.seed)
-            samples = [rng.sample(ids, 500) for _ in range(20)]
             rank_bodies = [post("/v1/rank", json.dumps({"candidates": c}).encode()) for c in samples]
             lean_bodies = [post("/v1/rank", json.dumps({"candidates": c, "explain": False}).encode()) for c in samples]
 
@@ -556,6 +627,17 @@ def report(result: dict[str, Any]) -> str:
                      f" at 100 req/s: p50 {r2['p50_ms']:.2f} ms p99 {r2['p99_ms']:.2f} ms")  # fmt: skip
         r3 = api["rank500_noexplain_seq"]
         lines.append(f"rank 500 explain=false sequential: p50 {r3['p50_ms']:.2f} ms p99 {r3['p99_ms']:.2f} ms")
+        inproc = api.get("rank500_inprocess")
+        if inproc:
+            lines.append(
+                f"rank 500 in-process ({inproc['calls_per_path']} calls per path, alternating), p50 / p99 ms,"
+                " FeedReader call | call + JSON body:"
+            )
+            for key in ("vectorised_explain", "reference_explain", "vectorised_lean", "reference_lean"):
+                r, b = inproc[key]["rank"], inproc[key]["with_body"]
+                lines.append(
+                    f"  {key:<19} {r['p50_ms']:6.2f} / {r['p99_ms']:6.2f}  |  {b['p50_ms']:6.2f} / {b['p99_ms']:6.2f}"
+                )
         s = api["similar_api_seq"]
         lines.append(
             f"similar k=10 via API ({api['songs']} flat vectors): p50 {s['p50_ms']:.2f} ms p99 {s['p99_ms']:.2f} ms"
@@ -593,6 +675,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--server-workers", type=int, default=1, help="apexrank serve --workers")
     p.add_argument("--server-pythonpath", help="extra PYTHONPATH for the server (e.g. httptools + uvloop)")
     p.add_argument("--page-cache-ttl", type=float, default=1.0, help="api.page_cache_ttl_s of the server")
+    p.add_argument("--profile-rank", help="write a pyinstrument profile of the in-process vectorised rank here")
     p.add_argument("--skip-api", action="store_true")
     p.add_argument("--skip-ann", action="store_true")
     p.add_argument("--quick", action="store_true", help="small sizes, short runs")

@@ -27,6 +27,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import numpy as np
+import orjson
 import redis.exceptions
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -129,8 +130,21 @@ _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code i
 
 
 # -- helpers -------------------------------------------------------------------------------------
-def _json(data: Any, status: int = 200) -> Response:
-    body = json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
+def _json(data: Any, status: int = 200, *, finite: bool = False) -> Response:
+    """``data`` as compact JSON; ValueError if it holds a NaN or an infinity (JSON has neither).
+
+    orjson writes non-finite floats as null, so a body with a null in it is walked for them
+    (a NaN and a real null are told apart on ``data``; a body without one cannot hold a
+    non-finite number); ``finite=True``: the caller has checked. What orjson refuses
+    (integers beyond 64 bits, non-str keys, float subclasses) goes through json.dumps.
+    """
+    try:
+        body = orjson.dumps(data)
+    except TypeError:
+        body = json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
+    else:
+        if not finite and b"null" in body and _first_non_finite(data) is not None:
+            raise ValueError("Out of range float values are not JSON compliant")
     return Response(body, status_code=status, media_type="application/json")
 
 
@@ -396,13 +410,14 @@ def create_app(settings: Settings | None = None, *, explore_rng: np.random.Gener
             raise ApiError(422, "invalid_policy", message) from None
         except ValueError as exc:
             raise ApiError(422, "invalid_policy", str(exc)) from None
-        ranked = await reader().rank(body.candidates, policy, apply_filters=body.apply_filters, explain=body.explain)
-        try:
-            return _json(ranked)  # refuses NaN and infinities: the finiteness check, free when all is well
-        except ValueError:
-            where = _first_non_finite(ranked["items"])
-            if where is None or not overrides:  # the configured feed's own policy: not the caller's doing
-                raise
+        ranked = await reader().rank_response(
+            body.candidates, policy, apply_filters=body.apply_filters, explain=body.explain
+        )
+        where = ranked.non_finite  # NaN and infinities, found on the score arrays before serialising
+        if where is None:
+            return _json(ranked.body, finite=True)
+        if not overrides:  # the configured feed's own policy: not the caller's doing
+            raise ValueError(f"non-finite value at items.{where} from feed {policy.name!r}")
         raise ApiError(
             422,
             "invalid_policy",

@@ -27,12 +27,11 @@ from indexes.redis_schema import (
     counter_field,
 )
 from ranker.events import TASKS
+from ranker.serving.batch import SongBatch, admits, evaluate, in_age_window
 from ranker.serving.cursor import MAX_SKIP, Cursor, _after, _skip_key
 from ranker.serving.page_cache import PageCache, _Row, _Window
 from ranker.serving.policy import (
-    Evaluation,
     Policy,
-    SongState,
     beta_params,
     calibration_scale,
     compile_policies,
@@ -311,33 +310,57 @@ class FeedReader:
         self, candidates: Sequence[str], policy: Policy, *, apply_filters: bool = False, explain: bool = True
     ) -> dict[str, Any]:
         """Order known candidates by the policy's score; unknown (unscored) and filtered ids listed apart."""
+        return (await self.rank_response(candidates, policy, apply_filters=apply_filters, explain=explain)).body
+
+    async def rank_response(
+        self, candidates: Sequence[str], policy: Policy, *, apply_filters: bool = False, explain: bool = True
+    ) -> RankResponse:
+        """:meth:`rank`'s body, and where its first non-finite number is, found on the arrays.
+
+        One read, one columnar batch (:mod:`ranker.serving.batch`), the policy evaluated over
+        it in numpy; item dicts are built only for the songs returned, explanations only with
+        ``explain``. Order: score descending, then song id.
+        """
         now = self._clock()
         scale = await self.scale()
         fields = WRITE_FIELDS if apply_filters else READ_FIELDS
         values = await self.reads.read_fields(candidates, fields)
-        scored: list[tuple[SongState, Evaluation]] = []
-        unknown: list[str] = []
+        batch = SongBatch.from_fields(candidates, values, now)
+        keep = batch.scored
         filtered: list[str] = []
-        for song_id, v in zip(candidates, values, strict=True):
-            state = state_from_fields(song_id, v, now)
-            if state is None:
-                unknown.append(song_id)
-            elif apply_filters and not (policy.admits(state) and policy.in_age_window(state.created_ts, now)):
-                filtered.append(song_id)
-            else:
-                scored.append((state, policy.evaluate(state, scale, now)))
-        scored.sort(key=lambda se: (-se[1].score, se[0].song_id))
-        return {
-            "feed": policy.name,
-            "items": [
-                {"song_id": s.song_id, "score": ev.score, "components": policy.explain(s, ev, now)}
-                if explain
-                else {"song_id": s.song_id, "score": ev.score}
-                for s, ev in scored
-            ],
-            "unknown": unknown,
-            "filtered": filtered,
-        }
+        if apply_filters:
+            admitted = admits(policy, batch) & in_age_window(policy, batch.created_ts, now)
+            filtered = [batch.song_ids[i] for i in np.flatnonzero(keep & ~admitted).tolist()]
+            keep = keep & admitted
+        unknown = [batch.song_ids[i] for i in np.flatnonzero(~batch.scored).tolist()]
+        rows = np.flatnonzero(keep)
+        ev = evaluate(policy, batch, scale, now)
+        order = rows[_rank_order(ev.score[rows], [batch.song_ids[i] for i in rows.tolist()])]
+        ids = [batch.song_ids[i] for i in order.tolist()]
+        scores = ev.score[order]
+        columns: list[tuple[str, np.ndarray, np.ndarray | None]] = [("score", scores, None)]
+        if explain:
+            contributions = [(name, v[order], None if p is None else p[order]) for name, v, p in ev.contributions]
+            parts = {
+                "quality": ev.quality[order],
+                "freshness": ev.freshness[order],
+                "age_hours": (now - batch.created_ts[order]) / 3600.0,
+                "prior_rate": ev.prior_rate[order],
+                "posterior_rate": ev.posterior_rate[order],
+                "plays": batch.plays[order],
+                "likes": batch.likes[order],
+            }
+            columns += [(f"components.{k}", parts[k], None) for k in ("quality", "freshness", "age_hours")]
+            columns += [(f"components.contributions.{name}", v, p) for name, v, p in contributions]
+            columns += [(f"components.{k}", parts[k], None) for k in ("prior_rate", "posterior_rate", "plays", "likes")]
+            items = [
+                {"song_id": sid, "score": sc, "components": comp}
+                for sid, sc, comp in zip(ids, scores.tolist(), _components(parts, contributions), strict=True)
+            ]
+        else:
+            items = [{"song_id": sid, "score": sc} for sid, sc in zip(ids, scores.tolist(), strict=True)]
+        body = {"feed": policy.name, "items": items, "unknown": unknown, "filtered": filtered}
+        return RankResponse(body, _first_non_finite(columns))
 
     # -- one song ------------------------------------------------------------------------------
     async def song(self, song_id: str) -> dict[str, Any] | None:
@@ -380,3 +403,81 @@ class FeedReader:
             },
             "feeds": feeds,
         }
+
+
+# -- rerank helpers -------------------------------------------------------------------------------
+@dataclass
+class RankResponse:
+    """What ``POST /v1/rank`` answers, and the path in ``body["items"]`` of its first NaN or
+    infinity (``"3.components.posterior_rate"``, in serialisation order), None if all are finite."""
+
+    body: dict[str, Any]
+    non_finite: str | None
+
+
+def _rank_order(scores: np.ndarray, song_ids: list[str]) -> np.ndarray:
+    """Indices sorting by ``(-score, song_id)`` exactly as ``list.sort`` with that key does.
+
+    Without NaN the key order is total and a stable lexicographic sort gives the same order
+    (ties keep their input order in both); with a NaN, whose comparisons are all false, the
+    result depends on the sort's algorithm, so it is Python's own sort on the same keys.
+    """
+    if len(song_ids) < 2:
+        return np.arange(len(song_ids))
+    negated = -scores
+    if not np.isnan(negated).any():
+        return np.lexsort((np.asarray(song_ids), negated))
+    keys = negated.tolist()
+    return np.asarray(sorted(range(len(keys)), key=lambda i: (keys[i], song_ids[i])), dtype=np.intp)
+
+
+def _components(
+    parts: dict[str, np.ndarray], contributions: list[tuple[str, np.ndarray, np.ndarray | None]]
+) -> list[dict[str, Any]]:
+    """``Policy.explain`` of each song, from the arrays (same keys, same order, same floats)."""
+    n = len(parts["quality"])
+    names = [name for name, _, _ in contributions]
+    values = np.column_stack([v for _, v, _ in contributions]).tolist() if n else []
+    if all(p is None for _, _, p in contributions):
+        terms = [dict(zip(names, row, strict=True)) for row in values]
+    else:
+        masks = np.column_stack([np.ones(n, np.bool_) if p is None else p for _, _, p in contributions]).tolist()
+        terms = [
+            {name: v for name, v, m in zip(names, row, mask, strict=True) if m}
+            for row, mask in zip(values, masks, strict=True)
+        ]
+    return [
+        {
+            "quality": q,
+            "freshness": f,
+            "age_hours": a,
+            "contributions": c,
+            "prior_rate": p0,
+            "posterior_rate": m,
+            "plays": pl,
+            "likes": lk,
+        }
+        for q, f, a, c, p0, m, pl, lk in zip(
+            parts["quality"].tolist(),
+            parts["freshness"].tolist(),
+            parts["age_hours"].tolist(),
+            terms,
+            parts["prior_rate"].tolist(),
+            parts["posterior_rate"].tolist(),
+            parts["plays"].tolist(),
+            parts["likes"].tolist(),
+            strict=True,
+        )
+    ]
+
+
+def _first_non_finite(columns: list[tuple[str, np.ndarray, np.ndarray | None]]) -> str | None:
+    """The path of the first NaN or infinity, item by item, each item's values in serialisation order."""
+    bad = np.column_stack(
+        [~np.isfinite(v) if present is None else ~np.isfinite(v) & present for _, v, present in columns]
+    )
+    rows = np.flatnonzero(bad.any(axis=1))
+    if not len(rows):
+        return None
+    i = int(rows[0])
+    return f"{i}.{columns[int(np.argmax(bad[i]))][0]}"

@@ -1,0 +1,300 @@
+"""Many songs at once: a columnar batch read straight from hash fields, and the policy over it in numpy.
+
+:class:`SongBatch` holds what :class:`~ranker.serving.policy.SongState` holds, one array per
+field over N songs, built from the rows ``reads.read_fields(ids, READ_FIELDS or WRITE_FIELDS)``
+returns without a SongState per song. :func:`evaluate` computes, for a
+:class:`~ranker.serving.policy.Policy`, what ``Policy.evaluate`` computes per song (prior and
+posterior like rate, quality and its parts, freshness, score) for the whole batch.
+
+Both mirror the scalar code operation for operation, in float64, so the numbers are the
+same to the last bit on the Python this runs on (tests/test_rank_equivalence.py holds them
+to it against the per-song reference):
+
+- parsing is :func:`~ranker.serving.state.state_from_fields`: Python's ``float`` on every
+  field (``"inf"``, ``"nan"`` and unparseable text give the field's default), the creation
+  time is :func:`~ranker.serving.state.created_ts` capped at ``now``, a song with no score
+  field is not scored;
+- Python's ``min``/``max`` keep their first argument unless the second compares strictly
+  smaller/greater (a NaN never replaces it): ``np.where`` with the same comparison, not
+  ``np.clip``, which propagates NaN;
+- the freshness exponential is ``math.exp`` (numpy's own ``exp`` can differ by an ulp);
+- the quality is the builtin ``sum`` over the parts in the scalar code's order (plain
+  left-to-right addition before Python 3.12, Neumaier's compensated sum from 3.12 on).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from ranker.events import TASKS
+from ranker.serving.policy import EPOCH, RATE_MAX, RATE_MIN, SCORE_FLOOR, Policy, parse_tags, to_timestamp
+from ranker.serving.state import _N_READ, _N_TASKS, _float
+
+_LIKES = TASKS.index("likes")
+_COMPENSATED_SUM = sys.version_info >= (3, 12)  # builtin sum() of floats: Neumaier summation from 3.12
+
+
+# -- parsing -------------------------------------------------------------------------------------
+def _floats(column: Sequence[str | None], default: float) -> np.ndarray:
+    """:func:`~ranker.serving.state._float` of every value (non-finite or unparseable: ``default``);
+    NaN where the field is absent (None)."""
+    n = len(column)
+    try:  # the usual case: every value present and a number
+        out = np.fromiter(map(float, column), np.float64, n)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        present = np.fromiter((v is not None for v in column), np.bool_, n)
+        values = [v for v in column if v is not None]
+        try:
+            parsed = np.fromiter(map(float, values), np.float64, len(values))
+        except ValueError:
+            parsed = np.fromiter((_float(v, default) for v in values), np.float64, len(values))
+        out = np.full(n, np.nan)
+        out[present] = np.where(np.isfinite(parsed), parsed, default)
+        return out
+    bad = ~np.isfinite(out)
+    if bad.any():
+        out[bad] = default
+    return out
+
+
+def _timestamps(column: Sequence[str | None], memo: dict[str | None, float]) -> np.ndarray:
+    """:func:`~ranker.serving.policy.to_timestamp` of each value; NaN where it is None (unreadable)."""
+    for v in column:
+        if v not in memo:
+            ts = to_timestamp(v)
+            memo[v] = math.nan if ts is None else ts
+    return np.fromiter(map(memo.__getitem__, column), np.float64, len(column))
+
+
+@dataclass(eq=False)
+class SongBatch:
+    """N songs as columns (row ``i`` is ``song_ids[i]``), parsed as :func:`state_from_fields` parses.
+
+    ``scored[i]`` is False where ``state_from_fields`` gives None (no score field): that row's
+    other columns hold whatever parsing the absent fields gives and mean nothing.
+    """
+
+    song_ids: list[str]
+    scores: np.ndarray  # (N, 7) in TASKS order; NaN where the field is absent
+    scored: np.ndarray  # bool (N,): any score field present
+    model_rate: np.ndarray  # NaN where absent (the fallback mapping applies)
+    plays: np.ndarray
+    likes: np.ndarray
+    created_ts: np.ndarray
+    generators: list[str]
+    raw_tags: list[str | None] | None = None  # WRITE_FIELDS only
+    duration_s: np.ndarray | None = None  # WRITE_FIELDS only; NaN where absent
+
+    def __len__(self) -> int:
+        return len(self.song_ids)
+
+    @classmethod
+    def from_fields(
+        cls, song_ids: Sequence[str], values: Sequence[Sequence[str | None]], now: float | None = None
+    ) -> SongBatch:
+        """From READ_FIELDS (or WRITE_FIELDS) rows; ``now`` caps creation times as reads do."""
+        n = len(song_ids)
+        if len(values) != n:
+            raise ValueError(f"{n} song ids but {len(values)} rows of fields")
+        width = len(values[0]) if n else _N_READ
+        columns: list[Sequence[str | None]] = list(zip(*values, strict=True)) if n else [()] * width
+        scores = np.empty((n, _N_TASKS))
+        for t in range(_N_TASKS):
+            scores[:, t] = _floats(columns[t], 0.0)
+        prior, plays, likes, created_at, generator, scored_at = columns[_N_TASKS:_N_READ]
+        plays_v = _floats(plays, 0.0)
+        likes_v = _floats(likes, 0.0)
+        # created_ts(created_at, scored_at), then capped at now
+        memo: dict[str | None, float] = {None: math.nan}
+        created = _timestamps(created_at, memo)
+        scored_ts = _timestamps(scored_at, memo)
+        bound = np.where(np.isfinite(scored_ts), scored_ts, EPOCH)
+        created = np.where(np.isfinite(created), np.where(bound < created, bound, created), bound)
+        if now is not None:
+            created = np.where(created > now, now, created)
+        batch = cls(
+            song_ids=list(song_ids),
+            scores=scores,
+            scored=np.asarray(~np.isnan(scores).all(axis=1)),
+            model_rate=_floats(prior, 0.0),
+            plays=np.where(plays_v > 0.0, plays_v, 0.0),  # max(0.0, x): NaN (absent) -> 0.0
+            likes=np.where(likes_v > 0.0, likes_v, 0.0),
+            created_ts=created,
+            generators=[g or "" for g in generator],
+        )
+        if width > _N_READ:
+            batch.raw_tags = list(columns[_N_READ])
+            batch.duration_s = _floats(columns[_N_READ + 1], 0.0)
+        return batch
+
+    @cached_property
+    def tags(self) -> list[tuple[str, ...]]:
+        """Each song's tags (:func:`~ranker.serving.policy.parse_tags`); empty without WRITE_FIELDS."""
+        if self.raw_tags is None:
+            return [()] * len(self)
+        return [parse_tags(v) for v in self.raw_tags]
+
+    @cached_property
+    def generator_codes(self) -> tuple[list[str], np.ndarray]:
+        """The distinct generators, and each song's index into them."""
+        names, codes = np.unique(np.asarray(self.generators, dtype=object), return_inverse=True)
+        return [str(g) for g in names], codes.reshape(-1)
+
+
+# -- the policy over a batch ------------------------------------------------------------------------
+def _max(a: float, x: np.ndarray) -> np.ndarray:
+    """Python's ``max(a, x)`` per element: ``x`` only where it is greater (never NaN for a non-NaN ``a``)."""
+    return np.where(x > a, x, a)
+
+
+def _min(a: float, x: np.ndarray) -> np.ndarray:
+    """Python's ``min(a, x)`` per element."""
+    return np.where(x < a, x, a)
+
+
+def builtin_sum(terms: Sequence[tuple[np.ndarray, np.ndarray | None]]) -> np.ndarray:
+    """Per element, what ``sum()`` gives over the terms present there, in order (``None``: always present).
+
+    The first term must always be present (``sum`` starts from the int 0 and adds it as ``0 + x``).
+    """
+    first, always = terms[0]
+    if always is not None:
+        raise ValueError("the first term must always be present")
+    total = 0.0 + first
+    if not _COMPENSATED_SUM:
+        for x, present in terms[1:]:
+            total = total + x if present is None else np.where(present, total + x, total)
+        return total
+    comp = np.zeros_like(total)
+    for x, present in terms[1:]:
+        t = total + x
+        c = np.where(np.abs(total) >= np.abs(x), (total - t) + x, (x - t) + total)
+        if present is None:
+            comp, total = comp + c, t
+        else:
+            comp, total = np.where(present, comp + c, comp), np.where(present, t, total)
+    return np.where((comp != 0) & np.isfinite(comp), total + comp, total)
+
+
+@dataclass
+class BatchEvaluation:
+    """:class:`~ranker.serving.policy.Evaluation` of every song of a batch, as arrays."""
+
+    quality: np.ndarray
+    score: np.ndarray
+    freshness: np.ndarray
+    prior_rate: np.ndarray
+    posterior_rate: np.ndarray
+    popularity: np.ndarray
+    #: ``(name, values, present)`` in the order of the contributions dict: "popularity" (always
+    #: present), then the policy's aesthetic tasks; ``present`` None where every song has it.
+    contributions: list[tuple[str, np.ndarray, np.ndarray | None]]
+
+
+def prior_rate(policy: Policy, batch: SongBatch, scale: float = 1.0) -> np.ndarray:
+    """``Policy.prior_rate`` per song: the model's rate or the fallback, times ``scale``, clipped."""
+    cfg = policy.like_rate
+    likes_score = batch.scores[:, _LIKES]
+    likes_score = np.where(np.isnan(likes_score), 0.0, likes_score)  # scores.get("likes", 0.0)
+    unit = _min(1.0, _max(0.0, likes_score / 100.0))
+    fallback = cfg.rate_min + (cfg.rate_max - cfg.rate_min) * unit
+    raw = np.where(np.isnan(batch.model_rate), fallback, batch.model_rate)
+    return _min(RATE_MAX, _max(RATE_MIN, raw * scale))
+
+
+def posterior_rate(policy: Policy, p0: np.ndarray, batch: SongBatch) -> np.ndarray:
+    """``posterior_mean(p0, likes, plays, w)``."""
+    w = policy.w
+    return (w * p0 + batch.likes) / (w + batch.plays)
+
+
+def popularity(policy: Policy, rate: np.ndarray) -> np.ndarray:
+    """``Policy.popularity``."""
+    return _min(1.0, _max(0.0, (rate - policy.like_rate.rate_min) / policy._rate_span))
+
+
+def parts(
+    policy: Policy, batch: SongBatch, rate: np.ndarray
+) -> tuple[np.ndarray, list[tuple[str, np.ndarray, np.ndarray | None]]]:
+    """``Policy.parts``: the quality and its terms (a term absent for a song is not in its dict)."""
+    terms: list[tuple[str, np.ndarray, np.ndarray | None]] = [
+        ("popularity", policy.pop_weight * popularity(policy, rate), None)
+    ]
+    norm = np.full(len(batch), policy.pop_weight)
+    for task, weight in policy.aesthetic:
+        value = batch.scores[:, TASKS.index(task)]
+        present = ~np.isnan(value)
+        unit = (value - 1.0) * 0.25
+        terms.append((task, weight * np.where(unit < 0.0, 0.0, np.where(unit > 1.0, 1.0, unit)), present))
+        norm = np.where(present, norm + weight, norm)
+    scaled = np.abs(norm - 1.0) > 1e-12
+    positive = ~(norm <= 0)
+    renorm = scaled & positive  # parts are divided only when the quality is not 0 by the floor rule
+    if renorm.any():
+        terms = [(name, np.where(renorm, v / norm, v), present) for name, v, present in terms]
+    quality = builtin_sum([(v, present) for _, v, present in terms])
+    quality = np.where(positive, quality, 0.0)
+    terms = [(name, v, None if present is None or present.all() else present) for name, v, present in terms]
+    return quality, terms
+
+
+def freshness(policy: Policy, created_ts: np.ndarray, now: float) -> np.ndarray:
+    """``Policy.freshness``: ``math.exp(-decay * age)``, 1 without a half-life."""
+    if not policy.decay:
+        return np.ones(len(created_ts))
+    exponent = -policy.decay * (now - created_ts)
+    return np.fromiter(map(math.exp, exponent.tolist()), np.float64, len(exponent))
+
+
+def evaluate(policy: Policy, batch: SongBatch, scale: float, now: float) -> BatchEvaluation:
+    """``Policy.evaluate`` of every song of the batch."""
+    with np.errstate(all="ignore"):  # Python's float arithmetic gives inf and NaN silently too
+        p0 = prior_rate(policy, batch, scale)
+        m = posterior_rate(policy, p0, batch)
+        q, terms = parts(policy, batch, m)
+        fresh = freshness(policy, batch.created_ts, now)
+        return BatchEvaluation(
+            quality=q,
+            score=(SCORE_FLOOR + q) * fresh,
+            freshness=fresh,
+            prior_rate=p0,
+            posterior_rate=m,
+            popularity=popularity(policy, m),
+            contributions=terms,
+        )
+
+
+# -- membership -----------------------------------------------------------------------------------
+def admits(policy: Policy, batch: SongBatch) -> np.ndarray:
+    """``Policy.admits`` per song (tags and duration need a batch read with WRITE_FIELDS)."""
+    ok = np.ones(len(batch), np.bool_)
+    gen_in, gen_out = policy._gen_in, policy._gen_out
+    if gen_in or gen_out:
+        names, codes = batch.generator_codes
+        allowed = np.fromiter(((not gen_in or g in gen_in) and g not in gen_out for g in names), np.bool_, len(names))
+        ok &= allowed[codes]
+    tags_any, tags_out = policy._tags_any, policy._tags_out
+    if tags_any:
+        ok &= np.fromiter((not tags_any.isdisjoint(t) for t in batch.tags), np.bool_, len(batch))
+    if tags_out:
+        ok &= np.fromiter((tags_out.isdisjoint(t) for t in batch.tags), np.bool_, len(batch))
+    min_duration = policy.config.filters.min_duration_s
+    if min_duration is not None:
+        duration = batch.duration_s if batch.duration_s is not None else np.full(len(batch), np.nan)
+        ok &= duration >= min_duration  # an absent duration (NaN) is refused
+    return ok
+
+
+def in_age_window(policy: Policy, created_ts: np.ndarray, now: float) -> np.ndarray:
+    """``Policy.in_age_window`` per song."""
+    age = now - created_ts
+    ok = age >= policy.min_age_s
+    if policy.max_age_s is not None:
+        ok &= age < policy.max_age_s
+    return np.asarray(ok, dtype=np.bool_)
