@@ -1,23 +1,34 @@
-"""A small typed client for recommender backends: ``ApexRankClient(base_url, token=...)``.
+"""Small typed clients for recommender backends: ``ApexRankClient(base_url, token=...)`` (blocking)
+and ``AsyncApexRankClient`` (asyncio), with the same methods, models and retry policy.
 
 Every call has a timeout. Connection errors, timeouts and 500/502/503/504 answers
 are retried with exponential backoff and jitter (all endpoints are reads, so a retry is
 always safe); any other error status raises :class:`ApexRankError` at once, with
 the server's error code and message.
+
+Everything but I/O is shared: the endpoint functions below build a :class:`Call` (method, path,
+query, body and how to parse a 2xx body into the models), and :meth:`_ClientCore._settle` decides
+what an attempt's answer (or error) means: a result, an error to raise, or a :class:`Backoff`.
+Each client is a thin transport that sends calls with its own httpx client and sleeps its way.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpx
 
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
+#: Failures without an answer (refused, reset, timed out...); retried like a 5xx.
+TRANSIENT_ERRORS = (httpx.TransportError, httpx.TimeoutException)
+
+T = TypeVar("T")
 
 
 class ApexRankError(Exception):
@@ -59,6 +70,25 @@ class SimilarSong:
     similarity: float
 
 
+# -- the shared core: requests and their parsing, the retry decision (no I/O) ---------------------
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    """One request to send: where, with what, and how to read the JSON of a 2xx answer."""
+
+    method: str
+    path: str
+    parse: Callable[[Any], T]
+    params: dict[str, Any] | None = None
+    json: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """The attempt failed in a way worth retrying: wait ``delay_s``, then send the call again."""
+
+    delay_s: float
+
+
 def _songs(items: Sequence[Mapping[str, Any]]) -> list[RankedSong]:
     return [
         RankedSong(i["song_id"], float(i["score"]), dict(i.get("components", {})), bool(i.get("explore", False)))
@@ -66,7 +96,93 @@ def _songs(items: Sequence[Mapping[str, Any]]) -> list[RankedSong]:
     ]
 
 
-class ApexRankClient:
+def _as_is(data: Any) -> Any:
+    return data
+
+
+def _feed_call(feed: str, limit: int, cursor: str | None) -> Call[FeedPage]:
+    params: dict[str, Any] = {"limit": limit}
+    if cursor:
+        params["cursor"] = cursor
+    return Call(
+        "GET",
+        f"/v1/feeds/{feed}",
+        lambda data: FeedPage(data["feed"], _songs(data["items"]), data.get("next_cursor")),
+        params=params,
+    )
+
+
+def _rank_call(
+    candidates: Sequence[str], feed: str | None, weights: Mapping[str, float] | None, apply_filters: bool
+) -> Call[RankResult]:
+    body: dict[str, Any] = {"candidates": list(candidates), "apply_filters": apply_filters}
+    if feed is not None:
+        body["feed"] = feed
+    if weights is not None:
+        body["weights"] = dict(weights)
+    return Call(
+        "POST",
+        "/v1/rank",
+        lambda data: RankResult(data["feed"], _songs(data["items"]), list(data["unknown"]), list(data["filtered"])),
+        json=body,
+    )
+
+
+def _song_call(song_id: str) -> Call[dict[str, Any]]:
+    return Call("GET", f"/v1/songs/{song_id}", _as_is)
+
+
+def _similar_call(song_id: str, k: int) -> Call[list[SimilarSong]]:
+    return Call(
+        "GET",
+        f"/v1/songs/{song_id}/similar",
+        lambda data: [SimilarSong(i["song_id"], float(i["similarity"])) for i in data["items"]],
+        params={"k": k},
+    )
+
+
+_READY: Call[Any] = Call("GET", "/readyz", _as_is)
+
+
+def _error(response: httpx.Response) -> ApexRankError:
+    try:
+        body = response.json()
+        return ApexRankError(response.status_code, str(body.get("error", "error")), str(body.get("message", "")))
+    except (ValueError, AttributeError):
+        return ApexRankError(response.status_code, "error", response.text[:500])
+
+
+class _ClientCore:
+    """Configuration and the retry policy shared by both clients."""
+
+    def __init__(self, *, token: str | None, timeout_s: float, retries: int, backoff_s: float, max_backoff_s: float):
+        if retries < 0 or timeout_s <= 0 or backoff_s < 0:
+            raise ValueError("retries must be >= 0, timeout_s > 0 and backoff_s >= 0")
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    def _backoff(self, attempt: int) -> float:
+        """``backoff_s · 2^attempt``, capped at ``max_backoff_s``, jittered to 50-100%."""
+        delay = min(self.max_backoff_s, self.backoff_s * 2**attempt)
+        return delay * (0.5 + random.random() / 2)
+
+    def _settle(self, call: Call[T], attempt: int, outcome: httpx.Response | Exception) -> T | Backoff:
+        """What attempt ``attempt`` (0 first) of ``call`` came to: its result, a :class:`Backoff`
+        before the next attempt, or (raised) the :class:`ApexRankError` to give up with."""
+        if isinstance(outcome, Exception):
+            if attempt >= self.retries:
+                raise ApexRankError(0, "unreachable", f"{call.method} {call.path}: {outcome!r}") from outcome
+        elif outcome.status_code < 400:
+            return call.parse(outcome.json())
+        elif outcome.status_code not in RETRY_STATUSES or attempt >= self.retries:
+            raise _error(outcome)
+        return Backoff(self._backoff(attempt))
+
+
+# -- the blocking transport ------------------------------------------------------------------------
+class ApexRankClient(_ClientCore):
     """Synchronous client (thread-safe: httpx pools connections)."""
 
     def __init__(
@@ -80,39 +196,30 @@ class ApexRankClient:
         max_backoff_s: float = 2.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        if retries < 0 or timeout_s <= 0 or backoff_s < 0:
-            raise ValueError("retries must be >= 0, timeout_s > 0 and backoff_s >= 0")
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
-        self._http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout_s, transport=transport)
+        super().__init__(
+            token=token, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s, max_backoff_s=max_backoff_s
+        )
+        self._http = httpx.Client(base_url=base_url, headers=self._headers, timeout=timeout_s, transport=transport)
 
-    # -- transport ------------------------------------------------------------------------------
-    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+    def _send(self, call: Call[T]) -> T:
         attempt = 0
         while True:
+            outcome: httpx.Response | Exception
             try:
-                response = self._http.request(method, path, **kwargs)
-            except (httpx.TransportError, httpx.TimeoutException) as exc:
-                if attempt >= self.retries:
-                    raise ApexRankError(0, "unreachable", f"{method} {path}: {exc!r}") from exc
-            else:
-                if response.status_code < 400:
-                    return response.json()
-                if response.status_code not in RETRY_STATUSES or attempt >= self.retries:
-                    raise _error(response)
-            delay = min(self.max_backoff_s, self.backoff_s * 2**attempt)
-            time.sleep(delay * (0.5 + random.random() / 2))
+                outcome = self._http.request(call.method, call.path, params=call.params, json=call.json)
+            except TRANSIENT_ERRORS as exc:
+                outcome = exc
+            step = self._settle(call, attempt, outcome)
+            if not isinstance(step, Backoff):
+                return step
+            time.sleep(step.delay_s)
             attempt += 1
 
-    # -- endpoints ------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self._send(Call(method, path, _as_is, **kwargs))
+
     def feed(self, feed: str, *, limit: int = 50, cursor: str | None = None) -> FeedPage:
-        params: dict[str, Any] = {"limit": limit}
-        if cursor:
-            params["cursor"] = cursor
-        data = self._request("GET", f"/v1/feeds/{feed}", params=params)
-        return FeedPage(data["feed"], _songs(data["items"]), data.get("next_cursor"))
+        return self._send(_feed_call(feed, limit, cursor))
 
     def iter_feed(self, feed: str, *, limit: int = 50, max_pages: int | None = None) -> Iterator[RankedSong]:
         """Every song of a feed, page after page (stops after ``max_pages`` pages when given)."""
@@ -134,26 +241,18 @@ class ApexRankClient:
         weights: Mapping[str, float] | None = None,
         apply_filters: bool = False,
     ) -> RankResult:
-        body: dict[str, Any] = {"candidates": list(candidates), "apply_filters": apply_filters}
-        if feed is not None:
-            body["feed"] = feed
-        if weights is not None:
-            body["weights"] = dict(weights)
-        data = self._request("POST", "/v1/rank", json=body)
-        return RankResult(data["feed"], _songs(data["items"]), list(data["unknown"]), list(data["filtered"]))
+        return self._send(_rank_call(candidates, feed, weights, apply_filters))
 
     def song(self, song_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._request("GET", f"/v1/songs/{song_id}")
-        return result
+        return self._send(_song_call(song_id))
 
     def similar(self, song_id: str, k: int = 10) -> list[SimilarSong]:
-        data = self._request("GET", f"/v1/songs/{song_id}/similar", params={"k": k})
-        return [SimilarSong(i["song_id"], float(i["similarity"])) for i in data["items"]]
+        return self._send(_similar_call(song_id, k))
 
     def ready(self) -> bool:
         """Whether /readyz says Redis and the index are up (never raises for a 503)."""
         try:
-            self._request("GET", "/readyz")
+            self._send(_READY)
         except ApexRankError:
             return False
         return True
@@ -170,9 +269,92 @@ class ApexRankClient:
         self.close()
 
 
-def _error(response: httpx.Response) -> ApexRankError:
-    try:
-        body = response.json()
-        return ApexRankError(response.status_code, str(body.get("error", "error")), str(body.get("message", "")))
-    except (ValueError, AttributeError):
-        return ApexRankError(response.status_code, "error", response.text[:500])
+# -- the asyncio transport -------------------------------------------------------------------------
+class AsyncApexRankClient(_ClientCore):
+    """asyncio client: the methods of :class:`ApexRankClient`, awaited (``iter_feed`` is an async
+    iterator). One ``httpx.AsyncClient``, so one connection pool, serves every call; concurrent
+    calls from one event loop are fine, use it from one loop only."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        token: str | None = None,
+        timeout_s: float = 2.0,
+        retries: int = 3,
+        backoff_s: float = 0.05,
+        max_backoff_s: float = 2.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        super().__init__(
+            token=token, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s, max_backoff_s=max_backoff_s
+        )
+        self._http = httpx.AsyncClient(base_url=base_url, headers=self._headers, timeout=timeout_s, transport=transport)
+
+    async def _send(self, call: Call[T]) -> T:
+        attempt = 0
+        while True:
+            outcome: httpx.Response | Exception
+            try:
+                outcome = await self._http.request(call.method, call.path, params=call.params, json=call.json)
+            except TRANSIENT_ERRORS as exc:
+                outcome = exc
+            step = self._settle(call, attempt, outcome)
+            if not isinstance(step, Backoff):
+                return step
+            await asyncio.sleep(step.delay_s)
+            attempt += 1
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        return await self._send(Call(method, path, _as_is, **kwargs))
+
+    async def feed(self, feed: str, *, limit: int = 50, cursor: str | None = None) -> FeedPage:
+        return await self._send(_feed_call(feed, limit, cursor))
+
+    async def iter_feed(self, feed: str, *, limit: int = 50, max_pages: int | None = None) -> AsyncIterator[RankedSong]:
+        """Every song of a feed, page after page (stops after ``max_pages`` pages when given)."""
+        cursor: str | None = None
+        pages = 0
+        while max_pages is None or pages < max_pages:
+            page = await self.feed(feed, limit=limit, cursor=cursor)
+            pages += 1
+            for item in page.items:
+                yield item
+            if not page.next_cursor:
+                return
+            cursor = page.next_cursor
+
+    async def rank(
+        self,
+        candidates: Sequence[str],
+        *,
+        feed: str | None = None,
+        weights: Mapping[str, float] | None = None,
+        apply_filters: bool = False,
+    ) -> RankResult:
+        return await self._send(_rank_call(candidates, feed, weights, apply_filters))
+
+    async def song(self, song_id: str) -> dict[str, Any]:
+        return await self._send(_song_call(song_id))
+
+    async def similar(self, song_id: str, k: int = 10) -> list[SimilarSong]:
+        return await self._send(_similar_call(song_id, k))
+
+    async def ready(self) -> bool:
+        """Whether /readyz says Redis and the index are up (never raises for a 503)."""
+        try:
+            await self._send(_READY)
+        except ApexRankError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncApexRankClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
