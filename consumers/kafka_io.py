@@ -10,9 +10,7 @@ from dataclasses import dataclass
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import ConfigResource, NewTopic
 from kafka.errors import (
-    CorruptRecordError,
     InvalidRecordError,
-    InvalidTimestampError,
     KafkaError,
     MessageSizeTooLargeError,
     RecordListTooLargeError,
@@ -49,13 +47,13 @@ def make_producer(kafka: KafkaSettings) -> KafkaProducer:
 
 
 #: Producer errors about the record itself: sending it again cannot succeed, so they are
-#: the input's fault (dead-lettered, committed past), never an outage to retry.
+#: the input's fault (dead-lettered, committed past), never an outage to retry. A refused
+#: timestamp (this host's clock) or a corrupt batch (the wire) is not the record's fault:
+#: those stay outages, retried until they pass.
 RECORD_ERRORS: tuple[type[KafkaError], ...] = (
     MessageSizeTooLargeError,
     RecordListTooLargeError,
     InvalidRecordError,
-    CorruptRecordError,
-    InvalidTimestampError,
 )
 
 

@@ -219,10 +219,14 @@ class ScoringPipeline:
         return ok, failed + non_finite
 
     # -- stage 4: score ---------------------------------------------------------------
-    def score(self, songs: list[_Pending]) -> list[tuple[_Pending, SongScored]]:
-        """Run the head; a replayed song already stored under this model keeps its record as is."""
+    def score(self, songs: list[_Pending]) -> tuple[list[tuple[_Pending, SongScored]], list[DeadLetter]]:
+        """Run the head; a replayed song already stored under this model keeps its record as is.
+
+        A song the head gives a NaN or infinite output is dead-lettered: it cannot be stored or
+        published, and retrying the batch would only meet it again.
+        """
         if not songs:
-            return []
+            return [], []
         out: list[tuple[_Pending, SongScored]] = []
         fresh: list[_Pending] = []
         reused = [p for p in songs if p.reused]
@@ -236,16 +240,24 @@ class ScoringPipeline:
             else:
                 fresh.append(p)
         if not fresh:
-            return out
+            return out, []
         layers = np.stack([p.layers for p in fresh if p.layers is not None]).astype(np.float32)
         with metrics.STAGE_SECONDS.labels("score").time():
             preds = self.model.predict(layers)
+        finite = np.isfinite(preds).all(axis=1)
+        dead: list[DeadLetter] = []
+        if not finite.all():
+            reason = "the model gave non-finite scores"
+            for i in np.flatnonzero(~finite).tolist():
+                dead.append(self.dead_letter(fresh[i].msg, ErrorCode.INTERNAL_ERROR, reason))
+            fresh = [fresh[i] for i in np.flatnonzero(finite).tolist()]
+            preds = preds[finite]
         now = datetime.now(UTC)
         metas = [SongMeta(p.event.song_id, p.event.generator, p.event.created_at.isoformat()) for p in fresh]
         for p, score in zip(fresh, score_predictions(self.settings, self.model, preds, metas), strict=True):
             p.score = score
             out.append((p, score.event(now, truncated=p.audio is not None and bool(p.audio.truncated))))
-        return out
+        return out, dead
 
     def _previous(self, p: _Pending, rec: StoredSong | None) -> SongScored | None:
         """The stored record of a replayed song, when it was scored by this very model."""
@@ -310,7 +322,8 @@ class ScoringPipeline:
             encoded.extend(ok)
             result.dead.extend(dead)
         order = {id(p): i for i, p in enumerate(songs)}
-        scored = self.score(sorted(encoded, key=lambda p: order[id(p)]))
+        scored, dead = self.score(sorted(encoded, key=lambda p: order[id(p)]))
+        result.dead.extend(dead)
         result.scored = [s for _, s in scored]
         result.reused = sum(1 for p, _ in scored if p.reused)
         return result, lambda: self.write(scored)

@@ -191,7 +191,9 @@ def run_once(
             ensure_topics(settings.kafka, [topic])
             pub = publisher or Publisher(settings.kafka)
             try:
-                pub.publish([(topic, promoted.version.encode(), json.dumps(event).encode())])
+                refused = pub.publish([(topic, promoted.version.encode(), json.dumps(event).encode())])
+                if refused:  # a small event Kafka refuses is a broker setting to fix, not something to drop
+                    raise refused[0].error
             finally:
                 if publisher is None:
                     pub.close()

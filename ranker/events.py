@@ -31,9 +31,15 @@ def _check_uri(value: str) -> str:
     return value
 
 
+_RFC3339_START = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]")
+
+
 def _rfc3339_text(value: Any) -> Any:
-    """Timestamps travel as RFC 3339 text: a bare number is refused, not guessed to be (milli)seconds."""
-    if not isinstance(value, str | datetime):
+    """Timestamps travel as RFC 3339 text: a number (or a string of digits) is refused, not guessed to be
+    (milli)seconds since the epoch, as pydantic would."""
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str) or not _RFC3339_START.match(value):
         raise ValueError("must be an RFC 3339 timestamp string with a timezone, e.g. 2026-01-31T12:00:00Z")
     return value
 

@@ -21,8 +21,8 @@ from consumers.cli import build_parser
 from consumers.feedback import FeedbackConsumer
 from consumers.kafka_io import ensure_topics, publish_outputs
 from consumers.worker import Worker
-from ranker.errors import ErrorCode
-from ranker.events import DeadLetter, Engagement
+from ranker.errors import ErrorCode, InputError
+from ranker.events import DeadLetter, Engagement, SongGenerated
 from ranker.settings import Settings
 from tests.helpers import event, read_topic, tone
 
@@ -214,3 +214,11 @@ def test_metrics_listen_on_loopback_by_default() -> None:
     for command in ("worker", "feedback"):
         assert parser.parse_args([command, "--metrics-port", "9100"]).metrics_host == "127.0.0.1"
     assert parser.parse_args(["worker", "--metrics-host", "0.0.0.0"]).metrics_host == "0.0.0.0"
+
+
+@pytest.mark.parametrize("value", ["1700000000000", "1700000000", "20260101"])
+def test_created_at_digit_strings_are_not_guessed_to_be_epoch_time(value: str) -> None:
+    raw = json.dumps({"song_id": "s", "audio_uri": "file:///x.wav", "generator": "g", "created_at": value}).encode()
+    with pytest.raises(InputError) as info:
+        SongGenerated.parse(raw)
+    assert info.value.code == ErrorCode.INVALID_CREATED_AT and "RFC 3339" in info.value.message

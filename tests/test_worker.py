@@ -355,3 +355,29 @@ def test_worker_refuses_unconfined_file_uris_outside_development(settings: Setti
         update={"audio": production.audio.model_copy(update={"allowed_schemes": ["http", "https"]})}
     )
     Worker(http_only).close()
+
+
+def test_a_song_the_model_scores_non_finite_is_dead_lettered_alone(settings: Settings, tmp_path: Path) -> None:
+    """A NaN from the head cannot be stored or published: that song is dead-lettered, the batch goes on."""
+    from consumers.loop import Message
+    from ranker.errors import ErrorCode
+
+    events = [event(f"nf-{i}", tone(tmp_path / f"nf{i}.wav", freq=300 + 40 * i).as_uri()) for i in range(3)]
+    messages = [Message("t", 0, i, e.song_id.encode(), e.to_bytes()) for i, e in enumerate(events)]
+    worker = Worker(settings)
+    try:
+        real_predict = worker.pipeline.model.predict
+
+        def predict(layers: np.ndarray) -> np.ndarray:
+            out = np.array(real_predict(layers), copy=True)
+            out[1, 0] = np.nan  # the second song of the batch
+            return out
+
+        worker.pipeline.model.predict = predict  # type: ignore[method-assign]
+        result, write = worker.pipeline.process(messages)
+        write()
+    finally:
+        worker.close()
+    assert [s.song_id for s in result.scored] == ["nf-0", "nf-2"]
+    assert [(d.key, d.error_code) for d in result.dead] == [("nf-1", ErrorCode.INTERNAL_ERROR)]
+    assert song(settings, "nf-1") is None and song(settings, "nf-2") is not None
