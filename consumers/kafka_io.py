@@ -117,8 +117,9 @@ def log_size_limits(kafka: KafkaSettings, topics: Sequence[str]) -> int:
         "".join(f", {k} not reported" for k, v in limits.items() if v is None),
         kafka.dead_letter_original_bytes,
     )
-    # A letter of a wholly binary original is base64: 4/3 of the budget plus about 1 KB of fields.
-    if kafka.dead_letter_original_bytes * 4 // 3 + 4096 > smallest:
+    # The original travels as text while its JSON escaping at most doubles it, else as base64 (4/3):
+    # at most twice the budget, plus a few KB of the letter's other fields.
+    if kafka.dead_letter_original_bytes * 2 + 4096 > smallest:
         log.warning(
             "kafka.dead_letter_original_bytes=%d may not fit the smallest record limit (%d bytes); "
             "letters that do not fit are sent without their original",

@@ -55,7 +55,8 @@ CREATED_AT = "created_at"  # RFC 3339
 SCORED_AT = "scored_at"  # RFC 3339
 RESERVED_FIELDS = frozenset({SONG_ID, MODEL_VERSION, RANK_SCORE, GENERATOR, CREATED_AT, SCORED_AT})
 SCORE_FIELD_PREFIX = "score."
-#: Extra fields the worker writes: the song's tags (JSON list), its length, whether its audio was cut.
+#: Extra fields the worker writes: the song's tags (comma-joined; a JSON list is read too), its length,
+#: whether its audio was cut.
 TAGS = "tags"
 DURATION_S = "duration_s"
 TRUNCATED = "truncated"

@@ -242,7 +242,7 @@ def _bounded_text(data: bytes, limit: int) -> tuple[str, Literal["utf-8", "base6
             text = head[: exc.start].decode("utf-8", errors="strict")
         else:
             return base64.b64encode(head).decode("ascii"), "base64", truncated
-    if len(json.dumps(text, ensure_ascii=False)) > 2 * len(head) + 2:
+    if len(json.dumps(text, ensure_ascii=False).encode()) > 2 * len(head) + 2:
         return base64.b64encode(head).decode("ascii"), "base64", truncated
     return text, "utf-8", truncated
 
