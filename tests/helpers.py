@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import soundfile as sf
@@ -15,6 +19,39 @@ from kafka import KafkaConsumer
 
 from ranker.events import SongGenerated
 from ranker.settings import Settings
+
+S = TypeVar("S", bound=ThreadingHTTPServer)
+
+
+class CountingHTTPServer(ThreadingHTTPServer):
+    """A loopback HTTP server that counts the TCP connections it accepts (connection reuse tests)."""
+
+    daemon_threads = True
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(("127.0.0.1", 0), handler)
+        self.accepted = 0
+
+    def get_request(self) -> tuple[Any, Any]:
+        conn = super().get_request()
+        self.accepted += 1
+        return conn
+
+
+@contextmanager
+def serving(httpd: S) -> Iterator[S]:
+    """Run ``httpd`` on a thread for the block, then shut it down and close its socket."""
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def url_of(httpd: ThreadingHTTPServer) -> str:
+    return f"http://127.0.0.1:{httpd.server_address[1]}"
 
 
 def tone(path: Path, seconds: float = 2.0, sr: int = 24_000, freq: float = 440.0, seed: int = 0) -> Path:

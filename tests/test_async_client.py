@@ -10,8 +10,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from threading import Thread
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import numpy as np
@@ -30,6 +29,7 @@ from ranker.serving.client import (
 )
 from ranker.settings import Settings
 from tests import test_client
+from tests.helpers import CountingHTTPServer, serving
 from tests.test_client import Served
 
 api = test_client.api  # the fixture: the API over the session's Redis, feed "f" holding s0-s11
@@ -224,22 +224,14 @@ def test_async_client_times_out_and_gives_up() -> None:
 
 
 # -- connection sharing ---------------------------------------------------------------------------------
-class _CountingServer(ThreadingHTTPServer):
+class _CountingServer(CountingHTTPServer):
     """Counts the TCP connections it accepts and the requests it serves; the next ``fail_next``
     requests get a 503."""
 
-    daemon_threads = True
-
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _SongHandler)
-        self.accepted = 0
+        super().__init__(_SongHandler)
         self.requests = 0
         self.fail_next = 0
-
-    def get_request(self) -> tuple[Any, Any]:
-        conn = super().get_request()
-        self.accepted += 1
-        return conn
 
 
 class _SongHandler(BaseHTTPRequestHandler):
@@ -267,14 +259,8 @@ class _SongHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def counting_server() -> Iterator[_CountingServer]:
-    httpd = _CountingServer()
-    thread = Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with serving(_CountingServer()) as httpd:
         yield httpd
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 def test_async_client_shares_one_connection_pool(counting_server: _CountingServer) -> None:

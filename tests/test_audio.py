@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import io
-import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -26,6 +24,7 @@ from ranker.audio import (
 )
 from ranker.errors import ErrorCode, InputError
 from ranker.settings import AudioSettings
+from tests.helpers import CountingHTTPServer, serving, url_of
 
 SR = 24_000
 
@@ -395,13 +394,8 @@ class _Handler(BaseHTTPRequestHandler):
 def server() -> Iterator[str]:
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with serving(httpd):
+        yield url_of(httpd)
 
 
 @pytest.fixture
@@ -461,38 +455,17 @@ def test_http_too_large(server: str, http_settings: AudioSettings) -> None:
         assert time.monotonic() - start < 1.0  # aborted early, not after the server's 3 s
 
 
-class _CountingServer(ThreadingHTTPServer):
-    """Counts the TCP connections it accepts."""
-
-    daemon_threads = True
-
-    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
-        super().__init__(("127.0.0.1", 0), handler)
-        self.accepted = 0
-
-    def get_request(self) -> tuple[Any, Any]:
-        conn = super().get_request()
-        self.accepted += 1
-        return conn
-
-
 class _KeepAliveHandler(_Handler):
     protocol_version = "HTTP/1.1"  # a connection serves request after request (the module's server closes each)
 
 
 @pytest.fixture
-def counting_server() -> Iterator[_CountingServer]:
-    httpd = _CountingServer(_KeepAliveHandler)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+def counting_server() -> Iterator[CountingHTTPServer]:
+    with serving(CountingHTTPServer(_KeepAliveHandler)) as httpd:
         yield httpd
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
-def test_http_shares_a_client(counting_server: _CountingServer, http_settings: AudioSettings) -> None:
+def test_http_shares_a_client(counting_server: CountingHTTPServer, http_settings: AudioSettings) -> None:
     import httpx
 
     server = f"http://127.0.0.1:{counting_server.server_address[1]}"

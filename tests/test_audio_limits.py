@@ -15,7 +15,6 @@ import logging
 import re
 import subprocess
 import sys
-import threading
 import tracemalloc
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,6 +29,7 @@ import ranker.audio.fetch as fetch
 from ranker.audio import decode_audio, load_song
 from ranker.errors import ConfigError, ErrorCode, InputError
 from ranker.settings import AudioSettings
+from tests.helpers import serving, url_of
 
 SR = 24_000
 HEAP_ADDRESS = re.compile(r"0x[0-9a-f]{6,}", re.IGNORECASE)
@@ -115,13 +115,8 @@ class _Handler(BaseHTTPRequestHandler):
 def server() -> Iterator[str]:
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with serving(httpd):
+        yield url_of(httpd)
 
 
 @pytest.mark.parametrize("path", ["/plain", "/disguised"])
