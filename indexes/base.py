@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +83,21 @@ class StoredSong:
     prior_like_rate: float | None = None
     counters: dict[str, int] = field(default_factory=dict)  # engagement: plays, likes, ... (0 when absent)
     fields: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Change:
+    """One entry of a score store's change log: what a write batch touched, and when.
+
+    ``song_ids``: songs whose record or feed entries were written (read them again to learn
+    what they hold now); ``feeds``: feeds replaced or trimmed as a whole. Entries are appended
+    after the write they describe, so a reader that sees an entry sees the write.
+    """
+
+    position: str  # opaque and ordered: read the changes after it
+    at: float  # epoch seconds the store logged it (its own clock)
+    song_ids: tuple[str, ...] = ()
+    feeds: tuple[str, ...] = ()
 
 
 #: A (feed -> song_id -> value) map; None removes the song from that feed.
@@ -164,6 +179,32 @@ class AsyncScoreReads(ABC):
 
     @abstractmethod
     async def calibration_totals(self) -> tuple[float, float]: ...
+
+    # -- what an in-memory copy needs: a full read, then the change log ------------------------
+    @abstractmethod
+    def scan_song_ids(self, batch: int = 1000) -> AsyncIterator[list[str]]:
+        """Every song id with a record, in batches (non-blocking; a song written meanwhile may be missed)."""
+
+    @abstractmethod
+    async def feed_members(self, feed: str, start: int, count: int) -> list[tuple[str, float]]:
+        """(song_id, score) pairs of ``feed`` by rank from ``start`` (0-based), lowest score first."""
+
+    @abstractmethod
+    async def feed_scores(self, feeds: Sequence[str], song_ids: Sequence[str]) -> dict[str, list[float | None]]:
+        """Each feed's score of each song (None: not a member), in one round trip."""
+
+    @abstractmethod
+    async def change_position(self) -> str:
+        """The newest change's position: reading after it returns only later changes."""
+
+    @abstractmethod
+    async def read_changes(self, after: str, count: int, block_s: float) -> list[Change]:
+        """Up to ``count`` changes after ``after``, oldest first; waits up to ``block_s`` for one."""
+
+    @abstractmethod
+    async def changes_lost(self, after: str) -> bool:
+        """Whether changes after ``after`` may be gone (the log was trimmed past it, or reset):
+        a copy that followed the log from there must be read again whole."""
 
     @abstractmethod
     async def ping(self) -> bool: ...

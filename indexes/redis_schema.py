@@ -8,6 +8,11 @@ on the song id or feed name, and a client can route it)::
     {prefix}:feedage:{<feed>}   sorted set: member song_id, score created_at (epoch s); only for
                                 feeds with an age limit, so old songs can be trimmed
     {prefix}:calibration        hash: likes, expected (totals behind the like-rate calibration)
+    {prefix}:changes            stream: the change log, one entry per write batch, appended after
+                                the write: ``ids`` (comma-joined song ids whose hash or feed
+                                entries changed) and ``feeds`` (comma-joined feeds replaced or
+                                trimmed as a whole); capped at about ``changes_max_len`` entries.
+                                The API's song tables follow it (:mod:`ranker.serving.table_sync`)
     {prefix}:evt:{<song_id>}:<event_id>
                                 string: an engagement event's dedup key (value: the message
                                 that counted it), in its song's slot
@@ -83,6 +88,10 @@ CLAIMED_LIKES_FIELD = "cal.likes"
 CLAIMED_EXPECTED_FIELD = "cal.expected"
 CALIBRATION_FIELDS = ("likes", "expected")
 
+#: Fields of a change log entry: the songs written, the feeds replaced or trimmed whole.
+CHANGE_IDS = "ids"
+CHANGE_FEEDS = "feeds"
+
 #: After the score fields, what a feed read hydrates per song (in this order), and what a feed
 #: write additionally needs for the feeds' filters.
 STATE_FIELDS: tuple[str, ...] = (PRIOR_FIELD, PLAYS_FIELD, LIKES_FIELD, CREATED_AT, GENERATOR, SCORED_AT)
@@ -155,6 +164,10 @@ class RedisKeys:
 
     def calibration(self) -> str:
         return f"{self.prefix}:calibration"
+
+    def changes(self) -> str:
+        """The change log stream (see the module docstring)."""
+        return f"{self.prefix}:changes"
 
     def event(self, song_id: str, event_id: str) -> str:
         """An engagement event's dedup key, in its song's slot (ids validated upstream)."""

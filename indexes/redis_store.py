@@ -11,16 +11,18 @@ fields written by other components into the same hash (the engagement counters
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import redis
 import redis.asyncio
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from indexes.base import AsyncScoreReads, FeedEntries, ScoreStore, SongRecord, StoredSong
+from indexes.base import AsyncScoreReads, Change, FeedEntries, ScoreStore, SongRecord, StoredSong
 from indexes.redis_schema import (
     CALIBRATION_FIELDS,
+    CHANGE_FEEDS,
+    CHANGE_IDS,
     RedisKeys,
     check_name,
     check_prefix,
@@ -55,6 +57,12 @@ class RedisStoreConfig(BaseModel):
     url: str = Field(description="redis://, rediss:// or unix:// URL.")
     key_prefix: str = "apexrank"
     socket_timeout_s: float = Field(5.0, gt=0)
+    changes_max_len: int = Field(
+        100_000,
+        ge=100,
+        description="Entries the change log keeps (about; one per write batch). An API process that falls "
+        "further behind than this reads the store again whole.",
+    )
 
     @field_validator("key_prefix")
     @classmethod
@@ -134,6 +142,7 @@ class RedisScoreStore(ScoreStore):
             pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
         pipe.zadd(feed_key, members)
         pipe.execute()
+        self._log_changes(members)
 
     def write_feed_entries(
         self,
@@ -176,6 +185,10 @@ class RedisScoreStore(ScoreStore):
             if drop:
                 pipe.zrem(key, *drop)
         pipe.execute()
+        touched = dict.fromkeys(song.song_id for song in songs)
+        for members in entries.values():
+            touched.update(dict.fromkeys(members))
+        self._log_changes(touched)
 
     def claim_calibration(self, priors: Mapping[str, float]) -> tuple[float, float]:
         """Fold these songs' current plays and likes into the calibration totals.
@@ -226,6 +239,7 @@ class RedisScoreStore(ScoreStore):
         pipe.zrem(self.feed_key(feed), *old)
         pipe.zrem(age_key, *old)
         pipe.execute()
+        self._log_changes((), feeds=(feed,))
         return len(old)
 
     def replace_feed(self, feed: str, members: Mapping[str, float], ages: Mapping[str, float] | None = None) -> None:
@@ -249,6 +263,30 @@ class RedisScoreStore(ScoreStore):
                 pipe.rename(tmp, key)
             else:
                 pipe.delete(key)
+        pipe.execute()
+        self._log_changes((), feeds=(feed,))
+
+    #: Song ids per change log entry: a large batch is logged as several entries.
+    CHANGE_BATCH = 1000
+
+    def _log_changes(self, song_ids: Iterable[str], feeds: Sequence[str] = ()) -> None:
+        """Append what a write touched to the change log, after the write (its own round trip, so
+        that on Redis Cluster too an entry is never visible before the write it describes).
+
+        If this fails after the write succeeded, the caller's retry writes and logs again (the
+        worker and the feedback consumer commit their offsets only after both).
+        """
+        ids = list(song_ids)
+        if not ids and not feeds:
+            return
+        key = self.keys.changes()
+        maxlen = self.config.changes_max_len
+        pipe = self._redis.pipeline(transaction=False)
+        for i in range(0, max(len(ids), 1), self.CHANGE_BATCH):
+            entry = {CHANGE_IDS: ",".join(ids[i : i + self.CHANGE_BATCH])}
+            if feeds and i == 0:
+                entry[CHANGE_FEEDS] = ",".join(feeds)
+            pipe.xadd(key, entry, maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
         pipe.execute()
 
     def scan_song_ids(self, batch: int = 1000) -> Iterator[str]:
@@ -421,6 +459,73 @@ class AsyncStoreReads(AsyncScoreReads):
     async def calibration_totals(self) -> tuple[float, float]:
         return _totals(await self._redis.hmget(self._store.calibration_key(), list(CALIBRATION_FIELDS)))
 
+    async def scan_song_ids(self, batch: int = 1000) -> AsyncIterator[list[str]]:
+        keys = self._store.keys
+        out: list[str] = []
+        async for key in self._redis.scan_iter(match=keys.song_pattern(), count=batch):
+            song_id = keys.song_id_of(key)
+            if song_id is not None:
+                out.append(song_id)
+                if len(out) >= batch:
+                    yield out
+                    out = []
+        if out:
+            yield out
+
+    async def feed_members(self, feed: str, start: int, count: int) -> list[tuple[str, float]]:
+        if count <= 0:
+            return []
+        rows = await self._redis.zrange(self._store.feed_key(feed), start, start + count - 1, withscores=True)
+        return _pairs(rows)
+
+    async def feed_scores(self, feeds: Sequence[str], song_ids: Sequence[str]) -> dict[str, list[float | None]]:
+        if not song_ids or not feeds:
+            return {feed: [None] * len(song_ids) for feed in feeds}
+        pipe = self._redis.pipeline(transaction=False)
+        for feed in feeds:
+            pipe.zmscore(self._store.feed_key(feed), list(song_ids))
+        return {
+            feed: [None if v is None else float(v) for v in values]
+            for feed, values in zip(feeds, await pipe.execute(), strict=True)
+        }
+
+    async def change_position(self) -> str:
+        newest = await self._redis.xrevrange(self._store.keys.changes(), count=1)
+        return str(newest[0][0]) if newest else "0-0"
+
+    async def read_changes(self, after: str, count: int, block_s: float) -> list[Change]:
+        block = max(1, int(block_s * 1000)) if block_s > 0 else None
+        found: Any = await self._redis.xread({self._store.keys.changes(): after}, count=count, block=block)
+        out: list[Change] = []
+        for _, entries in found or ():
+            for position, fields in entries:
+                ids, feeds = fields.get(CHANGE_IDS, ""), fields.get(CHANGE_FEEDS, "")
+                out.append(
+                    Change(
+                        position=str(position),
+                        at=_stream_ms(position) / 1000.0,
+                        song_ids=tuple(ids.split(",")) if ids else (),
+                        feeds=tuple(feeds.split(",")) if feeds else (),
+                    )
+                )
+        return out
+
+    async def changes_lost(self, after: str) -> bool:
+        key = self._store.keys.changes()
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.xrange(key, count=1)
+        pipe.xrevrange(key, count=1)
+        oldest, newest = await pipe.execute()
+        mark = _stream_id(after)
+        if not newest:
+            return mark != (0, 0)  # the log was deleted (or the store flushed)
+        if _stream_id(newest[0][0]) < mark:
+            return True  # the log was reset behind us
+        # Entries after ``after`` may have been trimmed. From "0-0" (the log was empty when the
+        # copy was read) nothing tells a trim from the log's start: a copy reads an entry within
+        # a poll of loading, and ``after`` is a real entry from then on.
+        return mark != (0, 0) and _stream_id(oldest[0][0]) > mark
+
     async def ping(self) -> bool:
         try:
             return bool(await self._redis.ping())
@@ -473,6 +578,15 @@ def cross_slot(exc: redis.exceptions.ResponseError) -> bool:
     """Whether Redis refused a multi-key command because its keys span cluster slots."""
     text = str(exc).lower()
     return "cross" in text or "same slot" in text
+
+
+def _stream_id(position: str) -> tuple[int, int]:
+    ms, _, seq = str(position).partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _stream_ms(position: str) -> int:
+    return _stream_id(position)[0]
 
 
 def _bound(max_score: float | None) -> str:

@@ -74,10 +74,12 @@ def test_keys_use_cluster_hash_tags(store: RedisScoreStore, settings: Settings) 
     assert store.song_key("Song_1:v2-x.y") == f"{prefix}:song:{{Song_1:v2-x.y}}"
     assert store.feed_key("cold-start") == f"{prefix}:feed:{{cold-start}}"
     assert sorted(store.client.keys(f"{prefix}:*")) == [
+        f"{prefix}:changes",  # the change log the API's song tables follow (one key, its own slot)
         f"{prefix}:feed:{{cold-start}}",
         f"{prefix}:song:{{Song_1:v2-x.y}}",
     ]
     assert store.client.type(f"{prefix}:song:{{Song_1:v2-x.y}}") == "hash"
+    assert store.client.type(f"{prefix}:changes") == "stream"
 
 
 @pytest.mark.parametrize(
