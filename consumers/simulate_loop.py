@@ -120,6 +120,13 @@ def _page(client: Any, limit: int, cursor: str | None) -> dict[str, Any]:
     return page
 
 
+def _caught_up(client: Any) -> None:
+    """Wait until the API's song table has applied every store write so far: each hour's pages are
+    then a function of the store, not of how quickly the table followed the change log."""
+    if not client.portal.call(client.app.state.reader.sync.caught_up, 60.0):
+        raise RuntimeError("the API's song table did not catch up with the store within 60 s")
+
+
 def _candidates(client: Any, max_candidates: int) -> list[dict[str, Any]]:
     """The whole candidate set of the feed (random / newest re-order it), fetched page by page."""
     items: list[dict[str, Any]] = []
@@ -250,6 +257,8 @@ def run_loop_simulation(
                 pending = [s for s in pending if _feed_size(s) < published]
                 if not pending:
                     break
+            for client in clients.values():
+                _caught_up(client)
             for p, s in ns.items():
                 # The same users draw the same random numbers under every policy (common random numbers).
                 rng = np.random.default_rng(np.random.SeedSequence([seed, 200, hour]))

@@ -418,6 +418,19 @@ class ApiSettings(_Section):
     page_cache_max_bytes: int = Field(
         64 * 1024 * 1024, ge=0, description="Memory the page cache may hold per API process; oldest entries go first."
     )
+    table_startup_wait_s: float = Field(
+        30.0,
+        ge=0,
+        description="How long start-up waits for the song table before accepting requests; a larger catalog "
+        "keeps loading after it (feeds and rank answer 503, /readyz is false, /healthz answers).",
+    )
+    table_poll_s: float = Field(
+        0.5,
+        gt=0,
+        le=30,
+        description="Longest wait of one read of the store's change log by the song table (a blocking read: "
+        "changes are applied as they arrive, not once per poll).",
+    )
 
 
 class Settings(BaseSettings):

@@ -20,9 +20,10 @@ from hypothesis import strategies as st
 from indexes import RedisScoreStore, SongRecord
 from ranker.events import TASKS
 from ranker.serving.api import create_app
-from ranker.serving.page_cache import PageCache, _Row, _Window, window_nbytes
-from ranker.serving.policy import SongState
+from ranker.serving.batch import SongBatch
+from ranker.serving.page_cache import PageCache, _Window, window_nbytes
 from ranker.serving.reader import FeedReader
+from ranker.serving.state import READ_FIELDS
 from ranker.serving.writer import FeedWriter
 from ranker.settings import ApiSettings, Settings
 from tests.test_policy import NOW, plain, record, with_feeds
@@ -223,6 +224,7 @@ def test_page_cache_drops_expired_windows_and_oversized_ones(settings: Settings,
         reads = store.async_reads()
         try:
             reader = FeedReader(s, reads, monotonic=lambda: clock[0])
+            await reader.sync.load()
             cache = reader.page_cache
             cursor = None
             for _ in range(40):
@@ -253,10 +255,10 @@ def test_page_cache_drops_expired_windows_and_oversized_ones(settings: Settings,
 
 def window(n_rows: int, dim: int = 0) -> _Window:
     w = _Window(0.0)
-    for i in range(n_rows):
-        state = SongState(f"s{i}", {t: 3.0 for t in TASKS}, None, 0.0, 0.0, NOW, "suno-v5")
-        w.rows.append(_Row(f"s{i}", 1.0, state))
-    w.eligible = list(w.rows)
+    w.ids = [f"s{i}" for i in range(n_rows)]
+    w.stored = [1.0] * n_rows
+    w.eligible = list(range(n_rows))
+    w.batch = SongBatch.from_fields(w.ids, [[repr(3.0)] * len(READ_FIELDS)] * n_rows)
     if dim:
         w.gram = np.zeros((dim, dim), dtype=np.float32)
     return w

@@ -223,6 +223,7 @@ def test_rank_equals_the_per_song_reference(settings: Settings, store: RedisScor
         reads = store.async_reads()  # made inside the loop that uses it
         try:
             reader = FeedReader(s, reads, clock=lambda: NOW)
+            await reader.sync.load()
             policies = [reader.policy(name) for name in s.feed.feeds]
             policies += [reader.inline_policy(base, overrides) for base, overrides in INLINE]
             cases = [

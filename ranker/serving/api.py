@@ -8,10 +8,12 @@ Every bad request gets a 4xx with a JSON body ``{"error": <code>, "message": <te
 a valid bearer token (when tokens are configured), 404 for an unknown feed or song,
 413 for a body over ``api.max_body_bytes``. An inline policy (``POST /v1/rank``) with a
 number out of its range, or one that would give a NaN or infinite value for the songs
-asked about, is a 422 ``invalid_policy``. Redis being unreachable is a 503, never a 500.
-The feed and rank endpoints are async end to end (redis.asyncio, one ZRANGE plus one
-pipelined HMGET per page); similar-song searches run in the thread pool (FAISS releases
-the GIL). /healthz, /readyz, /metrics and the OpenAPI documents need no token.
+asked about, is a 422 ``invalid_policy``. Redis being unreachable is a 503, never a 500,
+and so is a feed or rank request while the song table loads (``table_loading``).
+Feed pages and reranks are served from the process's in-memory song table
+(:mod:`ranker.serving.table`), which follows the store's change log; similar-song searches
+run in the thread pool (FAISS releases the GIL). /healthz, /readyz, /metrics and the
+OpenAPI documents need no token.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ranker.events import SONG_ID_PATTERN, SongId
 from ranker.serving.cursor import CursorError
-from ranker.serving.reader import FeedReader, UnknownFeedError
+from ranker.serving.reader import FeedReader, TableNotReady, UnknownFeedError
 from ranker.settings import Settings, get_settings
 from ranker.stores import index_reader, score_store
 
@@ -267,6 +269,12 @@ def create_app(settings: Settings | None = None, *, explore_rng: np.random.Gener
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         reads = store.async_reads()
         holder["reader"] = app.state.reader = FeedReader(settings, reads, index)
+        sync = app.state.reader.sync
+        sync.start()  # loads the song table, then follows the store's change log
+        if not await sync.wait_loaded(api.table_startup_wait_s):
+            log.warning(
+                "the song table is still loading after %.0f s; serving, /readyz says so", api.table_startup_wait_s
+            )
         try:
             await run_in_threadpool(index.load)
         except Exception:
@@ -275,6 +283,7 @@ def create_app(settings: Settings | None = None, *, explore_rng: np.random.Gener
         try:
             yield
         finally:
+            await app.state.reader.sync.close()
             index.close()
             await reads.close()
             store.close()
@@ -316,6 +325,10 @@ def create_app(settings: Settings | None = None, *, explore_rng: np.random.Gener
         code = getattr(exc, "code", None) or {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error")
         return _error(exc.status_code, code, str(exc.detail), exc.headers)
 
+    @app.exception_handler(TableNotReady)
+    async def loading(_: Request, exc: TableNotReady) -> JSONResponse:
+        return _error(503, "table_loading", "the song table is still loading; retry shortly", {"Retry-After": "1"})
+
     @app.exception_handler(redis.exceptions.ConnectionError)
     @app.exception_handler(redis.exceptions.TimeoutError)
     async def store_down(_: Request, exc: Exception) -> JSONResponse:
@@ -328,13 +341,16 @@ def create_app(settings: Settings | None = None, *, explore_rng: np.random.Gener
         """The process is up."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["probes"], responses={503: {"description": "Redis or the index is not ready"}})
+    @app.get("/readyz", tags=["probes"], responses={503: {"description": "Redis, the table or the index is not ready"}})
     async def readyz() -> JSONResponse:
-        """Redis answers and the embedding index is loaded."""
+        """Redis answers, the song table is loaded and the embedding index is loaded."""
         redis_ok = await reader().reads.ping()
         status = index.status()
+        sync = reader().sync
+        table = sync.table
         body = {
             "redis": redis_ok,
+            "table": {"ready": table is not None, "songs": len(table) if table is not None else 0},
             "index": {
                 "ready": status.ready,
                 "vectors": status.vectors,
@@ -342,7 +358,7 @@ def create_app(settings: Settings | None = None, *, explore_rng: np.random.Gener
                 "reason": status.reason,
             },
         }
-        return JSONResponse(body, status_code=200 if redis_ok and status.ready else 503)
+        return JSONResponse(body, status_code=200 if redis_ok and status.ready and table is not None else 503)
 
     @app.get("/metrics", tags=["probes"], response_class=Response)
     async def metrics() -> Response:

@@ -133,6 +133,26 @@ class SongBatch:
             batch.duration_s = _floats(columns[_N_READ + 1], 0.0)
         return batch
 
+    def take(self, rows: np.ndarray) -> SongBatch:
+        """These rows (indices into this batch), in that order, as a batch of their own."""
+        ids = self.song_ids
+        idx = rows.tolist()
+        out = SongBatch(
+            song_ids=[ids[i] for i in idx],
+            scores=self.scores[rows],
+            scored=self.scored[rows],
+            model_rate=self.model_rate[rows],
+            plays=self.plays[rows],
+            likes=self.likes[rows],
+            created_ts=self.created_ts[rows],
+            generators=[self.generators[i] for i in idx],
+        )
+        if self.raw_tags is not None:
+            out.raw_tags = [self.raw_tags[i] for i in idx]
+        if self.duration_s is not None:
+            out.duration_s = self.duration_s[rows]
+        return out
+
     @cached_property
     def tags(self) -> list[tuple[str, ...]]:
         """Each song's tags (:func:`~ranker.serving.policy.parse_tags`); empty without WRITE_FIELDS."""
@@ -268,6 +288,26 @@ def evaluate(policy: Policy, batch: SongBatch, scale: float, now: float) -> Batc
             popularity=popularity(policy, m),
             contributions=terms,
         )
+
+
+def sample_rates(policy: Policy, batch: SongBatch, scale: float, rng: np.random.Generator) -> np.ndarray:
+    """``Policy.sample_rates``: one like rate per song from its Beta posterior (the same draws from ``rng``)."""
+    if not len(batch):
+        return np.empty(0)
+    with np.errstate(all="ignore"):
+        p0 = prior_rate(policy, batch, scale)
+        w = policy.w
+        misses = batch.plays - batch.likes
+        a = w * p0 + batch.likes
+        b = w * (1.0 - p0) + np.where(misses < 0.0, 0.0, misses)  # max(plays - likes, 0.0)
+    return rng.beta(a, b)
+
+
+def sampled_scores(policy: Policy, batch: SongBatch, rates: np.ndarray, now: float) -> np.ndarray:
+    """``Policy.sampled_score`` per song: the score with a sampled like rate in place of the posterior mean."""
+    with np.errstate(all="ignore"):
+        quality, _ = parts(policy, batch, rates)
+        return (SCORE_FLOOR + quality) * freshness(policy, batch.created_ts, now)
 
 
 # -- membership -----------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,47 +10,47 @@ from dataclasses import dataclass, field
 import numpy as np
 from cachetools import TTLCache
 
-from ranker.serving.policy import (
-    SongState,
-)
-
-
-@dataclass
-class _Row:
-    song_id: str
-    stored: float
-    state: SongState | None = None  # None: dropped (skipped, not scored, outside the age window)
+from ranker.serving.batch import SongBatch
 
 
 @dataclass
 class _Window:
-    """A fetched stretch of a feed: every row read, the eligible ones hydrated, their cosines."""
+    """A stretch of a feed after a cursor: every row passed, the eligible ones' columns, their cosines.
+
+    ``ids`` and ``stored`` are the rows in feed order; ``eligible`` the positions (in ``ids``)
+    of those a page may serve (scored, not skipped, inside the age window), in order, and
+    ``batch`` their columns (row ``j`` of the batch is ``ids[eligible[j]]``), a copy taken
+    from the song table.
+    """
 
     fetched_at: float
-    rows: list[_Row] = field(default_factory=list)
-    eligible: list[_Row] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    stored: list[float] = field(default_factory=list)
+    eligible: list[int] = field(default_factory=list)
+    batch: SongBatch | None = None
     exhausted: bool = False
     slot: dict[str, int] = field(default_factory=dict)
     gram: np.ndarray = field(default_factory=lambda: np.empty((0, 0), dtype=np.float32))
 
 
-#: Estimated bytes of one fetched row (the _Row, its id string, its place in the window's lists),
-#: of a hydrated row's SongState (seven scores in a dict, the generator, tags, five floats), of a
-#: vector slot, and of a window and its cache entry beyond those. From sys.getsizeof on CPython,
-#: rounded up: the cache's byte total is an estimate, good to some tens of percent.
-_ROW_BYTES = 200
-_STATE_BYTES = 650
+#: Estimated bytes of one row passed (its id string's header, its place and score in the
+#: window's lists), of an eligible row's columns beyond the arrays' own bytes (its id and
+#: generator in the batch's lists), of a vector slot, and of a window and its cache entry beyond
+#: those. From sys.getsizeof on CPython, rounded up: good to some tens of percent.
+_ROW_BYTES = 120
+_ELIGIBLE_BYTES = 40
 _SLOT_BYTES = 100
-_WINDOW_BYTES = 600
+_WINDOW_BYTES = 1200
 
 
 def window_nbytes(window: _Window, key: tuple[str, str, int] | None = None) -> int:
-    """An estimate of the memory a cached window holds: its gram matrix plus a per-row estimate."""
+    """An estimate of the memory a cached window holds: its arrays plus a per-row estimate."""
     size = _WINDOW_BYTES + int(window.gram.nbytes) + _SLOT_BYTES * len(window.slot)
-    for row in window.rows:
-        size += _ROW_BYTES + len(row.song_id)
-        if row.state is not None:
-            size += _STATE_BYTES + sys.getsizeof(row.state.generator) + 60 * len(row.state.tags)
+    size += sum(_ROW_BYTES + len(song_id) for song_id in window.ids)
+    batch = window.batch
+    if batch is not None:
+        arrays = (batch.scores, batch.model_rate, batch.plays, batch.likes, batch.created_ts)
+        size += sum(int(a.nbytes) for a in arrays) + _ELIGIBLE_BYTES * len(batch)
     if key is not None:
         size += sum(len(part) for part in key[:2])
     return size

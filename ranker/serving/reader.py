@@ -1,9 +1,12 @@
 """The API's read path: feed pages, reranking of candidates, one song's record.
 
-:class:`FeedReader` serves a page with one range read and one pipelined hydration,
-then assembles it: exploit slots in stored order, near-duplicates and songs over the
-per-generator cap pushed down, exploration slots filled by Thompson sampling from the
-songs just below. The cursor is keyset based (:mod:`ranker.serving.cursor`).
+Pages and reranks are served from the process's song table (:mod:`ranker.serving.table`,
+kept current by :mod:`ranker.serving.table_sync`), with no store round trip. A page walks
+the feed's order after its cursor, then is assembled over the window's columns: exploit
+slots in stored order, near-duplicates and songs over the per-generator cap pushed down,
+exploration slots filled by Thompson sampling from the songs just below; the scores and
+explanations of the items served are computed in one pass. The cursor is keyset based
+(:mod:`ranker.serving.cursor`). One song's record (``/v1/songs/{id}``) is read from the store.
 """
 
 from __future__ import annotations
@@ -27,9 +30,17 @@ from indexes.redis_schema import (
     counter_field,
 )
 from ranker.events import TASKS
-from ranker.serving.batch import SongBatch, admits, evaluate, in_age_window
+from ranker.serving.batch import (
+    BatchEvaluation,
+    SongBatch,
+    admits,
+    evaluate,
+    in_age_window,
+    sample_rates,
+    sampled_scores,
+)
 from ranker.serving.cursor import MAX_SKIP, Cursor, _after, _skip_key
-from ranker.serving.page_cache import PageCache, _Row, _Window
+from ranker.serving.page_cache import PageCache, _Window
 from ranker.serving.policy import (
     Policy,
     beta_params,
@@ -38,7 +49,9 @@ from ranker.serving.policy import (
     explore_positions,
     explore_slots,
 )
-from ranker.serving.state import READ_FIELDS, WRITE_FIELDS, _float, state_from_fields
+from ranker.serving.state import WRITE_FIELDS, _float, state_from_fields
+from ranker.serving.table import SongTable
+from ranker.serving.table_sync import TableSync
 from ranker.settings import FeedPolicy, Settings
 
 _MAX_FETCHES = 4
@@ -46,6 +59,10 @@ _MAX_FETCHES = 4
 
 class UnknownFeedError(KeyError):
     """No feed of that name is configured."""
+
+
+class TableNotReady(RuntimeError):
+    """The song table is still loading (the API answers 503 and /readyz is false)."""
 
 
 # -- reads --------------------------------------------------------------------------------------
@@ -82,6 +99,9 @@ class FeedReader:
         self._scale = 1.0
         self._scale_at = -math.inf
         self.page_cache = PageCache(settings.api.page_cache_ttl_s, settings.api.page_cache_max_bytes, monotonic)
+        #: The song table pages and reranks are served from: loaded and followed by ``sync``
+        #: (``sync.start()`` in a running event loop, or ``await sync.load()``).
+        self.sync = TableSync(reads, list(self.policies), poll_s=settings.api.table_poll_s)
 
     def policy(self, feed: str) -> Policy:
         try:
@@ -113,6 +133,14 @@ class FeedReader:
         return self._scale
 
     # -- pages ---------------------------------------------------------------------------------
+    @property
+    def table(self) -> SongTable:
+        """The song table this process serves from; :class:`TableNotReady` while it loads."""
+        table = self.sync.table
+        if table is None:
+            raise TableNotReady("the song table is loading")
+        return table
+
     async def page(
         self,
         feed: str,
@@ -121,25 +149,31 @@ class FeedReader:
         *,
         rng: np.random.Generator | None = None,
     ) -> FeedPage:
+        """A page of ``feed`` from the song table: no store round trip (but the calibration's, once per TTL)."""
         policy = self.policy(feed)
         cur = Cursor.decode(cursor, feed) if cursor else None
-        now = self._clock()
         scale = await self.scale()
+        table = self.table  # after the await: what is served comes from one table
+        now = self._clock()
         n_explore = explore_slots(limit, policy.config.explore_share)
-        window = await self._window(policy, limit + (policy.config.explore_pool if n_explore else 0), cur, cursor, now)
+        want = limit + (policy.config.explore_pool if n_explore else 0)
+        window = self._window(table, policy, want, cur, cursor, now)
         chosen, explored = self._assemble(policy, window, limit - n_explore, n_explore, scale, now, rng)
-        items = self._items(policy, chosen, explored, scale, now)
+        items = self._items(policy, window, chosen, explored, scale, now)
         skip = set(cur.skip) if cur else set()
         b_score, b_id = (cur.score, cur.song_id) if cur else (math.inf, "")
-        next_cursor = self._next_cursor(feed, window.rows, items, skip, b_score, b_id, window.exhausted)
+        next_cursor = self._next_cursor(feed, window, items, skip, b_score, b_id)
         return FeedPage(feed, items, next_cursor)
 
-    async def _window(self, policy: Policy, want: int, cur: Cursor | None, token: str | None, now: float) -> _Window:
-        """The rows after the cursor, hydrated, until ``want`` are eligible (ZRANGE + HMGET, rarely more).
+    def _window(
+        self, table: SongTable, policy: Policy, want: int, cur: Cursor | None, token: str | None, now: float
+    ) -> _Window:
+        """The rows after the cursor until ``want`` are eligible, read as the store's range reads would.
 
-        Reused for ``api.page_cache_ttl_s`` by requests for the same page: a hot first page
-        then costs no Redis round trip (it is at most that many seconds stale). The cache
-        holds at most ``api.page_cache_max_bytes`` (:class:`PageCache`).
+        The same reads the store path made (ranges of ``want - eligible + 8`` rows from the last
+        row seen, at most :data:`_MAX_FETCHES`), from the table's copy of the feed: a page is the
+        one the store gave, except where the store path stalled on ties (see below). Reused for ``api.page_cache_ttl_s`` by requests for the same page
+        when the page cache is on (:class:`PageCache`).
         """
         cache = self.page_cache
         key = (policy.name, token or "", want)
@@ -149,25 +183,43 @@ class FeedReader:
                 return hit
         skip = cur.skip if cur else frozenset()
         start_score, start_id = (cur.score, cur.song_id) if cur else (math.inf, "")
+        order = table.feeds[policy.name]
+        row_of = table.row_of
         found = _Window(self._monotonic())
+        rows: list[int] = []  # the eligible rows' places in the table
         for _ in range(_MAX_FETCHES):
             count = want - len(found.eligible) + 8
-            rows = await self.reads.feed_window(policy.name, None if math.isinf(start_score) else start_score, count)
-            found.exhausted = len(rows) < count
-            fresh = [_Row(s, sc) for s, sc in rows if _after(sc, s, start_score, start_id)]
-            todo = [r for r in fresh if _skip_key(r.song_id) not in skip]
-            values = await self.reads.read_fields([r.song_id for r in todo], READ_FIELDS)
-            for row, v in zip(todo, values, strict=True):
-                state = state_from_fields(row.song_id, v, now)
-                if state is not None and policy.in_age_window(state.created_ts, now):
-                    row.state = state
-                    found.eligible.append(row)
-            found.rows.extend(fresh)
-            if found.exhausted or len(found.eligible) >= want or not rows:
+            got = order.window(None if math.isinf(start_score) else start_score, count)
+            if got and not _after(got[-1][1], got[-1][0], start_score, start_id):
+                # More than ``count`` songs tie at the boundary's score: a range by score would
+                # return the same rows again and again (the store path stalled here, serving the
+                # same cursor for ever). Read on strictly after the boundary instead.
+                got = order.after(start_score, start_id, count)
+            found.exhausted = len(got) < count
+            places: list[int] = []
+            in_table: list[int] = []
+            for song_id, score in got:
+                if not _after(score, song_id, start_score, start_id):
+                    continue
+                found.ids.append(song_id)
+                found.stored.append(score)
+                row = row_of.get(song_id)
+                if row is not None and not (skip and _skip_key(song_id) in skip):
+                    places.append(len(found.ids) - 1)
+                    in_table.append(row)
+            if in_table:
+                created = table.created_ts[in_table]
+                ok = in_age_window(policy, np.where(created > now, now, created), now).tolist()
+                for place, row, good in zip(places, in_table, ok, strict=True):
+                    if good:
+                        found.eligible.append(place)
+                        rows.append(row)
+            if found.exhausted or len(found.eligible) >= want or not got:
                 break
-            start_score, start_id = rows[-1][1], rows[-1][0]
-        if policy.config.dedup_threshold is not None and self.vectors is not None and found.eligible:
-            vectors = self.vectors.vectors([r.song_id for r in found.eligible])
+            start_score, start_id = got[-1][1], got[-1][0]
+        found.batch = batch = table.batch(np.asarray(rows, np.intp), now)
+        if policy.config.dedup_threshold is not None and self.vectors is not None and rows:
+            vectors = self.vectors.vectors(batch.song_ids)
             if vectors:
                 found.slot = {sid: n for n, sid in enumerate(vectors)}
                 matrix = np.stack(list(vectors.values()))
@@ -184,121 +236,129 @@ class FeedReader:
         scale: float,
         now: float,
         rng: np.random.Generator | None,
-    ) -> tuple[list[_Row], list[tuple[_Row, float]]]:
-        """Exploit slots (diversity rules push offenders down), then Thompson-sampled exploration."""
+    ) -> tuple[list[int], list[tuple[int, float]]]:
+        """Exploit slots (diversity rules push offenders down), then Thompson-sampled exploration.
+
+        Returns rows of the window's batch: the exploit ones in page order, and the explored
+        ones with their sampled like rates.
+        """
         cfg = policy.config
         cap = cfg.max_per_generator
         threshold = cfg.dedup_threshold
-        eligible, slot, gram = window.eligible, window.slot, window.gram
+        batch = window.batch
+        assert batch is not None
+        ids, generators = batch.song_ids, batch.generators
+        slot, gram = window.slot, window.gram
         per_gen: Counter[str] = Counter()
         placed: list[int] = []
 
-        def fits(row: _Row) -> bool:
-            assert row.state is not None
-            if cap is not None and per_gen[row.state.generator] >= cap:
+        def fits(j: int) -> bool:
+            if cap is not None and per_gen[generators[j]] >= cap:
                 return False
-            n = slot.get(row.song_id)
+            n = slot.get(ids[j])
             if n is not None and placed and threshold is not None:
                 return float(gram[n, placed].max()) <= threshold
             return True
 
-        def place(row: _Row) -> None:
-            assert row.state is not None
-            per_gen[row.state.generator] += 1
-            n = slot.get(row.song_id)
+        def place(j: int) -> None:
+            per_gen[generators[j]] += 1
+            n = slot.get(ids[j])
             if n is not None:
                 placed.append(n)
 
-        chosen: list[_Row] = []
-        deferred: list[_Row] = []
+        size = len(batch)
+        chosen: list[int] = []
+        deferred: list[int] = []
         i = 0
-        while len(chosen) < n_exploit and i < len(eligible):
-            row = eligible[i]
+        while len(chosen) < n_exploit and i < size:
+            j = i
             i += 1
-            if fits(row):
-                place(row)
-                chosen.append(row)
+            if fits(j):
+                place(j)
+                chosen.append(j)
             else:
-                deferred.append(row)
-        explored: list[tuple[_Row, float]] = []
-        pool = eligible[i : i + cfg.explore_pool] if n_explore else []
-        if pool:
-            states = [r.state for r in pool if r.state is not None]
-            rates = policy.sample_rates(states, scale, rng or np.random.default_rng())
-            sampled = [policy.sampled_score(s, float(rate), now) for s, rate in zip(states, rates, strict=True)]
-            for j in sorted(range(len(pool)), key=lambda j: -sampled[j]):
+                deferred.append(j)
+        explored: list[tuple[int, float]] = []
+        pool = np.arange(i, min(i + cfg.explore_pool, size)) if n_explore else np.arange(0)
+        if len(pool):
+            candidates = batch.take(pool)
+            rates = sample_rates(policy, candidates, scale, rng or np.random.default_rng())
+            sampled = sampled_scores(policy, candidates, rates, now).tolist()
+            for k in sorted(range(len(pool)), key=lambda k: -sampled[k]):
                 if len(explored) == n_explore:
                     break
-                if fits(pool[j]):
-                    place(pool[j])
-                    explored.append((pool[j], float(rates[j])))
-        taken = {id(r) for r, _ in explored}
+                j = int(pool[k])
+                if fits(j):
+                    place(j)
+                    explored.append((j, float(rates[k])))
+        taken = {j for j, _ in explored}
         short = n_exploit + n_explore - len(chosen) - len(explored)
         if short > 0:  # too few beyond the exploit slots to explore, or the feed ends
-            for row in eligible[i:]:
+            for j in range(i, size):
                 if short == 0:
                     break
-                if id(row) not in taken and fits(row):
-                    place(row)
-                    chosen.append(row)
-                    taken.add(id(row))
+                if j not in taken and fits(j):
+                    place(j)
+                    chosen.append(j)
+                    taken.add(j)
                     short -= 1
             # Diversity rules give way only when nothing else is left: pushed down, not dropped.
             chosen.extend(deferred[:short])
         return chosen, explored
 
+    @staticmethod
     def _items(
-        self,
         policy: Policy,
-        chosen: list[_Row],
-        explored: list[tuple[_Row, float]],
+        window: _Window,
+        chosen: list[int],
+        explored: list[tuple[int, float]],
         scale: float,
         now: float,
     ) -> list[dict[str, Any]]:
-        items = [self._item(policy, r, scale, now) for r in chosen]
-        positions = explore_positions(len(chosen) + len(explored), len(explored))
-        for pos, (row, rate) in zip(positions, explored, strict=True):
-            item = self._item(policy, row, scale, now)
-            item["explore"] = True
-            item["components"]["sampled_rate"] = rate
-            items.insert(pos, item)
+        """The page's items, evaluated and explained in one pass over their rows."""
+        batch = window.batch
+        assert batch is not None
+        served = batch.take(np.asarray(chosen + [j for j, _ in explored], np.intp))
+        ev = evaluate(policy, served, scale, now)
+        every = np.arange(len(served))
+        components = _components(*_explanation(ev, served, every, now))
+        ids, scores = served.song_ids, ev.score.tolist()
+        n = len(chosen)
+        items = [
+            {"song_id": ids[k], "score": scores[k], "explore": False, "components": components[k]} for k in range(n)
+        ]
+        positions = explore_positions(n + len(explored), len(explored))
+        for k, (pos, (_, rate)) in enumerate(zip(positions, explored, strict=True), start=n):
+            components[k]["sampled_rate"] = rate
+            items.insert(pos, {"song_id": ids[k], "score": scores[k], "explore": True, "components": components[k]})
         return items
-
-    @staticmethod
-    def _item(policy: Policy, row: _Row, scale: float, now: float) -> dict[str, Any]:
-        assert row.state is not None
-        ev = policy.evaluate(row.state, scale, now)
-        return {
-            "song_id": row.song_id,
-            "score": ev.score,
-            "explore": False,
-            "components": policy.explain(row.state, ev, now),
-        }
 
     @staticmethod
     def _next_cursor(
         feed: str,
-        rows: list[_Row],
+        window: _Window,
         items: list[dict[str, Any]],
         skip: set[int],
         b_score: float,
         b_id: str,
-        exhausted: bool,
     ) -> str | None:
         """Advance the boundary over the longest run of rows that are served or dropped; songs
         served beyond it go into the skip set, skip entries passed by it leave."""
         served = {item["song_id"] for item in items}
+        ids = window.ids
+        eligible = set(window.eligible)
         passed = 0
-        for row in rows:
-            if row.state is not None and row.song_id not in served:
+        for place, song_id in enumerate(ids):
+            if place in eligible and song_id not in served:
                 break
             passed += 1
         if passed:
-            b_score, b_id = rows[passed - 1].stored, rows[passed - 1].song_id
-        left = {_skip_key(r.song_id) for r in rows[:passed]}
-        ahead = {_skip_key(r.song_id) for r in rows[passed:] if r.song_id in served}
-        remaining = rows[passed:]
-        if exhausted and not any(r.state is not None and r.song_id not in served for r in remaining):
+            b_score, b_id = window.stored[passed - 1], ids[passed - 1]
+        left = {_skip_key(s) for s in ids[:passed]}
+        ahead = {_skip_key(s) for s in ids[passed:] if s in served}
+        if window.exhausted and not any(
+            place in eligible and ids[place] not in served for place in range(passed, len(ids))
+        ):
             return None
         new_skip = ahead | (skip - left)
         if len(new_skip) > MAX_SKIP:
@@ -317,39 +377,30 @@ class FeedReader:
     ) -> RankResponse:
         """:meth:`rank`'s body, and where its first non-finite number is, found on the arrays.
 
-        One read, one columnar batch (:mod:`ranker.serving.batch`), the policy evaluated over
-        it in numpy; item dicts are built only for the songs returned, explanations only with
-        ``explain``. Order: score descending, then song id.
+        The candidates' rows of the song table as one columnar batch (:mod:`ranker.serving.batch`),
+        the policy evaluated over it in numpy; item dicts are built only for the songs returned,
+        explanations only with ``explain``. Order: score descending, then song id.
         """
-        now = self._clock()
         scale = await self.scale()
-        fields = WRITE_FIELDS if apply_filters else READ_FIELDS
-        values = await self.reads.read_fields(candidates, fields)
-        batch = SongBatch.from_fields(candidates, values, now)
-        keep = batch.scored
+        table = self.table
+        now = self._clock()
+        rows = table.rows(candidates)
+        known = rows >= 0
+        unknown = [c for c, k in zip(candidates, known.tolist(), strict=True) if not k]
+        batch = table.batch(rows[known], now, filters=apply_filters)
+        keep = np.ones(len(batch), np.bool_)
         filtered: list[str] = []
         if apply_filters:
-            admitted = admits(policy, batch) & in_age_window(policy, batch.created_ts, now)
-            filtered = [batch.song_ids[i] for i in np.flatnonzero(keep & ~admitted).tolist()]
-            keep = keep & admitted
-        unknown = [batch.song_ids[i] for i in np.flatnonzero(~batch.scored).tolist()]
-        rows = np.flatnonzero(keep)
+            keep = admits(policy, batch) & in_age_window(policy, batch.created_ts, now)
+            filtered = [batch.song_ids[i] for i in np.flatnonzero(~keep).tolist()]
+        kept = np.flatnonzero(keep)
         ev = evaluate(policy, batch, scale, now)
-        order = rows[_rank_order(ev.score[rows], [batch.song_ids[i] for i in rows.tolist()])]
+        order = kept[_rank_order(ev.score[kept], [batch.song_ids[i] for i in kept.tolist()])]
         ids = [batch.song_ids[i] for i in order.tolist()]
         scores = ev.score[order]
         columns: list[tuple[str, np.ndarray, np.ndarray | None]] = [("score", scores, None)]
         if explain:
-            contributions = [(name, v[order], None if p is None else p[order]) for name, v, p in ev.contributions]
-            parts = {
-                "quality": ev.quality[order],
-                "freshness": ev.freshness[order],
-                "age_hours": (now - batch.created_ts[order]) / 3600.0,
-                "prior_rate": ev.prior_rate[order],
-                "posterior_rate": ev.posterior_rate[order],
-                "plays": batch.plays[order],
-                "likes": batch.likes[order],
-            }
+            parts, contributions = _explanation(ev, batch, order, now)
             columns += [(f"components.{k}", parts[k], None) for k in ("quality", "freshness", "age_hours")]
             columns += [(f"components.contributions.{name}", v, p) for name, v, p in contributions]
             columns += [(f"components.{k}", parts[k], None) for k in ("prior_rate", "posterior_rate", "plays", "likes")]
@@ -429,6 +480,23 @@ def _rank_order(scores: np.ndarray, song_ids: list[str]) -> np.ndarray:
         return np.lexsort((np.asarray(song_ids), negated))
     keys = negated.tolist()
     return np.asarray(sorted(range(len(keys)), key=lambda i: (keys[i], song_ids[i])), dtype=np.intp)
+
+
+def _explanation(
+    ev: BatchEvaluation, batch: SongBatch, rows: np.ndarray, now: float
+) -> tuple[dict[str, np.ndarray], list[tuple[str, np.ndarray, np.ndarray | None]]]:
+    """The explanation's columns for these rows of an evaluated batch, in that order."""
+    contributions = [(name, v[rows], None if p is None else p[rows]) for name, v, p in ev.contributions]
+    parts = {
+        "quality": ev.quality[rows],
+        "freshness": ev.freshness[rows],
+        "age_hours": (now - batch.created_ts[rows]) / 3600.0,
+        "prior_rate": ev.prior_rate[rows],
+        "posterior_rate": ev.posterior_rate[rows],
+        "plays": batch.plays[rows],
+        "likes": batch.likes[rows],
+    }
+    return parts, contributions
 
 
 def _components(

@@ -164,6 +164,7 @@ def read_pages(
         reads = store.async_reads()
         try:
             reader = FeedReader(settings, reads, vectors, clock=lambda: at)
+            await reader.sync.load()
             rng = np.random.default_rng(seed)
             out, cursor = [], None
             for _ in range(pages):

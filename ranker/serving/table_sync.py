@@ -1,0 +1,201 @@
+"""Keeping an API process's song table as the score store has it: a full read, then the change log.
+
+Every write to the score store (the worker's scored songs, the feedback consumer's feed
+updates after engagement, a promotion's rescoring, a feed rebuild or trim, a deletion)
+appends the song ids it touched to the store's change log after the write. A process
+reads the log's position, then every song and every feed, then follows the log from that
+position: for each batch of changes it reads those songs' fields and feed scores again and
+writes what it finds (a song without scores any more loses its row). A change that lands
+during the full read is applied twice, which is harmless: the table holds what the store
+holds, never a sum of deltas, so the order in which changes arrive does not matter.
+
+Staleness, the time from an entry's append to its application here, is exported as
+``apexrank_table_staleness_seconds``. A process that falls further behind than the log keeps
+(``changes_max_len`` entries), or that loses the store and finds the log reset, reads
+everything again and swaps the new table in when it is complete; requests meanwhile use the
+old one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from indexes.base import AsyncScoreReads, Change
+from ranker.serving.batch import SongBatch
+from ranker.serving.state import WRITE_FIELDS
+from ranker.serving.table import SongTable
+
+log = logging.getLogger(__name__)
+
+TABLE_SONGS = Gauge("apexrank_table_songs", "Scored songs in this API process's song table")
+TABLE_READY = Gauge("apexrank_table_ready", "1 once the song table is loaded")
+TABLE_STALENESS = Histogram(
+    "apexrank_table_staleness_seconds",
+    "Time from a change's append to the store's change log to its application to the song table",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+TABLE_LOADS = Counter("apexrank_table_loads_total", "Full reads of the score store into the song table")
+TABLE_CHANGES = Counter("apexrank_table_changes_total", "Change log entries applied to the song table")
+
+#: Songs per read of the full load and of a change batch; feed members per range read.
+LOAD_BATCH = 1000
+FEED_BATCH = 20_000
+
+
+class TableSync:
+    """Loads a :class:`SongTable` from the score store and follows the store's change log."""
+
+    def __init__(
+        self,
+        reads: AsyncScoreReads,
+        feeds: Sequence[str],
+        *,
+        poll_s: float = 0.5,
+        retry_s: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.reads = reads
+        self.feeds = list(feeds)
+        self.poll_s = poll_s
+        self.retry_s = retry_s
+        self._clock = clock
+        self.table: SongTable | None = None
+        self.position = "0-0"
+        self.applied = 0  # change log entries applied since start
+        self._task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+
+    @property
+    def ready(self) -> bool:
+        return self.table is not None
+
+    # -- the full read -------------------------------------------------------------------------------
+    async def load(self) -> SongTable:
+        """Read every song and feed into a new table and swap it in; changes are followed from before the read."""
+        position = await self.reads.change_position()
+        table = SongTable(self.feeds)
+        async for ids in self.reads.scan_song_ids(LOAD_BATCH):
+            await self._read_songs(table, ids)
+        for feed in self.feeds:
+            pairs: list[tuple[str, float]] = []
+            while True:
+                chunk = await self.reads.feed_members(feed, len(pairs), FEED_BATCH)
+                pairs.extend(chunk)
+                if len(chunk) < FEED_BATCH:
+                    break
+            table.set_feed(feed, pairs)
+        self.table, self.position = table, position
+        TABLE_LOADS.inc()
+        TABLE_READY.set(1)
+        TABLE_SONGS.set(len(table))
+        self._changed.set()
+        log.info("song table loaded: %d songs, %s", len(table), {f: len(o) for f, o in table.feeds.items()})
+        return table
+
+    async def _read_songs(self, table: SongTable, song_ids: Sequence[str]) -> None:
+        ids = list(dict.fromkeys(song_ids))
+        if not ids:
+            return
+        values = await self.reads.read_fields(ids, WRITE_FIELDS)
+        table.upsert(SongBatch.from_fields(ids, values))
+
+    # -- following the change log -------------------------------------------------------------------
+    async def apply(self, changes: Sequence[Change]) -> None:
+        """Read again what these changes touched and write it into the table."""
+        table = self.table
+        if table is None or not changes:
+            return
+        ids = list(dict.fromkeys(song_id for change in changes for song_id in change.song_ids))
+        whole = [feed for feed in dict.fromkeys(f for change in changes for f in change.feeds) if feed in table.feeds]
+        for i in range(0, len(ids), LOAD_BATCH):
+            chunk = ids[i : i + LOAD_BATCH]
+            values = await self.reads.read_fields(chunk, WRITE_FIELDS)
+            scores = await self.reads.feed_scores(self.feeds, chunk)
+            table.upsert(SongBatch.from_fields(chunk, values))
+            for feed, values_in_feed in scores.items():
+                order = table.feeds[feed]
+                for song_id, score in zip(chunk, values_in_feed, strict=True):
+                    order.set(song_id, score)
+        for feed in whole:
+            pairs: list[tuple[str, float]] = []
+            while True:
+                chunk_pairs = await self.reads.feed_members(feed, len(pairs), FEED_BATCH)
+                pairs.extend(chunk_pairs)
+                if len(chunk_pairs) < FEED_BATCH:
+                    break
+            table.set_feed(feed, pairs)
+        self.position = changes[-1].position
+        now = self._clock()
+        for change in changes:
+            TABLE_STALENESS.observe(max(0.0, now - change.at))
+        self.applied += len(changes)
+        TABLE_CHANGES.inc(len(changes))
+        TABLE_SONGS.set(len(table))
+        self._changed.set()
+
+    async def step(self) -> int:
+        """One read of the change log (waiting up to ``poll_s``) and its application; how many entries."""
+        changes = await self.reads.read_changes(self.position, LOAD_BATCH, self.poll_s)
+        if changes:
+            await self.apply(changes)
+        return len(changes)
+
+    async def run(self) -> None:
+        """Load, then follow the change log until cancelled; store errors are retried, never fatal."""
+        delay = self.retry_s
+        while True:
+            try:
+                if self.table is None or await self.reads.changes_lost(self.position):
+                    if self.table is not None:
+                        log.warning("the change log moved past this table (%s): reading it whole", self.position)
+                    await self.load()
+                while True:
+                    await self.step()
+                    delay = self.retry_s
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the store down or a bad answer: keep serving what is loaded, retry
+                log.warning("song table: %s: %s; retrying in %.1f s", type(exc).__name__, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(30.0, delay * 2)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self.run(), name="apexrank-table-sync")
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        TABLE_READY.set(0)
+
+    async def wait_loaded(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the first load; whether the table is loaded."""
+        deadline = time.monotonic() + timeout_s
+        while self.table is None:
+            left = deadline - time.monotonic()
+            if left <= 0 or (self._task is not None and self._task.done()):
+                return False
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(left, 0.05))
+        return True
+
+    async def caught_up(self, timeout_s: float = 10.0) -> bool:
+        """Wait until the table is loaded and has applied every change the log holds now (tests, benchmarks)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.table is not None and not await self.reads.read_changes(self.position, 1, 0.0):
+                return True
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), 0.05)
+        return False

@@ -1,0 +1,201 @@
+"""The song table and its change log: the feed order is Redis's, the columns are the fields' parse,
+every write is logged, and a follower that loses the log reads the store again."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from indexes import RedisScoreStore
+from indexes.base import SongRecord
+from ranker.events import TASKS
+from ranker.serving.api import create_app
+from ranker.serving.batch import SongBatch
+from ranker.serving.reader import FeedReader, TableNotReady
+from ranker.serving.state import WRITE_FIELDS
+from ranker.serving.table import FeedOrder, SongTable
+from ranker.serving.table_sync import TableSync
+from ranker.serving.writer import FeedWriter
+from ranker.settings import ApiSettings, Settings
+from tests.test_policy import plain, with_feeds
+from tests.test_rank_equivalence import NOW, seed_catalog
+
+
+def record(song_id: str, likes: float = 50.0, generator: str = "suno-v5") -> SongRecord:
+    scores = {t: (likes if t in ("likes", "streams") else 3.0) for t in TASKS}
+    return SongRecord(song_id, "m1", scores, 0.5, generator, "2025-10-09T08:00:00+00:00", "2025-10-09T08:00:00+00:00")
+
+
+# -- the feed order ---------------------------------------------------------------------------------
+def test_feed_order_windows_are_redis_ranges(store: RedisScoreStore) -> None:
+    """``window`` answers what ZRANGE BYSCORE REV LIMIT answers, ties and infinities included."""
+    rng = random.Random(2)
+    scores = [0.0, -0.0, 1.5, -3.25, 1e300, -1e300, 7.0, 7.0, 7.0]
+    members = {f"{rng.choice('abcxyz')}{i:03d}": rng.choice(scores) for i in range(300)}
+    key = store.feed_key("f")
+    store.client.zadd(key, members)
+    order = FeedOrder(members.items())
+    for max_score in [None, *scores, 2.0, -1e301, float("-inf")]:
+        for count in (1, 5, 40, 400):
+            want = store.feed_window("f", max_score, count)
+            assert order.window(max_score, count) == want, (max_score, count)
+    assert order.items() == store.feed_window("f", None, 1000)
+    # strictly after a (score, id) boundary: the keyset read past a tie
+    sid = order.items()[100][0]
+    after = order.after(members[sid], sid, 10)
+    assert after == order.items()[101:111]
+
+
+def test_feed_order_moves_and_drops_members() -> None:
+    order = FeedOrder([("a", 1.0), ("b", 2.0)])
+    order.set("a", 3.0)
+    order.set("c", 2.0)
+    order.set("b", None)
+    order.set("zz", None)  # not a member: nothing happens
+    assert order.items() == [("a", 3.0), ("c", 2.0)] and len(order) == 2 and order.get("b") is None
+
+
+# -- the columns ------------------------------------------------------------------------------------
+def test_table_holds_what_the_fields_parse_to(store: RedisScoreStore) -> None:
+    ids = seed_catalog(store, n=200)
+    values = store.read_fields(ids, WRITE_FIELDS)
+    parsed = SongBatch.from_fields(ids, values)
+    table = SongTable(["f"], capacity=4)  # grows as it fills
+    table.upsert(parsed)
+    scored = [sid for sid, ok in zip(ids, parsed.scored.tolist(), strict=True) if ok]
+    assert len(table) == len(scored) < len(ids) and table.capacity >= len(scored)
+    rows = table.rows(ids)
+    assert [r >= 0 for r in rows.tolist()] == parsed.scored.tolist()
+    got = table.batch(rows[rows >= 0], NOW, filters=True)
+    want = SongBatch.from_fields(scored, store.read_fields(scored, WRITE_FIELDS), NOW)
+    for column in ("scores", "model_rate", "plays", "likes", "created_ts", "duration_s"):
+        np.testing.assert_array_equal(getattr(got, column), getattr(want, column), err_msg=column)
+    assert got.song_ids == want.song_ids and got.generators == want.generators and got.raw_tags == want.raw_tags
+
+
+def test_table_rows_are_reused_and_unscored_songs_leave(store: RedisScoreStore) -> None:
+    table = SongTable([])
+    writer_ids = ["a", "b", "c"]
+    fields = [[repr(3.0)] * len(WRITE_FIELDS) for _ in writer_ids]
+    table.upsert(SongBatch.from_fields(writer_ids, fields))
+    row_b = table.row_of["b"]
+    # "b" loses its scores (a hash with engagement only): its row is freed, then reused
+    gone = [None] * len(WRITE_FIELDS)
+    table.upsert(SongBatch.from_fields(["b"], [gone]))
+    assert "b" not in table and len(table) == 2
+    table.upsert(SongBatch.from_fields(["d"], [fields[0]]))
+    assert table.row_of["d"] == row_b and table.ids[row_b] == "d"
+    with pytest.raises(ValueError, match="WRITE_FIELDS"):
+        table.upsert(SongBatch.from_fields(["e"], [fields[0][:13]]))
+
+
+# -- the change log ---------------------------------------------------------------------------------
+def test_every_store_write_is_logged(settings: Settings, store: RedisScoreStore) -> None:
+    s = with_feeds(settings, {"f": plain(half_life_hours=None, filters={"max_age_hours": 10**5})})
+    writer = FeedWriter(s, store)
+
+    async def run() -> list[Any]:
+        reads = store.async_reads()
+        try:
+            start = await reads.change_position()
+            writer.on_scored([record("a"), record("b")], now=NOW)
+            store.write_feed_entries([], {"f": {"a": None}})
+            writer.rebuild(now=NOW)
+            writer.trim(now=NOW + 2e5 * 3600)  # past the feed's age limit: every song goes
+            store.write_songs([record("c")], "f")
+            return await reads.read_changes(start, 100, 0.0)
+        finally:
+            await reads.close()
+
+    changes = asyncio.run(run())
+    assert [(c.song_ids, c.feeds) for c in changes] == [
+        (("a", "b"), ()),
+        (("a",), ()),
+        ((), ("f",)),  # the rebuild replaced the feed whole
+        ((), ("f",)),  # the trim
+        (("c",), ()),
+    ]
+    assert all(abs(c.at - changes[0].at) < 60 for c in changes)
+    assert [c.position for c in changes] == sorted(
+        {c.position for c in changes}, key=lambda p: tuple(map(int, p.split("-")))
+    )
+
+
+def test_a_follower_applies_changes_and_reloads_when_the_log_moved_past_it(
+    settings: Settings, store: RedisScoreStore
+) -> None:
+    s = with_feeds(settings, {"f": plain(half_life_hours=None)})
+    writer = FeedWriter(s, store)
+    writer.on_scored([record(f"s{i}", likes=i) for i in range(5)], now=NOW)
+
+    async def run() -> None:
+        reads = store.async_reads()
+        sync = TableSync(reads, ["f"], poll_s=0.05)
+        try:
+            table = await sync.load()
+            assert len(table) == 5 and [sid for sid, _ in table.feeds["f"].items()][:2] == ["s4", "s3"]
+            writer.on_scored([record("s9", likes=99)], now=NOW)  # new, and first in the feed
+            store.write_feed_entries([], {"f": {"s4": None}})  # out of the feed
+            assert await sync.step() == 2
+            order = [sid for sid, _ in sync.table.feeds["f"].items()]  # type: ignore[union-attr]
+            assert order[:2] == ["s9", "s3"] and "s4" not in order and "s9" in sync.table  # type: ignore[operator]
+            # the log is trimmed past the follower's position: it cannot know what it missed
+            writer.on_scored([record("s10", likes=98)], now=NOW)
+            store.client.xtrim(store.keys.changes(), maxlen=0)
+            writer.on_scored([record("s11", likes=97)], now=NOW)
+            assert await reads.changes_lost(sync.position)
+            sync.start()
+            assert await sync.caught_up(10.0)
+            assert sync.table is not table and {"s10", "s11"} <= set(sync.table.row_of)  # type: ignore[union-attr]
+        finally:
+            await sync.close()
+            await reads.close()
+
+    asyncio.run(run())
+
+
+# -- the API while the table loads ------------------------------------------------------------------
+def test_feeds_answer_503_until_the_table_is_loaded(
+    settings: Settings, store: RedisScoreStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = with_feeds(settings, {"f": plain(half_life_hours=None)})
+    s = s.model_copy(update={"api": ApiSettings(table_startup_wait_s=0)})
+    FeedWriter(s, store).on_scored([record("a")], now=NOW)
+    gate = asyncio.Event()
+    original = TableSync.load
+
+    async def slow_load(self: TableSync) -> Any:
+        await gate.wait()
+        return await original(self)
+
+    monkeypatch.setattr(TableSync, "load", slow_load)
+    with TestClient(create_app(s)) as client:
+        r = client.get("/v1/feeds/f")
+        assert r.status_code == 503 and r.json()["error"] == "table_loading" and r.headers["retry-after"] == "1"
+        assert client.post("/v1/rank", json={"candidates": ["a"]}).status_code == 503
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["table"] == {"ready": False, "songs": 0}
+        assert client.get("/healthz").status_code == 200
+        client.portal.call(gate.set)  # type: ignore[union-attr]
+        reader: FeedReader = client.app.state.reader  # type: ignore[attr-defined]
+        assert client.portal.call(reader.sync.wait_loaded, 10.0)  # type: ignore[union-attr]
+        assert [i["song_id"] for i in client.get("/v1/feeds/f").json()["items"]] == ["a"]
+        assert client.get("/readyz").json()["table"] == {"ready": True, "songs": 1}
+
+
+def test_a_reader_without_its_table_says_so(settings: Settings, store: RedisScoreStore) -> None:
+    async def run() -> None:
+        reads = store.async_reads()
+        try:
+            reader = FeedReader(settings, reads)
+            with pytest.raises(TableNotReady):
+                await reader.page(settings.feed.name, 10)
+        finally:
+            await reads.close()
+
+    asyncio.run(run())
