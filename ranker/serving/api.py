@@ -40,6 +40,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Gauge, Histogram, generate_la
 from prometheus_client import Counter as MetricCounter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from threadpoolctl import threadpool_limits
 
 from ranker.events import SONG_ID_PATTERN, SongId
 from ranker.serving.cursor import CursorError
@@ -267,6 +268,10 @@ def create_app(settings: Settings | None = None, *, explore_rng: np.random.Gener
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # A page's cosines are one product of at most a few hundred vectors: on one thread it takes
+        # tens of microseconds, while OpenBLAS's thread pool, contending with the event loop and
+        # the other workers for the cores, made it tens of milliseconds at the tail.
+        threadpool_limits(1, user_api="blas")
         reads = store.async_reads()
         holder["reader"] = app.state.reader = FeedReader(settings, reads, index)
         sync = app.state.reader.sync

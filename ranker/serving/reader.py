@@ -172,8 +172,9 @@ class FeedReader:
 
         The same reads the store path made (ranges of ``want - eligible + 8`` rows from the last
         row seen, at most :data:`_MAX_FETCHES`), from the table's copy of the feed: a page is the
-        one the store gave, except where the store path stalled on ties (see below). Reused for ``api.page_cache_ttl_s`` by requests for the same page
-        when the page cache is on (:class:`PageCache`).
+        one the store gave, except where the store path stalled on ties (see below). Reused for
+        ``api.page_cache_ttl_s`` by requests for the same page when the page cache is on
+        (:class:`PageCache`).
         """
         cache = self.page_cache
         key = (policy.name, token or "", want)
