@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from typing import Any
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from consumers.stack import EmbeddedStack
 from indexes import RedisScoreStore
 from indexes.base import SongRecord
 from ranker.events import TASKS
@@ -199,3 +201,34 @@ def test_a_reader_without_its_table_says_so(settings: Settings, store: RedisScor
             await reads.close()
 
     asyncio.run(run())
+
+
+def test_pages_go_on_through_a_store_outage(stack: EmbeddedStack, settings: Settings, store: RedisScoreStore) -> None:
+    """The table serves while Redis is down (the last calibration scale kept), and follows again after."""
+    s = with_feeds(settings, {"f": plain(half_life_hours=None)})
+    s = s.model_copy(update={"api": ApiSettings(calibration_ttl_s=0, table_poll_s=0.1)})
+    writer = FeedWriter(s, store)
+    writer.on_scored([record("a", likes=10), record("b", likes=20)], now=NOW)
+    with TestClient(create_app(s)) as client:
+        before = client.get("/v1/feeds/f").json()
+        assert [i["song_id"] for i in before["items"]] == ["b", "a"]
+        stack.stop_one("redis")
+        try:
+            during = client.get("/v1/feeds/f")
+            assert during.status_code == 200
+            assert [(i["song_id"], i["score"]) for i in during.json()["items"]] == [
+                (i["song_id"], i["score"]) for i in before["items"]
+            ]
+            ranked = client.post("/v1/rank", json={"candidates": ["a", "b", "zz"]})
+            assert ranked.status_code == 200 and ranked.json()["unknown"] == ["zz"]
+            assert client.get("/readyz").status_code == 503  # Redis is down: not ready for new traffic
+        finally:
+            stack.up()
+        writer.on_scored([record("c", likes=30)], now=NOW)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            items = client.get("/v1/feeds/f").json()["items"]
+            if [i["song_id"] for i in items] == ["c", "b", "a"]:
+                break
+            time.sleep(0.05)
+        assert [i["song_id"] for i in items] == ["c", "b", "a"]

@@ -11,6 +11,7 @@ explanations of the items served are computed in one pass. The cursor is keyset 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import Counter
@@ -55,6 +56,7 @@ from ranker.serving.table_sync import TableSync
 from ranker.settings import FeedPolicy, Settings
 
 _MAX_FETCHES = 4
+log = logging.getLogger(__name__)
 
 
 class UnknownFeedError(KeyError):
@@ -124,10 +126,21 @@ class FeedReader:
         return policy
 
     async def scale(self) -> float:
-        """The calibration scale, cached for ``api.calibration_ttl_s``."""
+        """The calibration scale, cached for ``api.calibration_ttl_s``.
+
+        Once read, a failed refresh keeps the last value (and tries again after the TTL): with
+        the song table in memory, pages and reranks go on through a store outage.
+        """
         now = self._monotonic()
         if now - self._scale_at >= self.settings.api.calibration_ttl_s:
-            totals = await self.reads.calibration_totals()
+            try:
+                totals = await self.reads.calibration_totals()
+            except Exception as exc:
+                if math.isinf(self._scale_at):
+                    raise  # never read: nothing to serve with
+                log.warning("calibration totals unreadable (%s: %s); keeping the last scale", type(exc).__name__, exc)
+                self._scale_at = now
+                return self._scale
             self._scale = calibration_scale(*totals, self.settings.feed.like_rate)
             self._scale_at = now
         return self._scale

@@ -68,6 +68,7 @@ class TableSync:
         self.table: SongTable | None = None
         self.position = "0-0"
         self.applied = 0  # change log entries applied since start
+        self.failures = 0  # store errors met (loading or following), each retried
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
 
@@ -161,6 +162,8 @@ class TableSync:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the store down or a bad answer: keep serving what is loaded, retry
+                self.failures += 1
+                self._changed.set()
                 log.warning("song table: %s: %s; retrying in %.1f s", type(exc).__name__, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(30.0, delay * 2)
@@ -178,11 +181,16 @@ class TableSync:
         TABLE_READY.set(0)
 
     async def wait_loaded(self, timeout_s: float) -> bool:
-        """Wait up to ``timeout_s`` for the first load; whether the table is loaded."""
+        """Wait up to ``timeout_s`` for the first load; whether the table is loaded.
+
+        Gives up at once when a load fails (the store unreachable): the caller serves 503s
+        and /readyz says why while the load is retried in the background.
+        """
         deadline = time.monotonic() + timeout_s
+        failures = self.failures
         while self.table is None:
             left = deadline - time.monotonic()
-            if left <= 0 or (self._task is not None and self._task.done()):
+            if left <= 0 or self.failures > failures or (self._task is not None and self._task.done()):
                 return False
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
