@@ -9,6 +9,7 @@ a valid bearer token (when tokens are configured), 404 for an unknown feed or so
 413 for a body over ``api.max_body_bytes``. An inline policy (``POST /v1/rank``) with a
 number out of its range, or one that would give a NaN or infinite value for the songs
 asked about, is a 422 ``invalid_policy``. Redis being unreachable is a 503, never a 500,
+for what needs it (once the song table is loaded, pages and reranks go on from memory),
 and so is a feed or rank request while the song table loads (``table_loading``).
 Feed pages and reranks are served from the process's in-memory song table
 (:mod:`ranker.serving.table`), which follows the store's change log; similar-song searches
