@@ -118,7 +118,7 @@ class IndexReader:
             self._store, self._index, self._watermark = store, index, watermark
             self._store_uid = store.store_uid()
             self._source, self._reason = source, reason
-            self._catch_up()
+        self._catch_up()
         if old is not None:
             old.close()
         status = self.status()
@@ -140,17 +140,27 @@ class IndexReader:
         return FaissIndexConfig(dim=dim, factory=factory, use_gpu="never", nprobe=self.nprobe, ef_search=self.ef_search)
 
     def _catch_up(self) -> int:
-        """Apply store records newer than the watermark (caller holds the lock)."""
-        if self._store is None:
-            return 0
-        return snapshots.catch_up(self._store, self._watermark, self._apply)
+        """Apply store records newer than the watermark.
 
-    def _apply(self, batch: list[StoredEmbedding]) -> int:
-        if self._index is None:
-            self._index = FaissVectorIndex(self._config(batch[0].record.vector.shape[0], self.factory))
+        The store is read without the lock and each batch applied under it: a page's vector
+        reads (on the API's event loop) wait for one batch's upsert at most, not for a whole
+        catch-up (a reload's can be hundreds of thousands of records).
+        """
+        store = self._store
+        if store is None:
+            return 0
+        return snapshots.catch_up(store, self._watermark, lambda batch: self._apply(store, batch))
+
+    def _apply(self, store: SqliteEmbeddingStore, batch: list[StoredEmbedding]) -> int:
         keys = np.fromiter((s.key for s in batch), dtype=np.int64, count=len(batch))
-        self._index.upsert(keys, np.stack([s.record.vector for s in batch]).astype(np.float32))
-        self._watermark = max(self._watermark, batch[-1].seq)
+        vectors = np.stack([s.record.vector for s in batch]).astype(np.float32)
+        with self._lock:
+            if self._store is not store:  # a reload swapped the store meanwhile: its own catch-up applies
+                return 0
+            if self._index is None:
+                self._index = FaissVectorIndex(self._config(batch[0].record.vector.shape[0], self.factory))
+            self._index.upsert(keys, vectors)
+            self._watermark = max(self._watermark, batch[-1].seq)
         return len(batch)
 
     def refresh(self) -> int:
@@ -166,8 +176,7 @@ class IndexReader:
         if replaced:
             self.load()
             return self.status().vectors
-        with self._lock:
-            return self._catch_up()
+        return self._catch_up()
 
     def start(self, every_s: float) -> None:
         """Refresh in a daemon thread every ``every_s`` seconds (errors are logged, not raised)."""

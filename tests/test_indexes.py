@@ -14,6 +14,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from indexes import (
     KeyCollisionError,
     SnapshotError,
     SqliteEmbeddingStore,
+    StoredEmbedding,
     faiss_id,
 )
 from indexes.embedding_index import INDEX_FILE, META_FILE, STORE_FILE
@@ -448,6 +450,45 @@ def test_reader_loads_the_writers_snapshot_and_catches_up(tmp_path: Path) -> Non
         assert reader.similar("song-17", 3)[0][0] != "song-17"
         assert reader.search(recs[17].vector, 1)[0][0] == "song-17"
     finally:
+        reader.close()
+
+
+def test_reader_reads_between_the_batches_of_a_catch_up(tmp_path: Path) -> None:
+    """A catch-up holds the write lock per batch, not throughout: the API's page reads (on its
+    event loop) wait for one batch's upsert at most."""
+    from indexes.snapshots import REPLAY_BATCH
+
+    recs = records(REPLAY_BATCH + 10)
+    with open_index(tmp_path) as index:
+        index.add(recs[:5])
+    reader = _reader(tmp_path)
+    with SqliteEmbeddingStore(tmp_path / STORE_FILE) as s:
+        s.put_many(recs[5:])  # two batches to catch up
+    first_applied, read_done = threading.Event(), threading.Event()
+    applied: list[int] = []
+    apply = reader._apply
+
+    def watched(store: SqliteEmbeddingStore, batch: list[StoredEmbedding]) -> int:
+        n = apply(store, batch)
+        applied.append(n)
+        if len(applied) == 1:
+            first_applied.set()
+            read_done.wait(10)  # the second batch waits for a read made in between
+        return n
+
+    reader._apply = watched  # type: ignore[method-assign]
+    refresh = threading.Thread(target=reader.refresh)
+    refresh.start()
+    try:
+        assert first_applied.wait(10)
+        got = reader.vectors(["song-0", f"song-{REPLAY_BATCH + 9}"])
+        assert len(applied) == 1 and set(got) == {"song-0"}  # read between the batches
+        read_done.set()
+        refresh.join(10)
+        assert applied == [REPLAY_BATCH, 5] and reader.status().vectors == REPLAY_BATCH + 10
+    finally:
+        read_done.set()
+        refresh.join(10)
         reader.close()
 
 
