@@ -84,13 +84,7 @@ class TableSync:
         async for ids in self.reads.scan_song_ids(LOAD_BATCH):
             await self._read_songs(table, ids)
         for feed in self.feeds:
-            pairs: list[tuple[str, float]] = []
-            while True:
-                chunk = await self.reads.feed_members(feed, len(pairs), FEED_BATCH)
-                pairs.extend(chunk)
-                if len(chunk) < FEED_BATCH:
-                    break
-            table.set_feed(feed, pairs)
+            table.set_feed(feed, await self._read_feed(feed))
         self.table, self.position = table, position
         TABLE_LOADS.inc()
         TABLE_READY.set(1)
@@ -98,6 +92,15 @@ class TableSync:
         self._changed.set()
         log.info("song table loaded: %d songs, %s", len(table), {f: len(o) for f, o in table.feeds.items()})
         return table
+
+    async def _read_feed(self, feed: str) -> list[tuple[str, float]]:
+        """A feed's members and scores, whole, in ranges of FEED_BATCH."""
+        pairs: list[tuple[str, float]] = []
+        while True:
+            chunk = await self.reads.feed_members(feed, len(pairs), FEED_BATCH)
+            pairs.extend(chunk)
+            if len(chunk) < FEED_BATCH:
+                return pairs
 
     async def _read_songs(self, table: SongTable, song_ids: Sequence[str]) -> None:
         ids = list(dict.fromkeys(song_ids))
@@ -124,13 +127,7 @@ class TableSync:
                 for song_id, score in zip(chunk, values_in_feed, strict=True):
                     order.set(song_id, score)
         for feed in whole:
-            pairs: list[tuple[str, float]] = []
-            while True:
-                chunk_pairs = await self.reads.feed_members(feed, len(pairs), FEED_BATCH)
-                pairs.extend(chunk_pairs)
-                if len(chunk_pairs) < FEED_BATCH:
-                    break
-            table.set_feed(feed, pairs)
+            table.set_feed(feed, await self._read_feed(feed))
         self.position = changes[-1].position
         now = self._clock()
         for change in changes:
