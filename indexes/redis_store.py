@@ -239,7 +239,7 @@ class RedisScoreStore(ScoreStore):
         pipe.zrem(self.feed_key(feed), *old)
         pipe.zrem(age_key, *old)
         pipe.execute()
-        self._log_changes((), feeds=(feed,))
+        self._log_changes(old)  # the songs that left: a follower re-reads those, not the whole feed
         return len(old)
 
     def replace_feed(self, feed: str, members: Mapping[str, float], ages: Mapping[str, float] | None = None) -> None:

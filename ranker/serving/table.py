@@ -154,9 +154,14 @@ class SongTable:
             dropped += 1
         return dropped
 
-    def set_feed(self, feed: str, pairs: Iterable[tuple[str, float]]) -> None:
+    def set_feed(self, feed: str, order: FeedOrder) -> None:
         """Replace a feed's order whole."""
-        self.feeds[feed] = FeedOrder(pairs)
+        self.feeds[feed] = order
+
+    def shared_id(self, song_id: str) -> str:
+        """The table's own string for this id when it has a row (a feed then holds no copy of it)."""
+        row = self.row_of.get(song_id)
+        return song_id if row is None else self.ids[row] or song_id
 
     def _row(self, song_id: str) -> int:
         row = self.row_of.get(song_id)
@@ -166,7 +171,7 @@ class SongTable:
             row = self._free.pop()
         else:
             if self._end == self.capacity:
-                self._grow(2 * self.capacity)
+                self._grow(self.capacity + max(1024, self.capacity // 2))  # 1.5x: a copy costs 2.5x at most
             row = self._end
             self._end += 1
         self.row_of[song_id] = row
