@@ -157,6 +157,15 @@ class VectorIndex(ABC):
     @abstractmethod
     def reconstruct(self, key: int) -> np.ndarray | None: ...
 
+    def reconstruct_many(self, keys: np.ndarray) -> dict[int, np.ndarray]:
+        """The stored vectors of these keys (absent keys are left out); backends batch it."""
+        out: dict[int, np.ndarray] = {}
+        for key in keys.tolist():
+            vec = self.reconstruct(key)
+            if vec is not None:
+                out[key] = vec
+        return out
+
 
 class AsyncScoreReads(ABC):
     """The read path of a :class:`ScoreStore` on asyncio (the API's event loop).

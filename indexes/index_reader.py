@@ -216,20 +216,22 @@ class IndexReader:
     def ready(self) -> bool:
         return self.status().ready
 
-    def vectors(self, song_ids: Sequence[str]) -> dict[str, np.ndarray]:
-        """The indexed vectors of these songs (those not indexed are absent)."""
-        out: dict[str, np.ndarray] = {}
+    def vectors(self, song_ids: Sequence[str], keys: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+        """The indexed vectors of these songs (those not indexed are absent), in their order.
+
+        ``keys``: the songs' :func:`faiss_id`, when the caller has them (the API's song table
+        keeps them), to spare the hashing.
+        """
+        if keys is None:
+            keys = [faiss_id(song_id) for song_id in song_ids]
         self._lock.acquire_read()
         try:
             if self._index is None:
-                return out
-            for song_id in song_ids:
-                vec = self._index.reconstruct(faiss_id(song_id))
-                if vec is not None:
-                    out[song_id] = vec
+                return {}
+            found = self._index.reconstruct_many(np.asarray(keys, dtype=np.int64))
         finally:
             self._lock.release_read()
-        return out
+        return {s: found[k] for s, k in zip(song_ids, keys, strict=True) if k in found}
 
     def similar(self, song_id: str, k: int) -> list[tuple[str, float]]:
         """The ``k`` nearest songs (cosine), excluding the song; KeyError if it is not indexed."""
@@ -304,11 +306,13 @@ class ShardedIndexReader:
     def ready(self) -> bool:
         return self.status().ready
 
-    def vectors(self, song_ids: Sequence[str]) -> dict[str, np.ndarray]:
+    def vectors(self, song_ids: Sequence[str], keys: Sequence[int] | None = None) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
+        key_of = dict(zip(song_ids, keys, strict=True)) if keys is not None else {}
         for r in self.readers:
-            out.update(r.vectors([s for s in song_ids if s not in out]))
-        return out
+            todo = [s for s in song_ids if s not in out]
+            out.update(r.vectors(todo, [key_of[s] for s in todo] if keys is not None else None))
+        return {s: out[s] for s in song_ids if s in out}
 
     def similar(self, song_id: str, k: int) -> list[tuple[str, float]]:
         vector = next((v for r in self.readers if (v := r.vector_of(song_id)) is not None), None)

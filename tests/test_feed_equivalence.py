@@ -41,7 +41,7 @@ class Vectors:
             v = base[i % 8] + (0.05 if i % 3 else 2.0) * rng.normal(size=16).astype(np.float32)
             self.table[sid] = v / np.linalg.norm(v)
 
-    def vectors(self, song_ids: Sequence[str]) -> dict[str, np.ndarray]:
+    def vectors(self, song_ids: Sequence[str], keys: Sequence[int] | None = None) -> dict[str, np.ndarray]:
         return {s: self.table[s] for s in song_ids if s in self.table}
 
 

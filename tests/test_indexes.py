@@ -209,6 +209,13 @@ def test_upsert_replaces_search_finds_remove_drops(kwargs: dict[str, object]) ->
     assert index.reconstruct(int(keys[10])) is None
     assert index.remove(np.array([], dtype=np.int64)) == 0
 
+    # Many at once: one batched read, or one by one when a key is absent; the same vectors.
+    for asked in (keys[20:30], np.concatenate([keys[20:25], keys[10:11], keys[25:30]])):
+        many = index.reconstruct_many(asked)
+        assert list(many) == [k for k in asked.tolist() if k != int(keys[10])]
+        for key, vec in many.items():
+            np.testing.assert_array_equal(vec, index.reconstruct(key))  # type: ignore[arg-type]
+
 
 def test_hnsw_is_not_removable_but_rebuilds_exactly() -> None:
     index = make_index(factory="HNSW16", ef_search=64)

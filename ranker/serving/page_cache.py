@@ -26,6 +26,7 @@ class _Window:
     fetched_at: float
     ids: list[str] = field(default_factory=list)
     stored: list[float] = field(default_factory=list)
+    keys: list[int] = field(default_factory=list)  # each row's faiss_id (its cursor skip key's source)
     eligible: list[int] = field(default_factory=list)
     batch: SongBatch | None = None
     exhausted: bool = False
@@ -33,11 +34,11 @@ class _Window:
     gram: np.ndarray = field(default_factory=lambda: np.empty((0, 0), dtype=np.float32))
 
 
-#: Estimated bytes of one row passed (its id string's header, its place and score in the
+#: Estimated bytes of one row passed (its id string's header, its place, score and key in the
 #: window's lists), of an eligible row's columns beyond the arrays' own bytes (its id and
 #: generator in the batch's lists), of a vector slot, and of a window and its cache entry beyond
 #: those. From sys.getsizeof on CPython, rounded up: good to some tens of percent.
-_ROW_BYTES = 120
+_ROW_BYTES = 160
 _ELIGIBLE_BYTES = 40
 _SLOT_BYTES = 100
 _WINDOW_BYTES = 1200

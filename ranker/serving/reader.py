@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from indexes.base import AsyncScoreReads
+from indexes.base import AsyncScoreReads, faiss_id
 from indexes.redis_schema import (
     CREATED_AT,
     ENGAGEMENT_COUNTERS,
@@ -40,7 +40,7 @@ from ranker.serving.batch import (
     sample_rates,
     sampled_scores,
 )
-from ranker.serving.cursor import MAX_SKIP, Cursor, _after, _skip_key
+from ranker.serving.cursor import MAX_SKIP, SKIP_SHIFT, Cursor, _after
 from ranker.serving.page_cache import PageCache, _Window
 from ranker.serving.policy import (
     Policy,
@@ -69,7 +69,9 @@ class TableNotReady(RuntimeError):
 
 # -- reads --------------------------------------------------------------------------------------
 class VectorSource(Protocol):
-    def vectors(self, song_ids: Sequence[str]) -> dict[str, np.ndarray]: ...
+    def vectors(self, song_ids: Sequence[str], keys: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+        """The songs' vectors, in their order (absent ones left out); ``keys``: their faiss ids."""
+        ...
 
 
 @dataclass
@@ -198,7 +200,7 @@ class FeedReader:
         skip = cur.skip if cur else frozenset()
         start_score, start_id = (cur.score, cur.song_id) if cur else (math.inf, "")
         order = table.feeds[policy.name]
-        row_of = table.row_of
+        row_of, table_keys = table.row_of, table.key
         found = _Window(self._monotonic())
         rows: list[int] = []  # the eligible rows' places in the table
         for _ in range(_MAX_FETCHES):
@@ -218,7 +220,9 @@ class FeedReader:
                 found.ids.append(song_id)
                 found.stored.append(score)
                 row = row_of.get(song_id)
-                if row is not None and not (skip and _skip_key(song_id) in skip):
+                fid = faiss_id(song_id) if row is None else int(table_keys[row])
+                found.keys.append(fid)
+                if row is not None and not (skip and fid >> SKIP_SHIFT in skip):
                     places.append(len(found.ids) - 1)
                     in_table.append(row)
             if in_table:
@@ -233,7 +237,7 @@ class FeedReader:
             start_score, start_id = got[-1][1], got[-1][0]
         found.batch = batch = table.batch(np.asarray(rows, np.intp), now)
         if policy.config.dedup_threshold is not None and self.vectors is not None and rows:
-            vectors = self.vectors.vectors(batch.song_ids)
+            vectors = self.vectors.vectors(batch.song_ids, table_keys[rows].tolist())
             if vectors:
                 found.slot = {sid: n for n, sid in enumerate(vectors)}
                 matrix = np.stack(list(vectors.values()))
@@ -264,21 +268,26 @@ class FeedReader:
         ids, generators = batch.song_ids, batch.generators
         slot, gram = window.slot, window.gram
         per_gen: Counter[str] = Counter()
-        placed: list[int] = []
+        # closest[n]: the largest cosine between candidate n and a song placed so far (the max
+        # over the placed columns of its gram row, kept as songs are placed)
+        closest = np.full(len(gram), -np.inf, dtype=gram.dtype)
+        placed = False
 
         def fits(j: int) -> bool:
             if cap is not None and per_gen[generators[j]] >= cap:
                 return False
             n = slot.get(ids[j])
             if n is not None and placed and threshold is not None:
-                return float(gram[n, placed].max()) <= threshold
+                return float(closest[n]) <= threshold
             return True
 
         def place(j: int) -> None:
+            nonlocal closest, placed
             per_gen[generators[j]] += 1
             n = slot.get(ids[j])
             if n is not None:
-                placed.append(n)
+                closest = np.maximum(closest, gram[:, n])
+                placed = True
 
         size = len(batch)
         chosen: list[int] = []
@@ -359,7 +368,7 @@ class FeedReader:
         """Advance the boundary over the longest run of rows that are served or dropped; songs
         served beyond it go into the skip set, skip entries passed by it leave."""
         served = {item["song_id"] for item in items}
-        ids = window.ids
+        ids, keys = window.ids, window.keys
         eligible = set(window.eligible)
         passed = 0
         for place, song_id in enumerate(ids):
@@ -368,8 +377,8 @@ class FeedReader:
             passed += 1
         if passed:
             b_score, b_id = window.stored[passed - 1], ids[passed - 1]
-        left = {_skip_key(s) for s in ids[:passed]}
-        ahead = {_skip_key(s) for s in ids[passed:] if s in served}
+        left = {k >> SKIP_SHIFT for k in keys[:passed]}
+        ahead = {k >> SKIP_SHIFT for s, k in zip(ids[passed:], keys[passed:], strict=True) if s in served}
         if window.exhausted and not any(
             place in eligible and ids[place] not in served for place in range(passed, len(ids))
         ):

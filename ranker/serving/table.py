@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from sortedcontainers import SortedList
 
+from indexes.base import faiss_id
 from ranker.events import TASKS
 from ranker.serving.batch import SongBatch
 
@@ -100,6 +101,7 @@ class SongTable:
         self.created_ts = np.zeros(capacity)  # not capped at any clock: reads cap it at their now
         self.duration_s = np.full(capacity, np.nan)
         self.generator = np.zeros(capacity, np.int32)
+        self.key = np.zeros(capacity, np.int64)  # faiss_id: the song's number in the vector index and in cursors
         self.generator_names: list[str] = []
         self._generator_code: dict[str, int] = {}
         self.raw_tags: list[str | None] = [None] * capacity
@@ -176,6 +178,7 @@ class SongTable:
             self._end += 1
         self.row_of[song_id] = row
         self.ids[row] = song_id
+        self.key[row] = faiss_id(song_id)
         return row
 
     def _grow(self, capacity: int) -> None:
@@ -190,6 +193,7 @@ class SongTable:
             ("created_ts", 0.0),
             ("duration_s", np.nan),
             ("generator", 0),
+            ("key", 0),
         ):
             old: np.ndarray = getattr(self, name)
             new = np.full((capacity, *old.shape[1:]), fill, dtype=old.dtype)
@@ -245,5 +249,6 @@ class SongTable:
             self.created_ts,
             self.duration_s,
             self.generator,
+            self.key,
         )
         return int(sum(a.nbytes for a in arrays))

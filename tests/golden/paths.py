@@ -134,7 +134,7 @@ class StoredVectors:
     def __init__(self, vectors: dict[str, np.ndarray]) -> None:
         self._vectors = vectors
 
-    def vectors(self, song_ids: Sequence[str]) -> dict[str, np.ndarray]:
+    def vectors(self, song_ids: Sequence[str], keys: Sequence[int] | None = None) -> dict[str, np.ndarray]:
         return {s: self._vectors[s] for s in song_ids if s in self._vectors}
 
 
