@@ -171,30 +171,12 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
 # -- serve ---------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    # Before numpy loads: per-request matrices are tiny, and idle BLAS threads spinning on
-    # two cores starve the event loop (measured: a 70x768 product 3 ms threaded, 0.1 ms not).
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    import uvicorn
-
-    from ranker.serving.api import create_app
+    from consumers.serve import serve
 
     s = _settings(args)
     host = args.host or s.api.host
     port = args.port if args.port is not None else s.api.port
-    log_level = args.log_level.lower()
-    if args.workers > 1:  # each worker process builds its app from the same settings (environment / --config)
-        uvicorn.run(
-            "ranker.serving.api:create_app",
-            factory=True,
-            workers=args.workers,
-            host=host,
-            port=port,
-            log_level=log_level,
-            access_log=False,
-        )
-    else:
-        uvicorn.run(create_app(s), host=host, port=port, log_level=log_level, access_log=False)
-    return 0
+    return serve(s, host, port, args.workers, args.log_level.lower())
 
 
 # -- parser ----------------------------------------------------------------------------
@@ -283,7 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = add("serve", cmd_serve, "serve the feed/rank/similar HTTP API (settings: api.*)")
     serve.add_argument("--host", help="bind address (default api.host)")
     serve.add_argument("--port", type=int, help="port (default api.port)")
-    serve.add_argument("--workers", type=int, default=1, help="worker processes (each loads the index)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes sharing the port (SO_REUSEPORT); each loads the table and index",
+    )
     from consumers.model_cli import register
 
     register(sub)

@@ -278,9 +278,7 @@ def create_app(settings: Settings | None = None, *, explore_rng: np.random.Gener
         sync = app.state.reader.sync
         sync.start()  # loads the song table, then follows the store's change log
         if not await sync.wait_loaded(api.table_startup_wait_s):
-            log.warning(
-                "the song table is still loading after %.0f s; serving, /readyz says so", api.table_startup_wait_s
-            )
+            log.warning("the song table is not loaded yet; serving, /readyz says so while it loads")
         try:
             await run_in_threadpool(index.load)
         except Exception:
