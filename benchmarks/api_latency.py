@@ -1,27 +1,36 @@
 """Latency of the feed API under load, its overhead over raw Redis, reranking, and similar-song search.
 
-What is measured, and why:
+What is measured, and why (issue 14's targets; every figure beside the raw Redis reads and the
+previous implementation, in one run):
 
-a. **Feed pages of 50 under load.** ``apexrank serve`` runs in its own process (one
-   uvicorn worker, the default ``cold-start`` policy: 10% exploration by Thompson
-   sampling, near-duplicate suppression on 768-d vectors) over N scored songs in a
-   private Redis. A load generator in this process (asyncio, raw HTTP/1.1 keep-alive on
-   loopback, bounded in time) sends an **open-loop** stream at a fixed rate: latency is
-   measured from each request's scheduled send time, so a stalled server is charged for
-   the queue it causes (no coordinated omission). Requests mix first pages (70%) and
-   pages deeper in the feed through cursors (30%). Target: p99 <= 5 ms at >= 1,000 req/s.
-   A closed-loop run (C connections back to back) gives the saturation throughput.
-b. **Overhead over raw Redis**, in the same run: the same page done directly (ZREVRANGE
-   0 49 WITHSCORES + one pipelined HMGET of the same fields for the 50 songs, redis.asyncio
-   + hiredis, one connection, sequential) against the API's page (one keep-alive
-   connection, sequential). Target: API <= 3x raw.
-c. **POST /v1/rank with 500 candidates** (sequential, then open loop at 100 req/s).
-   Target: p99 <= 15 ms. And in this process, before the server starts, the same 500
-   candidates through ``FeedReader`` directly: the vectorised rank (``rank_response``, then
-   the API's ``_json``) against the per-song reference it replaced (tests/reference_rank.py,
-   then ``json.dumps``), alternating call by call on the same data, explain on and off
-   (``--profile-rank FILE``: a pyinstrument profile of the vectorised loop).
-d. **Similar songs, k=10, over 1M clustered vectors**, through the project's
+a. **Feed pages of 50, sequential, against the raw Redis reads of the same page.** ``apexrank
+   serve`` runs in its own process (the default ``cold-start`` policy: 10% exploration by
+   Thompson sampling, near-duplicate suppression on 768-d vectors) over N scored songs in a
+   private Redis, serving pages from its in-memory song table. On one keep-alive connection
+   the API's page alternates call by call with the page done directly (ZREVRANGE 0 49
+   WITHSCORES + one pipelined HMGET of the same fields for the 50 songs, redis.asyncio +
+   hiredis, one connection): first pages, then cursor pages 2-4. Target: API p50 <= raw p50.
+b. **Feed throughput under load**, one server per ``--server-workers`` value (1,2: uvicorn
+   ``--workers``). A load generator in this process (asyncio or ``--client-loop uvloop``, raw
+   HTTP/1.1 keep-alive on loopback, bounded in time) sends an **open-loop** stream at each
+   fixed rate: latency is measured from each request's scheduled send time, so a stalled
+   server is charged for the queue it causes (no coordinated omission). Requests mix first
+   pages (70%) and pages 2-4 through cursors (30%). The CPU share of each server process and
+   of the load generator is recorded, and which HTTP parser and event loop the server loaded
+   (from /proc/PID/maps). Target: >= 1,000 req/s with p99 <= 10 ms on 2 workers. A
+   closed-loop run (C connections back to back) gives the saturation throughput.
+c. **POST /v1/rank with 500 candidates**, sequential (explain on and off), then open loop at
+   100 req/s. Target: p99 <= 8 ms with explanations.
+d. **The previous implementation, in this process** (before any server starts): the same 500
+   candidates through ``FeedReader.rank_response`` (song table) and through the per-song
+   reference that reads Redis (tests/reference_rank.py), and feed pages (first and cursor)
+   through ``FeedReader.page`` (song table) and the per-page store reads it replaced
+   (tests/reference_feed.py), alternating call by call on the same data, with the same
+   Thompson seed (``--profile-rank FILE``, ``--profile-page FILE``: pyinstrument profiles of
+   the new paths). ``--old-server DIR`` also serves a checkout of the previous whole server
+   (``git worktree add DIR 16af7d4``: it reads Redis on every request) over HTTP, with the
+   same sequential figures and a throughput run at ``--old-rates``.
+e. **Similar songs, k=10, over 1M clustered vectors**, through the project's
    ``FaissVectorIndex`` (what the API searches): the flat index and the approximate
    IVF index for each nprobe, one query at a time (the API's access pattern), with
    recall@10 against the flat index's exact answers. Vectors are L2-normalised two-level
@@ -31,6 +40,7 @@ d. **Similar songs, k=10, over 1M clustered vectors**, through the project's
 Run from the repository root (writes its own Redis, index and state under a temp dir)::
 
     .venv/bin/python benchmarks/api_latency.py --json bench-api.json
+    .venv/bin/python benchmarks/api_latency.py --skip-ann --page-cache-ttl 0 --old-server /tmp/old16
     .venv/bin/python benchmarks/api_latency.py --quick      # a smoke run (~1 min)
 """
 
@@ -56,6 +66,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
+
+# One BLAS thread, as ``apexrank serve`` sets before numpy loads: the in-process pages' 70 x 768
+# Gram product takes 0.1 ms on one thread and several ms with idle BLAS threads spinning on a
+# busy 2-core machine (measured here: the in-process page p50 went from 1 to 9.6 ms at load 4).
+# The ANN part's batched flat search then runs on one BLAS thread too.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import redis.asyncio  # noqa: E402
@@ -115,15 +131,34 @@ def _has(module: str) -> bool:
     return True
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and its children (uvicorn's workers), from /proc."""
-    total = 0.0
+def cpu_by_process(pid: int) -> dict[int, float]:
+    """User + system CPU seconds of a process and of each of its children (uvicorn's workers), from /proc."""
+    out: dict[int, float] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, IndexError, ValueError):
             fields = stat.read_text().rsplit(")", 1)[1].split()
             if stat.parent.name == str(pid) or int(fields[1]) == pid:
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+                out[int(stat.parent.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its children, from /proc."""
+    return sum(cpu_by_process(pid).values())
+
+
+def server_runtime(pid: int) -> dict[str, Any]:
+    """What the server processes actually loaded: the HTTP parser and event loop (from /proc/PID/maps)."""
+    procs = sorted(cpu_by_process(pid))
+    maps = ""
+    for p in procs:
+        with contextlib.suppress(OSError):
+            maps += Path(f"/proc/{p}/maps").read_text()
+    return {
+        "processes": len(procs),
+        "http_parser": "httptools" if "httptools" in maps else "h11 (pure Python)",
+        "event_loop": "uvloop" if "uvloop" in maps else "asyncio",
+    }
 
 
 # -- services ------------------------------------------------------------------------------------
@@ -150,9 +185,20 @@ def redis_server(directory: Path) -> Iterator[str]:
 
 @contextlib.contextmanager
 def api_server(
-    settings: Settings, state: Path, workers: int = 1, pythonpath: str | None = None, page_cache_ttl_s: float = 1.0
+    settings: Settings,
+    state: Path,
+    workers: int = 1,
+    pythonpath: str | None = None,
+    page_cache_ttl_s: float = 1.0,
+    code: Path = ROOT,
 ) -> Iterator[tuple[str, int, subprocess.Popen[bytes]]]:
-    """``apexrank serve`` in a subprocess, configured through APEXRANK_* variables."""
+    """``apexrank serve`` in a subprocess, configured through APEXRANK_* variables.
+
+    ``code``: the source tree to run (another checkout: the previous implementation), first on
+    the server's ``sys.path``. Ready once ``/readyz`` answers 200 (Redis, the song table and the
+    index) and every process of the server has gone idle (with ``workers > 1`` a worker that is
+    still loading accepts no connection, so one 200 does not say the others are ready).
+    """
     port = free_port()
     env = {
         **os.environ,
@@ -162,9 +208,12 @@ def api_server(
         "APEXRANK_STATE_DIR": str(state),
         "APEXRANK_API__PAGE_CACHE_TTL_S": str(page_cache_ttl_s),
     }
+    paths = [str(code)] if code != ROOT else []
     if pythonpath:  # e.g. a --target directory holding httptools and uvloop, to compare
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH")) if p)
-    log = open(state / "serve.log", "wb")  # noqa: SIM115
+        paths.append(pythonpath)
+    if paths:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (*paths, env.get("PYTHONPATH")) if p)
+    log = open(state / f"serve-{port}.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -178,13 +227,13 @@ def api_server(
             "--workers",
             str(workers),
         ],
-        cwd=ROOT,
+        cwd=code,
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while True:
             with (
                 contextlib.suppress(OSError),
@@ -193,8 +242,18 @@ def api_server(
                 if r.status == 200:
                     break
             if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"apexrank serve did not become ready; see {state / 'serve.log'}")
+                raise RuntimeError(f"apexrank serve did not become ready; see {log.name}")
             time.sleep(0.2)
+        before = cpu_by_process(proc.pid)
+        while True:  # every worker loaded: none of the processes is still busy, and there are all of them
+            time.sleep(0.5)
+            now = cpu_by_process(proc.pid)
+            busy = any(now.get(p, 0.0) - before.get(p, 0.0) > 0.05 for p in now)
+            if not busy and len(now) >= (workers + 1 if workers > 1 else 1):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"apexrank serve's workers did not all settle; see {log.name}")
+            before = now
         yield "127.0.0.1", port, proc
     finally:
         proc.terminate()
@@ -391,24 +450,38 @@ async def sequential(host: str, port: int, requests: Sequence[bytes], n: int) ->
     return summary(lat, sum(lat), errors)
 
 
-async def raw_redis_pages(url: str, n: int) -> dict[str, Any]:
-    """The page without the API: ZREVRANGE 0 49 WITHSCORES + pipelined HMGET of the same fields."""
+async def raw_vs_api(url: str, host: str, port: int, requests: Sequence[bytes], n: int) -> dict[str, Any]:
+    """The raw Redis reads of a page and the API's page, alternating one by one (same load on both).
+
+    Raw: ZREVRANGE 0 49 WITHSCORES + one pipelined HMGET of the page's fields for the 50 songs
+    (redis.asyncio + hiredis, one connection); API: ``requests`` in turn on one keep-alive connection.
+    """
     client = redis.asyncio.Redis.from_url(url, decode_responses=True)
     store = RedisScoreStore(RedisStoreConfig(url=url, key_prefix=PREFIX))
     key = store.feed_key("cold-start")
     fields = list(READ_FIELDS)
-    lat: list[float] = []
-    for _ in range(n):
-        t = time.perf_counter()
-        rows: list[Any] = await client.zrevrange(key, 0, 49, withscores=True)
-        pipe = client.pipeline(transaction=False)
-        for member, _score in rows:
-            pipe.hmget(store.song_key(str(member)), fields)
-        await pipe.execute()
-        lat.append(time.perf_counter() - t)
+    conn = await Conn(host, port).open()
+    raw: list[float] = []
+    api: list[float] = []
+    errors = 0
+    for i in range(n):
+        for which in ("raw", "api") if i % 2 == 0 else ("api", "raw"):
+            t = time.perf_counter()
+            if which == "raw":
+                rows: list[Any] = await client.zrevrange(key, 0, 49, withscores=True)
+                pipe = client.pipeline(transaction=False)
+                for member, _score in rows:
+                    pipe.hmget(store.song_key(str(member)), fields)
+                await pipe.execute()
+                raw.append(time.perf_counter() - t)
+            else:
+                status, _ = await conn.send(requests[i % len(requests)])
+                api.append(time.perf_counter() - t)
+                errors += status != 200
+    await conn.close()
     await client.aclose()
     store.close()
-    return summary(lat, sum(lat))
+    return {"raw": summary(raw, sum(raw)), "api": summary(api, sum(api), errors)}
 
 
 def fetch_json(host: str, port: int, path: str) -> Any:
@@ -430,6 +503,9 @@ def bench_rank_inprocess(
         store = RedisScoreStore(RedisStoreConfig(url=url, key_prefix=PREFIX))
         reads = store.async_reads()
         reader = FeedReader(settings, reads)
+        t = time.perf_counter()
+        await reader.sync.load()  # the song table the vectorised path reads; the reference reads Redis
+        table_load_s = time.perf_counter() - t
         policy = reader.policy(settings.feed.name)
 
         async def new(candidates: list[str], explain: bool) -> tuple[float, float]:
@@ -459,7 +535,7 @@ def bench_rank_inprocess(
                 for name in names:
                     key = f"{name}_{'explain' if explain else 'lean'}"
                     lat[key].append(await paths[name](samples[i % len(samples)], explain))
-        out: dict[str, Any] = {"calls_per_path": n, "candidates": len(samples[0])}
+        out: dict[str, Any] = {"calls_per_path": n, "candidates": len(samples[0]), "table_load_s": table_load_s}
         for key, pairs in lat.items():
             calls, bodies = [r for r, _ in pairs], [b for _, b in pairs]
             out[key] = {"rank": summary(calls, sum(calls)), "with_body": summary(bodies, sum(bodies))}
@@ -479,9 +555,136 @@ def bench_rank_inprocess(
     return asyncio.run(run())
 
 
+# -- feed pages in-process: the song table against the per-song store path --------------------------
+def bench_page_inprocess(settings: Settings, url: str, n: int, profile: str | None = None) -> dict[str, Any]:
+    """``n`` pages of each path and kind (first page, cursor pages 2-4), alternating which goes first.
+
+    New: ``FeedReader.page`` over the loaded song table, then the API's ``_json``. Reference:
+    tests/reference_feed.py (a ZRANGE and an HMGET of the window per page, a SongState per song),
+    then ``_json`` too (the API served it so). Both with the index's vectors for the
+    near-duplicate check and the page cache off; the same Thompson seed per call.
+    """
+    from ranker.serving.api import _json
+    from ranker.serving.reader import FeedReader
+    from ranker.stores import index_reader
+    from tests.reference_feed import ReferencePages
+
+    settings = settings.model_copy(update={"api": settings.api.model_copy(update={"page_cache_ttl_s": 0.0})})
+
+    async def run() -> dict[str, Any]:
+        store = RedisScoreStore(RedisStoreConfig(url=url, key_prefix=PREFIX))
+        reads = store.async_reads()
+        index = index_reader(settings)
+        index.load()
+        reader = FeedReader(settings, reads, index)
+        t = time.perf_counter()
+        await reader.sync.load()
+        table_load_s = time.perf_counter() - t
+        reference = ReferencePages(reader)
+        feed = settings.feed.name
+        cursors: list[str] = []
+        cursor = None
+        for _ in range(3):
+            cursor = (await reader.page(feed, 50, cursor, rng=np.random.default_rng(0))).next_cursor
+            assert cursor is not None
+            cursors.append(cursor)
+        kinds = {"first": [None], "cursor": cursors}
+
+        async def new(c: str | None, seed: int) -> tuple[float, float, list[str]]:
+            t = time.perf_counter()
+            page = await reader.page(feed, 50, c, rng=np.random.default_rng(seed))
+            t1 = time.perf_counter()
+            _json({"feed": page.feed, "items": page.items, "next_cursor": page.next_cursor})
+            return t1 - t, time.perf_counter() - t, [i["song_id"] for i in page.items]
+
+        async def old(c: str | None, seed: int) -> tuple[float, float, list[str]]:
+            t = time.perf_counter()
+            page = await reference.page(feed, 50, c, rng=np.random.default_rng(seed))
+            t1 = time.perf_counter()
+            _json({"feed": page.feed, "items": page.items, "next_cursor": page.next_cursor})
+            return t1 - t, time.perf_counter() - t, [i["song_id"] for i in page.items]
+
+        paths = {"table": new, "reference": old}
+        same = compared = 0
+        for i in range(20):  # warm up, and check the two serve the same pages
+            c = ([None, *cursors])[i % 4]
+            a, b = await new(c, i), await old(c, i)
+            same += a[2] == b[2]
+            compared += 1
+        lat: dict[str, list[tuple[float, float]]] = {f"{p}_{k}": [] for p in paths for k in kinds}
+        for i in range(n):
+            names = list(paths) if i % 2 == 0 else list(paths)[::-1]
+            for kind, tokens in kinds.items():
+                c = tokens[i % len(tokens)]
+                for name in names:
+                    t_call, t_body, _ = await paths[name](c, i)
+                    lat[f"{name}_{kind}"].append((t_call, t_body))
+        out: dict[str, Any] = {
+            "calls_per_path": n,
+            "table_load_s": table_load_s,
+            "table_songs": len(reader.table),
+            "same_pages": f"{same}/{compared}",
+        }
+        for key, pairs in lat.items():
+            calls, bodies = [r for r, _ in pairs], [b for _, b in pairs]
+            out[key] = {"page": summary(calls, sum(calls)), "with_body": summary(bodies, sum(bodies))}
+        if profile:
+            from pyinstrument import Profiler
+
+            profiler = Profiler(interval=0.0002, async_mode="enabled")
+            profiler.start()
+            for i in range(n):
+                await new(([None, *cursors])[i % 4], i)
+            profiler.stop()
+            Path(profile).write_text(profiler.output_text(unicode=False, color=False, show_all=False))
+        index.close()
+        await reads.close()
+        store.close()
+        return out
+
+    return asyncio.run(run())
+
+
 # -- the API benchmark ---------------------------------------------------------------------------
+def run_client(main: Any, loop: str) -> Any:
+    """Run the load generator's coroutine on the stock asyncio loop or on uvloop (``--client-loop``)."""
+    if loop == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(main)
+    return asyncio.run(main)
+
+
+async def throughput(
+    host: str,
+    port: int,
+    proc: subprocess.Popen[bytes],
+    mix: Sequence[bytes],
+    args: argparse.Namespace,
+    rates: Sequence[float],
+) -> dict[str, Any]:
+    """Open loop at each rate, then the closed loop; the CPU share of the server's processes and of this one."""
+    out: dict[str, Any] = {"open_loop": []}
+    for rate in rates:
+        cpu0, own0 = cpu_by_process(proc.pid), time.process_time()
+        res = await open_loop(host, port, mix, rate, args.duration, args.conns)
+        cpu1, own1 = cpu_by_process(proc.pid), time.process_time()
+        wall = res["requests"] / res["req_per_s"]
+        shares = {pid: (cpu1[pid] - cpu0.get(pid, 0.0)) / wall for pid in sorted(cpu1)}
+        res["server_cpu_share"] = sum(shares.values())
+        # uvicorn's supervisor (with --workers > 1) serves nothing: the workers' shares alone
+        res["worker_cpu_shares"] = [v for pid, v in shares.items() if pid != proc.pid or len(shares) == 1]
+        res["client_cpu_share"] = (own1 - own0) / wall
+        out["open_loop"].append(res)
+        print(f"  feed open loop {rate:>6.0f}/s: {res}", flush=True)
+    out["closed_loop"] = await closed_loop(host, port, mix, args.duration, args.conns)
+    print(f"  feed closed loop: {out['closed_loop']}", flush=True)
+    return out
+
+
 def bench_api(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"servers": {}}
     with redis_server(work) as url:
         settings = Settings(
             state_dir=work / "state",
@@ -498,48 +701,80 @@ def bench_api(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             settings, url, samples, max(100, args.seq // 2), args.profile_rank
         )
         print(f"rank 500 in-process: {out['rank500_inprocess']}", flush=True)
+        out["page_inprocess"] = bench_page_inprocess(settings, url, max(100, args.seq // 2), args.profile_page)
+        print(f"feed page in-process: {out['page_inprocess']}", flush=True)
         (work / "state").mkdir(exist_ok=True)
-        server = api_server(settings, work / "state", args.server_workers, args.server_pythonpath, args.page_cache_ttl)
-        with server as (host, port, proc):
-            # Cursors into the feed: pages 2-10, collected once (a client walking the feed).
-            cursors: list[str] = []
-            cursor = None
-            for _ in range(10):
-                q = "/v1/feeds/cold-start?limit=50" + (f"&cursor={cursor}" if cursor else "")
-                cursor = fetch_json(host, port, q)["next_cursor"]
-                cursors.append(cursor)
-            first = get("/v1/feeds/cold-start?limit=50")
-            mix = [first] * 7 + [get(f"/v1/feeds/cold-start?limit=50&cursor={c}") for c in cursors[:3]]
-            rank_bodies = [post("/v1/rank", json.dumps({"candidates": c}).encode()) for c in samples]
-            lean_bodies = [post("/v1/rank", json.dumps({"candidates": c, "explain": False}).encode()) for c in samples]
+        rank_bodies = [post("/v1/rank", json.dumps({"candidates": c}).encode()) for c in samples]
+        lean_bodies = [post("/v1/rank", json.dumps({"candidates": c, "explain": False}).encode()) for c in samples]
+        first = get("/v1/feeds/cold-start?limit=50")
+        pages: list[bytes] = []  # pages 2-4 through cursors, collected from the first server
+
+        def latency(host: str, port: int, full: bool) -> dict[str, Any]:
+            """Sequential figures on one keep-alive connection (the raw Redis reads alternating with the page)."""
+            res: dict[str, Any] = {}
+            mix = [first] * 7 + pages
 
             async def run() -> None:
                 await sequential(host, port, mix, 200)  # warm up
-                out["raw_redis_page_seq"] = await raw_redis_pages(url, args.seq)
-                out["api_page_seq"] = await sequential(host, port, [first], args.seq)
-                out["api_page_mix_seq"] = await sequential(host, port, mix, args.seq)
-                out["overhead_p50_x"] = out["api_page_seq"]["p50_ms"] / out["raw_redis_page_seq"]["p50_ms"]
-                out["overhead_p99_x"] = out["api_page_seq"]["p99_ms"] / out["raw_redis_page_seq"]["p99_ms"]
-                out["feed_open_loop"] = []
-                for rate in args.rates:
-                    cpu0 = cpu_seconds(proc.pid)
-                    res = await open_loop(host, port, mix, rate, args.duration, args.conns)
-                    res["server_cpu_share"] = (cpu_seconds(proc.pid) - cpu0) / (res["requests"] / res["req_per_s"])
-                    out["feed_open_loop"].append(res)
-                    print(f"feed open loop {rate:>6.0f}/s: {res}", flush=True)
-                out["feed_closed_loop"] = await closed_loop(host, port, mix, args.duration, args.conns)
-                print(f"feed closed loop: {out['feed_closed_loop']}", flush=True)
-                out["rank500_seq"] = await sequential(host, port, rank_bodies, max(100, args.seq // 5))
-                out["rank500_noexplain_seq"] = await sequential(host, port, lean_bodies, max(100, args.seq // 5))
-                out["rank500_open_loop_100"] = await open_loop(host, port, rank_bodies, 100, args.duration, args.conns)
-                print(f"rank 500: {out['rank500_seq']} / {out['rank500_open_loop_100']}", flush=True)
-                sim = [get(f"/v1/songs/{ids[i]}/similar?k=10") for i in range(0, len(ids), max(1, len(ids) // 200))]
-                out["similar_api_seq"] = await sequential(host, port, sim, 200)
+                await sequential(host, port, rank_bodies, 20)
+                res["page_vs_raw"] = await raw_vs_api(url, host, port, [first], args.seq)
+                res["cursor_vs_raw"] = await raw_vs_api(url, host, port, pages, args.seq // 2)
+                res["page_mix_seq"] = await sequential(host, port, mix, args.seq)
+                res["rank500_seq"] = await sequential(host, port, rank_bodies, max(100, args.seq // 2))
+                res["rank500_noexplain_seq"] = await sequential(host, port, lean_bodies, max(100, args.seq // 2))
+                if full:
+                    res["rank500_open_loop_100"] = await open_loop(
+                        host, port, rank_bodies, 100, args.duration, args.conns
+                    )
+                    sim = [get(f"/v1/songs/{ids[i]}/similar?k=10") for i in range(0, len(ids), max(1, len(ids) // 200))]
+                    res["similar_api_seq"] = await sequential(host, port, sim, 200)
 
-            asyncio.run(run())
-            page = fetch_json(host, port, "/v1/feeds/cold-start?limit=50")
-            out["explore_items_per_page"] = sum(1 for i in page["items"] if i["explore"])
+            run_client(run(), args.client_loop)
+            return res
+
+        for k, workers in enumerate(args.server_workers):
+            label = f"new, {workers} worker{'s' if workers > 1 else ''}"
+            print(f"server: {label}", flush=True)
+            server = api_server(settings, work / "state", workers, args.server_pythonpath, args.page_cache_ttl)
+            with server as (host, port, proc):
+                res: dict[str, Any] = {"workers": workers, **server_runtime(proc.pid)}
+                if not pages:
+                    cursor = None
+                    for _ in range(3):
+                        q = "/v1/feeds/cold-start?limit=50" + (f"&cursor={cursor}" if cursor else "")
+                        cursor = fetch_json(host, port, q)["next_cursor"]
+                        pages.append(get(f"/v1/feeds/cold-start?limit=50&cursor={cursor}"))
+                    page = fetch_json(host, port, "/v1/feeds/cold-start?limit=50")
+                    out["explore_items_per_page"] = sum(1 for i in page["items"] if i["explore"])
+                res.update(latency(host, port, full=k == 0))
+                print(
+                    f"  sequential: { {key: v for key, v in res.items() if key.endswith(('seq', 'raw'))} }", flush=True
+                )
+                mix = [first] * 7 + pages
+                res.update(run_client(throughput(host, port, proc, mix, args, args.rates), args.client_loop))
+                out["servers"][label] = res
+        if args.old_server:
+            label = f"previous ({git_short(Path(args.old_server))}), {args.old_server_workers} worker(s)"
+            print(f"server: {label}", flush=True)
+            server = api_server(
+                settings, work / "state", args.old_server_workers, args.server_pythonpath, args.page_cache_ttl,
+                code=Path(args.old_server).resolve(),
+            )  # fmt: skip
+            with server as (host, port, proc):
+                res = {"workers": args.old_server_workers, "previous": True, **server_runtime(proc.pid)}
+                res.update(latency(host, port, full=False))
+                mix = [first] * 7 + pages
+                res.update(run_client(throughput(host, port, proc, mix, args, args.old_rates), args.client_loop))
+                out["servers"][label] = res
     return out
+
+
+def git_short(tree: Path) -> str:
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    return str(tree)
 
 
 # -- similar songs over many vectors -------------------------------------------------------------
@@ -594,54 +829,106 @@ def bench_ann(n: int, dim: int, nlist: int, nprobes: Sequence[int], queries: int
 
 
 # -- report --------------------------------------------------------------------------------------
+def _pp(r: dict[str, Any]) -> str:
+    return f"{r['p50_ms']:6.2f} / {r['p99_ms']:6.2f}"
+
+
+def verdicts(api: dict[str, Any]) -> list[str]:
+    """The issue's three serving targets against the new server's figures (first server for sequential)."""
+    servers = [(k, v) for k, v in api["servers"].items() if not v.get("previous")]
+    if not servers:
+        return []
+    first = servers[0][1]
+    lines = []
+    r = first["rank500_seq"]
+    miss = r["p99_ms"] - 8
+    lines.append(
+        f"target rank 500 sequential p99 <= 8 ms (explain on): {r['p99_ms']:.2f} ms"
+        f" -> {'met' if miss <= 0 else f'missed by {miss:.2f} ms'}"
+    )
+    pv = first["page_vs_raw"]
+    a, b = pv["api"]["p50_ms"], pv["raw"]["p50_ms"]
+    lines.append(
+        f"target feed page p50 <= raw Redis p50: {a:.2f} vs {b:.2f} ms (x{a / b:.2f})"
+        f" -> {'met' if a <= b else f'missed by {a - b:.2f} ms'}"
+    )
+    for label, res in servers:
+        best = [o for o in res["open_loop"] if o["offered_req_per_s"] >= 1000]
+        for o in best:
+            ok = o["req_per_s"] >= 0.98 * o["offered_req_per_s"] and o["p99_ms"] <= 10 and not o["errors"]
+            lines.append(
+                f"target >= 1,000 req/s open loop, p99 <= 10 ms ({label}): offered {o['offered_req_per_s']:.0f},"
+                f" achieved {o['req_per_s']:.0f}, p99 {o['p99_ms']:.1f} ms -> {'met' if ok else 'missed'}"
+            )
+    return lines
+
+
 def report(result: dict[str, Any]) -> str:
     a = result["args"]
     lines = [
-        f"server: {a['server_workers']} worker(s), page cache {a['page_cache_ttl']} s, extra path"
+        f"page cache {a['page_cache_ttl']} s, client loop {a['client_loop']}, extra server path"
         f" {a['server_pythonpath'] or '-'}",
         f"machine: {result['machine']}",
         f"load average before/after: {result['loadavg_before']} / {result.get('loadavg_after')}",
     ]
     api = result.get("api")
     if api:
-        raw, seq = api["raw_redis_page_seq"], api["api_page_seq"]
-        lines += [
-            f"songs: {api['songs']}; explore items on a page of 50: {api['explore_items_per_page']}",
-            f"raw Redis page (ZREVRANGE 50 + HMGET x50), sequential: p50 {raw['p50_ms']:.2f} ms,"
-            f" p99 {raw['p99_ms']:.2f} ms",
-            f"API page of 50, sequential: p50 {seq['p50_ms']:.2f} ms, p99 {seq['p99_ms']:.2f} ms"
-            f" -> overhead x{api['overhead_p50_x']:.1f} (p50), x{api['overhead_p99_x']:.1f} (p99)",
-            "feed open loop (offered req/s -> achieved, p50/p90/p99/max ms, server CPU share):",
-        ]
-        for r in api["feed_open_loop"]:
-            lines.append(
-                f"  {r['offered_req_per_s']:>6.0f} -> {r['req_per_s']:7.1f}  {r['p50_ms']:.2f} / {r['p90_ms']:.2f} /"
-                f" {r['p99_ms']:.2f} / {r['max_ms']:.1f}  cpu {r['server_cpu_share']:.2f}  errors {r['errors']}"
-            )
-        c = api["feed_closed_loop"]
-        lines.append(
-            f"feed closed loop ({c['connections']} conns): {c['req_per_s']:.0f} req/s, p99 {c['p99_ms']:.1f} ms"
-        )
-        r1, r2 = api["rank500_seq"], api["rank500_open_loop_100"]
-        lines.append(f"rank 500 sequential: p50 {r1['p50_ms']:.2f} ms p99 {r1['p99_ms']:.2f} ms;"
-                     f" at 100 req/s: p50 {r2['p50_ms']:.2f} ms p99 {r2['p99_ms']:.2f} ms")  # fmt: skip
-        r3 = api["rank500_noexplain_seq"]
-        lines.append(f"rank 500 explain=false sequential: p50 {r3['p50_ms']:.2f} ms p99 {r3['p99_ms']:.2f} ms")
+        lines.append(f"songs: {api['songs']}; explore items on a page of 50: {api.get('explore_items_per_page')}")
         inproc = api.get("rank500_inprocess")
         if inproc:
             lines.append(
-                f"rank 500 in-process ({inproc['calls_per_path']} calls per path, alternating), p50 / p99 ms,"
-                " FeedReader call | call + JSON body:"
+                f"rank 500 in-process ({inproc['calls_per_path']} calls per path, alternating; table load"
+                f" {inproc['table_load_s']:.2f} s), p50 / p99 ms, call | call + JSON body:"
             )
             for key in ("vectorised_explain", "reference_explain", "vectorised_lean", "reference_lean"):
-                r, b = inproc[key]["rank"], inproc[key]["with_body"]
+                lines.append(f"  {key:<19} {_pp(inproc[key]['rank'])}  |  {_pp(inproc[key]['with_body'])}")
+        pages = api.get("page_inprocess")
+        if pages:
+            lines.append(
+                f"feed page of 50 in-process ({pages['calls_per_path']} per path and kind, alternating; same pages"
+                f" {pages['same_pages']}), p50 / p99 ms, call | call + JSON body:"
+            )
+            for key in ("table_first", "reference_first", "table_cursor", "reference_cursor"):
+                lines.append(f"  {key:<19} {_pp(pages[key]['page'])}  |  {_pp(pages[key]['with_body'])}")
+        for label, res in api["servers"].items():
+            lines.append(
+                f"server {label}: {res['processes']} process(es), {res['http_parser']}, {res['event_loop']}"
+                " (p50 / p99 ms)"
+            )
+            pv, cv = res["page_vs_raw"], res["cursor_vs_raw"]
+            lines.append(
+                f"  first page, sequential: API {_pp(pv['api'])}  raw Redis {_pp(pv['raw'])}"
+                f"  -> x{pv['api']['p50_ms'] / pv['raw']['p50_ms']:.2f} (p50)"
+            )
+            lines.append(
+                f"  cursor pages 2-4:       API {_pp(cv['api'])}  raw Redis {_pp(cv['raw'])}"
+                f"  -> x{cv['api']['p50_ms'] / cv['raw']['p50_ms']:.2f} (p50)"
+            )
+            lines.append(f"  feed mix, sequential:   API {_pp(res['page_mix_seq'])}")
+            lines.append(
+                f"  rank 500 sequential:    explain {_pp(res['rank500_seq'])}"
+                f"  explain=false {_pp(res['rank500_noexplain_seq'])}"
+            )
+            if "rank500_open_loop_100" in res:
+                r = res["rank500_open_loop_100"]
+                lines.append(f"  rank 500 at 100 req/s:  {r['req_per_s']:.1f} achieved, {_pp(r)}")
+            if "similar_api_seq" in res:
+                lines.append(f"  similar k=10:           {_pp(res['similar_api_seq'])}")
+            lines.append("  feed open loop (offered -> achieved, p50 / p90 / p99 / max ms, CPU: workers | client):")
+            for r in res["open_loop"]:
+                shares = " ".join(f"{v:.2f}" for v in r["worker_cpu_shares"])
                 lines.append(
-                    f"  {key:<19} {r['p50_ms']:6.2f} / {r['p99_ms']:6.2f}  |  {b['p50_ms']:6.2f} / {b['p99_ms']:6.2f}"
+                    f"    {r['offered_req_per_s']:>6.0f} -> {r['req_per_s']:7.1f}  {r['p50_ms']:.2f} /"
+                    f" {r['p90_ms']:.2f} / {r['p99_ms']:.2f} / {r['max_ms']:.1f}"
+                    f"  cpu {shares} | {r['client_cpu_share']:.2f}"
+                    f"  errors {r['errors']}"
                 )
-        s = api["similar_api_seq"]
-        lines.append(
-            f"similar k=10 via API ({api['songs']} flat vectors): p50 {s['p50_ms']:.2f} ms p99 {s['p99_ms']:.2f} ms"
-        )
+            c = res["closed_loop"]
+            lines.append(
+                f"  feed closed loop ({c['connections']} conns): {c['req_per_s']:.0f} req/s, p50 {c['p50_ms']:.1f}"
+                f" p99 {c['p99_ms']:.1f} ms"
+            )
+        lines += verdicts(api)
     ann = result.get("ann")
     if ann:
         f = ann["flat_single"]
@@ -659,23 +946,42 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",")]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--songs", type=int, default=20_000, help="songs in the feed")
     p.add_argument("--dim", type=int, default=768, help="vector size of the feed's songs")
-    p.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[250, 500, 750, 1000])
+    p.add_argument("--rates", type=_floats, default=[250, 500, 750, 1000, 1250])
     p.add_argument("--duration", type=float, default=10.0, help="seconds per load run")
     p.add_argument("--conns", type=int, default=32)
     p.add_argument("--seq", type=int, default=2000, help="sequential requests per latency comparison")
     p.add_argument("--ann-n", type=int, default=1_000_000)
     p.add_argument("--ann-dim", type=int, default=768)
     p.add_argument("--ann-nlist", type=int, default=1024)
-    p.add_argument("--ann-nprobe", type=lambda s: [int(x) for x in s.split(",")], default=[4, 8, 16, 32, 64])
+    p.add_argument("--ann-nprobe", type=_ints, default=[4, 8, 16, 32, 64])
     p.add_argument("--ann-queries", type=int, default=200)
-    p.add_argument("--server-workers", type=int, default=1, help="apexrank serve --workers")
+    p.add_argument(
+        "--server-workers", type=_ints, default=[1, 2],
+        help="apexrank serve --workers, one server per value (e.g. 1,2): every figure on the first, throughput on each",
+    )  # fmt: skip
     p.add_argument("--server-pythonpath", help="extra PYTHONPATH for the server (e.g. httptools + uvloop)")
     p.add_argument("--page-cache-ttl", type=float, default=1.0, help="api.page_cache_ttl_s of the server")
+    p.add_argument(
+        "--old-server", metavar="DIR",
+        help="also serve the previous implementation from this checkout (git worktree add DIR 16af7d4)",
+    )  # fmt: skip
+    p.add_argument("--old-server-workers", type=int, default=1)
+    p.add_argument("--old-rates", type=_floats, default=[250, 500], help="open-loop rates for --old-server")
+    p.add_argument("--client-loop", choices=("asyncio", "uvloop"), default="asyncio", help="the load generator's loop")
     p.add_argument("--profile-rank", help="write a pyinstrument profile of the in-process vectorised rank here")
+    p.add_argument("--profile-page", help="write a pyinstrument profile of the in-process table page here")
     p.add_argument("--skip-api", action="store_true")
     p.add_argument("--skip-ann", action="store_true")
     p.add_argument("--quick", action="store_true", help="small sizes, short runs")
@@ -684,6 +990,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.songs, args.duration, args.seq, args.rates = 3000, 3.0, 300, [250, 1000]
+        args.old_rates = [250]
         args.ann_n, args.ann_nlist, args.ann_queries, args.ann_nprobe = 50_000, 64, 50, [4, 16]
     return args
 
