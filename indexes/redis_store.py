@@ -494,6 +494,8 @@ class AsyncStoreReads(AsyncScoreReads):
         return str(newest[0][0]) if newest else "0-0"
 
     async def read_changes(self, after: str, count: int, block_s: float) -> list[Change]:
+        # A blocking read longer than the socket timeout would time out instead of returning empty.
+        block_s = min(block_s, self._store.config.socket_timeout_s / 2)
         block = max(1, int(block_s * 1000)) if block_s > 0 else None
         found: Any = await self._redis.xread({self._store.keys.changes(): after}, count=count, block=block)
         out: list[Change] = []

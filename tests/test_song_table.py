@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from consumers.stack import EmbeddedStack
-from indexes import RedisScoreStore
+from indexes import RedisScoreStore, RedisStoreConfig
 from indexes.base import SongRecord
 from ranker.events import TASKS
 from ranker.serving.api import create_app
@@ -232,3 +232,20 @@ def test_pages_go_on_through_a_store_outage(stack: EmbeddedStack, settings: Sett
                 break
             time.sleep(0.05)
         assert [i["song_id"] for i in items] == ["c", "b", "a"]
+
+
+def test_a_long_poll_never_outlasts_the_socket_timeout(store: RedisScoreStore) -> None:
+    """``api.table_poll_s`` beyond the store's socket timeout waits less, never times out."""
+    short = RedisScoreStore(RedisStoreConfig(url=store.config.url, key_prefix=store.prefix, socket_timeout_s=0.4))
+
+    async def run() -> list[Any]:
+        reads = short.async_reads()
+        try:
+            return await reads.read_changes(await reads.change_position(), 10, 5.0)
+        finally:
+            await reads.close()
+
+    try:
+        assert asyncio.run(run()) == []
+    finally:
+        short.close()
