@@ -70,6 +70,7 @@ class TableSync:
         self.applied = 0  # change log entries applied since start
         self.failures = 0  # store errors met (loading or following), each retried
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._changed = asyncio.Event()
 
     @property
@@ -150,17 +151,22 @@ class TableSync:
         return len(changes)
 
     async def run(self) -> None:
-        """Load, then follow the change log until cancelled; store errors are retried, never fatal."""
+        """Load, then follow the change log until closed; store errors are retried, never fatal.
+
+        Before each read of the log it checks that the log still holds its position: a process
+        that fell further behind than the log keeps (or found it reset) reads the store whole.
+        """
         delay = self.retry_s
-        while True:
+        while not self._stopping:
             try:
-                if self.table is None or await self.reads.changes_lost(self.position):
-                    if self.table is not None:
-                        log.warning("the change log moved past this table (%s): reading it whole", self.position)
+                if self.table is None:
                     await self.load()
-                while True:
+                elif await self.reads.changes_lost(self.position):
+                    log.warning("the change log moved past this table (%s): reading it whole", self.position)
+                    await self.load()
+                else:
                     await self.step()
-                    delay = self.retry_s
+                delay = self.retry_s
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the store down or a bad answer: keep serving what is loaded, retry
@@ -172,14 +178,24 @@ class TableSync:
 
     def start(self) -> None:
         if self._task is None:
+            self._stopping = False
             self._task = asyncio.get_running_loop().create_task(self.run(), name="apexrank-table-sync")
 
-    async def close(self) -> None:
+    async def close(self, timeout_s: float = 10.0) -> None:
+        """Stop following. The loop also stops at its next pass: on Python 3.11 a cancellation can
+        be lost inside redis-py's socket write (``asyncio.wait_for``), so it is repeated until the
+        task ends, for ``timeout_s`` at most."""
         task, self._task = self._task, None
+        self._stopping = True
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            deadline = time.monotonic() + timeout_s
+            while not task.done() and time.monotonic() < deadline:
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.1)
+            if not task.done():
+                log.warning("the song table's follower did not stop within %.0f s", timeout_s)
+            elif not task.cancelled() and task.exception() is not None:
+                log.warning("the song table's follower ended with %r", task.exception())
         TABLE_READY.set(0)
 
     async def wait_loaded(self, timeout_s: float) -> bool:
