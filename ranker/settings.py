@@ -411,9 +411,10 @@ class ApiSettings(_Section):
     )
     calibration_ttl_s: float = Field(5.0, ge=0, description="How long the API caches the calibration scale.")
     page_cache_ttl_s: float = Field(
-        1.0,
+        0.0,
         ge=0,
-        description="How long a fetched feed window (songs, scores, vectors) is reused for the same page; 0: off.",
+        description="How long a feed window (songs, scores, vectors) is reused for the same page; 0: off. Pages "
+        "from the song table cost well under a millisecond; a cache adds up to this much staleness.",
     )
     page_cache_max_bytes: int = Field(
         64 * 1024 * 1024, ge=0, description="Memory the page cache may hold per API process; oldest entries go first."
