@@ -318,8 +318,12 @@ class ShardedIndexReader:
         vector = next((v for r in self.readers if (v := r.vector_of(song_id)) is not None), None)
         if vector is None:
             raise KeyError(song_id)
-        hits = [h for r in self.readers for h in r.search(vector, k + 1) if h[0] != song_id]
-        return sorted(hits, key=lambda h: -h[1])[:k]
+        best: dict[str, float] = {}  # a song found in several shards (re-ingested elsewhere) counts once
+        for reader in self.readers:
+            for hit, sim in reader.search(vector, k + 1):
+                if hit != song_id and (hit not in best or sim > best[hit]):
+                    best[hit] = sim
+        return sorted(best.items(), key=lambda h: -h[1])[:k]
 
 
 def open_index_reader(directories: Sequence[Path], factory: str) -> IndexReader | ShardedIndexReader:

@@ -34,7 +34,7 @@ from indexes import (
 )
 from indexes.embedding_index import INDEX_FILE, META_FILE, STORE_FILE
 from indexes.faiss_index import gpu_count
-from indexes.index_reader import IndexReader
+from indexes.index_reader import IndexReader, open_index_reader
 
 DIM = 16
 
@@ -456,6 +456,23 @@ def test_reader_loads_the_writers_snapshot_and_catches_up(tmp_path: Path) -> Non
         assert status.vectors == 20 and status.watermark == 20
         assert reader.similar("song-17", 3)[0][0] != "song-17"
         assert reader.search(recs[17].vector, 1)[0][0] == "song-17"
+    finally:
+        reader.close()
+
+
+def test_sharded_search_counts_a_song_in_two_shards_once(tmp_path: Path) -> None:
+    """A song stored by two workers (re-ingested after a rebalance) is one hit, at its best similarity."""
+    recs = records(12)
+    for shard, part in (("a", recs[:8]), ("b", recs[4:])):  # songs 4-7 in both shards
+        with open_index(tmp_path / shard) as index:
+            index.add(part)
+    reader = open_index_reader([tmp_path / "a", tmp_path / "b"], "Flat")
+    reader.load()
+    try:
+        hits = reader.similar("song-5", 10)
+        ids = [sid for sid, _ in hits]
+        assert len(ids) == len(set(ids)) == 10 and "song-5" not in ids
+        assert [sim for _, sim in hits] == sorted((sim for _, sim in hits), reverse=True)
     finally:
         reader.close()
 
