@@ -540,6 +540,20 @@ def _flag(argv: list[str], flag: str) -> str:
     return argv[argv.index(flag) + 1]
 
 
+def test_the_feedback_consumer_is_scraped_in_k8s_and_compose() -> None:
+    """Its counters (events, duplicates, dead letters, lag) reach Prometheus, like the worker's."""
+    feedback = _container("Deployment", "apexrank-feedback")
+    port = int(_flag(feedback["args"], "--metrics-port"))
+    assert _flag(feedback["args"], "--metrics-host") == "0.0.0.0"
+    assert {p["name"]: p["containerPort"] for p in feedback["ports"]}["metrics"] == port
+    template = k8s_index()[("Deployment", "apexrank-feedback")]["spec"]["template"]
+    assert template["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+    services = compose()["services"]
+    prometheus = yaml.safe_load((COMPOSE_DIR / "prometheus.yml").read_text())
+    targets = {t for job in prometheus["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+    assert f"feedback:{_flag(services['feedback']['command'], '--metrics-port')}" in targets
+
+
 def test_k8s_worker_api_retrain_specifics() -> None:
     worker = _container("StatefulSet", "apexrank-worker")
     gpu = "nvidia.com/gpu"
