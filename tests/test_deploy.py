@@ -64,7 +64,7 @@ SCHEMALESS_KINDS = {
     ),
 }
 #: Modules whose metrics are served (worker --metrics-port, API /metrics): the dashboard must show each.
-DASHBOARD_MODULES = ("consumers.metrics", "ranker.serving.api")
+DASHBOARD_MODULES = ("consumers.metrics", "ranker.serving.api", "ranker.serving.table_sync")
 #: Metrics the dashboard may use that apexrank does not define: kafka-exporter's consumer lag.
 EXTERNAL_METRICS = {"kafka_consumergroup_lag": {"consumergroup", "topic", "partition"}}
 #: Labels Prometheus attaches to every scraped series.
