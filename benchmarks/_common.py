@@ -12,7 +12,8 @@ import json
 import os
 import platform
 import subprocess
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +93,27 @@ def print_figures(figures: Mapping[str, Any]) -> None:
 def write_json(figures: Any, path: Path) -> None:
     """The figures as JSON (what ``--json PATH`` asks for); values JSON does not know become strings."""
     path.write_text(json.dumps(figures, indent=2, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def private_redis(directory: Path) -> Iterator[tuple[str, int]]:
+    """A redis-server of its own on a free loopback port, without persistence: (url, pid)."""
+    from consumers.stack import find_redis_server, free_port, port_open  # the project's, not stdlib
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(find_redis_server()), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(directory)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not port_open("127.0.0.1", port):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0", proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -75,11 +75,11 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import redis.asyncio  # noqa: E402
-from _common import loadavg  # noqa: E402
+from _common import loadavg, private_redis  # noqa: E402
 from _common import machine_info as common_machine_info  # noqa: E402
 from pydantic import SecretStr  # noqa: E402
 
-from consumers.stack import find_redis_server, free_port, port_open  # noqa: E402
+from consumers.stack import free_port  # noqa: E402
 from indexes import EmbeddingIndex, EmbeddingRecord, RedisScoreStore, RedisStoreConfig, SongRecord  # noqa: E402
 from indexes.faiss_index import FaissIndexConfig, FaissVectorIndex  # noqa: E402
 from ranker.events import TASKS  # noqa: E402
@@ -162,27 +162,6 @@ def server_runtime(pid: int) -> dict[str, Any]:
 
 
 # -- services ------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def redis_server(directory: Path) -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(find_redis_server()), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(directory)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 10
-        while not port_open("127.0.0.1", port):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
 @contextlib.contextmanager
 def api_server(
     settings: Settings,
@@ -685,7 +664,7 @@ async def throughput(
 
 def bench_api(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"servers": {}}
-    with redis_server(work) as url:
+    with private_redis(work) as (url, _pid):
         settings = Settings(
             state_dir=work / "state",
             redis=RedisSettings(url=SecretStr(url), key_prefix=PREFIX),

@@ -29,12 +29,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from _common import loadavg, machine_info, print_figures, table, write_json
+from _common import loadavg, machine_info, print_figures, private_redis, table, write_json
 
 PREFIX = "tbl"
 GENERATORS = ("suno-v5", "udio-2", "riffusion", "stable-audio")
@@ -82,30 +81,6 @@ TAG_WORDS = [
 
 
 # -- the parent: redis, population, one subprocess per measurement ---------------------------------
-@contextlib.contextmanager
-def redis_server(directory: Path) -> Iterator[tuple[str, int]]:
-    """A private redis-server (no persistence); yields (url, pid)."""
-    from consumers.stack import find_redis_server, free_port, port_open
-
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(find_redis_server()), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(directory)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 10
-        while not port_open("127.0.0.1", port):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0", proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
 def bench_settings(url: str, state: Path) -> Any:
     from ranker.settings import FeedFilters, FeedPolicy, FeedSettings, RedisSettings, Settings
 
@@ -347,7 +322,7 @@ def main() -> None:
     runs: list[dict[str, Any]] = []
     meta = {**machine_info(), "load_avg_before": loadavg()}
     for n in args.songs:
-        with tempfile.TemporaryDirectory() as tmp, redis_server(Path(tmp)) as (url, _pid):
+        with tempfile.TemporaryDirectory() as tmp, private_redis(Path(tmp)) as (url, _pid):
             settings = bench_settings(url, Path(tmp))
             print(f"populating {n:,} songs ...", flush=True)
             pop = populate(settings, n, args.seed)
