@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import redis.exceptions
 from fastapi.testclient import TestClient
 
 from consumers.stack import EmbeddedStack
@@ -224,8 +225,14 @@ def test_pages_go_on_through_a_store_outage(stack: EmbeddedStack, settings: Sett
             assert client.get("/readyz").status_code == 503  # Redis is down: not ready for new traffic
         finally:
             stack.up()
-        writer.on_scored([record("c", likes=30)], now=NOW)
         deadline = time.monotonic() + 30
+        while True:  # Redis answers "loading" while it reads its dataset back
+            try:
+                writer.on_scored([record("c", likes=30)], now=NOW)
+                break
+            except redis.exceptions.ConnectionError:  # BusyLoadingError is one
+                assert time.monotonic() < deadline, "Redis did not come back"
+                time.sleep(0.1)
         while time.monotonic() < deadline:
             items = client.get("/v1/feeds/f").json()["items"]
             if [i["song_id"] for i in items] == ["c", "b", "a"]:
