@@ -1072,6 +1072,30 @@ def test_dashboard_uses_only_exported_metrics() -> None:
     assert {"apexrank_api_request_seconds_bucket", "kafka_consumergroup_lag"} <= used
 
 
+def test_alert_rules_use_exported_metrics_and_are_loaded() -> None:
+    """Lag, dead-letter rate, an untrained model and the song table's staleness each have a rule on
+    metrics apexrank (or kafka-exporter) really exports, and compose's Prometheus loads the file."""
+    rules = yaml.safe_load((COMPOSE_DIR / "alerts.yml").read_text())
+    exported = {**exported_metrics(), **EXTERNAL_METRICS}
+    alerts = {rule["alert"]: rule for group in rules["groups"] for rule in group["rules"]}
+    assert {"ApexrankWorkerLag", "ApexrankDeadLetterRate", "ApexrankUntrainedModel", "ApexrankTableStale"} <= set(
+        alerts
+    )
+    for name, rule in alerts.items():
+        expr = rule["expr"]
+        names = METRIC_TOKEN.findall(expr)
+        assert names and all(n in exported for n in names), f"{name}: unknown metric in {expr}"
+        labels = set().union(*(exported[n] for n in names)) | TARGET_LABELS | {"le"}
+        used = set(re.findall(r"[{,]\s*(\w+)\s*=~?", expr))
+        used |= {lab.strip() for grp in re.findall(r"by \(([^)]*)\)", expr) for lab in grp.split(",")}
+        assert used <= labels, f"{name}: labels {used - labels} unknown in {expr}"
+        assert rule["for"] and rule["labels"]["severity"] and rule["annotations"]["summary"], name
+    prometheus = yaml.safe_load((COMPOSE_DIR / "prometheus.yml").read_text())
+    mounts = compose()["services"]["prometheus"]["volumes"]
+    for path in prometheus["rule_files"]:
+        assert any(m.split(":")[1] == path and (COMPOSE_DIR / m.split(":")[0]).exists() for m in mounts), path
+
+
 def test_compose_grafana_provisioning_points_at_the_dashboard() -> None:
     grafana = compose()["services"]["grafana"]
     provider = yaml.safe_load((COMPOSE_DIR / "grafana/provisioning/dashboards/apexrank.yml").read_text())
