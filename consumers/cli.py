@@ -169,6 +169,13 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- dead letters --------------------------------------------------------------------
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    from consumers.dead_letters import run
+
+    return run(_settings(args), args)
+
+
 # -- serve ---------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     from consumers.serve import serve
@@ -271,6 +278,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="processes sharing the port (SO_REUSEPORT); each loads the table and index",
     )
+    dead = sub.add_parser("dead-letters", help="summarise dead letters; replay them once the cause is fixed")
+    dead_sub = dead.add_subparsers(dest="dead_letters_cmd", required=True)
+    dl_list = add(
+        "list", cmd_dead_letters, "dead letters per error code: count, first and last time, reasons", dead_sub
+    )
+    dl_replay = add(
+        "replay",
+        cmd_dead_letters,
+        "republish the original events of the matching dead letters to their source topic, with their key; "
+        "truncated or unparseable originals are skipped and counted. Replaying twice republishes twice "
+        "(the worker and the feedback consumer are idempotent per song id and event id)",
+        dead_sub,
+    )
+    for dl in (dl_list, dl_replay):
+        dl.add_argument("--topic", choices=["songs", "engagement"], help="songs.generated or engagement (default both)")
+        dl.add_argument("--code", action="append", help="only this error code (repeatable), e.g. http_error")
+        dl.add_argument("--since", metavar="T", help="failed at or after T: RFC 3339 (2026-01-31T12:00:00Z) or 2h, 3d")
+        dl.add_argument("--json", action="store_true", help="print the report as JSON")
+    dl_replay.add_argument("--dry-run", action="store_true", help="report what would be republished; publish nothing")
+
     from consumers.model_cli import register
 
     register(sub)
