@@ -267,15 +267,12 @@ def child(url: str, feeds: list[str], trace: bool) -> None:
         parts = breakdown(tbl)
         n = len(tbl)
         # What a change log entry naming a feed whole (trim_feed, replace_feed) costs a follower:
-        # the feed read again in FEED_BATCH ranges, then one FeedOrder built (one blocking call).
+        # the feed read again with a scan, then one FeedOrder built (one blocking call).
         feed = feeds[0]
         t0 = time.perf_counter()
         pairs: list[tuple[str, float]] = []
-        while True:
-            chunk = await reads.feed_members(feed, len(pairs), FEED_BATCH)
+        async for chunk in reads.scan_feed(feed, FEED_BATCH):
             pairs.extend(chunk)
-            if len(chunk) < FEED_BATCH:
-                break
         t1 = time.perf_counter()
         tbl.set_feed(feed, FeedOrder(pairs))
         t2 = time.perf_counter()

@@ -195,8 +195,10 @@ class AsyncScoreReads(ABC):
         """Every song id with a record, in batches (non-blocking; a song written meanwhile may be missed)."""
 
     @abstractmethod
-    async def feed_members(self, feed: str, start: int, count: int) -> list[tuple[str, float]]:
-        """(song_id, score) pairs of ``feed`` by rank from ``start`` (0-based), lowest score first."""
+    def scan_feed(self, feed: str, batch: int = 10_000) -> AsyncIterator[list[tuple[str, float]]]:
+        """Every (song_id, score) of ``feed``, in batches, in no order: every member present for the
+        whole scan is returned (perhaps twice, the later with the newer score), whatever moves
+        meanwhile. (Ranges by rank would skip a member when another moves across a range's edge.)"""
 
     @abstractmethod
     async def feed_scores(self, feeds: Sequence[str], song_ids: Sequence[str]) -> dict[str, list[float | None]]:

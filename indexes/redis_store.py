@@ -472,11 +472,15 @@ class AsyncStoreReads(AsyncScoreReads):
         if out:
             yield out
 
-    async def feed_members(self, feed: str, start: int, count: int) -> list[tuple[str, float]]:
-        if count <= 0:
-            return []
-        rows = await self._redis.zrange(self._store.feed_key(feed), start, start + count - 1, withscores=True)
-        return _pairs(rows)
+    async def scan_feed(self, feed: str, batch: int = 10_000) -> AsyncIterator[list[tuple[str, float]]]:
+        key = self._store.feed_key(feed)
+        cursor = 0
+        while True:  # ZSCAN: every member present throughout is returned, whatever moves meanwhile
+            cursor, rows = await self._redis.zscan(key, cursor, count=batch)
+            if rows:
+                yield _pairs(rows)
+            if not cursor:
+                return
 
     async def feed_scores(self, feeds: Sequence[str], song_ids: Sequence[str]) -> dict[str, list[float | None]]:
         if not song_ids or not feeds:

@@ -95,18 +95,18 @@ class TableSync:
         return table
 
     async def _read_feed(self, table: SongTable, feed: str) -> FeedOrder:
-        """A feed's order, read whole in ranges of FEED_BATCH.
+        """A feed's order, read whole with a scan (a member that moves meanwhile is in the log too).
 
-        Sorted in a thread: a million members take about a second, which the event loop
-        (serving the old order meanwhile) then shares instead of waiting for.
+        Sorting a million members holds the GIL for about a second whatever thread does it: a
+        reload of a large feed (a rebuild, or a follower that fell behind the log) pauses the
+        event loop that long; the first load happens before the process is ready.
         """
-        pairs: list[tuple[str, float]] = []
+        scores: dict[str, float] = {}
         shared = table.shared_id
-        while True:
-            chunk = await self.reads.feed_members(feed, len(pairs), FEED_BATCH)
-            pairs.extend((shared(song_id), score) for song_id, score in chunk)
-            if len(chunk) < FEED_BATCH:
-                return await asyncio.to_thread(FeedOrder, pairs)
+        async for chunk in self.reads.scan_feed(feed, FEED_BATCH):
+            for song_id, score in chunk:
+                scores[shared(song_id)] = score  # a member seen twice: the later read is the newer
+        return FeedOrder(scores.items())
 
     async def _read_songs(self, table: SongTable, song_ids: Sequence[str]) -> None:
         ids = list(dict.fromkeys(song_ids))
