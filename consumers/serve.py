@@ -60,60 +60,72 @@ def serve_one(settings: Settings, host: str, port: int, log_level: str, sock: so
         server.run(sockets=[sock])
 
 
-def _child(settings: Settings, host: str, port: int, log_level: str) -> None:
+def _child(settings: Settings, host: str, port: int, log_level: str, parent: int) -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _follow_parent()
+    # Its own process group: a Ctrl-C at the terminal reaches the parent alone, which stops each
+    # child once with SIGTERM (uvicorn takes a second SIGINT as "exit now", skipping shutdown).
+    os.setpgrp()
+    _follow_parent(parent)
     sock = reuse_port_socket(host, port)
     serve_one(settings, host, port, log_level, sock)
 
 
-def _follow_parent(every_s: float = 1.0) -> None:
-    """Stop this process (SIGTERM: a graceful shutdown) when its parent is gone, even killed with
-    SIGKILL: no API process outlives the ``apexrank serve`` that started it, holding the port."""
-    parent = os.getppid()
+def _follow_parent(parent: int, every_s: float = 1.0, grace_s: float = 60.0) -> None:
+    """Stop this process when ``parent`` is gone, even killed with SIGKILL: SIGTERM (a graceful
+    shutdown), then SIGKILL after ``grace_s``. No API process outlives the ``apexrank serve``
+    that started it, holding the port. ``parent`` is the pid the parent passed: read here, a
+    parent that died while the child imported would already be init's."""
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(every_s)
         os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="apexrank-parent-watch", daemon=True).start()
 
 
 def serve(settings: Settings, host: str, port: int, workers: int, log_level: str) -> int:
-    """Serve with ``workers`` processes (1: this one); the exit status."""
+    """Serve with ``workers`` processes (1: this one); the exit status (not 0 when a child died unasked)."""
     if workers <= 1:
         serve_one(settings, host, port, log_level)
         return 0
     if not hasattr(socket, "SO_REUSEPORT"):
         raise SystemExit("--workers > 1 needs SO_REUSEPORT (Linux, macOS, BSD); run one process per port instead")
+    if port == 0:
+        raise SystemExit("--workers > 1 needs a fixed --port: with 0 each process would listen on a port of its own")
     reuse_port_socket(host, port).close()  # fail here, once, if the port is taken or not ours to share
     ctx = mp.get_context("spawn")
     children = [
-        ctx.Process(target=_child, args=(settings, host, port, log_level), name=f"apexrank-api-{i}")
+        ctx.Process(target=_child, args=(settings, host, port, log_level, os.getpid()), name=f"apexrank-api-{i}")
         for i in range(workers)
     ]
     for child in children:
         child.start()
     log.info("serving on %s:%d with %d processes (SO_REUSEPORT): %s", host, port, workers, [c.pid for c in children])
-    stopping = False
+    asked = False  # a signal asked this process to stop
 
-    def stop(signum: int, _frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
+    def terminate_children() -> None:
         for child in children:
             if child.is_alive() and child.pid is not None:
                 with contextlib.suppress(ProcessLookupError):  # already gone
-                    os.kill(child.pid, signum)
+                    os.kill(child.pid, signal.SIGTERM)
+
+    def stop(_signum: int, _frame: FrameType | None) -> None:
+        nonlocal asked
+        asked = True
+        terminate_children()
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    crashed = None
     try:
         while all(child.is_alive() for child in children):
             time.sleep(0.2)
-        if not stopping:
-            dead = [c for c in children if not c.is_alive()]
-            log.error("API process %s exited (%s): stopping the others", dead[0].name, dead[0].exitcode)
-            stop(signal.SIGTERM, None)
+        if not asked:
+            crashed = next(c for c in children if not c.is_alive())
+            log.error("API process %s exited (%s) unasked: stopping the others", crashed.name, crashed.exitcode)
+            terminate_children()
         for child in children:
             child.join(timeout=30)
             if child.is_alive():
@@ -122,5 +134,6 @@ def serve(settings: Settings, host: str, port: int, workers: int, log_level: str
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    codes = [c.exitcode or 0 for c in children]
-    return 0 if stopping and all(code in (0, -signal.SIGTERM, -signal.SIGINT) for code in codes) else 1
+    if crashed is not None:
+        return crashed.exitcode if crashed.exitcode and crashed.exitcode > 0 else 1
+    return 0 if all((c.exitcode or 0) in (0, -signal.SIGTERM) for c in children) else 1

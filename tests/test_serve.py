@@ -109,3 +109,18 @@ def _cmdline(pid: int) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def test_a_child_that_dies_unasked_stops_the_set_with_a_failure(settings: Settings) -> None:
+    """An orchestrator restarting on failure must see it: the parent stops the others and exits non-zero."""
+    port = free_port()
+    proc = start(settings, port)
+    try:
+        first, second = list(cpu_by_child(proc.pid))
+        os.kill(first, signal.SIGTERM)  # not from the parent: a crash, as far as it knows
+        assert proc.wait(timeout=60) != 0
+        assert not (Path(f"/proc/{second}").exists() and b"spawn_main" in _cmdline(second))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
