@@ -11,7 +11,7 @@ on the song id or feed name, and a client can route it)::
     {prefix}:changes            stream: the change log, one entry per write batch, appended after
                                 the write: ``ids`` (comma-joined song ids whose hash or feed
                                 entries changed) and ``feeds`` (comma-joined feeds replaced or
-                                trimmed as a whole); capped at about ``changes_max_len`` entries.
+                                trimmed as a whole); entries older than ``changes_retention_s`` are trimmed.
                                 The API's song tables follow it (:mod:`ranker.serving.table_sync`)
     {prefix}:evt:{<song_id>}:<event_id>
                                 string: an engagement event's dedup key (value: the message

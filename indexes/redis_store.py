@@ -11,6 +11,7 @@ fields written by other components into the same hash (the engagement counters
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -57,11 +58,12 @@ class RedisStoreConfig(BaseModel):
     url: str = Field(description="redis://, rediss:// or unix:// URL.")
     key_prefix: str = "apexrank"
     socket_timeout_s: float = Field(5.0, gt=0)
-    changes_max_len: int = Field(
-        100_000,
-        ge=100,
-        description="Entries the change log keeps (about; one per write batch). An API process that falls "
-        "further behind than this reads the store again whole.",
+    changes_retention_s: float = Field(
+        600.0,
+        ge=60,
+        description="How long the change log keeps an entry (trimmed by time, so its memory follows the write "
+        "rate: about 40 bytes per song id written). An API process that falls further behind, or whose full "
+        "load takes longer, reads the store again whole.",
     )
 
     @field_validator("key_prefix")
@@ -280,13 +282,16 @@ class RedisScoreStore(ScoreStore):
         if not ids and not feeds:
             return
         key = self.keys.changes()
-        maxlen = self.config.changes_max_len
+        # Entries older than the retention go (approximately: whole stream nodes at a time). The
+        # cut-off uses this machine's clock against ids Redis stamps with its own: seconds of skew
+        # against minutes of retention.
+        oldest = f"{int((time.time() - self.config.changes_retention_s) * 1000)}-0"
         pipe = self._redis.pipeline(transaction=False)
         for i in range(0, max(len(ids), 1), self.CHANGE_BATCH):
             entry = {CHANGE_IDS: ",".join(ids[i : i + self.CHANGE_BATCH])}
             if feeds and i == 0:
                 entry[CHANGE_FEEDS] = ",".join(feeds)
-            pipe.xadd(key, entry, maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
+            pipe.xadd(key, entry, minid=oldest, approximate=True)  # type: ignore[arg-type]
         pipe.execute()
 
     def scan_song_ids(self, batch: int = 1000) -> Iterator[str]:

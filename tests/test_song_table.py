@@ -291,3 +291,14 @@ def test_a_load_misses_no_member_while_the_feed_moves(settings: Settings, store:
 
     got, want = asyncio.run(run())
     assert len(want) < 400 and got == want
+
+
+def test_the_change_log_is_trimmed_by_age(store: RedisScoreStore) -> None:
+    """Entries older than ``changes_retention_s`` go as writes come: its memory follows the write rate."""
+    key = store.keys.changes()
+    for i in range(1, 301):  # three stream nodes of entries from 1970
+        store.client.xadd(key, {"ids": f"old{i}"}, id=f"1000-{i}")
+    store.write_songs([record("fresh")], "f")
+    left = store.client.xrange(key)
+    assert left[-1][1]["ids"] == "fresh"
+    assert len(left) < 301 and left[0][0] != "1000-1"  # the oldest node went

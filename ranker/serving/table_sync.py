@@ -11,7 +11,7 @@ holds, never a sum of deltas, so the order in which changes arrive does not matt
 
 Staleness, the time from an entry's append to its application here, is exported as
 ``apexrank_table_staleness_seconds``. A process that falls further behind than the log keeps
-(``changes_max_len`` entries), or that loses the store and finds the log reset, reads
+(``changes_retention_s``, 10 minutes), or that finds the log reset, reads
 everything again and swaps the new table in when it is complete; requests meanwhile use the
 old one.
 """
