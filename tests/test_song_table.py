@@ -145,6 +145,7 @@ def test_a_follower_applies_changes_and_reloads_when_the_log_moved_past_it(
             writer.on_scored([record("s9", likes=99)], now=NOW)  # new, and first in the feed
             store.write_feed_entries([], {"f": {"s4": None}})  # out of the feed
             assert await sync.step() == 2
+            assert sync.fresh_at is not None and abs(time.time() - sync.fresh_at) < 5  # the read reached the end
             order = [sid for sid, _ in sync.table.feeds["f"].items()]  # type: ignore[union-attr]
             assert order[:2] == ["s9", "s3"] and "s4" not in order and "s9" in sync.table  # type: ignore[operator]
             # the log is trimmed past the follower's position: it cannot know what it missed
@@ -204,6 +205,11 @@ def test_a_reader_without_its_table_says_so(settings: Settings, store: RedisScor
     asyncio.run(run())
 
 
+def metric(client: TestClient, name: str) -> float:
+    line = next(x for x in client.get("/metrics").text.splitlines() if x.startswith(name + " "))
+    return float(line.split()[1])
+
+
 def test_pages_go_on_through_a_store_outage(stack: EmbeddedStack, settings: Settings, store: RedisScoreStore) -> None:
     """The table serves while Redis is down (the last calibration scale kept), and follows again after."""
     s = with_feeds(settings, {"f": plain(half_life_hours=None)})
@@ -223,6 +229,11 @@ def test_pages_go_on_through_a_store_outage(stack: EmbeddedStack, settings: Sett
             ranked = client.post("/v1/rank", json={"candidates": ["a", "b", "zz"]})
             assert ranked.status_code == 200 and ranked.json()["unknown"] == ["zz"]
             assert client.get("/readyz").status_code == 503  # Redis is down: not ready for new traffic
+            deadline = time.monotonic() + 15  # the follower cannot read the log: it says how far behind
+            while metric(client, "apexrank_table_behind_seconds") < 1.0:
+                assert time.monotonic() < deadline, "apexrank_table_behind_seconds never grew"
+                time.sleep(0.1)
+            assert metric(client, "apexrank_table_errors_total") > 0
         finally:
             stack.up()
         deadline = time.monotonic() + 30

@@ -42,10 +42,18 @@ TABLE_STALENESS = Histogram(
 )
 TABLE_LOADS = Counter("apexrank_table_loads_total", "Full reads of the score store into the song table")
 TABLE_CHANGES = Counter("apexrank_table_changes_total", "Change log entries applied to the song table")
+TABLE_BEHIND = Gauge(
+    "apexrank_table_behind_seconds",
+    "Seconds since the song table last held every change the log had (under table_poll_s while it keeps up; "
+    "it grows while the store cannot be read or changes cannot be applied)",
+)
+TABLE_ERRORS = Counter("apexrank_table_errors_total", "Store errors met loading or following the change log")
 
-#: Songs per read of the full load and of a change batch; feed members per range read.
+#: Songs per read of the full load and of a change batch; feed members per scan call; change log
+#: entries per read (up to 1,000 song ids each: a follower that is behind catches up in steps).
 LOAD_BATCH = 1000
 FEED_BATCH = 20_000
+CHANGES_PER_READ = 100
 
 
 class TableSync:
@@ -69,6 +77,7 @@ class TableSync:
         self.position = "0-0"
         self.applied = 0  # change log entries applied since start
         self.failures = 0  # store errors met (loading or following), each retried
+        self.fresh_at: float | None = None  # when the table last held every change the log had
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._changed = asyncio.Event()
@@ -81,12 +90,14 @@ class TableSync:
     async def load(self) -> SongTable:
         """Read every song and feed into a new table and swap it in; changes are followed from before the read."""
         position = await self.reads.change_position()
+        started = self._clock()
         table = SongTable(self.feeds)
         async for ids in self.reads.scan_song_ids(LOAD_BATCH):
             await self._read_songs(table, ids)
         for feed in self.feeds:
             table.set_feed(feed, await self._read_feed(table, feed))
         self.table, self.position = table, position
+        self.fresh_at = started  # what changed since is in the log, applied next
         TABLE_LOADS.inc()
         TABLE_READY.set(1)
         TABLE_SONGS.set(len(table))
@@ -145,10 +156,16 @@ class TableSync:
 
     async def step(self) -> int:
         """One read of the change log (waiting up to ``poll_s``) and its application; how many entries."""
-        changes = await self.reads.read_changes(self.position, LOAD_BATCH, self.poll_s)
+        changes = await self.reads.read_changes(self.position, CHANGES_PER_READ, self.poll_s)
+        read_at = self._clock()
         if changes:
             await self.apply(changes)
+        if len(changes) < CHANGES_PER_READ:  # the read reached the log's end: the table held it all then
+            self.fresh_at = read_at
         return len(changes)
+
+    def _report_behind(self) -> None:
+        TABLE_BEHIND.set(0.0 if self.fresh_at is None else max(0.0, self._clock() - self.fresh_at))
 
     async def run(self) -> None:
         """Load, then follow the change log until closed; store errors are retried, never fatal.
@@ -167,10 +184,13 @@ class TableSync:
                 else:
                     await self.step()
                 delay = self.retry_s
+                self._report_behind()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the store down or a bad answer: keep serving what is loaded, retry
                 self.failures += 1
+                TABLE_ERRORS.inc()
+                self._report_behind()
                 self._changed.set()
                 log.warning("song table: %s: %s; retrying in %.1f s", type(exc).__name__, exc, delay)
                 await asyncio.sleep(delay)
