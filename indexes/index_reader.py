@@ -90,6 +90,9 @@ class IndexReader:
         self.nprobe = nprobe
         self.ef_search = ef_search
         self._lock = _ReadWriteLock()
+        #: One load or refresh at a time (the refresh thread and POST /v1/index/reload): a second
+        #: load closed the store the first one's catch-up was still reading.
+        self._loading = threading.RLock()
         self._store: SqliteEmbeddingStore | None = None
         self._index: FaissVectorIndex | None = None
         self._watermark = 0
@@ -102,6 +105,10 @@ class IndexReader:
     # -- loading -----------------------------------------------------------------------------
     def load(self) -> ReaderStatus:
         """(Re)load from the snapshot, or from the whole store when the snapshot is unusable."""
+        with self._loading:
+            return self._load()
+
+    def _load(self) -> ReaderStatus:
         store_path = self.directory / STORE_FILE
         if not store_path.exists():
             with self._lock:
@@ -165,6 +172,10 @@ class IndexReader:
 
     def refresh(self) -> int:
         """Apply new store records; reload when there is no store yet or it was replaced."""
+        with self._loading:
+            return self._refresh()
+
+    def _refresh(self) -> int:
         store = self._store
         if store is None or not (self.directory / STORE_FILE).exists():
             self.load()

@@ -477,6 +477,50 @@ def test_sharded_search_counts_a_song_in_two_shards_once(tmp_path: Path) -> None
         reader.close()
 
 
+def test_concurrent_reloads_take_turns(tmp_path: Path) -> None:
+    """The refresh thread and POST /v1/index/reload may load at once: the second waits, rather than
+    close the store the first one's catch-up is still reading."""
+    with open_index(tmp_path) as index:
+        index.add(records(50))
+    with SqliteEmbeddingStore(tmp_path / STORE_FILE) as s:
+        s.put_many(records(6000, seed=1, prefix="late"))  # a catch-up of two batches after each load
+    reader = _reader(tmp_path)
+    first_paused, second_done = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+    apply = reader._apply
+
+    def watched(store: SqliteEmbeddingStore, batch: list[StoredEmbedding]) -> int:
+        n = apply(store, batch)
+        if threading.current_thread().name == "first" and not first_paused.is_set():
+            first_paused.set()
+            second_done.wait(3)  # the second load runs now, unless it has to wait its turn
+        return n
+
+    def load() -> None:
+        try:
+            reader.load()
+        except BaseException as exc:
+            errors.append(exc)
+
+    reader._apply = watched  # type: ignore[method-assign]
+    first = threading.Thread(target=load, name="first")
+    second = threading.Thread(target=load, name="second")
+    try:
+        first.start()
+        assert first_paused.wait(30)
+        second.start()
+        second.join(1.0)
+        if not second.is_alive():
+            second_done.set()
+        first.join(60)
+        second.join(60)
+        assert not errors, errors
+        assert reader.status().vectors == 6050
+    finally:
+        second_done.set()
+        reader.close()
+
+
 def test_reader_reads_between_the_batches_of_a_catch_up(tmp_path: Path) -> None:
     """A catch-up holds the write lock per batch, not throughout: the API's page reads (on its
     event loop) wait for one batch's upsert at most."""

@@ -171,8 +171,8 @@ def write_scored(store: ScoreStore, settings: Settings, songs: Sequence[SongReco
     writer.on_scored(songs)
     now = time.monotonic()
     if now - _LAST_TRIM.get(store.namespace, -math.inf) >= TRIM_EVERY_S:
-        _LAST_TRIM[store.namespace] = now
         writer.trim()
+        _LAST_TRIM[store.namespace] = now  # after it: a trim (or its change log entry) that failed runs again
 
 
 _WRITERS: dict[int, FeedWriter] = {}
