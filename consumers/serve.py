@@ -33,12 +33,15 @@ BACKLOG = 2048
 
 def reuse_port_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket on ``(host, port)`` that other processes can bind too (SO_REUSEPORT)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # The address as the system resolves it ("localhost", an IPv6-only name, "::"), first answer.
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
+        sock.bind(address)
         sock.listen(BACKLOG)
     except BaseException:
         sock.close()

@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -124,3 +125,15 @@ def test_a_child_that_dies_unasked_stops_the_set_with_a_failure(settings: Settin
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_the_shared_socket_resolves_its_host() -> None:
+    """Names and IPv6 literals are bound as the system resolves them (a name is not an IPv4 address)."""
+    from consumers.serve import reuse_port_socket
+
+    for host, family in (("localhost", socket.AF_INET), ("::1", socket.AF_INET6), ("[::1]", socket.AF_INET6)):
+        sock = reuse_port_socket(host, 0)
+        try:
+            assert sock.family == family, host
+        finally:
+            sock.close()
