@@ -31,7 +31,15 @@ from consumers.worker import Worker
 from indexes import open_score_store
 from indexes.embedding_index import EmbeddingIndex
 from ranker.events import SongGenerated
-from ranker.settings import IndexSettings, KafkaSettings, RedisSettings, Settings, TopicSettings, WorkerSettings
+from ranker.settings import (
+    IndexSettings,
+    KafkaSettings,
+    ModelSettings,
+    RedisSettings,
+    Settings,
+    TopicSettings,
+    WorkerSettings,
+)
 
 
 def clips(folder: Path, n: int, seconds: float, sr: int = 24_000) -> list[Path]:
@@ -91,6 +99,7 @@ def main() -> None:
             redis=RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0", key_prefix=f"l{tag}"),
             index=IndexSettings(path=root / "index"),
             worker=WorkerSettings(max_poll_records=args.max_poll, encoder_batch_segments=64),
+            model=ModelSettings(allow_untrained=True),  # plumbing: the seeded head will do
         )
         stack = EmbeddedStack(settings)
         stack.up()

@@ -181,7 +181,7 @@ def bench_settings(
         ),
         redis=RedisSettings(url=base.redis.url, key_prefix=f"bench{run_tag}"),
         index=IndexSettings(path=index_dir, use_gpu="never"),
-        model=ModelSettings(device="cpu"),
+        model=ModelSettings(device="cpu", allow_untrained=True),  # plumbing: the seeded head will do
         worker=WorkerSettings(max_poll_records=max_poll_records),
     )
 

@@ -86,6 +86,14 @@ class Worker:
         # Build the encoder first: missing weights must stop the worker before it joins a group.
         self.encoder = build_encoder(settings)
         self.model = load_current_model(settings, self.encoder.spec)
+        if not self.model.trained and not settings.model.allow_untrained:
+            raise ConfigError(
+                f"no trained APEX head at {settings.head_dir}: the worker would score every song with the "
+                f"untrained head {self.model.version}. Train and promote one (apexrank train --features DIR "
+                "--catalog C --out MODEL_DIR --promote), import the released one (apexrank import-released "
+                "--checkpoint P --out MODEL_DIR --promote), or set APEXRANK_MODEL__ALLOW_UNTRAINED=true "
+                "to score with it anyway (tests, plumbing benchmarks)"
+            )
         self._model_dir = _model_dir(settings)
         self._next_model_check = time.monotonic() + settings.worker.model_check_s
         self.index = stores.embedding_index(settings, self.encoder.vector_dim)

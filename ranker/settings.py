@@ -162,6 +162,11 @@ class ModelSettings(_Section):
     layers: list[int] = [2, 5, 8, 12]
     head_dir: Path | None = Field(None, description="APEX head directory; default STATE_DIR/models/current.")
     seed: int = 42
+    allow_untrained: bool = Field(
+        False,
+        description="Let the worker score with the untrained head seeded by model.seed when no trained head is "
+        "promoted (tests, plumbing benchmarks). Off, the worker refuses to start: its scores would be noise.",
+    )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     logmel_n_mels: int = Field(96, ge=8)

@@ -381,3 +381,23 @@ def test_a_song_the_model_scores_non_finite_is_dead_lettered_alone(settings: Set
     assert [s.song_id for s in result.scored] == ["nf-0", "nf-2"]
     assert [(d.key, d.error_code) for d in result.dead] == [("nf-1", ErrorCode.INTERNAL_ERROR)]
     assert song(settings, "nf-1") is None and song(settings, "nf-2") is not None
+
+
+def test_worker_refuses_an_untrained_head_unless_allowed(settings: Settings) -> None:
+    """Without a promoted head the worker would score with a random one: it says how to get a real one."""
+    from ranker.errors import ConfigError
+    from ranker.model.registry import promote
+    from tests.golden.paths import seeded_model
+
+    s = settings.model_copy(update={"model": settings.model.model_copy(update={"allow_untrained": False})})
+    with pytest.raises(ConfigError) as refused:
+        Worker(s)
+    for way in ("apexrank train", "apexrank import-released", "APEXRANK_MODEL__ALLOW_UNTRAINED=true"):
+        assert way in str(refused.value)
+    root = s.head_dir.parent
+    promote(root, seeded_model(s, 3).save_versioned(root))  # a head with a training record: it starts
+    worker = Worker(s)
+    try:
+        assert worker.model.trained
+    finally:
+        worker.close()
