@@ -213,7 +213,7 @@ def test_retrain_with_mert_needs_no_weights(
     scoring = settings.model_copy(
         update={
             "encoder": "mert",
-            "model": ModelSettings(mert_model=str(tiny_mert["full"]), device="cpu"),
+            "model": ModelSettings(mert_model=str(tiny_mert["full"]), device="cpu", allow_untrained=True),
             "retrain": RetrainSettings(min_plays=10, epochs=5, margin=0.0),
         }
     )
