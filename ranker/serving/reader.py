@@ -32,13 +32,18 @@ from indexes.redis_schema import (
 )
 from ranker.events import TASKS
 from ranker.serving.batch import (
-    BatchEvaluation,
-    SongBatch,
     admits,
     evaluate,
     in_age_window,
     sample_rates,
     sampled_scores,
+)
+from ranker.serving.columns import (
+    RankResponse,
+    explanation_columns,
+    explanations,
+    first_non_finite,
+    rank_order,
 )
 from ranker.serving.cursor import MAX_SKIP, SKIP_SHIFT, Cursor, _after
 from ranker.serving.page_cache import PageCache, _Window
@@ -344,7 +349,7 @@ class FeedReader:
         served = batch.take(np.asarray(chosen + [j for j, _ in explored], np.intp))
         ev = evaluate(policy, served, scale, now)
         every = np.arange(len(served))
-        components = _components(*_explanation(ev, served, every, now))
+        components = explanations(*explanation_columns(ev, served, every, now))
         ids, scores = served.song_ids, ev.score.tolist()
         n = len(chosen)
         items = [
@@ -418,23 +423,23 @@ class FeedReader:
             filtered = [batch.song_ids[i] for i in np.flatnonzero(~keep).tolist()]
         kept = np.flatnonzero(keep)
         ev = evaluate(policy, batch, scale, now)
-        order = kept[_rank_order(ev.score[kept], [batch.song_ids[i] for i in kept.tolist()])]
+        order = kept[rank_order(ev.score[kept], [batch.song_ids[i] for i in kept.tolist()])]
         ids = [batch.song_ids[i] for i in order.tolist()]
         scores = ev.score[order]
         columns: list[tuple[str, np.ndarray, np.ndarray | None]] = [("score", scores, None)]
         if explain:
-            parts, contributions = _explanation(ev, batch, order, now)
+            parts, contributions = explanation_columns(ev, batch, order, now)
             columns += [(f"components.{k}", parts[k], None) for k in ("quality", "freshness", "age_hours")]
             columns += [(f"components.contributions.{name}", v, p) for name, v, p in contributions]
             columns += [(f"components.{k}", parts[k], None) for k in ("prior_rate", "posterior_rate", "plays", "likes")]
             items = [
                 {"song_id": sid, "score": sc, "components": comp}
-                for sid, sc, comp in zip(ids, scores.tolist(), _components(parts, contributions), strict=True)
+                for sid, sc, comp in zip(ids, scores.tolist(), explanations(parts, contributions), strict=True)
             ]
         else:
             items = [{"song_id": sid, "score": sc} for sid, sc in zip(ids, scores.tolist(), strict=True)]
         body = {"feed": policy.name, "items": items, "unknown": unknown, "filtered": filtered}
-        return RankResponse(body, _first_non_finite(columns))
+        return RankResponse(body, first_non_finite(columns))
 
     # -- one song ------------------------------------------------------------------------------
     async def song(self, song_id: str) -> dict[str, Any] | None:
@@ -477,98 +482,3 @@ class FeedReader:
             },
             "feeds": feeds,
         }
-
-
-# -- rerank helpers -------------------------------------------------------------------------------
-@dataclass
-class RankResponse:
-    """What ``POST /v1/rank`` answers, and the path in ``body["items"]`` of its first NaN or
-    infinity (``"3.components.posterior_rate"``, in serialisation order), None if all are finite."""
-
-    body: dict[str, Any]
-    non_finite: str | None
-
-
-def _rank_order(scores: np.ndarray, song_ids: list[str]) -> np.ndarray:
-    """Indices sorting by ``(-score, song_id)`` exactly as ``list.sort`` with that key does.
-
-    Without NaN the key order is total and a stable lexicographic sort gives the same order
-    (ties keep their input order in both); with a NaN, whose comparisons are all false, the
-    result depends on the sort's algorithm, so it is Python's own sort on the same keys.
-    """
-    if len(song_ids) < 2:
-        return np.arange(len(song_ids))
-    negated = -scores
-    if not np.isnan(negated).any():
-        return np.lexsort((np.asarray(song_ids), negated))
-    keys = negated.tolist()
-    return np.asarray(sorted(range(len(keys)), key=lambda i: (keys[i], song_ids[i])), dtype=np.intp)
-
-
-def _explanation(
-    ev: BatchEvaluation, batch: SongBatch, rows: np.ndarray, now: float
-) -> tuple[dict[str, np.ndarray], list[tuple[str, np.ndarray, np.ndarray | None]]]:
-    """The explanation's columns for these rows of an evaluated batch, in that order."""
-    contributions = [(name, v[rows], None if p is None else p[rows]) for name, v, p in ev.contributions]
-    parts = {
-        "quality": ev.quality[rows],
-        "freshness": ev.freshness[rows],
-        "age_hours": (now - batch.created_ts[rows]) / 3600.0,
-        "prior_rate": ev.prior_rate[rows],
-        "posterior_rate": ev.posterior_rate[rows],
-        "plays": batch.plays[rows],
-        "likes": batch.likes[rows],
-    }
-    return parts, contributions
-
-
-def _components(
-    parts: dict[str, np.ndarray], contributions: list[tuple[str, np.ndarray, np.ndarray | None]]
-) -> list[dict[str, Any]]:
-    """``Policy.explain`` of each song, from the arrays (same keys, same order, same floats)."""
-    n = len(parts["quality"])
-    names = [name for name, _, _ in contributions]
-    values = np.column_stack([v for _, v, _ in contributions]).tolist() if n else []
-    if all(p is None for _, _, p in contributions):
-        terms = [dict(zip(names, row, strict=True)) for row in values]
-    else:
-        masks = np.column_stack([np.ones(n, np.bool_) if p is None else p for _, _, p in contributions]).tolist()
-        terms = [
-            {name: v for name, v, m in zip(names, row, mask, strict=True) if m}
-            for row, mask in zip(values, masks, strict=True)
-        ]
-    return [
-        {
-            "quality": q,
-            "freshness": f,
-            "age_hours": a,
-            "contributions": c,
-            "prior_rate": p0,
-            "posterior_rate": m,
-            "plays": pl,
-            "likes": lk,
-        }
-        for q, f, a, c, p0, m, pl, lk in zip(
-            parts["quality"].tolist(),
-            parts["freshness"].tolist(),
-            parts["age_hours"].tolist(),
-            terms,
-            parts["prior_rate"].tolist(),
-            parts["posterior_rate"].tolist(),
-            parts["plays"].tolist(),
-            parts["likes"].tolist(),
-            strict=True,
-        )
-    ]
-
-
-def _first_non_finite(columns: list[tuple[str, np.ndarray, np.ndarray | None]]) -> str | None:
-    """The path of the first NaN or infinity, item by item, each item's values in serialisation order."""
-    bad = np.column_stack(
-        [~np.isfinite(v) if present is None else ~np.isfinite(v) & present for _, v, present in columns]
-    )
-    rows = np.flatnonzero(bad.any(axis=1))
-    if not len(rows):
-        return None
-    i = int(rows[0])
-    return f"{i}.{columns[int(np.argmax(bad[i]))][0]}"
