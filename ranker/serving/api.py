@@ -287,7 +287,7 @@ def create_app(settings: Settings | None = None, *, explore_rng: np.random.Gener
         try:
             yield
         finally:
-            await app.state.reader.sync.close()
+            await sync.close()
             index.close()
             await reads.close()
             store.close()

@@ -28,13 +28,15 @@ def _feed_tag(feed: str) -> int:
     return zlib.crc32(feed.encode("utf-8"))
 
 
-#: A skip key is the song's :func:`~indexes.base.faiss_id` shifted right by this: 48 bits.
-SKIP_SHIFT = 15
+def skip_key(key: int) -> int:
+    """48 bits of a song's :func:`~indexes.base.faiss_id` (``key``): enough to tell apart the few
+    hundred ids a cursor skips. The song table keeps the faiss ids, so pages never hash for it."""
+    return key >> 15
 
 
 def _skip_key(song_id: str) -> int:
-    """48 bits of the song's :func:`~indexes.base.faiss_id`: enough to tell apart the few hundred ids a cursor skips."""
-    return faiss_id(song_id) >> SKIP_SHIFT
+    """:func:`skip_key` of a song id (hashing it)."""
+    return skip_key(faiss_id(song_id))
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from ranker.serving.columns import (
     first_non_finite,
     rank_order,
 )
-from ranker.serving.cursor import MAX_SKIP, SKIP_SHIFT, Cursor, _after
+from ranker.serving.cursor import MAX_SKIP, Cursor, _after, skip_key
 from ranker.serving.page_cache import PageCache, _Window
 from ranker.serving.policy import (
     Policy,
@@ -227,7 +227,7 @@ class FeedReader:
                 row = row_of.get(song_id)
                 fid = faiss_id(song_id) if row is None else int(table_keys[row])
                 found.keys.append(fid)
-                if row is not None and not (skip and fid >> SKIP_SHIFT in skip):
+                if row is not None and not (skip and skip_key(fid) in skip):
                     places.append(len(found.ids) - 1)
                     in_table.append(row)
             if in_table:
@@ -382,8 +382,8 @@ class FeedReader:
             passed += 1
         if passed:
             b_score, b_id = window.stored[passed - 1], ids[passed - 1]
-        left = {k >> SKIP_SHIFT for k in keys[:passed]}
-        ahead = {k >> SKIP_SHIFT for s, k in zip(ids[passed:], keys[passed:], strict=True) if s in served}
+        left = {skip_key(k) for k in keys[:passed]}
+        ahead = {skip_key(k) for s, k in zip(ids[passed:], keys[passed:], strict=True) if s in served}
         if window.exhausted and not any(
             place in eligible and ids[place] not in served for place in range(passed, len(ids))
         ):

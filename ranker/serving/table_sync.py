@@ -82,10 +82,6 @@ class TableSync:
         self._stopping = False
         self._changed = asyncio.Event()
 
-    @property
-    def ready(self) -> bool:
-        return self.table is not None
-
     # -- the full read -------------------------------------------------------------------------------
     async def load(self) -> SongTable:
         """Read every song and feed into a new table and swap it in; changes are followed from before the read."""
