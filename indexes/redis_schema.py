@@ -23,7 +23,8 @@ Fields of a song hash:
   ``created_at``, ``scored_at`` (:data:`RESERVED_FIELDS`), ``score.<task>`` per task (so a
   task name can never collide with a metadata field), and the record's extra fields under
   their own names (``tags``, ``duration_s``, ``truncated``, ``prior.like_rate``: the model's
-  predicted like rate, ...): strings as-is, anything else JSON-encoded;
+  predicted like rate, ``untrained``: 1 when the head that scored the song was an untrained,
+  seeded one, absent otherwise, ...): strings as-is, anything else JSON-encoded;
 * the engagement counters ``eng.<counter>`` (:data:`ENGAGEMENT_COUNTERS`) and ``eng.updated``,
   written by the feedback consumer (the hash may exist before its scores do);
 * ``cal.likes`` and ``cal.expected``: what of this song the calibration totals already count.
@@ -67,6 +68,8 @@ DURATION_S = "duration_s"
 TRUNCATED = "truncated"
 #: The model's predicted like rate (written when the model has a target transform; absent otherwise).
 PRIOR_FIELD = "prior.like_rate"
+#: 1 when an untrained (seeded) head scored the song (``model.allow_untrained``); absent otherwise.
+UNTRAINED = "untrained"
 
 ENGAGEMENT_FIELD_PREFIX = "eng."
 ENGAGEMENT_COUNTERS = ("plays", "likes", "skips", "completes", "shares")
@@ -96,6 +99,13 @@ CHANGE_FEEDS = "feeds"
 #: write additionally needs for the feeds' filters.
 STATE_FIELDS: tuple[str, ...] = (PRIOR_FIELD, PLAYS_FIELD, LIKES_FIELD, CREATED_AT, GENERATOR, SCORED_AT)
 FILTER_FIELDS: tuple[str, ...] = (TAGS, DURATION_S)
+#: What the API's song table keeps of the model that scored a song.
+MODEL_FIELDS: tuple[str, ...] = (MODEL_VERSION, UNTRAINED)
+
+
+def flag(value: str | None) -> bool:
+    """A stored boolean field (``1``, ``true``; absent, empty, ``0`` or ``false`` are False)."""
+    return value is not None and value.strip().lower() not in ("", "0", "false")
 
 
 def score_field(task: str) -> str:

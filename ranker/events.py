@@ -130,6 +130,7 @@ class SongScored(_Event):
     scored_at: AwareDatetime
     generator: str | None = None
     truncated: bool = False
+    untrained: bool = Field(False, description="An untrained, seeded head made these scores (model.allow_untrained).")
 
 
 EngagementType = Literal["play", "complete", "like", "unlike", "skip", "share"]

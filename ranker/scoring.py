@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from indexes.base import SongRecord
+from indexes.redis_schema import UNTRAINED
 from ranker.encoders.base import Encoder, EncoderSpec, pool_song
 from ranker.events import TASKS, SongScored
 from ranker.model.artifact import ScoringModel
@@ -141,12 +142,16 @@ class SongScore:
     scores: dict[str, float]  # every task of TASKS
     rank_score: float  # the default feed's quality of the song unplayed (uncalibrated)
     like_rate: float | None  # the model's prior like rate; None when the model has no target transform
+    trained: bool = True  # False: an untrained, seeded head (model.allow_untrained) made these scores
 
     def record(self, scored_at: str, extra: Mapping[str, Any] | None = None) -> SongRecord:
-        """The score-store record; the prior like rate goes in ``extra`` under ``PRIOR_FIELD``."""
+        """The score-store record; the prior like rate goes in ``extra`` under ``PRIOR_FIELD``, and
+        an untrained head's scores are marked (``UNTRAINED``) so that no reader mistakes them."""
         fields = dict(extra or {})
         if self.like_rate is not None:
             fields[PRIOR_FIELD] = self.like_rate
+        if not self.trained:
+            fields[UNTRAINED] = 1
         return SongRecord(
             song_id=self.song_id,
             model_version=self.model_version,
@@ -167,6 +172,7 @@ class SongScore:
             scored_at=scored_at,
             generator=self.generator,
             truncated=truncated,
+            untrained=not self.trained,
             **self.scores,
         )
 
@@ -195,6 +201,7 @@ def score_predictions(
                 scores=scores,
                 rank_score=cold_start_quality(settings, scores, rate),
                 like_rate=rate,
+                trained=model.trained,
             )
         )
     return out

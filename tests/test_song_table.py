@@ -20,7 +20,7 @@ from ranker.events import TASKS
 from ranker.serving.api import create_app
 from ranker.serving.batch import SongBatch
 from ranker.serving.reader import FeedReader, TableNotReady
-from ranker.serving.state import WRITE_FIELDS
+from ranker.serving.state import TABLE_FIELDS, WRITE_FIELDS
 from ranker.serving.table import FeedOrder, SongTable
 from ranker.serving.table_sync import TableSync
 from ranker.serving.writer import FeedWriter
@@ -67,7 +67,7 @@ def test_feed_order_moves_and_drops_members() -> None:
 # -- the columns ------------------------------------------------------------------------------------
 def test_table_holds_what_the_fields_parse_to(store: RedisScoreStore) -> None:
     ids = seed_catalog(store, n=200)
-    values = store.read_fields(ids, WRITE_FIELDS)
+    values = store.read_fields(ids, TABLE_FIELDS)
     parsed = SongBatch.from_fields(ids, values)
     table = SongTable(["f"], capacity=4)  # grows as it fills
     table.upsert(parsed)
@@ -85,17 +85,38 @@ def test_table_holds_what_the_fields_parse_to(store: RedisScoreStore) -> None:
 def test_table_rows_are_reused_and_unscored_songs_leave(store: RedisScoreStore) -> None:
     table = SongTable([])
     writer_ids = ["a", "b", "c"]
-    fields = [[repr(3.0)] * len(WRITE_FIELDS) for _ in writer_ids]
+    fields = [[repr(3.0)] * len(TABLE_FIELDS) for _ in writer_ids]
     table.upsert(SongBatch.from_fields(writer_ids, fields))
     row_b = table.row_of["b"]
     # "b" loses its scores (a hash with engagement only): its row is freed, then reused
-    gone = [None] * len(WRITE_FIELDS)
+    gone = [None] * len(TABLE_FIELDS)
     table.upsert(SongBatch.from_fields(["b"], [gone]))
     assert "b" not in table and len(table) == 2
     table.upsert(SongBatch.from_fields(["d"], [fields[0]]))
     assert table.row_of["d"] == row_b and table.ids[row_b] == "d"
-    with pytest.raises(ValueError, match="WRITE_FIELDS"):
-        table.upsert(SongBatch.from_fields(["e"], [fields[0][:13]]))
+    with pytest.raises(ValueError, match="TABLE_FIELDS"):
+        table.upsert(SongBatch.from_fields(["e"], [fields[0][: len(WRITE_FIELDS)]]))
+
+
+def test_table_counts_songs_by_model_and_marks_untrained_ones() -> None:
+    """What /readyz and /metrics report of the models, and what marks an item untrained."""
+    table = SongTable([])
+    width = len(WRITE_FIELDS)
+
+    def row(version: str, untrained: str | None) -> list[str | None]:
+        return [repr(3.0)] * width + [version, untrained]
+
+    table.upsert(
+        SongBatch.from_fields(
+            ["a", "b", "c", "d"], [row("seed", "1"), row("seed", "1"), row("apex", None), row("apex", "0")]
+        )
+    )
+    assert table.models() == {"seed": (2, 2), "apex": (2, 0)}
+    got = table.batch(table.rows(["a", "c", "b"]))
+    assert got.untrained is not None and got.untrained.tolist() == [True, False, True]
+    table.upsert(SongBatch.from_fields(["a"], [row("apex", None)]))  # rescored by the trained head
+    table.remove(["b"])
+    assert table.models() == {"apex": (3, 0)}
 
 
 # -- the change log ---------------------------------------------------------------------------------

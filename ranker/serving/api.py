@@ -67,6 +67,11 @@ LATENCY = Histogram(
 PAGE_CACHE_BYTES = Gauge(
     "apexrank_api_page_cache_bytes", "Estimated bytes the feed page cache holds (at most api.page_cache_max_bytes)"
 )
+MODEL_SONGS = Gauge(
+    "apexrank_api_model_songs",
+    "Songs in this process's song table by the model version that scored them, and whether it was trained",
+    ["model_version", "trained"],
+)
 
 
 # -- response models (for OpenAPI; the hot paths serialise plain dicts) -----------------------
@@ -90,6 +95,7 @@ class Item(_Out):
     song_id: str
     score: float = Field(description="(0.01 + quality) * freshness.")
     explore: bool = False
+    untrained: bool = Field(False, description="Scored by an untrained, seeded head (present only when true).")
     components: Components | None = Field(None, description="Absent from /v1/rank with explain=false.")
 
 
@@ -354,9 +360,14 @@ def create_app(settings: Settings | None = None, *, explore_rng: np.random.Gener
         status = index.status()
         sync = reader().sync
         table = sync.table
+        models = table.models() if table is not None else {}
         body = {
             "redis": redis_ok,
             "table": {"ready": table is not None, "songs": len(table) if table is not None else 0},
+            "models": [
+                {"version": version, "songs": songs, "trained": untrained == 0, "untrained_songs": untrained}
+                for version, (songs, untrained) in sorted(models.items())
+            ],
             "index": {
                 "ready": status.ready,
                 "vectors": status.vectors,
@@ -373,6 +384,13 @@ def create_app(settings: Settings | None = None, *, explore_rng: np.random.Gener
         if current is not None:
             current.page_cache.expire()
             PAGE_CACHE_BYTES.set(current.page_cache.nbytes)
+            table = current.sync.table
+            MODEL_SONGS.clear()  # a version no longer served leaves the metric
+            for version, (songs, untrained) in (table.models() if table is not None else {}).items():
+                if songs - untrained:
+                    MODEL_SONGS.labels(version, "true").set(songs - untrained)
+                if untrained:
+                    MODEL_SONGS.labels(version, "false").set(untrained)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     # -- feeds -----------------------------------------------------------------------------------

@@ -32,9 +32,10 @@ from functools import cached_property
 
 import numpy as np
 
+from indexes.redis_schema import flag
 from ranker.events import TASKS
 from ranker.serving.policy import EPOCH, RATE_MAX, RATE_MIN, SCORE_FLOOR, Policy, parse_tags, to_timestamp
-from ranker.serving.state import _N_READ, _N_TASKS, _float
+from ranker.serving.state import _N_READ, _N_TASKS, _N_WRITE, _float
 
 _LIKES = TASKS.index("likes")
 _COMPENSATED_SUM = sys.version_info >= (3, 12)  # builtin sum() of floats: Neumaier summation from 3.12
@@ -90,6 +91,8 @@ class SongBatch:
     generators: list[str]
     raw_tags: list[str | None] | None = None  # WRITE_FIELDS only
     duration_s: np.ndarray | None = None  # WRITE_FIELDS only; NaN where absent
+    model_versions: list[str] | None = None  # TABLE_FIELDS only
+    untrained: np.ndarray | None = None  # bool; TABLE_FIELDS rows and the song table's batches
 
     def __len__(self) -> int:
         return len(self.song_ids)
@@ -131,6 +134,10 @@ class SongBatch:
         if width > _N_READ:
             batch.raw_tags = list(columns[_N_READ])
             batch.duration_s = _floats(columns[_N_READ + 1], 0.0)
+        if width > _N_WRITE:
+            version, untrained = columns[_N_WRITE : _N_WRITE + 2]
+            batch.model_versions = [v or "" for v in version]
+            batch.untrained = np.fromiter(map(flag, untrained), np.bool_, n)
         return batch
 
     def take(self, rows: np.ndarray) -> SongBatch:
@@ -151,6 +158,10 @@ class SongBatch:
             out.raw_tags = [self.raw_tags[i] for i in idx]
         if self.duration_s is not None:
             out.duration_s = self.duration_s[rows]
+        if self.model_versions is not None:
+            out.model_versions = [self.model_versions[i] for i in idx]
+        if self.untrained is not None:
+            out.untrained = self.untrained[rows]
         return out
 
     @cached_property

@@ -107,3 +107,12 @@ def first_non_finite(columns: list[tuple[str, np.ndarray, np.ndarray | None]]) -
         return None
     i = int(rows[0])
     return f"{i}.{columns[int(np.argmax(bad[i]))][0]}"
+
+
+def mark_untrained(items: list[dict[str, Any]], untrained: np.ndarray | None) -> None:
+    """``"untrained": true`` on the items (row ``i`` is ``items[i]``) whose scores an untrained,
+    seeded head made; the key is absent otherwise, so trained output carries no extra bytes."""
+    if untrained is None or not untrained.any():
+        return
+    for i in np.flatnonzero(untrained).tolist():
+        items[i]["untrained"] = True

@@ -28,7 +28,9 @@ from indexes.redis_schema import (
     GENERATOR,
     MODEL_VERSION,
     SCORED_AT,
+    UNTRAINED,
     counter_field,
+    flag,
 )
 from ranker.events import TASKS
 from ranker.serving.batch import (
@@ -43,6 +45,7 @@ from ranker.serving.columns import (
     explanation_columns,
     explanations,
     first_non_finite,
+    mark_untrained,
     rank_order,
 )
 from ranker.serving.cursor import MAX_SKIP, Cursor, _after, skip_key
@@ -352,13 +355,16 @@ class FeedReader:
         components = explanations(*explanation_columns(ev, served, every, now))
         ids, scores = served.song_ids, ev.score.tolist()
         n = len(chosen)
-        items = [
-            {"song_id": ids[k], "score": scores[k], "explore": False, "components": components[k]} for k in range(n)
+        made = [
+            {"song_id": ids[k], "score": scores[k], "explore": k >= n, "components": components[k]}
+            for k in range(len(served))
         ]
+        mark_untrained(made, served.untrained)
+        items = made[:n]
         positions = explore_positions(n + len(explored), len(explored))
         for k, (pos, (_, rate)) in enumerate(zip(positions, explored, strict=True), start=n):
             components[k]["sampled_rate"] = rate
-            items.insert(pos, {"song_id": ids[k], "score": scores[k], "explore": True, "components": components[k]})
+            items.insert(pos, made[k])
         return items
 
     @staticmethod
@@ -438,6 +444,7 @@ class FeedReader:
             ]
         else:
             items = [{"song_id": sid, "score": sc} for sid, sc in zip(ids, scores.tolist(), strict=True)]
+        mark_untrained(items, None if batch.untrained is None else batch.untrained[order])
         body = {"feed": policy.name, "items": items, "unknown": unknown, "filtered": filtered}
         return RankResponse(body, first_non_finite(columns))
 
@@ -469,6 +476,7 @@ class FeedReader:
         return {
             "song_id": song_id,
             "model_version": raw.get(MODEL_VERSION),
+            "untrained": flag(raw.get(UNTRAINED)),
             "generator": raw.get(GENERATOR),
             "created_at": raw.get(CREATED_AT),
             "scored_at": raw.get(SCORED_AT),

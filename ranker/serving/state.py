@@ -17,6 +17,7 @@ from indexes.base import SongRecord
 from indexes.redis_schema import (
     DURATION_S,
     FILTER_FIELDS,
+    MODEL_FIELDS,
     PRIOR_FIELD,
     TAGS,
     hydration_fields,
@@ -39,8 +40,11 @@ from ranker.settings import Settings
 #: order by state_from_fields), and what a write additionally needs for the filters.
 READ_FIELDS: tuple[str, ...] = hydration_fields(TASKS)
 WRITE_FIELDS: tuple[str, ...] = (*READ_FIELDS, *FILTER_FIELDS)
+#: What the API's song table loads: WRITE_FIELDS, then the model version and its untrained flag.
+TABLE_FIELDS: tuple[str, ...] = (*WRITE_FIELDS, *MODEL_FIELDS)
 _N_TASKS = len(TASKS)
 _N_READ = len(READ_FIELDS)
+_N_WRITE = len(WRITE_FIELDS)
 
 
 # -- song state from hash fields ----------------------------------------------------------------

@@ -104,6 +104,10 @@ class SongTable:
         self.key = np.zeros(capacity, np.int64)  # faiss_id: the song's number in the vector index and in cursors
         self.generator_names: list[str] = []
         self._generator_code: dict[str, int] = {}
+        self.model = np.full(capacity, -1, np.int32)  # code of the model version that scored the song; -1: no row
+        self.untrained = np.zeros(capacity, np.bool_)  # scored by an untrained, seeded head
+        self.model_names: list[str] = []
+        self._model_code: dict[str, int] = {}
         self.raw_tags: list[str | None] = [None] * capacity
         self._tags: dict[str, str] = {}  # one string object per distinct value
         self.feeds: dict[str, FeedOrder] = {name: FeedOrder() for name in feeds}
@@ -121,8 +125,9 @@ class SongTable:
     # -- writes -------------------------------------------------------------------------------------
     def upsert(self, batch: SongBatch) -> None:
         """Write the batch's scored songs (parsed with no ``now``) and remove its unscored ones."""
-        if batch.raw_tags is None or batch.duration_s is None:
-            raise ValueError("the table is written from WRITE_FIELDS rows (tags and duration included)")
+        if batch.raw_tags is None or batch.duration_s is None or batch.model_versions is None:
+            raise ValueError("the table is written from TABLE_FIELDS rows (tags, duration and model included)")
+        assert batch.untrained is not None
         scored = batch.scored.tolist()
         rows = np.fromiter(
             (self._row(sid) if ok else -1 for sid, ok in zip(batch.song_ids, scored, strict=True)),
@@ -138,8 +143,10 @@ class SongTable:
         self.likes[target] = batch.likes[src]
         self.created_ts[target] = batch.created_ts[src]
         self.duration_s[target] = batch.duration_s[src]
+        self.untrained[target] = batch.untrained[src]
         for row, j in zip(target.tolist(), src.tolist(), strict=True):
-            self.generator[row] = self._code(batch.generators[j])
+            self.generator[row] = _code(batch.generators[j], self._generator_code, self.generator_names)
+            self.model[row] = _code(batch.model_versions[j], self._model_code, self.model_names)
             tags = batch.raw_tags[j]
             self.raw_tags[row] = None if tags is None else self._tags.setdefault(tags, tags)
 
@@ -152,6 +159,7 @@ class SongTable:
                 continue
             self.ids[row] = None
             self.raw_tags[row] = None
+            self.model[row] = -1
             self._free.append(row)
             dropped += 1
         return dropped
@@ -194,18 +202,13 @@ class SongTable:
             ("duration_s", np.nan),
             ("generator", 0),
             ("key", 0),
+            ("model", -1),
+            ("untrained", False),
         ):
             old: np.ndarray = getattr(self, name)
             new = np.full((capacity, *old.shape[1:]), fill, dtype=old.dtype)
             new[: len(old)] = old
             setattr(self, name, new)
-
-    def _code(self, generator: str) -> int:
-        code = self._generator_code.get(generator)
-        if code is None:
-            code = self._generator_code[generator] = len(self.generator_names)
-            self.generator_names.append(generator)
-        return code
 
     # -- reads --------------------------------------------------------------------------------------
     def rows(self, song_ids: Sequence[str]) -> np.ndarray:
@@ -233,11 +236,25 @@ class SongTable:
             likes=self.likes[rows],
             created_ts=created,
             generators=[names[c] for c in self.generator[rows].tolist()],
+            untrained=self.untrained[rows],
         )
         if filters:
             out.raw_tags = [self.raw_tags[r] for r in rows.tolist()]
             out.duration_s = self.duration_s[rows]
         return out
+
+    def models(self) -> dict[str, tuple[int, int]]:
+        """Each model version among the table's songs: (songs, of which scored by an untrained head)."""
+        live = self.model[: self._end]
+        present = live >= 0
+        codes = live[present]
+        songs = np.bincount(codes, minlength=len(self.model_names))
+        untrained = np.bincount(codes[self.untrained[: self._end][present]], minlength=len(self.model_names))
+        return {
+            name: (int(n), int(u))
+            for name, n, u in zip(self.model_names, songs.tolist(), untrained.tolist(), strict=True)
+            if n
+        }
 
     def nbytes(self) -> int:
         """The bytes of the numpy columns (the Python objects beside them are measured by the benchmark)."""
@@ -250,5 +267,16 @@ class SongTable:
             self.duration_s,
             self.generator,
             self.key,
+            self.model,
+            self.untrained,
         )
         return int(sum(a.nbytes for a in arrays))
+
+
+def _code(name: str, codes: dict[str, int], names: list[str]) -> int:
+    """``name``'s number in an interned column (a new name gets the next one)."""
+    code = codes.get(name)
+    if code is None:
+        code = codes[name] = len(names)
+        names.append(name)
+    return code

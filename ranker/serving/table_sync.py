@@ -28,7 +28,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from indexes.base import AsyncScoreReads, Change
 from ranker.serving.batch import SongBatch
-from ranker.serving.state import WRITE_FIELDS
+from ranker.serving.state import TABLE_FIELDS
 from ranker.serving.table import FeedOrder, SongTable
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class TableSync:
         ids = list(dict.fromkeys(song_ids))
         if not ids:
             return
-        values = await self.reads.read_fields(ids, WRITE_FIELDS)
+        values = await self.reads.read_fields(ids, TABLE_FIELDS)
         table.upsert(SongBatch.from_fields(ids, values))
 
     # -- following the change log -------------------------------------------------------------------
@@ -132,7 +132,7 @@ class TableSync:
         whole = [feed for feed in dict.fromkeys(f for change in changes for f in change.feeds) if feed in table.feeds]
         for i in range(0, len(ids), LOAD_BATCH):
             chunk = ids[i : i + LOAD_BATCH]
-            values = await self.reads.read_fields(chunk, WRITE_FIELDS)
+            values = await self.reads.read_fields(chunk, TABLE_FIELDS)
             scores = await self.reads.feed_scores(self.feeds, chunk)
             table.upsert(SongBatch.from_fields(chunk, values))
             for feed, values_in_feed in scores.items():
