@@ -67,13 +67,12 @@ _LAZY = {
     "SegmentStoreError": "indexes.segment_store",
 }
 
+#: The Redis backends' schemes: one node (redis, rediss, unix) or Redis Cluster (redis+cluster,
+#: rediss+cluster: ``redis+cluster://host:port[,host:port...]``, see :mod:`indexes.redis_client`).
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 #: URL scheme -> "module:Class" of the backend serving it (imported when first opened).
-_SCORE_STORES: dict[str, str] = {
-    scheme: "indexes.redis_store:RedisScoreStore" for scheme in ("redis", "rediss", "unix")
-}
-_ENGAGEMENT_COUNTERS: dict[str, str] = {
-    scheme: "indexes.redis_engagement:RedisEngagementCounters" for scheme in ("redis", "rediss", "unix")
-}
+_SCORE_STORES: dict[str, str] = dict.fromkeys(_REDIS_SCHEMES, "indexes.redis_store:RedisScoreStore")
+_ENGAGEMENT_COUNTERS: dict[str, str] = dict.fromkeys(_REDIS_SCHEMES, "indexes.redis_engagement:RedisEngagementCounters")
 #: The schemes served out of the box.
 SCORE_STORE_SCHEMES = tuple(_SCORE_STORES)
 
@@ -165,7 +164,8 @@ def _open(kind: str, table: dict[str, str], url: str, options: dict[str, Any]) -
 def open_score_store(
     url: str, key_prefix: str = "apexrank", socket_timeout_s: float = 5.0, **options: Any
 ) -> ScoreStore:
-    """The score store for ``url``, chosen by its scheme (redis://, rediss://, unix://).
+    """The score store for ``url``, chosen by its scheme (redis://, rediss://, unix://; Redis Cluster:
+    redis+cluster://, rediss+cluster://).
 
     The options are validated by the backend's config (unknown ones are refused).
     """
@@ -176,7 +176,8 @@ def open_score_store(
 
 
 def open_engagement_counters(url: str, key_prefix: str, dedup_window_s: int, **options: Any) -> EngagementCounters:
-    """The engagement counters for ``url``, chosen by its scheme (redis://, rediss://, unix://).
+    """The engagement counters for ``url``, chosen by its scheme (redis://, rediss://, unix://; Redis
+    Cluster: redis+cluster://, rediss+cluster://).
 
     ``dedup_window_s``: how long an event id is remembered. Other options (``socket_timeout_s``)
     are validated by the backend's config.

@@ -20,11 +20,10 @@ what the crash interrupted.
 
 One script call per batch: on a single Redis node (or a proxy that allows it) every
 event of the batch goes into one call, a few thousand keys at a time. Dedup keys share
-their song's hash tag, so where a multi-slot script is refused (CROSSSLOT, e.g. behind a
-cluster proxy) or with ``per_song=True``, the same script runs once per song, pipelined,
-each call touching a single slot. The client is a plain ``redis.Redis``: Redis Cluster
-itself is reached through a proxy (MOVED redirections are not followed), as for the
-score store.
+their song's hash tag, so on Redis Cluster (a ``redis+cluster://`` URL: redis-py's
+``RedisCluster``, see :mod:`indexes.redis_client`), where a multi-slot script is refused
+(CROSSSLOT, e.g. behind a cluster proxy) or with ``per_song=True``, the same script runs
+once per song, pipelined, each call touching a single slot.
 
 Before any write, the script reads every counter it will change, so a failing call (a key
 of the wrong type) writes nothing: no dedup key is ever left without its count.
@@ -33,16 +32,16 @@ of the wrong type) writes nothing: no dedup key is ever left without its count.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from typing import ClassVar
+from collections.abc import Callable, Iterable, Sequence
+from functools import cached_property
+from typing import Any, ClassVar
 
-import redis
 import redis.exceptions
 from pydantic import BaseModel, ConfigDict, Field
 
 from indexes.base import DUPLICATE, NEW, REPLAY, EngagementCounters, message_marker
+from indexes.redis_client import SyncClient, connect, cross_slot, is_cluster_url, run_script_calls
 from indexes.redis_schema import COUNTER_FIELDS, ENGAGEMENT_COUNTERS, RedisKeys, counter_field, lua
-from indexes.redis_store import cross_slot
 
 __all__ = [
     "CHUNK",
@@ -127,7 +126,10 @@ class RedisEngagementConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    url: str = Field(description="redis://, rediss:// or unix:// URL.")
+    url: str = Field(
+        description="redis://, rediss:// or unix:// URL (one node), or redis+cluster://host:port[,host:port...] "
+        "or rediss+cluster:// (Redis Cluster)."
+    )
     key_prefix: str = "apexrank"
     dedup_window_s: int = Field(gt=0, description="How long an event id is remembered.")
     socket_timeout_s: float = Field(5.0, gt=0)
@@ -139,21 +141,36 @@ class RedisEngagementCounters(EngagementCounters):
     #: The options :func:`indexes.open_engagement_counters` validates for this backend.
     config_type: ClassVar[type[BaseModel]] = RedisEngagementConfig
 
-    def __init__(self, client: redis.Redis, key_prefix: str, dedup_window_s: int, per_song: bool = False) -> None:
-        self.client = client
+    def __init__(
+        self,
+        client: SyncClient | Callable[[], SyncClient],
+        key_prefix: str,
+        dedup_window_s: int,
+        per_song: bool = False,
+    ) -> None:
+        """``client``: a client, or what makes one on first use (a cluster client connects when made)."""
+        self._connect: Callable[[], SyncClient] = client if callable(client) else lambda: client
         self.prefix = key_prefix
         self.keys = RedisKeys(key_prefix)
         self.ttl = int(dedup_window_s)
-        #: One script call per song (Redis Cluster) instead of one per batch; set on CROSSSLOT.
+        #: One script call per song (Redis Cluster) instead of one per batch; set on CROSSSLOT too.
         self.per_song = per_song
-        self._script = client.register_script(_SCRIPT)
+
+    @cached_property
+    def client(self) -> SyncClient:
+        return self._connect()
+
+    @cached_property
+    def _script(self) -> Any:
+        return self.client.register_script(_SCRIPT)
 
     @classmethod
     def from_url(
         cls, url: str, key_prefix: str, dedup_window_s: int, socket_timeout_s: float = 5.0
     ) -> RedisEngagementCounters:
-        client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=socket_timeout_s)
-        return cls(client, key_prefix, dedup_window_s)
+        """Counters on ``url``: one node, or Redis Cluster (``redis+cluster://``: one song per call from the start).
+        Connects on first use, so the counters can be made while Redis is down."""
+        return cls(lambda: connect(url, socket_timeout_s), key_prefix, dedup_window_s, per_song=is_cluster_url(url))
 
     @classmethod
     def from_config(cls, config: RedisEngagementConfig) -> RedisEngagementCounters:
@@ -234,15 +251,15 @@ class RedisEngagementCounters(EngagementCounters):
         by_song: dict[str, list[int]] = defaultdict(list)
         for i, song_id in enumerate(song_ids):
             by_song[song_id].append(i)
-        pipe = self.client.pipeline(transaction=False)
+        calls: list[tuple[list[str], list[str | int]]] = []
         for song_id, idx in by_song.items():
             args: list[str | int] = [self.ttl, updated_at, 1]
             for i in idx:
                 args += (1, types[i], markers[i])
             keys = [self.song_key(song_id)] + [self._event_key(song_id, event_ids[i]) for i in idx]
-            self._script(keys=keys, args=args, client=pipe)
+            calls.append((keys, args))
         status = [DUPLICATE] * len(event_ids)
-        for idx, out in zip(by_song.values(), pipe.execute(), strict=True):
+        for idx, out in zip(by_song.values(), run_script_calls(self.client, self._script, calls), strict=True):
             text = out.decode() if isinstance(out, bytes) else str(out)
             for i, st in zip(idx, text, strict=True):
                 status[i] = st
@@ -259,4 +276,5 @@ class RedisEngagementCounters(EngagementCounters):
         return out
 
     def close(self) -> None:
-        self.client.close()
+        if "client" in self.__dict__:  # never connected: nothing to close
+            self.client.close()

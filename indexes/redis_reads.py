@@ -1,6 +1,10 @@
 """The score store's read path on asyncio (the API's event loop): the same keys and results as
 :class:`~indexes.redis_store.RedisScoreStore`'s, plus what an in-memory copy needs (a scan of
-every song and feed, and the change log)."""
+every song and feed, and the change log).
+
+The store's URL picks the client (:func:`indexes.redis_client.connect_async`): one node, or
+Redis Cluster (``redis+cluster://``), where the song scan visits every master and the change
+log, one key, lives on one."""
 
 from __future__ import annotations
 
@@ -8,11 +12,12 @@ from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import redis
-import redis.asyncio
+import redis.exceptions
 
 from indexes.base import AsyncScoreReads, Change
+from indexes.redis_client import UNREACHABLE, AsyncClient, connect_async, cross_slot
 from indexes.redis_schema import CALIBRATION_FIELDS, CHANGE_FEEDS, CHANGE_IDS
-from indexes.redis_store import _HMGET_MANY, _bound, _pairs, _totals, cross_slot
+from indexes.redis_store import _HMGET_MANY, _bound, _pairs, _totals
 
 if TYPE_CHECKING:
     from indexes.redis_store import RedisScoreStore
@@ -27,15 +32,9 @@ class AsyncStoreReads(AsyncScoreReads):
     def __init__(self, store: RedisScoreStore) -> None:
         self._store = store
         config = store.config
-        self._redis: redis.asyncio.Redis = redis.asyncio.Redis.from_url(
-            config.url,
-            decode_responses=True,
-            socket_timeout=config.socket_timeout_s,
-            socket_connect_timeout=config.socket_timeout_s,
-            health_check_interval=30,
-        )
+        self._redis: AsyncClient = connect_async(config.url, config.socket_timeout_s)
         self._hmget_many = self._redis.register_script(_HMGET_MANY)
-        self._script_ok = True
+        self._script_ok = store.multi_key_scripts  # never on a cluster: a pipeline of per-song HMGETs
 
     async def feed_window(self, feed: str, max_score: float | None, count: int) -> list[tuple[str, float]]:
         rows = await self._redis.zrange(
@@ -55,7 +54,7 @@ class AsyncStoreReads(AsyncScoreReads):
 
         On a single Redis node this is one read-only script call (packing one command
         instead of one per song is most of the client-side cost); where the keys span
-        cluster slots the script is refused (CROSSSLOT) and a pipeline is used from then on.
+        cluster slots (Redis Cluster, or a proxy that refuses it) a pipeline is used.
         """
         if not song_ids:
             return []
@@ -159,7 +158,7 @@ class AsyncStoreReads(AsyncScoreReads):
     async def ping(self) -> bool:
         try:
             return bool(await self._redis.ping())
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+        except UNREACHABLE:
             return False
 
     async def close(self) -> None:

@@ -1,4 +1,9 @@
-"""Redis score store: one hash per song and one sorted set per feed.
+"""Redis score store: one hash per song and one sorted set per feed, on one node or Redis Cluster.
+
+The URL picks the client (:mod:`indexes.redis_client`): ``redis://``, ``rediss://`` or
+``unix://`` for one node, ``redis+cluster://host:port[,host:port...]`` or ``rediss+cluster://``
+for Redis Cluster. On a cluster every script call touches one song's slot (the per-song
+paths are chosen up front), and SCAN visits every master.
 
 The keys and the fields of a song hash are :mod:`indexes.redis_schema`'s. ``extra``
 values of a record are stored under their own key (names that clash with the
@@ -13,12 +18,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from functools import cached_property
 from typing import Any, ClassVar
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from indexes.base import AsyncScoreReads, FeedEntries, ScoreStore, SongRecord, StoredSong
+from indexes.redis_client import UNREACHABLE, SyncClient, connect, cross_slot, is_cluster_url, run_script_calls
 from indexes.redis_schema import (
     CALIBRATION_FIELDS,
     CHANGE_FEEDS,
@@ -54,7 +61,10 @@ class RedisStoreConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    url: str = Field(description="redis://, rediss:// or unix:// URL.")
+    url: str = Field(
+        description="redis://, rediss:// or unix:// URL (one node), or redis+cluster://host:port[,host:port...] "
+        "or rediss+cluster:// (Redis Cluster)."
+    )
     key_prefix: str = "apexrank"
     socket_timeout_s: float = Field(5.0, gt=0)
     changes_retention_s: float = Field(
@@ -72,11 +82,12 @@ class RedisStoreConfig(BaseModel):
 
 
 class RedisScoreStore(ScoreStore):
-    """:class:`ScoreStore` on Redis (standalone or behind a proxy; keys are cluster-slot friendly).
+    """:class:`ScoreStore` on Redis: one node, a proxy, or Redis Cluster (chosen by the URL scheme).
 
-    Connection and timeout errors propagate as ``redis.exceptions.ConnectionError``
-    / ``TimeoutError`` so the worker can retry; writes are idempotent, so a retry
-    after an unknown outcome is safe.
+    The client connects on first use (a cluster client reads the slot map then), so a store
+    can be built while Redis is down. Connection and timeout errors propagate as
+    ``redis.exceptions.ConnectionError`` / ``TimeoutError`` so the worker can retry; writes
+    are idempotent, so a retry after an unknown outcome is safe.
     """
 
     #: The options :func:`indexes.open_score_store` validates for this backend.
@@ -86,19 +97,32 @@ class RedisScoreStore(ScoreStore):
         self.config = config
         self.prefix = config.key_prefix
         self.keys = RedisKeys(config.key_prefix)
-        self._redis: redis.Redis = redis.Redis.from_url(
-            config.url,
-            decode_responses=True,
-            socket_timeout=config.socket_timeout_s,
-            socket_connect_timeout=config.socket_timeout_s,
-            health_check_interval=30,
-        )
-        self._claim = self._redis.register_script(_CLAIM_CALIBRATION)
-        self._claim_many = self._redis.register_script(_CLAIM_CALIBRATION_MANY)
-        self._hmget_many = self._redis.register_script(_HMGET_MANY)
-        #: Multi-key scripts over many songs' hashes work on one node; Redis Cluster refuses
-        #: them (CROSSSLOT) and the per-song pipelines are used from then on.
-        self.multi_key_scripts = True
+        #: Whether the URL names Redis Cluster (``redis+cluster://``): every call then touches one slot.
+        self.cluster = is_cluster_url(config.url)
+        #: Multi-key scripts over many songs' hashes: one call per batch on one node. Never on a
+        #: cluster (its client refuses keys of several slots); behind a proxy that refuses them
+        #: (CROSSSLOT) the per-song pipelines are used from then on.
+        self.multi_key_scripts = not self.cluster
+
+    @cached_property
+    def _redis(self) -> SyncClient:
+        return connect(self.config.url, self.config.socket_timeout_s)
+
+    @cached_property
+    def _claim(self) -> Any:
+        return self._redis.register_script(_CLAIM_CALIBRATION)
+
+    @cached_property
+    def _claim_many(self) -> Any:
+        return self._redis.register_script(_CLAIM_CALIBRATION_MANY)
+
+    @cached_property
+    def _hmget_many(self) -> Any:
+        return self._redis.register_script(_HMGET_MANY)
+
+    @cached_property
+    def _swap(self) -> Any:
+        return self._redis.register_script(_SWAP_REBUILT)
 
     @classmethod
     def from_config(cls, config: RedisStoreConfig) -> RedisScoreStore:
@@ -213,10 +237,9 @@ class RedisScoreStore(ScoreStore):
                 if not cross_slot(exc):
                     raise
                 self.multi_key_scripts = False
-        pipe = self._redis.pipeline(transaction=False)
-        for song_id, prior in zip(ids, args, strict=True):
-            self._claim(keys=[self.song_key(song_id)], args=[prior], client=pipe)
-        deltas = pipe.execute()
+        deltas = run_script_calls(
+            self._redis, self._claim, [([self.song_key(s)], [p]) for s, p in zip(ids, args, strict=True)]
+        )
         d_likes = sum(float(d[0]) for d in deltas)
         d_expected = sum(float(d[1]) for d in deltas)
         if d_likes or d_expected:
@@ -245,7 +268,8 @@ class RedisScoreStore(ScoreStore):
 
     def replace_feed(self, feed: str, members: Mapping[str, float], ages: Mapping[str, float] | None = None) -> None:
         """Atomically replace a feed (and its age index) with ``members``: built under a
-        temporary key in the feed's slot, then renamed over it."""
+        temporary key in the feed's slot (one transaction), then renamed over it by one script
+        call (a cluster pipeline cannot RENAME; the script is atomic on one node and on a cluster)."""
         for song_id, value in members.items():
             check_name("song id", song_id)
             if not math.isfinite(value):
@@ -254,17 +278,18 @@ class RedisScoreStore(ScoreStore):
         if ages is not None:
             pairs.append((self.age_key(feed), ages))
         pipe = self._redis.pipeline(transaction=True)
+        swap_keys: list[str] = []
+        filled: list[str] = []
         for key, values in pairs:
             tmp = self.keys.rebuild(key)
             pipe.delete(tmp)
             items = list(values.items())
             for i in range(0, len(items), 10_000):
                 pipe.zadd(tmp, dict(items[i : i + 10_000]))
-            if items:
-                pipe.rename(tmp, key)
-            else:
-                pipe.delete(key)
+            swap_keys += (tmp, key)
+            filled.append("1" if items else "0")
         pipe.execute()
+        self._swap(keys=swap_keys, args=filled)
         self._log_changes((), feeds=(feed,))
 
     #: Song ids per change log entry: a large batch is logged as several entries.
@@ -294,7 +319,8 @@ class RedisScoreStore(ScoreStore):
         pipe.execute()
 
     def scan_song_ids(self, batch: int = 1000) -> Iterator[str]:
-        """Every song id with a hash (SCAN: no blocking; a song written meanwhile may be missed)."""
+        """Every song id with a hash (SCAN, of every master on a cluster: no blocking; a song written
+        meanwhile may be missed)."""
         for key in self._redis.scan_iter(match=self.keys.song_pattern(), count=batch):
             song_id = self.keys.song_id_of(key)
             if song_id is not None:
@@ -388,16 +414,33 @@ class RedisScoreStore(ScoreStore):
         """True if Redis answers; False on a connection or timeout error (a health probe never raises)."""
         try:
             return bool(self._redis.ping())
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+        except UNREACHABLE:
             return False
 
     def close(self) -> None:
-        self._redis.close()
+        if "_redis" in self.__dict__:  # never connected: nothing to close
+            self._redis.close()
 
     @property
-    def client(self) -> redis.Redis:
-        """The underlying client (for callers that need other commands on the same connection pool)."""
+    def client(self) -> SyncClient:
+        """The underlying client (tests and benchmarks that seed or inspect raw keys)."""
         return self._redis
+
+
+# KEYS = pairs (rebuilt key, feed key), all in one feed's slot; ARGV[i] = '1' if pair i was rebuilt
+# with members (renamed over the feed), '0' if the feed is to be emptied (deleted). A rebuilt key
+# already taken by a concurrent replace leaves the feed as that replace made it.
+_SWAP_REBUILT = """
+for i = 1, #ARGV do
+  local tmp, key = KEYS[2 * i - 1], KEYS[2 * i]
+  if ARGV[i] == '1' then
+    if redis.call('EXISTS', tmp) == 1 then redis.call('RENAME', tmp, key) end
+  else
+    redis.call('DEL', key)
+  end
+end
+return 1
+"""
 
 
 # KEYS = song hashes, ARGV = field names: HMGET of each, in order (read-only).
@@ -436,12 +479,6 @@ end
 return redis.call('HMGET', cal, '$total_likes', '$total_expected')
 """
 )
-
-
-def cross_slot(exc: redis.exceptions.ResponseError) -> bool:
-    """Whether Redis refused a multi-key command because its keys span cluster slots."""
-    text = str(exc).lower()
-    return "cross" in text or "same slot" in text
 
 
 def _bound(max_score: float | None) -> str:

@@ -102,7 +102,12 @@ class KafkaSettings(_Section):
 class RedisSettings(_Section):
     """Score and feed store."""
 
-    url: SecretStr = SecretStr(f"redis://127.0.0.1:{DEFAULT_REDIS_PORT}/0")
+    url: SecretStr = Field(
+        SecretStr(f"redis://127.0.0.1:{DEFAULT_REDIS_PORT}/0"),
+        description="One node: redis://, rediss:// (TLS) or unix://. Redis Cluster (redis-py's RedisCluster, "
+        "following MOVED/ASK): redis+cluster://[user:password@]host:port[,host:port...] or rediss+cluster://; "
+        "each host is a startup node, and there is only database 0.",
+    )
     key_prefix: str = "apexrank"
     socket_timeout_s: float = Field(5.0, gt=0)
 

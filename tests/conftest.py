@@ -1,4 +1,5 @@
-"""Test session fixtures: a real embedded Kafka broker and Redis on free loopback ports.
+"""Test session fixtures: a real embedded Kafka broker and Redis on free loopback ports, and a real
+three-master Redis Cluster (started only when a test asks for it).
 
 No mocks: every test that needs a store or a broker talks to these servers.
 Each test gets its own topic names, consumer group ids, Redis key prefix and
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 from consumers.stack import EmbeddedStack, free_port
 from indexes import ScoreStore
@@ -24,6 +26,7 @@ from ranker.settings import (
     Settings,
     TopicSettings,
 )
+from tests.redis_cluster import RedisCluster
 
 
 @pytest.fixture(scope="session")
@@ -80,5 +83,44 @@ def settings(stack: EmbeddedStack, tmp_path: Path) -> Settings:
 def store(settings: Settings) -> Iterator[ScoreStore]:
     """The score store (the session's Redis) under the test's own key prefix, built by the factory."""
     s = stores.score_store(settings)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """Three ``redis-server --cluster-enabled yes`` masters joined by ``redis-cli --cluster create``."""
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def on_cluster(settings: Settings, cluster: RedisCluster) -> Settings:
+    """``settings`` with Redis on ``cluster`` (a ``redis+cluster://`` URL, the same key prefix)."""
+    redis = settings.redis.model_copy(update={"url": SecretStr(cluster.url)})
+    return settings.model_copy(update={"redis": redis})
+
+
+@pytest.fixture
+def cluster_settings(settings: Settings, redis_cluster: RedisCluster) -> Settings:
+    """The test's settings with Redis on the session's cluster."""
+    return on_cluster(settings, redis_cluster)
+
+
+@pytest.fixture(params=["node", "cluster"])
+def redis_settings(request: pytest.FixtureRequest, settings: Settings) -> Settings:
+    """The test's settings, once on the single Redis node and once on the Redis Cluster."""
+    if request.param == "node":
+        return settings
+    return on_cluster(settings, request.getfixturevalue("redis_cluster"))
+
+
+@pytest.fixture
+def redis_store(redis_settings: Settings) -> Iterator[ScoreStore]:
+    """The score store on the parametrized Redis (one node, then the cluster), built by the factory."""
+    s = stores.score_store(redis_settings)
     yield s
     s.close()

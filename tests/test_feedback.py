@@ -193,17 +193,30 @@ def test_sigkill_mid_batch_then_restart_counts_each_event_once(settings: Setting
     assert Counter(ids).most_common(1)[0][1] == 1 and len(ids) == len(events)
 
 
-def counters_for(settings: Settings, per_song: bool) -> Any:
-    """The Redis backend's counters, one script call per batch or per song (its client is used too)."""
-    counters: Any = open_counters(settings)
+def counters_for(settings: Settings, per_song: bool | None, request: pytest.FixtureRequest | None = None) -> Any:
+    """The Redis backend's counters, one script call per batch or per song (its client is used too);
+    ``per_song=None``: on the session's Redis Cluster, where the URL picks one call per song."""
+    if per_song is None:
+        assert request is not None
+        settings = request.getfixturevalue("cluster_settings")
+        counters: Any = open_counters(settings)
+        assert counters.per_song
+        return counters
+    counters = open_counters(settings)
     counters.per_song = per_song
     return counters
 
 
-@pytest.mark.parametrize("per_song", [False, True], ids=["one-call", "per-song"])
-def test_count_statuses_new_replay_duplicate(settings: Settings, per_song: bool) -> None:
+#: One node, one script call per batch; one node, one per song; Redis Cluster (one per song, each in its slot).
+PATHS = pytest.mark.parametrize("per_song", [False, True, None], ids=["one-call", "per-song", "cluster"])
+
+
+@PATHS
+def test_count_statuses_new_replay_duplicate(
+    settings: Settings, per_song: bool | None, request: pytest.FixtureRequest
+) -> None:
     """A message seen again is a replay (its writes are owed), another message with the event a duplicate."""
-    counters = counters_for(settings, per_song)
+    counters = counters_for(settings, per_song, request)
     try:
         songs, ids = ["a", "b", "a", "a"], ["e1", "e2", "e3", "e1"]
         types, markers = ["play", "like", "like", "play"], ["0:1", "0:2", "0:3", "0:4"]
@@ -219,15 +232,18 @@ def test_count_statuses_new_replay_duplicate(settings: Settings, per_song: bool)
         counters.close()
 
 
-@pytest.mark.parametrize("per_song", [False, True], ids=["one-call", "per-song"])
-def test_a_script_error_writes_nothing_and_the_retry_counts(settings: Settings, per_song: bool) -> None:
+@PATHS
+def test_a_script_error_writes_nothing_and_the_retry_counts(
+    settings: Settings, per_song: bool | None, request: pytest.FixtureRequest
+) -> None:
     """A song key of the wrong type fails the call before any dedup key is set: nothing is lost.
 
     One call for the batch: the whole batch fails and writes nothing, so the retry counts all
     three events as new. One call per song: song a's call goes through (its events counted),
     song b's fails alone, so the retry replays a's two events and counts b's.
     """
-    counters = counters_for(settings, per_song)
+    counters = counters_for(settings, per_song, request)
+    per_song = counters.per_song
     try:
         counters.client.set(counters.song_key("b"), "not a hash")
         args = (["a", "a", "b"], ["e1", "e2", "e3"], ["play", "like", "play"], ["0:1", "0:2", "0:3"], "t")
@@ -320,12 +336,17 @@ def test_real_feed_updater_rescores_played_songs(settings: Settings) -> None:
         store.close()
 
 
-def test_store_scripts_and_cluster_pipelines_agree(settings: Settings) -> None:
-    """read_fields and claim_calibration: one script call on one node, per-song pipelines on a cluster."""
+def test_store_scripts_and_cluster_pipelines_agree(settings: Settings, cluster_settings: Settings) -> None:
+    """read_fields and claim_calibration: one script call on one node; per-song pipelines (forced on
+    one node, and on the real cluster, where its URL picks them) give the same results."""
     results = []
-    for multi_key in (True, False):
+    for multi_key, url in (
+        (True, settings.redis.url),
+        (False, settings.redis.url),
+        (False, cluster_settings.redis.url),
+    ):
         prefix = f"{settings.redis.key_prefix}-{int(multi_key)}"
-        store: Any = open_score_store(settings.redis.url.get_secret_value(), key_prefix=prefix)
+        store: Any = open_score_store(url.get_secret_value(), key_prefix=prefix)
         store.multi_key_scripts = multi_key
         try:
             for i, sid in enumerate(("a", "b", "c")):
@@ -336,11 +357,11 @@ def test_store_scripts_and_cluster_pipelines_agree(settings: Settings) -> None:
             results.append((fields, first, again, store.multi_key_scripts))
         finally:
             store.close()
-    (f1, c1, a1, m1), (f2, c2, a2, m2) = results
-    assert m1 and not m2
-    assert f1 == f2 == [["10", "0", None], ["20", "1", None], ["30", "2", None], [None, None, None]]
-    assert c1 == pytest.approx(c2) and c1 == pytest.approx((3.0, 10 * 0.1 + 20 * 0.2 + 30 * 0.05))
-    assert a1 == pytest.approx(c1) and a2 == pytest.approx(c2)  # claimed once only
+    (f1, c1, a1, m1), (f2, c2, a2, m2), (f3, c3, a3, m3) = results
+    assert m1 and not m2 and not m3
+    assert f1 == f2 == f3 == [["10", "0", None], ["20", "1", None], ["30", "2", None], [None, None, None]]
+    assert c1 == pytest.approx(c2) == c3 and c1 == pytest.approx((3.0, 10 * 0.1 + 20 * 0.2 + 30 * 0.05))
+    assert a1 == pytest.approx(c1) and a2 == pytest.approx(c2) and a3 == pytest.approx(c3)  # claimed once only
 
 
 def test_an_offset_range_logged_twice_after_a_rebalance_race_is_read_once(tmp_path: Path) -> None:

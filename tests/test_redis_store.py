@@ -1,4 +1,5 @@
-"""RedisScoreStore against the session's real Redis (an isolated key prefix per test)."""
+"""RedisScoreStore against the session's real Redis (an isolated key prefix per test); the basic reads and
+writes also on the real Redis Cluster (``redis_store``)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def song(song_id: str, rank: float, **extra: object) -> SongRecord:
     )
 
 
-def test_write_then_read_back(store: RedisScoreStore) -> None:
+def test_write_then_read_back(redis_store: RedisScoreStore) -> None:
+    store = redis_store  # one node, then Redis Cluster
     store.write_songs([song("a.1", 0.5, duration_s=31.5, tags=["lofi"], uri="s3://x/a.1.mp3")], "cold-start")
     got = store.get_song("a.1")
     assert got == {
@@ -48,7 +50,8 @@ def test_write_then_read_back(store: RedisScoreStore) -> None:
     assert store.get_songs([]) == []
 
 
-def test_replay_is_idempotent_and_rescoring_moves_not_duplicates(store: RedisScoreStore) -> None:
+def test_replay_is_idempotent_and_rescoring_moves_not_duplicates(redis_store: RedisScoreStore) -> None:
+    store = redis_store  # one node, then Redis Cluster
     batch = [song(f"s-{i}", i / 10) for i in range(5)]
     store.write_songs(batch, "cold-start")
     before = store.get_song("s-3")
@@ -59,7 +62,8 @@ def test_replay_is_idempotent_and_rescoring_moves_not_duplicates(store: RedisSco
     assert store.feed_page("cold-start", 0, 1) == [("s-0", 0.99)]
 
 
-def test_feed_is_best_first_and_pages(store: RedisScoreStore) -> None:
+def test_feed_is_best_first_and_pages(redis_store: RedisScoreStore) -> None:
+    store = redis_store  # one node, then Redis Cluster
     store.write_songs([song(f"s-{i}", r) for i, r in enumerate([0.3, 0.9, 0.1, 0.7])], "f1")
     store.write_songs([song("other", 1.0)], "f2")
     assert store.feed_page("f1", 0, 10) == [("s-1", 0.9), ("s-3", 0.7), ("s-0", 0.3), ("s-2", 0.1)]

@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -123,7 +124,8 @@ def test_the_interfaces_are_what_callers_use() -> None:
     assert {"count", "counts", "close"} <= EngagementCounters.__abstractmethods__
 
 
-def test_read_songs_in_one_round_trip(store: ScoreStore) -> None:
+def test_read_songs_in_one_round_trip(redis_store: ScoreStore) -> None:
+    store: Any = redis_store  # one node, then Redis Cluster
     store.write_songs([record("a", **{PRIOR_FIELD: 0.1}), record("b")], "f")
     store.client.hset(store.song_key("played"), mapping={"eng.plays": 3})  # engagement before scores
     full = store.read_songs(["a", "absent", "played"])
@@ -142,7 +144,8 @@ def test_read_songs_in_one_round_trip(store: ScoreStore) -> None:
     assert store.read_songs([]) == [] and store.read_songs([], fields=["generator"]) == []
 
 
-def test_async_reads_match_the_sync_ones(store: ScoreStore) -> None:
+def test_async_reads_match_the_sync_ones(redis_store: ScoreStore) -> None:
+    store: Any = redis_store  # one node, then Redis Cluster
     store.write_songs([record("a"), record("b")], "f")
 
     async def read() -> tuple[object, ...]:

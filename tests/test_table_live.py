@@ -175,8 +175,12 @@ PAGE = 5  # one exploration slot (round(5 x 0.1)) and a second page
 
 
 def test_a_running_api_serves_what_the_worker_the_feedback_consumer_and_a_promotion_write(
-    settings: Settings, store: RedisScoreStore, tmp_path: Path
+    redis_settings: Settings, redis_store: RedisScoreStore, tmp_path: Path
 ) -> None:
+    """Once on the single Redis node, once on Redis Cluster (``redis+cluster://``): the worker's
+    writes, the per-song engagement and calibration scripts, the rescore, and the API's table
+    (its full load by SCAN over every master, then the change log) on each."""
+    settings, store = redis_settings, redis_store
     # The page cache off: it would add up to its TTL (1 s) to the staleness measured here, which is
     # the table's. The calibration scale read on every request, so that two processes agree on it.
     s = settings.model_copy(update={"api": ApiSettings(page_cache_ttl_s=0.0, calibration_ttl_s=0.0)})
