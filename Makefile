@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint typecheck unit bench clean services-up services-down
+.PHONY: setup demo test lint typecheck unit bench clean services-up services-up-durable services-down
 
 setup: $(STAMP)
 
@@ -32,6 +32,9 @@ test: lint typecheck unit
 
 services-up: setup
 	$(BIN)/apexrank services up
+
+services-up-durable: setup
+	$(BIN)/apexrank services up --durable
 
 services-down: setup
 	$(BIN)/apexrank services down

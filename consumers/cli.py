@@ -54,9 +54,11 @@ def cmd_services(args: argparse.Namespace) -> int:
 
     from consumers.stack import EmbeddedStack
 
-    stack = EmbeddedStack(_settings(args))
+    if args.storage is not None and args.action != "up":
+        raise ConfigError("--durable and --memory go with 'services up'; 'down' and 'status' keep the saved mode")
+    stack = EmbeddedStack(_settings(args), durable=args.storage)
     statuses = {"up": stack.up, "down": stack.down, "status": stack.status}[args.action]()
-    table = Table(title=f"embedded services ({stack.dir})")
+    table = Table(title=f"embedded services ({stack.dir})", caption=stack.describe_storage())
     for col in ("service", "state", "pid", "address", "log"):
         table.add_column(col)
     for st in statuses:
@@ -207,6 +209,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     services = add("services", cmd_services, "start, stop or inspect the embedded Kafka broker and Redis")
     services.add_argument("action", choices=["up", "down", "status"])
+    mode = services.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--durable",
+        dest="storage",
+        action="store_const",
+        const=True,
+        help="keep the broker's topics and offsets on disk under the state directory (a local S3 server); "
+        "later 'up's keep this mode",
+    )
+    mode.add_argument(
+        "--memory", dest="storage", action="store_const", const=False, help="back to the in-memory broker (the default)"
+    )
 
     topics = sub.add_parser("topics", help="manage Kafka topics").add_subparsers(dest="topics_cmd", required=True)
     add("create", cmd_topics_create, "create every apexrank topic that does not exist", topics)

@@ -4,7 +4,10 @@ Production points the settings at its own Kafka and Redis; this module only
 serves development, the demo, tests and CI. Each server runs as its own
 process group with a pid file and a log file under ``STATE_DIR/services``;
 ``up`` is idempotent and ``down`` stops exactly the processes whose pid files
-it wrote (checked against /proc so a recycled pid is never killed).
+it wrote (checked against /proc so a recycled pid is never killed). The broker
+keeps its log in memory unless the state directory is durable
+(consumers/broker_storage.py): then a local S3 server starts first and Tansu
+writes to it.
 """
 
 from __future__ import annotations
@@ -21,10 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from consumers import broker_storage
+from consumers.broker_storage import BrokerStorage
 from ranker.errors import ConfigError
 from ranker.settings import Settings
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+#: Inherited variables that would reconfigure a service behind the stack's back (log floods, other S3 credentials).
+SCRUBBED_ENV = ("RUST_LOG", "AWS_", "RCLONE_")
 
 
 def find_tansu() -> Path:
@@ -86,6 +93,7 @@ class Service:
     host: str
     port: int
     argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()
 
     @property
     def binary_name(self) -> str:
@@ -102,11 +110,17 @@ class ServiceStatus:
 
 
 class EmbeddedStack:
-    """Starts and stops the embedded broker and Redis named by the settings' addresses."""
+    """Starts and stops the embedded broker and Redis named by the settings' addresses.
 
-    def __init__(self, settings: Settings) -> None:
+    ``durable``: True keeps the broker's log on disk, False in memory, None (the default) keeps
+    the mode the state directory was last brought up with (memory for a new one).
+    """
+
+    def __init__(self, settings: Settings, durable: bool | None = None) -> None:
         self.settings = settings
         self.dir = settings.state_dir.resolve() / "services"
+        self.saved = broker_storage.load(self.dir)
+        self.storage: BrokerStorage = broker_storage.choose(self.saved, durable, free_port)
         kafka_host, kafka_port = _kafka_address(settings)
         redis_host, redis_port = _redis_address(settings)
         for name, host in (("Kafka", kafka_host), ("Redis", redis_host)):
@@ -115,45 +129,62 @@ class EmbeddedStack:
                     f"the embedded stack serves loopback only, but the {name} address is {host}; "
                     "an external server needs no 'services up'"
                 )
-        self.services = (
-            Service(
-                "kafka",
-                kafka_host,
-                kafka_port,
-                (
-                    str(find_tansu()),
-                    "broker",
-                    "--listener-url",
-                    f"tcp://{kafka_host}:{kafka_port}",
-                    "--advertised-listener-url",
-                    f"tcp://{kafka_host}:{kafka_port}",
-                    "--storage-engine",
-                    "memory://tansu/",
-                ),
+        kafka = Service(
+            "kafka",
+            kafka_host,
+            kafka_port,
+            (
+                str(find_tansu()),
+                "broker",
+                "--listener-url",
+                f"tcp://{broker_storage.url_host(kafka_host)}:{kafka_port}",
+                "--advertised-listener-url",
+                f"tcp://{broker_storage.url_host(kafka_host)}:{kafka_port}",
+                "--storage-engine",
+                self.storage.tansu_url(),
             ),
-            Service(
-                "redis",
+            tuple(self.storage.tansu_env(kafka_host).items()),
+        )
+        redis = Service(
+            "redis",
+            redis_host,
+            redis_port,
+            (
+                str(find_redis_server()),
+                "--port",
+                str(redis_port),
+                "--bind",
                 redis_host,
-                redis_port,
-                (
-                    str(find_redis_server()),
-                    "--port",
-                    str(redis_port),
-                    "--bind",
-                    redis_host,
-                    "--dir",
-                    str(self.dir / "redis-data"),
-                    "--appendonly",
-                    "yes",
-                    "--appendfsync",
-                    "everysec",
-                    "--save",
-                    "",
-                    "--protected-mode",
-                    "no",
-                ),
+                "--dir",
+                str(self.dir / "redis-data"),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--save",
+                "",
+                "--protected-mode",
+                "no",
             ),
         )
+        #: The local S3 server, known once the state directory has been durable (so ``down`` finds it).
+        self.s3: Service | None = None
+        self._no_rclone: ConfigError | None = None  # raised by up(); down and status work without it
+        if self.storage.s3_port:
+            rclone = Path("rclone")
+            try:
+                rclone = broker_storage.find_rclone()
+            except ConfigError as exc:
+                self._no_rclone = exc
+            self.s3 = Service(
+                "s3",
+                kafka_host,
+                self.storage.s3_port,
+                self.storage.s3_argv(rclone, self.dir / broker_storage.DATA_DIR, kafka_host),
+                tuple(self.storage.s3_env().items()),
+            )
+        # Start order: the broker's storage before the broker.
+        self.services = (self.s3, kafka, redis) if self.storage.durable and self.s3 else (kafka, redis)
 
     # -- files ------------------------------------------------------------------------
     def _pidfile(self, svc: Service) -> Path:
@@ -171,36 +202,26 @@ class EmbeddedStack:
 
     # -- lifecycle --------------------------------------------------------------------
     def up(self, timeout_s: float = 20.0) -> list[ServiceStatus]:
-        """Start whatever is not running yet; wait until each accepts connections."""
+        """Start whatever is not running yet, in order; wait until each accepts connections."""
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "redis-data").mkdir(exist_ok=True)
-        started: dict[str, subprocess.Popen[bytes]] = {}
-        for svc in self.services:
-            if self._pid(svc) is not None:
-                continue
-            if port_open(svc.host, svc.port):
-                raise ConfigError(
-                    f"port {svc.host}:{svc.port} for {svc.name} is taken by a process apexrank did not "
-                    "start; stop it or point the settings at another port"
-                )
-            log = self._logfile(svc).open("ab")
-            env = {k: v for k, v in os.environ.items() if k != "RUST_LOG"}
-            proc = subprocess.Popen(
-                svc.argv,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                env=env,
-                cwd=self.dir,
+        kafka = self._service("kafka")
+        before = self.saved or BrokerStorage()  # a state directory from before the modes was memory
+        if before.durable != self.storage.durable and self._pid(kafka) is not None:
+            raise ConfigError(
+                f"the broker is running with {before.mode} storage; run 'apexrank services down' "
+                f"before switching to {self.storage.mode}"
             )
-            log.close()
-            started[svc.name] = proc
-            self._pidfile(svc).write_text(f"{proc.pid}\n")
+        if self.storage.durable:
+            if self._no_rclone is not None:
+                raise self._no_rclone
+            (self.dir / broker_storage.DATA_DIR / broker_storage.BUCKET).mkdir(parents=True, exist_ok=True)
+        broker_storage.save(self.dir, self.storage)
+        self.saved = self.storage
         deadline = time.monotonic() + timeout_s
         for svc in self.services:
+            child = None if self._pid(svc) is not None else self._start(svc)
             while not port_open(svc.host, svc.port):
-                child = started.get(svc.name)
                 # A process started just now may not have exec'd yet: ask it, not /proc.
                 exited = child.poll() is not None if child is not None else self._pid(svc) is None
                 if exited:
@@ -211,9 +232,30 @@ class EmbeddedStack:
                 time.sleep(0.05)
         return self.status()
 
+    def _start(self, svc: Service) -> subprocess.Popen[bytes]:
+        if port_open(svc.host, svc.port):
+            raise ConfigError(
+                f"port {svc.host}:{svc.port} for {svc.name} is taken by a process apexrank did not "
+                "start; stop it or point the settings at another port"
+            )
+        env = {k: v for k, v in os.environ.items() if not k.startswith(SCRUBBED_ENV)}
+        env.update(svc.env)
+        with self._logfile(svc).open("ab") as log:
+            proc = subprocess.Popen(
+                svc.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=env,
+                cwd=self.dir,
+            )
+        self._pidfile(svc).write_text(f"{proc.pid}\n")
+        return proc
+
     def down(self, timeout_s: float = 10.0) -> list[ServiceStatus]:
-        """Stop the processes this stack started (SIGTERM, then SIGKILL after ``timeout_s``)."""
-        for svc in self.services:
+        """Stop the processes this stack started (SIGTERM, then SIGKILL after ``timeout_s``), broker first."""
+        for svc in reversed(self._known()):
             pid = self._pid(svc)
             if pid is not None:
                 _terminate(pid, timeout_s)
@@ -232,16 +274,24 @@ class EmbeddedStack:
                 _terminate(pid, 10.0)
         self._pidfile(svc).unlink(missing_ok=True)
 
+    def _known(self) -> tuple[Service, ...]:
+        """Every service this state directory may have running, including an S3 server left from durable mode."""
+        if self.s3 is not None and self.s3 not in self.services:
+            return (self.s3, *self.services)
+        return self.services
+
     def _service(self, name: str) -> Service:
-        for svc in self.services:
+        for svc in self._known():
             if svc.name == name:
                 return svc
         raise KeyError(name)
 
     def status(self) -> list[ServiceStatus]:
         out = []
-        for svc in self.services:
+        for svc in self._known():
             pid = self._pid(svc)
+            if svc not in self.services and pid is None:
+                continue
             out.append(
                 ServiceStatus(
                     name=svc.name,
@@ -253,6 +303,15 @@ class EmbeddedStack:
             )
         return out
 
+    def describe_storage(self) -> str:
+        """One line on where the broker's log lives, for ``services up`` and ``status``."""
+        if self.storage.durable:
+            return (
+                f"broker storage: durable (Tansu on s3://{broker_storage.BUCKET}/ served by rclone from "
+                f"{self.dir / broker_storage.DATA_DIR}); kept across 'services down' and 'up'"
+            )
+        return "broker storage: memory (emptied by 'services down'; 'services up --durable' keeps it on disk)"
+
 
 def _kafka_address(settings: Settings) -> tuple[str, int]:
     first = settings.kafka.bootstrap_list[0]
@@ -262,6 +321,11 @@ def _kafka_address(settings: Settings) -> tuple[str, int]:
 
 def _redis_address(settings: Settings) -> tuple[str, int]:
     parts = urlsplit(settings.redis.url.get_secret_value())
+    if parts.scheme.lower().endswith("+cluster"):
+        raise ConfigError(
+            "the embedded stack runs one Redis node; a redis+cluster:// URL names an external Redis Cluster, "
+            "which needs no 'services up'"
+        )
     return parts.hostname or "127.0.0.1", parts.port or 6379
 
 
@@ -277,9 +341,22 @@ def _is_our_process(pid: int, binary_name: str) -> bool:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False
-    if stat.rsplit(")", 1)[-1].split()[0] == "Z":  # a zombie is gone for our purposes
+    if _state(stat) == "Z":  # a zombie is gone for our purposes
         return False
     return binary_name.encode() in cmdline
+
+
+def _state(stat: str) -> str:
+    """The state letter of a /proc/PID/stat line (after the command name, which may hold spaces)."""
+    return stat.rsplit(")", 1)[-1].split()[0]
+
+
+def _is_zombie(pid: int) -> bool:
+    """Exited, waiting for its parent to reap it: an orphan waits on PID 1, which may be slow to reap."""
+    try:
+        return _state(Path(f"/proc/{pid}/stat").read_text()) == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _wait_gone(pid: int, timeout_s: float) -> bool:
@@ -293,7 +370,8 @@ def _wait_gone(pid: int, timeout_s: float) -> bool:
             if os.waitpid(pid, os.WNOHANG)[0] == pid:
                 return True
         except ChildProcessError:
-            pass
+            if _is_zombie(pid):  # exited; someone else's to reap
+                return True
         time.sleep(0.05)
     return False
 
