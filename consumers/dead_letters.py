@@ -4,7 +4,9 @@ The worker writes a dead letter (:class:`ranker.events.DeadLetter`) to ``kafka.t
 each ``songs.generated`` message it cannot score, and the feedback consumer writes one to
 ``kafka.topics.engagement_dead_letter`` for each ``engagement`` message it cannot count. A letter
 holds the failed message's value (``original``, as text or base64), its key, the error code and the
-reason.
+reason. A song whose audio fetch failed transiently (5xx, 429, a timeout, a refused connection) is
+dead-lettered only after the worker's retries (:mod:`consumers.retries`); its reason says how many
+tries were made, and a replay starts the count again.
 
 * ``list`` reads the dead-letter topics from the beginning up to the end offsets captured at start
   (it never waits for new letters) and prints, per topic and error code: how many, the first and last

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
@@ -21,6 +21,11 @@ from ranker.events import DeadLetter
 from ranker.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
+
+#: Kafka record headers, as kafka-python takes them.
+Headers = Sequence[tuple[str, bytes]]
+#: An output record: (topic, key, value), optionally with headers as a fourth item.
+OutRecord = tuple[str, bytes | None, bytes] | tuple[str, bytes | None, bytes, Headers]
 
 
 def make_consumer(kafka: KafkaSettings, group_id: str, topics: Sequence[str], max_poll_records: int) -> KafkaConsumer:
@@ -161,6 +166,7 @@ def all_topics(kafka: KafkaSettings) -> list[str]:
         t.engagement,
         t.engagement_dead_letter,
         t.models_promoted,
+        t.songs_retry,
     ]
 
 
@@ -176,7 +182,7 @@ class Publisher:
         self.kafka = kafka
         self._producer: KafkaProducer | None = None
 
-    def publish(self, records: Sequence[tuple[str, bytes | None, bytes]], timeout_s: float = 30.0) -> list[Refused]:
+    def publish(self, records: Sequence[OutRecord], timeout_s: float = 30.0) -> list[Refused]:
         """Send and flush ``records``; return those refused for what they are (too large, invalid).
 
         Any other failure is an outage: it raises, and the caller retries the whole batch.
@@ -187,9 +193,11 @@ class Publisher:
         refused: list[Refused] = []
         try:
             futures: list[tuple[int, object]] = []
-            for i, (topic, key, value) in enumerate(records):
+            for i, record in enumerate(records):
+                topic, key, value = record[0], record[1], record[2]
+                headers = list(record[3]) if len(record) > 3 else None
                 try:
-                    futures.append((i, producer.send(topic, key=key, value=value)))
+                    futures.append((i, producer.send(topic, key=key, value=value, headers=headers)))
                 except RECORD_ERRORS as exc:  # kafka-python checks max_request_size in send()
                     refused.append(Refused(i, exc))
             producer.flush(timeout=timeout_s)
@@ -217,21 +225,24 @@ class Publisher:
             self._producer = None
 
 
-def dead_letter_record(topic: str, letter: DeadLetter) -> tuple[str, bytes | None, bytes]:
+def dead_letter_record(topic: str, letter: DeadLetter) -> OutRecord:
     return topic, letter.key.encode() if letter.key is not None else None, letter.to_bytes()
 
 
 def publish_outputs(
     publisher: Publisher,
-    records: Sequence[tuple[str, bytes | None, bytes]],
+    records: Sequence[OutRecord],
     letters: Sequence[DeadLetter],
     dead_letter_topic: str,
+    fallbacks: Mapping[int, DeadLetter] | None = None,
 ) -> int:
     """Publish a batch's outputs and its dead letters so that no record can block the batch.
 
     A dead letter refused for its size is sent again without its original (its length and
-    sha256 still identify it); any record still refused is logged and dropped, since
-    retrying cannot change the answer. Outages raise as usual. Returns how many were dropped.
+    sha256 still identify it); a record refused that has a fallback (``fallbacks[i]`` for
+    ``records[i]``: a retry's dead letter) sends that letter instead, so it is not lost; any
+    record still refused is logged and dropped, since retrying cannot change the answer.
+    Outages raise as usual. Returns how many were dropped.
     """
     out = list(records) + [dead_letter_record(dead_letter_topic, d) for d in letters]
     refused = publisher.publish(out)
@@ -241,7 +252,10 @@ def publish_outputs(
     retry: list[DeadLetter] = []
     dropped = 0
     for r in refused:
-        if r.index >= n_records and letters[r.index - n_records].original:
+        if r.index < n_records and fallbacks and r.index in fallbacks:
+            log.error("record refused by Kafka (%s); sending its dead letter instead", type(r.error).__name__)
+            retry.append(fallbacks[r.index].without_original())
+        elif r.index >= n_records and letters[r.index - n_records].original:
             retry.append(letters[r.index - n_records].without_original())
         else:
             dropped += _drop(out[r.index], r.error)
@@ -252,8 +266,8 @@ def publish_outputs(
     return dropped
 
 
-def _drop(record: tuple[str, bytes | None, bytes], error: KafkaError) -> int:
-    topic, key, value = record
+def _drop(record: OutRecord, error: KafkaError) -> int:
+    topic, key, value = record[0], record[1], record[2]
     log.error(
         "record refused by Kafka and dropped (retrying cannot help): topic %s, key %r, %d bytes: %s: %s",
         topic,

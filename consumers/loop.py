@@ -52,6 +52,13 @@ class Message:
     offset: int
     key: bytes | None
     value: bytes | None
+    headers: tuple[tuple[str, bytes], ...] = ()  # the retry topic's bookkeeping (consumers.retries)
+
+
+def message_of(record: Any) -> Message:
+    """A polled kafka-python record as a :class:`Message`."""
+    headers = tuple((str(k), bytes(v or b"")) for k, v in (getattr(record, "headers", None) or ()))
+    return Message(record.topic, record.partition, record.offset, record.key, record.value, headers)
 
 
 def dead_letter(

@@ -6,7 +6,8 @@ embeddings, fetch and decode the rest in waves bounded by ``worker.max_batch_aud
 encode all segments of a wave in batches that cross song boundaries, score, then write in
 this order: embedding store (durable), FAISS index, Redis records and feeds. Every write is
 an upsert keyed by song_id, so a replayed batch creates no second feed entry and no second
-vector. Bad input never blocks a partition: it becomes a dead letter with an error code.
+vector. Bad input never blocks a partition: it becomes a dead letter with an error code, or,
+when its audio fetch failed transiently, a retry the worker schedules (:mod:`consumers.retries`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from consumers.loop import (
     Message,
     dead_letter,
 )
+from consumers.retries import origin_of
 from indexes.base import EmbeddingRecord, ScoreStore, SongRecord, StoredSong
 from indexes.embedding_index import EmbeddingIndex
 from ranker.audio import AudioHTTPClient, DecodedAudio, load_song, segment_waveform
@@ -55,6 +57,8 @@ T = TypeVar("T")
 class BatchResult:
     scored: list[SongScored] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
+    #: Fetches that failed transiently (``InputError.transient``): the worker retries them later.
+    transient: list[tuple[Message, InputError]] = field(default_factory=list)
     reused: int = 0
     audio_waves: int = 0  # groups the batch's audio was decoded in (more than one: the byte cap split it)
     peak_audio_bytes: int = 0  # most decoded audio the batch held at once
@@ -104,7 +108,8 @@ class ScoringPipeline:
 
     # -- stage 1: parse ---------------------------------------------------------------
     def dead_letter(self, msg: Message, code: ErrorCode | str, message: str) -> DeadLetter:
-        return dead_letter(msg, code, message, self.settings.kafka.dead_letter_original_bytes)
+        """The letter names the record the event first came as (a retry's original, not the retry)."""
+        return dead_letter(origin_of(msg), code, message, self.settings.kafka.dead_letter_original_bytes)
 
     def parse(self, messages: Sequence[Message]) -> tuple[list[_Pending], list[DeadLetter]]:
         pending: dict[str, _Pending] = {}
@@ -152,7 +157,7 @@ class ScoringPipeline:
         song in flight fits under the cap; when nothing more fits, the wave decoded so far is
         handed to the encoder (which drops the waveforms) before the next one starts. One song
         always fits an empty wave, so a cap below one song's worst case still makes progress.
-        Dead letters go straight into ``result``.
+        Dead letters and transient failures go straight into ``result``.
         """
         cap = self.settings.worker.max_batch_audio_bytes
         worst = self.song_audio_bytes()
@@ -171,6 +176,9 @@ class ScoringPipeline:
                 for fut in done:
                     i, p = inflight.pop(fut)
                     audio, err = fut.result()
+                    if isinstance(err, InputError) and err.transient:
+                        result.transient.append((p.msg, err))
+                        continue
                     if err is not None:
                         result.dead.append(self.dead_letter(p.msg, *_error_parts(err)))
                         continue

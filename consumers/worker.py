@@ -6,8 +6,10 @@ write (embedding store, FAISS index, Redis), publishes ``songs.scored`` and the 
 letters (flushed), and only then commits the offsets. A crash at any point replays the
 batch; every write is an upsert keyed by song_id, so a replay creates no second feed
 entry and no second vector. Infrastructure failures (Redis, Kafka, disk) are retried
-with backoff and nothing is committed until the batch's writes have landed. Between
-batches the worker switches to a newly promoted head.
+with backoff and nothing is committed until the batch's writes have landed. A song whose
+audio fetch failed transiently goes to the retry topic, which the worker also consumes,
+and is tried again after a backoff (:mod:`consumers.retries`). Between batches the worker
+switches to a newly promoted head.
 """
 
 from __future__ import annotations
@@ -22,18 +24,28 @@ from types import FrameType
 from typing import Any, TypeVar
 
 from consumers import metrics
-from consumers.kafka_io import Publisher, all_topics, ensure_topics, log_size_limits, make_consumer, publish_outputs
+from consumers.kafka_io import (
+    OutRecord,
+    Publisher,
+    all_topics,
+    ensure_topics,
+    log_size_limits,
+    make_consumer,
+    publish_outputs,
+)
 from consumers.loop import (
     IdleClock,
     Message,
     Stopping,
     commit,
     in_partition_order,
+    message_of,
     retry_infra,
     stop_on_signals,
     update_lag,
 )
 from consumers.pipeline import ScoringPipeline
+from consumers.retries import RetryPauses, RetryPolicy
 from ranker import stores
 from ranker.audio import check_file_policy
 from ranker.encoders import build_encoder
@@ -53,6 +65,8 @@ class WorkerStats:
     scored: int = 0
     dead_letters: int = 0
     reused_embeddings: int = 0
+    retries_scheduled: int = 0  # transient fetch failures sent to the retry topic
+    retries_exhausted: int = 0  # ... dead-lettered after the last try (counted in dead_letters too)
     dead_by_code: dict[str, int] = field(default_factory=dict)
 
 
@@ -61,6 +75,11 @@ def _model_dir(settings: Settings) -> Path | None:
         return resolve_model_dir(settings.head_dir)
     except ConfigError:
         return None
+
+
+def _retries_first(messages: list[Message], retry_topic: str) -> list[Message]:
+    """Retries before new events: when a batch holds both for one song, the newer event wins."""
+    return sorted(messages, key=lambda m: m.topic != retry_topic)
 
 
 def _offset_ranges(messages: Sequence[Message]) -> dict[str, list[int]]:
@@ -99,6 +118,9 @@ class Worker:
         self.index = stores.embedding_index(settings, self.encoder.vector_dim)
         self.store = stores.score_store(settings)
         self.pipeline = ScoringPipeline(settings, self.encoder, self.model, self.index, self.store)
+        self.retries = RetryPolicy(settings)
+        # The retry partitions waiting for their next record to be due.
+        self.retry_pauses = RetryPauses(settings.kafka.topics.songs_retry, settings.worker.fetch_backoff_max_s)
         metrics.MODEL_INFO.info({"model_version": self.model.version, "encoder": self.encoder.encoder_id})
         log.info(
             "worker ready: encoder=%s model=%s index=%d vectors",
@@ -142,28 +164,45 @@ class Worker:
         return retry_infra(what, fn, stop=self._stop, initial_s=w.retry_initial_s, max_s=w.retry_max_s)
 
     def run(self, until_idle_s: float | None = None) -> WorkerStats:
-        """Consume until stopped (or until ``until_idle_s`` seconds pass with no message)."""
+        """Consume until stopped (or until ``until_idle_s`` seconds pass with no message and no retry waiting)."""
         s = self.settings
         topics = s.kafka.topics
         if s.kafka.auto_create_topics:
             self._retry("create topics", lambda: ensure_topics(s.kafka, all_topics(s.kafka)))
-        self._retry("read size limits", lambda: log_size_limits(s.kafka, [topics.songs_scored, topics.dead_letter]))
+        self._retry(
+            "read size limits",
+            lambda: log_size_limits(s.kafka, [topics.songs_scored, topics.dead_letter, topics.songs_retry]),
+        )
+        # The retry topic is read by the same consumer: a waiting retry pauses only its own partition.
         consumer = self._retry(
             "connect consumer",
             lambda: make_consumer(
-                s.kafka, s.kafka.worker_group_id, [topics.songs_generated], s.worker.max_poll_records
+                s.kafka,
+                s.kafka.worker_group_id,
+                [topics.songs_generated, topics.songs_retry],
+                s.worker.max_poll_records,
             ),
         )
         producer = Publisher(s.kafka)
         idle = IdleClock(until_idle_s)
+        pauses = self.retry_pauses
         try:
             while not self._stop.is_set():
-                polled = consumer.poll(timeout_ms=s.worker.poll_timeout_ms, max_records=s.worker.max_poll_records)
+                pauses.resume_due(consumer)
+                polled = consumer.poll(
+                    timeout_ms=pauses.poll_timeout_ms(s.worker.poll_timeout_ms),
+                    max_records=s.worker.max_poll_records,
+                )
                 self.assignment = frozenset(consumer.assignment())
                 self.maybe_reload_model()
-                messages = [Message(r.topic, r.partition, r.offset, r.key, r.value) for r in in_partition_order(polled)]
+                messages = _retries_first(
+                    pauses.admit(consumer, [message_of(r) for r in in_partition_order(polled)]), topics.songs_retry
+                )
                 if not messages:
                     self.index.maybe_snapshot()
+                    if pauses.waiting:  # retries are due later: not idle
+                        idle.busy()
+                        continue
                     if idle.expired(bool(consumer.assignment())):
                         log.info("idle for %.1fs; exiting", until_idle_s)
                         break
@@ -192,20 +231,26 @@ class Worker:
         result, write = self._retry("process", lambda: self.pipeline.process(messages))
         self._retry("write stores", write)
         topics = self.settings.kafka.topics
+        plan = self.retries.plan(result.transient)
+        dead = result.dead + plan.exhausted
 
-        records: list[tuple[str, bytes | None, bytes]] = [
-            (topics.songs_scored, s.song_id.encode(), s.to_bytes()) for s in result.scored
-        ]
-        dropped = self._retry("publish", lambda: publish_outputs(producer, records, result.dead, topics.dead_letter))
+        records: list[OutRecord] = [(topics.songs_scored, s.song_id.encode(), s.to_bytes()) for s in result.scored]
+        fallbacks = {len(records) + i: letter for i, letter in enumerate(plan.fallbacks)}
+        records += plan.retries
+        dropped = self._retry(
+            "publish", lambda: publish_outputs(producer, records, dead, topics.dead_letter, fallbacks)
+        )
         metrics.RECORDS_DROPPED.inc(dropped)
         st = self.stats
         st.batches += 1
         st.messages += len(messages)
         st.scored += len(result.scored)
         st.reused_embeddings += result.reused
-        st.dead_letters += len(result.dead)
+        st.dead_letters += len(dead)
+        st.retries_scheduled += len(plan.retries)
+        st.retries_exhausted += len(plan.exhausted)
         metrics.SONGS_SCORED.inc(len(result.scored))
-        for d in result.dead:
+        for d in dead:
             st.dead_by_code[d.error_code] = st.dead_by_code.get(d.error_code, 0) + 1
             metrics.DEAD_LETTERS.labels(d.error_code).inc()
             log.info(
@@ -225,10 +270,11 @@ class Worker:
             )
         elapsed = time.perf_counter() - t0
         log.info(
-            "batch: %d messages, %d scored, %d dead letters in %.3fs",
+            "batch: %d messages, %d scored, %d dead letters, %d retries in %.3fs",
             len(messages),
             len(result.scored),
-            len(result.dead),
+            len(dead),
+            len(plan.retries),
             elapsed,
             extra={
                 "offsets": _offset_ranges(messages),

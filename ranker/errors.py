@@ -24,12 +24,18 @@ class ErrorCode(StrEnum):
 
 
 class InputError(Exception):
-    """A message or its audio cannot be scored. Never retried: it goes to the dead-letter topic."""
+    """A message or its audio cannot be scored.
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    ``transient`` says the same input may succeed later (an audio host's 5xx, 429, a timeout,
+    a refused or reset connection): the worker retries it with backoff (``consumers.retries``)
+    before dead-lettering it. Everything else is permanent and dead-lettered at once.
+    """
+
+    def __init__(self, code: ErrorCode, message: str, *, transient: bool = False) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.transient = transient
 
 
 class ConfigError(Exception):

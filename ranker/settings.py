@@ -46,8 +46,19 @@ class TopicSettings(_Section):
     engagement: str = "engagement"
     engagement_dead_letter: str = "engagement.dead-letter"
     models_promoted: str = "models.promoted"
+    songs_retry: str = Field(
+        "",
+        description="Where the worker parks songs whose audio fetch failed transiently until their next "
+        "attempt (worker.fetch_*); empty: songs_generated + '.retry' (songs.generated.retry).",
+    )
     partitions: int = Field(3, ge=1, description="Partitions used when apexrank creates a topic itself.")
     replication_factor: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _default_retry_topic(self) -> TopicSettings:
+        if not self.songs_retry:
+            self.songs_retry = f"{self.songs_generated}.retry"
+        return self
 
 
 class KafkaSettings(_Section):
@@ -186,6 +197,16 @@ class WorkerSettings(_Section):
     fetch_threads: int = Field(4, ge=1)
     retry_initial_s: float = Field(0.5, gt=0)
     retry_max_s: float = Field(15.0, gt=0)
+    fetch_max_attempts: int = Field(
+        5,
+        ge=1,
+        description="Tries of a song whose audio fetch fails transiently (5xx, 429, timeout, refused or reset "
+        "connection) before its dead letter; 1: no retry.",
+    )
+    fetch_backoff_initial_s: float = Field(
+        10.0, gt=0, description="Wait before the second try; it doubles per try up to fetch_backoff_max_s."
+    )
+    fetch_backoff_max_s: float = Field(300.0, gt=0, description="Longest wait between two tries of one song.")
     model_check_s: float = Field(10.0, gt=0, description="How often the worker looks for a newly promoted head.")
     max_batch_audio_bytes: int = Field(
         1 << 30,

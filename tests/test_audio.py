@@ -375,6 +375,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, b"not here")
         elif path == "/error.wav":
             self._send(500, b"boom")
+        elif path == "/unavailable.wav":
+            self._send(503, b"try later")
+        elif path == "/throttled.wav":
+            self._send(429, b"slow down")
+        elif path == "/forbidden.wav":
+            self._send(403, b"no")
+        elif path == "/hangup.wav":  # announces a body, then hangs up halfway
+            self._send(200, WAV_BYTES[:100], {"Content-Length": str(len(WAV_BYTES))})
         elif path == "/redirect.wav":
             self._send(302, b"", {"Location": "/ok.wav"})
         elif path == "/slow.wav":  # headers only after the client gave up
@@ -444,6 +452,37 @@ def test_http_timeouts(server: str, http_settings: AudioSettings) -> None:
         elapsed = time.monotonic() - start
         assert uri in err.message
         assert elapsed < 1.3, f"{path}: gave up after {elapsed:.2f} s"
+
+
+def test_fetch_failures_are_transient_or_permanent(server: str, http_settings: AudioSettings) -> None:
+    """Transient failures are retried by the worker before their dead letter; permanent ones are not."""
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago and has no listener
+        s.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{s.getsockname()[1]}/a.wav"
+    transient = {
+        f"{server}/error.wav": ErrorCode.HTTP_ERROR,  # 500
+        f"{server}/unavailable.wav": ErrorCode.HTTP_ERROR,  # 503
+        f"{server}/throttled.wav": ErrorCode.HTTP_ERROR,  # 429
+        f"{server}/hangup.wav": ErrorCode.HTTP_ERROR,  # the peer closed mid-body
+        refused: ErrorCode.HTTP_ERROR,  # connection refused
+        f"{server}/slow.wav": ErrorCode.FETCH_TIMEOUT,
+        f"{server}/trickle.wav": ErrorCode.FETCH_TIMEOUT,
+    }
+    for uri, code in transient.items():
+        assert expect(code, fetch_audio, uri, http_settings).transient, uri
+    no_redirects = http_settings.model_copy(update={"max_redirects": 0})
+    permanent = [
+        (ErrorCode.HTTP_ERROR, f"{server}/missing.wav", http_settings),  # 404
+        (ErrorCode.HTTP_ERROR, f"{server}/forbidden.wav", http_settings),  # 403
+        (ErrorCode.HTTP_ERROR, f"{server}/redirect.wav", no_redirects),
+        (ErrorCode.TOO_LARGE, f"{server}/huge-declared.wav", http_settings),
+        (ErrorCode.FORBIDDEN_URI, f"{server}/ok.wav", AudioSettings()),  # loopback is refused by default
+        (ErrorCode.UNSUPPORTED_URI_SCHEME, "ftp://example.org/a.wav", http_settings),
+    ]
+    for code, uri, cfg in permanent:
+        assert not expect(code, fetch_audio, uri, cfg).transient, uri
 
 
 def test_http_too_large(server: str, http_settings: AudioSettings) -> None:

@@ -131,6 +131,31 @@ def test_publish_outputs_reports_what_kafka_refused(settings: Settings) -> None:
     assert [m.value for m in read_topic(settings, topic, 1)] == [b"{}"]
 
 
+def test_a_retry_record_kafka_refuses_goes_as_its_dead_letter(settings: Settings) -> None:
+    """A transient failure's retry record that Kafka refuses is not lost: its dead letter goes instead."""
+    from consumers.kafka_io import Publisher
+    from consumers.loop import Message, dead_letter
+
+    topics = settings.kafka.topics
+    ensure_topics(settings.kafka, [topics.songs_retry, topics.dead_letter])
+    letter = dead_letter(Message(topics.songs_generated, 0, 3, b"big", POISON), ErrorCode.HTTP_ERROR, "HTTP 503")
+    retry = (topics.songs_retry, b"big", POISON, [("apexrank-attempts", b"1")])
+    publisher = Publisher(settings.kafka)
+    try:
+        dropped = publish_outputs(publisher, [retry], [], topics.dead_letter, {0: letter})
+    finally:
+        publisher.close()
+    assert dropped == 0
+    (sent,) = _letters(settings, topics.dead_letter, 1)
+    assert (sent.key, sent.error_code, sent.source_topic, sent.offset) == (
+        "big",
+        "http_error",
+        topics.songs_generated,
+        3,
+    )
+    assert sent.original_length == len(POISON) and sent.original_sha256 == hashlib.sha256(POISON).hexdigest()
+
+
 def test_created_at_and_key_are_checked_at_ingest(settings: Settings, tmp_path: Path) -> None:
     topics = settings.kafka.topics
     ensure_topics(settings.kafka, [topics.songs_generated])

@@ -169,7 +169,8 @@ def test_bad_input_goes_to_dead_letters_and_the_worker_keeps_going(
             "audio": AudioSettings(
                 max_bytes=400_000, fetch_timeout_s=1.0, max_duration_s=3.0, allow_private_networks=True
             ),
-            "worker": WorkerSettings(max_poll_records=4),
+            # One try: the slow server's timeout is transient and would otherwise be retried (test_retries.py).
+            "worker": WorkerSettings(max_poll_records=4, fetch_max_attempts=1),
         }
     )
     sr = 24_000
@@ -218,6 +219,8 @@ def test_bad_input_goes_to_dead_letters_and_the_worker_keeps_going(
         assert by_key[name].error_code == code, (name, by_key[name].message)
         assert by_key[name].source_topic == settings.kafka.topics.songs_generated
         assert by_key[name].message
+    assert "gave up after 1 attempt" in by_key["httpslow"].message  # transient, but no retry was allowed
+    assert "attempt" not in by_key["http404"].message  # a 404 is permanent: never retried
     keyless = sorted(d.error_code for d in letters if not d.key)
     assert keyless == ["invalid_json", "invalid_json", "invalid_schema"]
     binary = next(d for d in letters if d.original_encoding == "base64")

@@ -37,7 +37,7 @@ from ranker.audio.transport import _CURRENT, AudioHTTPClient, _Fetch, _vet_addre
 from ranker.errors import ConfigError, ErrorCode, InputError
 from ranker.settings import AudioSettings
 
-__all__ = ["check_file_policy", "display_uri", "fetch_audio", "load_song"]
+__all__ = ["check_file_policy", "display_uri", "fetch_audio", "load_song", "transient_status"]
 
 #: The package's name, as before the split: logging configuration and filters name it.
 log = logging.getLogger("ranker.audio")
@@ -48,6 +48,27 @@ HTTP_SCHEMES = frozenset({"http", "https"})
 
 #: Redirect statuses that are followed (as GET); any other 3xx is an error.
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+
+# -- transient or permanent: the one place fetch failures are classified ------------------
+# A transient failure may pass if the same URI is fetched again later: the worker retries it
+# with backoff before its dead letter. Everything else (4xx, a forbidden or malformed URI, a
+# bad redirect, a body over the limit) would fail the same way again and is dead-lettered at once.
+
+#: Statuses besides 5xx that say "not now" rather than "not this URI": a request timeout, throttling.
+TRANSIENT_STATUSES = frozenset({408, 429})
+
+#: Transport failures that say nothing about the URI: timeouts, refused or reset connections,
+#: a resolver that did not answer, a peer that hung up mid-response.
+TRANSIENT_TRANSPORT_ERRORS: tuple[type[Exception], ...] = (
+    httpx.TimeoutException,
+    httpx.NetworkError,
+    httpx.RemoteProtocolError,
+)
+
+
+def transient_status(status: int) -> bool:
+    """Is an HTTP error status worth retrying later (5xx, 408, 429)?"""
+    return status in TRANSIENT_STATUSES or 500 <= status <= 599
 
 
 def display_uri(uri: str) -> str:
@@ -308,11 +329,14 @@ def _fetch_http(uri: str, settings: AudioSettings, client: AudioHTTPClient | Non
         raise InputError(
             ErrorCode.FETCH_TIMEOUT,
             f"{shown!r} timed out after {timeout_s:g} s ({type(exc).__name__}: {safe_error_text(exc)})",
+            transient=True,
         ) from exc
     except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
         # A server's reply is quoted by h11 when it is not HTTP ("illegal header line: b'...'").
         raise InputError(
-            ErrorCode.HTTP_ERROR, f"{shown!r} could not be fetched: {type(exc).__name__}: {safe_error_text(exc)}"
+            ErrorCode.HTTP_ERROR,
+            f"{shown!r} could not be fetched: {type(exc).__name__}: {safe_error_text(exc)}",
+            transient=isinstance(exc, TRANSIENT_TRANSPORT_ERRORS),
         ) from exc
     finally:
         _CURRENT.reset(token)
@@ -323,7 +347,11 @@ def _fetch_http(uri: str, settings: AudioSettings, client: AudioHTTPClient | Non
 def _read_body(shown: str, resp: httpx.Response, settings: AudioSettings, deadline: float) -> bytes:
     status = resp.status_code
     if status >= 300:
-        raise InputError(ErrorCode.HTTP_ERROR, f"{shown!r} answered HTTP {status} {resp.reason_phrase}")
+        raise InputError(
+            ErrorCode.HTTP_ERROR,
+            f"{shown!r} answered HTTP {status} {resp.reason_phrase}",
+            transient=transient_status(status),
+        )
     coding = resp.headers.get("content-encoding", "identity").strip().lower()
     if coding not in ("", "identity"):
         raise InputError(
@@ -344,6 +372,7 @@ def _read_body(shown: str, resp: httpx.Response, settings: AudioSettings, deadli
             raise InputError(
                 ErrorCode.FETCH_TIMEOUT,
                 f"{shown!r} took longer than {settings.fetch_timeout_s:g} s to download ({len(buf)} bytes so far)",
+                transient=True,
             )
     return bytes(buf)
 
