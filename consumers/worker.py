@@ -121,7 +121,7 @@ class Worker:
         self.retries = RetryPolicy(settings)
         # The retry partitions waiting for their next record to be due.
         self.retry_pauses = RetryPauses(settings.kafka.topics.songs_retry, settings.worker.fetch_backoff_max_s)
-        metrics.MODEL_INFO.info({"model_version": self.model.version, "encoder": self.encoder.encoder_id})
+        self._export_model()
         log.info(
             "worker ready: encoder=%s model=%s index=%d vectors",
             self.encoder.encoder_id,
@@ -149,8 +149,15 @@ class Worker:
         log.info("switching model %s -> %s", self.model.version, model.version)
         self.model = self.pipeline.model = model
         self._model_dir = directory
-        metrics.MODEL_INFO.info({"model_version": model.version, "encoder": self.encoder.encoder_id})
+        self._export_model()
         return True
+
+    def _export_model(self) -> None:
+        """The model in use on /metrics: its version, the encoder, and whether the head was trained."""
+        trained = "true" if self.model.trained else "false"
+        metrics.MODEL_INFO.info(
+            {"model_version": self.model.version, "encoder": self.encoder.encoder_id, "trained": trained}
+        )
 
     def install_signal_handlers(self) -> None:
         stop_on_signals(self._on_signal)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from consumers.publish import publish_events
@@ -30,6 +31,9 @@ def score_one(settings: Settings, song_id: str, audio: Path) -> str:
     worker = Worker(settings)
     try:
         version = worker.model.version
+        info = {"model_version": version, "encoder": worker.encoder.encoder_id}
+        trained = "true" if worker.model.trained else "false"
+        assert REGISTRY.get_sample_value("apexrank_model_info", {**info, "trained": trained}) == 1.0
         stats = worker.run(until_idle_s=1.0)
     finally:
         worker.close()
@@ -50,6 +54,7 @@ def test_an_untrained_heads_scores_are_marked_everywhere_and_a_trained_heads_now
     settings: Settings, store: RedisScoreStore, tmp_path: Path
 ) -> None:
     seeded = score_one(settings, "raw-1", tmp_path / "raw.wav")
+    assert seeded.startswith("untrained-")
     root = settings.head_dir.parent
     trained = seeded_model(settings, 3)
     promote(root, trained.save_versioned(root))
