@@ -178,6 +178,13 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     return run(_settings(args), args)
 
 
+# -- songs ---------------------------------------------------------------------------
+def cmd_songs_delete(args: argparse.Namespace) -> int:
+    from consumers.takedown import run
+
+    return run(_settings(args), args)
+
+
 # -- serve ---------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     from consumers.serve import serve
@@ -311,6 +318,19 @@ def build_parser() -> argparse.ArgumentParser:
         dl.add_argument("--since", metavar="T", help="failed at or after T: RFC 3339 (2026-01-31T12:00:00Z) or 2h, 3d")
         dl.add_argument("--json", action="store_true", help="print the report as JSON")
     dl_replay.add_argument("--dry-run", action="store_true", help="report what would be republished; publish nothing")
+
+    songs = sub.add_parser("songs", help="manage scored songs").add_subparsers(dest="songs_cmd", required=True)
+    delete = add(
+        "delete",
+        cmd_songs_delete,
+        "take songs down (rights claim, abuse): out of every feed, hash, counter and API table now, a tombstone "
+        "against replays, and songs.deleted so the workers drop the vectors; idempotent",
+        songs,
+    )
+    delete.add_argument("song_ids", nargs="*", metavar="ID", help="song ids to take down")
+    delete.add_argument("--file", metavar="F", help="a file of song ids, one a line ('#' starts a comment)")
+    delete.add_argument("--reason", default="takedown", help="kept in each tombstone and event (1-256 characters)")
+    delete.add_argument("--json", action="store_true", help="print the report as JSON")
 
     from consumers.model_cli import register
 

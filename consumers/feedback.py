@@ -23,6 +23,9 @@ counted, step 3 logs nothing twice, step 4 recomputes from the current counters.
 So the batch converges to the same counters, log and feeds, provided it is
 replayed within the dedup window. Engagement for a song that has not been scored
 yet is counted all the same: its counters wait in the song's hash for its scores.
+Engagement for a song taken down (a tombstone, see :mod:`consumers.takedown`) is a
+no-op: not counted, not logged, no feed update; it is counted on
+``apexrank_feedback_events_total{outcome="tombstoned"}``.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from prometheus_client import Counter
 from consumers import metrics
 from consumers.kafka_io import Publisher, ensure_topics, log_size_limits, make_consumer, publish_outputs
 from consumers.loop import IdleClock, Message, Stopping, commit, dead_letter, in_partition_order, retry_infra
-from indexes import DUPLICATE, REPLAY, message_marker
+from indexes import DUPLICATE, REPLAY, TOMBSTONED, message_marker
 from indexes.engagement_log import EngagementLog
 from ranker import stores
 from ranker.errors import InputError
@@ -65,6 +68,7 @@ class FeedbackStats:
     accepted: int = 0  # counted by this batch, or by an earlier run of it (replayed)
     replayed: int = 0  # counted before a crash and finished now (log, feed)
     duplicates: int = 0
+    tombstoned: int = 0  # events for songs taken down: not counted, not logged
     dead_letters: int = 0
     logged: int = 0
     dead_by_code: dict[str, int] = field(default_factory=dict)
@@ -140,8 +144,8 @@ class FeedbackConsumer:
         finally:
             wait(counting)
         status = "".join(f.result() for f in counting)
-        if DUPLICATE in status:
-            take = [i for i, st in enumerate(status) if st != DUPLICATE]
+        if DUPLICATE in status or TOMBSTONED in status:
+            take = [i for i, st in enumerate(status) if st != DUPLICATE and st != TOMBSTONED]
             events = [events[i] for i in take]
             kept = [kept[i] for i in take]
         t = stats.add_time("count", t)
@@ -169,14 +173,17 @@ class FeedbackConsumer:
         stats.add_time("log+feed", t)
 
         replayed = status.count(REPLAY)
-        duplicates = len(status) - len(events)
+        tombstoned = status.count(TOMBSTONED)
+        duplicates = len(status) - len(events) - tombstoned
         stats.logged += logged
         stats.accepted += len(events)
         stats.replayed += replayed
         stats.duplicates += duplicates
+        stats.tombstoned += tombstoned
         EVENTS.labels("accepted").inc(len(events) - replayed)
         EVENTS.labels("replayed").inc(replayed)
         EVENTS.labels("duplicate").inc(duplicates)
+        EVENTS.labels("tombstoned").inc(tombstoned)
         return dead
 
     def run(self, until_idle_s: float | None = None) -> FeedbackStats:

@@ -14,6 +14,12 @@ RECORDS_DROPPED = Counter(
     "original; logged with their topic and key",
 )
 COMMITS = Counter("apexrank_worker_commits_total", "Offset commits after a batch's writes landed")
+SONGS_TOMBSTONED = Counter(
+    "apexrank_worker_tombstoned_total", "songs.generated events skipped because the song was taken down"
+)
+TAKEDOWNS = Counter(
+    "apexrank_worker_takedowns_total", "Embeddings removed from this worker's store by songs.deleted events"
+)
 BATCH_SIZE = Histogram(
     "apexrank_worker_batch_messages",
     "Messages per polled batch",

@@ -45,11 +45,19 @@ def current_model(settings: Settings) -> ScoringModel:
 
 
 def gather(settings: Settings, store: ScoreStore) -> tuple[Observed, FeatureSet]:
-    """Played songs that have embeddings and metadata (with ``likes_model=head``, only those past the threshold)."""
+    """Played songs that have embeddings and metadata (with ``likes_model=head``, only those past the threshold).
+
+    Songs taken down (a tombstone in the score store) are left out, whatever the engagement log
+    still holds of them, and so are songs the embedding store no longer has.
+    """
     log_table = EngagementLog(settings.engagement_log_dir, settings.kafka.topics.engagement).read()
     ids, plays, likes = aggregate_engagement(log_table)
     # Every played song: the likes read-out learns from songs below the exposure threshold too.
     keep = plays >= (1 if settings.retrain.likes_model == "readout" else settings.retrain.min_plays)
+    gone = store.deleted(ids)
+    if gone:
+        log.info("leaving out %d songs taken down", len(gone))
+        keep &= np.array([s not in gone for s in ids], dtype=bool)
     ids = [s for s, k in zip(ids, keep, strict=True) if k]
     plays, likes = plays[keep], likes[keep]
     meta = _metadata(store, ids)

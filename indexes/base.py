@@ -100,6 +100,25 @@ class Change:
     feeds: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class RemovedEmbedding:
+    """A deletion from an embedding store, in sequence order with the upserts: the index drops ``key``."""
+
+    seq: int
+    key: int  # the song's faiss_id
+    song_id: str
+
+
+@dataclass(frozen=True)
+class Deletion:
+    """What :meth:`ScoreStore.delete_songs` did to one song."""
+
+    song_id: str
+    had_record: bool  # its hash existed (scores, counters or calibration claims), now gone
+    already_deleted: bool  # a tombstone was there already (kept, with its first reason and time)
+    feeds: tuple[str, ...] = ()  # the feeds it was removed from
+
+
 #: A (feed -> song_id -> value) map; None removes the song from that feed.
 FeedEntries = Mapping[str, Mapping[str, float | None]]
 
@@ -121,6 +140,14 @@ class EmbeddingStore(ABC):
     @abstractmethod
     def iter_since(self, seq: int, batch_size: int = 4096) -> Iterator[StoredEmbedding]:
         """Records written after sequence number ``seq`` (0 = all), in sequence order."""
+
+    @abstractmethod
+    def delete(self, song_ids: Sequence[str]) -> dict[str, int]:
+        """Remove these songs' records, durably; ``{song_id: the deletion's seq}`` for those that were stored."""
+
+    @abstractmethod
+    def iter_changes_since(self, seq: int, batch_size: int = 4096) -> Iterator[StoredEmbedding | RemovedEmbedding]:
+        """Upserts and deletions after ``seq``, in one sequence order: what an index catching up applies."""
 
     @abstractmethod
     def max_seq(self) -> int: ...
@@ -267,6 +294,21 @@ class ScoreStore(ABC):
     def replace_feed(self, feed: str, members: Mapping[str, float], ages: Mapping[str, float] | None = None) -> None:
         """Atomically replace a feed (and its age index) with ``members``."""
 
+    # -- takedown -------------------------------------------------------------------------
+    @abstractmethod
+    def delete_songs(self, song_ids: Sequence[str], reason: str, feeds: Sequence[str]) -> list[Deletion]:
+        """Take songs down: tombstone each (kept for the store's tombstone retention), delete its
+        record (scores, counters, calibration claims, whose share leaves the calibration totals),
+        remove it from ``feeds`` and their age indexes, and log the change. Idempotent; a song
+        never stored is tombstoned all the same (it stays out if it arrives later).
+
+        Writes racing a deletion never bring a song back: :meth:`write_songs` and
+        :meth:`write_feed_entries` skip tombstoned songs."""
+
+    @abstractmethod
+    def deleted(self, song_ids: Sequence[str]) -> set[str]:
+        """The subset of ``song_ids`` with a tombstone, in one round trip."""
+
     # -- reads ----------------------------------------------------------------------------
     @abstractmethod
     def scan_song_ids(self, batch: int = 1000) -> Iterator[str]:
@@ -317,8 +359,9 @@ class ScoreStore(ABC):
 
 
 #: Per-event statuses returned by :meth:`EngagementCounters.count`: counted now; counted
-#: earlier by this very message (a replayed batch); counted earlier by another message.
-NEW, REPLAY, DUPLICATE = "n", "r", "d"
+#: earlier by this very message (a replayed batch); counted earlier by another message;
+#: not counted because the song was taken down (it has a tombstone).
+NEW, REPLAY, DUPLICATE, TOMBSTONED = "n", "r", "d", "x"
 
 
 def message_marker(partition: int, offset: int) -> str:
@@ -347,7 +390,7 @@ class EngagementCounters(ABC):
 
         Event ``i`` is ``event_ids[i]`` for ``song_ids[i]``, of ``types[i]`` (play, like, ...),
         carried by the message ``markers[i]`` (:func:`message_marker`). Returns a string of
-        :data:`NEW`, :data:`REPLAY` or :data:`DUPLICATE`, one per event.
+        :data:`NEW`, :data:`REPLAY`, :data:`DUPLICATE` or :data:`TOMBSTONED`, one per event.
         """
 
     @abstractmethod

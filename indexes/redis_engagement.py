@@ -13,7 +13,9 @@ key was new increments the counter. Each event comes back with a status:
 * ``REPLAY``: counted earlier by this very message (the batch is being replayed after
   a crash): not counted again, but the caller still owes it its other writes
   (the engagement log, the feed);
-* ``DUPLICATE``: counted earlier by another message (a redelivered or republished event).
+* ``DUPLICATE``: counted earlier by another message (a redelivered or republished event);
+* ``TOMBSTONED``: the song was taken down (its tombstone ``{prefix}:gone:{<song_id>}`` exists,
+  checked in the same script): nothing is written, no dedup key, no counter, no hash.
 
 A replayed batch therefore counts nothing twice, and the caller can still finish
 what the crash interrupted.
@@ -39,7 +41,7 @@ from typing import Any, ClassVar
 import redis.exceptions
 from pydantic import BaseModel, ConfigDict, Field
 
-from indexes.base import DUPLICATE, NEW, REPLAY, EngagementCounters, message_marker
+from indexes.base import DUPLICATE, NEW, REPLAY, TOMBSTONED, EngagementCounters, message_marker
 from indexes.redis_client import SyncClient, connect, cross_slot, is_cluster_url, run_script_calls
 from indexes.redis_schema import COUNTER_FIELDS, ENGAGEMENT_COUNTERS, RedisKeys, counter_field, lua
 
@@ -50,6 +52,7 @@ __all__ = [
     "DUPLICATE",
     "NEW",
     "REPLAY",
+    "TOMBSTONED",
     "RedisEngagementConfig",
     "RedisEngagementCounters",
     "message_marker",
@@ -62,9 +65,9 @@ CHUNK = 5000
 
 _LUA_FIELDS = ", ".join(f"['{t}'] = {{'{f}', {d}}}" for t, (f, d) in COUNTER_FIELDS.items())
 
-# KEYS = the song hashes (n_songs of them), then one dedup key per event.
+# KEYS = the song hashes (n_songs of them), their tombstones (n_songs), then one dedup key per event.
 # ARGV = ttl, updated_at, n_songs, then per event: song index (1-based), type, marker.
-# Returns one status character per event (n, r, d). Counters are read once per song and
+# Returns one status character per event (n, r, d, x: tombstoned). Counters are read once per song and
 # field, changed in event order (a count that would go below zero stays at zero, as with
 # HINCRBY and a floor after each event) and written back with one HSET per song.
 _SCRIPT = lua(
@@ -74,8 +77,10 @@ local n_songs = tonumber(ARGV[3])
 -- Pass 1, reads only: everything that can fail (a key of the wrong type, an unknown event type)
 -- fails here, before anything is written, so an error never leaves dedup keys without their counts.
 local counts = {}
+local gone = {}
+for s = 1, n_songs do gone[s] = redis.call('EXISTS', KEYS[n_songs + s]) == 1 end
 local a = 4
-for i = n_songs + 1, #KEYS do
+for i = 2 * n_songs + 1, #KEYS do
   local song, kind = tonumber(ARGV[a]), ARGV[a + 1]
   a = a + 3
   local fd = FIELDS[kind]
@@ -91,10 +96,12 @@ end
 local out = {}
 local changed = {}
 a = 4
-for i = n_songs + 1, #KEYS do
+for i = 2 * n_songs + 1, #KEYS do
   local song, kind, marker = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2]
   a = a + 3
-  if redis.call('SET', KEYS[i], marker, 'NX', 'EX', ttl) then
+  if gone[song] then
+    out[#out + 1] = 'x'
+  elseif redis.call('SET', KEYS[i], marker, 'NX', 'EX', ttl) then
     local fd = FIELDS[kind]
     local c = counts[song]
     local v = c[fd[1]] + fd[2]
@@ -196,8 +203,8 @@ class RedisEngagementCounters(EngagementCounters):
         The four sequences are parallel: event ``i`` is ``event_ids[i]`` for ``song_ids[i]``, of
         ``types[i]`` (a key of :data:`COUNTER_FIELDS`), carried by the message ``markers[i]``
         (unique per message: :func:`message_marker`). Returns a string with
-        :data:`NEW`, :data:`REPLAY` or :data:`DUPLICATE` for each event. A repeat of an event
-        inside the batch is a duplicate too.
+        :data:`NEW`, :data:`REPLAY`, :data:`DUPLICATE` or :data:`TOMBSTONED` for each event. A
+        repeat of an event inside the batch is a duplicate too.
         """
         n = len(event_ids)
         if not n:
@@ -237,7 +244,8 @@ class RedisEngagementCounters(EngagementCounters):
             args += (slot, types[i], markers[i])
         args[2] = len(slots)
         song_keys = [self.song_key(song_id) for song_id in slots]
-        out = self._script(keys=song_keys + keys, args=args)
+        tombstones = [self.keys.tombstone(song_id, check=False) for song_id in slots]
+        out = self._script(keys=song_keys + tombstones + keys, args=args)
         return out.decode() if isinstance(out, bytes) else str(out)
 
     def _count_per_song(
@@ -256,7 +264,8 @@ class RedisEngagementCounters(EngagementCounters):
             args: list[str | int] = [self.ttl, updated_at, 1]
             for i in idx:
                 args += (1, types[i], markers[i])
-            keys = [self.song_key(song_id)] + [self._event_key(song_id, event_ids[i]) for i in idx]
+            keys = [self.song_key(song_id), self.keys.tombstone(song_id, check=False)]
+            keys += [self._event_key(song_id, event_ids[i]) for i in idx]
             calls.append((keys, args))
         status = [DUPLICATE] * len(event_ids)
         for idx, out in zip(by_song.values(), run_script_calls(self.client, self._script, calls), strict=True):

@@ -16,6 +16,9 @@ on the song id or feed name, and a client can route it)::
     {prefix}:evt:{<song_id>}:<event_id>
                                 string: an engagement event's dedup key (value: the message
                                 that counted it), in its song's slot
+    {prefix}:gone:{<song_id>}   string: the song's tombstone (JSON: reason, deleted_at), in its
+                                song's slot: the song was taken down, and writes and engagement
+                                for it are no-ops (:mod:`indexes.redis_tombstones`)
 
 Fields of a song hash:
 
@@ -90,6 +93,10 @@ COUNTER_FIELDS: dict[str, tuple[str, int]] = {
 CLAIMED_LIKES_FIELD = "cal.likes"
 CLAIMED_EXPECTED_FIELD = "cal.expected"
 CALIBRATION_FIELDS = ("likes", "expected")
+
+#: Fields of a song's tombstone value (JSON).
+TOMBSTONE_REASON = "reason"
+TOMBSTONE_AT = "deleted_at"
 
 #: Fields of a change log entry: the songs written, the feeds replaced or trimmed whole.
 CHANGE_IDS = "ids"
@@ -182,6 +189,10 @@ class RedisKeys:
     def event(self, song_id: str, event_id: str) -> str:
         """An engagement event's dedup key, in its song's slot (ids validated upstream)."""
         return f"{self.prefix}:evt:{{{song_id}}}:{event_id}"
+
+    def tombstone(self, song_id: str, *, check: bool = True) -> str:
+        """The song's tombstone, in its slot (see the module docstring)."""
+        return f"{self.prefix}:gone:{{{check_name('song id', song_id) if check else song_id}}}"
 
     def song_pattern(self) -> str:
         """A SCAN pattern matching every song hash (and possibly more: check with :meth:`song_id_of`)."""

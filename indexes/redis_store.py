@@ -10,7 +10,8 @@ values of a record are stored under their own key (names that clash with the
 reserved fields or start with ``score.`` are refused), strings as-is and anything
 else JSON-encoded. A write merges fields (HSET): a replay changes nothing, and
 fields written by other components into the same hash (the engagement counters
-``eng.<counter>``, the calibration claims ``cal.*``) survive.
+``eng.<counter>``, the calibration claims ``cal.*``) survive. A taken-down song (a tombstone,
+:mod:`indexes.redis_tombstones`) is never written again: a write racing its deletion is undone.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from typing import Any, ClassVar
 import redis
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from indexes.base import AsyncScoreReads, FeedEntries, ScoreStore, SongRecord, StoredSong
+from indexes import redis_tombstones as tombstones
+from indexes.base import AsyncScoreReads, Deletion, FeedEntries, ScoreStore, SongRecord, StoredSong
 from indexes.redis_client import UNREACHABLE, SyncClient, connect, cross_slot, is_cluster_url, run_script_calls
 from indexes.redis_schema import (
     CALIBRATION_FIELDS,
@@ -73,6 +75,9 @@ class RedisStoreConfig(BaseModel):
         description="How long the change log keeps an entry (trimmed by time, so its memory follows the write "
         "rate: about 40 bytes per song id written). An API process that falls further behind, or whose full "
         "load takes longer, reads the store again whole.",
+    )
+    tombstone_retention_s: float | None = Field(
+        None, gt=0, description="How long a taken-down song's tombstone is kept; None: forever."
     )
 
     @field_validator("key_prefix")
@@ -166,7 +171,7 @@ class RedisScoreStore(ScoreStore):
         for key, fields in prepared:
             pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
         pipe.zadd(feed_key, members)
-        pipe.execute()
+        tombstones.write_unless_tombstoned(self, pipe, list(members), [feed_key])
         self._log_changes(members)
 
     def write_feed_entries(
@@ -209,7 +214,10 @@ class RedisScoreStore(ScoreStore):
                 pipe.zadd(key, add)
             if drop:
                 pipe.zrem(key, *drop)
-        pipe.execute()
+        written = dict.fromkeys(song.song_id for song in songs)
+        for _, add, _ in ops:
+            written.update(dict.fromkeys(add))
+        tombstones.write_unless_tombstoned(self, pipe, list(written), [key for key, add, _ in ops if add])
         touched = dict.fromkeys(song.song_id for song in songs)
         for members in entries.values():
             touched.update(dict.fromkeys(members))
@@ -248,6 +256,13 @@ class RedisScoreStore(ScoreStore):
                 pipe.hincrbyfloat(self.calibration_key(), name, delta)
             pipe.execute()
         return self.calibration_totals()
+
+    def delete_songs(self, song_ids: Sequence[str], reason: str, feeds: Sequence[str]) -> list[Deletion]:
+        """Tombstone, delete and unfeed songs (:func:`indexes.redis_tombstones.delete_songs`)."""
+        return tombstones.delete_songs(self, song_ids, reason, feeds)
+
+    def deleted(self, song_ids: Sequence[str]) -> set[str]:
+        return tombstones.deleted(self, song_ids)
 
     def calibration_totals(self) -> tuple[float, float]:
         """(observed likes, predicted likes) over every song with plays."""

@@ -7,6 +7,12 @@ number from a persistent counter, so the index catches up with
 ``iter_since(watermark)`` and never has to diff the whole table. Re-putting an
 identical record keeps its sequence number: replays of a Kafka topic cause no
 index churn.
+
+A deletion (a takedown) removes the row and records ``(seq, key, song_id)`` in the
+``deletions`` table under a new sequence number from the same counter, so an index
+catching up with ``iter_changes_since(watermark)`` sees upserts and deletions in the
+order they happened and removes the vector; a rebuild from the store never sees the
+song at all. A deletion row is a few dozen bytes and is kept.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from indexes.base import EmbeddingRecord, EmbeddingStore, StoredEmbedding, faiss_id
+from indexes.base import EmbeddingRecord, EmbeddingStore, RemovedEmbedding, StoredEmbedding, faiss_id
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +54,12 @@ CREATE TABLE IF NOT EXISTS embeddings (
     n_segments  INTEGER NOT NULL,
     n_frames    INTEGER NOT NULL,
     updated_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deletions (
+    seq         INTEGER PRIMARY KEY,
+    key         INTEGER NOT NULL,
+    song_id     TEXT NOT NULL,
+    deleted_at  REAL NOT NULL
 );
 """
 
@@ -224,6 +236,31 @@ class SqliteEmbeddingStore(EmbeddingStore):
                 db.execute("UPDATE meta SET value=? WHERE name='last_seq'", (last_seq,))
         return changed
 
+    def delete(self, song_ids: Sequence[str]) -> dict[str, int]:
+        """Remove these songs' records in one durable transaction; ``{song_id: deletion seq}`` for
+        those that were stored (a song not stored here takes no sequence number)."""
+        ids = list(dict.fromkeys(song_ids))
+        done: dict[str, int] = {}
+        if not ids:
+            return done
+        now = time.time()
+        with self._tx() as db:
+            last_seq = int(db.execute("SELECT value FROM meta WHERE name='last_seq'").fetchone()[0])
+            for chunk in _chunks(ids):
+                marks = ",".join("?" * len(chunk))
+                rows = db.execute(f"SELECT song_id, key FROM embeddings WHERE song_id IN ({marks})", chunk)
+                for song_id, key in sorted(rows.fetchall()):
+                    last_seq += 1
+                    db.execute(
+                        "INSERT INTO deletions(seq, key, song_id, deleted_at) VALUES (?,?,?,?)",
+                        (last_seq, key, song_id, now),
+                    )
+                    done[song_id] = last_seq
+                db.execute(f"DELETE FROM embeddings WHERE song_id IN ({marks})", chunk)
+            if done:
+                db.execute("UPDATE meta SET value=? WHERE name='last_seq'", (last_seq,))
+        return done
+
     # -- reads -------------------------------------------------------------------------
     def get(self, song_id: str) -> StoredEmbedding | None:
         with self._lock:
@@ -287,8 +324,42 @@ class SqliteEmbeddingStore(EmbeddingStore):
             if len(rows) < batch_size:
                 return
 
+    def iter_changes_since(self, seq: int, batch_size: int = 4096) -> Iterator[StoredEmbedding | RemovedEmbedding]:
+        """Upserts (:class:`StoredEmbedding`) and deletions (:class:`RemovedEmbedding`) with sequence
+        number > ``seq``, merged in sequence order, ``batch_size`` of each read at a time.
+
+        A deletion comes after the upsert it removes; a song stored again after its deletion
+        comes back under a later number. Callers apply them in order: upsert, or remove the key.
+        """
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        upserts = self.iter_since(seq, batch_size)
+        deletions = self._iter_deletions(seq, batch_size)
+        up, gone = next(upserts, None), next(deletions, None)
+        while up is not None or gone is not None:
+            if gone is None or (up is not None and up.seq < gone.seq):
+                assert up is not None
+                yield up
+                up = next(upserts, None)
+            else:
+                yield gone
+                gone = next(deletions, None)
+
+    def _iter_deletions(self, seq: int, batch_size: int) -> Iterator[RemovedEmbedding]:
+        last = int(seq)
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT seq, key, song_id FROM deletions WHERE seq > ? ORDER BY seq LIMIT ?", (last, batch_size)
+                ).fetchall()
+            for row in rows:
+                yield RemovedEmbedding(int(row[0]), int(row[1]), str(row[2]))
+            if len(rows) < batch_size:
+                return
+            last = int(rows[-1][0])
+
     def max_seq(self) -> int:
-        """The last sequence number handed out (0 for an empty store)."""
+        """The last sequence number handed out, to an upsert or a deletion (0 for an empty store)."""
         with self._lock:
             return int(self._db.execute("SELECT value FROM meta WHERE name='last_seq'").fetchone()[0])
 

@@ -155,6 +155,23 @@ class Engagement(_Event):
         return parse_event(cls, raw)
 
 
+class SongDeleted(_Event):
+    """``songs.deleted``: a song was taken down (rights claim, abuse). Version 1.
+
+    The score store already holds its tombstone when this is published; each worker removes
+    the song's embedding from its own shard's store, and the index catch-up drops the vector.
+    """
+
+    schema_version: Literal[1] = 1
+    song_id: SongId
+    reason: str = Field(min_length=1, max_length=256)
+    deleted_at: Timestamp
+
+    @classmethod
+    def parse(cls, raw: bytes) -> SongDeleted:
+        return parse_event(cls, raw)
+
+
 #: Most bytes of a failed message embedded in its dead letter unless a caller says otherwise.
 DEFAULT_DEAD_LETTER_ORIGINAL_BYTES = 65_536
 

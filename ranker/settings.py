@@ -46,6 +46,10 @@ class TopicSettings(_Section):
     engagement: str = "engagement"
     engagement_dead_letter: str = "engagement.dead-letter"
     models_promoted: str = "models.promoted"
+    songs_deleted: str = Field(
+        "songs.deleted",
+        description="Takedowns (DELETE /v1/songs/{id}, apexrank songs delete); the workers drop the vectors.",
+    )
     songs_retry: str = Field(
         "",
         description="Where the worker parks songs whose audio fetch failed transiently until their next "
@@ -121,6 +125,11 @@ class RedisSettings(_Section):
     )
     key_prefix: str = "apexrank"
     socket_timeout_s: float = Field(5.0, gt=0)
+    tombstone_retention_s: float | None = Field(
+        None,
+        gt=0,
+        description="How long a taken-down song's tombstone is kept (a replay within it stays a no-op); None: forever.",
+    )
 
 
 class IndexSettings(_Section):
@@ -432,6 +441,11 @@ class ApiSettings(_Section):
     port: int = Field(8080, ge=1, le=65535)
     tokens: list[SecretStr] = Field(
         default_factory=list, description="Bearer tokens accepted; empty: no authentication."
+    )
+    admin_tokens: list[SecretStr] = Field(
+        default_factory=list,
+        description="Bearer tokens that may take songs down (DELETE /v1/songs/{id}); read tokens cannot. "
+        "Empty: takedown through the API is off (403).",
     )
     max_limit: int = Field(200, ge=1, le=1000, description="Largest feed page.")
     max_candidates: int = Field(500, ge=1, le=10_000, description="Largest POST /v1/rank candidate list.")

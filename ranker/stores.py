@@ -22,7 +22,10 @@ def score_store(settings: Settings) -> ScoreStore:
     """The score and feed store (``redis.*``)."""
     redis = settings.redis
     return open_score_store(
-        redis.url.get_secret_value(), key_prefix=redis.key_prefix, socket_timeout_s=redis.socket_timeout_s
+        redis.url.get_secret_value(),
+        key_prefix=redis.key_prefix,
+        socket_timeout_s=redis.socket_timeout_s,
+        tombstone_retention_s=redis.tombstone_retention_s,
     )
 
 

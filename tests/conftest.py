@@ -57,6 +57,7 @@ def settings(stack: EmbeddedStack, tmp_path: Path) -> Settings:
         engagement=f"t{tag}.engagement",
         engagement_dead_letter=f"t{tag}.engagement.dead-letter",
         models_promoted=f"t{tag}.models.promoted",
+        songs_deleted=f"t{tag}.songs.deleted",
         partitions=2,
     )
     return Settings(

@@ -5,7 +5,8 @@ uvicorn. OpenAPI is served at ``/openapi.json`` (``/docs`` renders it).
 
 Every bad request gets a 4xx with a JSON body ``{"error": <code>, "message": <text>}``:
 422 for parameters and bodies that fail validation, 400 for a bad cursor, 401 without
-a valid bearer token (when tokens are configured), 404 for an unknown feed or song,
+a valid bearer token (when tokens are configured; ``DELETE /v1/songs/{id}`` takes an admin token
+of ``api.admin_tokens`` only, and answers 403 when none is configured), 404 for an unknown feed or song,
 413 for a body over ``api.max_body_bytes``. An inline policy (``POST /v1/rank``) with a
 number out of its range, or one that would give a NaN or infinite value for the songs
 asked about, is a 422 ``invalid_policy``. Redis being unreachable is a 503, never a 500,
@@ -19,14 +20,13 @@ OpenAPI documents need no token.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import math
-import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -37,33 +37,22 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, Gauge, Histogram, generate_latest
-from prometheus_client import Counter as MetricCounter
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from threadpoolctl import threadpool_limits
 
-from ranker.events import SONG_ID_PATTERN, SongId
+from ranker.events import SONG_ID_PATTERN, SongDeleted, SongId
 from ranker.serving.cursor import CursorError
+from ranker.serving.edge import Edge
+from ranker.serving.edge import error_response as _error
 from ranker.serving.reader import FeedReader, TableNotReady, UnknownFeedError
+from ranker.serving.takedown import DeletedPublisher, token_matches
 from ranker.settings import Settings, get_settings
 from ranker.stores import index_reader, score_store
 
 log = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-REQUESTS = MetricCounter("apexrank_api_requests_total", "API requests", ["route", "method", "status"])
-LATENCY = Histogram(
-    "apexrank_api_request_seconds",
-    "API request latency (server side)",
-    ["route"],
-    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
-)
 PAGE_CACHE_BYTES = Gauge(
     "apexrank_api_page_cache_bytes", "Estimated bytes the feed page cache holds (at most api.page_cache_max_bytes)"
 )
@@ -136,7 +125,7 @@ class ErrorOut(BaseModel):
     message: str
 
 
-_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (400, 401, 404, 413, 422, 503)}
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (400, 401, 403, 404, 413, 422, 503)}
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -175,88 +164,10 @@ def _first_non_finite(data: Any, path: str = "") -> str | None:
     return None
 
 
-def _error(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(
-        {"error": code, "message": message}, status_code=status, headers=dict(headers) if headers else None
-    )
-
-
 class ApiError(HTTPException):
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(status, message, headers)
         self.code = code
-
-
-class _Edge:
-    """Pure ASGI middleware: body size limit (413) and Prometheus metrics per route template."""
-
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
-        self.app = app
-        self.max_body = max_body_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        t0 = time.perf_counter()
-        status = 500
-
-        async def sending(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
-        try:
-            if scope["method"] in ("POST", "PUT", "PATCH"):
-                bounded = await self._bounded(scope, receive, sending)
-                if bounded is None:
-                    return
-                receive = bounded
-            await self.app(scope, receive, sending)
-        finally:
-            route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
-            REQUESTS.labels(path, scope["method"], str(status)).inc()
-            LATENCY.labels(path).observe(time.perf_counter() - t0)
-
-    async def _bounded(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
-        """Read the body up to the limit (it is small), answering 413 beyond it; replay it to the app."""
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    declared = -1
-                if declared > self.max_body or declared < 0:
-                    await self._too_large(scope, receive, send)
-                    return None
-        chunks: list[Message] = []
-        size = 0
-        while True:
-            message = await receive()
-            chunks.append(message)
-            if message["type"] != "http.request":
-                break
-            size += len(message.get("body", b""))
-            if size > self.max_body:
-                await self._too_large(scope, receive, send)
-                return None
-            if not message.get("more_body", False):
-                break
-        replay = iter(chunks)
-
-        async def replayed() -> Message:
-            try:
-                return next(replay)
-            except StopIteration:
-                return await receive()
-
-        return replayed
-
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = _error(413, "body_too_large", f"request body exceeds {self.max_body} bytes")
-        await response(scope, receive, send)
 
 
 # -- the app -------------------------------------------------------------------------------------
@@ -268,10 +179,10 @@ def create_app(settings: Settings | None = None, *, explore_rng: np.random.Gener
     """
     settings = settings or get_settings()
     api = settings.api
-    tokens = [t.get_secret_value().encode() for t in api.tokens]
     store = score_store(settings)
     index = index_reader(settings)
     holder: dict[str, FeedReader] = {}
+    deleted_publisher = DeletedPublisher(settings.kafka)  # connects on the first takedown
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -297,6 +208,7 @@ def create_app(settings: Settings | None = None, *, explore_rng: np.random.Gener
             index.close()
             await reads.close()
             store.close()
+            deleted_publisher.close()
 
     app = FastAPI(
         title="apexrank",
@@ -304,19 +216,20 @@ def create_app(settings: Settings | None = None, *, explore_rng: np.random.Gener
         summary="Cold-start ranking of AI-generated songs: feeds, reranking, similar songs.",
         lifespan=lifespan,
     )
-    app.add_middleware(_Edge, max_body_bytes=api.max_body_bytes)
+    app.add_middleware(Edge, max_body_bytes=api.max_body_bytes)
     bearer = HTTPBearer(auto_error=False, description="One of api.tokens, when any are configured.")
 
     # A default, not Annotated: with postponed annotations FastAPI cannot see a closure's ``bearer``.
     async def authorised(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
-        if not tokens:
-            return
-        given = creds.credentials.encode() if creds is not None else b""
-        ok = False
-        for token in tokens:  # compare with every token: the time taken says nothing about which
-            ok |= hmac.compare_digest(given, token)
-        if not ok:
+        if api.tokens and not token_matches(creds.credentials if creds is not None else None, api.tokens):
             raise ApiError(401, "unauthorized", "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
+
+    async def admin(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
+        """An admin token (``api.admin_tokens``, never a read token); 403 when none is configured."""
+        if not api.admin_tokens:
+            raise ApiError(403, "takedown_disabled", "no admin token is configured (api.admin_tokens)")
+        if not token_matches(creds.credentials if creds is not None else None, api.admin_tokens):
+            raise ApiError(401, "unauthorized", "missing or invalid admin bearer token", {"WWW-Authenticate": "Bearer"})
 
     def reader() -> FeedReader:
         return holder["reader"]
@@ -492,6 +405,40 @@ def create_app(settings: Settings | None = None, *, explore_rng: np.random.Gener
                 raise ApiError(404, "unknown_song", f"song {song_id!r} is not in the index") from None
             raise ApiError(503, "index_unavailable", str(exc)) from None
         return _json({"song_id": song_id, "items": [{"song_id": s, "similarity": sim} for s, sim in hits]})
+
+    @app.delete("/v1/songs/{song_id}", tags=["songs"], dependencies=[Depends(admin)], responses=_ERRORS)
+    async def delete_song(
+        song_id: str = song_path,
+        reason: str = Query("takedown", min_length=1, max_length=256, description="Kept in the tombstone."),
+    ) -> Response:
+        """Take a song down (admin token): out of every feed, its record and counters, this process's
+        song table now and the others' through the change log; a tombstone makes a replay of it a
+        no-op; ``songs.deleted`` tells the workers to drop its vector. Idempotent: 200 every time,
+        for a song never seen too (it stays out if it arrives later)."""
+        feeds = list(settings.feed.feeds)
+        deletion = (await run_in_threadpool(store.delete_songs, [song_id], reason, feeds))[0]
+        holder["reader"].forget([song_id])
+        event = SongDeleted(song_id=song_id, reason=reason, deleted_at=datetime.now(UTC))
+        try:
+            await run_in_threadpool(deleted_publisher.publish, [event])
+        except Exception as exc:
+            log.warning("songs.deleted for %s not published: %s: %s", song_id, type(exc).__name__, exc)
+            raise ApiError(
+                503,
+                "event_not_published",
+                "the song is out of the score store, but songs.deleted could not be published, so its vector "
+                "stays in the index: retry the DELETE",
+            ) from None
+        body = {
+            "song_id": song_id,
+            "deleted": True,
+            "had_record": deletion.had_record,
+            "already_deleted": deletion.already_deleted,
+            "feeds": list(deletion.feeds),
+            "reason": reason,
+            "deleted_at": event.deleted_at.isoformat(),
+        }
+        return _json(body, finite=True)
 
     @app.post("/v1/index/reload", tags=["songs"], dependencies=auth)
     async def reload_index() -> dict[str, Any]:

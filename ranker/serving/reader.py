@@ -448,6 +448,17 @@ class FeedReader:
         body = {"feed": policy.name, "items": items, "unknown": unknown, "filtered": filtered}
         return RankResponse(body, first_non_finite(columns))
 
+    def forget(self, song_ids: Sequence[str]) -> int:
+        """Drop taken-down songs from the song table and its feeds now (the change log would, a moment
+        later); how many had a row."""
+        table = self.sync.table
+        if table is None:
+            return 0
+        for order in table.feeds.values():
+            for song_id in song_ids:
+                order.set(song_id, None)
+        return table.remove(song_ids)
+
     # -- one song ------------------------------------------------------------------------------
     async def song(self, song_id: str) -> dict[str, Any] | None:
         """A song's scores, engagement, prior and posterior per feed; None if it is not scored."""
