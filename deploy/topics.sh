@@ -16,14 +16,17 @@
 #   APEXRANK_KAFKA__TOPICS__ENGAGEMENT
 #   APEXRANK_KAFKA__TOPICS__ENGAGEMENT_DEAD_LETTER
 #   APEXRANK_KAFKA__TOPICS__MODELS_PROMOTED
+#   APEXRANK_KAFKA__TOPICS__SONGS_DELETED
+#   APEXRANK_KAFKA__TOPICS__SONGS_RETRY         default: songs.generated's name + .retry
 #   APEXRANK_KAFKA__TOPICS__PARTITIONS          partitions of every topic (default 3); the worker
 #                                               scales out to at most this many replicas
 #   APEXRANK_KAFKA__TOPICS__REPLICATION_FACTOR  replication factor (default 1; use 3 in production)
-#   SONGS_GENERATED_PARTITIONS                  override the partitions of songs.generated only
+#   SONGS_GENERATED_PARTITIONS                  override the partitions of songs.generated (and of its
+#                                               retry topic, which the same workers share) only
 #   MODELS_PROMOTED_PARTITIONS                  partitions of models.promoted (default 1: promotions
 #                                               keep one total order)
 #   MIN_INSYNC_REPLICAS                         default: replication factor - 1 (at least 1)
-#   SONGS_GENERATED_RETENTION_MS                default 604800000 (7 days)
+#   SONGS_GENERATED_RETENTION_MS                default 604800000 (7 days), songs.generated and its retry topic
 #   ENGAGEMENT_RETENTION_MS                     default 604800000 (7 days)
 #   DEAD_LETTER_RETENTION_MS                    default 2592000000 (30 days), both dead-letter topics
 #   COMPACTED_MIN_LAG_MS                        min.compaction.lag.ms of the compacted topics (default 1 hour)
@@ -55,6 +58,8 @@ TOPIC_DEAD_LETTER="${APEXRANK_KAFKA__TOPICS__DEAD_LETTER:-songs.dead-letter}"
 TOPIC_ENGAGEMENT="${APEXRANK_KAFKA__TOPICS__ENGAGEMENT:-engagement}"
 TOPIC_ENGAGEMENT_DEAD_LETTER="${APEXRANK_KAFKA__TOPICS__ENGAGEMENT_DEAD_LETTER:-engagement.dead-letter}"
 TOPIC_MODELS_PROMOTED="${APEXRANK_KAFKA__TOPICS__MODELS_PROMOTED:-models.promoted}"
+TOPIC_SONGS_DELETED="${APEXRANK_KAFKA__TOPICS__SONGS_DELETED:-songs.deleted}"
+TOPIC_SONGS_RETRY="${APEXRANK_KAFKA__TOPICS__SONGS_RETRY:-${TOPIC_SONGS_GENERATED}.retry}"
 
 log() { printf 'topics.sh: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -118,6 +123,8 @@ COMPACT="cleanup.policy=compact,min.compaction.lag.ms=${COMPACTED_MIN_LAG_MS},${
 
 # New songs to score: replayable for a week.
 ensure_topic "${TOPIC_SONGS_GENERATED}" "${SONGS_GENERATED_PARTITIONS}" "${DELETE},retention.ms=${SONGS_GENERATED_RETENTION_MS}"
+# Songs whose audio fetch failed transiently, waiting for their next try: as long as the songs themselves.
+ensure_topic "${TOPIC_SONGS_RETRY}" "${SONGS_GENERATED_PARTITIONS}" "${DELETE},retention.ms=${SONGS_GENERATED_RETENTION_MS}"
 # Scores, keyed by song_id and consumed as upserts: compacted keeps the latest score per song.
 ensure_topic "${TOPIC_SONGS_SCORED}" "${PARTITIONS}" "${COMPACT}"
 # Dead letters: kept a month for inspection and replay.
@@ -127,5 +134,8 @@ ensure_topic "${TOPIC_ENGAGEMENT}" "${PARTITIONS}" "${DELETE},retention.ms=${ENG
 ensure_topic "${TOPIC_ENGAGEMENT_DEAD_LETTER}" "${PARTITIONS}" "${DELETE},retention.ms=${DEAD_LETTER_RETENTION_MS}"
 # Model promotions: compacted, the latest promotion is what matters.
 ensure_topic "${TOPIC_MODELS_PROMOTED}" "${MODELS_PROMOTED_PARTITIONS}" "${COMPACT}"
+# Takedowns, keyed by song_id: compacted keeps one per song for good, so an index shard restored from an
+# old backup can apply every takedown again.
+ensure_topic "${TOPIC_SONGS_DELETED}" "${PARTITIONS}" "${COMPACT}"
 
-log "done: ${TOPIC_SONGS_GENERATED}, ${TOPIC_SONGS_SCORED}, ${TOPIC_DEAD_LETTER}, ${TOPIC_ENGAGEMENT}, ${TOPIC_ENGAGEMENT_DEAD_LETTER}, ${TOPIC_MODELS_PROMOTED}"
+log "done: ${TOPIC_SONGS_GENERATED}, ${TOPIC_SONGS_SCORED}, ${TOPIC_DEAD_LETTER}, ${TOPIC_ENGAGEMENT}, ${TOPIC_ENGAGEMENT_DEAD_LETTER}, ${TOPIC_MODELS_PROMOTED}, ${TOPIC_SONGS_DELETED}, ${TOPIC_SONGS_RETRY}"

@@ -18,10 +18,13 @@
 
 from __future__ import annotations
 
+import ast
 import base64
+import functools
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import stat
@@ -46,6 +49,7 @@ DEPLOY = ROOT / "deploy"
 COMPOSE_DIR = DEPLOY / "compose"
 COMPOSE_FILE = COMPOSE_DIR / "docker-compose.yml"
 K8S = DEPLOY / "k8s"
+K8S_KEDA = DEPLOY / "k8s-keda"  # an overlay of K8S (kustomize refuses an overlay inside its base's folder)
 DOCKER = DEPLOY / "docker"
 DOCKERFILES = {"gpu": DOCKER / "Dockerfile.gpu", "cpu": DOCKER / "Dockerfile.cpu"}
 TOPICS_SCRIPT = DEPLOY / "topics.sh"
@@ -63,10 +67,16 @@ SCHEMALESS_KINDS = {
         "the KEDA CRD schema is not on PyPI; test_keda_scaledobject checks its structure instead"
     ),
 }
-#: Modules whose metrics are served (worker --metrics-port, API /metrics): the dashboard must show each.
-DASHBOARD_MODULES = ("consumers.metrics", "ranker.serving.api", "ranker.serving.table_sync")
-#: Metrics the dashboard may use that apexrank does not define: kafka-exporter's consumer lag.
-EXTERNAL_METRICS = {"kafka_consumergroup_lag": {"consumergroup", "topic", "partition"}}
+#: The commands Prometheus scrapes (worker and feedback --metrics-port, the API's /metrics) and the module
+#: each runs: a metric is served when one of them imports the module defining it. The dashboard must
+#: show every served metric, and panels and alert rules may use only served (or external) ones.
+SCRAPED_COMMANDS = {"worker": "consumers.worker", "feedback": "consumers.feedback", "serve": "consumers.serve"}
+#: Metrics the dashboard may use that apexrank does not define: kafka-exporter's consumer lag and topic
+#: offsets (the dead-letter topics' produce rate).
+EXTERNAL_METRICS = {
+    "kafka_consumergroup_lag": {"consumergroup", "topic", "partition"},
+    "kafka_topic_partition_current_offset": {"topic", "partition"},
+}
 #: Labels Prometheus attaches to every scraped series.
 TARGET_LABELS = {"instance", "job", "pod", "namespace"}
 
@@ -94,7 +104,7 @@ def load_all(path: Path) -> list[Any]:
 
 def k8s_resources() -> list[tuple[Path, dict[str, Any]]]:
     out = []
-    for path in sorted(K8S.rglob("*.yaml")):
+    for path in sorted([*K8S.rglob("*.yaml"), *K8S_KEDA.rglob("*.yaml")]):
         if path.name == "kustomization.yaml":
             continue
         out.extend((path, doc) for doc in load_all(path))
@@ -334,7 +344,7 @@ def exported_metrics(modules: Sequence[str] | None = None) -> dict[str, set[str]
 
     from prometheus_client.metrics import MetricWrapperBase
 
-    info_labels = set(re.findall(r'"(\w+)":', "".join(re.findall(r"MODEL_INFO\.info\(\{([^}]*)\}", _worker_source()))))
+    info_labels = set(re.findall(r'"(\w+)":', "".join(re.findall(r"MODEL_INFO\.info\(\s*\{([^}]*)\}", _worker_source()))))
     suffixes = {
         "counter": ("_total", "_created"),
         "gauge": ("",),
@@ -354,6 +364,44 @@ def exported_metrics(modules: Sequence[str] | None = None) -> dict[str, set[str]
         for suffix in suffixes[family.type]:
             out[family.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
     return out
+
+
+def _module_file(name: str) -> Path | None:
+    if name.split(".")[0] not in ("ranker", "consumers", "indexes"):
+        return None
+    base = ROOT.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def imported_modules(entry: str) -> set[str]:
+    """Project modules a process running ``entry`` may import: every import statement, at module level or
+    inside a function, followed transitively (an over-estimate, never an under-estimate)."""
+    seen: set[str] = set()
+    todo = [entry]
+    while todo:
+        name = todo.pop()
+        path = _module_file(name)
+        if name in seen or path is None:
+            continue
+        seen.add(name)
+        parts = name.split(".")
+        todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))  # importing a.b.c runs a and a.b
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                todo.extend(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                todo.append(node.module)
+                todo.extend(f"{node.module}.{alias.name}" for alias in node.names)
+    return seen
+
+
+def served_metrics() -> dict[str, set[str]]:
+    """The metrics some scraped process serves (those of the metric modules it imports), with their labels."""
+    reached = set().union(*(imported_modules(m) for m in SCRAPED_COMMANDS.values()))
+    return exported_metrics([m for m in metric_modules() if m in reached])
 
 
 def _worker_source() -> str:
@@ -427,6 +475,7 @@ def test_k8s_has_every_required_resource() -> None:
         ("ConfigMap", "apexrank-config"),
         ("Secret", "apexrank-secrets"),
         ("PersistentVolumeClaim", "apexrank-state"),
+        ("PersistentVolumeClaim", "apexrank-index"),
         ("StatefulSet", "apexrank-worker"),
         ("Service", "apexrank-worker"),
         ("Deployment", "apexrank-api"),
@@ -443,10 +492,11 @@ def test_k8s_has_every_required_resource() -> None:
 
 def test_kustomizations_list_every_manifest() -> None:
     base = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    keda = yaml.safe_load((K8S / "keda" / "kustomization.yaml").read_text())
+    keda = yaml.safe_load((K8S_KEDA / "kustomization.yaml").read_text())
     assert base["kind"] == "Kustomization" and base["namespace"] == "apexrank"
+    assert keda["namespace"] == base["namespace"] and keda["labels"] == base["labels"], "the overlay's own resources"
     listed = set()
-    for kdir, kust in ((K8S, base), (K8S / "keda", keda)):
+    for kdir, kust in ((K8S, base), (K8S_KEDA, keda)):
         for res in kust["resources"]:
             target = (kdir / res).resolve()
             assert target.exists(), f"{kdir}/kustomization.yaml lists {res}, which does not exist"
@@ -454,8 +504,12 @@ def test_kustomizations_list_every_manifest() -> None:
                 assert (target / "kustomization.yaml").is_file(), f"{res} is not a kustomization"
             else:
                 listed.add(target)
-    assert keda["resources"][0] == "..", "the keda overlay builds on the base"
-    on_disk = {p.resolve() for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml"}
+    assert (K8S_KEDA / keda["resources"][0]).resolve() == K8S.resolve(), "the keda overlay builds on the base"
+    # kustomize's rule ("cycle detected: candidate root contains visited root"): no base folder may
+    # contain the folder of a kustomization that loads it.
+    assert not K8S_KEDA.resolve().is_relative_to(K8S.resolve())
+    assert not any(p.parent != K8S for p in K8S.rglob("kustomization.yaml")), "overlays live beside deploy/k8s"
+    on_disk = {p.resolve() for p in [*K8S.rglob("*.yaml"), *K8S_KEDA.rglob("*.yaml")] if p.name != "kustomization.yaml"}
     assert on_disk == listed, f"not in any kustomization: {on_disk - listed}; missing: {listed - on_disk}"
     # The ScaledObject only in the overlay: the base must apply on clusters without KEDA.
     base_kinds = {d["kind"] for r in base["resources"] for d in load_all(K8S / r)}
@@ -567,30 +621,13 @@ def test_k8s_worker_api_retrain_specifics() -> None:
     annotations = sts["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(metrics_port)
     assert "replicas" not in sts["spec"], "leave replicas to the autoscaler (KEDA) so that apply does not fight it"
-    # Each worker replica writes its own index directory (one writer per directory).
-    env = {e["name"]: e["value"] for e in worker["env"]}
-    index_mount = next(m for m in worker["volumeMounts"] if m["name"] == "index")
-    assert env["APEXRANK_INDEX__PATH"] == index_mount["mountPath"]
-    assert [t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]] == ["index"]
+    assert "volumeClaimTemplates" not in sts["spec"], "the shards live on one claim (apexrank-index), one per ordinal"
 
     api = _container("Deployment", "apexrank-api")
     port = int(_flag(api["args"], "--port"))
     assert {p["name"]: p["containerPort"] for p in api["ports"]}["http"] == port
     assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert api["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    # The API reads worker 0's index directory, on worker 0's node (SQLite WAL: same host only).
-    api_env = {e["name"]: e["value"] for e in api["env"]}
-    assert api_env["APEXRANK_INDEX__PATH"] == env["APEXRANK_INDEX__PATH"]
-    api_spec = pod_spec(k8s_index()[("Deployment", "apexrank-api")])
-    assert api_spec is not None
-    index_volume = next(
-        v for v in api_spec["volumes"] for m in api["volumeMounts"] if v["name"] == m["name"] and
-        m["mountPath"] == api_env["APEXRANK_INDEX__PATH"]
-    )  # fmt: skip
-    assert index_volume["persistentVolumeClaim"]["claimName"] == "index-apexrank-worker-0"
-    (term,) = api_spec["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
-    assert term["labelSelector"]["matchLabels"] == {"statefulset.kubernetes.io/pod-name": "apexrank-worker-0"}
-    assert term["topologyKey"] == "kubernetes.io/hostname"
 
     cron = k8s_index()[("CronJob", "apexrank-retrain")]
     assert cron["spec"]["schedule"] == "0 */6 * * *"
@@ -599,17 +636,145 @@ def test_k8s_worker_api_retrain_specifics() -> None:
     assert _container("Deployment", "apexrank-feedback")["args"][0] == "feedback"
 
 
-def k8s_container_env(container: dict[str, Any]) -> dict[str, str]:
-    """The environment envFrom + env give a container (ConfigMap, then Secret, then env)."""
+INDEX_CLAIM = "apexrank-index"
+
+
+def _claims(doc: dict[str, Any]) -> set[str]:
+    spec = pod_spec(doc)
+    assert spec is not None
+    return {v["persistentVolumeClaim"]["claimName"] for v in spec.get("volumes", []) if "persistentVolumeClaim" in v}
+
+
+def test_the_index_shards_share_one_node() -> None:
+    """SQLite WAL readers must run on the writer's host: every pod of the index claim (workers, API, retrain)
+    is required onto the workers' node, and the claim is ReadWriteOnce (one node, many pods), not a network
+    filesystem's ReadWriteMany nor ReadWriteOncePod."""
     index = k8s_index()
+    claim = index[("PersistentVolumeClaim", INDEX_CLAIM)]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    users = {d["metadata"]["name"]: d for d in workloads() if INDEX_CLAIM in _claims(d)}
+    assert set(users) == {"apexrank-worker", "apexrank-api", "apexrank-retrain"}
+    gpu_taint = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    for name, doc in users.items():
+        spec = pod_spec(doc)
+        assert spec is not None
+        (term,) = spec["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert term["labelSelector"]["matchLabels"] == {"app.kubernetes.io/name": "apexrank-worker"}, name
+        assert term["topologyKey"] == "kubernetes.io/hostname", name
+        assert gpu_taint in spec["tolerations"], f"{name} must tolerate the workers' GPU node"
+
+
+def test_every_worker_writes_its_own_shard_and_the_api_and_retrain_read_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each volume stands in as a local directory (one per claim, shared): worker N's index path (its
+    ordinal from the pod-index label) is its own directory on the index claim; the API's index.shards
+    finds every one a worker created (shard 0 alone before any exists), and the retrain job reads worker
+    0's."""
+    index = k8s_index()
+
+    def settings_of(kind: str, name: str, pod_index: int = 0) -> Settings:
+        doc = index[(kind, name)]
+        container = _container(kind, name)
+        env = on_volumes(k8s_container_env(container, pod_index), pod_volumes(doc, container, tmp_path))
+        return make_settings(env, monkeypatch)
+
+    worker = _container("StatefulSet", "apexrank-worker")
+    names = [e["name"] for e in worker["env"]]
+    assert names.index("POD_INDEX") < names.index("APEXRANK_INDEX__PATH"), "$(POD_INDEX) expands only if defined first"
+    shards = [settings_of("StatefulSet", "apexrank-worker", n).index_dir for n in range(3)]
+    assert len(set(shards)) == 3, f"two workers would share an index directory: {shards}"
+    assert all(s.is_relative_to(tmp_path / "claims" / INDEX_CLAIM) for s in shards), shards
+    api = settings_of("Deployment", "apexrank-api")
+    assert api.index_shards == [shards[0]], "with no shard yet the API waits for worker 0's"
+    for shard in shards:
+        shard.mkdir(parents=True)  # what the worker does first (EmbeddingIndex)
+    assert api.index_shards == shards
+    assert settings_of("CronJob", "apexrank-retrain").index_dir == shards[0]
+
+
+#: The Dockerfile that builds each image the manifests run (its final stage's ENV starts a container's environment).
+IMAGE_DOCKERFILES = {"apexrank/worker-gpu": DOCKERFILES["gpu"], "apexrank/app-cpu": DOCKERFILES["cpu"]}
+#: The one downward-API field the manifests read: a StatefulSet pod's ordinal (Kubernetes 1.28+).
+POD_INDEX_FIELD = "metadata.labels['apps.kubernetes.io/pod-index']"
+_K8S_VAR_REF = re.compile(r"\$\((\w+)\)")
+
+
+def image_env(image: str) -> dict[str, str]:
+    """The ENV of the image's final stage; PATH is left out (the host's venv stands in for /opt/venv)."""
+    instructions = dockerfile_instructions(IMAGE_DOCKERFILES[image.split(":")[0]])
+    final = instructions[max(i for i, (instr, _) in enumerate(instructions) if instr == "FROM") :]
     env: dict[str, str] = {}
+    for instr, args in final:
+        if instr == "ENV":
+            env.update(token.split("=", 1) for token in shlex.split(args))  # type: ignore[misc]
+    env.pop("PATH", None)
+    return env
+
+
+def k8s_container_env(container: dict[str, Any], pod_index: int = 0) -> dict[str, str]:
+    """The environment Kubernetes gives a container: its image's ENV, then envFrom (ConfigMap, Secret), then
+    env, where $(VAR) names a variable defined before it (envFrom or an earlier entry; never the image's)
+    and the pod-index label is ``pod_index``."""
+    index = k8s_index()
+    defined: dict[str, str] = {}
     for src in container.get("envFrom", []):
         if "configMapRef" in src:
-            env.update(index[("ConfigMap", src["configMapRef"]["name"])]["data"])
+            defined.update(index[("ConfigMap", src["configMapRef"]["name"])]["data"])
         else:
-            env.update(index[("Secret", src["secretRef"]["name"])]["stringData"])
-    env.update({e["name"]: str(e["value"]) for e in container.get("env", []) if "value" in e})
-    return env
+            defined.update(index[("Secret", src["secretRef"]["name"])]["stringData"])
+    for entry in container.get("env", []):
+        if "value" in entry:
+            value = _K8S_VAR_REF.sub(lambda m: defined.get(m.group(1), m.group(0)), str(entry["value"]))
+        else:
+            field = entry["valueFrom"]["fieldRef"]["fieldPath"]
+            assert field == POD_INDEX_FIELD, f"{entry['name']}: no stand-in for {field}"
+            value = str(pod_index)
+        defined[entry["name"]] = value
+    return {**image_env(container["image"]), **defined}
+
+
+def pod_volumes(doc: dict[str, Any], container: dict[str, Any], root: Path) -> dict[str, Path]:
+    """mountPath -> a local directory standing in for the volume mounted there: one per PersistentVolumeClaim
+    under ``root/claims`` (every pod mounting the claim shares it, as in the cluster), one per emptyDir
+    under ``root/<workload>``."""
+    spec = pod_spec(doc)
+    assert spec is not None
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    out: dict[str, Path] = {}
+    for mount in container.get("volumeMounts", []):
+        assert "subPath" not in mount and "subPathExpr" not in mount, "no stand-in for subPath mounts"
+        volume = volumes[mount["name"]]
+        if "persistentVolumeClaim" in volume:
+            local = root / "claims" / volume["persistentVolumeClaim"]["claimName"]
+        else:
+            assert "emptyDir" in volume, f"no stand-in for volume {volume}"
+            local = root / doc["metadata"]["name"] / mount["name"]
+        local.mkdir(parents=True, exist_ok=True)
+        out[mount["mountPath"]] = local
+    return out
+
+
+def on_volumes(env: Mapping[str, str], mounts: Mapping[str, Path]) -> dict[str, str]:
+    """``env`` with every path an APEXRANK_* or HF_* value names (or lists, as JSON) moved onto the local
+    directory of the volume mounted there. Such a path on no volume fails: the root filesystem is
+    read-only, and what is written there dies with the pod."""
+
+    def move(name: str, path: str) -> str:
+        at = [mp for mp in mounts if path == mp or path.startswith(mp.rstrip("/") + "/")]
+        assert at, f"{name}={path}: no volume is mounted there"
+        mp = max(at, key=len)
+        return str(mounts[mp]) + path[len(mp) :]
+
+    out = dict(env)
+    for name, value in env.items():
+        if not name.startswith(("APEXRANK_", "HF_")):
+            continue
+        if value.startswith("/"):
+            out[name] = move(name, value)
+        elif value.startswith("[") and '"/' in value:
+            out[name] = json.dumps([move(name, v) if str(v).startswith("/") else v for v in json.loads(value)])
+    return out
 
 
 def test_k8s_settings_validate_and_secrets_stay_secret(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -992,6 +1157,8 @@ def test_topics_script_creates_every_topic_of_the_settings(tmp_path: Path) -> No
         "engagement": ("delete", 7 * day),
         "engagement_dead_letter": ("delete", 30 * day),
         "models_promoted": ("compact", None),
+        "songs_deleted": ("compact", None),
+        "songs_retry": ("delete", 7 * day),
     }
     assert set(expect) == set(names), "a new topic in TopicSettings needs its retention decided here"
     for field, (policy, retention) in expect.items():
@@ -1034,6 +1201,47 @@ def test_topics_script_reads_the_apexrank_settings(tmp_path: Path) -> None:
 METRIC_TOKEN = re.compile(r"\b((?:apexrank|kafka)_[a-z0-9_]+)\b")
 
 
+@functools.cache
+def source_literals() -> frozenset[str]:
+    """Every string constant in the project's code (label values are written as literals or defaults)."""
+    found: set[str] = set()
+    for package in ("ranker", "consumers", "indexes"):
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                    found.add(node.value)
+    return frozenset(found)
+
+
+def check_label_values(expr: str) -> None:
+    """An exact label match (label="value") on an apexrank metric names a value the code writes somewhere:
+    a typo such as outcome="dead_letters" would draw an empty panel or an alert that never fires."""
+    literals = source_literals()
+    for name, selector in re.findall(r"\b(apexrank_\w+)\{([^}]*)\}", expr):
+        for label, value in re.findall(r'(\w+)\s*=\s*"([^"$]*)"', selector):
+            assert value in literals, f'{name}{{{label}="{value}"}}: no such value in the code, in: {expr}'
+
+
+def test_the_scraped_processes_are_the_ones_prometheus_scrapes() -> None:
+    """SCRAPED_COMMANDS (whose metrics count as served) is what the manifests and compose really scrape."""
+    scraped = set()
+    for doc in workloads():
+        annotations = (doc["spec"].get("template") or {}).get("metadata", {}).get("annotations", {})
+        if annotations.get("prometheus.io/scrape") == "true":
+            scraped.add(pod_spec(doc)["containers"][0]["args"][0])  # type: ignore[index]
+    assert scraped == set(SCRAPED_COMMANDS)
+    prometheus = yaml.safe_load((COMPOSE_DIR / "prometheus.yml").read_text())
+    hosts = {
+        t.split(":")[0] for job in prometheus["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]
+    }
+    services = compose()["services"]
+    assert {services[h]["command"][0] for h in hosts if h in services and "build" in services[h]} == set(
+        SCRAPED_COMMANDS
+    )
+    # A metric module no scraped process imports is not served: the retrain job exposes no metrics.
+    assert "consumers.retrain" not in set().union(*(imported_modules(m) for m in SCRAPED_COMMANDS.values()))
+
+
 def test_dashboard_structure() -> None:
     data = json.loads(DASHBOARD.read_text())
     assert data["uid"] and data["title"]
@@ -1047,9 +1255,11 @@ def test_dashboard_structure() -> None:
     assert any(v["type"] == "datasource" for v in data["templating"]["list"])
 
 
-def test_dashboard_uses_only_exported_metrics() -> None:
-    exported = exported_metrics()
-    allowed = {**exported, **EXTERNAL_METRICS}
+def test_dashboard_uses_only_served_metrics() -> None:
+    """Every metric a panel names is served by a scraped process (or kafka-exporter), with the labels the
+    panel selects or groups by; every served metric has a panel."""
+    served = served_metrics()
+    allowed = {**served, **EXTERNAL_METRICS}
     exprs = dashboard_exprs()
     assert len(exprs) >= 15
     used: set[str] = set()
@@ -1065,18 +1275,19 @@ def test_dashboard_uses_only_exported_metrics() -> None:
         grouped = {lab.strip() for grp in re.findall(r"by \(([^)]*)\)", expr) for lab in grp.split(",")}
         selected = set(re.findall(r"[{,]\s*(\w+)\s*=~?", expr))
         assert (grouped | selected) <= labels, f"labels {(grouped | selected) - labels} unknown in: {expr}"
-    served = exported_metrics(DASHBOARD_MODULES)
     families = {re.sub(r"_(total|created|bucket|count|sum|info)$", "", n) for n in served}
     for family in families:
         assert any(u.startswith(family) for u in used), f"the dashboard has no panel for {family}"
-    assert {"apexrank_api_request_seconds_bucket", "kafka_consumergroup_lag"} <= used
+    assert {"apexrank_api_request_seconds_bucket", "kafka_consumergroup_lag", "apexrank_feedback_events_total"} <= used
+    for expr in exprs:
+        check_label_values(expr)
 
 
 def test_alert_rules_use_exported_metrics_and_are_loaded() -> None:
     """Lag, dead-letter rate, an untrained model and the song table's staleness each have a rule on
     metrics apexrank (or kafka-exporter) really exports, and compose's Prometheus loads the file."""
     rules = yaml.safe_load((COMPOSE_DIR / "alerts.yml").read_text())
-    exported = {**exported_metrics(), **EXTERNAL_METRICS}
+    exported = {**served_metrics(), **EXTERNAL_METRICS}
     alerts = {rule["alert"]: rule for group in rules["groups"] for rule in group["rules"]}
     assert {"ApexrankWorkerLag", "ApexrankDeadLetterRate", "ApexrankUntrainedModel", "ApexrankTableStale"} <= set(
         alerts
@@ -1090,6 +1301,7 @@ def test_alert_rules_use_exported_metrics_and_are_loaded() -> None:
         used |= {lab.strip() for grp in re.findall(r"by \(([^)]*)\)", expr) for lab in grp.split(",")}
         assert used <= labels, f"{name}: labels {used - labels} unknown in {expr}"
         assert rule["for"] and rule["labels"]["severity"] and rule["annotations"]["summary"], name
+        check_label_values(expr)
     prometheus = yaml.safe_load((COMPOSE_DIR / "prometheus.yml").read_text())
     mounts = compose()["services"]["prometheus"]["volumes"]
     for path in prometheus["rule_files"]:

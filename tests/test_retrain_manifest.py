@@ -1,0 +1,231 @@
+"""`apexrank retrain` as the Kubernetes CronJob runs it, against the embedded Kafka and Redis.
+
+The job gets exactly its container's environment (the CPU image's ENV, the ConfigMap and Secret
+its envFrom names, its env) and its arguments; each volume it mounts is a local directory (one per
+claim, shared with every other pod that mounts the claim), and every path the settings name must
+lie on one. Only the Kafka bootstrap servers and the Redis URL are the embedded stack's. The
+volumes hold what a running deployment leaves there, each written where the manifest of its
+writer says: the MERT config.json in HF_HOME and worker 0's index shard (embedding store + FAISS
+snapshot, scored songs in Redis) by the worker, the engagement log by the feedback consumer.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from kafka import KafkaAdminClient
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
+from consumers.retrain import current_model
+from consumers.stack import EmbeddedStack
+from indexes.base import EmbeddingRecord
+from ranker import stores
+from ranker.encoders import encoder_spec
+from ranker.model.artifact import ScoringModel
+from ranker.model.registry import promote, resolve_model_dir
+from ranker.model.targets import TargetTransform
+from ranker.scoring import SongMeta, score_predictions
+from ranker.serving.writer import write_scored
+from ranker.settings import Settings
+from ranker.synth import simulate_catalog
+from tests.helpers import read_topic
+from tests.test_deploy import _container, k8s_container_env, k8s_index, make_settings, on_volumes, pod_volumes
+from tests.test_encoders import MERT_EXTRA
+from tests.test_retrain import engage
+
+BIN = Path(sys.executable).parent
+#: MERT-v1-95M's architecture as its config.json on the Hub gives it (a HuBERT-base shape): what the
+#: worker's first start leaves in HF_HOME. Retrain reads this file only, never the weights.
+MERT_95M_CONFIG = {
+    **MERT_EXTRA,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "conv_dim": [512] * 7,
+    "conv_kernel": [10, 3, 3, 3, 3, 2, 2],
+    "conv_stride": [5, 2, 2, 2, 2, 2, 2],
+    "conv_bias": False,
+    "feat_extract_norm": "group",
+    "do_stable_layer_norm": False,
+}
+N_SONGS = 160
+
+
+def pod_settings(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    return make_settings({k: v for k, v in env.items() if k.startswith("APEXRANK_")}, monkeypatch)
+
+
+def on_stack(env: dict[str, str], stack: EmbeddedStack) -> dict[str, str]:
+    """The two values a cluster gives that this machine cannot: its brokers and its Redis."""
+    assert "APEXRANK_KAFKA__BOOTSTRAP_SERVERS" in env and "APEXRANK_REDIS__URL" in env
+    return {
+        **env,
+        "APEXRANK_KAFKA__BOOTSTRAP_SERVERS": stack.settings.kafka.bootstrap_servers,
+        "APEXRANK_REDIS__URL": stack.settings.redis.url.get_secret_value(),
+    }
+
+
+def pod_env(kind: str, name: str, root: Path, stack: EmbeddedStack, pod_index: int = 0) -> dict[str, str]:
+    doc = k8s_index()[(kind, name)]
+    container = _container(kind, name)
+    return on_stack(on_volumes(k8s_container_env(container, pod_index), pod_volumes(doc, container, root)), stack)
+
+
+def write_hub_config(env: dict[str, str], repo_id: str) -> None:
+    """The Hub cache layout under HF_HOME (refs/main -> a snapshot holding config.json)."""
+    repo = Path(env["HF_HOME"]) / "hub" / f"models--{repo_id.replace('/', '--')}"
+    revision = "0" * 40
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    (repo / "snapshots" / revision).mkdir(parents=True, exist_ok=True)
+    (repo / "snapshots" / revision / "config.json").write_text(json.dumps(MERT_95M_CONFIG))
+
+
+def create_topic(settings: Settings, name: str) -> None:
+    """What deploy/topics.sh does before any job runs (the ConfigMap turns auto-creation off)."""
+    admin = KafkaAdminClient(**settings.kafka.client_kwargs())
+    try:
+        admin.create_topics([NewTopic(name, num_partitions=1, replication_factor=1)])
+    except TopicAlreadyExistsError:
+        pass
+    finally:
+        admin.close()
+
+
+def trained_head(settings: Settings) -> str:
+    """A head at models/current before the workers start ("A trained head first", deploy/README.md): the
+    seeded one with a fitted target transform stands in for `apexrank train ... --promote`'s."""
+    spec = encoder_spec(settings)
+    seeded = ScoringModel.from_seed(spec.dim, settings.model.seed, spec.encoder_id, n_layers=spec.n_layers)
+    plays = np.random.default_rng(1).integers(30, 90, size=200)
+    transform = TargetTransform.fit({"streams": plays, "likes": plays // 10}).to_dict()
+    head = seeded.with_target_transform(transform, training={"note": "stands in for a trained head"})
+    models = settings.head_dir.parent
+    return promote(models, head.save_versioned(models))
+
+
+def worker_output(settings: Settings, catalog: Path) -> int:
+    """Worker 0's writes for every catalog song: embeddings (store, then FAISS), then scores in Redis.
+
+    The stand-in encoder puts each song's hidden like probability along one direction of its
+    features, so that a like read-out can learn it and the job has something to promote.
+    """
+    spec = encoder_spec(settings)
+    model = current_model(settings)
+    rows = pq.read_table(catalog, columns=["song_id", "generator", "latent_like_prob"]).to_pylist()
+    rng = np.random.default_rng(7)
+    p = np.array([r["latent_like_prob"] for r in rows])
+    taste = np.log(p / (1 - p))
+    direction = rng.normal(size=spec.dim)
+    layers = rng.normal(size=(len(rows), spec.n_layers, spec.dim)) + 3 * (
+        ((taste - taste.mean()) / taste.std())[:, None, None] * direction / np.linalg.norm(direction)
+    )
+    layers = layers.astype(np.float32)
+    records = []
+    for row, lay in zip(rows, layers, strict=True):
+        vector = lay.mean(axis=0)
+        records.append(EmbeddingRecord(row["song_id"], spec.encoder_id, lay, vector / np.linalg.norm(vector), 1, 150))
+    with stores.embedding_index(settings, spec.vector_dim) as index:
+        index.add(records)
+    now = datetime.now(UTC)  # new songs: inside the cold-start window a promotion rescores
+    metas = [
+        SongMeta(r["song_id"], r["generator"], (now - timedelta(minutes=i)).isoformat()) for i, r in enumerate(rows)
+    ]
+    store = stores.score_store(settings)
+    try:
+        scored = score_predictions(settings, model, model.predict(layers), metas)
+        write_scored(store, settings, [s.record(now.isoformat()) for s in scored])
+    finally:
+        store.close()
+    return len(records)
+
+
+@pytest.fixture
+def deployment(stack: EmbeddedStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Settings, str]:
+    """The volumes (under tmp_path/claims) and Redis as the worker and the feedback consumer leave them."""
+    catalog = simulate_catalog(tmp_path / "world", n_songs=N_SONGS, seed=11, duration_s=0.5).catalog_path
+    worker_env = pod_env("StatefulSet", "apexrank-worker", tmp_path, stack, pod_index=0)
+    write_hub_config(worker_env, worker_env["APEXRANK_MODEL__MERT_MODEL"])
+    worker = pod_settings(worker_env, monkeypatch)
+    worker = worker.model_copy(update={"model": worker.model.model_copy(update={"device": "cpu"})})  # no GPU here
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(Path(worker_env["HF_HOME"]) / "hub"))  # read at import
+    current = trained_head(worker)
+    assert worker_output(worker, catalog) == N_SONGS
+    engage(pod_settings(pod_env("Deployment", "apexrank-feedback", tmp_path, stack), monkeypatch), catalog)
+    create_topic(worker, worker.kafka.topics.models_promoted)
+    # The job's Redis namespace is the default key prefix: this session's Redis is its own, and no other
+    # test writes under that prefix. Both tests write the same songs, so either order works.
+    return tmp_path, worker, current
+
+
+def run_job(
+    container: dict[str, Any], doc: dict[str, Any], root: Path, stack: EmbeddedStack
+) -> tuple[subprocess.CompletedProcess[str], dict[str, str]]:
+    mounts = pod_volumes(doc, container, root)
+    env = on_stack(on_volumes(k8s_container_env(container), mounts), stack)
+    # What the container runtime adds: the image user's home and /tmp, both emptyDirs in the pod.
+    process_env = {**env, "PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(mounts["/home/apexrank"])}
+    process_env["TMPDIR"] = str(mounts["/tmp"])
+    proc = subprocess.run(
+        [str(BIN / "apexrank"), *container["args"]],
+        env=process_env,
+        cwd=mounts["/home/apexrank"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    return proc, env
+
+
+def test_the_cronjob_retrains_with_exactly_its_manifests_environment(
+    deployment: tuple[Path, Settings, str], stack: EmbeddedStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It reads worker 0's shard, the engagement log and the promoted head, and promotes a better one."""
+    root, worker, current = deployment
+    doc = k8s_index()[("CronJob", "apexrank-retrain")]
+    proc, env = run_job(_container("CronJob", "apexrank-retrain"), doc, root, stack)
+
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    job = pod_settings(env, monkeypatch)
+    assert job.index_dir == worker.index_dir, "the job reads the shard worker 0 writes"
+    assert report["n_train"] + report["n_holdout"] > N_SONGS // 2, report  # embeddings + engagement + Redis met
+    assert report["current_version"] == current, "the job reads the head the deployment promoted"
+    assert report["promoted"], report  # the read-out learns the likes the features carry
+    model_dir = Path(report["model_dir"])
+    assert model_dir.is_relative_to(root / "claims" / "apexrank-state"), "the model lands on the state volume"
+    assert resolve_model_dir(job.head_dir) == model_dir
+    announced = read_topic(job, job.kafka.topics.models_promoted, 1)
+    assert report["candidate_version"].encode() in [m.key for m in announced]
+
+
+def test_without_the_index_volume_the_job_finds_no_embedding_store(
+    deployment: tuple[Path, Settings, str], stack: EmbeddedStack
+) -> None:
+    """The manifest as it was before issue 15: no index volume, no APEXRANK_INDEX__PATH."""
+    root, _, _ = deployment
+    doc = copy.deepcopy(k8s_index()[("CronJob", "apexrank-retrain")])
+    spec = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    index_mount = "/var/lib/apexrank-index"
+    container["volumeMounts"] = [m for m in container["volumeMounts"] if m["mountPath"] != index_mount]
+    container["env"] = [e for e in container["env"] if not e.get("value", "").startswith(index_mount)]
+
+    proc, _ = run_job(container, doc, root, stack)
+
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "no embedding store" in proc.stderr
