@@ -28,7 +28,7 @@ import numpy as np
 
 from indexes import snapshots
 from indexes.base import EmbeddingRecord, StoredEmbedding, faiss_id
-from indexes.faiss_index import FaissIndexConfig, FaissVectorIndex
+from indexes.faiss_index import AUTO, FaissIndexConfig, FaissVectorIndex
 from indexes.snapshots import INDEX_FILE, LOCK_FILE, META_FILE, META_FORMAT, STORE_FILE, SnapshotError
 from indexes.sqlite_embeddings import SqliteEmbeddingStore
 
@@ -80,6 +80,7 @@ class EmbeddingIndex:
         nprobe: int | None = None,
         ef_search: int | None = None,
         train_size: int | None = None,
+        expected_size: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if snapshot_every_songs < 1 or snapshot_every_s <= 0:
@@ -93,6 +94,7 @@ class EmbeddingIndex:
             nprobe=nprobe,
             ef_search=ef_search,
             train_size=train_size,
+            expected_size=expected_size,
         )
         self.snapshot_every_songs = snapshot_every_songs
         self.snapshot_every_s = snapshot_every_s
@@ -112,7 +114,8 @@ class EmbeddingIndex:
             raise
         try:
             self._check_store_dims()
-            self._index = FaissVectorIndex(self.config)  # replaced by _open
+            placeholder = self.config.model_copy(update={"factory": "Flat"}) if self.config.factory == AUTO else None
+            self._index = FaissVectorIndex(placeholder or self.config)  # replaced by _open
             self.open_report = self._open()
             self.maybe_snapshot()
         except BaseException:
@@ -167,7 +170,12 @@ class EmbeddingIndex:
         return ((loaded.index, loaded.watermark), "") if loaded is not None else (None, reason)
 
     def _snapshot_config(self, dim: int, factory: str) -> FaissIndexConfig | str:
-        """This index's config for a snapshot of its dimension and factory; why another is refused."""
+        """This index's config for a snapshot of its dimension and factory; why another is refused.
+
+        With ``auto`` any factory is taken: an existing index keeps the type it was created with.
+        """
+        if dim == self.config.dim and self.config.factory == AUTO:
+            return self.config.model_copy(update={"factory": factory})
         if dim != self.config.dim or factory != self.config.factory:
             return (
                 f"mismatched snapshot: dim {dim}, factory {factory!r}; "
@@ -196,10 +204,14 @@ class EmbeddingIndex:
         """Rebuild the FAISS index from the whole store; returns how many vectors it holds.
 
         Untrained factories (IVF…) train on the first ``train_size`` records, exactly
-        as when streaming; with fewer records the vectors stay in the exact buffer.
+        as when streaming; with fewer records the vectors stay in the exact buffer. With
+        ``auto`` the type is picked afresh, for the larger of ``expected_size`` and the store's size.
         """
         with self._lock:
-            self._index = FaissVectorIndex(self.config)
+            config = self.config
+            if config.factory == AUTO:
+                config = config.model_copy(update={"expected_size": max(config.expected_size or 0, self.store.count())})
+            self._index = FaissVectorIndex(config)
             self._watermark = 0
             self._since_snapshot = 0
             applied = self._catch_up()

@@ -26,7 +26,7 @@ import numpy as np
 
 from indexes import snapshots
 from indexes.base import StoredEmbedding, faiss_id
-from indexes.faiss_index import FaissIndexConfig, FaissVectorIndex
+from indexes.faiss_index import AUTO, FaissIndexConfig, FaissVectorIndex
 from indexes.snapshots import STORE_FILE
 from indexes.sqlite_embeddings import SqliteEmbeddingStore
 
@@ -84,9 +84,11 @@ class IndexReader:
         *,
         nprobe: int | None = None,
         ef_search: int | None = None,
+        expected_size: int | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.factory = factory
+        self.expected_size = expected_size
         self.nprobe = nprobe
         self.ef_search = ef_search
         self._lock = _ReadWriteLock()
@@ -141,10 +143,17 @@ class IndexReader:
             return None, 0, "store", f"{why}; the store is empty"
         if len(dims) > 1:
             raise ValueError(f"{store.path} holds vectors of several dimensions {sorted(dims)}")
-        return FaissVectorIndex(self._config(dims.pop(), self.factory)), 0, "store", why
+        return self._fresh(dims.pop(), store), 0, "store", why
 
     def _config(self, dim: int, factory: str) -> FaissIndexConfig:
         return FaissIndexConfig(dim=dim, factory=factory, use_gpu="never", nprobe=self.nprobe, ef_search=self.ef_search)
+
+    def _fresh(self, dim: int, store: SqliteEmbeddingStore) -> FaissVectorIndex:
+        """An empty index to fill from the store; ``auto`` picks for the larger of the expected and stored sizes."""
+        size = self.expected_size
+        if self.factory == AUTO:
+            size = max(size or 0, store.count())
+        return FaissVectorIndex(self._config(dim, self.factory).model_copy(update={"expected_size": size}))
 
     def _catch_up(self) -> int:
         """Apply store records newer than the watermark.
@@ -165,7 +174,7 @@ class IndexReader:
             if self._store is not store:  # a reload swapped the store meanwhile: its own catch-up applies
                 return 0
             if self._index is None:
-                self._index = FaissVectorIndex(self._config(batch[0].record.vector.shape[0], self.factory))
+                self._index = self._fresh(batch[0].record.vector.shape[0], store)
             self._index.upsert(keys, vectors)
             self._watermark = max(self._watermark, batch[-1].seq)
         return len(batch)
@@ -226,6 +235,12 @@ class IndexReader:
     @property
     def ready(self) -> bool:
         return self.status().ready
+
+    @property
+    def index_factory(self) -> str | None:
+        """The concrete factory of the loaded index (the snapshot's, or ``auto``'s pick); None before a load."""
+        index = self._index
+        return index.config.factory if index is not None else None
 
     def vectors(self, song_ids: Sequence[str], keys: Sequence[int] | None = None) -> dict[str, np.ndarray]:
         """The indexed vectors of these songs (those not indexed are absent), in their order.
@@ -337,8 +352,10 @@ class ShardedIndexReader:
         return sorted(best.items(), key=lambda h: -h[1])[:k]
 
 
-def open_index_reader(directories: Sequence[Path], factory: str) -> IndexReader | ShardedIndexReader:
+def open_index_reader(
+    directories: Sequence[Path], factory: str, *, expected_size: int | None = None
+) -> IndexReader | ShardedIndexReader:
     """One reader for one directory, a fan-out reader for several (``index.shards``)."""
     if len(directories) == 1:
-        return IndexReader(directories[0], factory)
-    return ShardedIndexReader([IndexReader(d, factory) for d in directories])
+        return IndexReader(directories[0], factory, expected_size=expected_size)
+    return ShardedIndexReader([IndexReader(d, factory, expected_size=expected_size) for d in directories])

@@ -136,7 +136,19 @@ class IndexSettings(_Section):
     """FAISS index of song embeddings and the durable embedding store behind it."""
 
     path: Path | None = Field(None, description="Index directory; default STATE_DIR/index.")
-    factory: str = Field("Flat", description="faiss.index_factory string; wrapped in an ID map when needed.")
+    factory: str = Field(
+        "auto",
+        description="faiss.index_factory string (wrapped in an ID map when needed), or 'auto': picked by "
+        "expected_size when the index is created (an existing index keeps its type): Flat up to 100k "
+        "vectors, IVF<~4*sqrt(N)>,Flat up to 1M, IVF<~4*sqrt(N)>,SQ8 beyond, nprobe nlist/64; never "
+        "HNSW (it cannot remove). The table and the measurements at 1M: docs/indexes.md.",
+    )
+    expected_size: int | None = Field(
+        None,
+        ge=0,
+        description="Vectors one index directory (one worker shard) is expected to hold, for factory 'auto'; "
+        "default: what the embedding store holds when the index is built.",
+    )
     use_gpu: Literal["auto", "never", "always"] = "auto"
     snapshot_every_songs: int = Field(
         1000, ge=1, description="Snapshot the FAISS index after this many changes, or a tenth of the index if more."

@@ -49,6 +49,7 @@ def embedding_index(settings: Settings, dim: int) -> EmbeddingIndex:
         settings.index_dir,
         dim=dim,
         factory=index.factory,
+        expected_size=index.expected_size,
         use_gpu=index.use_gpu,
         snapshot_every_songs=index.snapshot_every_songs,
         snapshot_every_s=index.snapshot_every_s,
@@ -59,4 +60,4 @@ def index_reader(settings: Settings) -> IndexReader | ShardedIndexReader:
     """The API's read-only view of the workers' indexes: one directory, or one per shard (``index.shards``)."""
     from indexes.index_reader import open_index_reader
 
-    return open_index_reader(settings.index_shards, settings.index.factory)
+    return open_index_reader(settings.index_shards, settings.index.factory, expected_size=settings.index.expected_size)

@@ -344,7 +344,8 @@ def exported_metrics(modules: Sequence[str] | None = None) -> dict[str, set[str]
 
     from prometheus_client.metrics import MetricWrapperBase
 
-    info_labels = set(re.findall(r'"(\w+)":', "".join(re.findall(r"MODEL_INFO\.info\(\s*\{([^}]*)\}", _worker_source()))))
+    info_calls = "".join(re.findall(r"MODEL_INFO\.info\(\s*\{([^}]*)\}", _worker_source()))
+    info_labels = set(re.findall(r'"(\w+)":', info_calls))
     suffixes = {
         "counter": ("_total", "_created"),
         "gauge": ("",),

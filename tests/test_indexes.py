@@ -33,7 +33,7 @@ from indexes import (
     faiss_id,
 )
 from indexes.embedding_index import INDEX_FILE, META_FILE, STORE_FILE
-from indexes.faiss_index import gpu_count
+from indexes.faiss_index import auto_factory, gpu_count
 from indexes.index_reader import IndexReader, open_index_reader
 
 DIM = 16
@@ -727,3 +727,52 @@ def test_add_rejects_wrong_dimension_before_storing(tmp_path: Path) -> None:
         s.put_many([bad])
     with pytest.raises(ValueError, match="another index directory"):
         open_index(tmp_path)
+
+
+# -- factory "auto" ----------------------------------------------------------------------------
+def test_auto_factory_picks_by_size() -> None:
+    assert auto_factory(0) == ("Flat", None) and auto_factory(100_000) == ("Flat", None)
+    assert auto_factory(200_000) == ("IVF2048,Flat", 32)
+    assert auto_factory(1_000_000) == ("IVF4096,Flat", 64)
+    assert auto_factory(10_000_000) == ("IVF16384,SQ8", 256)
+    index = make_index(factory="auto", expected_size=1_000_000)
+    assert index.config.factory == "IVF4096,Flat" and index.config.nprobe == 64
+    assert index.removable and not index.is_trained and index.train_size == 39 * 4096
+    assert make_index(factory="auto", expected_size=1_000_000, nprobe=7).config.nprobe == 7  # a set nprobe stays
+    assert make_index(factory="auto").config.factory == "Flat"
+
+
+def test_auto_index_trains_on_a_sample_and_keeps_its_type(tmp_path: Path) -> None:
+    recs = records(2200, seed=9)
+    auto = {"factory": "auto", "train_size": 2100}
+    with open_index(tmp_path, expected_size=200_000, **auto) as index:
+        assert index.vector_index.config.factory == "IVF2048,Flat"
+        index.add(recs[:2000])
+        assert not index.vector_index.is_trained and index.vector_index.pending == 2000  # the sample fills
+        index.add(recs[2000:])
+        assert index.vector_index.is_trained and index.vector_index.pending == 0 and len(index) == 2200
+    assert json.loads((tmp_path / META_FILE).read_text())["factory"] == "IVF2048,Flat"
+    # Reopened with no expected size (2,200 stored songs would pick Flat): the index keeps its type,
+    # and its nprobe (32 of 2,048 lists; with FAISS's default of 1 a query sees about one song).
+    with open_index(tmp_path, **auto) as index:
+        assert index.open_report.source == "snapshot" and index.vector_index.config.factory == "IVF2048,Flat"
+        assert len(index.search(recs[5].vector, 10)) == 10
+    reader = IndexReader(tmp_path, "auto")
+    try:
+        assert reader.load().source == "snapshot" and reader.index_factory == "IVF2048,Flat"
+    finally:
+        reader.close()
+    # Without a usable snapshot the type is picked again, from the store's size (or the expected one).
+    (tmp_path / META_FILE).unlink()
+    reader = IndexReader(tmp_path, "auto", expected_size=200_000)
+    try:
+        assert reader.load().source == "store" and reader.index_factory == "IVF2048,Flat"
+    finally:
+        reader.close()
+    with open_index(tmp_path, **auto) as index:
+        assert index.open_report.source == "rebuilt" and index.vector_index.config.factory == "Flat"
+        assert len(index) == 2200
+    # An explicit factory other than the snapshot's is the documented way to switch: a rebuild.
+    with open_index(tmp_path, factory="IVF4,Flat", nprobe=4) as index:
+        assert index.open_report.source == "rebuilt" and "mismatched" in (index.open_report.reason or "")
+        assert index.vector_index.config.factory == "IVF4,Flat" and len(index) == 2200
