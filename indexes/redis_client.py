@@ -81,16 +81,21 @@ def cluster_nodes(url: str) -> tuple[str, list[tuple[str, int]]]:
     return first + (f"/?{parts.query}" if parts.query else ""), nodes
 
 
-def connect(url: str, socket_timeout_s: float) -> SyncClient:
-    """A client for ``url`` with decoded (str) replies. A cluster client connects (and reads the
-    slot map) here: an unreachable cluster raises redis-py's ConnectionError, as a node would on
-    its first command."""
-    options: dict[str, Any] = {
+def _options(socket_timeout_s: float) -> dict[str, Any]:
+    """The client options of both kinds of client: str replies, the timeout on every socket."""
+    return {
         "decode_responses": True,
         "socket_timeout": socket_timeout_s,
         "socket_connect_timeout": socket_timeout_s,
         "health_check_interval": 30,
     }
+
+
+def connect(url: str, socket_timeout_s: float) -> SyncClient:
+    """A client for ``url`` with decoded (str) replies. A cluster client connects (and reads the
+    slot map) here: an unreachable cluster raises redis-py's ConnectionError, as a node would on
+    its first command."""
+    options = _options(socket_timeout_s)
     if not is_cluster_url(url):
         return redis.Redis.from_url(url, **options)
     first, nodes = cluster_nodes(url)
@@ -104,12 +109,7 @@ def connect(url: str, socket_timeout_s: float) -> SyncClient:
 def connect_async(url: str, socket_timeout_s: float) -> AsyncClient:
     """The asyncio client for ``url`` (create it inside the event loop that uses it; it connects
     on its first command)."""
-    options: dict[str, Any] = {
-        "decode_responses": True,
-        "socket_timeout": socket_timeout_s,
-        "socket_connect_timeout": socket_timeout_s,
-        "health_check_interval": 30,
-    }
+    options = _options(socket_timeout_s)
     if not is_cluster_url(url):
         return redis.asyncio.Redis.from_url(url, **options)
     first, nodes = cluster_nodes(url)
