@@ -26,6 +26,9 @@ yet is counted all the same: its counters wait in the song's hash for its scores
 Engagement for a song taken down (a tombstone, see :mod:`consumers.takedown`) is a
 no-op: not counted, not logged, no feed update; it is counted on
 ``apexrank_feedback_events_total{outcome="tombstoned"}``.
+
+Besides events by outcome, ``--metrics-port`` serves its dead letters by code and, read
+after each batch as the worker does, its lag on the engagement topic (:func:`update_lag`).
 """
 
 from __future__ import annotations
@@ -44,7 +47,16 @@ from prometheus_client import Counter
 
 from consumers import metrics
 from consumers.kafka_io import Publisher, ensure_topics, log_size_limits, make_consumer, publish_outputs
-from consumers.loop import IdleClock, Message, Stopping, commit, dead_letter, in_partition_order, retry_infra
+from consumers.loop import (
+    IdleClock,
+    Message,
+    Stopping,
+    commit,
+    dead_letter,
+    in_partition_order,
+    retry_infra,
+    update_lag,
+)
 from indexes import DUPLICATE, REPLAY, TOMBSTONED, message_marker
 from indexes.engagement_log import EngagementLog
 from ranker import stores
@@ -234,12 +246,14 @@ class FeedbackConsumer:
                 except Stopping:
                     log.warning("stopping with a batch uncommitted; it will be redelivered")
                     break
+                update_lag(consumer)  # apexrank_consumer_lag_messages{topic=engagement}, as the worker's
                 self.stats.batches += 1
                 self.stats.busy_s = time.monotonic() - first_message
                 self.stats.messages += len(messages)
                 self.stats.dead_letters += len(dead)
                 for d in dead:
                     self.stats.dead_by_code[d.error_code] = self.stats.dead_by_code.get(d.error_code, 0) + 1
+                    metrics.FEEDBACK_DEAD_LETTERS.labels(d.error_code).inc()
                 EVENTS.labels("dead_letter").inc(len(dead))
         finally:
             producer.close()

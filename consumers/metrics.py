@@ -13,12 +13,24 @@ RECORDS_DROPPED = Counter(
     "Output records Kafka refused for what they are (too large, invalid), even as a dead letter without its "
     "original; logged with their topic and key",
 )
+FEEDBACK_DEAD_LETTERS = Counter(
+    "apexrank_feedback_dead_letters_total", "Engagement messages sent to engagement.dead-letter", ["code"]
+)
 COMMITS = Counter("apexrank_worker_commits_total", "Offset commits after a batch's writes landed")
 SONGS_TOMBSTONED = Counter(
     "apexrank_worker_tombstoned_total", "songs.generated events skipped because the song was taken down"
 )
 TAKEDOWNS = Counter(
     "apexrank_worker_takedowns_total", "Embeddings removed from this worker's store by songs.deleted events"
+)
+SONGS_EXPIRED = Counter(
+    "apexrank_worker_songs_expired_total", "Songs past retention.window_days taken off the feeds and the index"
+)
+ARCHIVE_BYTES = Counter("apexrank_worker_archive_bytes_total", "Bytes of expired embeddings written to the archive")
+SWEEP_SECONDS = Histogram(
+    "apexrank_worker_retention_sweep_seconds",
+    "Wall time of one retention sweep of the worker's shard",
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
 BATCH_SIZE = Histogram(
     "apexrank_worker_batch_messages",

@@ -1,10 +1,12 @@
 """``apexrank retrain``: the periodic job around :mod:`ranker.model.retrain`.
 
-It gathers the training set (engagement log + the worker's embedding store +
-song metadata from Redis), runs the train/compare/promote step, and after a
+It gathers the training set (engagement log + the workers' embedding stores, one per
+index shard + song metadata from Redis), runs the train/compare/promote step, and after a
 promotion rescores the songs still inside the cold-start window from their
 stored embeddings (Redis and every feed), then publishes ``models.promoted``.
-Run once (cron, a Kubernetes CronJob) or with ``--every`` as a scheduler.
+Run once (cron, a Kubernetes CronJob) or with ``--every`` as a scheduler. Each run,
+failed or not, pushes its figures to a Pushgateway when ``retrain.pushgateway_url`` is
+set (:mod:`consumers.retrain_metrics`): a CronJob lives too briefly to be scraped.
 """
 
 from __future__ import annotations
@@ -13,14 +15,17 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Sequence
+from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 from rich.progress import Progress
 
+from consumers import retrain_metrics
 from consumers.kafka_io import Publisher, ensure_topics
-from indexes.base import ScoreStore, SongRecord
+from indexes.base import ScoreStore, SongRecord, StoredEmbedding
 from indexes.engagement_log import EngagementLog
 from indexes.redis_schema import CREATED_AT, GENERATOR
 from indexes.sqlite_embeddings import SqliteEmbeddingStore
@@ -44,8 +49,51 @@ def current_model(settings: Settings) -> ScoringModel:
     return load_current_model(settings, encoder_spec(settings))
 
 
+class ShardEmbeddings:
+    """The songs' stored embeddings across the embedding store of every index shard.
+
+    Each worker writes its own shard (``index.shards``; one directory when unset), and a song
+    lives in the shard of the worker that scored it, so a song missing from one is looked up
+    in the next.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        shards = settings.index_shards
+        paths = [d / STORE_FILE for d in shards if (d / STORE_FILE).is_file()]
+        if not paths:
+            where = ", ".join(str(d) for d in shards)
+            raise ConfigError(f"no embedding store in {where}: run the worker first")
+        with ExitStack() as opened:  # a store that fails to open closes the ones before it
+            self._stores = [opened.enter_context(SqliteEmbeddingStore(p)) for p in paths]
+            self._closing = opened.pop_all()
+
+    @property
+    def paths(self) -> list[Path]:
+        return [s.path for s in self._stores]
+
+    def get_many(self, song_ids: Sequence[str]) -> dict[str, StoredEmbedding]:
+        """The stored records among ``song_ids``, from whichever shard holds each."""
+        found: dict[str, StoredEmbedding] = {}
+        for store in self._stores:
+            missing = [s for s in song_ids if s not in found]
+            if not missing:
+                break
+            found.update(store.get_many(missing))
+        return found
+
+    def close(self) -> None:
+        self._closing.close()
+
+    def __enter__(self) -> ShardEmbeddings:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def gather(settings: Settings, store: ScoreStore) -> tuple[Observed, FeatureSet]:
-    """Played songs that have embeddings and metadata (with ``likes_model=head``, only those past the threshold).
+    """Played songs that have embeddings (in any shard) and metadata (with ``likes_model=head``, only those
+    past the threshold).
 
     Songs taken down (a tombstone in the score store) are left out, whatever the engagement log
     still holds of them, and so are songs the embedding store no longer has.
@@ -61,11 +109,9 @@ def gather(settings: Settings, store: ScoreStore) -> tuple[Observed, FeatureSet]
     ids = [s for s, k in zip(ids, keep, strict=True) if k]
     plays, likes = plays[keep], likes[keep]
     meta = _metadata(store, ids)
-    emb_path = settings.index_dir / STORE_FILE
-    if not emb_path.is_file():
-        raise ConfigError(f"no embedding store at {emb_path}: run the worker first")
-    with SqliteEmbeddingStore(emb_path) as emb:
+    with ShardEmbeddings(settings) as emb:
         stored = emb.get_many(ids)
+        log.info("%d of %d played songs found in %d embedding stores", len(stored), len(ids), len(emb.paths))
     rows = [i for i, s in enumerate(ids) if s in stored and s in meta]
     song_ids = [ids[i] for i in rows]
     records = [stored[s].record for s in song_ids]
@@ -110,7 +156,7 @@ def rescore_window(settings: Settings, model: ScoringModel, store: ScoreStore) -
         return 0
     now = datetime.now(UTC).isoformat()
     rescored: list[list[SongRecord]] = []
-    with SqliteEmbeddingStore(settings.index_dir / STORE_FILE) as emb, Progress(transient=True) as bar:
+    with ShardEmbeddings(settings) as emb, Progress(transient=True) as bar:
         task = bar.add_task("rescoring the cold-start window", total=len(window))
         for start in range(0, len(window), 1024):
             chunk = window[start : start + 1024]
@@ -145,7 +191,23 @@ def run_once(
     """One retrain; ``train_overrides`` adjusts the candidate's TrainConfig (ablations, tests).
 
     ``progress`` shows a bar per training epoch (the long step; rescoring always has one).
+    Its figures are pushed at the end, whether it failed or not (a failed push is only logged).
     """
+    try:
+        report = _run(settings, publisher, train_overrides, progress)
+    except BaseException:
+        retrain_metrics.push(settings, None)
+        raise
+    retrain_metrics.push(settings, report)
+    return report
+
+
+def _run(
+    settings: Settings,
+    publisher: Publisher | None,
+    train_overrides: dict[str, object] | None,
+    progress: bool,
+) -> RetrainReport:
     store = stores.score_store(settings)
     began = time.perf_counter()
     try:
@@ -196,7 +258,8 @@ def run_once(
                 "promoted_at": datetime.now(UTC).isoformat(),
             }
             topic = settings.kafka.topics.models_promoted
-            ensure_topics(settings.kafka, [topic])
+            if settings.kafka.auto_create_topics:  # else deploy/topics.sh made it, compacted
+                ensure_topics(settings.kafka, [topic])
             pub = publisher or Publisher(settings.kafka)
             try:
                 refused = pub.publish([(topic, promoted.version.encode(), json.dumps(event).encode())])
@@ -232,4 +295,4 @@ def parse_duration(text: str) -> float:
     return float(text)
 
 
-__all__ = ["Path", "gather", "parse_duration", "rescore_window", "run_every", "run_once"]
+__all__ = ["STORE_FILE", "ShardEmbeddings", "gather", "parse_duration", "rescore_window", "run_every", "run_once"]

@@ -276,6 +276,11 @@ class RetrainSettings(_Section):
         512, ge=2, description="The candidate's batch; a few hundred songs want 32 (512 is one step an epoch)."
     )
     cold_start_window_h: float = Field(72.0, gt=0, description="Songs this young are rescored on promotion.")
+    pushgateway_url: str = Field(
+        "",
+        description="Prometheus Pushgateway (e.g. http://pushgateway:9091) each run pushes its figures to, "
+        "job apexrank_retrain; empty: no push. A failed push is logged, never fails the run.",
+    )
 
 
 class FeedbackSettings(_Section):

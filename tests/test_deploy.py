@@ -11,8 +11,8 @@
   and pin torch/torchaudio exactly as pyproject.toml does;
 - deploy/topics.sh is shellcheck-clean and, run against stub Kafka tools, creates every topic of
   TopicSettings idempotently with the intended retention;
-- the Grafana dashboard names only metrics that consumers/metrics.py exports (or the documented API
-  and kafka-exporter metrics), with labels those metrics have;
+- the Grafana dashboard and the alert rules name only metrics a scraped process serves, the retrain
+  job pushes (through the compose Pushgateway) or kafka-exporter exports, with labels those metrics have;
 - the container health-check script works against a real HTTP server and the embedded Kafka + Redis.
 """
 
@@ -71,6 +71,10 @@ SCHEMALESS_KINDS = {
 #: each runs: a metric is served when one of them imports the module defining it. The dashboard must
 #: show every served metric, and panels and alert rules may use only served (or external) ones.
 SCRAPED_COMMANDS = {"worker": "consumers.worker", "feedback": "consumers.feedback", "serve": "consumers.serve"}
+#: Commands too short-lived to scrape, each with the one module whose metrics it pushes to a Pushgateway
+#: (which Prometheus scrapes): those metrics count as served too, and only those (the command's other
+#: imports register metrics in the default registry, which it never serves).
+PUSHED_COMMANDS = {"retrain": "consumers.retrain_metrics"}
 #: Metrics the dashboard may use that apexrank does not define: kafka-exporter's consumer lag and topic
 #: offsets (the dead-letter topics' produce rate).
 EXTERNAL_METRICS = {
@@ -400,9 +404,10 @@ def imported_modules(entry: str) -> set[str]:
 
 
 def served_metrics() -> dict[str, set[str]]:
-    """The metrics some scraped process serves (those of the metric modules it imports), with their labels."""
+    """The metrics some scraped process serves (those of the metric modules it imports) or a short-lived
+    job pushes to the Pushgateway, with their labels."""
     reached = set().union(*(imported_modules(m) for m in SCRAPED_COMMANDS.values()))
-    return exported_metrics([m for m in metric_modules() if m in reached])
+    return exported_metrics([m for m in metric_modules() if m in reached or m in PUSHED_COMMANDS.values()])
 
 
 def _worker_source() -> str:
@@ -669,9 +674,8 @@ def test_every_worker_writes_its_own_shard_and_the_api_and_retrain_read_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each volume stands in as a local directory (one per claim, shared): worker N's index path (its
-    ordinal from the pod-index label) is its own directory on the index claim; the API's index.shards
-    finds every one a worker created (shard 0 alone before any exists), and the retrain job reads worker
-    0's."""
+    ordinal from the pod-index label) is its own directory on the index claim; the API's and the retrain
+    job's index.shards find every one a worker created (shard 0 alone before any exists)."""
     index = k8s_index()
 
     def settings_of(kind: str, name: str, pod_index: int = 0) -> Settings:
@@ -687,11 +691,13 @@ def test_every_worker_writes_its_own_shard_and_the_api_and_retrain_read_them(
     assert len(set(shards)) == 3, f"two workers would share an index directory: {shards}"
     assert all(s.is_relative_to(tmp_path / "claims" / INDEX_CLAIM) for s in shards), shards
     api = settings_of("Deployment", "apexrank-api")
+    retrain = settings_of("CronJob", "apexrank-retrain")
     assert api.index_shards == [shards[0]], "with no shard yet the API waits for worker 0's"
+    assert retrain.index_shards == [shards[0]]
     for shard in shards:
         shard.mkdir(parents=True)  # what the worker does first (EmbeddingIndex)
     assert api.index_shards == shards
-    assert settings_of("CronJob", "apexrank-retrain").index_dir == shards[0]
+    assert retrain.index_shards == shards, "retrain learns from (and rescores) every worker's songs"
 
 
 #: The Dockerfile that builds each image the manifests run (its final stage's ENV starts a container's environment).
@@ -1239,8 +1245,46 @@ def test_the_scraped_processes_are_the_ones_prometheus_scrapes() -> None:
     assert {services[h]["command"][0] for h in hosts if h in services and "build" in services[h]} == set(
         SCRAPED_COMMANDS
     )
-    # A metric module no scraped process imports is not served: the retrain job exposes no metrics.
+    # A metric module no scraped process imports is not served: the retrain job pushes its metrics instead.
     assert "consumers.retrain" not in set().union(*(imported_modules(m) for m in SCRAPED_COMMANDS.values()))
+
+
+def test_the_retrain_job_pushes_to_a_pushgateway_prometheus_scrapes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PUSHED_COMMANDS is true: the retrain command imports the module it pushes, in registries of its own;
+    compose runs a Pushgateway that Prometheus scrapes keeping the pushed job label (honor_labels), and
+    both the compose retrain loop and the CronJob (through the ConfigMap) are told where it is."""
+    import importlib
+
+    from prometheus_client import REGISTRY
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from consumers.cli import build_parser
+
+    default = {family.name for family in REGISTRY.collect()}  # what a process's /metrics would serve
+    for command, module in PUSHED_COMMANDS.items():
+        assert build_parser().parse_args([command]).command == command
+        assert module in imported_modules(f"consumers.{command}"), f"{command} does not import {module}"
+        pushed = [o for o in vars(importlib.import_module(module)).values() if isinstance(o, MetricWrapperBase)]
+        assert pushed and not {next(iter(o.describe())).name for o in pushed} & default, (
+            "pushed metrics stay off /metrics"
+        )
+
+    services = compose()["services"]
+    gateway = services["pushgateway"]
+    assert interpolate(gateway["image"], {}).startswith("prom/pushgateway:")
+    assert gateway["profiles"] == ["monitoring"]
+    prometheus = yaml.safe_load((COMPOSE_DIR / "prometheus.yml").read_text())
+    (job,) = [j for j in prometheus["scrape_configs"] if "pushgateway:9091" in j["static_configs"][0]["targets"]]
+    assert job["honor_labels"] is True, "without honor_labels the pushed job label becomes exported_job"
+    retrain_env = {k: interpolate(v, {"REDIS_PASSWORD": "x"}) for k, v in services["retrain"]["environment"].items()}
+    assert make_settings(retrain_env, monkeypatch).retrain.pushgateway_url == "http://pushgateway:9091"
+
+    cron = _container("CronJob", "apexrank-retrain")
+    url = make_settings(k8s_container_env(cron), monkeypatch).retrain.pushgateway_url
+    assert (
+        url.startswith("http://")
+        and url == k8s_index()[("ConfigMap", "apexrank-config")]["data"]["APEXRANK_RETRAIN__PUSHGATEWAY_URL"]
+    )
 
 
 def test_dashboard_structure() -> None:
@@ -1290,9 +1334,13 @@ def test_alert_rules_use_exported_metrics_and_are_loaded() -> None:
     rules = yaml.safe_load((COMPOSE_DIR / "alerts.yml").read_text())
     exported = {**served_metrics(), **EXTERNAL_METRICS}
     alerts = {rule["alert"]: rule for group in rules["groups"] for rule in group["rules"]}
-    assert {"ApexrankWorkerLag", "ApexrankDeadLetterRate", "ApexrankUntrainedModel", "ApexrankTableStale"} <= set(
-        alerts
-    )
+    assert {
+        "ApexrankWorkerLag",
+        "ApexrankDeadLetterRate",
+        "ApexrankUntrainedModel",
+        "ApexrankTableStale",
+        "ApexrankNoSuccessfulRetrain",
+    } <= set(alerts)
     for name, rule in alerts.items():
         expr = rule["expr"]
         names = METRIC_TOKEN.findall(expr)

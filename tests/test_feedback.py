@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import redis
+from prometheus_client import REGISTRY
 
 from consumers.feedback import FeedbackConsumer
 from consumers.kafka_io import ensure_topics, flush_or_raise, make_producer
@@ -142,6 +143,43 @@ def test_counters_are_exact_after_duplicates_and_bad_events(settings: Settings) 
         for m in read_topic(settings, settings.kafka.topics.engagement_dead_letter, 2)
     ]
     assert sorted(d.error_code for d in letters) == ["invalid_json", "invalid_schema"]
+
+
+def test_the_consumer_serves_its_lag_and_its_dead_letters_by_code(settings: Settings) -> None:
+    """What its --metrics-port serves: apexrank_consumer_lag_messages for the engagement topic (read after
+    each batch, as the worker does) and apexrank_feedback_dead_letters_total by code."""
+    settings = settings.model_copy(update={"feedback": FeedbackSettings(max_poll_records=10)})
+    topic = settings.kafka.topics.engagement
+
+    def lag(partition: int) -> float | None:
+        return REGISTRY.get_sample_value(
+            "apexrank_consumer_lag_messages", {"topic": topic, "partition": str(partition)}
+        )
+
+    def dead(code: str) -> float:
+        return REGISTRY.get_sample_value("apexrank_feedback_dead_letters_total", {"code": code}) or 0.0
+
+    before = {code: dead(code) for code in ("invalid_json", "invalid_schema")}
+    values = [e.to_bytes() for e in make_events(60, songs=1, seed=13)]
+    values += [b"nope", b"{", json.dumps({"event_id": "x"}).encode()]
+    ensure_topics(settings.kafka, [topic])
+    producer = make_producer(settings.kafka)
+    for value in values:  # one record per produce request: the broker's high watermark is exact then
+        flush_or_raise(producer, [producer.send(topic, key=b"one-partition", value=value)])
+    producer.close()
+    seen: list[float] = []  # the lag as each batch after the first starts on the feed update
+    consumer = FeedbackConsumer(
+        settings, on_engagement=lambda ids: seen.extend(v for v in (lag(0), lag(1)) if v is not None)
+    )
+
+    stats = consumer.run(until_idle_s=2.0)
+
+    assert stats.dead_letters == 3 and stats.accepted == 60
+    assert seen and max(seen) > 0, seen  # behind while the batches of 10 are worked through
+    (partition,) = set(EngagementLog(settings.engagement_log_dir, topic).read().column("partition").to_pylist())
+    assert lag(partition) == 0, "caught up at the end"
+    assert dead("invalid_json") - before["invalid_json"] == 2
+    assert dead("invalid_schema") - before["invalid_schema"] == 1
 
 
 def test_engagement_before_the_song_is_scored_is_kept(settings: Settings) -> None:

@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import math
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from scipy.stats import spearmanr
 
+from consumers import retrain_metrics
 from consumers.publish import catalog_events, publish_events
 from consumers.retrain import run_once
+from consumers.stack import free_port
 from consumers.worker import Worker
 from indexes import ScoreStore
 from indexes.engagement_log import EngagementLog, LoggedEvent
+from ranker.errors import ConfigError
 from ranker.features import FeatureSet
 from ranker.model.artifact import ScoringModel
 from ranker.model.registry import resolve_model_dir
@@ -34,7 +44,7 @@ from ranker.serving.state import PRIOR_FIELD
 from ranker.serving.writer import FeedWriter, on_engagement
 from ranker.settings import RetrainSettings, Settings
 from ranker.synth import simulate_catalog
-from tests.helpers import read_topic
+from tests.helpers import read_topic, serving, url_of
 from tests.test_worker import feed, song
 
 #: Spearman of the current model on the holdout; the candidates below move it by binary fractions,
@@ -81,6 +91,65 @@ def test_gate_reads_the_popularity_tasks_only() -> None:
         gate(base, {"streams": 0.9}, 0.01)
 
 
+@dataclass
+class Push:
+    method: str
+    path: str
+    body: str
+
+    def samples(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """(name, sorted labels) -> value, as prometheus_client's own parser reads the pushed text."""
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(self.body)
+            for s in family.samples
+        }
+
+
+@dataclass
+class PushReceiver:
+    """A loopback HTTP server standing in for a Prometheus Pushgateway: it records each push and answers
+    200. (A real Pushgateway binary cannot be had offline; what the gateway would store is what the job
+    sent, which the tests parse with prometheus_client.parser.)"""
+
+    url: str
+    pushes: list[Push] = field(default_factory=list)
+
+
+@contextmanager
+def push_receiver() -> Iterator[PushReceiver]:
+    """A :class:`PushReceiver` on a free loopback port for the block."""
+    received: list[Push] = []
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def _record(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+            with lock:
+                received.append(Push(self.command, self.path, body))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_PUT = do_POST = _record
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    with serving(ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as httpd:
+        yield PushReceiver(url_of(httpd), received)
+
+
+@pytest.fixture
+def pushgateway() -> Iterator[PushReceiver]:
+    with push_receiver() as receiver:
+        yield receiver
+
+
+def label_set(**labels: str) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(labels.items()))
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("retrain-world")
@@ -118,9 +187,15 @@ def scored_world(settings: Settings, catalog: Path) -> None:
 
 
 def test_retrain_promotes_a_better_head_rescoring_the_feed_and_never_a_worse_one(
-    settings: Settings, world: Path, store: ScoreStore
+    settings: Settings, world: Path, store: ScoreStore, pushgateway: PushReceiver
 ) -> None:
-    settings = settings.model_copy(update={"retrain": RetrainSettings(min_plays=10, epochs=40, margin=0.05)})
+    """Each run also pushes its report's figures to the Pushgateway: here a loopback HTTP receiver started
+    by the test (no Pushgateway binary can be had offline), whose recorded body is parsed with
+    prometheus_client.parser and checked against the report."""
+    gateway = pushgateway.url
+    settings = settings.model_copy(
+        update={"retrain": RetrainSettings(min_plays=10, epochs=40, margin=0.05, pushgateway_url=gateway)}
+    )
     scored_world(settings, world)
     before = feed(settings)
     old_version = song(settings, before[0][0])["model_version"]  # type: ignore[index]
@@ -130,9 +205,13 @@ def test_retrain_promotes_a_better_head_rescoring_the_feed_and_never_a_worse_one
         store.client.hincrby(store.song_key(sid), "eng.likes", 10)
     assert on_engagement(played, settings) == 5
 
+    began = time.time()
     report = run_once(settings)
 
     assert report.promoted, report
+    (push,) = pushgateway.pushes
+    assert (push.method, push.path) == ("POST", "/metrics/job/apexrank_retrain")  # pushadd: see retrain_metrics
+    check_pushed(push, report, began)
     assert report.candidate["likes"] >= report.current["likes"] - 0.05
     assert resolve_model_dir(settings.head_dir) is not None
     after = feed(settings)
@@ -162,15 +241,60 @@ def test_retrain_promotes_a_better_head_rescoring_the_feed_and_never_a_worse_one
 
     # A deliberately worse candidate (a head trained on shuffled targets, its own likes output) is not
     # promoted over it.
-    settings = settings.model_copy(
-        update={"retrain": RetrainSettings(min_plays=10, epochs=15, margin=0.0, warm_start=False, likes_model="head")}
+    worse_settings = RetrainSettings(
+        min_plays=10, epochs=15, margin=0.0, warm_start=False, likes_model="head", pushgateway_url=gateway
     )
+    settings = settings.model_copy(update={"retrain": worse_settings})
     promoted_feed = feed(settings)
+    began = time.time()
     worse = run_once(settings, train_overrides={"shuffle_targets": True, "layer_mix": "mean"})
     assert not worse.promoted, worse
+    assert "rescore" not in worse.timings_s
+    check_pushed(pushgateway.pushes[1], worse, began)  # no rescore step left over from the first run
     assert worse.current_version == report.candidate_version and worse.candidate_version is not None
     assert resolve_model_dir(settings.head_dir).name == report.candidate_version  # type: ignore[union-attr]
     assert feed(settings) == promoted_feed
+
+
+def check_pushed(push: Push, report: RetrainReport, began: float) -> None:
+    """The pushed text holds the report's figures, and nothing else."""
+    got = push.samples()
+    ended = got[("apexrank_retrain_last_run_timestamp_seconds", ())]
+    assert began <= ended <= time.time()
+    assert got[("apexrank_retrain_last_success_timestamp_seconds", ())] == ended
+    assert got[("apexrank_retrain_promoted", ())] == float(report.promoted)
+    for model, figures in (("candidate", report.candidate), ("current", report.current)):
+        assert set(figures) == {"streams", "likes"}
+        for task, value in figures.items():
+            assert got[("apexrank_retrain_holdout_spearman", label_set(model=model, task=task))] == value
+    assert got[("apexrank_retrain_songs", label_set(set="train"))] == report.n_train
+    assert got[("apexrank_retrain_songs", label_set(set="holdout"))] == report.n_holdout
+    steps = {dict(labels)["step"]: v for (name, labels), v in got.items() if name == "apexrank_retrain_step_seconds"}
+    assert steps == report.timings_s and {"gather", "train", "evaluate", "total"} <= set(steps)
+    assert len(got) == 3 + 4 + 2 + len(steps)  # times, promoted; spearman; songs; steps
+
+
+def test_a_failed_run_pushes_its_time_only_and_a_failed_push_fails_nothing(
+    settings: Settings, pushgateway: PushReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run that fails (no embedding store yet) pushes its last-run time alone, so that the gateway keeps
+    the last success (POST replaces only the names pushed); a gateway that is down is only logged."""
+    retrain = settings.retrain.model_copy(update={"pushgateway_url": pushgateway.url})
+    began = time.time()
+    with pytest.raises(ConfigError, match="no embedding store"):
+        run_once(settings.model_copy(update={"retrain": retrain}))
+    (push,) = pushgateway.pushes
+    assert push.method == "POST"
+    (((name, labels), value),) = push.samples().items()
+    assert labels == ()
+    assert name == "apexrank_retrain_last_run_timestamp_seconds" and began <= value <= time.time()
+
+    down = settings.retrain.model_copy(update={"pushgateway_url": f"http://127.0.0.1:{free_port()}"})
+    with pytest.raises(ConfigError, match="no embedding store"):  # the run's own error, not the push's
+        run_once(settings.model_copy(update={"retrain": down}))
+    assert "could not push the retrain metrics" in caplog.text
+    report = RetrainReport(False, "test", "v0", None, 0, 0)
+    assert retrain_metrics.push(settings.model_copy(update={"retrain": down}), report) is False
 
 
 def test_exposure_adjusted_likes_rank_songs_by_like_rate_not_by_plays() -> None:
