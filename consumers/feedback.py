@@ -242,6 +242,7 @@ class FeedbackConsumer:
                     )
                     metrics.RECORDS_DROPPED.inc(dropped)
                     self._retry("commit offsets", lambda: commit(consumer))
+                    self.log.maybe_prune(s.retention.engagement_log_days)  # at most hourly
                     self.stats.add_time("commit", t)
                 except Stopping:
                     log.warning("stopping with a batch uncommitted; it will be redelivered")

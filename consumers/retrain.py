@@ -25,6 +25,7 @@ from rich.progress import Progress
 
 from consumers import retrain_metrics
 from consumers.kafka_io import Publisher, ensure_topics
+from indexes.archive import EmbeddingArchive
 from indexes.base import ScoreStore, SongRecord, StoredEmbedding
 from indexes.engagement_log import EngagementLog
 from indexes.redis_schema import CREATED_AT, GENERATOR
@@ -54,7 +55,8 @@ class ShardEmbeddings:
 
     Each worker writes its own shard (``index.shards``; one directory when unset), and a song
     lives in the shard of the worker that scored it, so a song missing from one is looked up
-    in the next.
+    in the next; a song past the retention window is looked up in the shards' archives
+    (:mod:`indexes.archive`), where the sweep moved its embedding.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -66,6 +68,9 @@ class ShardEmbeddings:
         with ExitStack() as opened:  # a store that fails to open closes the ones before it
             self._stores = [opened.enter_context(SqliteEmbeddingStore(p)) for p in paths]
             self._closing = opened.pop_all()
+        shared = settings.retention.archive_dir  # one folder for every shard (files are named by store)
+        folders = [shared] if shared is not None else [d / "archive" for d in shards]
+        self._archives = [EmbeddingArchive(d) for d in folders]
 
     @property
     def paths(self) -> list[Path]:
@@ -79,7 +84,24 @@ class ShardEmbeddings:
             if not missing:
                 break
             found.update(store.get_many(missing))
+        for archive in self._archives:
+            missing = [s for s in song_ids if s not in found]
+            if not missing:
+                break
+            found.update(archive.get_many(missing))
         return found
+
+    def archived_metadata(self, song_ids: Sequence[str]) -> dict[str, tuple[str, datetime]]:
+        """Generator and creation time of archived songs (for those whose shrunk hash has gone too)."""
+        out: dict[str, tuple[str, datetime]] = {}
+        for archive in self._archives:
+            missing = [s for s in song_ids if s not in out]
+            if not missing:
+                break
+            for song_id, meta in archive.metadata(missing).items():
+                if meta.generator and meta.created_at:
+                    out[song_id] = (meta.generator, datetime.fromisoformat(meta.created_at))
+        return out
 
     def close(self) -> None:
         self._closing.close()
@@ -96,7 +118,8 @@ def gather(settings: Settings, store: ScoreStore) -> tuple[Observed, FeatureSet]
     past the threshold).
 
     Songs taken down (a tombstone in the score store) are left out, whatever the engagement log
-    still holds of them, and so are songs the embedding store no longer has.
+    still holds of them, and so are songs neither an embedding store nor an archive has. Songs
+    past the retention window come from the archive.
     """
     log_table = EngagementLog(settings.engagement_log_dir, settings.kafka.topics.engagement).read()
     ids, plays, likes = aggregate_engagement(log_table)
@@ -110,6 +133,7 @@ def gather(settings: Settings, store: ScoreStore) -> tuple[Observed, FeatureSet]
     plays, likes = plays[keep], likes[keep]
     meta = _metadata(store, ids)
     with ShardEmbeddings(settings) as emb:
+        meta.update(emb.archived_metadata([s for s in ids if s not in meta]))
         stored = emb.get_many(ids)
         log.info("%d of %d played songs found in %d embedding stores", len(stored), len(ids), len(emb.paths))
     rows = [i for i, s in enumerate(ids) if s in stored and s in meta]

@@ -44,6 +44,7 @@ from indexes.base import (
 from indexes.sqlite_embeddings import KeyCollisionError, SqliteEmbeddingStore, SqliteEmbeddingStoreConfig
 
 if TYPE_CHECKING:
+    from indexes.archive import EmbeddingArchive
     from indexes.embedding_index import EmbeddingIndex, OpenReport
     from indexes.faiss_index import FaissIndexConfig, FaissVectorIndex
     from indexes.index_reader import IndexReader, ReaderStatus, ShardedIndexReader, open_index_reader
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
     from indexes.snapshots import SnapshotError
 
 _LAZY = {
+    "EmbeddingArchive": "indexes.archive",
     "EmbeddingIndex": "indexes.embedding_index",
     "OpenReport": "indexes.embedding_index",
     "SnapshotError": "indexes.snapshots",
@@ -88,6 +90,7 @@ __all__ = [
     "AsyncScoreReads",
     "Change",
     "Deletion",
+    "EmbeddingArchive",
     "EmbeddingIndex",
     "EmbeddingRecord",
     "EmbeddingStore",

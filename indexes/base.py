@@ -155,6 +155,20 @@ class EmbeddingStore(ABC):
     @abstractmethod
     def count(self) -> int: ...
 
+    # -- retention ------------------------------------------------------------------------
+    @abstractmethod
+    def older_than(self, before: float, limit: int) -> list[tuple[StoredEmbedding, float]]:
+        """Up to ``limit`` records last written before ``before`` (epoch s), oldest first, each with
+        when it was written."""
+
+    @abstractmethod
+    def prune_deletions(self, deleted_before: float, through_seq: int) -> int:
+        """Forget deletions older than ``deleted_before`` with seq <= ``through_seq``; how many."""
+
+    @abstractmethod
+    def deletions_pruned_through(self) -> int:
+        """The last forgotten deletion's seq (0: none): an index behind it rebuilds from the store."""
+
     @abstractmethod
     def close(self) -> None: ...
 
@@ -308,6 +322,22 @@ class ScoreStore(ABC):
     @abstractmethod
     def deleted(self, song_ids: Sequence[str]) -> set[str]:
         """The subset of ``song_ids`` with a tombstone, in one round trip."""
+
+    # -- retention ------------------------------------------------------------------------
+    @abstractmethod
+    def expire_songs(
+        self, song_ids: Sequence[str], feeds: Sequence[str], expired_at: float, history_s: float | None = None
+    ) -> int:
+        """Take songs past the retention window off the hot path: remove them from ``feeds`` and
+        their age indexes, shrink each record to what the engagement history needs (counters,
+        calibration claims, generator, creation time, model and prior; no scores, so no rankable
+        song) marked ``expired_at`` (epoch s), and log the change. With ``history_s`` the shrunk
+        record itself goes that long after its first expiry (None: kept). Idempotent; a song with
+        no record is left alone. How many records were shrunk."""
+
+    @abstractmethod
+    def expired(self, song_ids: Sequence[str]) -> set[str]:
+        """The subset of ``song_ids`` whose record says it expired, in one round trip."""
 
     # -- reads ----------------------------------------------------------------------------
     @abstractmethod

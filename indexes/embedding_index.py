@@ -8,6 +8,11 @@ opening the directory loads the snapshot and replays only what came after it.
 A crash between a store write and a snapshot therefore loses nothing (the store
 has it) and duplicates nothing (replays are upserts by key).
 
+A deletion (takedown, retention: :meth:`EmbeddingIndex.delete`) is a store write too: the store
+records it under the next sequence number, and the index (this one at once, every reader as it
+catches up) removes the key. Deletion records older than a horizon are pruned
+(:meth:`EmbeddingIndex.prune_deletions`) once this index's snapshot on disk covers them.
+
 The directory layout, the snapshot files and the checks a snapshot must pass are
 :mod:`indexes.snapshots`' (shared with the API's read-only
 :class:`~indexes.index_reader.IndexReader`).
@@ -27,7 +32,7 @@ from typing import Literal
 import numpy as np
 
 from indexes import snapshots
-from indexes.base import EmbeddingRecord, StoredEmbedding, faiss_id
+from indexes.base import EmbeddingRecord, RemovedEmbedding, StoredEmbedding, faiss_id
 from indexes.faiss_index import AUTO, FaissIndexConfig, FaissVectorIndex
 from indexes.snapshots import INDEX_FILE, LOCK_FILE, META_FILE, META_FORMAT, STORE_FILE, SnapshotError
 from indexes.sqlite_embeddings import SqliteEmbeddingStore
@@ -105,6 +110,7 @@ class EmbeddingIndex:
         self._last_snapshot_at = clock()
         self._retry_snapshot_at = 0.0
         self._watermark = 0
+        self._snapshot_watermark = 0  # the watermark of the snapshot on disk, as this process knows it
         self._lock_fd = _lock_directory(self.directory)
         try:
             snapshots.remove_stale_temp_files(self.directory)
@@ -154,6 +160,7 @@ class EmbeddingIndex:
             log.log(level, "rebuilding the FAISS index in %s from the store: %s", self.directory, reason)
             return OpenReport("rebuilt", reason, self.rebuild())
         self._index, self._watermark = loaded
+        self._snapshot_watermark = self._watermark
         replayed = self._catch_up()
         stored = self.store.count()
         if len(self._index) != stored:
@@ -184,8 +191,16 @@ class EmbeddingIndex:
         return self.config
 
     def _catch_up(self) -> int:
-        """Apply every store record newer than the watermark (remove-then-add by key)."""
-        return snapshots.catch_up(self.store, self._watermark, self._apply)
+        """Apply every store change newer than the watermark: upserts (remove-then-add by key) and
+        deletions (remove), in sequence order."""
+        return snapshots.catch_up(self.store, self._watermark, self._apply, self._remove)
+
+    def _remove(self, batch: Sequence[RemovedEmbedding]) -> int:
+        keys = np.fromiter((r.key for r in batch), dtype=np.int64, count=len(batch))
+        self._index.remove(keys)
+        self._watermark = max(self._watermark, batch[-1].seq)
+        self._since_snapshot += len(batch)
+        return len(batch)
 
     def _apply(self, batch: Sequence[StoredEmbedding]) -> int:
         for stored in batch:
@@ -214,7 +229,9 @@ class EmbeddingIndex:
             self._index = FaissVectorIndex(config)
             self._watermark = 0
             self._since_snapshot = 0
+            pruned = self.store.deletions_pruned_through()
             applied = self._catch_up()
+            self._watermark = max(self._watermark, pruned)  # built from every live record
             self._since_snapshot = max(self._since_snapshot, 1)  # the snapshot on disk is stale
             return applied
 
@@ -241,6 +258,24 @@ class EmbeddingIndex:
                 else:  # someone else wrote to the store: take everything since the watermark
                     self._catch_up()
         self.maybe_snapshot()
+
+    def delete(self, song_ids: Sequence[str]) -> dict[str, int]:
+        """Delete songs from the store durably, then drop their vectors (the store's deletion records
+        carry them to every reader); ``{song_id: deletion seq}`` for those that were stored."""
+        with self._lock:
+            self._check_open()
+            done = self.store.delete(song_ids)
+            if done:
+                self._catch_up()
+        self.maybe_snapshot()
+        return done
+
+    def prune_deletions(self, deleted_before: float) -> int:
+        """Forget the store's deletion records older than ``deleted_before`` (epoch s) that the snapshot
+        on disk already applied (a reader loading it never needs them); how many."""
+        with self._lock:
+            self._check_open()
+            return self.store.prune_deletions(deleted_before, self._snapshot_watermark)
 
     def maybe_snapshot(self) -> bool:
         """Snapshot if enough changes or ``snapshot_every_s`` seconds have piled up.
@@ -280,6 +315,7 @@ class EmbeddingIndex:
                 self.directory, self._index, self._watermark, self.store.store_uid(), self._temp_path
             )
             self._since_snapshot = 0
+            self._snapshot_watermark = int(meta["watermark"])
             self._last_snapshot_at = self._clock()
             self._retry_snapshot_at = 0.0
             log.info(

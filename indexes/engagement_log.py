@@ -11,6 +11,10 @@ messages at or below it, so a replayed batch is never logged twice. The
 directory must be shared by all members of the consumer group (a volume or a
 mounted bucket) so that a partition moving between members keeps its history.
 
+Retention (``retention.engagement_log_days``): :meth:`EngagementLog.prune` deletes the files of
+days before a cut-off, except each partition's newest file, whose name carries the logged offset
+that keeps a replayed batch from being logged twice.
+
 One race is left to the reader: a member that lost a partition in a rebalance
 but is still finishing its batch (its commit will be refused) can write an
 offset range the new owner also writes. :meth:`EngagementLog.read` therefore
@@ -21,9 +25,10 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +74,7 @@ class EngagementLog:
         self.topic = topic
         self.dir.mkdir(parents=True, exist_ok=True)
         self._logged: dict[int, int] = {}
+        self._next_prune = -float("inf")
         self.refresh()
 
     def refresh(self) -> None:
@@ -130,6 +136,42 @@ class EngagementLog:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    #: How often :meth:`maybe_prune` looks at the files (a glob of the whole log).
+    PRUNE_EVERY_S = 3600.0
+
+    def maybe_prune(self, keep_days: float | None, now: datetime | None = None) -> int:
+        """:meth:`prune` the days older than ``keep_days`` (None: keep all), at most every
+        :data:`PRUNE_EVERY_S` seconds; how many files went."""
+        clock = time.monotonic()
+        if keep_days is None or clock < self._next_prune:
+            return 0
+        self._next_prune = clock + self.PRUNE_EVERY_S
+        return self.prune((now or datetime.now(UTC)) - timedelta(days=keep_days))
+
+    def prune(self, before: datetime) -> int:
+        """Delete this topic's files of days before ``before``'s (UTC) day, but never a partition's newest
+        file (it records the logged offset); empty day folders go too. How many files were deleted."""
+        cutoff = before.astimezone(UTC).date().isoformat()
+        newest: dict[int, tuple[int, Path]] = {}
+        files: list[tuple[str, int, Path]] = []
+        for path in self.dir.glob("day=*/*.parquet"):
+            m = _NAME.match(path.name)
+            if m and m["topic"] == self.topic:
+                partition, last = int(m["partition"]), int(m["last"])
+                files.append((path.parent.name.removeprefix("day="), partition, path))
+                if partition not in newest or newest[partition][0] < last:
+                    newest[partition] = (last, path)
+        keep = {path for _, path in newest.values()}
+        removed = 0
+        for day, _, path in files:
+            if day < cutoff and path not in keep:
+                path.unlink(missing_ok=True)
+                removed += 1
+        for folder in self.dir.glob("day=*"):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        return removed
 
     def read(self, days: Iterable[str] | None = None) -> pa.Table:
         """Every logged event (optionally only some days), in (partition, offset) order, each once."""

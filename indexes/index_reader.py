@@ -10,8 +10,10 @@ a check is not used: the index is built from the whole store instead.
 :meth:`IndexReader.refresh` repeats that catch-up (the API calls it every
 ``api.index_refresh_s`` seconds and on ``POST /v1/index/reload``), and reloads
 from scratch when the worker has written a snapshot of a different store (the
-store was replaced or restored). SQLite's WAL mode lets this reader run beside
-the worker's writes.
+store was replaced or restored) or when its watermark fell behind the deletions the
+store has pruned (retention: removals it would need are no longer recorded). Deletions
+in the store (takedown, retention) remove the vectors as the reader catches up. SQLite's
+WAL mode lets this reader run beside the worker's writes.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from indexes import snapshots
-from indexes.base import StoredEmbedding, faiss_id
+from indexes.base import RemovedEmbedding, StoredEmbedding, faiss_id
 from indexes.faiss_index import AUTO, FaissIndexConfig, FaissVectorIndex
 from indexes.snapshots import STORE_FILE
 from indexes.sqlite_embeddings import SqliteEmbeddingStore
@@ -122,12 +124,17 @@ class IndexReader:
         except BaseException:
             store.close()
             raise
+        pruned = store.deletions_pruned_through()
         with self._lock:
             old = self._store
             self._store, self._index, self._watermark = store, index, watermark
             self._store_uid = store.store_uid()
             self._source, self._reason = source, reason
         self._catch_up()
+        if source == "store":  # built from every live record: no pruned removal concerns it
+            with self._lock:
+                if self._store is store:
+                    self._watermark = max(self._watermark, pruned)
         if old is not None:
             old.close()
         status = self.status()
@@ -165,7 +172,12 @@ class IndexReader:
         store = self._store
         if store is None:
             return 0
-        return snapshots.catch_up(store, self._watermark, lambda batch: self._apply(store, batch))
+        return snapshots.catch_up(
+            store,
+            self._watermark,
+            lambda batch: self._apply(store, batch),
+            lambda batch: self._remove(store, batch),
+        )
 
     def _apply(self, store: SqliteEmbeddingStore, batch: list[StoredEmbedding]) -> int:
         keys = np.fromiter((s.key for s in batch), dtype=np.int64, count=len(batch))
@@ -176,6 +188,16 @@ class IndexReader:
             if self._index is None:
                 self._index = self._fresh(batch[0].record.vector.shape[0], store)
             self._index.upsert(keys, vectors)
+            self._watermark = max(self._watermark, batch[-1].seq)
+        return len(batch)
+
+    def _remove(self, store: SqliteEmbeddingStore, batch: list[RemovedEmbedding]) -> int:
+        keys = np.fromiter((r.key for r in batch), dtype=np.int64, count=len(batch))
+        with self._lock:
+            if self._store is not store:
+                return 0
+            if self._index is not None:
+                self._index.remove(keys)
             self._watermark = max(self._watermark, batch[-1].seq)
         return len(batch)
 
@@ -190,8 +212,8 @@ class IndexReader:
             self.load()
             return self.status().vectors
         try:
-            replaced = store.store_uid() != self._store_uid
-        except Exception:  # the file was swapped under us: start over
+            replaced = store.store_uid() != self._store_uid or self._watermark < store.deletions_pruned_through()
+        except Exception:  # the file was swapped under us: start over (or its pruned removals concern us)
             replaced = True
         if replaced:
             self.load()

@@ -30,7 +30,10 @@ Fields of a song hash:
   seeded one, absent otherwise, ...): strings as-is, anything else JSON-encoded;
 * the engagement counters ``eng.<counter>`` (:data:`ENGAGEMENT_COUNTERS`) and ``eng.updated``,
   written by the feedback consumer (the hash may exist before its scores do);
-* ``cal.likes`` and ``cal.expected``: what of this song the calibration totals already count.
+* ``cal.likes`` and ``cal.expected``: what of this song the calibration totals already count;
+* ``expired_at``: when retention took the song off the hot path (:mod:`indexes.redis_retention`).
+  Such a hash keeps only :data:`RETAINED_FIELDS` and the ``eng.*`` / ``cal.*`` fields: no
+  scores, so it is no rankable song (no feed entry, no row in the API's table).
 
 A write merges fields (HSET): a replay changes nothing, and fields written by other
 components into the same hash survive; a field dropped by a newer model stays until
@@ -93,6 +96,14 @@ COUNTER_FIELDS: dict[str, tuple[str, int]] = {
 CLAIMED_LIKES_FIELD = "cal.likes"
 CLAIMED_EXPECTED_FIELD = "cal.expected"
 CALIBRATION_FIELDS = ("likes", "expected")
+
+#: Retention (:mod:`indexes.redis_retention`): when the song expired (epoch s), and what its hash
+#: keeps besides the fields under :data:`RETAINED_PREFIXES` (what retraining and the engagement
+#: history read: the cohort, the creation time, the prior the calibration claimed at).
+EXPIRED_AT = "expired_at"
+CALIBRATION_FIELD_PREFIX = "cal."
+RETAINED_FIELDS: tuple[str, ...] = (SONG_ID, MODEL_VERSION, GENERATOR, CREATED_AT, SCORED_AT, PRIOR_FIELD, UNTRAINED)
+RETAINED_PREFIXES: tuple[str, ...] = (ENGAGEMENT_FIELD_PREFIX, CALIBRATION_FIELD_PREFIX)
 
 #: Fields of a song's tombstone value (JSON).
 TOMBSTONE_REASON = "reason"

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import redis
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from indexes import redis_retention as retention
 from indexes import redis_tombstones as tombstones
 from indexes.base import AsyncScoreReads, Deletion, FeedEntries, ScoreStore, SongRecord, StoredSong
 from indexes.redis_client import UNREACHABLE, SyncClient, connect, cross_slot, is_cluster_url, run_script_calls
@@ -263,6 +264,15 @@ class RedisScoreStore(ScoreStore):
 
     def deleted(self, song_ids: Sequence[str]) -> set[str]:
         return tombstones.deleted(self, song_ids)
+
+    def expire_songs(
+        self, song_ids: Sequence[str], feeds: Sequence[str], expired_at: float, history_s: float | None = None
+    ) -> int:
+        """Shrink and unfeed songs past retention (:func:`indexes.redis_retention.expire_songs`)."""
+        return retention.expire_songs(self, song_ids, feeds, expired_at, history_s)
+
+    def expired(self, song_ids: Sequence[str]) -> set[str]:
+        return retention.expired(self, song_ids)
 
     def calibration_totals(self) -> tuple[float, float]:
         """(observed likes, predicted likes) over every song with plays."""

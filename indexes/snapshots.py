@@ -15,8 +15,9 @@ Directory layout::
 The snapshot is a cache of the store: its metadata names the last store sequence number
 it contains (the watermark), so opening the directory loads the snapshot and replays only
 what came after it. A snapshot is used only if its metadata has this code's format, belongs
-to this store (uid) and is not ahead of it (watermark), and the index file has the recorded
-size, sha256 and vector count; otherwise the index is rebuilt from the store.
+to this store (uid), is not ahead of it (watermark) nor behind the deletions the store has
+pruned (retention: a removal before them can no longer be replayed), and the index file has the
+recorded size, sha256 and vector count; otherwise the index is rebuilt from the store.
 
 :func:`write_snapshot` writes both files under temporary names in DIR, fsyncs them, renames
 them into place (index first, metadata last) and fsyncs DIR. Any failure before the renames
@@ -40,7 +41,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from indexes.base import EmbeddingStore, StoredEmbedding
+from indexes.base import EmbeddingStore, RemovedEmbedding, StoredEmbedding
 from indexes.faiss_index import FaissIndexConfig, FaissVectorIndex
 from indexes.sqlite_embeddings import SqliteEmbeddingStore
 
@@ -113,6 +114,12 @@ def load_snapshot(
             f"snapshot is ahead of the store (watermark {watermark} > store seq {store.max_seq()}): "
             "the store was replaced or restored"
         )
+    pruned = store.deletions_pruned_through()
+    if watermark < pruned:
+        return None, (
+            f"snapshot is behind the store's pruned deletions (watermark {watermark} < {pruned}): "
+            "removals it lacks are no longer recorded"
+        )
     try:
         actual_size = index_path.stat().st_size
         if actual_size != size:
@@ -131,19 +138,40 @@ def catch_up(
     store: EmbeddingStore,
     watermark: int,
     apply: Callable[[list[StoredEmbedding]], int],
+    remove: Callable[[list[RemovedEmbedding]], int],
     batch_size: int = REPLAY_BATCH,
 ) -> int:
-    """Hand every store record newer than ``watermark`` to ``apply``, in sequence order and in
-    batches; how many ``apply`` took. ``apply`` upserts by key, so a replay duplicates nothing."""
+    """Hand every store change newer than ``watermark`` to ``apply`` (runs of upserts) or ``remove``
+    (runs of deletions), in sequence order and in batches; how many changes they took. ``apply``
+    upserts by key and ``remove`` drops keys, so a replay duplicates nothing.
+
+    The caller checks first that ``watermark`` is not behind
+    :meth:`~indexes.base.EmbeddingStore.deletions_pruned_through` (removals before it are gone).
+    """
     applied = 0
-    batch: list[StoredEmbedding] = []
-    for stored in store.iter_since(watermark, batch_size=batch_size):
-        batch.append(stored)
-        if len(batch) >= batch_size:
-            applied += apply(batch)
-            batch = []
-    if batch:
-        applied += apply(batch)
+    ups: list[StoredEmbedding] = []
+    gone: list[RemovedEmbedding] = []
+    for change in store.iter_changes_since(watermark, batch_size=batch_size):
+        if isinstance(change, RemovedEmbedding):
+            if ups:
+                applied += apply(ups)
+                ups = []
+            gone.append(change)
+            if len(gone) >= batch_size:
+                applied += remove(gone)
+                gone = []
+        else:
+            if gone:
+                applied += remove(gone)
+                gone = []
+            ups.append(change)
+            if len(ups) >= batch_size:
+                applied += apply(ups)
+                ups = []
+    if ups:
+        applied += apply(ups)
+    if gone:
+        applied += remove(gone)
     return applied
 
 

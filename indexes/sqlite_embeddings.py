@@ -12,7 +12,14 @@ A deletion (a takedown) removes the row and records ``(seq, key, song_id)`` in t
 ``deletions`` table under a new sequence number from the same counter, so an index
 catching up with ``iter_changes_since(watermark)`` sees upserts and deletions in the
 order they happened and removes the vector; a rebuild from the store never sees the
-song at all. A deletion row is a few dozen bytes and is kept.
+song at all. Deletion rows are pruned once older than a horizon (:meth:`prune_deletions`,
+retention): ``meta.deletions_pruned_through`` names the last pruned sequence number, and a
+reader whose watermark is behind it reloads from the store whole (it may have missed a removal).
+
+Retention selects songs by ``updated_at`` (when the record was last written: the song was
+scored then), through an index on that column: the column sits after the layers blob (about
+40 KB for MERT, in overflow pages), so a scan without the index would read every blob. The
+clock that stamps ``updated_at`` and ``deleted_at`` is injectable (simulations).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +43,8 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 # Stay well under SQLite's host-parameter limit (999 on old builds) in IN (...) queries.
 _IN_CHUNK = 500
+# The WAL file is cut back to this after a checkpoint (it otherwise keeps its largest size).
+_WAL_LIMIT_BYTES = 64 * 1024 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -61,6 +70,7 @@ CREATE TABLE IF NOT EXISTS deletions (
     song_id     TEXT NOT NULL,
     deleted_at  REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS embeddings_updated_at ON embeddings(updated_at);
 """
 
 _COLUMNS = "song_id, key, seq, encoder_id, layers, n_layers, layer_dim, vector, n_segments, n_frames"
@@ -115,8 +125,12 @@ class SqliteEmbeddingStore(EmbeddingStore):
     only one process should feed a FAISS index from it.
     """
 
-    def __init__(self, path: str | Path, *, busy_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, path: str | Path, *, busy_timeout_s: float = 30.0, clock: Callable[[], float] = time.time
+    ) -> None:
         self.path = Path(path)
+        #: Stamps ``updated_at`` and ``deleted_at`` (epoch s); a simulation sets its own.
+        self.clock = clock
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = sqlite3.connect(
@@ -136,6 +150,7 @@ class SqliteEmbeddingStore(EmbeddingStore):
         if str(mode).lower() != "wal":
             log.warning("SQLite refused WAL mode for %s (got %s); writes stay durable but slower", self.path, mode)
         conn.execute("PRAGMA synchronous=FULL")
+        conn.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT_BYTES}")
         conn.executescript(_SCHEMA)
         with self._tx():
             row = conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
@@ -206,7 +221,7 @@ class SqliteEmbeddingStore(EmbeddingStore):
         if not prepared:
             return {}
         changed: dict[str, int] = {}
-        now = time.time()
+        now = self.clock()
         with self._tx() as db:
             last_seq = int(db.execute("SELECT value FROM meta WHERE name='last_seq'").fetchone()[0])
             for rec, key, layers_b, shape, vector_b in prepared:
@@ -243,7 +258,7 @@ class SqliteEmbeddingStore(EmbeddingStore):
         done: dict[str, int] = {}
         if not ids:
             return done
-        now = time.time()
+        now = self.clock()
         with self._tx() as db:
             last_seq = int(db.execute("SELECT value FROM meta WHERE name='last_seq'").fetchone()[0])
             for chunk in _chunks(ids):
@@ -260,6 +275,57 @@ class SqliteEmbeddingStore(EmbeddingStore):
             if done:
                 db.execute("UPDATE meta SET value=? WHERE name='last_seq'", (last_seq,))
         return done
+
+    def prune_deletions(self, deleted_before: float, through_seq: int) -> int:
+        """Drop deletion records older than ``deleted_before`` (epoch s) with seq <= ``through_seq``
+        (what the caller's own index has applied); how many. Readers behind the pruned sequence
+        number reload whole (:meth:`deletions_pruned_through`)."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT MAX(seq), COUNT(*) FROM deletions WHERE deleted_at < ? AND seq <= ?",
+                (deleted_before, through_seq),
+            ).fetchone()
+            last, n = row[0], int(row[1])
+            if not n:
+                return 0
+            db.execute("DELETE FROM deletions WHERE seq <= ?", (int(last),))
+            db.execute(
+                "INSERT INTO meta(name, value) VALUES ('deletions_pruned_through', ?) "
+                "ON CONFLICT(name) DO UPDATE SET value=MAX(value, excluded.value)",
+                (int(last),),
+            )
+        return n
+
+    def deletions_pruned_through(self) -> int:
+        """The last pruned deletion's seq (0: none): an index whose watermark is below it may hold a
+        vector whose removal it can no longer read, and must rebuild from the store."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE name='deletions_pruned_through'").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def older_than(self, before: float, limit: int) -> list[tuple[StoredEmbedding, float]]:
+        """Up to ``limit`` records last written before ``before`` (epoch s), oldest first, with their
+        ``updated_at``: what retention archives, then deletes."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS}, updated_at FROM embeddings WHERE updated_at < ? ORDER BY updated_at LIMIT ?",
+                (before, int(limit)),
+            ).fetchall()
+        return [(self._row(row[:-1]), float(row[-1])) for row in rows]
+
+    def file_stats(self) -> dict[str, int]:
+        """What the store takes on disk: file and WAL bytes, pages in use (page_count - freelist_count), page size."""
+        with self._lock:
+            pages = int(self._db.execute("PRAGMA page_count").fetchone()[0])
+            free = int(self._db.execute("PRAGMA freelist_count").fetchone()[0])
+            page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+        wal = self.path.with_name(self.path.name + "-wal")
+        return {
+            "file_bytes": self.path.stat().st_size,
+            "wal_bytes": wal.stat().st_size if wal.exists() else 0,
+            "live_pages": pages - free,
+            "page_size": page_size,
+        }
 
     # -- reads -------------------------------------------------------------------------
     def get(self, song_id: str) -> StoredEmbedding | None:

@@ -301,6 +301,39 @@ class FeedbackSettings(_Section):
     )
 
 
+class RetentionSettings(_Section):
+    """When a song leaves the hot path: the feeds, the FAISS index and the embedding store (issue 15)."""
+
+    window_days: float | None = Field(
+        None,
+        gt=0,
+        description="A song scored longer ago than this leaves every feed and the index; its hash keeps only what "
+        "the engagement history needs, its embedding moves to the archive. None: keep everything. Production "
+        "example: 30.",
+    )
+    history_days: float | None = Field(
+        None,
+        gt=0,
+        description="How long an expired song's shrunk hash (its engagement counters, calibration claims, cohort) "
+        "stays in Redis after it expired; None: for ever (Redis then grows by about 400 bytes an expired song). "
+        "The archive and the engagement log keep what retraining needs either way.",
+    )
+    sweep_every_s: float = Field(3600.0, gt=0, description="How often a worker sweeps its own shard.")
+    batch: int = Field(1000, ge=1, le=100_000, description="Songs expired per step of a sweep.")
+    archive_dir: Path | None = Field(
+        None, description="Where expired embeddings go (Parquet, one file per sweep step); default INDEX_DIR/archive."
+    )
+    deletions_keep_s: float = Field(
+        86400.0,
+        ge=60,
+        description="How long the embedding store keeps deletion records for index readers catching up; one further "
+        "behind reloads whole.",
+    )
+    engagement_log_days: float | None = Field(
+        None, gt=0, description="Engagement log day folders older than this are deleted; None: keep."
+    )
+
+
 DEFAULT_FEED = "cold-start"
 # Feed names sit in Redis hash tags and URL paths: the same alphabet as song ids.
 _FEED_NAME = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -522,6 +555,7 @@ class Settings(BaseSettings):
     retrain: RetrainSettings = RetrainSettings()
     feed: FeedSettings = FeedSettings()
     api: ApiSettings = ApiSettings()
+    retention: RetentionSettings = RetentionSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -558,6 +592,10 @@ class Settings(BaseSettings):
             )
             out.extend(m for m in matches if m not in out)
         return out or [self.index_dir]
+
+    @property
+    def archive_dir(self) -> Path:
+        return self.retention.archive_dir or self.index_dir / "archive"
 
     @property
     def head_dir(self) -> Path:

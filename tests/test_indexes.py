@@ -214,7 +214,7 @@ def test_upsert_replaces_search_finds_remove_drops(kwargs: dict[str, object]) ->
         many = index.reconstruct_many(asked)
         assert list(many) == [k for k in asked.tolist() if k != int(keys[10])]
         for key, vec in many.items():
-            np.testing.assert_array_equal(vec, index.reconstruct(key))  # type: ignore[arg-type]
+            np.testing.assert_array_equal(vec, index.reconstruct(key))
 
 
 def test_hnsw_is_not_removable_but_rebuilds_exactly() -> None:
@@ -519,6 +519,71 @@ def test_concurrent_reloads_take_turns(tmp_path: Path) -> None:
     finally:
         second_done.set()
         reader.close()
+
+
+def test_deletions_leave_the_writers_index_and_every_reader(tmp_path: Path) -> None:
+    """Takedown and retention delete from the store; the worker's index and every API reader drop the
+    vectors by catching up with the deletion records, in sequence order with the upserts."""
+    recs = records(12)
+
+    def top(found: list[tuple[str, float]]) -> str:
+        return found[0][0]
+
+    with open_index(tmp_path) as index:
+        index.add(recs[:10])
+        reader = _reader(tmp_path)
+        try:
+            assert index.delete(["song-1", "song-2", "absent"]) == {"song-1": 11, "song-2": 12}
+            assert len(index) == 8 and top(index.search(recs[1].vector, 1)) != "song-1"
+            assert reader.refresh() == 2 and reader.status().vectors == 8 and reader.status().watermark == 12
+            assert top(reader.search(recs[2].vector, 1)) != "song-2" and "song-2" not in reader.vectors(["song-2"])
+            # Another writer of the store (the takedown handler given the store), then a re-add: replayed in order.
+            with SqliteEmbeddingStore(tmp_path / STORE_FILE) as other:
+                other.delete(["song-3"])
+                other.put_many([recs[1]])  # stored again after its deletion
+            index.add(recs[10:])  # not the next numbers: the index catches up with both
+            assert len(index) == 10 and top(index.search(recs[1].vector, 1)) == "song-1"
+            assert top(index.search(recs[3].vector, 1)) != "song-3"
+            assert reader.refresh() == 4 and reader.status().vectors == 10
+            assert top(reader.search(recs[3].vector, 1)) != "song-3"
+        finally:
+            reader.close()
+    with SqliteEmbeddingStore(tmp_path / STORE_FILE) as s:  # after the last snapshot
+        s.delete(["song-4"])
+    with open_index(tmp_path) as index:  # the snapshot, then the deletion replayed: no rebuild needed
+        assert index.open_report.source == "snapshot" and index.open_report.replayed == 1 and len(index) == 9
+
+
+def test_a_snapshot_behind_pruned_deletions_is_rebuilt_and_readers_reload(tmp_path: Path) -> None:
+    recs = records(10)
+    with open_index(tmp_path) as index:
+        index.add(recs)
+    behind = _reader(tmp_path)  # at the snapshot's watermark, 10
+    try:
+        with SqliteEmbeddingStore(tmp_path / STORE_FILE) as s:
+            s.delete(["song-0"])
+            assert s.prune_deletions(float("inf"), through_seq=11) == 1  # its removal is no longer recorded
+        assert behind.refresh() == 9 and behind.status().source == "store"  # reloaded whole, and right
+        assert behind.status().watermark == 11 and behind.refresh() == 0  # no reload loop afterwards
+        with open_index(tmp_path) as index:
+            assert index.open_report.source == "rebuilt" and "pruned" in (index.open_report.reason or "")
+            assert len(index) == 9 and index.watermark == 11
+            index.snapshot()
+        with open_index(tmp_path) as index:  # the new snapshot is at the pruned horizon: used
+            assert index.open_report.source == "snapshot" and len(index) == 9
+            assert index.prune_deletions(float("inf")) == 0
+    finally:
+        behind.close()
+
+
+def test_the_writer_prunes_only_deletions_its_snapshot_covers(tmp_path: Path) -> None:
+    with open_index(tmp_path) as index:
+        index.add(records(4))
+        index.snapshot()
+        index.delete(["song-0"])
+        assert index.prune_deletions(float("inf")) == 0  # the snapshot on disk is at 4, the deletion 5
+        index.snapshot()
+        assert index.prune_deletions(float("inf")) == 1 and index.store.deletions_pruned_through() == 5
 
 
 def test_reader_reads_between_the_batches_of_a_catch_up(tmp_path: Path) -> None:

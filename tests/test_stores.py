@@ -13,12 +13,14 @@ import pytest
 
 from indexes import (
     AsyncScoreReads,
+    EmbeddingStore,
     EngagementCounters,
     RedisScoreStore,
     ScoreStore,
     SegmentStore,
     SegmentStoreError,
     SongRecord,
+    SqliteEmbeddingStore,
     StoredSong,
     open_engagement_counters,
     open_score_store,
@@ -113,6 +115,10 @@ _CALLED = {
     "ping",
     "close",
     "namespace",
+    "delete_songs",
+    "deleted",
+    "expire_songs",
+    "expired",
 }
 
 
@@ -122,6 +128,10 @@ def test_the_interfaces_are_what_callers_use() -> None:
     async_reads = {"feed_window", "read_fields", "get_song", "feed_size", "calibration_totals", "ping", "close"}
     assert async_reads <= AsyncScoreReads.__abstractmethods__
     assert {"count", "counts", "close"} <= EngagementCounters.__abstractmethods__
+    # What retention and the index catch-up call on the embedding store.
+    retention = {"older_than", "prune_deletions", "deletions_pruned_through", "delete", "iter_changes_since"}
+    assert retention <= EmbeddingStore.__abstractmethods__
+    assert not inspect.isabstract(SqliteEmbeddingStore) and issubclass(SqliteEmbeddingStore, EmbeddingStore)
 
 
 def test_read_songs_in_one_round_trip(redis_store: ScoreStore) -> None:

@@ -1,0 +1,182 @@
+"""The archive of expired embeddings: Parquet files outside the hot store, for retraining and audits.
+
+Retention moves a song's embedding here before it deletes it from the shard's SQLite store
+(and so from the FAISS index). Kept whole: the vector and the pooled layers. The layers are
+what a head is (re)trained on, and an expired song is the best training example there is: its
+engagement has matured. With them go the song's generator, creation time and model, read from
+the score store at the sweep: with the engagement log, all that retraining needs once the song's
+hash has left Redis. A vector search over expired songs is not offered (no archive index);
+a caller who needs one builds it from these files.
+
+Layout: ``<archive>/day=YYYY-MM-DD/expired-<store>-<first seq>-<last seq>-<n>.parquet``, the day
+being the sweep's and ``<store>`` the embedding store's uid in hex (shards sharing one archive
+directory never collide). A file is written under a temporary name, fsynced, then renamed: a crash leaves no
+half file. The name comes from the records' store sequence numbers, so a sweep that crashed
+after the archive write and before the store deletion writes the same file again (replaced,
+never doubled) when it runs again; across a day boundary the song may be in two files, and
+:meth:`EmbeddingArchive.get_many` keeps the newest.
+
+The arrays are stored as raw little-endian float32 bytes with their shape (no list encoding,
+no compression: embeddings do not compress); the other columns are zstd-compressed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from indexes.base import EmbeddingRecord, StoredEmbedding
+
+SCHEMA = pa.schema(
+    [
+        ("song_id", pa.string()),
+        ("key", pa.int64()),
+        ("seq", pa.int64()),
+        ("encoder_id", pa.string()),
+        ("n_layers", pa.int32()),
+        ("layer_dim", pa.int32()),
+        ("layers", pa.binary()),
+        ("vector", pa.binary()),
+        ("n_segments", pa.int32()),
+        ("n_frames", pa.int32()),
+        ("updated_at", pa.float64()),  # when the store last wrote it (epoch s)
+        ("expired_at", pa.float64()),  # when the sweep archived it
+        # From the score store at the sweep (None where it had no record): what retraining reads
+        # besides the layers and the engagement log, once the song's hash is gone.
+        ("generator", pa.string()),
+        ("created_at", pa.string()),
+        ("model_version", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class SongMeta:
+    """What the archive keeps of a song's score-store record."""
+
+    generator: str | None = None
+    created_at: str | None = None  # RFC 3339
+    model_version: str | None = None
+
+
+_COMPRESSION = {name: "zstd" for name in SCHEMA.names} | {"layers": "none", "vector": "none"}
+
+
+class EmbeddingArchive:
+    """Expired embeddings under one directory (see the module docstring)."""
+
+    def __init__(self, directory: str | Path, store_uid: int = 0) -> None:
+        self.dir = Path(directory)
+        self.store_uid = store_uid
+
+    def write(
+        self,
+        rows: Sequence[tuple[StoredEmbedding, float]],
+        expired_at: float,
+        meta: Mapping[str, SongMeta] | None = None,
+    ) -> Path | None:
+        """Archive ``(record, updated_at)`` rows durably in one file, with each song's ``meta`` where
+        given; its path (None for no rows)."""
+        if not rows:
+            return None
+        metas = [(meta or {}).get(s.record.song_id, SongMeta()) for s, _ in rows]
+        layers = [np.ascontiguousarray(s.record.layers, dtype="<f4") for s, _ in rows]
+        table = pa.table(
+            {
+                "song_id": [s.record.song_id for s, _ in rows],
+                "key": [s.key for s, _ in rows],
+                "seq": [s.seq for s, _ in rows],
+                "encoder_id": [s.record.encoder_id for s, _ in rows],
+                "n_layers": [a.shape[0] for a in layers],
+                "layer_dim": [a.shape[1] for a in layers],
+                "layers": [a.tobytes() for a in layers],
+                "vector": [np.ascontiguousarray(s.record.vector, dtype="<f4").tobytes() for s, _ in rows],
+                "n_segments": [s.record.n_segments for s, _ in rows],
+                "n_frames": [s.record.n_frames for s, _ in rows],
+                "updated_at": [float(u) for _, u in rows],
+                "expired_at": [float(expired_at)] * len(rows),
+                "generator": [m.generator for m in metas],
+                "created_at": [m.created_at for m in metas],
+                "model_version": [m.model_version for m in metas],
+            },
+            schema=SCHEMA,
+        )
+        seqs = [s.seq for s, _ in rows]
+        day = datetime.fromtimestamp(expired_at, UTC).date().isoformat()
+        folder = self.dir / f"day={day}"
+        folder.mkdir(parents=True, exist_ok=True)
+        final = folder / f"expired-{self.store_uid:x}-{min(seqs)}-{max(seqs)}-{len(rows)}.parquet"
+        tmp = folder / f".{final.name}.tmp"
+        pq.write_table(table, tmp, compression=_COMPRESSION)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(folder)
+        return final
+
+    def files(self) -> list[Path]:
+        return sorted(self.dir.glob("day=*/expired-*.parquet"))
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files())
+
+    def song_ids(self) -> set[str]:
+        out: set[str] = set()
+        for path in self.files():
+            out.update(pq.read_table(path, columns=["song_id"]).column("song_id").to_pylist())
+        return out
+
+    def metadata(self, song_ids: Iterable[str]) -> dict[str, SongMeta]:
+        """The archived score-store fields of these songs (where archived)."""
+        wanted = pa.array(list(dict.fromkeys(song_ids)), type=pa.string())
+        out: dict[str, SongMeta] = {}
+        for path in self.files():
+            table = pq.read_table(path, columns=["song_id", "generator", "created_at", "model_version"])
+            for row in table.filter(pc.is_in(table.column("song_id"), value_set=wanted)).to_pylist():
+                out[row["song_id"]] = SongMeta(row["generator"], row["created_at"], row["model_version"])
+        return out
+
+    def get_many(self, song_ids: Iterable[str]) -> dict[str, StoredEmbedding]:
+        """The archived records of these songs (the latest archived, where one was archived twice)."""
+        wanted = pa.array(list(dict.fromkeys(song_ids)), type=pa.string())
+        out: dict[str, tuple[float, StoredEmbedding]] = {}
+        if not len(wanted):
+            return {}
+        for path in self.files():
+            table = pq.read_table(path)
+            table = table.filter(pc.is_in(table.column("song_id"), value_set=wanted))
+            for row in table.to_pylist():
+                stored = _stored(row)
+                if row["song_id"] not in out or out[row["song_id"]][0] <= row["expired_at"]:
+                    out[row["song_id"]] = (row["expired_at"], stored)
+        return {s: v for s, (_, v) in out.items()}
+
+
+def _stored(row: dict[str, Any]) -> StoredEmbedding:
+    shape = (int(row["n_layers"]), int(row["layer_dim"]))
+    record = EmbeddingRecord(
+        song_id=str(row["song_id"]),
+        encoder_id=str(row["encoder_id"]),
+        layers=np.frombuffer(row["layers"], dtype="<f4").reshape(shape).astype(np.float32),
+        vector=np.frombuffer(row["vector"], dtype="<f4").astype(np.float32),
+        n_segments=int(row["n_segments"]),
+        n_frames=int(row["n_frames"]),
+    )
+    return StoredEmbedding(seq=int(row["seq"]), key=int(row["key"]), record=record)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
