@@ -50,6 +50,7 @@ from consumers.kafka_io import Publisher, ensure_topics, log_size_limits, make_c
 from consumers.loop import (
     IdleClock,
     Message,
+    RejoinCheck,
     Stopping,
     commit,
     dead_letter,
@@ -207,9 +208,18 @@ class FeedbackConsumer:
                 lambda: ensure_topics(s.kafka, [topics.engagement, topics.engagement_dead_letter]),
             )
         self._retry("read size limits", lambda: log_size_limits(s.kafka, [topics.engagement_dead_letter]))
+        # After every rebalance: recreate missing topics (an emptied broker), re-read lost commits.
+        rejoins = RejoinCheck(
+            (lambda: ensure_topics(s.kafka, [topics.engagement, topics.engagement_dead_letter]))
+            if s.kafka.auto_create_topics
+            else None,
+            s.kafka.request_timeout_ms,
+        )
         consumer = self._retry(
             "connect consumer",
-            lambda: make_consumer(s.kafka, s.kafka.feedback_group_id, [topics.engagement], s.feedback.max_poll_records),
+            lambda: make_consumer(
+                s.kafka, s.kafka.feedback_group_id, [topics.engagement], s.feedback.max_poll_records, rejoins
+            ),
         )
         producer = Publisher(s.kafka)
         assigned: frozenset[Any] = frozenset()
@@ -224,12 +234,19 @@ class FeedbackConsumer:
                     assigned = now_assigned
                     self.log.refresh()
                 # kafka-python's ConsumerRecords carry the fields of a Message: used as they are.
-                messages: list[Message] = in_partition_order(polled)
+                try:  # after a rebalance: recreate the topics, re-read partitions whose commits the broker lost
+                    messages: list[Message] = self._retry(
+                        "check offsets after a rebalance",
+                        functools.partial(rejoins.reconcile, consumer, in_partition_order(polled)),
+                    )
+                except Stopping:
+                    break
                 if not messages:
                     if idle.expired(bool(assigned)):
                         break
                     continue
                 last_message = idle.busy()
+                rejoins.consumed(messages)
                 first_message = first_message or last_message
                 self.stats.add_time("poll", t)
                 try:

@@ -6,8 +6,9 @@ import contextlib
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import ConfigResource, NewTopic
 from kafka.errors import (
     InvalidRecordError,
@@ -28,11 +29,22 @@ Headers = Sequence[tuple[str, bytes]]
 OutRecord = tuple[str, bytes | None, bytes] | tuple[str, bytes | None, bytes, Headers]
 
 
-def make_consumer(kafka: KafkaSettings, group_id: str, topics: Sequence[str], max_poll_records: int) -> KafkaConsumer:
-    """A group member that never auto-commits: offsets are committed only after writes land."""
+def make_consumer(
+    kafka: KafkaSettings,
+    group_id: str,
+    topics: Sequence[str],
+    max_poll_records: int,
+    listener: ConsumerRebalanceListener | None = None,
+) -> KafkaConsumer:
+    """A group member that never auto-commits: offsets are committed only after writes land.
+
+    It never creates a topic by asking for it (a broker would use its own default partition
+    count); ``ensure_topics`` creates them. ``listener`` hears of every rebalance.
+    """
     consumer = KafkaConsumer(
         group_id=group_id,
         enable_auto_commit=False,
+        allow_auto_create_topics=False,
         auto_offset_reset=kafka.auto_offset_reset,
         session_timeout_ms=kafka.session_timeout_ms,
         heartbeat_interval_ms=kafka.heartbeat_interval_ms,
@@ -40,15 +52,66 @@ def make_consumer(kafka: KafkaSettings, group_id: str, topics: Sequence[str], ma
         max_poll_records=max_poll_records,
         **kafka.client_kwargs(),
     )
-    consumer.subscribe(list(topics))
+    _never_auto_create(consumer._cluster)
+    consumer.subscribe(list(topics), listener=_FinishJoins(consumer._coordinator, listener))
     return consumer
 
 
+class _FinishJoins(ConsumerRebalanceListener):
+    """Passes rebalances on to ``inner``, and makes kafka-python 3.0.12 finish every join it starts.
+
+    When the group leader rejoins only because its topics' partitions changed (they vanished
+    from an emptied broker) and they come back as they were before the join completes, that
+    release stops driving the join: its result is never applied, heartbeats stay off and the
+    partitions stay revoked, so the consumer reads nothing, for good. Asking for a rejoin as
+    the join starts keeps ``poll()`` driving it to the end. Only a flag is set here: listeners
+    run inside the client's network loop.
+    """
+
+    def __init__(self, coordinator: Any, inner: ConsumerRebalanceListener | None) -> None:
+        self._request_rejoin = getattr(coordinator, "request_rejoin", None)
+        self._inner = inner
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        if self._request_rejoin is not None:
+            self._request_rejoin()
+        if self._inner is not None:
+            self._inner.on_partitions_revoked(revoked)
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        if self._inner is not None:
+            self._inner.on_partitions_assigned(assigned)
+
+
 def make_producer(kafka: KafkaSettings) -> KafkaProducer:
-    """An acks=all producer; callers flush before committing what it carried."""
-    return KafkaProducer(
-        acks="all", linger_ms=5, retries=5, max_request_size=kafka.max_request_size, **kafka.client_kwargs()
+    """An acks=all producer; callers flush before committing what it carried.
+
+    Like the consumers, it never creates a topic by sending to it: callers run ``ensure_topics``.
+    """
+    producer = KafkaProducer(
+        acks="all",
+        linger_ms=5,
+        retries=5,
+        max_request_size=kafka.max_request_size,
+        allow_auto_create_topics=False,
+        **kafka.client_kwargs(),
     )
+    _never_auto_create(producer._metadata)
+    return producer
+
+
+def _never_auto_create(cluster: Any) -> None:
+    """Make a client's metadata requests stop asking the broker to create the topics they name.
+
+    kafka-python 3.0.12 takes ``allow_auto_create_topics`` but builds its metadata cache
+    without it (``kafka/net/manager.py``), so the requests still say "create": Tansu then
+    creates any missing topic it is asked about, with its default 4 partitions. The cache's
+    own config is where the requests read the flag. A later release without that attribute
+    is left as it is.
+    """
+    config = getattr(cluster, "config", None)
+    if config is not None and "allow_auto_create_topics" in config:
+        config["allow_auto_create_topics"] = False
 
 
 #: Producer errors about the record itself: sending it again cannot succeed, so they are
@@ -175,7 +238,9 @@ class Publisher:
 
     kafka-python's producer can enter a fatal state (for instance when a restarted broker
     refuses its producer id); throwing it away is the only way out, and the caller's retry
-    then resends the whole batch on a fresh one.
+    then resends the whole batch on a fresh one. A fresh producer first recreates the batch's
+    topics that are missing (``kafka.auto_create_topics``): an emptied broker has none, and the
+    producer would otherwise wait for them until it times out.
     """
 
     def __init__(self, kafka: KafkaSettings) -> None:
@@ -188,6 +253,10 @@ class Publisher:
         Any other failure is an outage: it raises, and the caller retries the whole batch.
         """
         if self._producer is None:
+            if self.kafka.auto_create_topics and records:
+                created = ensure_topics(self.kafka, [r[0] for r in records])
+                if created:
+                    log.warning("created missing topics before publishing: %s", ", ".join(created))
             self._producer = make_producer(self.kafka)
         producer = self._producer
         refused: list[Refused] = []

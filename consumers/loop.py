@@ -4,7 +4,8 @@ Both run the same loop: poll a batch, process it, write, publish dead letters, c
 and stop between batches when asked (a signal, ``request_stop``) or after ``until_idle_s``
 with nothing to read. This module holds the pieces of that loop that do not depend on
 what a batch means: the message shape, dead letters, retries of infrastructure failures,
-commits, consumer lag, the partition order of a poll and the idle clock.
+commits, consumer lag, the partition order of a poll, the idle clock, and the check after a
+rebalance that the broker still holds the group's commits (:class:`RejoinCheck`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import redis.exceptions
+from kafka import ConsumerRebalanceListener, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError
 
 from consumers import metrics
@@ -154,3 +156,93 @@ def update_lag(consumer: Any) -> None:
             continue
         if position is not None:
             metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, high - position))
+
+
+class Positioned(Protocol):
+    """A polled record's place in its log (a :class:`Message`, or kafka-python's record as it is)."""
+
+    @property
+    def topic(self) -> str: ...
+
+    @property
+    def partition(self) -> int: ...
+
+    @property
+    def offset(self) -> int: ...
+
+
+P = TypeVar("P", bound=Positioned)
+
+
+class RejoinCheck(ConsumerRebalanceListener):
+    """After a rebalance, stop trusting fetch positions the broker cannot vouch for.
+
+    kafka-python keeps its in-memory position for a partition that stays assigned through a
+    rebalance. If the broker lost the group's commits meanwhile (a memory-mode broker that
+    restarted comes back with empty topics and no groups), that position points past records
+    the new log holds: new songs at offsets 0 and 1 behind a kept position 2 would never be
+    read. So after each rebalance, :meth:`reconcile` compares the broker's committed offset of
+    every assigned partition with how far this consumer has read it (:meth:`consumed`): where
+    the commit is missing or behind, it seeks back to the commit (or the log's beginning) and
+    drops what the poll returned for that partition. Those records were never committed, so
+    nothing is lost, and every write downstream is an idempotent upsert. ``on_rejoin`` runs
+    first (the worker recreates missing topics there, with the configured partition count).
+
+    kafka-python calls the listener methods inside its network loop, so they only count the
+    event; the broker is asked later, from the consumer's own thread.
+    """
+
+    def __init__(self, on_rejoin: Callable[[], object] | None = None, timeout_ms: int = 30_000) -> None:
+        self.on_rejoin = on_rejoin
+        self.timeout_ms = timeout_ms
+        self._events = 0  # rebalance callbacks so far (written by the network loop)
+        self._checked = 0  # ... of which reconcile() has handled
+        self._read: dict[Any, int] = {}  # TopicPartition -> next offset after what this consumer read
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        self._events += 1
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        self._events += 1
+
+    def consumed(self, records: Sequence[Positioned]) -> None:
+        """Note how far the records handed on for processing go (call before committing them)."""
+        for r in records:
+            tp = TopicPartition(r.topic, r.partition)
+            self._read[tp] = max(self._read.get(tp, 0), r.offset + 1)
+
+    def reconcile(self, consumer: Any, records: list[P]) -> list[P]:
+        """Call right after each poll: after a rebalance, re-seek partitions whose commits the
+        broker lost and return ``records`` without theirs; otherwise ``records`` as they are.
+
+        Raises infrastructure errors before changing anything (retry it whole with ``retry_infra``).
+        """
+        seen = self._events
+        if seen == self._checked:
+            return records
+        if self.on_rejoin is not None:
+            self.on_rejoin()
+        assigned = sorted(consumer.assignment(), key=lambda t: (t.topic, t.partition))
+        committed = {tp: consumer.committed(tp, timeout_ms=self.timeout_ms) for tp in assigned}
+        lost: set[tuple[str, int]] = set()
+        for tp, offset in committed.items():
+            read = self._read.get(tp)
+            if read is None or (offset is not None and offset >= read):
+                continue
+            lost.add((tp.topic, tp.partition))
+            log.warning(
+                "%s/%d: the group's committed offset (%s) is behind what this consumer read (%d): an emptied "
+                "broker lost the commits, or one was refused in a rebalance; reading again from %s",
+                tp.topic,
+                tp.partition,
+                offset,
+                read,
+                offset if offset is not None else "the beginning",
+            )
+            if offset is None:
+                consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, offset)
+        self._read = {tp: offset for tp, offset in committed.items() if offset is not None}
+        self._checked = seen
+        return [r for r in records if (r.topic, r.partition) not in lost]

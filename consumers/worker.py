@@ -9,11 +9,14 @@ entry and no second vector. Infrastructure failures (Redis, Kafka, disk) are ret
 with backoff and nothing is committed until the batch's writes have landed. A song whose
 audio fetch failed transiently goes to the retry topic, which the worker also consumes,
 and is tried again after a backoff (:mod:`consumers.retries`). Between batches the worker
-switches to a newly promoted head.
+switches to a newly promoted head. After every rebalance it recreates missing topics and
+re-reads any partition whose commits the broker lost (:class:`~consumers.loop.RejoinCheck`):
+a memory-mode broker that restarted comes back empty while the worker runs on.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -36,6 +39,7 @@ from consumers.kafka_io import (
 from consumers.loop import (
     IdleClock,
     Message,
+    RejoinCheck,
     Stopping,
     commit,
     in_partition_order,
@@ -180,6 +184,7 @@ class Worker:
             "read size limits",
             lambda: log_size_limits(s.kafka, [topics.songs_scored, topics.dead_letter, topics.songs_retry]),
         )
+        rejoins = RejoinCheck(self._recreate_topics, s.kafka.request_timeout_ms)
         # The retry topic is read by the same consumer: a waiting retry pauses only its own partition.
         consumer = self._retry(
             "connect consumer",
@@ -188,6 +193,7 @@ class Worker:
                 s.kafka.worker_group_id,
                 [topics.songs_generated, topics.songs_retry],
                 s.worker.max_poll_records,
+                rejoins,
             ),
         )
         producer = Publisher(s.kafka)
@@ -200,11 +206,16 @@ class Worker:
                     timeout_ms=pauses.poll_timeout_ms(s.worker.poll_timeout_ms),
                     max_records=s.worker.max_poll_records,
                 )
+                fetched = [message_of(r) for r in in_partition_order(polled)]
+                try:
+                    fetched = self._retry(
+                        "check offsets after a rebalance", functools.partial(rejoins.reconcile, consumer, fetched)
+                    )
+                except Stopping:
+                    break
                 self.assignment = frozenset(consumer.assignment())
                 self.maybe_reload_model()
-                messages = _retries_first(
-                    pauses.admit(consumer, [message_of(r) for r in in_partition_order(polled)]), topics.songs_retry
-                )
+                messages = _retries_first(pauses.admit(consumer, fetched), topics.songs_retry)
                 if not messages:
                     self.index.maybe_snapshot()
                     if pauses.waiting:  # retries are due later: not idle
@@ -215,6 +226,7 @@ class Worker:
                         break
                     continue
                 idle.busy()
+                rejoins.consumed(messages)
                 try:
                     self._handle(messages, producer)
                 except Stopping:
@@ -229,6 +241,14 @@ class Worker:
         finally:
             self.close(consumer, producer)
         return self.stats
+
+    def _recreate_topics(self) -> None:
+        """After a rebalance: an emptied broker has lost the topics; create them as configured."""
+        kafka = self.settings.kafka
+        if kafka.auto_create_topics:
+            created = ensure_topics(kafka, all_topics(kafka))
+            if created:
+                log.warning("recreated missing topics (an emptied broker?): %s", ", ".join(created))
 
     def _handle(self, messages: list[Message], producer: Publisher) -> None:
         t0 = time.perf_counter()

@@ -1,17 +1,15 @@
 """The worker recovers from an emptied broker without losing what Redis and the embedding store hold.
 
 A memory-mode broker that restarts comes back with no topics, no records and no committed
-offsets. The test runs on a private stack, so restarting its broker never touches the session's:
+offsets. The tests run on a private stack, so restarting its broker never touches the session's:
 
-1. A worker scores songs and stops.
-2. The broker restarts empty.
+1. A worker scores songs.
+2. The broker restarts empty, once with the worker stopped and once with it running.
 3. The scored songs are still ranked in Redis and served by the API, including similar songs
    from the embedding store.
-4. A worker started again recreates the topics and scores the songs published after the
-   restart, each exactly once.
-
-A worker kept running through the restart is not covered: with this broker it can miss the
-first songs after the restart (docs/broker.md, "Known gap").
+4. The worker recreates the topics with the configured partition count and scores every song
+   published after the restart exactly once. A worker kept running must not trust the fetch
+   positions it held on the old broker's partitions (docs/broker.md).
 """
 
 from __future__ import annotations
@@ -21,8 +19,8 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from kafka.admin import KafkaAdminClient
 
+from consumers.kafka_io import Publisher
 from consumers.publish import publish_events
 from consumers.stack import EmbeddedStack
 from consumers.worker import Worker
@@ -31,7 +29,16 @@ from ranker.serving.api import create_app
 from ranker.settings import Settings
 from tests.helpers import read_topic
 from tests.test_durable_broker import private_settings
-from tests.test_faults import assert_exactly_once, committed_total, fast_retry, running_worker, songs, wait_for
+from tests.test_faults import (
+    assert_exactly_once,
+    committed_total,
+    fast_retry,
+    partition_counts,
+    running_worker,
+    songs,
+    topics_as_configured,
+    wait_for,
+)
 from tests.test_worker import feed, song, stored_layers
 
 
@@ -47,14 +54,6 @@ def private_stack(settings: Settings, tmp_path: Path) -> Iterator[tuple[Embedded
         stack.down()
 
 
-def topics_on_broker(settings: Settings) -> set[str]:
-    admin = KafkaAdminClient(**settings.kafka.client_kwargs())
-    try:
-        return set(admin.list_topics())
-    finally:
-        admin.close()
-
-
 def score(s: Settings, events: list[SongGenerated]) -> None:
     publish_events(s, events)
     wait_for("songs before the restart", lambda: len(feed(s)) == len(events))
@@ -64,7 +63,7 @@ def score(s: Settings, events: list[SongGenerated]) -> None:
 def empty_the_broker(stack: EmbeddedStack, s: Settings) -> None:
     stack.stop_one("kafka")
     stack.up()
-    assert s.kafka.topics.songs_generated not in topics_on_broker(s), "the broker was not emptied"
+    assert s.kafka.topics.songs_generated not in partition_counts(s), "the broker was not emptied"
 
 
 def check_still_served(s: Settings, ids: list[str]) -> None:
@@ -87,10 +86,9 @@ def check_nothing_lost_or_doubled(
     before_ids, after_ids = [e.song_id for e in before], [e.song_id for e in after]
     assert_exactly_once(s, worker, before_ids + after_ids)
     assert sorted(stored_layers(s, worker.encoder.vector_dim, before_ids)) == sorted(before_ids)
-    topics = s.kafka.topics
-    assert {topics.songs_generated, topics.songs_scored} <= topics_on_broker(s)
-    rescored = {m.key.decode() for m in read_topic(s, topics.songs_scored, expect=len(after))}
-    assert rescored == set(after_ids), "songs.scored after the restart holds exactly the new songs"
+    assert topics_as_configured(s), partition_counts(s)
+    rescored = sorted(m.key.decode() for m in read_topic(s, s.kafka.topics.songs_scored, expect=len(after)))
+    assert rescored == sorted(after_ids), "songs.scored after the restart holds each new song once"
 
 
 def test_worker_recovers_from_an_emptied_broker(private_stack: tuple[EmbeddedStack, Settings], tmp_path: Path) -> None:
@@ -105,3 +103,34 @@ def test_worker_recovers_from_an_emptied_broker(private_stack: tuple[EmbeddedSta
         wait_for("songs after the restart", lambda: len(feed(s)) == len(before) + len(after), timeout_s=60)
         wait_for("their commit", lambda: committed_total(s) == len(after), timeout_s=30)
     check_nothing_lost_or_doubled(s, worker, before, after)
+
+
+def test_a_running_worker_recovers_from_an_emptied_broker(
+    private_stack: tuple[EmbeddedStack, Settings], tmp_path: Path
+) -> None:
+    """The worker keeps running through the restart: every song published after it is scored once."""
+    stack, s = private_stack
+    before, after = songs(tmp_path, "pre", 6), songs(tmp_path, "post", 6)
+    with running_worker(s) as worker:
+        score(s, before)
+        empty_the_broker(stack, s)
+        check_still_served(s, [e.song_id for e in before])
+        wait_for("the worker to recreate its topics", lambda: topics_as_configured(s), timeout_s=60)
+        publish_events(s, after)
+        wait_for("songs after the restart", lambda: len(feed(s)) == len(before) + len(after), timeout_s=60)
+        wait_for("their commit", lambda: committed_total(s) == len(after), timeout_s=30)
+    assert worker.stats.scored == len(before) + len(after), worker.stats
+    check_nothing_lost_or_doubled(s, worker, before, after)
+
+
+def test_a_publisher_creates_missing_topics_as_configured(settings: Settings) -> None:
+    """A fresh producer first creates the batch's missing topics, with the configured partition
+    count: it never lets the broker create them with its default, nor waits for them."""
+    topic = settings.kafka.topics.songs_scored
+    assert topic not in partition_counts(settings)
+    publisher = Publisher(settings.kafka)
+    try:
+        assert publisher.publish([(topic, b"song", b"{}")]) == []
+    finally:
+        publisher.close()
+    assert partition_counts(settings)[topic] == settings.kafka.topics.partitions

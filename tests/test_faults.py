@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 from kafka import KafkaConsumer, TopicPartition
+from kafka.admin import KafkaAdminClient
 
+from consumers.kafka_io import all_topics
 from consumers.publish import publish_events
 from consumers.stack import EmbeddedStack
 from consumers.worker import Worker
@@ -114,20 +116,49 @@ def test_redis_outage_nothing_committed_unwritten(stack: EmbeddedStack, settings
     assert_exactly_once(settings, worker, [e.song_id for e in first + second])
 
 
+def partition_counts(settings: Settings) -> dict[str, int]:
+    """Topic -> partitions, for every topic on the broker."""
+    admin = KafkaAdminClient(**settings.kafka.client_kwargs())
+    try:
+        return {t["name"]: len(t["partitions"]) for t in admin.describe_topics()}
+    finally:
+        admin.close()
+
+
+def topics_as_configured(settings: Settings) -> bool:
+    """Every topic the worker uses exists, each with the configured partition count."""
+    counts = partition_counts(settings)
+    return all(counts.get(t) == settings.kafka.topics.partitions for t in all_topics(settings.kafka))
+
+
 def test_broker_restart_reconnects_and_keeps_what_was_committed(
     stack: EmbeddedStack, settings: Settings, tmp_path: Path
 ) -> None:
+    """The broker comes back empty under a running worker.
+
+    The worker read each partition past offset 0 before the restart. It sees its topics gone,
+    recreates them with the configured partition count (not the broker's default), and the new
+    songs land at offset 0 of partitions it kept through the rejoin: it must read them from
+    there, not from its old fetch positions. Publishing only once the worker has recreated its
+    topics makes this the path taken every time (a publisher recreating songs.generated first
+    can let kafka-python drop the partitions, a path that never had the bug).
+    """
     settings = fast_retry(settings)
     first, second = songs(tmp_path, "b1", 5), songs(tmp_path, "b2", 5)
     with running_worker(settings) as worker:
         publish_events(settings, first)
         wait_for("first songs", lambda: len(feed(settings)) == 5)
+        wait_for("their commit", lambda: committed_total(settings) == 5)
         stack.stop_one("kafka")
         time.sleep(1.0)
         stack.up()  # the embedded broker is memory-only: it comes back empty
+        assert committed_total(settings) == 0, "the broker was not emptied"
+        wait_for("the worker to recreate its topics", lambda: topics_as_configured(settings), timeout_s=60)
         publish_events(settings, second)
         wait_for("songs after the restart", lambda: len(feed(settings)) == 10, timeout_s=120)
+        wait_for("their commit on the new broker", lambda: committed_total(settings) == 5, timeout_s=30)
     assert_exactly_once(settings, worker, [e.song_id for e in first + second])
+    assert topics_as_configured(settings)
 
 
 def test_corrupt_and_missing_snapshots_are_rebuilt_from_the_store(settings: Settings, tmp_path: Path) -> None:
