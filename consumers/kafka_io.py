@@ -230,6 +230,7 @@ def all_topics(kafka: KafkaSettings) -> list[str]:
         t.engagement_dead_letter,
         t.models_promoted,
         t.songs_retry,
+        t.songs_deleted,
     ]
 
 

@@ -60,6 +60,8 @@ class BatchResult:
     #: Fetches that failed transiently (``InputError.transient``): the worker retries them later.
     transient: list[tuple[Message, InputError]] = field(default_factory=list)
     reused: int = 0
+    tombstoned: int = 0  # events of songs taken down: no-ops
+    expired: int = 0  # events of songs past the retention window: no-ops
     audio_waves: int = 0  # groups the batch's audio was decoded in (more than one: the byte cap split it)
     peak_audio_bytes: int = 0  # most decoded audio the batch held at once
 
@@ -313,11 +315,26 @@ class ScoringPipeline:
                 # Song hashes plus an entry in every configured feed whose filters each song passes.
                 write_scored(self.store, self.settings, songs)
 
+    def drop_gone(self, songs: list[_Pending], result: BatchResult) -> list[_Pending]:
+        """A replayed event of a song taken down (a tombstone) or past the retention window is a
+        no-op: scoring it would put its vector back in the store and the index."""
+        if not songs:
+            return songs
+        ids = [p.event.song_id for p in songs]
+        deleted = self.store.deleted(ids)
+        expired = self.store.expired([i for i in ids if i not in deleted])
+        if not deleted and not expired:
+            return songs
+        result.tombstoned, result.expired = len(deleted), len(expired)
+        metrics.SONGS_TOMBSTONED.inc(len(deleted))
+        return [p for p in songs if p.event.song_id not in deleted and p.event.song_id not in expired]
+
     def process(self, messages: Sequence[Message]) -> tuple[BatchResult, Callable[[], None]]:
         """Everything but the writes; returns the result and a closure that performs the writes."""
         result = BatchResult()
         songs, dead = self.parse(messages)
         result.dead.extend(dead)
+        songs = self.drop_gone(songs, result)
         todo = self.reuse_stored(songs)
         encoded = [p for p in songs if p.reused]
         waves = self.decoded_waves(todo, result)

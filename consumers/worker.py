@@ -11,7 +11,10 @@ audio fetch failed transiently goes to the retry topic, which the worker also co
 and is tried again after a backoff (:mod:`consumers.retries`). Between batches the worker
 switches to a newly promoted head. After every rebalance it recreates missing topics and
 re-reads any partition whose commits the broker lost (:class:`~consumers.loop.RejoinCheck`):
-a memory-mode broker that restarted comes back empty while the worker runs on.
+a memory-mode broker that restarted comes back empty while the worker runs on. Between
+batches it also applies takedowns (``songs.deleted``, read in a group of this shard's own:
+:mod:`consumers.takedown_follower`) and sweeps its shard of songs past the retention window
+(:mod:`consumers.retention`); an event of a song taken down or expired is a no-op.
 """
 
 from __future__ import annotations
@@ -49,7 +52,10 @@ from consumers.loop import (
     update_lag,
 )
 from consumers.pipeline import ScoringPipeline
+from consumers.retention import RetentionSweeper
 from consumers.retries import RetryPauses, RetryPolicy
+from consumers.takedown import apply_deleted, parse_deleted
+from consumers.takedown_follower import TakedownFollower
 from ranker import stores
 from ranker.audio import check_file_policy
 from ranker.encoders import build_encoder
@@ -71,6 +77,9 @@ class WorkerStats:
     reused_embeddings: int = 0
     retries_scheduled: int = 0  # transient fetch failures sent to the retry topic
     retries_exhausted: int = 0  # ... dead-lettered after the last try (counted in dead_letters too)
+    tombstoned: int = 0  # songs.generated events of songs taken down: skipped
+    expired: int = 0  # ... of songs past the retention window: skipped
+    takedowns: int = 0  # embeddings removed from this shard by songs.deleted
     dead_by_code: dict[str, int] = field(default_factory=dict)
 
 
@@ -122,6 +131,7 @@ class Worker:
         self.index = stores.embedding_index(settings, self.encoder.vector_dim)
         self.store = stores.score_store(settings)
         self.pipeline = ScoringPipeline(settings, self.encoder, self.model, self.index, self.store)
+        self.retention = RetentionSweeper(settings, self.index, self.store)
         self.retries = RetryPolicy(settings)
         # The retry partitions waiting for their next record to be due.
         self.retry_pauses = RetryPauses(settings.kafka.topics.songs_retry, settings.worker.fetch_backoff_max_s)
@@ -196,11 +206,27 @@ class Worker:
                 rejoins,
             ),
         )
+        # Takedowns: every shard must see every songs.deleted, so each reads it in a group of its own.
+        takedowns = TakedownFollower(
+            lambda rejoins: self._retry(
+                "connect takedown consumer",
+                lambda: make_consumer(
+                    s.kafka, self._takedown_group(), [topics.songs_deleted], s.worker.max_poll_records, rejoins
+                ),
+            ),
+            s.kafka.request_timeout_ms,
+        )
+        takedowns.start()
         producer = Publisher(s.kafka)
         idle = IdleClock(until_idle_s)
         pauses = self.retry_pauses
         try:
             while not self._stop.is_set():
+                try:
+                    self._take_down(takedowns, producer)
+                    self._retry("retention sweep", self.retention.maybe_sweep)
+                except Stopping:
+                    break
                 pauses.resume_due(consumer)
                 polled = consumer.poll(
                     timeout_ms=pauses.poll_timeout_ms(s.worker.poll_timeout_ms),
@@ -239,8 +265,26 @@ class Worker:
                 metrics.COMMITS.inc()
                 update_lag(consumer)
         finally:
+            takedowns.close()
             self.close(consumer, producer)
         return self.stats
+
+    def _takedown_group(self) -> str:
+        """This shard's own group for songs.deleted (the store's uid is persistent and unique per shard;
+        a recreated store replays every takedown, which removes nothing twice)."""
+        return f"{self.settings.kafka.worker_group_id}.deleted.{self.index.store.store_uid():x}"
+
+    def _take_down(self, follower: TakedownFollower, producer: Publisher) -> None:
+        """Apply the songs.deleted events read so far: the songs' embeddings leave this shard's store
+        and index; an event that does not parse is a dead letter. The follower commits once applied."""
+        messages = follower.take()
+        if not messages:
+            return
+        topics = self.settings.kafka.topics
+        events, bad = parse_deleted(messages, self.settings.kafka.dead_letter_original_bytes)
+        self.stats.takedowns += self._retry("apply takedowns", lambda: apply_deleted(self.index, events))
+        self._retry("publish", lambda: publish_outputs(producer, [], bad, topics.dead_letter))
+        follower.applied()
 
     def _recreate_topics(self) -> None:
         """After a rebalance: an emptied broker has lost the topics; create them as configured."""
@@ -276,6 +320,8 @@ class Worker:
         st.dead_letters += len(dead)
         st.retries_scheduled += len(plan.retries)
         st.retries_exhausted += len(plan.exhausted)
+        st.tombstoned += result.tombstoned
+        st.expired += result.expired
         metrics.SONGS_SCORED.inc(len(result.scored))
         for d in dead:
             st.dead_by_code[d.error_code] = st.dead_by_code.get(d.error_code, 0) + 1

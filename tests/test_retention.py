@@ -367,3 +367,41 @@ def test_the_feedback_consumer_prunes_old_engagement_log_days(settings: Settings
         consumer.counters.close()
     left = EngagementLog(s.engagement_log_dir, topic).read().to_pydict()
     assert sorted(left["event_id"]) == ["now-1", "o2"]  # the old day's older file went, its newest stayed
+
+
+def test_the_worker_sweeps_its_own_shard(settings: Settings, tmp_path: Path) -> None:
+    """The worker's loop calls the sweeper: a song scored longer ago than the window (here seconds)
+    leaves the feeds, the store and the index while the worker runs."""
+    import threading
+    import time
+
+    from consumers.publish import publish_events
+    from consumers.retrain import STORE_FILE
+    from consumers.worker import Worker
+    from tests.helpers import event, tone
+
+    s = with_retention(settings, window_days=2.0 / DAY_S, sweep_every_s=0.2)
+    store = stores.score_store(s)
+    publish_events(s, [event("ret-1", tone(tmp_path / "a.wav", seconds=1.5).as_uri())])
+    worker = Worker(s)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        seen = False
+        while time.monotonic() < deadline:
+            present = "ret-1" in members(store, s.feed.name)
+            seen = seen or present
+            if seen and not present and not worker.index.contains("ret-1"):
+                break
+            time.sleep(0.1)
+        assert seen and "ret-1" not in members(store, s.feed.name), "the song was never scored, or never swept"
+        assert not worker.index.contains("ret-1")
+        with SqliteEmbeddingStore(s.index_dir / STORE_FILE) as emb:
+            assert emb.contains(["ret-1"]) == set()
+        assert EmbeddingArchive(s.archive_dir).song_ids() == {"ret-1"}
+        assert store.expired(["ret-1"]) == {"ret-1"}
+    finally:
+        worker.request_stop()
+        thread.join(60)
+        store.close()

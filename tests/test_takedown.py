@@ -397,3 +397,43 @@ def _read_deleted(settings: Settings, n: int) -> list[SongDeleted]:
     finally:
         consumer.close()
     return out
+
+
+def test_a_running_worker_drops_taken_down_songs_and_skips_their_replays(settings: Settings, tmp_path: Path) -> None:
+    """The worker side: songs.deleted takes the song out of this shard's store and FAISS index while the
+    worker runs, and a replayed songs.generated of it is a no-op counted on /metrics."""
+    import threading
+
+    from prometheus_client import REGISTRY
+
+    from consumers.publish import publish_events
+    from consumers.worker import Worker
+    from indexes.index_reader import IndexReader
+    from tests.helpers import event, tone
+
+    s = with_takedown(settings)
+    audio = {x: tone(tmp_path / f"{x}.wav", seconds=1.5, freq=200.0 + 90 * i).as_uri() for i, x in enumerate("ab")}
+    publish_events(s, [event(f"td-{x}", uri) for x, uri in audio.items()])
+    first = Worker(s)
+    assert first.run(until_idle_s=1.0).scored == 2
+    take_down(s, ["td-a"], "rights claim")
+    publish_events(s, [event("td-a", audio["a"])])  # a replay of the song taken down
+    skipped_before = REGISTRY.get_sample_value("apexrank_worker_tombstoned_total") or 0.0
+    worker = Worker(s)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        with SqliteEmbeddingStore(s.index_dir / STORE_FILE) as emb:
+            ok = _wait(lambda: emb.contains(["td-a", "td-b"]) == {"td-b"} and worker.stats.tombstoned == 1, 40)
+            assert ok, (worker.stats, emb.contains(["td-a", "td-b"]))
+        assert worker.stats.takedowns == 1 and worker.stats.scored == 0
+        assert not worker.index.contains("td-a") and worker.index.contains("td-b")
+        assert REGISTRY.get_sample_value("apexrank_worker_tombstoned_total") == skipped_before + 1
+    finally:
+        worker.request_stop()
+        thread.join(60)
+    reader = IndexReader(s.index_dir, s.index.factory)
+    try:
+        assert reader.load().vectors == 1  # the snapshot written on the way out holds td-b alone
+    finally:
+        reader.close()
