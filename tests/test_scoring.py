@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from consumers.retrain import current_model, run_once
+from indexes.redis_schema import UNTRAINED
 from ranker.encoders import Encoder, EncoderSpec, build_encoder, encoder_spec, pool_song
 from ranker.encoders.logmel import LogMelEncoder
 from ranker.errors import ConfigError
@@ -121,7 +122,8 @@ def test_scores_carry_the_prior_they_were_ranked_with(settings: Settings) -> Non
         assert rate is not None and s.like_rate == rate
         assert s.rank_score == cold_start_quality(settings, s.scores, rate)
         rec = s.record("2026-05-02T00:00:00+00:00", {"n_segments": 2})
-        assert rec.extra == {"n_segments": 2, PRIOR_FIELD: rate}
+        assert not model.trained  # a seeded head: its record says so
+        assert rec.extra == {"n_segments": 2, PRIOR_FIELD: rate, UNTRAINED: 1}
         # what writing used to add: the rate of the record's own scores, generator and creation time
         assert rec.extra[PRIOR_FIELD] == model_like_rate(
             model.target_transform, rec.scores, rec.generator, rec.created_at
