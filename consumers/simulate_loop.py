@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -54,6 +54,7 @@ from ranker.settings import (
 from ranker.synth import STYLES
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: The policies compared, in the order the acceptance criterion ranks them (worst first).
 POLICIES: tuple[str, ...] = ("random", "newest", "prior-only", "prior+evidence", "prior+evidence+retrain")
@@ -177,9 +178,28 @@ def _feed_size(settings: Settings) -> int:
         store.close()
 
 
-def _parallel(fns: Sequence[Callable[[], object]]) -> list[object]:
+def _parallel(fns: Sequence[Callable[[], T]]) -> list[T]:
     with ThreadPoolExecutor(max_workers=max(1, len(fns))) as pool:
         return [f.result() for f in [pool.submit(fn) for fn in fns]]
+
+
+def _count_engagement(ns: dict[str, Settings], unread: dict[str, int], idle_s: float, hour: int) -> None:
+    """Run each policy's feedback consumer until it has read every event sent this hour.
+
+    A consumer exits after ``idle_s`` without a message; on a busy machine its first fetch can come
+    later than that. Evidence counted an hour late would change what every later hour serves (and
+    what retraining learns from), so a run is repeated until nothing sent is left unread.
+    """
+    pending = {p: n for p, n in unread.items() if n}
+    for _ in range(5):
+        names = list(pending)
+        stats = _parallel([lambda s=ns[p]: FeedbackConsumer(s).run(until_idle_s=idle_s) for p in names])  # type: ignore[misc]
+        left = {p: pending[p] - st.messages for p, st in zip(names, stats, strict=True)}
+        pending = {p: n for p, n in left.items() if n > 0}
+        if not pending:
+            return
+        log.info("hour %d: feedback consumers idled out with events unread %s; running them again", hour, pending)
+    raise RuntimeError(f"hour {hour}: feedback consumers left events unread {pending}")
 
 
 # --------------------------------------------------------------------------- the loop
@@ -257,8 +277,11 @@ def run_loop_simulation(
                 pending = [s for s in pending if _feed_size(s) < published]
                 if not pending:
                     break
+            if pending:
+                raise RuntimeError(f"hour {hour}: {len(pending)} policies' workers did not score every song")
             for client in clients.values():
                 _caught_up(client)
+            unread: dict[str, int] = {}
             for p, s in ns.items():
                 # The same users draw the same random numbers under every policy (common random numbers).
                 rng = np.random.default_rng(np.random.SeedSequence([seed, 200, hour]))
@@ -296,10 +319,11 @@ def run_loop_simulation(
                                 )
                             )
                 _engage(s, sent)
+                unread[p] = len(sent)
                 outcomes[p].plays.append(plays)
                 outcomes[p].likes.append(likes)
                 outcomes[p].expected_likes.append(expected)
-            _parallel([lambda s=s: FeedbackConsumer(s).run(until_idle_s=cfg.idle_s) for s in ns.values()])  # type: ignore[misc]
+            _count_engagement(ns, unread, cfg.idle_s, hour)
             retrain_p = "prior+evidence+retrain"
             if retrain_p in ns and (hour + 1) % cfg.retrain_every_h == 0 and hour + 1 < hours:
                 try:
