@@ -320,14 +320,12 @@ class ScoringPipeline:
         no-op: scoring it would put its vector back in the store and the index."""
         if not songs:
             return songs
-        ids = [p.event.song_id for p in songs]
-        deleted = self.store.deleted(ids)
-        expired = self.store.expired([i for i in ids if i not in deleted])
-        if not deleted and not expired:
+        gone = self.store.gone([p.event.song_id for p in songs])  # one round trip for both
+        if not gone.deleted and not gone.expired:
             return songs
-        result.tombstoned, result.expired = len(deleted), len(expired)
-        metrics.SONGS_TOMBSTONED.inc(len(deleted))
-        return [p for p in songs if p.event.song_id not in deleted and p.event.song_id not in expired]
+        result.tombstoned, result.expired = len(gone.deleted), len(gone.expired)
+        metrics.SONGS_TOMBSTONED.inc(len(gone.deleted))
+        return [p for p in songs if p.event.song_id not in gone]
 
     def process(self, messages: Sequence[Message]) -> tuple[BatchResult, Callable[[], None]]:
         """Everything but the writes; returns the result and a closure that performs the writes."""

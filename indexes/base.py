@@ -119,6 +119,20 @@ class Deletion:
     feeds: tuple[str, ...] = ()  # the feeds it was removed from
 
 
+@dataclass(frozen=True)
+class Gone:
+    """Which of some songs left the store (:meth:`ScoreStore.gone`): taken down, or past retention.
+
+    A song in both counts as deleted: a tombstone is final, an expiry is not.
+    """
+
+    deleted: frozenset[str] = frozenset()  # a tombstone
+    expired: frozenset[str] = frozenset()  # a record marked expired, and no tombstone
+
+    def __contains__(self, song_id: object) -> bool:
+        return song_id in self.deleted or song_id in self.expired
+
+
 #: A (feed -> song_id -> value) map; None removes the song from that feed.
 FeedEntries = Mapping[str, Mapping[str, float | None]]
 
@@ -321,7 +335,12 @@ class ScoreStore(ABC):
 
     @abstractmethod
     def deleted(self, song_ids: Sequence[str]) -> set[str]:
-        """The subset of ``song_ids`` with a tombstone, in one round trip."""
+        """The subset of ``song_ids`` with a tombstone, in one round trip (:meth:`gone`'s first question alone)."""
+
+    @abstractmethod
+    def gone(self, song_ids: Sequence[str]) -> Gone:
+        """Which of ``song_ids`` were taken down and which expired, in one round trip: what a
+        caller that must not bring either back (a replayed event) asks before writing."""
 
     # -- retention ------------------------------------------------------------------------
     @abstractmethod
@@ -337,7 +356,8 @@ class ScoreStore(ABC):
 
     @abstractmethod
     def expired(self, song_ids: Sequence[str]) -> set[str]:
-        """The subset of ``song_ids`` whose record says it expired, in one round trip."""
+        """The subset of ``song_ids`` whose record says it expired, in one round trip (:meth:`gone`'s
+        second question alone: a song with a tombstone too is in it)."""
 
     # -- reads ----------------------------------------------------------------------------
     @abstractmethod

@@ -16,8 +16,8 @@ import redis.exceptions
 
 from indexes.base import AsyncScoreReads, Change
 from indexes.redis_client import UNREACHABLE, AsyncClient, connect_async, cross_slot
+from indexes.redis_queries import HMGET_MANY, FieldsRead, as_record, pairs, totals, window_query
 from indexes.redis_schema import CALIBRATION_FIELDS, CHANGE_FEEDS, CHANGE_IDS
-from indexes.redis_store import _HMGET_MANY, _bound, _pairs, _totals
 
 if TYPE_CHECKING:
     from indexes.redis_store import RedisScoreStore
@@ -33,54 +33,34 @@ class AsyncStoreReads(AsyncScoreReads):
         self._store = store
         config = store.config
         self._redis: AsyncClient = connect_async(config.url, config.socket_timeout_s)
-        self._hmget_many = self._redis.register_script(_HMGET_MANY)
+        self._hmget_many = self._redis.register_script(HMGET_MANY)
         self._script_ok = store.multi_key_scripts  # never on a cluster: a pipeline of per-song HMGETs
 
     async def feed_window(self, feed: str, max_score: float | None, count: int) -> list[tuple[str, float]]:
-        rows = await self._redis.zrange(
-            self._store.feed_key(feed),
-            _bound(max_score),
-            "-inf",
-            desc=True,
-            byscore=True,
-            offset=0,
-            num=count,
-            withscores=True,
-        )
-        return _pairs(rows)
+        return pairs(await self._redis.zrange(**window_query(self._store.feed_key(feed), max_score, count)))
 
     async def read_fields(self, song_ids: Sequence[str], fields: Sequence[str]) -> list[list[str | None]]:
-        """HMGET of many songs in one round trip.
-
-        On a single Redis node this is one read-only script call (packing one command
-        instead of one per song is most of the client-side cost); where the keys span
-        cluster slots (Redis Cluster, or a proxy that refuses it) a pipeline is used.
-        """
+        """HMGET of many songs in one round trip (:class:`~indexes.redis_queries.FieldsRead`)."""
         if not song_ids:
             return []
-        keys = [self._store.song_key(s) for s in song_ids]
+        read = FieldsRead(self._store.keys, song_ids, fields)
         if self._script_ok:
             try:
-                return await self._hmget_many(keys=keys, args=list(fields))
+                return read.replies(await self._hmget_many(keys=read.keys, args=read.fields))
             except redis.exceptions.ResponseError as exc:
                 if not cross_slot(exc):
                     raise
                 self._script_ok = False
-        pipe = self._redis.pipeline(transaction=False)
-        names = list(fields)
-        for key in keys:
-            pipe.hmget(key, names)
-        return await pipe.execute()
+        return read.replies(await read.queue(self._redis.pipeline(transaction=False)).execute())
 
     async def get_song(self, song_id: str) -> dict[str, str] | None:
-        raw = await self._redis.hgetall(self._store.song_key(song_id))
-        return {str(k): str(v) for k, v in raw.items()} or None
+        return as_record(await self._redis.hgetall(self._store.song_key(song_id)))
 
     async def feed_size(self, feed: str) -> int:
         return int(await self._redis.zcard(self._store.feed_key(feed)))
 
     async def calibration_totals(self) -> tuple[float, float]:
-        return _totals(await self._redis.hmget(self._store.calibration_key(), list(CALIBRATION_FIELDS)))
+        return totals(await self._redis.hmget(self._store.calibration_key(), list(CALIBRATION_FIELDS)))
 
     async def scan_song_ids(self, batch: int = 1000) -> AsyncIterator[list[str]]:
         keys = self._store.keys
@@ -101,7 +81,7 @@ class AsyncStoreReads(AsyncScoreReads):
         while True:  # ZSCAN: every member present throughout is returned, whatever moves meanwhile
             cursor, rows = await self._redis.zscan(key, cursor, count=batch)
             if rows:
-                yield _pairs(rows)
+                yield pairs(rows)
             if not cursor:
                 return
 

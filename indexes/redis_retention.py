@@ -19,7 +19,7 @@ likes were observed against their priors, which is what the totals measure.
 
 Unlike a tombstone, expiry does not stop later writes: a rescore of an expired song (a
 replayed ``songs.generated``) scores it again. Callers that must not do that ask
-:func:`expired` first.
+:meth:`~indexes.base.ScoreStore.gone` first (:mod:`indexes.redis_gone`).
 """
 
 from __future__ import annotations
@@ -89,14 +89,3 @@ def unfeed(store: RedisScoreStore, song_ids: Sequence[str], feed_keys: Sequence[
         pipe.zrem(age_key, *song_ids)
     if len(pipe):
         pipe.execute()
-
-
-def expired(store: RedisScoreStore, song_ids: Sequence[str]) -> set[str]:
-    """The subset of ``song_ids`` whose hash says they expired (one pipelined round trip)."""
-    ids = list(dict.fromkeys(song_ids))
-    if not ids:
-        return set()
-    pipe = store.client.pipeline(transaction=False)
-    for s in ids:
-        pipe.hexists(store.keys.song(s, check=False), EXPIRED_AT)
-    return {s for s, found in zip(ids, pipe.execute(), strict=True) if found}

@@ -25,10 +25,13 @@ from typing import Any, ClassVar
 import redis
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from indexes import redis_gone
 from indexes import redis_retention as retention
 from indexes import redis_tombstones as tombstones
-from indexes.base import AsyncScoreReads, Deletion, FeedEntries, ScoreStore, SongRecord, StoredSong
+from indexes.base import AsyncScoreReads, Deletion, FeedEntries, Gone, ScoreStore, SongRecord, StoredSong
 from indexes.redis_client import UNREACHABLE, SyncClient, connect, cross_slot, is_cluster_url, run_script_calls
+from indexes.redis_queries import HMGET_MANY, FieldsRead, as_record, pairs, totals, window_query
+from indexes.redis_reads import AsyncStoreReads
 from indexes.redis_schema import (
     CALIBRATION_FIELDS,
     CHANGE_FEEDS,
@@ -124,7 +127,7 @@ class RedisScoreStore(ScoreStore):
 
     @cached_property
     def _hmget_many(self) -> Any:
-        return self._redis.register_script(_HMGET_MANY)
+        return self._redis.register_script(HMGET_MANY)
 
     @cached_property
     def _swap(self) -> Any:
@@ -241,7 +244,7 @@ class RedisScoreStore(ScoreStore):
         if self.multi_key_scripts:
             try:
                 out = self._claim_many(keys=[*(self.song_key(s) for s in ids), self.calibration_key()], args=args)
-                return _totals(out)
+                return totals(out)
             except redis.exceptions.ResponseError as exc:
                 if not cross_slot(exc):
                     raise
@@ -263,7 +266,11 @@ class RedisScoreStore(ScoreStore):
         return tombstones.delete_songs(self, song_ids, reason, feeds)
 
     def deleted(self, song_ids: Sequence[str]) -> set[str]:
-        return tombstones.deleted(self, song_ids)
+        return set(redis_gone.gone(self, song_ids, expired=False).deleted)
+
+    def gone(self, song_ids: Sequence[str]) -> Gone:
+        """Tombstones and expiries of ``song_ids`` in one pipelined round trip (:mod:`indexes.redis_gone`)."""
+        return redis_gone.gone(self, song_ids)
 
     def expire_songs(
         self, song_ids: Sequence[str], feeds: Sequence[str], expired_at: float, history_s: float | None = None
@@ -272,11 +279,11 @@ class RedisScoreStore(ScoreStore):
         return retention.expire_songs(self, song_ids, feeds, expired_at, history_s)
 
     def expired(self, song_ids: Sequence[str]) -> set[str]:
-        return retention.expired(self, song_ids)
+        return set(redis_gone.gone(self, song_ids, deleted=False).expired)
 
     def calibration_totals(self) -> tuple[float, float]:
         """(observed likes, predicted likes) over every song with plays."""
-        return _totals(self._redis.hmget(self.calibration_key(), list(CALIBRATION_FIELDS)))
+        return totals(self._redis.hmget(self.calibration_key(), list(CALIBRATION_FIELDS)))
 
     def trim_feed(self, feed: str, created_before: float) -> int:
         """Remove songs created before ``created_before`` (epoch s) from an age-limited feed."""
@@ -359,20 +366,15 @@ class RedisScoreStore(ScoreStore):
         """
         if not song_ids:
             return []
-        keys = [self.song_key(song_id) for song_id in song_ids]
+        read = FieldsRead(self.keys, song_ids, fields)
         if self.multi_key_scripts:
             try:
-                out: list[list[str | None]] = self._hmget_many(keys=keys, args=list(fields))
-                return out
+                return read.replies(self._hmget_many(keys=read.keys, args=read.fields))
             except redis.exceptions.ResponseError as exc:
                 if not cross_slot(exc):
                     raise
                 self.multi_key_scripts = False
-        pipe = self._redis.pipeline(transaction=False)
-        names = list(fields)
-        for key in keys:
-            pipe.hmget(key, names)
-        return pipe.execute()
+        return read.replies(read.queue(self._redis.pipeline(transaction=False)).execute())
 
     def read_songs(self, song_ids: Sequence[str], fields: Sequence[str] | None = None) -> list[StoredSong | None]:
         """Many songs' records parsed (:func:`~indexes.redis_schema.parse_song`), in one round trip:
@@ -393,35 +395,21 @@ class RedisScoreStore(ScoreStore):
 
     def feed_window(self, feed: str, max_score: float | None, count: int) -> list[tuple[str, float]]:
         """Up to ``count`` (song_id, score) pairs with score <= ``max_score`` (inclusive), best first."""
-        return _pairs(
-            self._redis.zrange(
-                self.feed_key(feed),
-                _bound(max_score),
-                "-inf",
-                desc=True,
-                byscore=True,
-                offset=0,
-                num=count,
-                withscores=True,
-            )
-        )
+        return pairs(self._redis.zrange(**window_query(self.feed_key(feed), max_score, count)))
 
     def async_reads(self) -> AsyncScoreReads:
         """An asyncio client for the read path (create it inside the event loop that uses it)."""
-        from indexes.redis_reads import AsyncStoreReads  # it imports this module's helpers
-
         return AsyncStoreReads(self)
 
     def get_song(self, song_id: str) -> dict[str, str] | None:
-        raw = self._redis.hgetall(self.song_key(song_id))
-        return {str(k): str(v) for k, v in raw.items()} or None
+        return as_record(self._redis.hgetall(self.song_key(song_id)))
 
     def get_songs(self, song_ids: Sequence[str]) -> list[dict[str, str] | None]:
         """HGETALL of many songs, pipelined (one round trip; works on Redis Cluster too)."""
         pipe = self._redis.pipeline(transaction=False)
         for song_id in song_ids:
             pipe.hgetall(self.song_key(song_id))
-        return [{str(k): str(v) for k, v in raw.items()} or None for raw in pipe.execute()]
+        return [as_record(raw) for raw in pipe.execute()]
 
     def feed_page(self, feed: str, start: int, count: int) -> list[tuple[str, float]]:
         """(song_id, rank_score) pairs, best first, from rank ``start`` (0-based)."""
@@ -429,8 +417,7 @@ class RedisScoreStore(ScoreStore):
             raise ValueError("start must be >= 0")
         if count <= 0:
             return []
-        rows: list[Any] = self._redis.zrevrange(self.feed_key(feed), start, start + count - 1, withscores=True)
-        return [(str(member), float(score)) for member, score in rows]
+        return pairs(self._redis.zrevrange(self.feed_key(feed), start, start + count - 1, withscores=True))
 
     def feed_size(self, feed: str) -> int:
         return int(self._redis.zcard(self.feed_key(feed)))
@@ -468,14 +455,6 @@ return 1
 """
 
 
-# KEYS = song hashes, ARGV = field names: HMGET of each, in order (read-only).
-_HMGET_MANY = """
-local out = {}
-for i, key in ipairs(KEYS) do out[i] = redis.call('HMGET', key, unpack(ARGV)) end
-return out
-"""
-
-
 # KEYS = song hashes, then the calibration hash; ARGV = each song's prior like rate.
 # _CLAIM_CALIBRATION for every song, then the totals incremented: one atomic step.
 # Returns the new totals {likes, expected}.
@@ -504,16 +483,3 @@ end
 return redis.call('HMGET', cal, '$total_likes', '$total_expected')
 """
 )
-
-
-def _bound(max_score: float | None) -> str:
-    return "+inf" if max_score is None else repr(float(max_score))
-
-
-def _pairs(rows: Any) -> list[tuple[str, float]]:
-    return [(str(member), float(score)) for member, score in rows]
-
-
-def _totals(values: Sequence[Any]) -> tuple[float, float]:
-    likes, expected = values
-    return float(likes or 0.0), float(expected or 0.0)

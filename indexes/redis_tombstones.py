@@ -108,17 +108,6 @@ def delete_songs(store: RedisScoreStore, song_ids: Sequence[str], reason: str, f
     return deletions
 
 
-def deleted(store: RedisScoreStore, song_ids: Sequence[str]) -> set[str]:
-    """The subset of ``song_ids`` with a tombstone (one pipelined round trip)."""
-    ids = list(dict.fromkeys(song_ids))
-    if not ids:
-        return set()
-    pipe = store.client.pipeline(transaction=False)
-    for s in ids:
-        pipe.exists(store.keys.tombstone(s, check=False))
-    return {s for s, found in zip(ids, pipe.execute(), strict=True) if found}
-
-
 def undo(store: RedisScoreStore, song_ids: Iterable[str], zset_keys: Iterable[str]) -> None:
     """Remove what a write just wrote for tombstoned songs: their hashes and their members of ``zset_keys``."""
     ids = list(song_ids)
@@ -151,13 +140,13 @@ def write_unless_tombstoned(
         found = replies[-1]
         if isinstance(found, redis.exceptions.ResponseError) and cross_slot(found):
             store.multi_key_scripts = False
-            gone = deleted(store, song_ids)
+            gone = store.deleted(song_ids)
         elif isinstance(found, Exception):
             raise found
         elif found:
-            gone = deleted(store, song_ids)
+            gone = store.deleted(song_ids)
     else:
         pipe.execute()
-        gone = deleted(store, song_ids)
+        gone = store.deleted(song_ids)
     if gone:
         undo(store, gone, zset_keys)
