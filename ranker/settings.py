@@ -501,6 +501,13 @@ class ApiSettings(_Section):
     max_candidates: int = Field(500, ge=1, le=10_000, description="Largest POST /v1/rank candidate list.")
     max_k: int = Field(100, ge=1, le=1000, description="Most similar songs one request may ask for.")
     max_body_bytes: int = Field(256 * 1024, ge=1024, description="Larger request bodies get 413.")
+    max_events_per_request: int = Field(
+        1000,
+        ge=1,
+        le=100_000,
+        description="Most engagement events one POST /v1/events may carry (413 too_many_events beyond); "
+        "max_body_bytes bounds the body too (about 150-250 bytes an event).",
+    )
     index_refresh_s: float = Field(
         10.0, gt=0, description="How often the API applies new embedding-store records to its index."
     )

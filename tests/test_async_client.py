@@ -137,7 +137,7 @@ def _parameters(fn: Callable[..., object], skip_annotation: str = "") -> list[tu
 
 def test_async_client_has_every_sync_method_with_the_same_signature() -> None:
     public = {name for name, value in vars(ApexRankClient).items() if callable(value) and not name.startswith("_")}
-    assert public == {"feed", "iter_feed", "rank", "song", "similar", "ready", "close"}
+    assert public == {"feed", "iter_feed", "rank", "song", "similar", "ready", "close", "send_events"}
     for name in public:
         sync_fn, async_fn = getattr(ApexRankClient, name), getattr(AsyncApexRankClient, name)
         assert inspect.iscoroutinefunction(async_fn) or inspect.isasyncgenfunction(async_fn), name

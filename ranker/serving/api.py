@@ -14,7 +14,8 @@ for what needs it (once the song table is loaded, pages and reranks go on from m
 and so is a feed or rank request while the song table loads (``table_loading``).
 Feed pages and reranks are served from the process's in-memory song table
 (:mod:`ranker.serving.table`), which follows the store's change log; similar-song searches
-run in the thread pool (FAISS releases the GIL). /healthz, /readyz, /metrics and the
+run in the thread pool (FAISS releases the GIL). ``POST /v1/events`` (:mod:`ranker.serving.ingest`)
+answers for each engagement event it produces. /healthz, /readyz, /metrics and the
 OpenAPI documents need no token.
 """
 
@@ -46,8 +47,10 @@ from ranker.events import SONG_ID_PATTERN, SongDeleted, SongId
 from ranker.serving.cursor import CursorError
 from ranker.serving.edge import Edge
 from ranker.serving.edge import error_response as _error
+from ranker.serving.ingest import events_router
+from ranker.serving.producer import ApiProducer
 from ranker.serving.reader import FeedReader, TableNotReady, UnknownFeedError
-from ranker.serving.takedown import DeletedPublisher, token_matches
+from ranker.serving.takedown import publish_deleted, token_matches
 from ranker.settings import Settings, get_settings
 from ranker.stores import index_reader, score_store
 
@@ -182,7 +185,7 @@ def create_app(settings: Settings | None = None, *, explore_rng: np.random.Gener
     store = score_store(settings)
     index = index_reader(settings)
     holder: dict[str, FeedReader] = {}
-    deleted_publisher = DeletedPublisher(settings.kafka)  # connects on the first takedown
+    producer = ApiProducer(settings.kafka)  # connects on the first takedown or POST /v1/events
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -208,7 +211,7 @@ def create_app(settings: Settings | None = None, *, explore_rng: np.random.Gener
             index.close()
             await reads.close()
             store.close()
-            deleted_publisher.close()
+            producer.close()
 
     app = FastAPI(
         title="apexrank",
@@ -420,7 +423,7 @@ def create_app(settings: Settings | None = None, *, explore_rng: np.random.Gener
         holder["reader"].forget([song_id])
         event = SongDeleted(song_id=song_id, reason=reason, deleted_at=datetime.now(UTC))
         try:
-            await run_in_threadpool(deleted_publisher.publish, [event])
+            await run_in_threadpool(publish_deleted, producer, settings.kafka.topics.songs_deleted, [event])
         except Exception as exc:
             log.warning("songs.deleted for %s not published: %s: %s", song_id, type(exc).__name__, exc)
             raise ApiError(
@@ -446,5 +449,8 @@ def create_app(settings: Settings | None = None, *, explore_rng: np.random.Gener
         status = await run_in_threadpool(index.load)
         return {"ready": status.ready, "vectors": status.vectors, "source": status.source, "reason": status.reason}
 
+    app.include_router(events_router(settings, producer, auth))  # POST /v1/events (ranker.serving.ingest)
+
     app.state.index = index
+    app.state.producer = producer
     return app

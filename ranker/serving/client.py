@@ -2,9 +2,10 @@
 and ``AsyncApexRankClient`` (asyncio), with the same methods, models and retry policy.
 
 Every call has a timeout. Connection errors, timeouts and 500/502/503/504 answers
-are retried with exponential backoff and jitter (all endpoints are reads, so a retry is
-always safe); any other error status raises :class:`ApexRankError` at once, with
-the server's error code and message.
+are retried with exponential backoff and jitter (the reads are safe to repeat, and so are
+events: the server counts an ``event_id`` once); any other error status raises
+:class:`ApexRankError` at once, with the server's error code and message. ``send_events``
+sends again only the events not yet in (those a 503 reports failed, or all after no answer).
 
 Everything but I/O is shared: the endpoint functions below build a :class:`Call` (method, path,
 query, body and how to parse a 2xx body into the models), and :meth:`_ClientCore._settle` decides
@@ -20,9 +21,16 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import httpx
+
+from ranker.serving.client_events import EVENTS_PATH, EventRounds, EventsResult
+from ranker.serving.client_events import EventResult as EventResult  # re-exported: send_events answers with it
+
+if TYPE_CHECKING:  # the client does not load pydantic: an Engagement is sent by its model_dump
+    from ranker.events import Engagement
+
 
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
 #: Failures without an answer (refused, reset, timed out...); retried like a 5xx.
@@ -144,6 +152,22 @@ def _similar_call(song_id: str, k: int) -> Call[list[SimilarSong]]:
 _READY: Call[Any] = Call("GET", "/readyz", _as_is)
 
 
+class EventsNotPublished(ApexRankError):
+    """``send_events`` gave up with events not in: ``result`` says, event by event, which are
+    (accepted), which never will be (rejected, duplicate) and which to send again (failed)."""
+
+    def __init__(self, status: int, code: str, message: str, result: EventsResult) -> None:
+        super().__init__(status, code, message)
+        self.result = result
+
+
+def _json_or_none(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
 def _error(response: httpx.Response) -> ApexRankError:
     try:
         body = response.json()
@@ -178,6 +202,29 @@ class _ClientCore:
             return call.parse(outcome.json())
         elif outcome.status_code not in RETRY_STATUSES or attempt >= self.retries:
             raise _error(outcome)
+        return Backoff(self._backoff(attempt))
+
+    def _settle_events(
+        self, rounds: EventRounds, attempt: int, outcome: httpx.Response | Exception
+    ) -> EventsResult | Backoff:
+        """As :meth:`_settle`, for a round of ``send_events``: an answer with per-event results is
+        merged, and only its failed events go again; after no answer (or a 5xx without results) the
+        same events go again, safe since the server counts an event_id once."""
+        if isinstance(outcome, Exception):
+            status, code, message = 0, "unreachable", f"POST {EVENTS_PATH}: {outcome!r}"
+        else:
+            status = outcome.status_code
+            body = _json_or_none(outcome)
+            if isinstance(body, dict) and isinstance(body.get("results"), list):
+                rounds.merge(body)
+                if not rounds.pending:
+                    return rounds.outcome()
+            error = _error(outcome)
+            code, message = error.code, error.message
+            if status not in RETRY_STATUSES:  # the request itself was refused: sending it again cannot help
+                raise EventsNotPublished(status, code, message, rounds.outcome(code, message))
+        if attempt >= self.retries:
+            raise EventsNotPublished(status, code, message, rounds.outcome(code, message))
         return Backoff(self._backoff(attempt))
 
 
@@ -256,6 +303,23 @@ class ApexRankClient(_ClientCore):
         except ApexRankError:
             return False
         return True
+
+    def send_events(self, events: Sequence[Engagement | Mapping[str, Any]]) -> EventsResult:
+        """POST engagement events (``Engagement`` models or JSON-ready dicts), answered event by event;
+        :class:`EventsNotPublished` if some are still not in after the retries."""
+        rounds = EventRounds(events)
+        attempt = 0
+        while True:
+            outcome: httpx.Response | Exception
+            try:
+                outcome = self._http.request("POST", EVENTS_PATH, json=rounds.body())
+            except TRANSIENT_ERRORS as exc:
+                outcome = exc
+            step = self._settle_events(rounds, attempt, outcome)
+            if not isinstance(step, Backoff):
+                return step
+            time.sleep(step.delay_s)
+            attempt += 1
 
     def close(self) -> None:
         self._http.close()
@@ -347,6 +411,23 @@ class AsyncApexRankClient(_ClientCore):
         except ApexRankError:
             return False
         return True
+
+    async def send_events(self, events: Sequence[Engagement | Mapping[str, Any]]) -> EventsResult:
+        """POST engagement events (``Engagement`` models or JSON-ready dicts), answered event by event;
+        :class:`EventsNotPublished` if some are still not in after the retries."""
+        rounds = EventRounds(events)
+        attempt = 0
+        while True:
+            outcome: httpx.Response | Exception
+            try:
+                outcome = await self._http.request("POST", EVENTS_PATH, json=rounds.body())
+            except TRANSIENT_ERRORS as exc:
+                outcome = exc
+            step = self._settle_events(rounds, attempt, outcome)
+            if not isinstance(step, Backoff):
+                return step
+            await asyncio.sleep(step.delay_s)
+            attempt += 1
 
     async def close(self) -> None:
         await self._http.aclose()

@@ -1,0 +1,307 @@
+"""``POST /v1/events`` on the real stack (issue 16, item 4): per-event answers, exactly the valid events on
+the engagement topic, a replayed batch counted once by the real feedback consumer, the request limits,
+Kafka down (503, every event failed, nothing lost), the API's producer record by record, and both
+clients' ``send_events`` against real uvicorn servers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+
+from consumers.feedback import FeedbackConsumer
+from consumers.stack import free_port
+from ranker import stores
+from ranker.events import Engagement
+from ranker.serving.api import create_app
+from ranker.serving.client import ApexRankClient, AsyncApexRankClient, EventsNotPublished, EventsResult
+from ranker.serving.producer import ApiProducer
+from ranker.settings import Settings
+from tests.helpers import read_topic
+from tests.test_client import Served
+
+TOKEN = "events-token-1"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def with_events(settings: Settings, **api: Any) -> Settings:
+    """The test's settings with a read token (events take the read endpoints' tokens) and ``api`` overrides."""
+    return settings.model_copy(update={"api": settings.api.model_copy(update={"tokens": [SecretStr(TOKEN)], **api})})
+
+
+def down(settings: Settings) -> Settings:
+    """``settings`` with Kafka at a closed loopback port, failing fast."""
+    kafka = settings.kafka.model_copy(
+        update={"bootstrap_servers": f"127.0.0.1:{free_port()}", "request_timeout_ms": 2000}
+    )
+    return settings.model_copy(update={"kafka": kafka})
+
+
+def ev(song_id: str, kind: str = "play", event_id: str | None = None, **extra: Any) -> dict[str, Any]:
+    """One engagement event as a client sends it (JSON-ready)."""
+    return {
+        "event_id": event_id or f"e-{uuid.uuid4().hex[:12]}",
+        "song_id": song_id,
+        "user_id": "u1",
+        "type": kind,
+        "ts": datetime.now(UTC).isoformat(),
+        **extra,
+    }
+
+
+def on_topic(settings: Settings, expect: int) -> list[tuple[str, Engagement]]:
+    """The engagement topic's records as (key, parsed event), read until ``expect`` came (then drained)."""
+    return [
+        (r.key.decode(), Engagement.parse(r.value))
+        for r in read_topic(settings, settings.kafka.topics.engagement, expect)
+    ]
+
+
+@pytest.fixture
+def app_client(settings: Settings) -> Iterator[tuple[TestClient, Settings]]:
+    s = with_events(settings)
+    with TestClient(create_app(s)) as client:
+        yield client, s
+
+
+def test_a_mixed_batch_is_answered_event_by_event_and_only_valid_events_reach_the_topic(
+    app_client: tuple[TestClient, Settings],
+) -> None:
+    client, s = app_client
+    batch = [
+        ev("song.a", "play", "ev-1"),
+        ev("song.b", "like", "ev-2", feed="cold-start", position=3),
+        ev("song.a", "clap", "ev-3"),  # not an engagement type
+        ev("song.c", "play", "ev-1"),  # ev-1 again: a duplicate, whatever its content
+        "not an object",
+        {**ev("song.c", "skip", "ev-4"), "extra": 1},  # unknown field
+        ev("song.c", "share", "ev-5", ts="2026-01-01T00:00:00"),  # no timezone
+        ev("song.c", "skip", "ev-6"),
+    ]
+    assert client.post("/v1/events", json={"events": batch}).status_code == 401  # the read endpoints' tokens
+    r = client.post("/v1/events", json={"events": batch}, headers=AUTH)
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert [(x["index"], x["event_id"], x["status"]) for x in body["results"]] == [
+        (0, "ev-1", "accepted"),
+        (1, "ev-2", "accepted"),
+        (2, "ev-3", "rejected"),
+        (3, "ev-1", "duplicate"),
+        (4, None, "rejected"),
+        (5, "ev-4", "rejected"),
+        (6, "ev-5", "rejected"),
+        (7, "ev-6", "accepted"),
+    ]
+    assert (body["accepted"], body["rejected"], body["duplicate"], body["failed"]) == (3, 4, 1, 0)
+    results = body["results"]
+    assert results[3]["duplicate_of"] == 0 and "error" not in results[0] and "error" not in results[3]
+    assert {results[i]["error"]["code"] for i in (2, 4, 5, 6)} == {"invalid_schema"}
+    assert (
+        results[2]["error"]["message"].startswith("type:")
+        and "expected a JSON object" in results[4]["error"]["message"]
+    )
+    assert "extra" in results[5]["error"]["message"] and results[6]["error"]["message"].startswith("ts:")
+
+    got = on_topic(s, 3)
+    assert sorted((key, e.event_id, e.song_id, e.type) for key, e in got) == [
+        ("song.a", "ev-1", "song.a", "play"),  # the first ev-1, keyed by its song as the consumers key
+        ("song.b", "ev-2", "song.b", "like"),
+        ("song.c", "ev-6", "song.c", "skip"),
+    ]
+    assert next(e for _, e in got if e.event_id == "ev-2").position == 3
+
+
+def test_a_replayed_batch_counts_once_after_the_real_feedback_consumer(app_client: tuple[TestClient, Settings]) -> None:
+    client, s = app_client
+    batch = [ev("song.r", "play"), ev("song.r", "like"), ev("song.r", "play"), ev("song.q", "skip")]
+    for _ in range(2):  # a client retrying a batch whose answer it never saw
+        r = client.post("/v1/events", json={"events": batch}, headers=AUTH)
+        assert r.status_code == 202 and r.json()["accepted"] == 4
+    assert len(on_topic(s, 8)) == 8  # both copies are on the topic...
+    feedback = FeedbackConsumer(s)
+    stats = feedback.run(until_idle_s=2.0)
+    assert stats.messages == 8 and stats.accepted == 4 and stats.duplicates == 4
+    counters = stores.engagement_counters(s)
+    try:
+        counts = counters.counts(["song.r", "song.q"])  # ...and each event counts once
+    finally:
+        counters.close()
+    assert (counts["song.r"]["plays"], counts["song.r"]["likes"], counts["song.q"]["skips"]) == (2, 1, 1)
+
+
+def test_limits_an_empty_batch_too_many_events_a_body_too_large_and_a_body_that_is_not_a_batch(
+    settings: Settings,
+) -> None:
+    s = with_events(settings, max_events_per_request=3, max_body_bytes=2048)
+    with TestClient(create_app(s)) as client:
+
+        def post(body: Any, **kw: Any) -> tuple[int, str]:
+            r = client.post("/v1/events", headers=AUTH, **({"json": body} if body is not None else kw))
+            return r.status_code, r.json()["error"] if r.status_code != 202 else "ok"
+
+        assert post({"events": []}) == (400, "empty_batch")
+        assert post({"events": [ev("s.1") for _ in range(4)]}) == (413, "too_many_events")
+        assert post({"events": [ev("s.1") for _ in range(3)]}) == (202, "ok")  # at the limit
+        big = [ev("s.1", user_id="u" * 128), ev("s.2", user_id="v" * 128), ev("s.3", feed="f" * 64)]
+        big[2]["padding"] = "x" * 1600  # the body passes 2048 bytes with three events
+        assert len(json.dumps({"events": big})) > 2048
+        assert post({"events": big}) == (413, "body_too_large")
+        assert post(None, content=b"{not json") == (422, "invalid_request")
+        assert post([ev("s.1")]) == (422, "invalid_request")  # a bare list: the body is {"events": [...]}
+        assert post({"events": ev("s.1")}) == (422, "invalid_request")
+        assert post({"events": [ev("s.1")], "more": 1}) == (422, "invalid_request")
+        documented = client.get("/openapi.json").json()["paths"]["/v1/events"]["post"]["requestBody"]
+        events = documented["content"]["application/json"]["schema"]["properties"]["events"]
+        assert (events["minItems"], events["maxItems"], events["items"]["title"]) == (1, 3, "Engagement")
+    assert sorted(e.song_id for _, e in on_topic(s, 3)) == ["s.1"] * 3  # only the batch at the limit got in
+
+
+def test_kafka_down_answers_503_with_every_event_failed_and_a_resend_loses_nothing(settings: Settings) -> None:
+    s = with_events(settings)
+    batch = [ev("song.d", "play", "d-1"), ev("song.d", "like", "d-2"), ev("song.d", "play", "d-1"), {"nope": 1}]
+    with TestClient(create_app(down(s))) as client:
+        r = client.post("/v1/events", json={"events": batch}, headers=AUTH)
+    assert r.status_code == 503 and r.headers["retry-after"] == "5"
+    body = r.json()
+    assert body["error"] == "events_not_published" and (body["accepted"], body["failed"]) == (0, 2)
+    assert [x["status"] for x in body["results"]] == ["failed", "failed", "duplicate", "rejected"]
+    assert {x["error"]["code"] for x in body["results"][:2]} == {"not_published"}
+    # Kafka back: the failed events sent again are all in, once.
+    failed = [batch[x["index"]] for x in body["results"] if x["status"] == "failed"]
+    with TestClient(create_app(s)) as client:
+        again = client.post("/v1/events", json={"events": failed}, headers=AUTH)
+    assert again.status_code == 202 and again.json()["accepted"] == 2
+    assert sorted(e.event_id for _, e in on_topic(s, 2)) == ["d-1", "d-2"]
+
+
+def test_the_api_producer_answers_for_each_record(settings: Settings) -> None:
+    topic = f"{settings.kafka.topics.engagement}.producer"
+    kafka = settings.kafka.model_copy(update={"max_request_size": 65_536})
+    producer = ApiProducer(kafka)
+    try:
+        out = producer.publish(topic, [(b"k1", b"one"), (b"k2", b"x" * 70_000), (None, b"three")])
+        assert [d.ok for d in out] == [True, False, True]
+        assert out[1].permanent and "MessageSizeTooLarge" in (out[1].error or "")  # refused alone, for what it is
+        assert out[0].offset is not None and out[0].partition is not None
+        assert producer.publish(topic, []) == []
+    finally:
+        producer.close()
+    assert sorted(r.value for r in read_topic(settings, topic, 2)) == [b"one", b"three"]
+    dead = ApiProducer(down(settings).kafka)
+    try:
+        out = dead.publish(topic, [(b"k", b"v")] * 3)
+        assert len(out) == 3 and not any(d.ok or d.permanent for d in out)  # an outage: worth a retry
+    finally:
+        dead.close()
+
+
+# -- the clients ----------------------------------------------------------------------------------------
+@pytest.fixture
+def served(settings: Settings) -> Iterator[tuple[Served, Settings]]:
+    s = with_events(settings)
+    server = Served(create_app(s), free_port()).start()
+    yield server, s
+    server.stop()
+
+
+def test_the_async_client_sends_events_to_a_running_api(served: tuple[Served, Settings]) -> None:
+    server, s = served
+    models = [Engagement(event_id="m-1", song_id="song.m", user_id="u", type="like", ts=datetime.now(UTC))]
+    dicts = [ev("song.n", "play", "n-1"), ev("song.n", "play", "m-1"), ev("song.n", "nope", "n-2")]
+
+    async def run() -> EventsResult:
+        async with AsyncApexRankClient(server.url, token=TOKEN, timeout_s=10) as client:
+            return await client.send_events([*models, *dicts])
+
+    got = asyncio.run(run())
+    assert [(r.index, r.event_id, r.status) for r in got.results] == [
+        (0, "m-1", "accepted"),
+        (1, "n-1", "accepted"),
+        (2, "m-1", "duplicate"),
+        (3, "n-2", "rejected"),
+    ]
+    assert got.results[2].duplicate_of == 0 and got.results[3].code == "invalid_schema"
+    assert (got.accepted, got.failed, got.count("rejected")) == (2, 0, 1)
+    with ApexRankClient(server.url, token=TOKEN, timeout_s=10) as client:  # the sync twin, the same answers
+        assert [r.status for r in client.send_events([ev("song.n", "skip", "n-3")]).results] == ["accepted"]
+    assert sorted(e.event_id for _, e in on_topic(s, 3)) == ["m-1", "n-1", "n-3"]
+
+
+def test_the_clients_give_up_with_each_event_failed_when_kafka_stays_down(settings: Settings) -> None:
+    s = down(with_events(settings))
+    server = Served(create_app(s), free_port()).start()
+    batch = [ev("song.x", "play", "x-1"), ev("song.x", "bad", "x-2")]
+    try:
+        client = ApexRankClient(server.url, token=TOKEN, timeout_s=10, retries=1, backoff_s=0.01)
+        with client, pytest.raises(EventsNotPublished) as err:
+            client.send_events(batch)
+
+        async def run() -> EventsNotPublished:
+            async with AsyncApexRankClient(server.url, token=TOKEN, timeout_s=10, retries=1, backoff_s=0.01) as client:
+                with pytest.raises(EventsNotPublished) as aerr:
+                    await client.send_events(batch)
+                return aerr.value
+
+        for e in (err.value, asyncio.run(run())):
+            assert (e.status, e.code) == (503, "events_not_published")
+            assert [(r.status, r.code) for r in e.result.results] == [
+                ("failed", "not_published"),
+                ("rejected", "invalid_schema"),
+            ]
+    finally:
+        server.stop()
+
+
+def partly_failing_app(seen: list[list[str]]) -> FastAPI:
+    """An events endpoint that fails every event whose id ends in "!" the first time it sees it."""
+    app = FastAPI()
+
+    @app.post("/v1/events")
+    async def events(request: Request) -> JSONResponse:
+        sent = (await request.json())["events"]
+        ids = [e["event_id"] for e in sent]
+        before = {i for batch in seen for i in batch}
+        seen.append(ids)
+        results = [
+            {"index": n, "event_id": i, "status": "failed" if i.endswith("!") and i not in before else "accepted"}
+            for n, i in enumerate(ids)
+        ]
+        failed = sum(r["status"] == "failed" for r in results)
+        return JSONResponse({"results": results, "error": "events_not_published"}, status_code=503 if failed else 202)
+
+    return app
+
+
+def test_the_clients_send_again_only_the_failed_events() -> None:
+    seen: list[list[str]] = []
+    server = Served(partly_failing_app(seen), free_port()).start()
+    batch = [ev("s", event_id=i) for i in ("a", "b!", "c", "d!")]
+    try:
+        with ApexRankClient(server.url, retries=2, backoff_s=0.01) as client:
+            got = client.send_events(batch)
+        assert seen == [["a", "b!", "c", "d!"], ["b!", "d!"]]
+        assert [(r.index, r.event_id, r.status) for r in got.results] == [
+            (0, "a", "accepted"),
+            (1, "b!", "accepted"),
+            (2, "c", "accepted"),
+            (3, "d!", "accepted"),
+        ]
+        seen.clear()
+
+        async def run() -> EventsResult:
+            async with AsyncApexRankClient(server.url, retries=2, backoff_s=0.01) as client:
+                return await client.send_events([ev("s", event_id=i) for i in ("e!", "f")])
+
+        assert [r.status for r in asyncio.run(run()).results] == ["accepted", "accepted"]
+        assert seen == [["e!", "f"], ["e!"]]
+    finally:
+        server.stop()
