@@ -88,6 +88,10 @@ def _policy_settings(base: Settings, policy: str, out_dir: Path, cfg: LoopConfig
             "state_dir": state,
             "dev_mode": True,  # the simulated songs are local files
             "encoder": "logmel",
+            # One song per worker batch: a float32 product's last bit depends on the batch it is in,
+            # and which songs share a poll depends on timing; such a bit can flip a near tie in a
+            # feed's order and so everything after it.
+            "worker": base.worker.model_copy(update={"max_poll_records": 1}),
             "kafka": base.kafka.model_copy(
                 update={"topics": topics, "worker_group_id": f"w-{tag}", "feedback_group_id": f"f-{tag}"}
             ),
@@ -244,11 +248,20 @@ def run_loop_simulation(
     by_id = {s.song_id: s for s in world.songs}
     boost = [dict.fromkeys(STYLES, 0.0) | {st: cfg.style_boost} for st in world.user_styles]
 
+    # The API scores pages at simulated time (the end of the hour being browsed), never the wall
+    # clock: how long an hour took to run on a busy machine must not change what a page shows.
+    sim_now = [world.start.timestamp()]
     with ExitStack() as stack:
         # Exploration draws from one seeded generator per policy, the same seed for each (common random numbers).
         clients = {
             p: stack.enter_context(
-                TestClient(create_app(s, explore_rng=np.random.default_rng(np.random.SeedSequence([seed, 300]))))
+                TestClient(
+                    create_app(
+                        s,
+                        explore_rng=np.random.default_rng(np.random.SeedSequence([seed, 300])),
+                        clock=lambda: sim_now[0],
+                    )
+                )
             )
             for p, s in ns.items()
         }
@@ -281,6 +294,7 @@ def run_loop_simulation(
                 raise RuntimeError(f"hour {hour}: {len(pending)} policies' workers did not score every song")
             for client in clients.values():
                 _caught_up(client)
+            sim_now[0] = (world.start + timedelta(hours=hour + 1)).timestamp()
             unread: dict[str, int] = {}
             for p, s in ns.items():
                 # The same users draw the same random numbers under every policy (common random numbers).
@@ -288,7 +302,7 @@ def run_loop_simulation(
                 sent: list[Engagement] = []
                 plays = likes = 0
                 expected = 0.0
-                now = datetime.now(UTC)
+                now = datetime.fromtimestamp(sim_now[0], UTC)
                 reordered = p in ("random", "newest")
                 pool = _candidates(clients[p], cfg.max_candidates) if reordered else []
                 for u in range(len(world.user_styles)):

@@ -24,8 +24,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -174,11 +175,17 @@ class ApiError(HTTPException):
 
 
 # -- the app -------------------------------------------------------------------------------------
-def create_app(settings: Settings | None = None, *, explore_rng: np.random.Generator | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    explore_rng: np.random.Generator | None = None,
+    clock: Callable[[], float] = time.time,
+) -> FastAPI:
     """The API app for ``settings`` (default: the process settings).
 
     ``explore_rng`` drives Thompson exploration on every page (seeded simulations and tests
     pass one for reproducible pages); by default each page draws from fresh OS entropy.
+    ``clock`` is the wall clock pages are scored at (a simulation passes its simulated time).
     """
     settings = settings or get_settings()
     api = settings.api
@@ -194,7 +201,7 @@ def create_app(settings: Settings | None = None, *, explore_rng: np.random.Gener
         # the other workers for the cores, made it tens of milliseconds at the tail.
         threadpool_limits(1, user_api="blas")
         reads = store.async_reads()
-        holder["reader"] = app.state.reader = FeedReader(settings, reads, index)
+        holder["reader"] = app.state.reader = FeedReader(settings, reads, index, clock=clock)
         sync = app.state.reader.sync
         sync.start()  # loads the song table, then follows the store's change log
         if not await sync.wait_loaded(api.table_startup_wait_s):
