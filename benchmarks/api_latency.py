@@ -241,6 +241,13 @@ def api_server(
 
 
 # -- data ----------------------------------------------------------------------------------------
+#: Songs come from GENERATORS generators and carry 2 of TAGS tags (t0...), at random. The filtered page
+#: asks for one generator, any of 2 tags, and excludes 50 of the songs that pass (the first filtered
+#: page's, so the scan must read past them): about 2.3% of the feed passes.
+GENERATORS, TAGS = 20, 8
+FILTER_QUERY = "&generator=gen-3&tag=t1&tag=t4"
+
+
 def populate(settings: Settings, n: int, dim: int, seed: int) -> list[str]:
     """N scored songs over the last week (10% with engagement) in Redis, and their vectors in the index."""
     rng = np.random.default_rng(seed)
@@ -259,10 +266,10 @@ def populate(settings: Settings, n: int, dim: int, seed: int) -> list[str]:
                     model_version="bench",
                     scores=scores,
                     rank_score=0.5,
-                    generator=f"gen-{int(rng.integers(0, 5))}",
+                    generator=f"gen-{int(rng.integers(0, GENERATORS))}",
                     created_at=datetime.fromtimestamp(created, UTC).isoformat(),
                     scored_at=datetime.fromtimestamp(now, UTC).isoformat(),
-                    extra={"tags": "bench", "duration_s": 120.0},
+                    extra={"tags": ",".join(f"t{t}" for t in rng.choice(TAGS, 2, replace=False)), "duration_s": 120.0},
                 )
             )
         writer.on_scored(batch, now=now)
@@ -463,6 +470,22 @@ async def raw_vs_api(url: str, host: str, port: int, requests: Sequence[bytes], 
     return {"raw": summary(raw, sum(raw)), "api": summary(api, sum(api), errors)}
 
 
+async def paired(host: str, port: int, a: Sequence[bytes], b: Sequence[bytes], n: int) -> dict[str, Any]:
+    """Requests ``a`` and ``b`` alternating one by one on one keep-alive connection (same load on both)."""
+    conn = await Conn(host, port).open()
+    lat: dict[str, list[float]] = {"a": [], "b": []}
+    errors = 0
+    for i in range(n):
+        for which in ("a", "b") if i % 2 == 0 else ("b", "a"):
+            raw = (a if which == "a" else b)[i % len(a if which == "a" else b)]
+            t = time.perf_counter()
+            status, _ = await conn.send(raw)
+            lat[which].append(time.perf_counter() - t)
+            errors += status != 200
+    await conn.close()
+    return {"a": summary(lat["a"], sum(lat["a"]), errors), "b": summary(lat["b"], sum(lat["b"]))}
+
+
 def fetch_json(host: str, port: int, path: str) -> Any:
     with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=10) as r:
         return json.loads(r.read())
@@ -567,7 +590,7 @@ def bench_page_inprocess(settings: Settings, url: str, n: int, profile: str | No
             cursor = (await reader.page(feed, 50, cursor, rng=np.random.default_rng(0))).next_cursor
             assert cursor is not None
             cursors.append(cursor)
-        kinds = {"first": [None], "cursor": cursors}
+        kinds: dict[str, list[str | None]] = {"first": [None], "cursor": list(cursors)}
 
         async def new(c: str | None, seed: int) -> tuple[float, float, list[str]]:
             t = time.perf_counter()
@@ -687,6 +710,7 @@ def bench_api(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         lean_bodies = [post("/v1/rank", json.dumps({"candidates": c, "explain": False}).encode()) for c in samples]
         first = get("/v1/feeds/cold-start?limit=50")
         pages: list[bytes] = []  # pages 2-4 through cursors, collected from the first server
+        filtered: list[bytes] = []  # the filtered first page, then its pages 2-4
 
         def latency(host: str, port: int, full: bool) -> dict[str, Any]:
             """Sequential figures on one keep-alive connection (the raw Redis reads alternating with the page)."""
@@ -699,6 +723,9 @@ def bench_api(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 res["page_vs_raw"] = await raw_vs_api(url, host, port, [first], args.seq)
                 res["cursor_vs_raw"] = await raw_vs_api(url, host, port, pages, args.seq // 2)
                 res["page_mix_seq"] = await sequential(host, port, mix, args.seq)
+                if filtered:
+                    res["filtered_first"] = await paired(host, port, [first], filtered[:1], args.seq // 2)
+                    res["filtered_cursor"] = await paired(host, port, pages, filtered[1:], args.seq // 2)
                 res["rank500_seq"] = await sequential(host, port, rank_bodies, max(100, args.seq // 2))
                 res["rank500_noexplain_seq"] = await sequential(host, port, lean_bodies, max(100, args.seq // 2))
                 if full:
@@ -725,6 +752,17 @@ def bench_api(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                         pages.append(get(f"/v1/feeds/cold-start?limit=50&cursor={cursor}"))
                     page = fetch_json(host, port, "/v1/feeds/cold-start?limit=50")
                     out["explore_items_per_page"] = sum(1 for i in page["items"] if i["explore"])
+                    top = fetch_json(host, port, "/v1/feeds/cold-start?limit=50" + FILTER_QUERY)
+                    query = FILTER_QUERY + "&exclude=" + ",".join(i["song_id"] for i in top["items"])
+                    cursor = None
+                    for _ in range(4):
+                        q = "/v1/feeds/cold-start?limit=50" + query + (f"&cursor={cursor}" if cursor else "")
+                        filtered.append(get(q))
+                        body = fetch_json(host, port, q)
+                        cursor = body["next_cursor"]
+                        out.setdefault("filtered_items_per_page", []).append(len(body["items"]))
+                        if not cursor:
+                            break
                 res.update(latency(host, port, full=k == 0))
                 print(
                     f"  sequential: { {key: v for key, v in res.items() if key.endswith(('seq', 'raw'))} }", flush=True
@@ -853,6 +891,10 @@ def report(result: dict[str, Any]) -> str:
     api = result.get("api")
     if api:
         lines.append(f"songs: {api['songs']}; explore items on a page of 50: {api.get('explore_items_per_page')}")
+        lines.append(
+            f"filtered page: {FILTER_QUERY[1:]} + exclude of the 50 songs of its first page; items on its pages"
+            f" 1-4: {api.get('filtered_items_per_page')}"
+        )
         inproc = api.get("rank500_inprocess")
         if inproc:
             lines.append(
@@ -884,6 +926,13 @@ def report(result: dict[str, Any]) -> str:
                 f"  -> x{cv['api']['p50_ms'] / cv['raw']['p50_ms']:.2f} (p50)"
             )
             lines.append(f"  feed mix, sequential:   API {_pp(res['page_mix_seq'])}")
+            for kind in ("first", "cursor"):
+                f = res.get(f"filtered_{kind}")
+                if f:
+                    lines.append(
+                        f"  filtered vs unfiltered, {kind:<6} pages (alternating): unfiltered {_pp(f['a'])}"
+                        f"  filtered {_pp(f['b'])}  -> x{f['b']['p50_ms'] / f['a']['p50_ms']:.2f} (p50)"
+                    )
             lines.append(
                 f"  rank 500 sequential:    explain {_pp(res['rank500_seq'])}"
                 f"  explain=false {_pp(res['rank500_noexplain_seq'])}"

@@ -521,6 +521,18 @@ class ApiSettings(_Section):
     page_cache_max_bytes: int = Field(
         64 * 1024 * 1024, ge=0, description="Memory the page cache may hold per API process; oldest entries go first."
     )
+    max_filter_values: int = Field(
+        32, ge=1, le=1000, description="Most generator= or tag= values one feed or rank request may filter by."
+    )
+    max_exclude: int = Field(
+        200, ge=1, le=10_000, description="Most song ids one feed or rank request may exclude (exclude=)."
+    )
+    filter_scan_rows: int = Field(
+        20_000,
+        ge=100,
+        description="Most feed rows one filtered page scans: a page whose filters pass fewer songs in that "
+        "stretch is short, and its cursor resumes after it.",
+    )
     table_startup_wait_s: float = Field(
         30.0,
         ge=0,

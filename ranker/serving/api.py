@@ -48,6 +48,7 @@ from ranker.events import SONG_ID_PATTERN, SongDeleted, SongId
 from ranker.serving.cursor import CursorError
 from ranker.serving.edge import Edge
 from ranker.serving.edge import error_response as _error
+from ranker.serving.filters import FilterError, FiltersIn, parse_filters
 from ranker.serving.ingest import events_router
 from ranker.serving.producer import ApiProducer
 from ranker.serving.reader import FeedReader, TableNotReady, UnknownFeedError
@@ -110,6 +111,7 @@ class RankIn(BaseModel):
     prior_strength: float | None = Field(None, description="Inline w.")
     apply_filters: bool = Field(False, description="List candidates the feed's filters reject in 'filtered'.")
     explain: bool = Field(True, description="Include each score's components (about a third of the cost).")
+    filters: FiltersIn | None = Field(None, description="Request-time filters; what they reject is in 'filtered'.")
 
 
 class RankOut(_Out):
@@ -338,14 +340,33 @@ def create_app(
         feed: str = Path(description="A configured feed name."),
         limit: int = Query(min(50, api.max_limit), ge=1, le=api.max_limit),
         cursor: str | None = Query(None, min_length=1, max_length=8192, description="next_cursor of the last page."),
+        generator: list[str] = Query([], description="Only these generators (repeat the parameter)."),  # noqa: B008
+        tag: list[str] = Query([], description="Only songs with these tags (repeat; see tag_mode)."),  # noqa: B008
+        tag_mode: str = Query("any", description="any: at least one of the tags; all: every one."),
+        max_age_hours: float | None = Query(None, description="Only songs younger than this many hours."),
+        exclude: list[str] = Query([], description="Song ids never served (repeat, or comma lists)."),  # noqa: B008
     ) -> Response:
-        """A page of a feed, best first, with each score's components; exploration slots are marked."""
+        """A page of a feed, best first, with each score's components; exploration slots are marked.
+
+        Filters narrow the feed; a cursor continues only the walk of the same filters (400
+        ``cursor_filters_mismatch`` otherwise). docs/ranking.md: "Request-time filters"."""
         try:
-            page = await reader().page(feed, limit, cursor, rng=explore_rng)
+            wanted = parse_filters(
+                generators=generator,
+                tags=tag,
+                tag_mode=tag_mode,
+                max_age_hours=max_age_hours,
+                exclude=exclude,
+                max_values=api.max_filter_values,
+                max_exclude=api.max_exclude,
+            )
+            page = await reader().page(feed, limit, cursor, rng=explore_rng, filters=wanted)
+        except FilterError as exc:
+            raise ApiError(422, exc.code, str(exc)) from None
         except UnknownFeedError:
             raise ApiError(404, "unknown_feed", f"no feed named {feed!r}; see GET /v1/feeds") from None
         except CursorError as exc:
-            raise ApiError(400, "bad_cursor", str(exc)) from None
+            raise ApiError(400, exc.code, str(exc)) from None
         return _json({"feed": page.feed, "items": page.items, "next_cursor": page.next_cursor})
 
     @app.post("/v1/rank", tags=["feeds"], dependencies=auth, response_model=RankOut, responses=_ERRORS)
@@ -373,8 +394,21 @@ def create_app(
             raise ApiError(422, "invalid_policy", message) from None
         except ValueError as exc:
             raise ApiError(422, "invalid_policy", str(exc)) from None
+        f = body.filters or FiltersIn()
+        try:
+            wanted = parse_filters(
+                generators=f.generators,
+                tags=f.tags,
+                tag_mode=f.tag_mode,
+                max_age_hours=f.max_age_hours,
+                exclude=f.exclude,
+                max_values=api.max_filter_values,
+                max_exclude=api.max_exclude,
+            )
+        except FilterError as exc:
+            raise ApiError(422, exc.code, str(exc)) from None
         ranked = await reader().rank_response(
-            body.candidates, policy, apply_filters=body.apply_filters, explain=body.explain
+            body.candidates, policy, apply_filters=body.apply_filters, explain=body.explain, filters=wanted
         )
         where = ranked.non_finite  # NaN and infinities, found on the score arrays before serialising
         if where is None:

@@ -34,7 +34,7 @@ import numpy as np
 
 from indexes.redis_schema import flag
 from ranker.events import TASKS
-from ranker.serving.policy import EPOCH, RATE_MAX, RATE_MIN, SCORE_FLOOR, Policy, parse_tags, to_timestamp
+from ranker.serving.policy import EPOCH, RATE_MAX, RATE_MIN, SCORE_FLOOR, Policy, parse_tags, tags_match, to_timestamp
 from ranker.serving.state import _N_READ, _N_TASKS, _N_WRITE, _float
 
 _LIKES = TASKS.index("likes")
@@ -332,7 +332,7 @@ def admits(policy: Policy, batch: SongBatch) -> np.ndarray:
         ok &= allowed[codes]
     tags_any, tags_out = policy._tags_any, policy._tags_out
     if tags_any:
-        ok &= np.fromiter((not tags_any.isdisjoint(t) for t in batch.tags), np.bool_, len(batch))
+        ok &= np.fromiter((tags_match(t, tags_any) for t in batch.tags), np.bool_, len(batch))
     if tags_out:
         ok &= np.fromiter((tags_out.isdisjoint(t) for t in batch.tags), np.bool_, len(batch))
     min_duration = policy.config.filters.min_duration_s
@@ -342,10 +342,13 @@ def admits(policy: Policy, batch: SongBatch) -> np.ndarray:
     return ok
 
 
-def in_age_window(policy: Policy, created_ts: np.ndarray, now: float) -> np.ndarray:
-    """``Policy.in_age_window`` per song."""
+def in_age_window(policy: Policy, created_ts: np.ndarray, now: float, max_age_s: float | None = None) -> np.ndarray:
+    """``Policy.in_age_window`` per song; ``max_age_s`` narrows the policy's window (a request's filter)."""
     age = now - created_ts
     ok = age >= policy.min_age_s
-    if policy.max_age_s is not None:
-        ok &= age < policy.max_age_s
+    bound = policy.max_age_s
+    if max_age_s is not None:
+        bound = max_age_s if bound is None else min(bound, max_age_s)
+    if bound is not None:
+        ok &= age < bound
     return np.asarray(ok, dtype=np.bool_)

@@ -78,6 +78,44 @@ class SimilarSong:
     similarity: float
 
 
+@dataclass(frozen=True)
+class Filters:
+    """Request-time filters of a feed page or a rerank (docs/ranking.md, "Request-time filters").
+
+    A feed walk's cursor is bound to its filters: pass the same ``Filters`` with every page.
+    """
+
+    generators: Sequence[str] = ()
+    tags: Sequence[str] = ()
+    tag_mode: str = "any"
+    max_age_hours: float | None = None
+    exclude: Sequence[str] = ()
+
+    def query(self) -> dict[str, Any]:
+        """As feed page query parameters (lists repeat the parameter; exclude is one comma list)."""
+        out: dict[str, Any] = {}
+        if self.generators:
+            out["generator"] = list(self.generators)
+        if self.tags:
+            out["tag"] = list(self.tags)
+            out["tag_mode"] = self.tag_mode
+        if self.max_age_hours is not None:
+            out["max_age_hours"] = self.max_age_hours
+        if self.exclude:
+            out["exclude"] = ",".join(self.exclude)
+        return out
+
+    def body(self) -> dict[str, Any]:
+        """As ``POST /v1/rank``'s ``filters`` object."""
+        return {
+            "generators": list(self.generators),
+            "tags": list(self.tags),
+            "tag_mode": self.tag_mode,
+            "max_age_hours": self.max_age_hours,
+            "exclude": list(self.exclude),
+        }
+
+
 # -- the shared core: requests and their parsing, the retry decision (no I/O) ---------------------
 @dataclass(frozen=True)
 class Call(Generic[T]):
@@ -108,10 +146,12 @@ def _as_is(data: Any) -> Any:
     return data
 
 
-def _feed_call(feed: str, limit: int, cursor: str | None) -> Call[FeedPage]:
+def _feed_call(feed: str, limit: int, cursor: str | None, filters: Filters | None = None) -> Call[FeedPage]:
     params: dict[str, Any] = {"limit": limit}
     if cursor:
         params["cursor"] = cursor
+    if filters is not None:
+        params.update(filters.query())
     return Call(
         "GET",
         f"/v1/feeds/{feed}",
@@ -121,9 +161,15 @@ def _feed_call(feed: str, limit: int, cursor: str | None) -> Call[FeedPage]:
 
 
 def _rank_call(
-    candidates: Sequence[str], feed: str | None, weights: Mapping[str, float] | None, apply_filters: bool
+    candidates: Sequence[str],
+    feed: str | None,
+    weights: Mapping[str, float] | None,
+    apply_filters: bool,
+    filters: Filters | None = None,
 ) -> Call[RankResult]:
     body: dict[str, Any] = {"candidates": list(candidates), "apply_filters": apply_filters}
+    if filters is not None:
+        body["filters"] = filters.body()
     if feed is not None:
         body["feed"] = feed
     if weights is not None:
@@ -265,15 +311,19 @@ class ApexRankClient(_ClientCore):
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         return self._send(Call(method, path, _as_is, **kwargs))
 
-    def feed(self, feed: str, *, limit: int = 50, cursor: str | None = None) -> FeedPage:
-        return self._send(_feed_call(feed, limit, cursor))
+    def feed(
+        self, feed: str, *, limit: int = 50, cursor: str | None = None, filters: Filters | None = None
+    ) -> FeedPage:
+        return self._send(_feed_call(feed, limit, cursor, filters))
 
-    def iter_feed(self, feed: str, *, limit: int = 50, max_pages: int | None = None) -> Iterator[RankedSong]:
+    def iter_feed(
+        self, feed: str, *, limit: int = 50, max_pages: int | None = None, filters: Filters | None = None
+    ) -> Iterator[RankedSong]:
         """Every song of a feed, page after page (stops after ``max_pages`` pages when given)."""
         cursor: str | None = None
         pages = 0
         while max_pages is None or pages < max_pages:
-            page = self.feed(feed, limit=limit, cursor=cursor)
+            page = self.feed(feed, limit=limit, cursor=cursor, filters=filters)
             pages += 1
             yield from page.items
             if not page.next_cursor:
@@ -287,8 +337,9 @@ class ApexRankClient(_ClientCore):
         feed: str | None = None,
         weights: Mapping[str, float] | None = None,
         apply_filters: bool = False,
+        filters: Filters | None = None,
     ) -> RankResult:
-        return self._send(_rank_call(candidates, feed, weights, apply_filters))
+        return self._send(_rank_call(candidates, feed, weights, apply_filters, filters))
 
     def song(self, song_id: str) -> dict[str, Any]:
         return self._send(_song_call(song_id))
@@ -372,15 +423,19 @@ class AsyncApexRankClient(_ClientCore):
     async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         return await self._send(Call(method, path, _as_is, **kwargs))
 
-    async def feed(self, feed: str, *, limit: int = 50, cursor: str | None = None) -> FeedPage:
-        return await self._send(_feed_call(feed, limit, cursor))
+    async def feed(
+        self, feed: str, *, limit: int = 50, cursor: str | None = None, filters: Filters | None = None
+    ) -> FeedPage:
+        return await self._send(_feed_call(feed, limit, cursor, filters))
 
-    async def iter_feed(self, feed: str, *, limit: int = 50, max_pages: int | None = None) -> AsyncIterator[RankedSong]:
+    async def iter_feed(
+        self, feed: str, *, limit: int = 50, max_pages: int | None = None, filters: Filters | None = None
+    ) -> AsyncIterator[RankedSong]:
         """Every song of a feed, page after page (stops after ``max_pages`` pages when given)."""
         cursor: str | None = None
         pages = 0
         while max_pages is None or pages < max_pages:
-            page = await self.feed(feed, limit=limit, cursor=cursor)
+            page = await self.feed(feed, limit=limit, cursor=cursor, filters=filters)
             pages += 1
             for item in page.items:
                 yield item
@@ -395,8 +450,9 @@ class AsyncApexRankClient(_ClientCore):
         feed: str | None = None,
         weights: Mapping[str, float] | None = None,
         apply_filters: bool = False,
+        filters: Filters | None = None,
     ) -> RankResult:
-        return await self._send(_rank_call(candidates, feed, weights, apply_filters))
+        return await self._send(_rank_call(candidates, feed, weights, apply_filters, filters))
 
     async def song(self, song_id: str) -> dict[str, Any]:
         return await self._send(_song_call(song_id))

@@ -57,6 +57,13 @@ def window_nbytes(window: _Window, key: tuple[str, str, int] | None = None) -> i
     return size
 
 
+def window_key(feed: str, token: str | None, want: int, filters: int = 0) -> tuple[str, str, int]:
+    """A window's cache key: feed, cursor token, rows wanted, and the request filters' tag (``filters``,
+    0: none) after the token, so a filtered request never reuses another filter set's window.
+    (Tokens are url-safe base64, which has no ``|``.)"""
+    return feed, (token or "") + (f"|{filters:016x}" if filters else ""), want
+
+
 @dataclass(frozen=True, slots=True)
 class _Entry:
     window: _Window
@@ -65,6 +72,10 @@ class _Entry:
 
 class PageCache:
     """Fetched feed windows reused for ``ttl_s`` by requests for the same page, within ``max_bytes``.
+
+    Keyed by :func:`window_key`: filtered requests are cached too, each filter set apart. Equal
+    filter sets (a client's "this generator only" tab) share windows; a per-listener exclude list
+    makes its own entries, which the byte budget evicts like any cold page.
 
     A thin layer over cachetools' ``TTLCache`` sized in bytes (:func:`window_nbytes`
     estimates each entry): an insert first drops every expired entry, then the least

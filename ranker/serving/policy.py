@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -110,6 +110,16 @@ def parse_tags(value: str | None) -> tuple[str, ...]:
             return ()
         return tuple(str(t) for t in items) if isinstance(items, list) else ()
     return tuple(t.strip() for t in value.split(",") if t.strip())
+
+
+def tags_match(song_tags: Collection[str], wanted: frozenset[str], mode: str = "any") -> bool:
+    """What a tag filter means, for the feeds' configured filters and request-time ones alike:
+    ``any``: the song has at least one of ``wanted``; ``all``: every one of them. Empty ``wanted``: true."""
+    if not wanted:
+        return True
+    if mode == "all":
+        return wanted.issubset(song_tags)
+    return not wanted.isdisjoint(song_tags)
 
 
 def to_timestamp(value: str | None) -> float | None:
@@ -263,7 +273,7 @@ class Policy:
             return False
         if song.generator in self._gen_out:
             return False
-        if self._tags_any and self._tags_any.isdisjoint(song.tags):
+        if not tags_match(song.tags, self._tags_any):
             return False
         if self._tags_out and not self._tags_out.isdisjoint(song.tags):
             return False

@@ -2,11 +2,10 @@
 
 Pages and reranks are served from the process's song table (:mod:`ranker.serving.table`,
 kept current by :mod:`ranker.serving.table_sync`), with no store round trip. A page walks
-the feed's order after its cursor, then is assembled over the window's columns: exploit
-slots in stored order, near-duplicates and songs over the per-generator cap pushed down,
-exploration slots filled by Thompson sampling from the songs just below; the scores and
-explanations of the items served are computed in one pass. The cursor is keyset based
-(:mod:`ranker.serving.cursor`). One song's record (``/v1/songs/{id}``) is read from the store.
+the feed's order after its cursor (request filters, :mod:`ranker.serving.filters`, masked
+in the same scan), then is assembled over the window's columns (:mod:`ranker.serving.assembly`).
+The cursor is keyset based (:mod:`ranker.serving.cursor`). One song's record
+(``/v1/songs/{id}``) is read from the store.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -33,13 +31,8 @@ from indexes.redis_schema import (
     flag,
 )
 from ranker.events import TASKS
-from ranker.serving.batch import (
-    admits,
-    evaluate,
-    in_age_window,
-    sample_rates,
-    sampled_scores,
-)
+from ranker.serving.assembly import assemble, next_cursor, page_items
+from ranker.serving.batch import admits, evaluate, in_age_window
 from ranker.serving.columns import (
     RankResponse,
     explanation_columns,
@@ -48,14 +41,14 @@ from ranker.serving.columns import (
     mark_untrained,
     rank_order,
 )
-from ranker.serving.cursor import MAX_SKIP, Cursor, _after, skip_key
-from ranker.serving.page_cache import PageCache, _Window
+from ranker.serving.cursor import Cursor, _after, skip_key
+from ranker.serving.filters import NO_FILTERS, RequestFilters
+from ranker.serving.page_cache import PageCache, _Window, window_key
 from ranker.serving.policy import (
     Policy,
     beta_params,
     calibration_scale,
     compile_policies,
-    explore_positions,
     explore_slots,
 )
 from ranker.serving.state import WRITE_FIELDS, _float, state_from_fields
@@ -171,79 +164,109 @@ class FeedReader:
         cursor: str | None = None,
         *,
         rng: np.random.Generator | None = None,
+        filters: RequestFilters = NO_FILTERS,
     ) -> FeedPage:
-        """A page of ``feed`` from the song table: no store round trip (but the calibration's, once per TTL)."""
+        """A page of ``feed`` from the song table: no store round trip (but the calibration's, once per TTL).
+
+        ``filters`` narrow the feed (exploration draws from the songs they pass too); the cursor
+        must come from a page with the same filters (:class:`~ranker.serving.cursor.CursorFiltersError`).
+        """
         policy = self.policy(feed)
-        cur = Cursor.decode(cursor, feed) if cursor else None
+        cur = Cursor.decode(cursor, feed, filters.tag) if cursor else None
         scale = await self.scale()
         table = self.table  # after the await: what is served comes from one table
         now = self._clock()
         n_explore = explore_slots(limit, policy.config.explore_share)
         want = limit + (policy.config.explore_pool if n_explore else 0)
-        window = self._window(table, policy, want, cur, cursor, now)
-        chosen, explored = self._assemble(policy, window, limit - n_explore, n_explore, scale, now, rng)
-        items = self._items(policy, window, chosen, explored, scale, now)
+        window = self._window(table, policy, want, cur, cursor, now, filters)
+        chosen, explored = assemble(policy, window, limit - n_explore, n_explore, scale, now, rng)
+        items = page_items(policy, window, chosen, explored, scale, now)
         skip = set(cur.skip) if cur else set()
         b_score, b_id = (cur.score, cur.song_id) if cur else (math.inf, "")
-        next_cursor = self._next_cursor(feed, window, items, skip, b_score, b_id)
-        return FeedPage(feed, items, next_cursor)
+        following = next_cursor(feed, window, items, skip, b_score, b_id, filters.tag)
+        return FeedPage(feed, items, following)
 
     def _window(
-        self, table: SongTable, policy: Policy, want: int, cur: Cursor | None, token: str | None, now: float
+        self,
+        table: SongTable,
+        policy: Policy,
+        want: int,
+        cur: Cursor | None,
+        token: str | None,
+        now: float,
+        filters: RequestFilters = NO_FILTERS,
     ) -> _Window:
         """The rows after the cursor until ``want`` are eligible, read as the store's range reads would.
 
         The same reads the store path made (ranges of ``want - eligible + 8`` rows from the last
         row seen, at most :data:`_MAX_FETCHES`), from the table's copy of the feed: a page is the
         one the store gave, except where the store path stalled on ties (see below). Reused for
-        ``api.page_cache_ttl_s`` by requests for the same page when the page cache is on
-        (:class:`PageCache`).
+        ``api.page_cache_ttl_s`` by requests for the same page and filters when the page cache is
+        on (:class:`PageCache`).
+
+        Under request filters the scan reads on in doubling ranges until ``want`` rows pass or
+        ``api.filter_scan_rows`` rows are passed: each range is masked at once (numpy over the
+        table's columns), so a filtered page is still one walk of the feed. A scan stopped by that
+        bound serves a short page whose cursor resumes after the last row it read.
         """
         cache = self.page_cache
-        key = (policy.name, token or "", want)
+        key = window_key(policy.name, token, want, filters.tag)
         if cache.enabled:
             hit = cache.get(key)
             if hit is not None:
                 return hit
-        skip = cur.skip if cur else frozenset()
+        skip = np.fromiter(cur.skip, np.int64, len(cur.skip)) if cur and cur.skip else None
         start_score, start_id = (cur.score, cur.song_id) if cur else (math.inf, "")
         order = table.feeds[policy.name]
-        row_of, table_keys = table.row_of, table.key
+        filtered = not filters.empty
+        budget = self.settings.api.filter_scan_rows
         found = _Window(self._monotonic())
         rows: list[int] = []  # the eligible rows' places in the table
-        for _ in range(_MAX_FETCHES):
+        fetches = 0
+        while True:
             count = want - len(found.eligible) + 8
-            got = order.window(None if math.isinf(start_score) else start_score, count)
-            if got and not _after(got[-1][1], got[-1][0], start_score, start_id):
+            if filtered:  # doubling ranges, within the budget
+                count = max(count, min(want << fetches, budget - len(found.ids)))
+            got = order.window_keys(None if math.isinf(start_score) else start_score, count)  # (score, id)
+            if got and not _after(*got[-1], start_score, start_id):
                 # More than ``count`` songs tie at the boundary's score: a range by score would
                 # return the same rows again and again (the store path stalled here, serving the
                 # same cursor for ever). Read on strictly after the boundary instead.
-                got = order.after(start_score, start_id, count)
+                got = order.after_keys(start_score, start_id, count)
+            fetches += 1
             found.exhausted = len(got) < count
-            places: list[int] = []
-            in_table: list[int] = []
-            for song_id, score in got:
-                if not _after(score, song_id, start_score, start_id):
-                    continue
-                found.ids.append(song_id)
-                found.stored.append(score)
-                row = row_of.get(song_id)
-                fid = faiss_id(song_id) if row is None else int(table_keys[row])
-                found.keys.append(fid)
-                if row is not None and not (skip and skip_key(fid) in skip):
-                    places.append(len(found.ids) - 1)
-                    in_table.append(row)
-            if in_table:
-                created = table.created_ts[in_table]
-                ok = in_age_window(policy, np.where(created > now, now, created), now).tolist()
-                for place, row, good in zip(places, in_table, ok, strict=True):
-                    if good:
-                        found.eligible.append(place)
-                        rows.append(row)
+            lead = 0  # rows not strictly after the boundary (its score's ties) lead the range
+            while lead < len(got) and not _after(*got[lead], start_score, start_id):
+                lead += 1
+            scores, ids = ([], []) if lead == len(got) else map(list, zip(*got[lead:], strict=True))
+            at = table.rows(ids)
+            known = at >= 0
+            keys = table.key[np.where(known, at, 0)]
+            if not known.all():
+                for i in np.flatnonzero(~known).tolist():
+                    keys[i] = faiss_id(ids[i])
+            ok = known
+            if skip is not None:
+                ok &= ~np.isin(skip_key(keys), skip)  # type: ignore[arg-type]
+            candidates = at[ok]
+            created = table.created_ts[candidates]
+            passing = in_age_window(policy, np.where(created > now, now, created), now, filters.max_age_s)
+            if filtered:
+                passing &= filters.mask(table, candidates)
+            ok[ok] = passing
+            base = len(found.ids)
+            found.ids.extend(ids)
+            found.stored.extend(scores)
+            found.keys.extend(keys.tolist())
+            found.eligible.extend((np.flatnonzero(ok) + base).tolist())
+            rows.extend(at[ok].tolist())
             if found.exhausted or len(found.eligible) >= want or not got:
                 break
-            start_score, start_id = got[-1][1], got[-1][0]
+            if (len(found.ids) >= budget) if filtered else (fetches >= _MAX_FETCHES):
+                break
+            start_score, start_id = got[-1]
         found.batch = batch = table.batch(np.asarray(rows, np.intp), now)
+        table_keys = table.key
         if policy.config.dedup_threshold is not None and self.vectors is not None and rows:
             vectors = self.vectors.vectors(batch.song_ids, table_keys[rows].tolist())
             if vectors:
@@ -253,163 +276,35 @@ class FeedReader:
         cache.put(key, found)
         return found
 
-    def _assemble(
-        self,
-        policy: Policy,
-        window: _Window,
-        n_exploit: int,
-        n_explore: int,
-        scale: float,
-        now: float,
-        rng: np.random.Generator | None,
-    ) -> tuple[list[int], list[tuple[int, float]]]:
-        """Exploit slots (diversity rules push offenders down), then Thompson-sampled exploration.
-
-        Returns rows of the window's batch: the exploit ones in page order, and the explored
-        ones with their sampled like rates.
-        """
-        cfg = policy.config
-        cap = cfg.max_per_generator
-        threshold = cfg.dedup_threshold
-        batch = window.batch
-        assert batch is not None
-        ids, generators = batch.song_ids, batch.generators
-        slot, gram = window.slot, window.gram
-        per_gen: Counter[str] = Counter()
-        # closest[n]: the largest cosine between candidate n and a song placed so far (the max
-        # over the placed columns of its gram row, kept as songs are placed)
-        closest = np.full(len(gram), -np.inf, dtype=gram.dtype)
-        placed = False
-
-        def fits(j: int) -> bool:
-            if cap is not None and per_gen[generators[j]] >= cap:
-                return False
-            n = slot.get(ids[j])
-            if n is not None and placed and threshold is not None:
-                return float(closest[n]) <= threshold
-            return True
-
-        def place(j: int) -> None:
-            nonlocal closest, placed
-            per_gen[generators[j]] += 1
-            n = slot.get(ids[j])
-            if n is not None:
-                closest = np.maximum(closest, gram[:, n])
-                placed = True
-
-        size = len(batch)
-        chosen: list[int] = []
-        deferred: list[int] = []
-        i = 0
-        while len(chosen) < n_exploit and i < size:
-            j = i
-            i += 1
-            if fits(j):
-                place(j)
-                chosen.append(j)
-            else:
-                deferred.append(j)
-        explored: list[tuple[int, float]] = []
-        pool = np.arange(i, min(i + cfg.explore_pool, size)) if n_explore else np.arange(0)
-        if len(pool):
-            candidates = batch.take(pool)
-            rates = sample_rates(policy, candidates, scale, rng or np.random.default_rng())
-            sampled = sampled_scores(policy, candidates, rates, now).tolist()
-            for k in sorted(range(len(pool)), key=lambda k: -sampled[k]):
-                if len(explored) == n_explore:
-                    break
-                j = int(pool[k])
-                if fits(j):
-                    place(j)
-                    explored.append((j, float(rates[k])))
-        taken = {j for j, _ in explored}
-        short = n_exploit + n_explore - len(chosen) - len(explored)
-        if short > 0:  # too few beyond the exploit slots to explore, or the feed ends
-            for j in range(i, size):
-                if short == 0:
-                    break
-                if j not in taken and fits(j):
-                    place(j)
-                    chosen.append(j)
-                    taken.add(j)
-                    short -= 1
-            # Diversity rules give way only when nothing else is left: pushed down, not dropped.
-            chosen.extend(deferred[:short])
-        return chosen, explored
-
-    @staticmethod
-    def _items(
-        policy: Policy,
-        window: _Window,
-        chosen: list[int],
-        explored: list[tuple[int, float]],
-        scale: float,
-        now: float,
-    ) -> list[dict[str, Any]]:
-        """The page's items, evaluated and explained in one pass over their rows."""
-        batch = window.batch
-        assert batch is not None
-        served = batch.take(np.asarray(chosen + [j for j, _ in explored], np.intp))
-        ev = evaluate(policy, served, scale, now)
-        every = np.arange(len(served))
-        components = explanations(*explanation_columns(ev, served, every, now))
-        ids, scores = served.song_ids, ev.score.tolist()
-        n = len(chosen)
-        made = [
-            {"song_id": ids[k], "score": scores[k], "explore": k >= n, "components": components[k]}
-            for k in range(len(served))
-        ]
-        mark_untrained(made, served.untrained)
-        items = made[:n]
-        positions = explore_positions(n + len(explored), len(explored))
-        for k, (pos, (_, rate)) in enumerate(zip(positions, explored, strict=True), start=n):
-            components[k]["sampled_rate"] = rate
-            items.insert(pos, made[k])
-        return items
-
-    @staticmethod
-    def _next_cursor(
-        feed: str,
-        window: _Window,
-        items: list[dict[str, Any]],
-        skip: set[int],
-        b_score: float,
-        b_id: str,
-    ) -> str | None:
-        """Advance the boundary over the longest run of rows that are served or dropped; songs
-        served beyond it go into the skip set, skip entries passed by it leave."""
-        served = {item["song_id"] for item in items}
-        ids, keys = window.ids, window.keys
-        eligible = set(window.eligible)
-        passed = 0
-        for place, song_id in enumerate(ids):
-            if place in eligible and song_id not in served:
-                break
-            passed += 1
-        if passed:
-            b_score, b_id = window.stored[passed - 1], ids[passed - 1]
-        left = {skip_key(k) for k in keys[:passed]}
-        ahead = {skip_key(k) for s, k in zip(ids[passed:], keys[passed:], strict=True) if s in served}
-        if window.exhausted and not any(
-            place in eligible and ids[place] not in served for place in range(passed, len(ids))
-        ):
-            return None
-        new_skip = ahead | (skip - left)
-        if len(new_skip) > MAX_SKIP:
-            new_skip = ahead | set(sorted(skip - left)[: MAX_SKIP - len(ahead)])
-        return Cursor(feed, b_score, b_id, frozenset(new_skip)).encode()
-
     # -- rerank --------------------------------------------------------------------------------
     async def rank(
-        self, candidates: Sequence[str], policy: Policy, *, apply_filters: bool = False, explain: bool = True
+        self,
+        candidates: Sequence[str],
+        policy: Policy,
+        *,
+        apply_filters: bool = False,
+        explain: bool = True,
+        filters: RequestFilters = NO_FILTERS,
     ) -> dict[str, Any]:
         """Order known candidates by the policy's score; unknown (unscored) and filtered ids listed apart."""
-        return (await self.rank_response(candidates, policy, apply_filters=apply_filters, explain=explain)).body
+        ranked = await self.rank_response(
+            candidates, policy, apply_filters=apply_filters, explain=explain, filters=filters
+        )
+        return ranked.body
 
     async def rank_response(
-        self, candidates: Sequence[str], policy: Policy, *, apply_filters: bool = False, explain: bool = True
+        self,
+        candidates: Sequence[str],
+        policy: Policy,
+        *,
+        apply_filters: bool = False,
+        explain: bool = True,
+        filters: RequestFilters = NO_FILTERS,
     ) -> RankResponse:
         """:meth:`rank`'s body, and where its first non-finite number is, found on the arrays.
+
+        ``apply_filters``: the feed's configured filters; ``filters``: the request's, always applied.
+        Candidates either rejects are listed in ``filtered``.
 
         The candidates' rows of the song table as one columnar batch (:mod:`ranker.serving.batch`),
         the policy evaluated over it in numpy; item dicts are built only for the songs returned,
@@ -423,10 +318,13 @@ class FeedReader:
         unknown = [c for c, k in zip(candidates, known.tolist(), strict=True) if not k]
         batch = table.batch(rows[known], now, filters=apply_filters)
         keep = np.ones(len(batch), np.bool_)
-        filtered: list[str] = []
         if apply_filters:
-            keep = admits(policy, batch) & in_age_window(policy, batch.created_ts, now)
-            filtered = [batch.song_ids[i] for i in np.flatnonzero(~keep).tolist()]
+            keep = admits(policy, batch) & in_age_window(policy, batch.created_ts, now, filters.max_age_s)
+        elif filters.max_age_s is not None:
+            keep = (now - batch.created_ts) < filters.max_age_s
+        if not filters.empty:
+            keep &= filters.mask(table, rows[known])
+        filtered = [batch.song_ids[i] for i in np.flatnonzero(~keep).tolist()]
         kept = np.flatnonzero(keep)
         ev = evaluate(policy, batch, scale, now)
         order = kept[rank_order(ev.score[kept], [batch.song_ids[i] for i in kept.tolist()])]

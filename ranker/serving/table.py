@@ -9,14 +9,16 @@ read of the hash fields parses them (:meth:`SongBatch.from_fields
 store's fields give.
 
 Memory per song (measured in docs/benchmarks-api.md): the columns (about 110 bytes), the id
-and its row in a dict, the tags string (shared between songs with the same tags), and per
-feed one entry in a sorted list and a dict. Vectors stay in the FAISS index.
+and its row in a dict, the tags string (shared between songs with the same tags) and its tag-set
+code (request-time tag filters read it), and per feed one entry in a sorted list and a dict.
+Vectors stay in the FAISS index.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from itertools import repeat
 
 import numpy as np
 from sortedcontainers import SortedList
@@ -24,7 +26,10 @@ from sortedcontainers import SortedList
 from indexes.base import faiss_id
 from ranker.events import TASKS
 from ranker.serving.batch import SongBatch
+from ranker.serving.policy import parse_tags, tags_match
 
+#: Tag filters whose per-tag-set answers the table keeps (:meth:`SongTable.tag_mask`).
+_TAG_MASKS = 256
 #: Above every song id (ids are ASCII: indexes.redis_schema.check_name), to bisect past a score's ties.
 _TOP = "\U0010ffff"
 
@@ -63,17 +68,24 @@ class FeedOrder:
     def window(self, max_score: float | None, count: int) -> list[tuple[str, float]]:
         """What ``ZRANGE feed max_score -inf BYSCORE REV LIMIT 0 count WITHSCORES`` answers:
         up to ``count`` (song_id, score) pairs with score <= ``max_score`` (None: any), best first."""
-        keys = self._keys
-        top = max_score is None or max_score == math.inf
-        end = len(keys) if top else keys.bisect_right((max_score, _TOP))
-        start = max(0, end - count)
-        return [(song_id, score) for score, song_id in keys.islice(start, end, reverse=True)]
+        return [(song_id, score) for score, song_id in self.window_keys(max_score, count)]
 
     def after(self, score: float, song_id: str, count: int) -> list[tuple[str, float]]:
         """Up to ``count`` pairs strictly after ``(score, song_id)`` in the feed's order, best first."""
+        return [(sid, sc) for sc, sid in self.after_keys(score, song_id, count)]
+
+    def window_keys(self, max_score: float | None, count: int) -> list[tuple[float, str]]:
+        """:meth:`window` as the (score, song_id) keys held (no pair built per song: a page's scan reads these)."""
+        keys = self._keys
+        top = max_score is None or max_score == math.inf
+        end = len(keys) if top else keys.bisect_right((max_score, _TOP))
+        return list(keys.islice(max(0, end - count), end, reverse=True))
+
+    def after_keys(self, score: float, song_id: str, count: int) -> list[tuple[float, str]]:
+        """:meth:`after` as the (score, song_id) keys held."""
         keys = self._keys
         end = keys.bisect_left((score, song_id))
-        return [(sid, sc) for sc, sid in keys.islice(max(0, end - count), end, reverse=True)]
+        return list(keys.islice(max(0, end - count), end, reverse=True))
 
     def items(self) -> list[tuple[str, float]]:
         """Every (song_id, score), best first."""
@@ -110,6 +122,12 @@ class SongTable:
         self._model_code: dict[str, int] = {}
         self.raw_tags: list[str | None] = [None] * capacity
         self._tags: dict[str, str] = {}  # one string object per distinct value
+        #: Each row's tag set as a code into ``tag_sets`` (0: no tags), so request-time tag filters are a
+        #: lookup per distinct tag set and a numpy take per page, never a parse per song.
+        self.tag_code = np.zeros(capacity, np.int32)
+        self.tag_sets: list[frozenset[str]] = [frozenset()]
+        self._tag_code: dict[str | None, int] = {None: 0}
+        self._tag_masks: dict[tuple[frozenset[str], str], np.ndarray] = {}  # tag_mask's, most recent last
         self.feeds: dict[str, FeedOrder] = {name: FeedOrder() for name in feeds}
 
     def __len__(self) -> int:
@@ -149,6 +167,7 @@ class SongTable:
             self.model[row] = _code(batch.model_versions[j], self._model_code, self.model_names)
             tags = batch.raw_tags[j]
             self.raw_tags[row] = None if tags is None else self._tags.setdefault(tags, tags)
+            self.tag_code[row] = self._tag_set(tags)
 
     def remove(self, song_ids: Iterable[str]) -> int:
         """Drop these songs' rows (their feed entries are the feed orders' business); how many had one."""
@@ -172,6 +191,37 @@ class SongTable:
         """The table's own string for this id when it has a row (a feed then holds no copy of it)."""
         row = self.row_of.get(song_id)
         return song_id if row is None else self.ids[row] or song_id
+
+    def _tag_set(self, raw: str | None) -> int:
+        """The code of a raw tags value (its parsed set appended to ``tag_sets`` when new)."""
+        code = self._tag_code.get(raw)
+        if code is None:
+            code = self._tag_code[raw] = len(self.tag_sets)
+            self.tag_sets.append(frozenset(parse_tags(raw)))
+        return code
+
+    def tag_mask(self, wanted: frozenset[str], mode: str) -> np.ndarray:
+        """Which tag sets (by code) pass a tag filter (:func:`~ranker.serving.policy.tags_match`).
+
+        Kept for the last :data:`_TAG_MASKS` filters: tag sets are only ever appended, so a kept
+        mask is extended by the sets added since, never recomputed."""
+        key = (wanted, mode)
+        sets = self.tag_sets
+        mask = self._tag_masks.pop(key, None)
+        done = 0 if mask is None else len(mask)
+        if done < len(sets):
+            more = np.fromiter((tags_match(t, wanted, mode) for t in sets[done:]), np.bool_, len(sets) - done)
+            mask = more if mask is None else np.concatenate([mask, more])
+        assert mask is not None
+        self._tag_masks[key] = mask
+        if len(self._tag_masks) > _TAG_MASKS:
+            del self._tag_masks[next(iter(self._tag_masks))]
+        return mask
+
+    def generator_codes(self, names: Iterable[str]) -> list[int]:
+        """The codes of those of ``names`` that some row has had (unknown names have none)."""
+        get = self._generator_code.get
+        return [code for code in (get(name) for name in names) if code is not None]
 
     def _row(self, song_id: str) -> int:
         row = self.row_of.get(song_id)
@@ -201,6 +251,7 @@ class SongTable:
             ("created_ts", 0.0),
             ("duration_s", np.nan),
             ("generator", 0),
+            ("tag_code", 0),
             ("key", 0),
             ("model", -1),
             ("untrained", False),
@@ -213,8 +264,7 @@ class SongTable:
     # -- reads --------------------------------------------------------------------------------------
     def rows(self, song_ids: Sequence[str]) -> np.ndarray:
         """Each song's row, -1 where it has none (not scored, or unknown)."""
-        get = self.row_of.get
-        return np.fromiter((get(s, -1) for s in song_ids), np.intp, len(song_ids))
+        return np.fromiter(map(self.row_of.get, song_ids, repeat(-1)), np.intp, len(song_ids))
 
     def batch(self, rows: np.ndarray, now: float | None = None, *, filters: bool = False) -> SongBatch:
         """These rows as a :class:`SongBatch` (copies: later writes do not change it).
@@ -266,6 +316,7 @@ class SongTable:
             self.created_ts,
             self.duration_s,
             self.generator,
+            self.tag_code,
             self.key,
             self.model,
             self.untrained,

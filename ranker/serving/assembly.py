@@ -1,0 +1,168 @@
+"""A feed page assembled from its window: exploit and exploration slots, the items, the next cursor.
+
+Pure functions over a :class:`~ranker.serving.page_cache._Window` (what the reader's scan of the
+feed found): :func:`assemble` places the slots (diversity rules push offenders down, Thompson
+sampling fills the exploration slots from the songs just below, so from the window's eligible
+songs only: what request filters reject is never explored), :func:`page_items` evaluates and
+explains the songs served in one pass, :func:`next_cursor` advances the keyset cursor.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from ranker.serving.batch import evaluate, sample_rates, sampled_scores
+from ranker.serving.columns import explanation_columns, explanations, mark_untrained
+from ranker.serving.cursor import MAX_SKIP, Cursor, skip_key
+from ranker.serving.page_cache import _Window
+from ranker.serving.policy import Policy, explore_positions
+
+
+def assemble(
+    policy: Policy,
+    window: _Window,
+    n_exploit: int,
+    n_explore: int,
+    scale: float,
+    now: float,
+    rng: np.random.Generator | None,
+) -> tuple[list[int], list[tuple[int, float]]]:
+    """Exploit slots (diversity rules push offenders down), then Thompson-sampled exploration.
+
+    Returns rows of the window's batch: the exploit ones in page order, and the explored
+    ones with their sampled like rates.
+    """
+    cfg = policy.config
+    cap = cfg.max_per_generator
+    threshold = cfg.dedup_threshold
+    batch = window.batch
+    assert batch is not None
+    ids, generators = batch.song_ids, batch.generators
+    slot, gram = window.slot, window.gram
+    per_gen: Counter[str] = Counter()
+    # closest[n]: the largest cosine between candidate n and a song placed so far (the max
+    # over the placed columns of its gram row, kept as songs are placed)
+    closest = np.full(len(gram), -np.inf, dtype=gram.dtype)
+    placed = False
+
+    def fits(j: int) -> bool:
+        if cap is not None and per_gen[generators[j]] >= cap:
+            return False
+        n = slot.get(ids[j])
+        if n is not None and placed and threshold is not None:
+            return float(closest[n]) <= threshold
+        return True
+
+    def place(j: int) -> None:
+        nonlocal closest, placed
+        per_gen[generators[j]] += 1
+        n = slot.get(ids[j])
+        if n is not None:
+            closest = np.maximum(closest, gram[:, n])
+            placed = True
+
+    size = len(batch)
+    chosen: list[int] = []
+    deferred: list[int] = []
+    i = 0
+    while len(chosen) < n_exploit and i < size:
+        j = i
+        i += 1
+        if fits(j):
+            place(j)
+            chosen.append(j)
+        else:
+            deferred.append(j)
+    explored: list[tuple[int, float]] = []
+    pool = np.arange(i, min(i + cfg.explore_pool, size)) if n_explore else np.arange(0)
+    if len(pool):
+        candidates = batch.take(pool)
+        rates = sample_rates(policy, candidates, scale, rng or np.random.default_rng())
+        sampled = sampled_scores(policy, candidates, rates, now).tolist()
+        for k in sorted(range(len(pool)), key=lambda k: -sampled[k]):
+            if len(explored) == n_explore:
+                break
+            j = int(pool[k])
+            if fits(j):
+                place(j)
+                explored.append((j, float(rates[k])))
+    taken = {j for j, _ in explored}
+    short = n_exploit + n_explore - len(chosen) - len(explored)
+    if short > 0:  # too few beyond the exploit slots to explore, or the feed ends
+        for j in range(i, size):
+            if short == 0:
+                break
+            if j not in taken and fits(j):
+                place(j)
+                chosen.append(j)
+                taken.add(j)
+                short -= 1
+        # Diversity rules give way only when nothing else is left: pushed down, not dropped.
+        chosen.extend(deferred[:short])
+    return chosen, explored
+
+
+def page_items(
+    policy: Policy,
+    window: _Window,
+    chosen: list[int],
+    explored: list[tuple[int, float]],
+    scale: float,
+    now: float,
+) -> list[dict[str, Any]]:
+    """The page's items, evaluated and explained in one pass over their rows."""
+    batch = window.batch
+    assert batch is not None
+    served = batch.take(np.asarray(chosen + [j for j, _ in explored], np.intp))
+    ev = evaluate(policy, served, scale, now)
+    every = np.arange(len(served))
+    components = explanations(*explanation_columns(ev, served, every, now))
+    ids, scores = served.song_ids, ev.score.tolist()
+    n = len(chosen)
+    made = [
+        {"song_id": ids[k], "score": scores[k], "explore": k >= n, "components": components[k]}
+        for k in range(len(served))
+    ]
+    mark_untrained(made, served.untrained)
+    items = made[:n]
+    positions = explore_positions(n + len(explored), len(explored))
+    for k, (pos, (_, rate)) in enumerate(zip(positions, explored, strict=True), start=n):
+        components[k]["sampled_rate"] = rate
+        items.insert(pos, made[k])
+    return items
+
+
+def next_cursor(
+    feed: str,
+    window: _Window,
+    items: list[dict[str, Any]],
+    skip: set[int],
+    b_score: float,
+    b_id: str,
+    filters: int = 0,
+) -> str | None:
+    """Advance the boundary over the longest run of rows that are served or dropped; songs
+    served beyond it go into the skip set, skip entries passed by it leave."""
+    served = {item["song_id"] for item in items}
+    ids, keys = window.ids, window.keys
+    # Rows that are not eligible are always passed over, and every song served is an eligible row:
+    # the walk visits the eligible places only (under filters, a small share of the rows read).
+    passed = len(ids)
+    for place in window.eligible:
+        if ids[place] not in served:
+            passed = place
+            break
+    if passed:
+        b_score, b_id = window.stored[passed - 1], ids[passed - 1]
+    beyond = [place for place in window.eligible if place >= passed]
+    ahead = {skip_key(keys[place]) for place in beyond if ids[place] in served}
+    if window.exhausted and all(ids[place] in served for place in beyond):
+        return None
+    kept = skip.difference(skip_key(k) for k in keys[:passed]) if skip else set()
+    new_skip = ahead | kept
+    if len(new_skip) > MAX_SKIP:
+        new_skip = ahead | set(sorted(kept)[: MAX_SKIP - len(ahead)])
+    return Cursor(feed, b_score, b_id, frozenset(new_skip), filters).encode()
