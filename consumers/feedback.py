@@ -14,8 +14,11 @@ Per polled batch, in this order:
 3. append the new and replayed events to the engagement log (exactly once: files
    are named by partition offset range, and offsets already logged are skipped,
    see :mod:`indexes.engagement_log`), on a thread, while
-4. the affected songs' feed entries are recomputed (from the counters in Redis);
-5. once both are done, flush dead letters, then commit offsets.
+4. the affected songs' feed entries are recomputed (from the counters in Redis), and
+   the new and replayed events update their listeners' taste and heard sets
+   (:mod:`indexes.listeners`; ``listeners.*``), with the liked and skipped songs'
+   vectors read from every shard's embedding store (:mod:`consumers.shard_embeddings`);
+5. once all are done, flush dead letters, then commit offsets.
 
 A crash between any two steps replays the batch from the last committed offset:
 step 2 counts nothing twice and hands back exactly the events the crashed run had
@@ -26,6 +29,19 @@ yet is counted all the same: its counters wait in the song's hash for its scores
 Engagement for a song taken down (a tombstone, see :mod:`consumers.takedown`) is a
 no-op: not counted, not logged, no feed update; it is counted on
 ``apexrank_feedback_events_total{outcome="tombstoned"}``.
+
+Listener state is a second step, not the counters' atomic step: the song's counters live in
+the song's slot and the listener's keys in the user's (two slots on Redis Cluster, and the
+counting script decides which events go on: tombstoned songs and duplicates do not). The
+listener step therefore keeps its own dedup key per user and event id, so it is idempotent
+on its own. A crash after step 2 and before step 4 leaves counters counted and tastes not yet
+moved; nothing is committed, so the replay brings the events back as replays and step 4
+applies them, once. What a crash cannot do: count a taste event twice, or lose one whose
+batch is replayed within the dedup window. What it can do: for the moment between the crash
+and the replay, the counters are ahead of the tastes. A song with no vector in any
+embedding store (not scored yet, or on a shard this consumer cannot read) still counts and
+marks the song heard, but moves no taste, now or later; it is counted on
+``apexrank_feedback_taste_missing_vectors_total``.
 
 Besides events by outcome, ``--metrics-port`` serves its dead letters by code and, read
 after each batch as the worker does, its lag on the engagement topic (:func:`update_lag`).
@@ -58,10 +74,12 @@ from consumers.loop import (
     retry_infra,
     update_lag,
 )
+from consumers.shard_embeddings import ShardEmbeddings
 from indexes import DUPLICATE, REPLAY, TOMBSTONED, message_marker
 from indexes.engagement_log import EngagementLog
+from indexes.listeners import ListenerEvent, ListenerUpdate
 from ranker import stores
-from ranker.errors import InputError
+from ranker.errors import ConfigError, InputError
 from ranker.events import DeadLetter, Engagement
 from ranker.settings import Settings
 
@@ -69,6 +87,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 EVENTS = Counter("apexrank_feedback_events_total", "Engagement events by outcome", ["outcome"])
+
+#: Event types that carry a taste weight (:func:`indexes.listeners.taste_weight`): their songs' vectors are read.
+TASTE_TYPES = frozenset({"like", "unlike", "skip"})
 
 #: Called with the song ids whose counters changed, to refresh their feed entries.
 FeedUpdater = Callable[[Sequence[str]], None]
@@ -84,6 +105,8 @@ class FeedbackStats:
     tombstoned: int = 0  # events for songs taken down: not counted, not logged
     dead_letters: int = 0
     logged: int = 0
+    taste_updates: int = 0  # events applied to listener state that moved a taste
+    missing_vectors: int = 0  # likes/skips applied with no vector for their song
     dead_by_code: dict[str, int] = field(default_factory=dict)
     busy_s: float = 0.0  # wall time from the first message polled to the last commit
     #: Wall time per step (poll, parse, count, log+feed, commit), for profiling.
@@ -106,6 +129,8 @@ class FeedbackConsumer:
         self.stats = FeedbackStats()
         self._stop = threading.Event()
         self.counters = stores.engagement_counters(settings)
+        self.listeners = stores.listener_store(settings)
+        self._embeddings: ShardEmbeddings | None = None  # opened when first needed (the worker may not have run)
         self.log = EngagementLog(settings.engagement_log_dir, settings.kafka.topics.engagement)
         self.on_engagement = on_engagement if on_engagement is not None else _default_feed_updater(settings)
         self._log_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engagement-log")
@@ -176,14 +201,19 @@ class FeedbackConsumer:
         }
         songs = sorted({e.song_id for e in events})
         # Steps 3 and 4 are independent: the Parquet write and its fsyncs (which release the GIL)
-        # run on a thread while the feed update waits on Redis. Both end before this returns.
+        # run on a thread, listener state on the (now idle) counting thread, while the feed update
+        # waits on Redis. All end before this returns.
         pending = self._log_thread.submit(self.log.append_columns, columns)
+        listening = self._count_thread.submit(self._update_listeners, events)
         try:
             if songs:
                 self.on_engagement(songs)
         finally:
             logged = pending.result()
+            update = listening.result()
         stats.add_time("log+feed", t)
+        stats.taste_updates += update.taste_updates
+        stats.missing_vectors += update.missing_vectors
 
         replayed = status.count(REPLAY)
         tombstoned = status.count(TOMBSTONED)
@@ -198,6 +228,30 @@ class FeedbackConsumer:
         EVENTS.labels("duplicate").inc(duplicates)
         EVENTS.labels("tombstoned").inc(tombstoned)
         return dead
+
+    def _update_listeners(self, events: Sequence[Engagement]) -> ListenerUpdate:
+        """Step 4's listener half: taste and heard sets, with the vectors of the songs that carry a weight."""
+        if not events or not self.listeners.keeps_state:
+            return ListenerUpdate()
+        weighted = sorted({e.song_id for e in events if e.type in TASTE_TYPES})
+        vectors = self._vectors(weighted) if weighted else {}
+        update = self.listeners.record(
+            [ListenerEvent(e.event_id, e.user_id, e.song_id, e.type, e.ts.timestamp()) for e in events], vectors
+        )
+        metrics.TASTE_EVENTS.labels("taste").inc(update.taste_updates)
+        metrics.TASTE_EVENTS.labels("heard").inc(update.applied - update.taste_updates)
+        metrics.TASTE_EVENTS.labels("seen").inc(update.seen)
+        metrics.TASTE_MISSING_VECTORS.inc(update.missing_vectors)
+        return update
+
+    def _vectors(self, song_ids: Sequence[str]) -> dict[str, Any]:
+        """The songs' index vectors from every shard's store; none while no worker has written a store."""
+        if self._embeddings is None:
+            try:
+                self._embeddings = ShardEmbeddings(self.settings)
+            except ConfigError:
+                return {}  # looked for again next batch
+        return self._embeddings.index_vectors(song_ids)
 
     def run(self, until_idle_s: float | None = None) -> FeedbackStats:
         s = self.settings
@@ -279,6 +333,9 @@ class FeedbackConsumer:
             self.counters.close()
             self._log_thread.shutdown(wait=True)
             self._count_thread.shutdown(wait=True)
+            self.listeners.close()
+            if self._embeddings is not None:
+                self._embeddings.close()
         return self.stats
 
 

@@ -16,6 +16,16 @@ RECORDS_DROPPED = Counter(
 FEEDBACK_DEAD_LETTERS = Counter(
     "apexrank_feedback_dead_letters_total", "Engagement messages sent to engagement.dead-letter", ["code"]
 )
+TASTE_EVENTS = Counter(
+    "apexrank_feedback_taste_events_total",
+    "Engagement events by what they did to listener state: taste (moved a taste and marked the song heard), "
+    "heard (marked it heard only), seen (replayed or duplicated: nothing)",
+    ["outcome"],
+)
+TASTE_MISSING_VECTORS = Counter(
+    "apexrank_feedback_taste_missing_vectors_total",
+    "Likes, unlikes and skips whose song has no vector in any embedding store: counted and heard, taste unchanged",
+)
 COMMITS = Counter("apexrank_worker_commits_total", "Offset commits after a batch's writes landed")
 SONGS_TOMBSTONED = Counter(
     "apexrank_worker_tombstoned_total", "songs.generated events skipped because the song was taken down"

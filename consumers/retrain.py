@@ -15,21 +15,17 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
-from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import numpy as np
 from rich.progress import Progress
 
 from consumers import retrain_metrics
 from consumers.kafka_io import Publisher, ensure_topics
-from indexes.archive import EmbeddingArchive
-from indexes.base import ScoreStore, SongRecord, StoredEmbedding
+from consumers.shard_embeddings import STORE_FILE, ShardEmbeddings
+from indexes.base import ScoreStore, SongRecord
 from indexes.engagement_log import EngagementLog
 from indexes.redis_schema import CREATED_AT, GENERATOR
-from indexes.sqlite_embeddings import SqliteEmbeddingStore
 from ranker import stores
 from ranker.encoders import encoder_spec
 from ranker.errors import ConfigError
@@ -42,75 +38,11 @@ from ranker.serving.writer import FeedWriter, write_scored
 from ranker.settings import Settings
 
 log = logging.getLogger(__name__)
-STORE_FILE = "embeddings.sqlite"
 
 
 def current_model(settings: Settings) -> ScoringModel:
     """The promoted head (or the seeded one) for the configured encoder, whose weights are never loaded."""
     return load_current_model(settings, encoder_spec(settings))
-
-
-class ShardEmbeddings:
-    """The songs' stored embeddings across the embedding store of every index shard.
-
-    Each worker writes its own shard (``index.shards``; one directory when unset), and a song
-    lives in the shard of the worker that scored it, so a song missing from one is looked up
-    in the next; a song past the retention window is looked up in the shards' archives
-    (:mod:`indexes.archive`), where the sweep moved its embedding.
-    """
-
-    def __init__(self, settings: Settings) -> None:
-        shards = settings.index_shards
-        paths = [d / STORE_FILE for d in shards if (d / STORE_FILE).is_file()]
-        if not paths:
-            where = ", ".join(str(d) for d in shards)
-            raise ConfigError(f"no embedding store in {where}: run the worker first")
-        with ExitStack() as opened:  # a store that fails to open closes the ones before it
-            self._stores = [opened.enter_context(SqliteEmbeddingStore(p)) for p in paths]
-            self._closing = opened.pop_all()
-        shared = settings.retention.archive_dir  # one folder for every shard (files are named by store)
-        folders = [shared] if shared is not None else [d / "archive" for d in shards]
-        self._archives = [EmbeddingArchive(d) for d in folders]
-
-    @property
-    def paths(self) -> list[Path]:
-        return [s.path for s in self._stores]
-
-    def get_many(self, song_ids: Sequence[str]) -> dict[str, StoredEmbedding]:
-        """The stored records among ``song_ids``, from whichever shard holds each."""
-        found: dict[str, StoredEmbedding] = {}
-        for store in self._stores:
-            missing = [s for s in song_ids if s not in found]
-            if not missing:
-                break
-            found.update(store.get_many(missing))
-        for archive in self._archives:
-            missing = [s for s in song_ids if s not in found]
-            if not missing:
-                break
-            found.update(archive.get_many(missing))
-        return found
-
-    def archived_metadata(self, song_ids: Sequence[str]) -> dict[str, tuple[str, datetime]]:
-        """Generator and creation time of archived songs (for those whose shrunk hash has gone too)."""
-        out: dict[str, tuple[str, datetime]] = {}
-        for archive in self._archives:
-            missing = [s for s in song_ids if s not in out]
-            if not missing:
-                break
-            for song_id, meta in archive.metadata(missing).items():
-                if meta.generator and meta.created_at:
-                    out[song_id] = (meta.generator, datetime.fromisoformat(meta.created_at))
-        return out
-
-    def close(self) -> None:
-        self._closing.close()
-
-    def __enter__(self) -> ShardEmbeddings:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def gather(settings: Settings, store: ScoreStore) -> tuple[Observed, FeatureSet]:

@@ -19,6 +19,13 @@ on the song id or feed name, and a client can route it)::
     {prefix}:gone:{<song_id>}   string: the song's tombstone (JSON: reason, deleted_at), in its
                                 song's slot: the song was taken down, and writes and engagement
                                 for it are no-ops (:mod:`indexes.redis_tombstones`)
+    {prefix}:user:{<user>}      hash: a listener's taste (:data:`TASTE_FIELDS`), by the feedback
+                                consumer (:mod:`indexes.redis_listeners`); <user> is :func:`user_tag`
+    {prefix}:heard:{<user>}     sorted set: member song_id, score the event time (epoch s) of the
+                                listener's latest play/like/skip..., capped and with a TTL
+    {prefix}:uevt:{<user>}:<event_id>
+                                string: the event's dedup key for the listener's taste and heard
+                                set, in the user's slot
 
 Fields of a song hash:
 
@@ -45,6 +52,7 @@ Task names are data here (``indexes`` knows nothing of the model): a score field
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -109,6 +117,13 @@ RETAINED_PREFIXES: tuple[str, ...] = (ENGAGEMENT_FIELD_PREFIX, CALIBRATION_FIELD
 TOMBSTONE_REASON = "reason"
 TOMBSTONE_AT = "deleted_at"
 
+#: Fields of a listener's hash: the decayed taste sum (float32 little-endian bytes), its decayed
+#: evidence (sum of |weights|) and the time both are decayed to (epoch s, the latest event's).
+TASTE_VECTOR = "taste.vec"
+TASTE_EVIDENCE = "taste.evidence"
+TASTE_AT = "taste.at"
+TASTE_FIELDS: tuple[str, ...] = (TASTE_VECTOR, TASTE_EVIDENCE, TASTE_AT)
+
 #: Fields of a change log entry: the songs written, the feeds replaced or trimmed whole.
 CHANGE_IDS = "ids"
 CHANGE_FEEDS = "feeds"
@@ -169,6 +184,14 @@ def check_prefix(value: str) -> str:
     return value
 
 
+def user_tag(user_id: str) -> str:
+    """What of a user id goes in its keys' hash tag: the id itself when it may sit there, else ``~`` and a
+    digest (user ids are free text; ``~`` never starts a plain one, so two users never share keys)."""
+    if _NAME.fullmatch(user_id):
+        return user_id
+    return "~" + hashlib.blake2b(user_id.encode("utf-8"), digest_size=16).hexdigest()
+
+
 @dataclass(frozen=True)
 class RedisKeys:
     """The key names under one prefix (see the module docstring)."""
@@ -204,6 +227,18 @@ class RedisKeys:
     def tombstone(self, song_id: str, *, check: bool = True) -> str:
         """The song's tombstone, in its slot (see the module docstring)."""
         return f"{self.prefix}:gone:{{{check_name('song id', song_id) if check else song_id}}}"
+
+    def user(self, user_id: str) -> str:
+        """A listener's taste hash, in the user's slot (see the module docstring)."""
+        return f"{self.prefix}:user:{{{user_tag(user_id)}}}"
+
+    def heard(self, user_id: str) -> str:
+        """A listener's heard set, in the user's slot."""
+        return f"{self.prefix}:heard:{{{user_tag(user_id)}}}"
+
+    def user_event(self, user_id: str, event_id: str) -> str:
+        """An event's dedup key for the listener's state, in the user's slot (event ids validated upstream)."""
+        return f"{self.prefix}:uevt:{{{user_tag(user_id)}}}:{event_id}"
 
     def song_pattern(self) -> str:
         """A SCAN pattern matching every song hash (and possibly more: check with :meth:`song_id_of`)."""

@@ -548,6 +548,25 @@ class ApiSettings(_Section):
     )
 
 
+class ListenerSettings(_Section):
+    """Listener taste and heard sets, kept by the feedback consumer (issue 16; docs/listeners.md)."""
+
+    enabled: bool | None = Field(
+        None,
+        description="Keep each user's taste and heard set in Redis. None: on when an index path (index.path or "
+        "index.shards) is configured, since taste needs the songs' vectors from the embedding stores.",
+    )
+    skip_weight: float = Field(
+        0.25, ge=0, description="A skip adds -skip_weight times the song's unit vector to the taste (a like adds +1)."
+    )
+    half_life_days: float = Field(30.0, gt=0, description="Event-time half-life of a taste event's weight.")
+    heard_max: int = Field(2000, ge=1, description="Songs kept per user's heard set (the most recent).")
+    heard_ttl_s: int = Field(90 * 24 * 3600, ge=1, description="A heard set expires this long after its last write.")
+    taste_ttl_s: int | None = Field(
+        365 * 24 * 3600, ge=1, description="A taste expires this long after its last change; None: never."
+    )
+
+
 class Settings(BaseSettings):
     """apexrank's effective configuration."""
 
@@ -575,6 +594,7 @@ class Settings(BaseSettings):
     feed: FeedSettings = FeedSettings()
     api: ApiSettings = ApiSettings()
     retention: RetentionSettings = RetentionSettings()
+    listeners: ListenerSettings = ListenerSettings()
 
     @classmethod
     def settings_customise_sources(

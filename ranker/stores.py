@@ -15,6 +15,7 @@ from indexes import EngagementCounters, ScoreStore, open_engagement_counters, op
 if TYPE_CHECKING:
     from indexes.embedding_index import EmbeddingIndex
     from indexes.index_reader import IndexReader, ShardedIndexReader
+    from indexes.listeners import ListenerStore
     from ranker.settings import Settings
 
 
@@ -37,6 +38,30 @@ def engagement_counters(settings: Settings) -> EngagementCounters:
         key_prefix=redis.key_prefix,
         dedup_window_s=settings.feedback.dedup_window_s,
         socket_timeout_s=redis.socket_timeout_s,
+    )
+
+
+def listener_store(settings: Settings) -> ListenerStore:
+    """Listener taste and heard sets (``listeners.*``, ``redis.*``, ``feedback.dedup_window_s``); the null store
+    when ``listeners.enabled`` is off, or is unset and no index path is configured (taste needs the vectors)."""
+    from indexes.listeners import NullListenerStore, open_listener_store
+
+    listeners, redis = settings.listeners, settings.redis
+    enabled = listeners.enabled
+    if enabled is None:
+        enabled = settings.index.path is not None or bool(settings.index.shards)
+    if not enabled:
+        return NullListenerStore()
+    return open_listener_store(
+        redis.url.get_secret_value(),
+        key_prefix=redis.key_prefix,
+        socket_timeout_s=redis.socket_timeout_s,
+        dedup_window_s=settings.feedback.dedup_window_s,
+        half_life_s=listeners.half_life_days * 86400.0,
+        skip_weight=listeners.skip_weight,
+        heard_max=listeners.heard_max,
+        heard_ttl_s=listeners.heard_ttl_s,
+        taste_ttl_s=listeners.taste_ttl_s,
     )
 
 
