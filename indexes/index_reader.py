@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -316,28 +316,85 @@ class ShardedIndexReader:
 
     Each worker owns one index directory and Kafka gives every song to one worker, so a song
     lives in exactly one shard; its vector is looked up there and searched in all of them.
+
+    With ``discover`` (the shard directories a glob finds now), shards that appear later (a
+    worker scaled out) join at every refresh, without a restart. A new shard joins once its
+    reader has loaded a store, so a worker that has not written yet never makes the reader
+    (and /readyz) not ready. The reader list is replaced, never changed in place: a search
+    running meanwhile finishes over the list it started with.
     """
 
-    def __init__(self, readers: Sequence[IndexReader]) -> None:
+    def __init__(self, readers: Sequence[IndexReader], *, discover: Callable[[], Sequence[Path]] | None = None) -> None:
         if not readers:
             raise ValueError("a sharded reader needs at least one shard")
         self.readers = list(readers)
+        self._discover = discover
+        self._joining = threading.Lock()  # one discovery at a time (the refresh thread and POST /v1/index/reload)
+        self._every_s: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def discover(self) -> list[Path]:
+        """Open readers for shard directories that appeared since; the directories that joined."""
+        if self._discover is None:
+            return []
+        with self._joining:
+            known = {r.directory for r in self.readers}
+            first = self.readers[0]
+            added: list[IndexReader] = []
+            for directory in self._discover():
+                if directory in known:
+                    continue
+                reader = IndexReader(directory, first.factory, expected_size=first.expected_size)
+                if reader.load().ready:
+                    added.append(reader)
+                else:  # no store there yet: looked for again at the next refresh
+                    reader.close()
+            if added:
+                self.readers = [*self.readers, *added]
+                log.info("index reader: %d new shards joined: %s", len(added), [str(r.directory) for r in added])
+                if self._every_s is not None:
+                    for r in added:
+                        r.start(self._every_s)
+            return [r.directory for r in added]
 
     def load(self) -> ReaderStatus:
         for r in self.readers:
             r.load()
+        self.discover()
         return self.status()
 
     def refresh(self) -> int:
+        self.discover()
         return sum(r.refresh() for r in self.readers)
 
     def start(self, every_s: float) -> None:
+        """Each shard refreshes on its own thread; with ``discover``, one more looks for new shards."""
+        if self._every_s is not None:
+            return
+        self._every_s = every_s
         for r in self.readers:
             r.start(every_s)
+        if self._discover is None:
+            return
+
+        def loop() -> None:
+            while not self._stop.wait(every_s):
+                try:
+                    self.discover()
+                except Exception:
+                    log.exception("index shard discovery failed; retrying in %.0fs", every_s)
+
+        self._thread = threading.Thread(target=loop, name="index-shards", daemon=True)
+        self._thread.start()
 
     def close(self) -> None:
-        for r in self.readers:
-            r.close()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with self._joining:
+            for r in self.readers:
+                r.close()
 
     def status(self) -> ReaderStatus:
         parts = [r.status() for r in self.readers]
@@ -375,9 +432,15 @@ class ShardedIndexReader:
 
 
 def open_index_reader(
-    directories: Sequence[Path], factory: str, *, expected_size: int | None = None
+    directories: Sequence[Path],
+    factory: str,
+    *,
+    expected_size: int | None = None,
+    discover: Callable[[], Sequence[Path]] | None = None,
 ) -> IndexReader | ShardedIndexReader:
-    """One reader for one directory, a fan-out reader for several (``index.shards``)."""
-    if len(directories) == 1:
+    """One reader for one fixed directory, a fan-out reader for several or for a glob (``index.shards``:
+    ``discover`` finds its directories again at every refresh)."""
+    if len(directories) == 1 and discover is None:
         return IndexReader(directories[0], factory, expected_size=expected_size)
-    return ShardedIndexReader([IndexReader(d, factory, expected_size=expected_size) for d in directories])
+    readers = [IndexReader(d, factory, expected_size=expected_size) for d in directories]
+    return ShardedIndexReader(readers, discover=discover)

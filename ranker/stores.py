@@ -85,4 +85,11 @@ def index_reader(settings: Settings) -> IndexReader | ShardedIndexReader:
     """The API's read-only view of the workers' indexes: one directory, or one per shard (``index.shards``)."""
     from indexes.index_reader import open_index_reader
 
-    return open_index_reader(settings.index_shards, settings.index.factory, expected_size=settings.index.expected_size)
+    globbed = any(c in pattern for pattern in settings.index.shards for c in "*?[")
+    return open_index_reader(
+        settings.index_shards,
+        settings.index.factory,
+        expected_size=settings.index.expected_size,
+        # a glob finds the shards of workers started later (scale-out) at every refresh
+        discover=(lambda: settings.index_shards) if globbed else None,
+    )
