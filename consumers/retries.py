@@ -118,6 +118,13 @@ class RetryPolicy:
         """The wait after ``attempts`` failed tries: initial, doubling, capped."""
         return float(min(self.initial_s * 2.0 ** max(attempts - 1, 0), self.max_s))
 
+    def wait_s(self, attempts: int, error: InputError) -> float:
+        """The backoff, or longer when the source asked for it (Retry-After), never past ``fetch_backoff_max_s``."""
+        wait = self.backoff_s(attempts)
+        if error.retry_after_s is not None:
+            wait = max(wait, min(error.retry_after_s, self.max_s))
+        return wait
+
     def plan(self, failures: Sequence[tuple[Message, InputError]], now: float | None = None) -> Plan:
         now = time.time() if now is None else now
         plan = Plan()
@@ -130,7 +137,7 @@ class RetryPolicy:
                 plan.exhausted.append(dead_letter(origin, error.code, reason, self.max_original_bytes))
                 RETRIES_EXHAUSTED.labels(error.code).inc()
                 continue
-            wait_s = self.backoff_s(attempts)
+            wait_s = self.wait_s(attempts, error)
             headers = [
                 (ATTEMPTS, str(attempts).encode()),
                 (NOT_BEFORE_MS, str(int((now + wait_s) * 1000)).encode()),

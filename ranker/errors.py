@@ -31,11 +31,15 @@ class InputError(Exception):
     before dead-lettering it. Everything else is permanent and dead-lettered at once.
     """
 
-    def __init__(self, code: ErrorCode, message: str, *, transient: bool = False) -> None:
+    def __init__(
+        self, code: ErrorCode, message: str, *, transient: bool = False, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.transient = transient
+        #: How long the source asked to be left alone (an HTTP Retry-After), for a transient error.
+        self.retry_after_s = retry_after_s
 
 
 class ConfigError(Exception):

@@ -27,6 +27,8 @@ import logging
 import os
 import stat
 import time
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -344,13 +346,31 @@ def _fetch_http(uri: str, settings: AudioSettings, client: AudioHTTPClient | Non
             http.close()
 
 
+def retry_after_s(value: str | None, now: float | None = None) -> float | None:
+    """An HTTP Retry-After (delta-seconds or an HTTP-date) in seconds from ``now``; None if absent or unreadable."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # an HTTP-date is GMT
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
 def _read_body(shown: str, resp: httpx.Response, settings: AudioSettings, deadline: float) -> bytes:
     status = resp.status_code
     if status >= 300:
+        transient = transient_status(status)
         raise InputError(
             ErrorCode.HTTP_ERROR,
             f"{shown!r} answered HTTP {status} {resp.reason_phrase}",
-            transient=transient_status(status),
+            transient=transient,
+            retry_after_s=retry_after_s(resp.headers.get("retry-after")) if transient else None,
         )
     coding = resp.headers.get("content-encoding", "identity").strip().lower()
     if coding not in ("", "identity"):
