@@ -345,7 +345,7 @@ class ShardedIndexReader:
             for directory in self._discover():
                 if directory in known:
                     continue
-                reader = IndexReader(directory, first.factory, expected_size=first.expected_size)
+                reader = IndexReader(directory, first.factory, expected_size=first.expected_size, nprobe=first.nprobe)
                 if reader.load().ready:
                     added.append(reader)
                 else:  # no store there yet: looked for again at the next refresh
@@ -436,11 +436,12 @@ def open_index_reader(
     factory: str,
     *,
     expected_size: int | None = None,
+    nprobe: int | None = None,
     discover: Callable[[], Sequence[Path]] | None = None,
 ) -> IndexReader | ShardedIndexReader:
     """One reader for one fixed directory, a fan-out reader for several or for a glob (``index.shards``:
     ``discover`` finds its directories again at every refresh)."""
     if len(directories) == 1 and discover is None:
-        return IndexReader(directories[0], factory, expected_size=expected_size)
-    readers = [IndexReader(d, factory, expected_size=expected_size) for d in directories]
+        return IndexReader(directories[0], factory, expected_size=expected_size, nprobe=nprobe)
+    readers = [IndexReader(d, factory, expected_size=expected_size, nprobe=nprobe) for d in directories]
     return ShardedIndexReader(readers, discover=discover)

@@ -150,6 +150,12 @@ class IndexSettings(_Section):
         "default: what the embedding store holds when the index is built.",
     )
     use_gpu: Literal["auto", "never", "always"] = "auto"
+    nprobe: int | None = Field(
+        None,
+        ge=1,
+        description="IVF lists one query visits, in the workers' indexes and the API's readers (recall against "
+        "speed: docs/indexes.md); None: the index's own (auto: nlist/64, kept in the FAISS file).",
+    )
     snapshot_every_songs: int = Field(
         1000, ge=1, description="Snapshot the FAISS index after this many changes, or a tenth of the index if more."
     )

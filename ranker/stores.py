@@ -75,6 +75,7 @@ def embedding_index(settings: Settings, dim: int) -> EmbeddingIndex:
         dim=dim,
         factory=index.factory,
         expected_size=index.expected_size,
+        nprobe=index.nprobe,
         use_gpu=index.use_gpu,
         snapshot_every_songs=index.snapshot_every_songs,
         snapshot_every_s=index.snapshot_every_s,
@@ -90,6 +91,7 @@ def index_reader(settings: Settings) -> IndexReader | ShardedIndexReader:
         settings.index_shards,
         settings.index.factory,
         expected_size=settings.index.expected_size,
+        nprobe=settings.index.nprobe,
         # a glob finds the shards of workers started later (scale-out) at every refresh
         discover=(lambda: settings.index_shards) if globbed else None,
     )
