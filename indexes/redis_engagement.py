@@ -29,6 +29,11 @@ once per song, pipelined, each call touching a single slot.
 
 Before any write, the script reads every counter it will change, so a failing call (a key
 of the wrong type) writes nothing: no dedup key is ever left without its count.
+
+A hash the script creates (engagement for a song not scored yet, or one whose retained history
+already expired) expires after ``orphan_ttl_s`` unless a score write makes it a song's record
+(the score store's writes clear the TTL). Late events for long-gone songs and events for songs
+never scored therefore cannot grow Redis without bound.
 """
 
 from __future__ import annotations
@@ -66,7 +71,8 @@ CHUNK = 5000
 _LUA_FIELDS = ", ".join(f"['{t}'] = {{'{f}', {d}}}" for t, (f, d) in COUNTER_FIELDS.items())
 
 # KEYS = the song hashes (n_songs of them), their tombstones (n_songs), then one dedup key per event.
-# ARGV = ttl, updated_at, n_songs, then per event: song index (1-based), type, marker.
+# ARGV = ttl, updated_at, n_songs, orphan TTL in ms (0: none), then per event: song index (1-based),
+# type, marker.
 # Returns one status character per event (n, r, d, x: tombstoned). Counters are read once per song and
 # field, changed in event order (a count that would go below zero stays at zero, as with
 # HINCRBY and a floor after each event) and written back with one HSET per song.
@@ -78,8 +84,12 @@ local n_songs = tonumber(ARGV[3])
 -- fails here, before anything is written, so an error never leaves dedup keys without their counts.
 local counts = {}
 local gone = {}
-for s = 1, n_songs do gone[s] = redis.call('EXISTS', KEYS[n_songs + s]) == 1 end
-local a = 4
+local fresh = {}
+for s = 1, n_songs do
+  gone[s] = redis.call('EXISTS', KEYS[n_songs + s]) == 1
+  fresh[s] = redis.call('EXISTS', KEYS[s]) == 0
+end
+local a = 5
 for i = 2 * n_songs + 1, #KEYS do
   local song, kind = tonumber(ARGV[a]), ARGV[a + 1]
   a = a + 3
@@ -95,7 +105,7 @@ end
 -- Pass 2: deduplicate and count in memory, then one HSET per song with a new event.
 local out = {}
 local changed = {}
-a = 4
+a = 5
 for i = 2 * n_songs + 1, #KEYS do
   local song, kind, marker = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2]
   a = a + 3
@@ -122,6 +132,7 @@ for song, _ in pairs(changed) do
     args[#args + 1] = string.format('%d', v)
   end
   redis.call('HSET', KEYS[song], unpack(args))
+  if fresh[song] and tonumber(ARGV[4]) > 0 then redis.call('PEXPIRE', KEYS[song], ARGV[4]) end
 end
 return table.concat(out)
 """
@@ -139,6 +150,9 @@ class RedisEngagementConfig(BaseModel):
     )
     key_prefix: str = "apexrank"
     dedup_window_s: int = Field(gt=0, description="How long an event id is remembered.")
+    orphan_ttl_s: int | None = Field(
+        None, gt=0, description="A hash the counters create expires this long after, unless a score write keeps it."
+    )
     socket_timeout_s: float = Field(5.0, gt=0)
 
 
@@ -154,12 +168,14 @@ class RedisEngagementCounters(EngagementCounters):
         key_prefix: str,
         dedup_window_s: int,
         per_song: bool = False,
+        orphan_ttl_s: int | None = None,
     ) -> None:
         """``client``: a client, or what makes one on first use (a cluster client connects when made)."""
         self._connect: Callable[[], SyncClient] = client if callable(client) else lambda: client
         self.prefix = key_prefix
         self.keys = RedisKeys(key_prefix)
         self.ttl = int(dedup_window_s)
+        self.orphan_ttl_ms = 0 if orphan_ttl_s is None else int(orphan_ttl_s * 1000)
         #: One script call per song (Redis Cluster) instead of one per batch; set on CROSSSLOT too.
         self.per_song = per_song
 
@@ -173,15 +189,28 @@ class RedisEngagementCounters(EngagementCounters):
 
     @classmethod
     def from_url(
-        cls, url: str, key_prefix: str, dedup_window_s: int, socket_timeout_s: float = 5.0
+        cls,
+        url: str,
+        key_prefix: str,
+        dedup_window_s: int,
+        socket_timeout_s: float = 5.0,
+        orphan_ttl_s: int | None = None,
     ) -> RedisEngagementCounters:
         """Counters on ``url``: one node, or Redis Cluster (``redis+cluster://``: one song per call from the start).
         Connects on first use, so the counters can be made while Redis is down."""
-        return cls(lambda: connect(url, socket_timeout_s), key_prefix, dedup_window_s, per_song=is_cluster_url(url))
+        return cls(
+            lambda: connect(url, socket_timeout_s),
+            key_prefix,
+            dedup_window_s,
+            per_song=is_cluster_url(url),
+            orphan_ttl_s=orphan_ttl_s,
+        )
 
     @classmethod
     def from_config(cls, config: RedisEngagementConfig) -> RedisEngagementCounters:
-        return cls.from_url(config.url, config.key_prefix, config.dedup_window_s, config.socket_timeout_s)
+        return cls.from_url(
+            config.url, config.key_prefix, config.dedup_window_s, config.socket_timeout_s, config.orphan_ttl_s
+        )
 
     def song_key(self, song_id: str) -> str:
         """The song's hash (ids come validated by the event schema)."""
@@ -234,7 +263,7 @@ class RedisEngagementCounters(EngagementCounters):
         """Events ``lo:hi`` in one script call."""
         slots: dict[str, int] = {}
         keys: list[str] = []
-        args: list[str | int] = [self.ttl, updated_at, 0]
+        args: list[str | int] = [self.ttl, updated_at, 0, self.orphan_ttl_ms]
         for i in range(lo, hi):
             song_id = song_ids[i]
             slot = slots.get(song_id)
@@ -261,7 +290,7 @@ class RedisEngagementCounters(EngagementCounters):
             by_song[song_id].append(i)
         calls: list[tuple[list[str], list[str | int]]] = []
         for song_id, idx in by_song.items():
-            args: list[str | int] = [self.ttl, updated_at, 1]
+            args: list[str | int] = [self.ttl, updated_at, 1, self.orphan_ttl_ms]
             for i in idx:
                 args += (1, types[i], markers[i])
             keys = [self.song_key(song_id), self.keys.tombstone(song_id, check=False)]

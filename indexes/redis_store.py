@@ -174,6 +174,7 @@ class RedisScoreStore(ScoreStore):
         pipe = self._redis.pipeline(transaction=False)
         for key, fields in prepared:
             pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
+            pipe.persist(key)  # a hash the engagement counters made (orphan_ttl_s) is a song's record now
         pipe.zadd(feed_key, members)
         tombstones.write_unless_tombstoned(self, pipe, list(members), [feed_key])
         self._log_changes(members)
@@ -213,6 +214,7 @@ class RedisScoreStore(ScoreStore):
         pipe = self._redis.pipeline(transaction=False)
         for key, fields in prepared:
             pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
+            pipe.persist(key)  # a hash the engagement counters made (orphan_ttl_s) is a song's record now
         for key, add, drop in ops:
             if add:
                 pipe.zadd(key, add)

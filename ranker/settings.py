@@ -301,6 +301,13 @@ class FeedbackSettings(_Section):
     retry_initial_s: float = Field(0.5, gt=0)
     retry_max_s: float = Field(15.0, gt=0)
     dedup_window_s: int = Field(7 * 24 * 3600, ge=60, description="How long an event_id is remembered.")
+    orphan_ttl_s: int | None = Field(
+        30 * 24 * 3600,
+        ge=60,
+        description="Engagement for a song with no record in Redis (not scored yet, or its retained history "
+        "expired) starts a counters-only hash that expires this long after unless the song is scored "
+        "meanwhile; None: kept for ever. Longer than a dead letter may wait for its replay.",
+    )
     log_dir: Path | None = Field(
         None,
         description="Engagement log (Parquet, by day); default STATE_DIR/engagement. Shared by the group.",

@@ -38,6 +38,7 @@ def engagement_counters(settings: Settings) -> EngagementCounters:
         key_prefix=redis.key_prefix,
         dedup_window_s=settings.feedback.dedup_window_s,
         socket_timeout_s=redis.socket_timeout_s,
+        orphan_ttl_s=settings.feedback.orphan_ttl_s,
     )
 
 
