@@ -35,6 +35,21 @@ from indexes.sqlite_embeddings import SqliteEmbeddingStore
 log = logging.getLogger(__name__)
 
 
+def _every(every_s: float, stop: threading.Event, fn: Callable[[], object], name: str) -> threading.Thread:
+    """A daemon thread calling ``fn`` every ``every_s`` seconds until ``stop``; errors are logged, not raised."""
+
+    def loop() -> None:
+        while not stop.wait(every_s):
+            try:
+                fn()
+            except Exception:
+                log.exception("%s failed; retrying in %.0fs", name, every_s)
+
+    thread = threading.Thread(target=loop, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
 @dataclass(frozen=True)
 class ReaderStatus:
     ready: bool
@@ -225,15 +240,7 @@ class IndexReader:
         if self._thread is not None:
             return
 
-        def loop() -> None:
-            while not self._stop.wait(every_s):
-                try:
-                    self.refresh()
-                except Exception:
-                    log.exception("index reader refresh failed; retrying in %.0fs", every_s)
-
-        self._thread = threading.Thread(target=loop, name="index-refresh", daemon=True)
-        self._thread.start()
+        self._thread = _every(every_s, self._stop, self.refresh, "index-refresh")
 
     def close(self) -> None:
         self._stop.set()
@@ -378,15 +385,7 @@ class ShardedIndexReader:
         if self._discover is None:
             return
 
-        def loop() -> None:
-            while not self._stop.wait(every_s):
-                try:
-                    self.discover()
-                except Exception:
-                    log.exception("index shard discovery failed; retrying in %.0fs", every_s)
-
-        self._thread = threading.Thread(target=loop, name="index-shards", daemon=True)
-        self._thread.start()
+        self._thread = _every(every_s, self._stop, self.discover, "index-shards")
 
     def close(self) -> None:
         self._stop.set()
