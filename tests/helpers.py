@@ -6,7 +6,8 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,9 +16,10 @@ from typing import Any, TypeVar
 
 import numpy as np
 import soundfile as sf
-from kafka import KafkaConsumer
+from kafka import KafkaConsumer, TopicPartition
 
-from ranker.events import SongGenerated
+from consumers.loop import Message
+from ranker.events import Engagement, SongGenerated
 from ranker.settings import Settings
 
 S = TypeVar("S", bound=ThreadingHTTPServer)
@@ -50,8 +52,89 @@ def serving(httpd: S) -> Iterator[S]:
         httpd.server_close()
 
 
+def wait_for(what: str, predicate: Callable[[], bool], timeout_s: float = 90.0) -> None:
+    """Poll ``predicate`` until it holds (a wait for asynchronous work, not a timed assertion).
+
+    An exception from it counts as "not yet": a dependency may be down while we poll.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except Exception:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def url_of(httpd: ThreadingHTTPServer) -> str:
     return f"http://127.0.0.1:{httpd.server_address[1]}"
+
+
+@contextmanager
+def loopback(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """``handler`` on a free loopback port for the block; yields the server's base URL."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True  # a handler still sleeping does not hold up the shutdown
+    with serving(httpd):
+        yield url_of(httpd)
+
+
+#: ``AudioServer.failures`` value: answer 503 to every request.
+ALWAYS = -1
+
+
+class AudioServer:
+    """Loopback audio whose answer per song the test sets: song NAME answers 503 for its first
+    ``failures[NAME]`` requests (``ALWAYS``: every one), 404 while ``missing`` or NAME is in ``gone``,
+    else the WAV. ``hits[NAME]`` holds the wall-clock time of each request."""
+
+    def __init__(self, wav: bytes, missing: bool = False) -> None:
+        self.failures: dict[str, int] = {}
+        self.gone: set[str] = set()
+        self.missing = missing
+        self.hits: dict[str, list[float]] = defaultdict(list)
+        lock = threading.Lock()
+        state = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                name = self.path.strip("/").removesuffix(".wav")
+                with lock:
+                    before = len(state.hits[name])
+                    state.hits[name].append(time.time())
+                    failures = state.failures.get(name, 0)
+                if failures == ALWAYS or before < failures:
+                    self.send_error(503, "try again later")
+                    return
+                if state.missing or name in state.gone:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(wav)))
+                self.end_headers()
+                self.wfile.write(wav)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = CountingHTTPServer(Handler)
+
+    def fix(self) -> None:
+        """Every song that was ``missing`` serves its WAV from now on."""
+        self.missing = False
+
+    def uri(self, name: str) -> str:
+        return f"{url_of(self.httpd)}/{name}.wav"
+
+
+@contextmanager
+def audio_server(tmp_path: Path, missing: bool = False) -> Iterator[AudioServer]:
+    """An :class:`AudioServer` serving a two-second tone, running for the block."""
+    server = AudioServer(tone(tmp_path / "served.wav").read_bytes(), missing=missing)
+    with serving(server.httpd):
+        yield server
 
 
 def tone(path: Path, seconds: float = 2.0, sr: int = 24_000, freq: float = 440.0, seed: int = 0) -> Path:
@@ -68,20 +151,29 @@ def event(song_id: str, uri: str, generator: str = "suno-v5", **kw: Any) -> Song
     return SongGenerated(song_id=song_id, audio_uri=uri, generator=generator, created_at=datetime.now(UTC), **kw)
 
 
-def read_topic(settings: Settings, topic: str, expect: int, timeout_s: float = 30.0) -> list[Any]:
-    """Read a topic from the beginning until ``expect`` messages arrived (counting, not end offsets)."""
-    consumer = KafkaConsumer(
-        topic,
-        group_id=f"reader-{uuid.uuid4().hex[:8]}",
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        session_timeout_ms=6000,
-        heartbeat_interval_ms=2000,
-        **settings.kafka.client_kwargs(),
+def engagement(song_id: str, kind: str, offset: int, topic: str) -> Message:
+    """An engagement event by user u1, as the feedback consumer polls it (partition 0 at ``offset``)."""
+    ev = Engagement(
+        event_id=f"e-{uuid.uuid4().hex[:12]}", song_id=song_id, user_id="u1", type=kind, ts=datetime.now(UTC)
     )
+    return Message(topic, 0, offset, song_id.encode(), ev.to_bytes())
+
+
+def read_topic(settings: Settings, topic: str, expect: int, timeout_s: float = 30.0) -> list[Any]:
+    """Read a topic from the beginning until ``expect`` messages arrived (counting, not end offsets).
+
+    Its partitions are assigned, not joined as a group: a join would cost a second or more.
+    """
+    consumer = KafkaConsumer(group_id=None, enable_auto_commit=False, **settings.kafka.client_kwargs())
     out: list[Any] = []
     deadline = time.monotonic() + timeout_s
     try:
+        while not (partitions := consumer.partitions_for_topic(topic)) and time.monotonic() < deadline:
+            time.sleep(0.1)  # not created yet
+        if not partitions:
+            return out
+        consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
+        consumer.seek_to_beginning()
         while len(out) < expect and time.monotonic() < deadline:
             for records in consumer.poll(timeout_ms=500).values():
                 out.extend(records)

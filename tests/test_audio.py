@@ -6,7 +6,7 @@ import contextlib
 import io
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ from ranker.audio import (
 )
 from ranker.errors import ErrorCode, InputError
 from ranker.settings import AudioSettings
-from tests.helpers import CountingHTTPServer, serving, url_of
+from tests.helpers import CountingHTTPServer, loopback, serving
 
 SR = 24_000
 
@@ -400,10 +400,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.daemon_threads = True
-    with serving(httpd):
-        yield url_of(httpd)
+    with loopback(_Handler) as url:
+        yield url
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tracemalloc
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ import ranker.audio.fetch as fetch
 from ranker.audio import decode_audio, load_song
 from ranker.errors import ConfigError, ErrorCode, InputError
 from ranker.settings import AudioSettings
-from tests.helpers import serving, url_of
+from tests.helpers import loopback
 
 SR = 24_000
 HEAP_ADDRESS = re.compile(r"0x[0-9a-f]{6,}", re.IGNORECASE)
@@ -113,10 +113,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.daemon_threads = True
-    with serving(httpd):
-        yield url_of(httpd)
+    with loopback(_Handler) as url:
+        yield url
 
 
 @pytest.mark.parametrize("path", ["/plain", "/disguised"])

@@ -27,7 +27,7 @@ from consumers.worker import Worker
 from ranker.events import SongGenerated
 from ranker.serving.api import create_app
 from ranker.settings import Settings
-from tests.helpers import read_topic
+from tests.helpers import read_topic, wait_for
 from tests.test_durable_broker import private_settings
 from tests.test_faults import (
     assert_exactly_once,
@@ -37,7 +37,6 @@ from tests.test_faults import (
     running_worker,
     songs,
     topics_as_configured,
-    wait_for,
 )
 from tests.test_worker import feed, song, stored_layers
 

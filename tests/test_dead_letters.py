@@ -15,7 +15,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -30,45 +29,16 @@ from consumers.publish import publish_events
 from consumers.worker import Worker
 from ranker.errors import ConfigError
 from ranker.settings import AudioSettings, Settings
-from tests.helpers import CountingHTTPServer, event, read_topic, serving, settings_env, tone, url_of
+from tests.helpers import AudioServer, audio_server, event, read_topic, settings_env
 
 ROOT = Path(__file__).resolve().parents[1]
 Cli = Callable[..., tuple[int, str]]
 
 
-class AudioServer:
-    """A loopback server whose audio is missing (404) until ``fix()``, then a real WAV."""
-
-    def __init__(self, wav: bytes) -> None:
-        state = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if not state.fixed:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(wav)))
-                self.end_headers()
-                self.wfile.write(wav)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.fixed = False
-        self.httpd = CountingHTTPServer(Handler)
-
-    def fix(self) -> None:
-        self.fixed = True
-
-    def uri(self, name: str) -> str:
-        return f"{url_of(self.httpd)}/{name}.wav"
-
-
 @pytest.fixture
 def audio(tmp_path: Path) -> Iterator[AudioServer]:
-    server = AudioServer(tone(tmp_path / "served.wav").read_bytes())
-    with serving(server.httpd):
+    """Every song's audio is missing (404) until ``audio.fix()``, then a real WAV."""
+    with audio_server(tmp_path, missing=True) as server:
         yield server
 
 

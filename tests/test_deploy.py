@@ -30,10 +30,9 @@ import socket
 import stat
 import subprocess
 import sys
-import threading
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
@@ -43,6 +42,7 @@ from pydantic import BaseModel, SecretStr
 
 from consumers.stack import EmbeddedStack, free_port
 from ranker.settings import Settings, TopicSettings
+from tests.helpers import loopback
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -1385,14 +1385,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def http_server() -> Iterator[str]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with loopback(_Handler) as url:
+        yield url
 
 
 def _healthcheck(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -11,7 +11,7 @@ import logging
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from consumers.worker import Worker
 from indexes.base import faiss_id
 from indexes.index_reader import open_index_reader
 from ranker.settings import IndexSettings, Settings, WorkerSettings
-from tests.helpers import event, tone
+from tests.helpers import event, tone, wait_for
 from tests.test_worker import feed, index_keys
 
 
@@ -60,18 +60,6 @@ def running_worker(settings: Settings) -> Iterator[Worker]:
         thread.join(timeout=60)
         assert not thread.is_alive(), "the worker did not stop"
         assert not errors, errors
-
-
-def wait_for(what: str, predicate: Callable[[], bool], timeout_s: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except Exception:  # a dependency may be down while we poll
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def committed_total(settings: Settings) -> int:

@@ -6,7 +6,6 @@ song counts without bringing it back. The Redis parts run on one node and on the
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,7 +14,6 @@ import numpy as np
 import pytest
 
 from consumers.feedback import FeedbackConsumer
-from consumers.loop import Message
 from consumers.retention import DAY_S, RetentionSweeper
 from indexes import EmbeddingArchive, EmbeddingRecord, ScoreStore, SongRecord, SqliteEmbeddingStore, message_marker
 from indexes.archive import SongMeta
@@ -27,6 +25,7 @@ from ranker.events import Engagement
 from ranker.serving.table_sync import TableSync
 from ranker.serving.writer import FeedWriter
 from ranker.settings import FeedFilters, FeedPolicy, RetentionSettings, Settings
+from tests.helpers import engagement
 from tests.test_policy import AESTHETIC_MID, iso, with_feeds
 
 DIM = 16
@@ -60,13 +59,6 @@ def with_retention(settings: Settings, **retention: object) -> Settings:
     fresh = FeedPolicy(filters=FeedFilters(max_age_hours=24 * 30))
     s = with_feeds(settings, {"cold-start": FeedPolicy(), "fresh": fresh})
     return s.model_copy(update={"retention": RetentionSettings.model_validate({"window_days": 3, **retention})})
-
-
-def engagement(song_id: str, kind: str, offset: int, topic: str) -> Message:
-    event = Engagement(
-        event_id=f"e-{uuid.uuid4().hex[:12]}", song_id=song_id, user_id="u1", type=kind, ts=datetime.now(UTC)
-    )
-    return Message(topic, 0, offset, song_id.encode(), event.to_bytes())
 
 
 @pytest.fixture

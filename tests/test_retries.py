@@ -11,9 +11,7 @@ import argparse
 import json
 import threading
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,53 +28,12 @@ from indexes import ScoreStore
 from ranker.errors import ErrorCode, InputError
 from ranker.events import DeadLetter
 from ranker.settings import AudioSettings, Settings, WorkerSettings
-from tests.helpers import CountingHTTPServer, event, serving, tone, url_of
-
-ALWAYS = -1  # FlakyAudio.failures: fail every request
-
-
-class FlakyAudio:
-    """Loopback audio: song NAME answers 503 for its first ``failures[NAME]`` requests, then a WAV
-    (or 404 when NAME is in ``gone``)."""
-
-    def __init__(self, wav: bytes) -> None:
-        self.failures: dict[str, int] = {}
-        self.gone: set[str] = set()
-        self.hits: dict[str, list[float]] = defaultdict(list)  # wall-clock time of each request
-        lock = threading.Lock()
-        state = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                name = self.path.strip("/").removesuffix(".wav")
-                with lock:
-                    before = len(state.hits[name])
-                    state.hits[name].append(time.time())
-                    failures = state.failures.get(name, 0)
-                if failures == ALWAYS or before < failures:
-                    self.send_error(503, "try again later")
-                    return
-                if name in state.gone:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(wav)))
-                self.end_headers()
-                self.wfile.write(wav)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = CountingHTTPServer(Handler)
-
-    def uri(self, name: str) -> str:
-        return f"{url_of(self.httpd)}/{name}.wav"
+from tests.helpers import ALWAYS, AudioServer, audio_server, event, wait_for
 
 
 @pytest.fixture
-def audio(tmp_path: Path) -> Iterator[FlakyAudio]:
-    server = FlakyAudio(tone(tmp_path / "served.wav").read_bytes())
-    with serving(server.httpd):
+def audio(tmp_path: Path) -> Iterator[AudioServer]:
+    with audio_server(tmp_path) as server:
         yield server
 
 
@@ -128,17 +85,8 @@ def metric(name: str) -> float:
     return REGISTRY.get_sample_value(name, {"code": "http_error"}) or 0.0
 
 
-def wait_for(what: str, predicate: Callable[[], bool], timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_a_song_that_fails_twice_then_serves_is_scored_once(
-    settings: Settings, audio: FlakyAudio, store: ScoreStore
+    settings: Settings, audio: AudioServer, store: ScoreStore
 ) -> None:
     topics = settings.kafka.topics
     audio.failures["flaky"] = 2
@@ -169,7 +117,7 @@ def test_a_song_that_fails_twice_then_serves_is_scored_once(
 
 
 def test_a_song_that_always_fails_is_dead_lettered_after_n_attempts_then_replayed_once(
-    settings: Settings, audio: FlakyAudio, store: ScoreStore, capsys: pytest.CaptureFixture[str]
+    settings: Settings, audio: AudioServer, store: ScoreStore, capsys: pytest.CaptureFixture[str]
 ) -> None:
     topics = settings.kafka.topics
     n = settings.worker.fetch_max_attempts
@@ -211,7 +159,7 @@ def test_a_song_that_always_fails_is_dead_lettered_after_n_attempts_then_replaye
 
 
 def test_a_retried_song_that_then_fails_for_good_is_dead_lettered_at_once(
-    settings: Settings, audio: FlakyAudio
+    settings: Settings, audio: AudioServer
 ) -> None:
     """A 404 on the second try is permanent: no third try, and the letter names the original record."""
     topics = settings.kafka.topics
@@ -235,7 +183,7 @@ def test_a_retried_song_that_then_fails_for_good_is_dead_lettered_at_once(
 
 
 def test_a_waiting_retry_does_not_hold_back_later_songs(
-    settings: Settings, audio: FlakyAudio, store: ScoreStore
+    settings: Settings, audio: AudioServer, store: ScoreStore
 ) -> None:
     topics = settings.kafka.topics
     # One retry, due in a minute: it must still be waiting when the later song is scored.

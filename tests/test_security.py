@@ -36,6 +36,7 @@ import ranker.audio.transport as transport
 from ranker.audio import AudioHTTPClient, fetch_audio, non_public_reason
 from ranker.errors import ErrorCode, InputError
 from ranker.settings import AudioSettings
+from tests.helpers import serving
 
 SR = 24_000
 
@@ -128,13 +129,8 @@ def _serve(tls: ssl.SSLContext | None = None) -> Iterator[tuple[str, list[dict[s
     httpd.daemon_threads = True
     if tls is not None:
         httpd.socket = tls.wrap_socket(httpd.socket, server_side=True)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with serving(httpd):
         yield f"{'https' if tls else 'http'}://127.0.0.1:{httpd.server_address[1]}", seen
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from pydantic import SecretStr
 
 from consumers.feedback import FeedbackConsumer
 from consumers.kafka_io import make_consumer
-from consumers.loop import Message
 from consumers.retrain import STORE_FILE, gather
 from consumers.stack import free_port
 from consumers.takedown import apply_deleted, check_ids, read_ids, run, take_down
@@ -34,10 +33,11 @@ from indexes import (
 )
 from indexes.engagement_log import EngagementLog, LoggedEvent
 from ranker import stores
-from ranker.events import Engagement, SongDeleted
+from ranker.events import SongDeleted
 from ranker.serving.api import create_app
 from ranker.serving.writer import FeedWriter
 from ranker.settings import Settings
+from tests.helpers import engagement
 from tests.test_policy import NOW, record
 
 ADMIN, READ = "admin-token-1", "read-token-1"
@@ -56,13 +56,6 @@ def embedding(song_id: str, seed: int) -> EmbeddingRecord:
     v = np.random.default_rng(seed).normal(size=DIM).astype(np.float32)
     layers = np.random.default_rng(seed + 1).normal(size=(2, DIM)).astype(np.float32)
     return EmbeddingRecord(song_id, "test-enc", layers, v / np.linalg.norm(v), 1, 1)
-
-
-def engagement(song_id: str, kind: str, offset: int, topic: str) -> Message:
-    event = Engagement(
-        event_id=f"e-{uuid.uuid4().hex[:12]}", song_id=song_id, user_id="u1", type=kind, ts=datetime.now(UTC)
-    )
-    return Message(topic, 0, offset, song_id.encode(), event.to_bytes())
 
 
 @pytest.fixture

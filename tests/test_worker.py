@@ -7,10 +7,9 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from indexes.base import faiss_id
 from indexes.embedding_index import EmbeddingIndex
 from ranker.events import TASKS, DeadLetter, SongScored
 from ranker.settings import AudioSettings, Settings, WorkerSettings
-from tests.helpers import event, read_topic, settings_env, tone
+from tests.helpers import event, loopback, read_topic, settings_env, tone
 
 
 def run_worker(settings: Settings, idle_s: float = 2.0) -> Worker:
@@ -152,13 +151,8 @@ class _Handler(BaseHTTPRequestHandler):
 @pytest.fixture
 def http_server(tmp_path: Path) -> Iterator[str]:
     _Handler.wav = tone(tmp_path / "served.wav").read_bytes()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
+    with loopback(_Handler) as url:
+        yield url
 
 
 def test_bad_input_goes_to_dead_letters_and_the_worker_keeps_going(
