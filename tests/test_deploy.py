@@ -41,6 +41,7 @@ import yaml
 from pydantic import BaseModel, SecretStr
 
 from consumers.stack import EmbeddedStack, free_port
+from ranker import stores
 from ranker.settings import Settings, TopicSettings
 from tests.helpers import loopback
 
@@ -652,14 +653,15 @@ def _claims(doc: dict[str, Any]) -> set[str]:
 
 
 def test_the_index_shards_share_one_node() -> None:
-    """SQLite WAL readers must run on the writer's host: every pod of the index claim (workers, API, retrain)
+    """SQLite WAL readers must run on the writer's host: every pod of the index claim (workers, API, retrain,
+    the feedback consumer for listener taste)
     is required onto the workers' node, and the claim is ReadWriteOnce (one node, many pods), not a network
     filesystem's ReadWriteMany nor ReadWriteOncePod."""
     index = k8s_index()
     claim = index[("PersistentVolumeClaim", INDEX_CLAIM)]
     assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
     users = {d["metadata"]["name"]: d for d in workloads() if INDEX_CLAIM in _claims(d)}
-    assert set(users) == {"apexrank-worker", "apexrank-api", "apexrank-retrain"}
+    assert set(users) == {"apexrank-worker", "apexrank-api", "apexrank-retrain", "apexrank-feedback"}
     gpu_taint = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     for name, doc in users.items():
         spec = pod_spec(doc)
@@ -674,8 +676,9 @@ def test_every_worker_writes_its_own_shard_and_the_api_and_retrain_read_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each volume stands in as a local directory (one per claim, shared): worker N's index path (its
-    ordinal from the pod-index label) is its own directory on the index claim; the API's and the retrain
-    job's index.shards find every one a worker created (shard 0 alone before any exists)."""
+    ordinal from the pod-index label) is its own directory on the index claim; the API's, the retrain
+    job's and the feedback consumer's index.shards find every one a worker created (shard 0 alone before
+    any exists), and the feedback consumer keeps listener taste (it needs the songs' vectors)."""
     index = k8s_index()
 
     def settings_of(kind: str, name: str, pod_index: int = 0) -> Settings:
@@ -692,12 +695,15 @@ def test_every_worker_writes_its_own_shard_and_the_api_and_retrain_read_them(
     assert all(s.is_relative_to(tmp_path / "claims" / INDEX_CLAIM) for s in shards), shards
     api = settings_of("Deployment", "apexrank-api")
     retrain = settings_of("CronJob", "apexrank-retrain")
+    feedback = settings_of("Deployment", "apexrank-feedback")
     assert api.index_shards == [shards[0]], "with no shard yet the API waits for worker 0's"
-    assert retrain.index_shards == [shards[0]]
+    assert retrain.index_shards == [shards[0]] and feedback.index_shards == [shards[0]]
     for shard in shards:
         shard.mkdir(parents=True)  # what the worker does first (EmbeddingIndex)
     assert api.index_shards == shards
     assert retrain.index_shards == shards, "retrain learns from (and rescores) every worker's songs"
+    assert feedback.index_shards == shards, "listener taste reads the vectors of every worker's songs"
+    assert stores.listener_store(feedback).keeps_state, "the feedback consumer keeps listener taste"
 
 
 #: The Dockerfile that builds each image the manifests run (its final stage's ENV starts a container's environment).
