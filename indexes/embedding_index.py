@@ -33,7 +33,8 @@ import numpy as np
 
 from indexes import snapshots
 from indexes.base import EmbeddingRecord, RemovedEmbedding, StoredEmbedding, faiss_id
-from indexes.faiss_index import AUTO, FaissIndexConfig, FaissVectorIndex
+from indexes.faiss_config import AUTO, FaissIndexConfig
+from indexes.faiss_index import FaissVectorIndex
 from indexes.snapshots import INDEX_FILE, LOCK_FILE, META_FILE, META_FORMAT, STORE_FILE, SnapshotError
 from indexes.sqlite_embeddings import SqliteEmbeddingStore
 

@@ -28,7 +28,8 @@ import numpy as np
 
 from indexes import snapshots
 from indexes.base import RemovedEmbedding, StoredEmbedding, faiss_id
-from indexes.faiss_index import AUTO, FaissIndexConfig, FaissVectorIndex
+from indexes.faiss_config import AUTO, FaissIndexConfig
+from indexes.faiss_index import FaissVectorIndex
 from indexes.snapshots import STORE_FILE
 from indexes.sqlite_embeddings import SqliteEmbeddingStore
 

@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from indexes.base import EmbeddingStore, RemovedEmbedding, StoredEmbedding
-from indexes.faiss_index import FaissIndexConfig, FaissVectorIndex
+from indexes.faiss_config import FaissIndexConfig
+from indexes.faiss_index import FaissVectorIndex
 from indexes.sqlite_embeddings import SqliteEmbeddingStore
 
 log = logging.getLogger(__name__)

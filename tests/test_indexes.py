@@ -33,7 +33,8 @@ from indexes import (
     faiss_id,
 )
 from indexes.embedding_index import INDEX_FILE, META_FILE, STORE_FILE
-from indexes.faiss_index import auto_factory, gpu_count
+from indexes.faiss_config import auto_factory
+from indexes.faiss_index import gpu_count
 from indexes.index_reader import IndexReader, open_index_reader
 
 DIM = 16
