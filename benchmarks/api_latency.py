@@ -246,6 +246,8 @@ def api_server(
 #: page's, so the scan must read past them): about 2.3% of the feed passes.
 GENERATORS, TAGS = 20, 8
 FILTER_QUERY = "&generator=gen-3&tag=t1&tag=t4"
+#: The personal page's listener: LISTENER_LIKES likes on songs of one style, and LISTENER_HEARD songs heard.
+LISTENER, LISTENER_LIKES, LISTENER_HEARD = "bench-listener", 40, 300
 
 
 def populate(settings: Settings, n: int, dim: int, seed: int) -> list[str]:
@@ -294,7 +296,26 @@ def populate(settings: Settings, n: int, dim: int, seed: int) -> list[str]:
             )
     finally:
         index.close()
+    add_listener(settings, ids, vectors, rng)
     return ids
+
+
+def add_listener(settings: Settings, ids: list[str], vectors: np.ndarray, rng: np.random.Generator) -> None:
+    """The personal page's listener, written through the listener store as the feedback consumer writes:
+    likes on the songs nearest one song (so the taste has a direction), plays on random others."""
+    from indexes.listeners import ListenerEvent
+    from ranker.stores import listener_store
+
+    near = np.argsort(-(vectors @ vectors[0]))[:LISTENER_LIKES]
+    played = rng.choice(len(ids), size=LISTENER_HEARD - LISTENER_LIKES, replace=False)
+    now = time.time()
+    events = [ListenerEvent(f"like-{i}", LISTENER, ids[i], "like", now - 60) for i in near.tolist()]
+    events += [ListenerEvent(f"play-{i}", LISTENER, ids[i], "play", now - 60) for i in played.tolist()]
+    store = listener_store(settings)
+    try:
+        store.record(events, {ids[i]: vectors[i] for i in near.tolist()})
+    finally:
+        store.close()
 
 
 def clustered(n: int, dim: int, clusters: int, rng: np.random.Generator) -> np.ndarray:
@@ -711,6 +732,7 @@ def bench_api(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         first = get("/v1/feeds/cold-start?limit=50")
         pages: list[bytes] = []  # pages 2-4 through cursors, collected from the first server
         filtered: list[bytes] = []  # the filtered first page, then its pages 2-4
+        personal: list[bytes] = []  # the listener's first page, then their pages 2-4
 
         def latency(host: str, port: int, full: bool) -> dict[str, Any]:
             """Sequential figures on one keep-alive connection (the raw Redis reads alternating with the page)."""
@@ -725,7 +747,11 @@ def bench_api(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 res["page_mix_seq"] = await sequential(host, port, mix, args.seq)
                 if filtered:
                     res["filtered_first"] = await paired(host, port, [first], filtered[:1], args.seq // 2)
-                    res["filtered_cursor"] = await paired(host, port, pages, filtered[1:], args.seq // 2)
+                    if filtered[1:]:  # a small feed's filtered walk may be one page
+                        res["filtered_cursor"] = await paired(host, port, pages, filtered[1:], args.seq // 2)
+                if personal:
+                    res["personal_first"] = await paired(host, port, [first], personal[:1], args.seq // 2)
+                    res["personal_cursor"] = await paired(host, port, pages, personal[1:], args.seq // 2)
                 res["rank500_seq"] = await sequential(host, port, rank_bodies, max(100, args.seq // 2))
                 res["rank500_noexplain_seq"] = await sequential(host, port, lean_bodies, max(100, args.seq // 2))
                 if full:
@@ -763,6 +789,15 @@ def bench_api(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                         out.setdefault("filtered_items_per_page", []).append(len(body["items"]))
                         if not cursor:
                             break
+                    cursor = None
+                    for _ in range(4):
+                        q = f"/v1/feeds/cold-start?limit=50&user={LISTENER}" + (f"&cursor={cursor}" if cursor else "")
+                        personal.append(get(q))
+                        body = fetch_json(host, port, q)
+                        cursor = body["next_cursor"]
+                        out.setdefault("personal_taste_items_per_page", []).append(
+                            sum(1 for i in body["items"] if "taste" in i["components"])
+                        )
                 res.update(latency(host, port, full=k == 0))
                 print(
                     f"  sequential: { {key: v for key, v in res.items() if key.endswith(('seq', 'raw'))} }", flush=True
@@ -869,6 +904,14 @@ def verdicts(api: dict[str, Any]) -> list[str]:
         f"target feed page p50 <= raw Redis p50: {a:.2f} vs {b:.2f} ms (x{a / b:.2f})"
         f" -> {'met' if a <= b else f'missed by {a - b:.2f} ms'}"
     )
+    for kind in ("first", "cursor"):
+        f = first.get(f"personal_{kind}")
+        if f:
+            ratio = f["b"]["p50_ms"] / f["a"]["p50_ms"]
+            lines.append(
+                f"target personal {kind} page p50 <= 1.5 x cold-start p50: x{ratio:.2f}"
+                f" -> {'met' if ratio <= 1.5 else 'missed'}"
+            )
     for label, res in servers:
         best = [o for o in res["open_loop"] if o["offered_req_per_s"] >= 1000]
         for o in best:
@@ -894,6 +937,10 @@ def report(result: dict[str, Any]) -> str:
         lines.append(
             f"filtered page: {FILTER_QUERY[1:]} + exclude of the 50 songs of its first page; items on its pages"
             f" 1-4: {api.get('filtered_items_per_page')}"
+        )
+        lines.append(
+            f"personal page: user={LISTENER} ({LISTENER_LIKES} likes near one song, {LISTENER_HEARD} songs heard);"
+            f" items with the taste term on its pages 1-4: {api.get('personal_taste_items_per_page')}"
         )
         inproc = api.get("rank500_inprocess")
         if inproc:
@@ -932,6 +979,13 @@ def report(result: dict[str, Any]) -> str:
                     lines.append(
                         f"  filtered vs unfiltered, {kind:<6} pages (alternating): unfiltered {_pp(f['a'])}"
                         f"  filtered {_pp(f['b'])}  -> x{f['b']['p50_ms'] / f['a']['p50_ms']:.2f} (p50)"
+                    )
+            for kind in ("first", "cursor"):
+                f = res.get(f"personal_{kind}")
+                if f:
+                    lines.append(
+                        f"  personal vs cold-start, {kind:<6} pages (alternating): cold {_pp(f['a'])}"
+                        f"  personal {_pp(f['b'])}  -> x{f['b']['p50_ms'] / f['a']['p50_ms']:.2f} (p50)"
                     )
             lines.append(
                 f"  rank 500 sequential:    explain {_pp(res['rank500_seq'])}"

@@ -1,9 +1,11 @@
 """Listener state: each user's taste vector and the songs they have heard (issue 16, item 1).
 
 One interface, :class:`ListenerStore`, for both concerns: the feedback consumer writes through
-:meth:`~ListenerStore.record`, the personal feeds read through :meth:`~ListenerStore.taste`,
-:meth:`~ListenerStore.heard` and :meth:`~ListenerStore.heard_all`. Backends are picked by URL scheme
-(:func:`open_listener_store`); :class:`NullListenerStore` stands for "listener state off".
+:meth:`~ListenerStore.record`, the personal feeds read through :meth:`~ListenerStore.async_reads`
+(a user's taste and heard set in one round trip, on the API's event loop); :meth:`~ListenerStore.taste`,
+:meth:`~ListenerStore.heard` and :meth:`~ListenerStore.heard_all` are the synchronous reads.
+Backends are picked by URL scheme (:func:`open_listener_store`); :class:`NullListenerStore` stands for
+"listener state off".
 
 Taste is an exponentially decayed sum S of the L2-normalised song vectors of a user's events,
 decayed in event time with half-life h: an event at time t of weight w adds
@@ -26,9 +28,12 @@ from urllib.parse import urlsplit
 import numpy as np
 
 __all__ = [
+    "AsyncListenerReads",
+    "Listener",
     "ListenerEvent",
     "ListenerStore",
     "ListenerUpdate",
+    "NullAsyncListenerReads",
     "NullListenerStore",
     "Taste",
     "open_listener_store",
@@ -80,6 +85,33 @@ def taste_weight(kind: str, skip_weight: float) -> tuple[float, float]:
     return 0.0, 0.0
 
 
+@dataclass(frozen=True)
+class Listener:
+    """What a personal feed needs of one user, read together: the taste and the heard songs (newest first)."""
+
+    taste: Taste
+    heard: tuple[str, ...] = ()
+
+
+class AsyncListenerReads(ABC):
+    """The read side of a :class:`ListenerStore` on asyncio (the API's event loop): create it inside the
+    loop that uses it (:meth:`ListenerStore.async_reads`) and close it there."""
+
+    @abstractmethod
+    async def listener(self, user_id: str, now: float | None = None) -> Listener:
+        """The user's taste (evidence decayed to ``now``) and heard set, in one round trip."""
+
+    async def close(self) -> None:  # noqa: B027 - nothing to release by default
+        """Release connections."""
+
+
+class NullAsyncListenerReads(AsyncListenerReads):
+    """No listener state: every user is new."""
+
+    async def listener(self, user_id: str, now: float | None = None) -> Listener:
+        return Listener(Taste(None, 0.0))
+
+
 class ListenerStore(ABC):
     """Per-user taste and heard set, idempotent per event id (see the module docstring)."""
 
@@ -103,6 +135,10 @@ class ListenerStore(ABC):
     def heard_all(self, user_id: str) -> list[str]:
         """Every song the user has heard, newest first (at most the store's cap)."""
 
+    @abstractmethod
+    def async_reads(self) -> AsyncListenerReads:
+        """The read side on asyncio (create it inside the event loop that uses it)."""
+
     def close(self) -> None:  # noqa: B027 - nothing to release by default
         """Release connections."""
 
@@ -123,6 +159,9 @@ class NullListenerStore(ListenerStore):
 
     def heard_all(self, user_id: str) -> list[str]:
         return []
+
+    def async_reads(self) -> AsyncListenerReads:
+        return NullAsyncListenerReads()
 
 
 _REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")

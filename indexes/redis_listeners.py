@@ -31,8 +31,16 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from redis.client import NEVER_DECODE
 
-from indexes.listeners import ListenerEvent, ListenerStore, ListenerUpdate, Taste, taste_weight
-from indexes.redis_client import SyncClient, connect, run_script_calls
+from indexes.listeners import (
+    AsyncListenerReads,
+    Listener,
+    ListenerEvent,
+    ListenerStore,
+    ListenerUpdate,
+    Taste,
+    taste_weight,
+)
+from indexes.redis_client import AsyncClient, SyncClient, connect, connect_async, run_script_calls
 from indexes.redis_schema import TASTE_AT, TASTE_EVIDENCE, TASTE_FIELDS, TASTE_VECTOR, RedisKeys, check_prefix
 
 __all__ = ["RedisListenerConfig", "RedisListenerStore"]
@@ -224,21 +232,11 @@ class RedisListenerStore(ListenerStore):
         for user in users:  # raw bytes: the vector is binary, and the client decodes replies by default
             pipe.execute_command("HMGET", self.keys.user(user), *TASTE_FIELDS, **{NEVER_DECODE: []})
         at_now = time.time() if now is None else now
-        out: dict[str, Taste] = {}
-        for user, (blob, evidence, at) in zip(users, pipe.execute(), strict=True):
-            out[user] = self._taste(blob, evidence, at, at_now)
-        return out
-
-    def _taste(self, blob: bytes | None, evidence: bytes | None, at: bytes | None, now: float) -> Taste:
-        if not blob or evidence is None or at is None:
-            return Taste(None, 0.0)
-        updated = float(at)
-        ev = float(evidence) * 2.0 ** (-max(0.0, now - updated) / self.config.half_life_s)
-        vec = np.frombuffer(blob, dtype="<f4").astype(np.float32)
-        norm = float(np.linalg.norm(vec))
-        if not math.isfinite(norm) or norm < _MIN_NORM:
-            return Taste(None, ev, updated)
-        return Taste(vec / norm, ev, updated)
+        half_life = self.config.half_life_s
+        return {
+            user: parse_taste(blob, evidence, at, at_now, half_life)
+            for user, (blob, evidence, at) in zip(users, pipe.execute(), strict=True)
+        }
 
     def heard(self, user_id: str, song_ids: Sequence[str]) -> set[str]:
         if not song_ids:
@@ -250,9 +248,48 @@ class RedisListenerStore(ListenerStore):
         members = self.client.zrevrange(self.keys.heard(user_id), 0, self.config.heard_max - 1)
         return [_text(m) for m in members]
 
+    def async_reads(self) -> AsyncListenerReads:
+        return AsyncRedisListenerReads(self.config, self.keys)
+
     def close(self) -> None:
         if "client" in self.__dict__:  # never connected: nothing to close
             self.client.close()
+
+
+class AsyncRedisListenerReads(AsyncListenerReads):
+    """A user's taste hash and heard set on ``redis.asyncio``: one pipelined round trip (both keys are
+    hash-tagged by the user, so on a cluster they sit on one node)."""
+
+    def __init__(self, config: RedisListenerConfig, keys: RedisKeys) -> None:
+        self.config = config
+        self.keys = keys
+        self._redis: AsyncClient = connect_async(config.url, config.socket_timeout_s)
+
+    async def listener(self, user_id: str, now: float | None = None) -> Listener:
+        c = self.config
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.execute_command("HMGET", self.keys.user(user_id), *TASTE_FIELDS, **{NEVER_DECODE: []})
+        pipe.zrevrange(self.keys.heard(user_id), 0, c.heard_max - 1)
+        (blob, evidence, at), heard = await pipe.execute()
+        at_now = time.time() if now is None else now
+        songs = tuple(heard) if not heard or isinstance(heard[0], str) else tuple(_text(m) for m in heard)
+        return Listener(parse_taste(blob, evidence, at, at_now, c.half_life_s), songs)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def parse_taste(blob: bytes | None, evidence: bytes | None, at: bytes | None, now: float, half_life_s: float) -> Taste:
+    """A taste hash's fields as read (raw bytes), its evidence decayed to ``now``; the sync and async reads share it."""
+    if not blob or evidence is None or at is None:
+        return Taste(None, 0.0)
+    updated = float(at)
+    ev = float(evidence) * 2.0 ** (-max(0.0, now - updated) / half_life_s)
+    vec = np.frombuffer(blob, dtype="<f4").astype(np.float32)
+    norm = float(np.linalg.norm(vec))
+    if not math.isfinite(norm) or norm < _MIN_NORM:
+        return Taste(None, ev, updated)
+    return Taste(vec / norm, ev, updated)
 
 
 def _text(reply: Any) -> str:

@@ -475,6 +475,15 @@ class FeedSettings(_Section):
     name: str = Field(DEFAULT_FEED, description="The default feed (also what songs.scored rank_score uses).")
     feeds: dict[str, FeedPolicy] = Field(default_factory=lambda: {DEFAULT_FEED: FeedPolicy()})
     like_rate: LikeRatePrior = Field(default_factory=LikeRatePrior)
+    taste_weight: float = Field(
+        1.0,
+        ge=0,
+        description="Personal feeds (?user=): the taste term's weight in log-score space; a cosine of 1 at full "
+        "evidence multiplies a song's score by e^taste_weight (docs/ranking.md, 'Personal feeds'). 0: no blend.",
+    )
+    taste_evidence_half: float = Field(
+        5.0, gt=0, description="Taste evidence (about: likes) at which the taste term has half its weight."
+    )
 
     @model_validator(mode="after")
     def _check_feeds(self) -> FeedSettings:
@@ -545,6 +554,14 @@ class ApiSettings(_Section):
         ge=100,
         description="Most feed rows one filtered page scans: a page whose filters pass fewer songs in that "
         "stretch is short, and its cursor resumes after it.",
+    )
+    personal_window: int = Field(
+        200,
+        ge=1,
+        le=400,
+        description="Personal feeds: how many of the feed's eligible songs (after filters and heard ones) are "
+        "re-ordered by the taste blend; below them, the feed's own order. At most 400: the window's songs served "
+        "out of order ride in the cursor's skip set (512 keys).",
     )
     table_startup_wait_s: float = Field(
         30.0,

@@ -48,13 +48,14 @@ from ranker.events import SONG_ID_PATTERN, SongDeleted, SongId
 from ranker.serving.cursor import CursorError
 from ranker.serving.edge import Edge
 from ranker.serving.edge import error_response as _error
-from ranker.serving.filters import FilterError, FiltersIn, parse_filters
+from ranker.serving.filters import FilterError, FiltersIn
 from ranker.serving.ingest import events_router
 from ranker.serving.producer import ApiProducer
 from ranker.serving.reader import FeedReader, TableNotReady, UnknownFeedError
+from ranker.serving.requests import body_filters, check_user, query_filters
 from ranker.serving.takedown import publish_deleted, token_matches
 from ranker.settings import Settings, get_settings
-from ranker.stores import index_reader, score_store
+from ranker.stores import index_reader, listener_store, score_store
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,9 @@ class Components(_Out):
     plays: float
     likes: float
     sampled_rate: float | None = Field(None, description="Exploration slots: the Thompson draw.")
+    taste: dict[str, float] | None = Field(
+        None, description="Personal pages (?user=): the taste term's cosine, weight w and contribution."
+    )
 
 
 class Item(_Out):
@@ -112,6 +116,7 @@ class RankIn(BaseModel):
     apply_filters: bool = Field(False, description="List candidates the feed's filters reject in 'filtered'.")
     explain: bool = Field(True, description="Include each score's components (about a third of the cost).")
     filters: FiltersIn | None = Field(None, description="Request-time filters; what they reject is in 'filtered'.")
+    user: str | None = Field(None, description="A listener: taste blended in, heard songs in 'filtered'.")
 
 
 class RankOut(_Out):
@@ -193,6 +198,7 @@ def create_app(
     api = settings.api
     store = score_store(settings)
     index = index_reader(settings)
+    listeners = listener_store(settings)  # taste and heard sets for ?user= (docs/ranking.md, "Personal feeds")
     holder: dict[str, FeedReader] = {}
     producer = ApiProducer(settings.kafka)  # connects on the first takedown or POST /v1/events
 
@@ -202,8 +208,8 @@ def create_app(
         # tens of microseconds, while OpenBLAS's thread pool, contending with the event loop and
         # the other workers for the cores, made it tens of milliseconds at the tail.
         threadpool_limits(1, user_api="blas")
-        reads = store.async_reads()
-        holder["reader"] = app.state.reader = FeedReader(settings, reads, index, clock=clock)
+        reads, listener_reads = store.async_reads(), listeners.async_reads()
+        holder["reader"] = app.state.reader = FeedReader(settings, reads, index, listeners=listener_reads, clock=clock)
         sync = app.state.reader.sync
         sync.start()  # loads the song table, then follows the store's change log
         if not await sync.wait_loaded(api.table_startup_wait_s):
@@ -219,6 +225,8 @@ def create_app(
             await sync.close()
             index.close()
             await reads.close()
+            await listener_reads.close()
+            listeners.close()
             store.close()
             producer.close()
 
@@ -345,22 +353,17 @@ def create_app(
         tag_mode: str = Query("any", description="any: at least one of the tags; all: every one."),
         max_age_hours: float | None = Query(None, description="Only songs younger than this many hours."),
         exclude: list[str] = Query([], description="Song ids never served (repeat, or comma lists)."),  # noqa: B008
+        user: str | None = Query(None, description="A listener: their personal feed (docs/ranking.md)."),
     ) -> Response:
         """A page of a feed, best first, with each score's components; exploration slots are marked.
 
         Filters narrow the feed; a cursor continues only the walk of the same filters (400
-        ``cursor_filters_mismatch`` otherwise). docs/ranking.md: "Request-time filters"."""
+        ``cursor_filters_mismatch`` otherwise). docs/ranking.md: "Request-time filters". ``user``: the
+        listener's personal feed, its cursor theirs (400 ``cursor_user_mismatch``; "Personal feeds")."""
         try:
-            wanted = parse_filters(
-                generators=generator,
-                tags=tag,
-                tag_mode=tag_mode,
-                max_age_hours=max_age_hours,
-                exclude=exclude,
-                max_values=api.max_filter_values,
-                max_exclude=api.max_exclude,
-            )
-            page = await reader().page(feed, limit, cursor, rng=explore_rng, filters=wanted)
+            wanted = query_filters(api, generator, tag, tag_mode, max_age_hours, exclude)
+            who = check_user(user)
+            page = await reader().page(feed, limit, cursor, rng=explore_rng, filters=wanted, user=who)
         except FilterError as exc:
             raise ApiError(422, exc.code, str(exc)) from None
         except UnknownFeedError:
@@ -394,21 +397,12 @@ def create_app(
             raise ApiError(422, "invalid_policy", message) from None
         except ValueError as exc:
             raise ApiError(422, "invalid_policy", str(exc)) from None
-        f = body.filters or FiltersIn()
         try:
-            wanted = parse_filters(
-                generators=f.generators,
-                tags=f.tags,
-                tag_mode=f.tag_mode,
-                max_age_hours=f.max_age_hours,
-                exclude=f.exclude,
-                max_values=api.max_filter_values,
-                max_exclude=api.max_exclude,
-            )
+            wanted, who = body_filters(api, body.filters), check_user(body.user)
         except FilterError as exc:
             raise ApiError(422, exc.code, str(exc)) from None
         ranked = await reader().rank_response(
-            body.candidates, policy, apply_filters=body.apply_filters, explain=body.explain, filters=wanted
+            body.candidates, policy, apply_filters=body.apply_filters, explain=body.explain, filters=wanted, user=who
         )
         where = ranked.non_finite  # NaN and infinities, found on the score arrays before serialising
         if where is None:

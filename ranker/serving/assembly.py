@@ -18,6 +18,7 @@ from ranker.serving.batch import evaluate, sample_rates, sampled_scores
 from ranker.serving.columns import explanation_columns, explanations, mark_untrained
 from ranker.serving.cursor import MAX_SKIP, Cursor, skip_key
 from ranker.serving.page_cache import _Window
+from ranker.serving.personal import Personal
 from ranker.serving.policy import Policy, explore_positions
 
 
@@ -112,15 +113,25 @@ def page_items(
     explored: list[tuple[int, float]],
     scale: float,
     now: float,
+    person: Personal | None = None,
 ) -> list[dict[str, Any]]:
-    """The page's items, evaluated and explained in one pass over their rows."""
+    """The page's items, evaluated and explained in one pass over their rows; on a personal page a
+    row of the taste block has its score times e^(taste term) and the term in its components."""
     batch = window.batch
     assert batch is not None
-    served = batch.take(np.asarray(chosen + [j for j, _ in explored], np.intp))
+    rows = np.asarray(chosen + [j for j, _ in explored], np.intp)
+    served = batch.take(rows)
     ev = evaluate(policy, served, scale, now)
     every = np.arange(len(served))
     components = explanations(*explanation_columns(ev, served, every, now))
-    ids, scores = served.song_ids, ev.score.tolist()
+    ids, score = served.song_ids, ev.score
+    if person is not None and window.cosine is not None:
+        cosine = window.cosine[rows]
+        blended = ~np.isnan(cosine)
+        score = np.where(blended, score * np.exp(person.scale * np.where(blended, cosine, 0.0)), score)
+        for k in np.flatnonzero(blended).tolist():
+            components[k]["taste"] = person.explain(float(cosine[k]))
+    scores = score.tolist()
     n = len(chosen)
     made = [
         {"song_id": ids[k], "score": scores[k], "explore": k >= n, "components": components[k]}
@@ -143,18 +154,16 @@ def next_cursor(
     b_score: float,
     b_id: str,
     filters: int = 0,
+    user: int = 0,
 ) -> str | None:
     """Advance the boundary over the longest run of rows that are served or dropped; songs
-    served beyond it go into the skip set, skip entries passed by it leave."""
+    served beyond it go into the skip set, skip entries passed by it leave. ``window.eligible``
+    may be in any order (a personal page's is the blended one): the boundary is the feed's."""
     served = {item["song_id"] for item in items}
     ids, keys = window.ids, window.keys
     # Rows that are not eligible are always passed over, and every song served is an eligible row:
     # the walk visits the eligible places only (under filters, a small share of the rows read).
-    passed = len(ids)
-    for place in window.eligible:
-        if ids[place] not in served:
-            passed = place
-            break
+    passed = min((place for place in window.eligible if ids[place] not in served), default=len(ids))
     if passed:
         b_score, b_id = window.stored[passed - 1], ids[passed - 1]
     beyond = [place for place in window.eligible if place >= passed]
@@ -165,4 +174,9 @@ def next_cursor(
     new_skip = ahead | kept
     if len(new_skip) > MAX_SKIP:
         new_skip = ahead | set(sorted(kept)[: MAX_SKIP - len(ahead)])
-    return Cursor(feed, b_score, b_id, frozenset(new_skip), filters).encode()
+    block = window.block
+    if block is not None and window.cosine is not None and window.batch is not None:  # the block's songs left
+        in_block = np.flatnonzero(~np.isnan(window.cosine)).tolist()
+        block_ids = window.batch.song_ids
+        block = (block[0], block[1], sum(1 for j in in_block if block_ids[j] not in served))
+    return Cursor(feed, b_score, b_id, frozenset(new_skip), filters, user, block).encode()

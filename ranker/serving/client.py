@@ -19,7 +19,7 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -27,6 +27,11 @@ import httpx
 
 from ranker.serving.client_events import EVENTS_PATH, EventRounds, EventsResult
 from ranker.serving.client_events import EventResult as EventResult  # re-exported: send_events answers with it
+from ranker.serving.client_models import FeedPage as FeedPage  # re-exported, with the other models
+from ranker.serving.client_models import Filters as Filters
+from ranker.serving.client_models import RankedSong as RankedSong
+from ranker.serving.client_models import RankResult as RankResult
+from ranker.serving.client_models import SimilarSong as SimilarSong
 
 if TYPE_CHECKING:  # the client does not load pydantic: an Engagement is sent by its model_dump
     from ranker.events import Engagement
@@ -47,73 +52,6 @@ class ApexRankError(Exception):
         self.status = status
         self.code = code
         self.message = message
-
-
-@dataclass(frozen=True)
-class RankedSong:
-    song_id: str
-    score: float
-    components: dict[str, Any]
-    explore: bool = False
-
-
-@dataclass(frozen=True)
-class FeedPage:
-    feed: str
-    items: list[RankedSong]
-    next_cursor: str | None
-
-
-@dataclass(frozen=True)
-class RankResult:
-    feed: str
-    items: list[RankedSong]
-    unknown: list[str]
-    filtered: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class SimilarSong:
-    song_id: str
-    similarity: float
-
-
-@dataclass(frozen=True)
-class Filters:
-    """Request-time filters of a feed page or a rerank (docs/ranking.md, "Request-time filters").
-
-    A feed walk's cursor is bound to its filters: pass the same ``Filters`` with every page.
-    """
-
-    generators: Sequence[str] = ()
-    tags: Sequence[str] = ()
-    tag_mode: str = "any"
-    max_age_hours: float | None = None
-    exclude: Sequence[str] = ()
-
-    def query(self) -> dict[str, Any]:
-        """As feed page query parameters (lists repeat the parameter; exclude is one comma list)."""
-        out: dict[str, Any] = {}
-        if self.generators:
-            out["generator"] = list(self.generators)
-        if self.tags:
-            out["tag"] = list(self.tags)
-            out["tag_mode"] = self.tag_mode
-        if self.max_age_hours is not None:
-            out["max_age_hours"] = self.max_age_hours
-        if self.exclude:
-            out["exclude"] = ",".join(self.exclude)
-        return out
-
-    def body(self) -> dict[str, Any]:
-        """As ``POST /v1/rank``'s ``filters`` object."""
-        return {
-            "generators": list(self.generators),
-            "tags": list(self.tags),
-            "tag_mode": self.tag_mode,
-            "max_age_hours": self.max_age_hours,
-            "exclude": list(self.exclude),
-        }
 
 
 # -- the shared core: requests and their parsing, the retry decision (no I/O) ---------------------
@@ -146,10 +84,14 @@ def _as_is(data: Any) -> Any:
     return data
 
 
-def _feed_call(feed: str, limit: int, cursor: str | None, filters: Filters | None = None) -> Call[FeedPage]:
+def _feed_call(
+    feed: str, limit: int, cursor: str | None, filters: Filters | None = None, user: str | None = None
+) -> Call[FeedPage]:
     params: dict[str, Any] = {"limit": limit}
     if cursor:
         params["cursor"] = cursor
+    if user is not None:  # a personal feed; its cursors are bound to the user
+        params["user"] = user
     if filters is not None:
         params.update(filters.query())
     return Call(
@@ -166,8 +108,11 @@ def _rank_call(
     weights: Mapping[str, float] | None,
     apply_filters: bool,
     filters: Filters | None = None,
+    user: str | None = None,
 ) -> Call[RankResult]:
     body: dict[str, Any] = {"candidates": list(candidates), "apply_filters": apply_filters}
+    if user is not None:
+        body["user"] = user
     if filters is not None:
         body["filters"] = filters.body()
     if feed is not None:
@@ -312,18 +257,30 @@ class ApexRankClient(_ClientCore):
         return self._send(Call(method, path, _as_is, **kwargs))
 
     def feed(
-        self, feed: str, *, limit: int = 50, cursor: str | None = None, filters: Filters | None = None
+        self,
+        feed: str,
+        *,
+        limit: int = 50,
+        cursor: str | None = None,
+        filters: Filters | None = None,
+        user: str | None = None,
     ) -> FeedPage:
-        return self._send(_feed_call(feed, limit, cursor, filters))
+        return self._send(_feed_call(feed, limit, cursor, filters, user))
 
     def iter_feed(
-        self, feed: str, *, limit: int = 50, max_pages: int | None = None, filters: Filters | None = None
+        self,
+        feed: str,
+        *,
+        limit: int = 50,
+        max_pages: int | None = None,
+        filters: Filters | None = None,
+        user: str | None = None,
     ) -> Iterator[RankedSong]:
         """Every song of a feed, page after page (stops after ``max_pages`` pages when given)."""
         cursor: str | None = None
         pages = 0
         while max_pages is None or pages < max_pages:
-            page = self.feed(feed, limit=limit, cursor=cursor, filters=filters)
+            page = self.feed(feed, limit=limit, cursor=cursor, filters=filters, user=user)
             pages += 1
             yield from page.items
             if not page.next_cursor:
@@ -338,8 +295,9 @@ class ApexRankClient(_ClientCore):
         weights: Mapping[str, float] | None = None,
         apply_filters: bool = False,
         filters: Filters | None = None,
+        user: str | None = None,
     ) -> RankResult:
-        return self._send(_rank_call(candidates, feed, weights, apply_filters, filters))
+        return self._send(_rank_call(candidates, feed, weights, apply_filters, filters, user))
 
     def song(self, song_id: str) -> dict[str, Any]:
         return self._send(_song_call(song_id))
@@ -424,18 +382,30 @@ class AsyncApexRankClient(_ClientCore):
         return await self._send(Call(method, path, _as_is, **kwargs))
 
     async def feed(
-        self, feed: str, *, limit: int = 50, cursor: str | None = None, filters: Filters | None = None
+        self,
+        feed: str,
+        *,
+        limit: int = 50,
+        cursor: str | None = None,
+        filters: Filters | None = None,
+        user: str | None = None,
     ) -> FeedPage:
-        return await self._send(_feed_call(feed, limit, cursor, filters))
+        return await self._send(_feed_call(feed, limit, cursor, filters, user))
 
     async def iter_feed(
-        self, feed: str, *, limit: int = 50, max_pages: int | None = None, filters: Filters | None = None
+        self,
+        feed: str,
+        *,
+        limit: int = 50,
+        max_pages: int | None = None,
+        filters: Filters | None = None,
+        user: str | None = None,
     ) -> AsyncIterator[RankedSong]:
         """Every song of a feed, page after page (stops after ``max_pages`` pages when given)."""
         cursor: str | None = None
         pages = 0
         while max_pages is None or pages < max_pages:
-            page = await self.feed(feed, limit=limit, cursor=cursor, filters=filters)
+            page = await self.feed(feed, limit=limit, cursor=cursor, filters=filters, user=user)
             pages += 1
             for item in page.items:
                 yield item
@@ -451,8 +421,9 @@ class AsyncApexRankClient(_ClientCore):
         weights: Mapping[str, float] | None = None,
         apply_filters: bool = False,
         filters: Filters | None = None,
+        user: str | None = None,
     ) -> RankResult:
-        return await self._send(_rank_call(candidates, feed, weights, apply_filters, filters))
+        return await self._send(_rank_call(candidates, feed, weights, apply_filters, filters, user))
 
     async def song(self, song_id: str) -> dict[str, Any]:
         return await self._send(_song_call(song_id))

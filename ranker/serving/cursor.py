@@ -26,9 +26,17 @@ class CursorFiltersError(CursorError):
     code = "cursor_filters_mismatch"
 
 
+class CursorUserError(CursorError):
+    """A personal page's cursor used by another user (or without one)."""
+
+    code = "cursor_user_mismatch"
+
+
 # -- cursors ------------------------------------------------------------------------------------
 _CURSOR_VERSION = 2
+_PERSONAL_VERSION = 3  # a personal page's: the user tag after the filters tag, and the taste block's end
 _HEAD = struct.Struct(">BIQd")  # version, feed tag, filters tag, boundary score
+_HEAD_V3 = struct.Struct(">BIQQd")  # version, feed tag, filters tag, user tag, boundary score
 _HEAD_V1 = struct.Struct(">BId")  # version 1 (before request filters): no filters tag
 _SKIP_BYTES = 6
 
@@ -55,7 +63,10 @@ class Cursor:
 
     Encoded as url-safe base64 of a small binary record; bound to its feed and to the request
     filters it was made under (``filters``: :attr:`~ranker.serving.filters.RequestFilters.tag`,
-    0 for none). Version 1 cursors, made before filters, decode as unfiltered.
+    0 for none). Version 1 cursors, made before filters, decode as unfiltered. A personal page's
+    cursor (version 3) is also bound to its user (``user``: :func:`~ranker.serving.personal.user_tag`)
+    and carries where the taste block ends (``block``: the (score, song_id) of its last row, and how
+    many of its songs are left to serve: a page reads that many rows plus its own, not a whole block).
     """
 
     feed: str
@@ -63,26 +74,42 @@ class Cursor:
     song_id: str
     skip: frozenset[int] = field(default_factory=frozenset)
     filters: int = 0
+    user: int = 0
+    block: tuple[float, str, int] | None = None
 
     def encode(self) -> str:
         sid = self.song_id.encode("ascii")
+        personal = self.user or self.block is not None
+        if personal:
+            head = _HEAD_V3.pack(_PERSONAL_VERSION, _feed_tag(self.feed), self.filters, self.user, self.score)
+        else:
+            head = _HEAD.pack(_CURSOR_VERSION, _feed_tag(self.feed), self.filters, self.score)
         raw = (
-            _HEAD.pack(_CURSOR_VERSION, _feed_tag(self.feed), self.filters, self.score)
+            head
             + struct.pack(">B", len(sid))
             + sid
             + struct.pack(">H", len(self.skip))
             + b"".join(k.to_bytes(_SKIP_BYTES, "big") for k in sorted(self.skip))
         )
+        if personal:
+            end_score, end_id, left = self.block or (math.nan, "", 0)
+            end = end_id.encode("ascii")
+            raw += struct.pack(">dHB", end_score, max(0, min(left, 0xFFFF)), len(end)) + end
         return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
     @classmethod
-    def decode(cls, token: str, feed: str, filters: int = 0) -> Cursor:
-        """The cursor ``token`` encodes, checked against the feed and the filters tag of this request."""
+    def decode(cls, token: str, feed: str, filters: int = 0, user: int = 0) -> Cursor:
+        """The cursor ``token`` encodes, checked against the feed, the filters tag and the user tag of this
+        request. A cursor of no user continues with a user (a new listener's walk: theirs from then on)."""
+        made_by, block = 0, None
         try:
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
             if raw[:1] == b"\x01":
                 version, tag, score = _HEAD_V1.unpack_from(raw, 0)
                 made_under, pos = 0, _HEAD_V1.size
+            elif raw[:1] == bytes([_PERSONAL_VERSION]):
+                version, tag, made_under, made_by, score = _HEAD_V3.unpack_from(raw, 0)
+                pos = _HEAD_V3.size
             else:
                 version, tag, made_under, score = _HEAD.unpack_from(raw, 0)
                 pos = _HEAD.size
@@ -92,10 +119,20 @@ class Cursor:
             pos += n_id
             (n_skip,) = struct.unpack_from(">H", raw, pos)
             pos += 2
-            body = raw[pos:]
+            body = raw[pos : pos + n_skip * _SKIP_BYTES]
+            pos += len(body)
+            if version == _PERSONAL_VERSION:
+                end_score, left, n_end = struct.unpack_from(">dHB", raw, pos)
+                pos += 11
+                end_id = raw[pos : pos + n_end].decode("ascii")
+                pos += n_end
+                if len(end_id) != n_end:
+                    raise ValueError("truncated")
+                block = None if math.isnan(end_score) else (end_score, end_id, left)
         except (binascii.Error, struct.error, UnicodeDecodeError, ValueError) as exc:
             raise CursorError("malformed cursor: pass back next_cursor exactly as received") from exc
-        if version not in (1, _CURSOR_VERSION) or len(sid) != n_id or len(body) != n_skip * _SKIP_BYTES:
+        known = (1, _CURSOR_VERSION, _PERSONAL_VERSION)
+        if version not in known or len(sid) != n_id or len(body) != n_skip * _SKIP_BYTES or pos != len(raw):
             raise CursorError("malformed cursor: pass back next_cursor exactly as received")
         if tag != _feed_tag(feed):
             raise CursorError(f"this cursor belongs to another feed than {feed!r}")
@@ -106,8 +143,13 @@ class Cursor:
                 "this cursor was made under other filters: repeat the filters of the request that returned it "
                 "(generator, tag, tag_mode, max_age_hours, exclude), or start again without a cursor"
             )
+        if made_by and made_by != user:
+            raise CursorUserError(
+                "this cursor belongs to another user's personal feed: pass the user of the request that returned it, "
+                "or start again without a cursor"
+            )
         skip = frozenset(int.from_bytes(body[i : i + _SKIP_BYTES], "big") for i in range(0, len(body), _SKIP_BYTES))
-        return cls(feed, score, sid, skip, filters)
+        return cls(feed, score, sid, skip, filters, made_by, block)
 
 
 def _after(score: float, song_id: str, b_score: float, b_id: str) -> bool:

@@ -19,7 +19,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Literal
 
@@ -67,16 +67,28 @@ class RequestFilters:
     tag_mode: TagMode = "any"
     max_age_hours: float | None = None
     exclude: tuple[str, ...] = ()
+    #: A listener's heard songs (personal feeds): excluded exactly as ``exclude`` is, but not part of the
+    #: filters a cursor is bound to (the set grows as the listener plays; :meth:`excluding`).
+    heard: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def empty(self) -> bool:
+        """Nothing to mask: no request filter and no heard song."""
+        return self.requested_none and not self.heard
+
+    @property
+    def requested_none(self) -> bool:
         return not (self.generators or self.tags or self.exclude) and self.max_age_hours is None
+
+    def excluding(self, heard: Sequence[str]) -> RequestFilters:
+        """These filters, also leaving out a listener's heard songs (the cursor binding is unchanged)."""
+        return replace(self, heard=tuple(heard)) if heard else self
 
     @cached_property
     def tag(self) -> int:
         """64 bits of a hash of the normalised filters, carried by cursors; 0 for no filters (as
         cursors made before filters existed say)."""
-        if self.empty:
+        if self.requested_none:
             return 0
         text = json.dumps(
             [self.generators, self.tags, self.tag_mode, self.max_age_hours, self.exclude], separators=(",", ":")
@@ -87,9 +99,20 @@ class RequestFilters:
     def max_age_s(self) -> float | None:
         return None if self.max_age_hours is None else self.max_age_hours * 3600.0
 
-    def mask(self, table: SongTable, rows: np.ndarray) -> np.ndarray:
+    def excluded(self, table: SongTable) -> np.ndarray | None:
+        """A flag per table row: excluded (``exclude`` or heard); None when nothing is. One lookup of the ids
+        per request: a page's scan masks each range it reads with it (no await in between)."""
+        if not (self.exclude or self.heard):
+            return None
+        out = table.rows(self.exclude + self.heard)
+        flags = np.zeros(table.capacity, np.bool_)
+        flags[out[out >= 0]] = True
+        return flags
+
+    def mask(self, table: SongTable, rows: np.ndarray, excluded: np.ndarray | None = None) -> np.ndarray:
         """Which of these table rows pass the generator, tag and exclude filters (the age bound is
-        applied with the feed's window, :func:`~ranker.serving.batch.in_age_window`)."""
+        applied with the feed's window, :func:`~ranker.serving.batch.in_age_window`); ``excluded``:
+        :meth:`excluded`'s flags for this table, when the caller has them."""
         ok = np.ones(len(rows), np.bool_)
         if self.generators:
             allowed = np.zeros(len(table.generator_names), np.bool_)
@@ -97,9 +120,10 @@ class RequestFilters:
             ok &= allowed[table.generator[rows]]
         if self.tags:
             ok &= table.tag_mask(frozenset(self.tags), self.tag_mode)[table.tag_code[rows]]
-        if self.exclude:
-            out = table.rows(self.exclude)
-            ok &= ~np.isin(rows, out[out >= 0])
+        if self.exclude or self.heard:  # one meaning of "excluded", for exclude= and heard songs alike
+            flags = self.excluded(table) if excluded is None else excluded
+            assert flags is not None
+            ok &= ~flags[rows]
         return ok
 
 

@@ -32,6 +32,11 @@ class _Window:
     exhausted: bool = False
     slot: dict[str, int] = field(default_factory=dict)
     gram: np.ndarray = field(default_factory=lambda: np.empty((0, 0), dtype=np.float32))
+    #: A personal page's: each batch row's cosine with the listener's taste, NaN outside the taste block.
+    cosine: np.ndarray | None = None
+    #: A personal page's: the (score, song_id) of the taste block's last row and its songs not yet served
+    #: before this page (carried by its cursor).
+    block: tuple[float, str, int] | None = None
 
 
 #: Estimated bytes of one row passed (its id string's header, its place, score and key in the

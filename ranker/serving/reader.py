@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from indexes.base import AsyncScoreReads, faiss_id
+from indexes.listeners import AsyncListenerReads, NullAsyncListenerReads
 from indexes.redis_schema import (
     CREATED_AT,
     ENGAGEMENT_COUNTERS,
@@ -44,6 +45,7 @@ from ranker.serving.columns import (
 from ranker.serving.cursor import Cursor, _after, skip_key
 from ranker.serving.filters import NO_FILTERS, RequestFilters
 from ranker.serving.page_cache import PageCache, _Window, window_key
+from ranker.serving.personal import Personal, personal, reorder_block, user_tag
 from ranker.serving.policy import (
     Policy,
     beta_params,
@@ -91,13 +93,16 @@ class FeedReader:
         reads: AsyncScoreReads,
         vectors: VectorSource | None = None,
         *,
+        listeners: AsyncListenerReads | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``clock`` is the wall clock scores are computed at; ``monotonic`` times the caches."""
+        """``clock`` is the wall clock scores are computed at; ``monotonic`` times the caches;
+        ``listeners``: taste and heard sets for personal pages (none: every user is new)."""
         self.settings = settings
         self.reads = reads
         self.vectors = vectors
+        self.listeners = listeners or NullAsyncListenerReads()
         self.policies = compile_policies(settings.feed.feeds, settings.feed.like_rate)
         self._clock = clock
         self._monotonic = monotonic
@@ -165,26 +170,69 @@ class FeedReader:
         *,
         rng: np.random.Generator | None = None,
         filters: RequestFilters = NO_FILTERS,
+        user: str | None = None,
     ) -> FeedPage:
         """A page of ``feed`` from the song table: no store round trip (but the calibration's, once per TTL).
 
         ``filters`` narrow the feed (exploration draws from the songs they pass too); the cursor
         must come from a page with the same filters (:class:`~ranker.serving.cursor.CursorFiltersError`).
+        ``user``: a personal page (one round trip for the listener's state; docs/ranking.md, "Personal
+        feeds"): the cursor must be theirs or of no user; a new listener gets the cold-start page.
         """
         policy = self.policy(feed)
-        cur = Cursor.decode(cursor, feed, filters.tag) if cursor else None
+        cur = Cursor.decode(cursor, feed, filters.tag, user_tag(user)) if cursor else None
+        person = await self.person(user) if user else None
         scale = await self.scale()
         table = self.table  # after the await: what is served comes from one table
         now = self._clock()
         n_explore = explore_slots(limit, policy.config.explore_share)
         want = limit + (policy.config.explore_pool if n_explore else 0)
-        window = self._window(table, policy, want, cur, cursor, now, filters)
+        if person is None or person.new:
+            window = self._window(table, policy, want, cur, cursor, now, filters)
+        else:
+            window = self._personal_window(table, policy, want, cur, now, filters, person)
         chosen, explored = assemble(policy, window, limit - n_explore, n_explore, scale, now, rng)
-        items = page_items(policy, window, chosen, explored, scale, now)
+        items = page_items(policy, window, chosen, explored, scale, now, person)
         skip = set(cur.skip) if cur else set()
         b_score, b_id = (cur.score, cur.song_id) if cur else (math.inf, "")
-        following = next_cursor(feed, window, items, skip, b_score, b_id, filters.tag)
+        bound = user_tag(user) if (person is not None and not person.new) or (cur and cur.user) else 0
+        following = next_cursor(feed, window, items, skip, b_score, b_id, filters.tag, bound)
         return FeedPage(feed, items, following)
+
+    async def person(self, user: str) -> Personal:
+        """The listener's taste and heard set (one round trip), as a page or a rerank blends them."""
+        return personal(user, await self.listeners.listener(user, self._clock()), self.settings.feed)
+
+    def _personal_window(
+        self,
+        table: SongTable,
+        policy: Policy,
+        want: int,
+        cur: Cursor | None,
+        now: float,
+        filters: RequestFilters,
+        person: Personal,
+    ) -> _Window:
+        """The feed after the cursor without the heard songs, its taste block re-ordered by the blend.
+
+        The block is the first ``api.personal_window`` eligible rows of the walk (from where a walk
+        first turns personal), its end carried by the cursors: every later page re-orders what is left
+        of it with the taste as it is then, and the block's songs served ride in the skip set until the
+        boundary passes them, so none is served twice. Below the block, the feed's own order. Never
+        cached (the window is one listener's)."""
+        size = self.settings.api.personal_window
+        end = cur.block if cur is not None else None
+        passed = end is not None and cur is not None and _after(cur.score, cur.song_id, end[0], end[1])
+        scan = (size if end is None else end[2]) + want if person.blends and not passed else want  # block, a page
+        found = self._window(
+            table, policy, scan, cur, None, now, filters.excluding(person.heard), cache=False, gram=False
+        )
+        found.block = end
+        vectors: dict[str, np.ndarray] = {}
+        if person.blends and not passed:
+            vectors = reorder_block(found, table, person, size, self.vectors.vectors if self.vectors else None)
+        self._near_duplicates(found, table, policy, want, vectors)
+        return found
 
     def _window(
         self,
@@ -195,6 +243,9 @@ class FeedReader:
         token: str | None,
         now: float,
         filters: RequestFilters = NO_FILTERS,
+        *,
+        cache: bool = True,
+        gram: bool = True,
     ) -> _Window:
         """The rows after the cursor until ``want`` are eligible, read as the store's range reads would.
 
@@ -209,16 +260,17 @@ class FeedReader:
         table's columns), so a filtered page is still one walk of the feed. A scan stopped by that
         bound serves a short page whose cursor resumes after the last row it read.
         """
-        cache = self.page_cache
+        pages = self.page_cache
         key = window_key(policy.name, token, want, filters.tag)
-        if cache.enabled:
-            hit = cache.get(key)
+        if cache and pages.enabled:
+            hit = pages.get(key)
             if hit is not None:
                 return hit
         skip = np.fromiter(cur.skip, np.int64, len(cur.skip)) if cur and cur.skip else None
         start_score, start_id = (cur.score, cur.song_id) if cur else (math.inf, "")
         order = table.feeds[policy.name]
         filtered = not filters.empty
+        excluded = filters.excluded(table) if filtered else None
         budget = self.settings.api.filter_scan_rows
         found = _Window(self._monotonic())
         rows: list[int] = []  # the eligible rows' places in the table
@@ -252,7 +304,7 @@ class FeedReader:
             created = table.created_ts[candidates]
             passing = in_age_window(policy, np.where(created > now, now, created), now, filters.max_age_s)
             if filtered:
-                passing &= filters.mask(table, candidates)
+                passing &= filters.mask(table, candidates, excluded)
             ok[ok] = passing
             base = len(found.ids)
             found.ids.extend(ids)
@@ -265,16 +317,32 @@ class FeedReader:
             if (len(found.ids) >= budget) if filtered else (fetches >= _MAX_FETCHES):
                 break
             start_score, start_id = got[-1]
-        found.batch = batch = table.batch(np.asarray(rows, np.intp), now)
-        table_keys = table.key
-        if policy.config.dedup_threshold is not None and self.vectors is not None and rows:
-            vectors = self.vectors.vectors(batch.song_ids, table_keys[rows].tolist())
-            if vectors:
-                found.slot = {sid: n for n, sid in enumerate(vectors)}
-                matrix = np.stack(list(vectors.values()))
-                found.gram = matrix @ matrix.T  # cosines between every pair of candidates, once
-        cache.put(key, found)
+        found.batch = table.batch(np.asarray(rows, np.intp), now)
+        if gram:
+            self._near_duplicates(found, table, policy, len(rows))
+        if cache:
+            pages.put(key, found)
         return found
+
+    def _near_duplicates(
+        self, found: _Window, table: SongTable, policy: Policy, count: int, known: Mapping[str, np.ndarray] = {}
+    ) -> None:
+        """The cosines between every pair of the window's first ``count`` rows (the near-duplicate check's);
+        ``known``: vectors already read for this page (a personal page's block)."""
+        batch = found.batch
+        if policy.config.dedup_threshold is None or self.vectors is None or batch is None or not len(batch):
+            return
+        ids = batch.song_ids[:count]
+        todo = [sid for sid in ids if sid not in known] if known else ids
+        read: dict[str, np.ndarray] = {}
+        if todo:
+            keys = table.key[np.fromiter(map(table.row_of.__getitem__, todo), np.intp, len(todo))]
+            read = self.vectors.vectors(todo, keys.tolist())
+        vectors = {sid: v for sid in ids if (v := known.get(sid) if sid in known else read.get(sid)) is not None}
+        if vectors:
+            found.slot = {sid: n for n, sid in enumerate(vectors)}
+            matrix = np.stack(list(vectors.values()))
+            found.gram = matrix @ matrix.T  # cosines between every pair of candidates, once
 
     # -- rerank --------------------------------------------------------------------------------
     async def rank(
@@ -285,10 +353,11 @@ class FeedReader:
         apply_filters: bool = False,
         explain: bool = True,
         filters: RequestFilters = NO_FILTERS,
+        user: str | None = None,
     ) -> dict[str, Any]:
         """Order known candidates by the policy's score; unknown (unscored) and filtered ids listed apart."""
         ranked = await self.rank_response(
-            candidates, policy, apply_filters=apply_filters, explain=explain, filters=filters
+            candidates, policy, apply_filters=apply_filters, explain=explain, filters=filters, user=user
         )
         return ranked.body
 
@@ -300,6 +369,7 @@ class FeedReader:
         apply_filters: bool = False,
         explain: bool = True,
         filters: RequestFilters = NO_FILTERS,
+        user: str | None = None,
     ) -> RankResponse:
         """:meth:`rank`'s body, and where its first non-finite number is, found on the arrays.
 
@@ -308,8 +378,13 @@ class FeedReader:
 
         The candidates' rows of the song table as one columnar batch (:mod:`ranker.serving.batch`),
         the policy evaluated over it in numpy; item dicts are built only for the songs returned,
-        explanations only with ``explain``. Order: score descending, then song id.
+        explanations only with ``explain``. Order: score descending, then song id. With ``user``, the
+        listener's heard songs are filtered and every candidate's score carries the taste term
+        (docs/ranking.md, "Personal feeds"); a new listener's answer is the one without ``user``.
         """
+        person = await self.person(user) if user else None
+        if person is not None:
+            filters = filters.excluding(person.heard)
         scale = await self.scale()
         table = self.table
         now = self._clock()
@@ -327,9 +402,16 @@ class FeedReader:
         filtered = [batch.song_ids[i] for i in np.flatnonzero(~keep).tolist()]
         kept = np.flatnonzero(keep)
         ev = evaluate(policy, batch, scale, now)
-        order = kept[rank_order(ev.score[kept], [batch.song_ids[i] for i in kept.tolist()])]
+        score, cosine = ev.score, None
+        if person is not None and person.blends and len(kept):
+            kept_ids = [batch.song_ids[i] for i in kept.tolist()]
+            found = self.vectors.vectors(kept_ids, table.key[rows[known][kept]].tolist()) if self.vectors else {}
+            cosine = np.zeros(len(batch))
+            cosine[kept] = person.cosines(found, kept_ids)
+            score = score * np.exp(person.scale * cosine)
+        order = kept[rank_order(score[kept], [batch.song_ids[i] for i in kept.tolist()])]
         ids = [batch.song_ids[i] for i in order.tolist()]
-        scores = ev.score[order]
+        scores = score[order]
         columns: list[tuple[str, np.ndarray, np.ndarray | None]] = [("score", scores, None)]
         if explain:
             parts, contributions = explanation_columns(ev, batch, order, now)
@@ -340,6 +422,9 @@ class FeedReader:
                 {"song_id": sid, "score": sc, "components": comp}
                 for sid, sc, comp in zip(ids, scores.tolist(), explanations(parts, contributions), strict=True)
             ]
+            if person is not None and cosine is not None:
+                for item, c in zip(items, cosine[order].tolist(), strict=True):
+                    item["components"]["taste"] = person.explain(c)
         else:
             items = [{"song_id": sid, "score": sc} for sid, sc in zip(ids, scores.tolist(), strict=True)]
         mark_untrained(items, None if batch.untrained is None else batch.untrained[order])
