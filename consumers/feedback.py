@@ -196,6 +196,7 @@ class FeedbackConsumer:
             "ts": [e.ts for e in events],
             "feed": [e.feed for e in events],
             "position": [e.position for e in events],
+            "request_id": [e.request_id for e in events],
             "partition": [m.partition for m in kept],
             "offset": [m.offset for m in kept],
         }

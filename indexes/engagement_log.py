@@ -48,6 +48,8 @@ SCHEMA = pa.schema(
         ("position", pa.int32()),
         ("partition", pa.int32()),
         ("offset", pa.int64()),
+        # Added with issue 16: files written before it read back with nulls here.
+        ("request_id", pa.string()),
     ]
 )
 _NAME = re.compile(r"^(?P<topic>.+)-p(?P<partition>\d+)-o(?P<first>\d+)-(?P<last>\d+)\.parquet$")
@@ -64,6 +66,7 @@ class LoggedEvent:
     position: int | None
     partition: int
     offset: int
+    request_id: str | None = None
 
 
 class EngagementLog:
@@ -97,7 +100,8 @@ class EngagementLog:
 
     def append_columns(self, columns: Mapping[str, Sequence[Any]]) -> int:
         """:meth:`append` for rows given as columns: one equal-length sequence per SCHEMA field
-        (``ts`` as aware datetimes, converted to UTC). Returns how many rows were logged.
+        (``ts`` as aware datetimes, converted to UTC; ``request_id`` may be left out: nulls).
+        Returns how many rows were logged.
 
         One file per partition per call, in the day folder of its earliest event: a single file
         per offset range keeps the logged offset free of holes after a crash between files.
@@ -113,7 +117,11 @@ class EngagementLog:
                 todo.append((partition, idx[np.argsort(offsets[idx], kind="stable")]))
         if not todo:
             return 0
-        table = pa.table([pa.array(columns[f.name], type=f.type) for f in SCHEMA], schema=SCHEMA)
+        arrays = [
+            pa.array(columns[f.name], type=f.type) if f.name in columns else pa.nulls(len(offsets), f.type)
+            for f in SCHEMA
+        ]
+        table = pa.table(arrays, schema=SCHEMA)
         for partition, idx in todo:
             rows = table.take(pa.array(idx))
             first, last = int(offsets[idx[0]]), int(offsets[idx[-1]])

@@ -149,6 +149,14 @@ class Engagement(_Event):
     position: int | None = Field(
         None, ge=0, le=2**31 - 1, description="0-based rank at which the song was shown (the log keeps int32)"
     )
+    request_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9._:-]+$",
+        description="The feed or rank response that showed the song (its request_id): joins the event to what "
+        "was served, where and why.",
+    )
 
     @classmethod
     def parse(cls, raw: bytes) -> Engagement:
