@@ -289,6 +289,18 @@ class IndexReader:
             self._lock.release_read()
         return {s: found[k] for s, k in zip(song_ids, keys, strict=True) if k in found}
 
+    def vector_matrix(self, keys: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The vectors of these faiss ids as one float32 matrix, row ``i`` for ``keys[i]``, and which rows
+        were found (absent ones are zero rows); no per-song dict, so a page's block of some hundred
+        vectors is read and dotted as one array. ``(0, 0)`` columns when nothing is found."""
+        asked = np.asarray(keys, dtype=np.int64)
+        self._lock.acquire_read()
+        try:
+            found = {} if self._index is None else self._index.reconstruct_many(asked)
+        finally:
+            self._lock.release_read()
+        return _as_matrix(asked, found)
+
     def similar(self, song_id: str, k: int) -> list[tuple[str, float]]:
         """The ``k`` nearest songs (cosine), excluding the song; KeyError if it is not indexed."""
         vector = self.vector_of(song_id)
@@ -419,6 +431,26 @@ class ShardedIndexReader:
             out.update(r.vectors(todo, [key_of[s] for s in todo] if keys is not None else None))
         return {s: out[s] for s in song_ids if s in out}
 
+    def vector_matrix(self, keys: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`IndexReader.vector_matrix` over the shards (a song lives in one; the first found wins)."""
+        asked = np.asarray(keys, dtype=np.int64)
+        found = np.zeros(len(asked), np.bool_)
+        matrix = np.zeros((len(asked), 0), np.float32)
+        for r in self.readers:
+            todo = np.flatnonzero(~found)
+            if not len(todo):
+                break
+            got, rows = r.vector_matrix(asked[todo])
+            if not got.any():
+                continue
+            if matrix.shape[1] != rows.shape[1]:
+                if matrix.shape[1]:  # shards of another dimension: keep the first one's
+                    continue
+                matrix = np.zeros((len(asked), rows.shape[1]), np.float32)
+            matrix[todo[got]] = rows[got]
+            found[todo[got]] = True
+        return found, matrix
+
     def similar(self, song_id: str, k: int) -> list[tuple[str, float]]:
         vector = next((v for r in self.readers if (v := r.vector_of(song_id)) is not None), None)
         if vector is None:
@@ -429,6 +461,18 @@ class ShardedIndexReader:
                 if hit != song_id and (hit not in best or sim > best[hit]):
                     best[hit] = sim
         return sorted(best.items(), key=lambda h: -h[1])[:k]
+
+
+def _as_matrix(keys: np.ndarray, found: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``reconstruct_many``'s answer as (found mask, matrix in ``keys``' order, zero rows where absent)."""
+    if not found:
+        return np.zeros(len(keys), np.bool_), np.zeros((len(keys), 0), np.float32)
+    if len(found) == len(keys):  # the usual case: every key indexed, already in order
+        return np.ones(len(keys), np.bool_), np.array(list(found.values()), dtype=np.float32)
+    mask = np.fromiter((k in found for k in keys.tolist()), np.bool_, len(keys))
+    matrix = np.zeros((len(keys), len(next(iter(found.values())))), np.float32)
+    matrix[mask] = np.array([found[k] for k in keys[mask].tolist()], dtype=np.float32)
+    return mask, matrix
 
 
 def open_index_reader(

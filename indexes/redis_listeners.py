@@ -272,7 +272,7 @@ class AsyncRedisListenerReads(AsyncListenerReads):
         pipe.zrevrange(self.keys.heard(user_id), 0, c.heard_max - 1)
         (blob, evidence, at), heard = await pipe.execute()
         at_now = time.time() if now is None else now
-        songs = tuple(heard) if not heard or isinstance(heard[0], str) else tuple(_text(m) for m in heard)
+        songs = tuple(heard) if not heard or isinstance(heard[0], str) else tuple(map(bytes.decode, heard))
         return Listener(parse_taste(blob, evidence, at, at_now, c.half_life_s), songs)
 
     async def close(self) -> None:

@@ -163,20 +163,23 @@ def next_cursor(
     ids, keys = window.ids, window.keys
     # Rows that are not eligible are always passed over, and every song served is an eligible row:
     # the walk visits the eligible places only (under filters, a small share of the rows read).
-    passed = min((place for place in window.eligible if ids[place] not in served), default=len(ids))
+    # Row j of the window's batch is its eligible place j: one served flag per row, numpy on the places.
+    places = np.asarray(window.eligible, np.intp)
+    row_ids = window.batch.song_ids if window.batch is not None else [ids[p] for p in window.eligible]
+    hit = np.fromiter(map(served.__contains__, row_ids), np.bool_, len(places))
+    unserved = places[~hit]
+    passed = int(unserved.min()) if len(unserved) else len(ids)
     if passed:
         b_score, b_id = window.stored[passed - 1], ids[passed - 1]
-    beyond = [place for place in window.eligible if place >= passed]
-    ahead = {skip_key(keys[place]) for place in beyond if ids[place] in served}
-    if window.exhausted and all(ids[place] in served for place in beyond):
+    beyond = places >= passed
+    ahead = {skip_key(keys[place]) for place in places[beyond & hit].tolist()}
+    if window.exhausted and bool(hit[beyond].all()):
         return None
-    kept = skip.difference(skip_key(k) for k in keys[:passed]) if skip else set()
+    kept = skip.difference(skip_key(np.asarray(keys[:passed], np.int64)).tolist()) if skip else set()  # type: ignore[arg-type,attr-defined]
     new_skip = ahead | kept
     if len(new_skip) > MAX_SKIP:
         new_skip = ahead | set(sorted(kept)[: MAX_SKIP - len(ahead)])
     block = window.block
     if block is not None and window.cosine is not None and window.batch is not None:  # the block's songs left
-        in_block = np.flatnonzero(~np.isnan(window.cosine)).tolist()
-        block_ids = window.batch.song_ids
-        block = (block[0], block[1], sum(1 for j in in_block if block_ids[j] not in served))
+        block = (block[0], block[1], int(np.count_nonzero(~np.isnan(window.cosine) & ~hit)))
     return Cursor(feed, b_score, b_id, frozenset(new_skip), filters, user, block).encode()

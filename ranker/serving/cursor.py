@@ -8,6 +8,9 @@ import math
 import struct
 import zlib
 from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
 
 from indexes.base import faiss_id
 
@@ -77,6 +80,18 @@ class Cursor:
     user: int = 0
     block: tuple[float, str, int] | None = None
 
+    @cached_property
+    def _skip_sorted(self) -> np.ndarray:
+        return np.sort(np.fromiter(self.skip, np.int64, len(self.skip)))
+
+    def skips(self, keys: np.ndarray) -> np.ndarray:
+        """Which of these skip keys the cursor skips (a sorted search: a page asks once per range read)."""
+        known = self._skip_sorted
+        if not len(known):
+            return np.zeros(len(keys), np.bool_)
+        at = np.minimum(np.searchsorted(known, keys), len(known) - 1)
+        return known[at] == keys
+
     def encode(self) -> str:
         sid = self.song_id.encode("ascii")
         personal = self.user or self.block is not None
@@ -84,13 +99,7 @@ class Cursor:
             head = _HEAD_V3.pack(_PERSONAL_VERSION, _feed_tag(self.feed), self.filters, self.user, self.score)
         else:
             head = _HEAD.pack(_CURSOR_VERSION, _feed_tag(self.feed), self.filters, self.score)
-        raw = (
-            head
-            + struct.pack(">B", len(sid))
-            + sid
-            + struct.pack(">H", len(self.skip))
-            + b"".join(k.to_bytes(_SKIP_BYTES, "big") for k in sorted(self.skip))
-        )
+        raw = head + struct.pack(">B", len(sid)) + sid + struct.pack(">H", len(self.skip)) + _skip_bytes(self.skip)
         if personal:
             end_score, end_id, left = self.block or (math.nan, "", 0)
             end = end_id.encode("ascii")
@@ -148,8 +157,22 @@ class Cursor:
                 "this cursor belongs to another user's personal feed: pass the user of the request that returned it, "
                 "or start again without a cursor"
             )
-        skip = frozenset(int.from_bytes(body[i : i + _SKIP_BYTES], "big") for i in range(0, len(body), _SKIP_BYTES))
+        skip = frozenset(_skip_keys(body))
         return cls(feed, score, sid, skip, filters, made_by, block)
+
+
+def _skip_bytes(skip: frozenset[int]) -> bytes:
+    """The skip keys, sorted, as big-endian ``_SKIP_BYTES``-byte integers (one numpy pass, not one per key)."""
+    keys = np.sort(np.fromiter(skip, np.uint64, len(skip))).astype(">u8")
+    return keys.view(np.uint8).reshape(-1, 8)[:, 8 - _SKIP_BYTES :].tobytes()
+
+
+def _skip_keys(body: bytes) -> list[int]:
+    """:func:`_skip_bytes` read back."""
+    n = len(body) // _SKIP_BYTES
+    wide = np.zeros((n, 8), np.uint8)
+    wide[:, 8 - _SKIP_BYTES :] = np.frombuffer(body, np.uint8, n * _SKIP_BYTES).reshape(n, _SKIP_BYTES)
+    return wide.view(">u8").ravel().tolist()
 
 
 def _after(score: float, song_id: str, b_score: float, b_id: str) -> bool:

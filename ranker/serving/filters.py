@@ -84,6 +84,15 @@ class RequestFilters:
         """These filters, also leaving out a listener's heard songs (the cursor binding is unchanged)."""
         return replace(self, heard=tuple(heard)) if heard else self
 
+    @property
+    def requested(self) -> RequestFilters:
+        """These filters without the heard songs: what a page can mask before the listener's state lands."""
+        return replace(self, heard=()) if self.heard else self
+
+    def heard_flags(self, table: SongTable) -> np.ndarray | None:
+        """A flag per table row: a heard song; None when none is."""
+        return RequestFilters(heard=self.heard).excluded(table) if self.heard else None
+
     @cached_property
     def tag(self) -> int:
         """64 bits of a hash of the normalised filters, carried by cursors; 0 for no filters (as

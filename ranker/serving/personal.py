@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -75,20 +75,18 @@ class Personal:
         """Nothing to personalise: the cold-start page, exactly."""
         return not self.blends and not self.heard
 
-    def cosines(self, found: Mapping[str, np.ndarray], song_ids: Sequence[str]) -> np.ndarray:
-        """Each song's cosine with the taste; 0 for a song without a vector (or no taste)."""
-        out = np.zeros(len(song_ids))
-        if self.vector is None or not found:
+    def cosines(self, found: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+        """Each row's cosine with the taste (``matrix``: the songs' vectors, ``found``: which rows hold
+        one); 0 for a song without a vector (or no taste)."""
+        out = np.zeros(len(found))
+        if self.vector is None or not found.any():
             return out
-        at = [i for i, sid in enumerate(song_ids) if sid in found]
-        if not at:
-            return out
-        matrix = np.stack([found[song_ids[i]] for i in at])
         if matrix.shape[1] != len(self.vector):  # a taste of another encoder's dimension: no direction here
             return out
         norms = np.sqrt(np.einsum("ij,ij->i", matrix, matrix))
         dots = matrix @ self.vector.astype(matrix.dtype)
-        out[at] = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), 0.0)
+        ok = found & (norms > 0)
+        out[ok] = dots[ok] / norms[ok]
         return out
 
     def explain(self, cosine: float) -> dict[str, Any]:
@@ -109,25 +107,34 @@ def block_order(stored: np.ndarray, cosines: np.ndarray, scale: float) -> np.nda
     return np.argsort(-(stored + scale * cosines), kind="stable")
 
 
+@dataclass(frozen=True)
+class BlockVectors:
+    """The taste block's vectors as read for its re-order, kept for the page's near-duplicate check:
+    batch row ``j`` of the re-ordered block is matrix row ``order[j]``."""
+
+    order: np.ndarray
+    found: np.ndarray
+    matrix: np.ndarray
+
+
 def reorder_block(
     found: _Window,
-    table: SongTable,
     person: Personal,
     size: int,
-    read: Callable[[Sequence[str], Sequence[int]], dict[str, np.ndarray]] | None,
-) -> dict[str, np.ndarray]:
-    """Re-order a personal window's taste block in place (see :meth:`FeedReader._personal_window
-    <ranker.serving.reader.FeedReader._personal_window>`); the block's vectors read (``read``: the
-    index's; None: every cosine is 0).
+    read: Callable[[Sequence[int]], tuple[np.ndarray, np.ndarray]] | None,
+) -> tuple[np.ndarray, BlockVectors] | None:
+    """Re-order a personal window's taste block (see :meth:`FeedReader._personal_window
+    <ranker.serving.reader.FeedReader._personal_window>`) before its columns are taken: the
+    permutation of its eligible rows, and the block's vectors, read as one matrix (``read``: the
+    index's ``vector_matrix``; None: every cosine is 0). None: nothing eligible.
 
     ``found.block`` is the block's end the cursor carried, or None: the block starts here, as the first
     ``size`` eligible rows. The block's rows lead the window in blended order, the rest follow in
-    the feed's; ``found.cosine`` holds each row's cosine (NaN below the block)."""
-    batch = found.batch
-    assert batch is not None
+    the feed's; ``found.eligible`` is re-ordered in place and ``found.cosine`` holds each row's cosine
+    (NaN below the block)."""
     places = found.eligible
-    if not len(batch):
-        return {}
+    if not places:
+        return None
     end = found.block
     if end is None:
         n = min(size, len(places))
@@ -138,13 +145,35 @@ def reorder_block(
             if _after(found.stored[place], found.ids[place], end[0], end[1]):
                 n = k
                 break
-    ids = batch.song_ids[:n]
-    keys = table.key[np.fromiter(map(table.row_of.__getitem__, ids), np.intp, n)]
-    vectors = read(ids, keys.tolist()) if read is not None else {}
-    cosine = person.cosines(vectors, ids)
+    keys = [found.keys[place] for place in places[:n]]
+    got, matrix = read(keys) if read is not None else (np.zeros(n, np.bool_), np.zeros((n, 0), np.float32))
+    cosine = person.cosines(got, matrix)
     stored = np.asarray([found.stored[place] for place in places[:n]])
-    perm = np.concatenate([block_order(stored, cosine, person.scale), np.arange(n, len(batch))])
-    found.cosine = np.concatenate([cosine, np.full(len(batch) - n, np.nan)])[perm]
+    order = block_order(stored, cosine, person.scale)
+    perm = np.concatenate([order, np.arange(n, len(places))])
+    found.cosine = np.concatenate([cosine, np.full(len(places) - n, np.nan)])[perm]
     found.eligible = [places[j] for j in perm.tolist()]
-    found.batch = batch.take(perm)
-    return vectors
+    return perm, BlockVectors(order, got, matrix)
+
+
+def block_gram(
+    table: SongTable,
+    ids: list[str],
+    block: BlockVectors,
+    read: Callable[[Sequence[int]], tuple[np.ndarray, np.ndarray]],
+) -> tuple[dict[str, int], np.ndarray]:
+    """The near-duplicate check's slots and Gram matrix for a personal window's first rows ``ids``, from the
+    block's matrix (its rows lead the window); rows past the block are read as one matrix too."""
+    m = min(len(ids), len(block.order))
+    src = block.order[:m]
+    have, matrix = block.found[src], block.matrix[src]
+    if m < len(ids):
+        rest = ids[m:]
+        got, more = read(table.key[np.fromiter(map(table.row_of.__getitem__, rest), np.intp, len(rest))].tolist())
+        if more.shape[1] == matrix.shape[1]:
+            have, matrix = np.concatenate([have, got]), np.concatenate([matrix, more])
+    rows = np.flatnonzero(have)
+    if not len(rows):
+        return {}, np.empty((0, 0), dtype=np.float32)
+    matrix = matrix[rows] if len(rows) < len(matrix) else matrix
+    return {ids[j]: n for n, j in enumerate(rows.tolist())}, matrix @ matrix.T

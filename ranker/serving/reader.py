@@ -10,6 +10,7 @@ The cursor is keyset based (:mod:`ranker.serving.cursor`). One song's record
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -19,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from indexes.base import AsyncScoreReads, faiss_id
+from indexes.base import AsyncScoreReads
 from indexes.listeners import AsyncListenerReads, NullAsyncListenerReads
 from indexes.redis_schema import (
     CREATED_AT,
@@ -42,10 +43,10 @@ from ranker.serving.columns import (
     mark_untrained,
     rank_order,
 )
-from ranker.serving.cursor import Cursor, _after, skip_key
+from ranker.serving.cursor import Cursor, _after
 from ranker.serving.filters import NO_FILTERS, RequestFilters
 from ranker.serving.page_cache import PageCache, _Window, window_key
-from ranker.serving.personal import Personal, personal, reorder_block, user_tag
+from ranker.serving.personal import BlockVectors, Personal, block_gram, personal, reorder_block, user_tag
 from ranker.serving.policy import (
     Policy,
     beta_params,
@@ -54,7 +55,7 @@ from ranker.serving.policy import (
     explore_slots,
 )
 from ranker.serving.state import WRITE_FIELDS, _float, state_from_fields
-from ranker.serving.table import SongTable
+from ranker.serving.table import FeedRange, SongTable
 from ranker.serving.table_sync import TableSync
 from ranker.settings import FeedPolicy, Settings
 
@@ -74,6 +75,10 @@ class TableNotReady(RuntimeError):
 class VectorSource(Protocol):
     def vectors(self, song_ids: Sequence[str], keys: Sequence[int] | None = None) -> dict[str, np.ndarray]:
         """The songs' vectors, in their order (absent ones left out); ``keys``: their faiss ids."""
+        ...
+
+    def vector_matrix(self, keys: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The vectors of these faiss ids as one matrix in their order, and which were found."""
         ...
 
 
@@ -181,16 +186,29 @@ class FeedReader:
         """
         policy = self.policy(feed)
         cur = Cursor.decode(cursor, feed, filters.tag, user_tag(user)) if cursor else None
-        person = await self.person(user) if user else None
-        scale = await self.scale()
-        table = self.table  # after the await: what is served comes from one table
-        now = self._clock()
         n_explore = explore_slots(limit, policy.config.explore_share)
         want = limit + (policy.config.explore_pool if n_explore else 0)
+        first: FeedRange | None = None
+        if user:  # the listener's state is read while the first range of their scan is
+            reading = asyncio.ensure_future(self.person(user))
+            try:
+                await asyncio.sleep(0)  # one turn of the loop: the read goes out now, not at the await below
+                scale = await self.scale()
+                table = self.table
+                now = self._clock()
+                first = self._read_ahead(table, policy, want, cur, now, filters)
+                person: Personal | None = await reading
+            finally:
+                reading.cancel()  # a no-op once it is done; on an error here, nothing is left running
+        else:
+            person = None
+            scale = await self.scale()
+            table = self.table  # after the await: what is served comes from one table
+            now = self._clock()
         if person is None or person.new:
             window = self._window(table, policy, want, cur, cursor, now, filters)
         else:
-            window = self._personal_window(table, policy, want, cur, now, filters, person)
+            window = self._personal_window(table, policy, want, cur, now, filters, person, first)
         chosen, explored = assemble(policy, window, limit - n_explore, n_explore, scale, now, rng)
         items = page_items(policy, window, chosen, explored, scale, now, person)
         skip = set(cur.skip) if cur else set()
@@ -203,6 +221,23 @@ class FeedReader:
         """The listener's taste and heard set (one round trip), as a page or a rerank blends them."""
         return personal(user, await self.listeners.listener(user, self._clock()), self.settings.feed)
 
+    def _scan_size(self, want: int, cur: Cursor | None, blends: bool) -> int:
+        """The eligible rows a personal window scans for: the taste block's (left) and a page, or a page."""
+        end = cur.block if cur is not None else None
+        passed = end is not None and cur is not None and _after(cur.score, cur.song_id, end[0], end[1])
+        size = self.settings.api.personal_window
+        return (size if end is None else end[2]) + want if blends and not passed else want
+
+    def _read_ahead(
+        self, table: SongTable, policy: Policy, want: int, cur: Cursor | None, now: float, filters: RequestFilters
+    ) -> FeedRange:
+        """The first range a blending listener's window reads, masked by all but their heard songs (which
+        are still on their way): :meth:`_window` uses it when its first range is this one."""
+        requested = filters.requested
+        excluded = requested.excluded(table) if not requested.empty else None
+        start = (cur.score, cur.song_id) if cur else (math.inf, "")
+        return FeedRange.read(table, policy, cur, start, self._scan_size(want, cur, True) + 8, now, requested, excluded)
+
     def _personal_window(
         self,
         table: SongTable,
@@ -212,6 +247,7 @@ class FeedReader:
         now: float,
         filters: RequestFilters,
         person: Personal,
+        first: FeedRange | None = None,
     ) -> _Window:
         """The feed after the cursor without the heard songs, its taste block re-ordered by the blend.
 
@@ -223,15 +259,33 @@ class FeedReader:
         size = self.settings.api.personal_window
         end = cur.block if cur is not None else None
         passed = end is not None and cur is not None and _after(cur.score, cur.song_id, end[0], end[1])
-        scan = (size if end is None else end[2]) + want if person.blends and not passed else want  # block, a page
+        scan = self._scan_size(want, cur, person.blends)
+        read = self.vectors.vector_matrix if self.vectors else None
+        blocks: list[BlockVectors] = []
+
+        def arrange(window: _Window) -> np.ndarray | None:
+            window.block = end
+            done = reorder_block(window, person, size, read)
+            if done is None:
+                return None
+            blocks.append(done[1])
+            return done[0]
+
         found = self._window(
-            table, policy, scan, cur, None, now, filters.excluding(person.heard), cache=False, gram=False
+            table,
+            policy,
+            scan,
+            cur,
+            None,
+            now,
+            filters.excluding(person.heard),
+            cache=False,
+            gram=False,
+            first=first,
+            arrange=arrange if person.blends and not passed else None,
         )
-        found.block = end
-        vectors: dict[str, np.ndarray] = {}
-        if person.blends and not passed:
-            vectors = reorder_block(found, table, person, size, self.vectors.vectors if self.vectors else None)
-        self._near_duplicates(found, table, policy, want, vectors)
+        found.block = end if not blocks else found.block
+        self._near_duplicates(found, table, policy, want, blocks[0] if blocks else None)
         return found
 
     def _window(
@@ -246,6 +300,8 @@ class FeedReader:
         *,
         cache: bool = True,
         gram: bool = True,
+        first: FeedRange | None = None,
+        arrange: Callable[[_Window], np.ndarray | None] | None = None,
     ) -> _Window:
         """The rows after the cursor until ``want`` are eligible, read as the store's range reads would.
 
@@ -258,7 +314,13 @@ class FeedReader:
         Under request filters the scan reads on in doubling ranges until ``want`` rows pass or
         ``api.filter_scan_rows`` rows are passed: each range is masked at once (numpy over the
         table's columns), so a filtered page is still one walk of the feed. A scan stopped by that
-        bound serves a short page whose cursor resumes after the last row it read.
+        bound serves a short page whose cursor resumes after the last row it read. A listener's heard
+        songs alone (a bounded set, most rows pass) read as the unfiltered walk does, what is still
+        wanted plus 8 a range, within the same bound: doubling would read hundreds of rows no page uses.
+        ``first``: the scan's first range, read ahead (:meth:`~ranker.serving.table.FeedRange.read`);
+        used only if it is the range this scan reads.
+        ``arrange``: re-orders the eligible rows before their columns are taken (a personal page's block),
+        giving the permutation (None: as they are), so the columns are copied once, in page order.
         """
         pages = self.page_cache
         key = window_key(policy.name, token, want, filters.tag)
@@ -266,58 +328,42 @@ class FeedReader:
             hit = pages.get(key)
             if hit is not None:
                 return hit
-        skip = np.fromiter(cur.skip, np.int64, len(cur.skip)) if cur and cur.skip else None
         start_score, start_id = (cur.score, cur.song_id) if cur else (math.inf, "")
-        order = table.feeds[policy.name]
         filtered = not filters.empty
-        excluded = filters.excluded(table) if filtered else None
+        requested = filters.requested
+        excluded = requested.excluded(table) if not requested.empty else None
+        heard = filters.heard_flags(table)
         budget = self.settings.api.filter_scan_rows
         found = _Window(self._monotonic())
         rows: list[int] = []  # the eligible rows' places in the table
         fetches = 0
         while True:
             count = want - len(found.eligible) + 8
-            if filtered:  # doubling ranges, within the budget
+            if not requested.empty:  # request filters may pass few rows: doubling ranges, within the budget
                 count = max(count, min(want << fetches, budget - len(found.ids)))
-            got = order.window_keys(None if math.isinf(start_score) else start_score, count)  # (score, id)
-            if got and not _after(*got[-1], start_score, start_id):
-                # More than ``count`` songs tie at the boundary's score: a range by score would
-                # return the same rows again and again (the store path stalled here, serving the
-                # same cursor for ever). Read on strictly after the boundary instead.
-                got = order.after_keys(start_score, start_id, count)
+            if fetches == 0 and first is not None and first.count == count and first.start == (start_score, start_id):
+                got = first  # read while the listener's state was on its way
+            else:
+                got = FeedRange.read(table, policy, cur, (start_score, start_id), count, now, requested, excluded)
             fetches += 1
-            found.exhausted = len(got) < count
-            lead = 0  # rows not strictly after the boundary (its score's ties) lead the range
-            while lead < len(got) and not _after(*got[lead], start_score, start_id):
-                lead += 1
-            scores, ids = ([], []) if lead == len(got) else map(list, zip(*got[lead:], strict=True))
-            at = table.rows(ids)
-            known = at >= 0
-            keys = table.key[np.where(known, at, 0)]
-            if not known.all():
-                for i in np.flatnonzero(~known).tolist():
-                    keys[i] = faiss_id(ids[i])
-            ok = known
-            if skip is not None:
-                ok &= ~np.isin(skip_key(keys), skip)  # type: ignore[arg-type]
-            candidates = at[ok]
-            created = table.created_ts[candidates]
-            passing = in_age_window(policy, np.where(created > now, now, created), now, filters.max_age_s)
-            if filtered:
-                passing &= filters.mask(table, candidates, excluded)
-            ok[ok] = passing
+            found.exhausted = len(got.got) < count
+            ok = got.ok
+            if heard is not None:  # the listener's heard songs, the one mask that waits for their state
+                ok &= ~heard[np.where(ok, got.at, 0)]
             base = len(found.ids)
-            found.ids.extend(ids)
-            found.stored.extend(scores)
-            found.keys.extend(keys.tolist())
+            found.ids.extend(got.ids)
+            found.stored.extend(got.scores)
+            found.keys.extend(got.keys.tolist())
             found.eligible.extend((np.flatnonzero(ok) + base).tolist())
-            rows.extend(at[ok].tolist())
-            if found.exhausted or len(found.eligible) >= want or not got:
+            rows.extend(got.at[ok].tolist())
+            if found.exhausted or len(found.eligible) >= want or not got.got:
                 break
             if (len(found.ids) >= budget) if filtered else (fetches >= _MAX_FETCHES):
                 break
-            start_score, start_id = got[-1]
-        found.batch = table.batch(np.asarray(rows, np.intp), now)
+            start_score, start_id = got.got[-1]
+        at = np.asarray(rows, np.intp)
+        perm = arrange(found) if arrange is not None else None
+        found.batch = table.batch(at if perm is None else at[perm], now)
         if gram:
             self._near_duplicates(found, table, policy, len(rows))
         if cache:
@@ -325,20 +371,19 @@ class FeedReader:
         return found
 
     def _near_duplicates(
-        self, found: _Window, table: SongTable, policy: Policy, count: int, known: Mapping[str, np.ndarray] = {}
+        self, found: _Window, table: SongTable, policy: Policy, count: int, block: BlockVectors | None = None
     ) -> None:
         """The cosines between every pair of the window's first ``count`` rows (the near-duplicate check's);
-        ``known``: vectors already read for this page (a personal page's block)."""
+        ``block``: a personal page's block vectors, already read (its rows lead the window)."""
         batch = found.batch
         if policy.config.dedup_threshold is None or self.vectors is None or batch is None or not len(batch):
             return
         ids = batch.song_ids[:count]
-        todo = [sid for sid in ids if sid not in known] if known else ids
-        read: dict[str, np.ndarray] = {}
-        if todo:
-            keys = table.key[np.fromiter(map(table.row_of.__getitem__, todo), np.intp, len(todo))]
-            read = self.vectors.vectors(todo, keys.tolist())
-        vectors = {sid: v for sid in ids if (v := known.get(sid) if sid in known else read.get(sid)) is not None}
+        if block is not None and block.matrix.shape[1]:
+            found.slot, found.gram = block_gram(table, ids, block, self.vectors.vector_matrix)
+            return
+        keys = table.key[np.fromiter(map(table.row_of.__getitem__, ids), np.intp, len(ids))]
+        vectors = self.vectors.vectors(ids, keys.tolist())
         if vectors:
             found.slot = {sid: n for n, sid in enumerate(vectors)}
             matrix = np.stack(list(vectors.values()))
@@ -404,10 +449,10 @@ class FeedReader:
         ev = evaluate(policy, batch, scale, now)
         score, cosine = ev.score, None
         if person is not None and person.blends and len(kept):
-            kept_ids = [batch.song_ids[i] for i in kept.tolist()]
-            found = self.vectors.vectors(kept_ids, table.key[rows[known][kept]].tolist()) if self.vectors else {}
+            keys = table.key[rows[known][kept]].tolist()
+            got, matrix = self.vectors.vector_matrix(keys) if self.vectors else (np.zeros(len(keys), np.bool_), None)
             cosine = np.zeros(len(batch))
-            cosine[kept] = person.cosines(found, kept_ids)
+            cosine[kept] = person.cosines(got, matrix) if matrix is not None else 0.0
             score = score * np.exp(person.scale * cosine)
         order = kept[rank_order(score[kept], [batch.song_ids[i] for i in kept.tolist()])]
         ids = [batch.song_ids[i] for i in order.tolist()]

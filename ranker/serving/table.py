@@ -18,15 +18,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from itertools import repeat
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sortedcontainers import SortedList
 
 from indexes.base import faiss_id
 from ranker.events import TASKS
-from ranker.serving.batch import SongBatch
-from ranker.serving.policy import parse_tags, tags_match
+from ranker.serving.batch import SongBatch, in_age_window
+from ranker.serving.cursor import Cursor, _after, skip_key
+from ranker.serving.policy import Policy, parse_tags, tags_match
+
+if TYPE_CHECKING:
+    from ranker.serving.filters import RequestFilters
 
 #: Tag filters whose per-tag-set answers the table keeps (:meth:`SongTable.tag_mask`).
 _TAG_MASKS = 256
@@ -90,6 +96,63 @@ class FeedOrder:
     def items(self) -> list[tuple[str, float]]:
         """Every (song_id, score), best first."""
         return [(song_id, score) for score, song_id in reversed(self._keys)]
+
+
+@dataclass
+class FeedRange:
+    """One range of a feed read by a page's scan (:meth:`FeedReader._window
+    <ranker.serving.reader.FeedReader._window>`), masked by all but a listener's heard songs."""
+
+    start: tuple[float, str]
+    count: int
+    got: list[tuple[float, str]]  # (score, id) as read
+    ids: list[str]  # those strictly after ``start``
+    scores: list[float]
+    at: np.ndarray  # their table rows (-1: unknown)
+    keys: np.ndarray  # their faiss ids
+    ok: np.ndarray  # known, not skipped, in the age window, passing the request filters
+
+    @classmethod
+    def read(
+        cls,
+        table: SongTable,
+        policy: Policy,
+        cur: Cursor | None,
+        start: tuple[float, str],
+        count: int,
+        now: float,
+        filters: RequestFilters,
+        excluded: np.ndarray | None,
+    ) -> FeedRange:
+        """``count`` rows of the feed from ``start``; ``filters`` without heard songs."""
+        order = table.feeds[policy.name]
+        start_score, start_id = start
+        got = order.window_keys(None if math.isinf(start_score) else start_score, count)  # (score, id)
+        if got and not _after(*got[-1], start_score, start_id):
+            # More than ``count`` songs tie at the boundary's score: a range by score would
+            # return the same rows again and again (the store path stalled here, serving the
+            # same cursor for ever). Read on strictly after the boundary instead.
+            got = order.after_keys(start_score, start_id, count)
+        lead = 0  # rows not strictly after the boundary (its score's ties) lead the range
+        while lead < len(got) and not _after(*got[lead], start_score, start_id):
+            lead += 1
+        scores, ids = ([], []) if lead == len(got) else map(list, zip(*got[lead:], strict=True))
+        at = table.rows(ids)
+        known = at >= 0
+        keys = table.key[np.where(known, at, 0)]
+        if not known.all():
+            for i in np.flatnonzero(~known).tolist():
+                keys[i] = faiss_id(ids[i])
+        ok = known
+        if cur is not None and cur.skip:
+            ok &= ~cur.skips(skip_key(keys))  # type: ignore[arg-type]
+        candidates = at[ok]
+        created = table.created_ts[candidates]
+        passing = in_age_window(policy, np.where(created > now, now, created), now, filters.max_age_s)
+        if not filters.empty:
+            passing &= filters.mask(table, candidates, excluded)
+        ok[ok] = passing
+        return cls(start, count, got, ids, scores, at, keys, ok)
 
 
 class SongTable:

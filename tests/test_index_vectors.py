@@ -1,0 +1,58 @@
+"""The API's index readers hand a page's vectors over as one matrix, row for row with the keys asked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from indexes.base import faiss_id
+from indexes.index_reader import IndexReader, ShardedIndexReader
+from ranker import stores
+from ranker.settings import IndexSettings, Settings
+from tests.test_indexes import DIM, open_index, records
+
+
+def test_a_matrix_in_the_keys_order_with_zero_rows_for_songs_not_indexed(tmp_path: Path) -> None:
+    recs = records(12, seed=5)
+    with open_index(tmp_path / "index") as index:
+        index.add(recs)
+    reader = IndexReader(tmp_path / "index", "Flat")
+    try:
+        reader.load()
+        asked = ["song-7", "song-2", "not-indexed", "song-11", "song-0"]
+        found, matrix = reader.vector_matrix([faiss_id(s) for s in asked])
+        assert found.tolist() == [True, True, False, True, True]
+        assert matrix.shape == (5, DIM) and matrix.dtype == np.float32
+        by_id = reader.vectors(asked)
+        for i, sid in enumerate(asked):
+            expected = by_id.get(sid, np.zeros(DIM, np.float32))
+            np.testing.assert_array_equal(matrix[i], expected)
+        every, rows = reader.vector_matrix([faiss_id(s) for s in ("song-3", "song-1")])  # all present: in order
+        assert every.all()
+        np.testing.assert_allclose(rows, np.stack([recs[3].vector, recs[1].vector]), rtol=0, atol=1e-6)
+        none, empty = reader.vector_matrix([faiss_id("nobody")])
+        assert not none.any() and empty.shape[0] == 1
+    finally:
+        reader.close()
+
+
+def test_the_sharded_reader_fills_each_row_from_the_shard_holding_the_song(tmp_path: Path) -> None:
+    a, b = records(6, seed=1, prefix="w0"), records(5, seed=2, prefix="w1")
+    for name, recs in (("shard-0", a), ("shard-1", b)):
+        with open_index(tmp_path / name) as index:
+            index.add(recs)
+    settings = Settings(
+        state_dir=tmp_path / "state", index=IndexSettings(factory="Flat", shards=[str(tmp_path / "shard-*")])
+    )
+    reader = stores.index_reader(settings)
+    assert isinstance(reader, ShardedIndexReader)
+    try:
+        reader.load()
+        asked = ["w1-4", "w0-0", "missing", "w0-5", "w1-0"]
+        found, matrix = reader.vector_matrix([faiss_id(s) for s in asked])
+        assert found.tolist() == [True, True, False, True, True]
+        expected = [b[4].vector, a[0].vector, np.zeros(DIM), a[5].vector, b[0].vector]
+        np.testing.assert_allclose(matrix, np.stack(expected), rtol=0, atol=1e-6)
+    finally:
+        reader.close()
