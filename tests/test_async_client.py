@@ -90,12 +90,14 @@ async def async_results(client: AsyncApexRankClient) -> dict[str, Any]:
 
 
 def timeless(value: Any) -> Any:
-    """``value`` with every song's ``age_hours`` component (measured from the clock at each request) left out."""
+    """``value`` with every song's ``age_hours`` component (measured from the clock at each request) and each
+    response's own ``request_id`` left out (a fresh 32-hex id is checked for)."""
     if isinstance(value, RankedSong):
         assert value.components.get("age_hours", -1.0) >= 0
         return replace(value, components={k: v for k, v in value.components.items() if k != "age_hours"})
     if isinstance(value, FeedPage | RankResult):
-        return replace(value, items=timeless(value.items))
+        assert value.request_id is not None and len(value.request_id) == 32
+        return replace(value, items=timeless(value.items), request_id=None)
     if isinstance(value, dict):
         return {k: timeless(v) for k, v in value.items()}
     if isinstance(value, list):

@@ -71,3 +71,21 @@ def test_log_files_written_before_the_column_read_back_with_nulls(tmp_path: Path
     pq.write_table(pa.table(rows, schema=old), day / "engagement-p0-o0-0.parquet")
     table = EngagementLog(tmp_path, "engagement").read()
     assert table.column("request_id").to_pylist() == [None] and table.column("position").to_pylist() == [2]
+
+
+def test_every_feed_and_rank_response_has_its_own_request_id(settings: Settings) -> None:
+    from fastapi.testclient import TestClient
+
+    from ranker.serving.api import create_app
+
+    with TestClient(create_app(settings)) as client:
+        pages = [client.get(f"/v1/feeds/{settings.feed.name}", params={"limit": 5}) for _ in range(2)]
+        ranked = client.post("/v1/rank", json={"candidates": ["s1", "s2"]})
+    ids = []
+    for r in [*pages, ranked]:
+        assert r.status_code == 200, r.text
+        rid = r.json()["request_id"]
+        assert r.headers["X-Request-ID"] == rid and len(rid) == 32
+        Engagement.parse(_event("e9", request_id=rid).to_bytes())  # an engagement event can name it
+        ids.append(rid)
+    assert len(set(ids)) == 3

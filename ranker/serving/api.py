@@ -52,7 +52,7 @@ from ranker.serving.filters import FilterError, FiltersIn
 from ranker.serving.ingest import events_router
 from ranker.serving.producer import ApiProducer
 from ranker.serving.reader import FeedReader, TableNotReady, UnknownFeedError
-from ranker.serving.requests import body_filters, check_user, query_filters
+from ranker.serving.requests import REQUEST_ID_HEADER, body_filters, check_user, new_request_id, query_filters
 from ranker.serving.takedown import publish_deleted, token_matches
 from ranker.settings import Settings, get_settings
 from ranker.stores import index_reader, listener_store, score_store
@@ -101,6 +101,7 @@ class FeedPageOut(_Out):
     feed: str
     items: list[Item]
     next_cursor: str | None = Field(description="Pass back as ?cursor= for the next page; null at the end.")
+    request_id: str = Field(description="This response's id: send it as engagement events' request_id.")
 
 
 class RankIn(BaseModel):
@@ -124,6 +125,7 @@ class RankOut(_Out):
     items: list[Item]
     unknown: list[str] = Field(description="Ids with no scored song: never silently dropped.")
     filtered: list[str]
+    request_id: str = Field(description="This response's id: send it as engagement events' request_id.")
 
 
 class SimilarOut(_Out):
@@ -140,7 +142,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code i
 
 
 # -- helpers -------------------------------------------------------------------------------------
-def _json(data: Any, status: int = 200, *, finite: bool = False) -> Response:
+def _json(data: Any, status: int = 200, *, finite: bool = False, headers: dict[str, str] | None = None) -> Response:
     """``data`` as compact JSON; ValueError if it holds a NaN or an infinity (JSON has neither).
 
     orjson writes non-finite floats as null, so a body with a null in it is walked for them
@@ -155,7 +157,7 @@ def _json(data: Any, status: int = 200, *, finite: bool = False) -> Response:
     else:
         if not finite and b"null" in body and _first_non_finite(data) is not None:
             raise ValueError("Out of range float values are not JSON compliant")
-    return Response(body, status_code=status, media_type="application/json")
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
 def _first_non_finite(data: Any, path: str = "") -> str | None:
@@ -370,7 +372,9 @@ def create_app(
             raise ApiError(404, "unknown_feed", f"no feed named {feed!r}; see GET /v1/feeds") from None
         except CursorError as exc:
             raise ApiError(400, exc.code, str(exc)) from None
-        return _json({"feed": page.feed, "items": page.items, "next_cursor": page.next_cursor})
+        rid = new_request_id()
+        body = {"feed": page.feed, "items": page.items, "next_cursor": page.next_cursor, "request_id": rid}
+        return _json(body, headers={REQUEST_ID_HEADER: rid})
 
     @app.post("/v1/rank", tags=["feeds"], dependencies=auth, response_model=RankOut, responses=_ERRORS)
     async def rank(body: RankIn) -> Response:
@@ -406,7 +410,8 @@ def create_app(
         )
         where = ranked.non_finite  # NaN and infinities, found on the score arrays before serialising
         if where is None:
-            return _json(ranked.body, finite=True)
+            rid = new_request_id()
+            return _json({**ranked.body, "request_id": rid}, finite=True, headers={REQUEST_ID_HEADER: rid})
         if not overrides:  # the configured feed's own policy: not the caller's doing
             raise ValueError(f"non-finite value at items.{where} from feed {policy.name!r}")
         raise ApiError(

@@ -97,7 +97,7 @@ def _feed_call(
     return Call(
         "GET",
         f"/v1/feeds/{feed}",
-        lambda data: FeedPage(data["feed"], _songs(data["items"]), data.get("next_cursor")),
+        lambda data: FeedPage(data["feed"], _songs(data["items"]), data.get("next_cursor"), data.get("request_id")),
         params=params,
     )
 
@@ -122,7 +122,9 @@ def _rank_call(
     return Call(
         "POST",
         "/v1/rank",
-        lambda data: RankResult(data["feed"], _songs(data["items"]), list(data["unknown"]), list(data["filtered"])),
+        lambda data: RankResult(
+            data["feed"], _songs(data["items"]), list(data["unknown"]), list(data["filtered"]), data.get("request_id")
+        ),
         json=body,
     )
 

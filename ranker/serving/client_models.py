@@ -26,6 +26,7 @@ class FeedPage:
     feed: str
     items: list[RankedSong]
     next_cursor: str | None
+    request_id: str | None = None  # send it as engagement events' request_id
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class RankResult:
     items: list[RankedSong]
     unknown: list[str]
     filtered: list[str] = field(default_factory=list)
+    request_id: str | None = None  # send it as engagement events' request_id
 
 
 @dataclass(frozen=True)

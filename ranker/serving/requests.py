@@ -7,13 +7,22 @@ are checked in one place (:func:`~ranker.serving.filters.parse_filters`); a bad 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 
 from ranker.serving.filters import FiltersIn, RequestFilters, parse_filters
 from ranker.serving.personal import check_user
 from ranker.settings import ApiSettings
 
-__all__ = ["body_filters", "check_user", "query_filters"]
+__all__ = ["REQUEST_ID_HEADER", "body_filters", "check_user", "new_request_id", "query_filters"]
+
+#: The response header that repeats a feed or rank response's ``request_id``.
+REQUEST_ID_HEADER = "X-Request-ID"
+
+
+def new_request_id() -> str:
+    """A feed or rank response's id: engagement events name it (``request_id``) to join what was served."""
+    return uuid.uuid4().hex
 
 
 def query_filters(
