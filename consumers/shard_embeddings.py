@@ -12,15 +12,11 @@ import numpy as np
 
 from indexes.archive import EmbeddingArchive
 from indexes.base import StoredEmbedding
-from indexes.sqlite_embeddings import SqliteEmbeddingStore
+from indexes.sqlite_embeddings import STORE_FILE, SqliteEmbeddingStore
 from ranker.errors import ConfigError
 from ranker.settings import Settings
 
 __all__ = ["STORE_FILE", "ShardEmbeddings"]
-
-#: The store's file name in a shard directory: :data:`indexes.snapshots.STORE_FILE`, written out here because
-#: that module loads FAISS, which the feedback consumer has no use for.
-STORE_FILE = "embeddings.sqlite"
 
 
 class ShardEmbeddings:

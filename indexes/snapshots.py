@@ -44,11 +44,11 @@ from typing import Any
 from indexes.base import EmbeddingStore, RemovedEmbedding, StoredEmbedding
 from indexes.faiss_config import FaissIndexConfig
 from indexes.faiss_index import FaissVectorIndex
+from indexes.sqlite_embeddings import STORE_FILE as STORE_FILE  # re-exported: where the index files are named
 from indexes.sqlite_embeddings import SqliteEmbeddingStore
 
 log = logging.getLogger(__name__)
 
-STORE_FILE = "embeddings.sqlite"
 INDEX_FILE = "index.faiss"
 META_FILE = "index.meta.json"
 LOCK_FILE = ".lock"

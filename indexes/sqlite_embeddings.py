@@ -40,6 +40,9 @@ from indexes.base import EmbeddingRecord, EmbeddingStore, RemovedEmbedding, Stor
 
 log = logging.getLogger(__name__)
 
+#: The store's file name in an index (shard) directory.
+STORE_FILE = "embeddings.sqlite"
+
 SCHEMA_VERSION = 1
 # Stay well under SQLite's host-parameter limit (999 on old builds) in IN (...) queries.
 _IN_CHUNK = 500
