@@ -17,6 +17,7 @@
 #   APEXRANK_KAFKA__TOPICS__ENGAGEMENT_DEAD_LETTER
 #   APEXRANK_KAFKA__TOPICS__MODELS_PROMOTED
 #   APEXRANK_KAFKA__TOPICS__SONGS_DELETED
+#   APEXRANK_KAFKA__TOPICS__FEEDS_SERVED
 #   APEXRANK_KAFKA__TOPICS__SONGS_RETRY         default: songs.generated's name + .retry
 #   APEXRANK_KAFKA__TOPICS__PARTITIONS          partitions of every topic (default 3); the worker
 #                                               scales out to at most this many replicas
@@ -27,7 +28,7 @@
 #                                               keep one total order)
 #   MIN_INSYNC_REPLICAS                         default: replication factor - 1 (at least 1)
 #   SONGS_GENERATED_RETENTION_MS                default 604800000 (7 days), songs.generated and its retry topic
-#   ENGAGEMENT_RETENTION_MS                     default 604800000 (7 days)
+#   ENGAGEMENT_RETENTION_MS                     default 604800000 (7 days), engagement and feeds.served
 #   DEAD_LETTER_RETENTION_MS                    default 2592000000 (30 days), both dead-letter topics
 #   COMPACTED_MIN_LAG_MS                        min.compaction.lag.ms of the compacted topics (default 1 hour)
 #   KAFKA_BIN                                   folder holding kafka-topics.sh (default /opt/kafka/bin,
@@ -59,6 +60,7 @@ TOPIC_ENGAGEMENT="${APEXRANK_KAFKA__TOPICS__ENGAGEMENT:-engagement}"
 TOPIC_ENGAGEMENT_DEAD_LETTER="${APEXRANK_KAFKA__TOPICS__ENGAGEMENT_DEAD_LETTER:-engagement.dead-letter}"
 TOPIC_MODELS_PROMOTED="${APEXRANK_KAFKA__TOPICS__MODELS_PROMOTED:-models.promoted}"
 TOPIC_SONGS_DELETED="${APEXRANK_KAFKA__TOPICS__SONGS_DELETED:-songs.deleted}"
+TOPIC_FEEDS_SERVED="${APEXRANK_KAFKA__TOPICS__FEEDS_SERVED:-feeds.served}"
 TOPIC_SONGS_RETRY="${APEXRANK_KAFKA__TOPICS__SONGS_RETRY:-${TOPIC_SONGS_GENERATED}.retry}"
 
 log() { printf 'topics.sh: %s\n' "$*" >&2; }
@@ -131,6 +133,8 @@ ensure_topic "${TOPIC_SONGS_SCORED}" "${PARTITIONS}" "${COMPACT}"
 ensure_topic "${TOPIC_DEAD_LETTER}" "${PARTITIONS}" "${DELETE},retention.ms=${DEAD_LETTER_RETENTION_MS}"
 # Engagement events that feed retraining: a week.
 ensure_topic "${TOPIC_ENGAGEMENT}" "${PARTITIONS}" "${DELETE},retention.ms=${ENGAGEMENT_RETENTION_MS}"
+# What the API served (the exposures engagement joins to): as long as the engagement it explains.
+ensure_topic "${TOPIC_FEEDS_SERVED}" "${PARTITIONS}" "${DELETE},retention.ms=${ENGAGEMENT_RETENTION_MS}"
 ensure_topic "${TOPIC_ENGAGEMENT_DEAD_LETTER}" "${PARTITIONS}" "${DELETE},retention.ms=${DEAD_LETTER_RETENTION_MS}"
 # Model promotions: compacted, the latest promotion is what matters.
 ensure_topic "${TOPIC_MODELS_PROMOTED}" "${MODELS_PROMOTED_PARTITIONS}" "${COMPACT}"
@@ -138,4 +142,4 @@ ensure_topic "${TOPIC_MODELS_PROMOTED}" "${MODELS_PROMOTED_PARTITIONS}" "${COMPA
 # old backup can apply every takedown again.
 ensure_topic "${TOPIC_SONGS_DELETED}" "${PARTITIONS}" "${COMPACT}"
 
-log "done: ${TOPIC_SONGS_GENERATED}, ${TOPIC_SONGS_SCORED}, ${TOPIC_DEAD_LETTER}, ${TOPIC_ENGAGEMENT}, ${TOPIC_ENGAGEMENT_DEAD_LETTER}, ${TOPIC_MODELS_PROMOTED}, ${TOPIC_SONGS_DELETED}, ${TOPIC_SONGS_RETRY}"
+log "done: ${TOPIC_SONGS_GENERATED}, ${TOPIC_SONGS_SCORED}, ${TOPIC_DEAD_LETTER}, ${TOPIC_ENGAGEMENT}, ${TOPIC_ENGAGEMENT_DEAD_LETTER}, ${TOPIC_MODELS_PROMOTED}, ${TOPIC_SONGS_DELETED}, ${TOPIC_SONGS_RETRY}, ${TOPIC_FEEDS_SERVED}"

@@ -46,6 +46,11 @@ class TopicSettings(_Section):
     engagement: str = "engagement"
     engagement_dead_letter: str = "engagement.dead-letter"
     models_promoted: str = "models.promoted"
+    feeds_served: str = Field(
+        "feeds.served",
+        description="What the API served: one record per feed or rank response (items, positions, explored, "
+        "propensities, arm); the feedback consumer logs it beside the engagement log.",
+    )
     songs_deleted: str = Field(
         "songs.deleted",
         description="Takedowns (DELETE /v1/songs/{id}, apexrank songs delete); the workers drop the vectors.",
@@ -436,6 +441,11 @@ class FeedPolicy(_Section):
         0.97, gt=0, le=1, description="Cosine above which a song is a near-duplicate of one placed above it."
     )
     filters: FeedFilters = Field(default_factory=FeedFilters)
+    evidence: Literal["position", "plain"] = Field(
+        "position",
+        description="position: a play shown at position k counts as the examination weight of k (estimated from "
+        "the served log; 1 until estimated) in the posterior's plays; plain: every play counts 1.",
+    )
 
     @field_validator("weights")
     @classmethod
@@ -597,6 +607,51 @@ class ListenerSettings(_Section):
     )
 
 
+class ExaminationSettings(_Section):
+    """Position-aware evidence: how likely a listener is to examine each page position (docs/ranking.md).
+
+    Estimated from the explored (randomly placed) slots of the served log joined with engagement, refreshed
+    by ``apexrank retrain``; the feedback consumer weighs each play by it.
+    """
+
+    max_position: int = Field(50, ge=1, le=1000, description="Positions estimated; deeper ones share the last's.")
+    min_impressions: int = Field(
+        200, ge=1, description="Explored impressions needed before a weight is estimated; until then every weight is 1."
+    )
+    floor: float = Field(0.05, gt=0, le=1, description="Smallest weight: bounds what one play at depth can count.")
+    window_days: float = Field(14.0, gt=0, description="How far back the served and engagement logs are read.")
+    refresh_s: float = Field(60.0, gt=0, description="How often a feedback consumer re-reads the stored weights.")
+
+
+class Arm(_Section):
+    """One arm of an A/B test: the feed policy and model version its users get."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,32}$")
+    feed: str = Field(description="A feed policy of feed.feeds that serves this arm's users.")
+    model_version: str | None = Field(
+        None, description="The model version the arm is meant to be scored by (recorded in the served log)."
+    )
+    weight: float = Field(1.0, gt=0, description="Share of users, relative to the other arms' weights.")
+
+
+class ArmsSettings(_Section):
+    """A/B arms: each user is hashed (with ``experiment`` as salt) into one arm, stably (docs/ranking.md)."""
+
+    experiment: str = Field(
+        "default", min_length=1, max_length=64, description="Salt of the user hash: a new name reshuffles users."
+    )
+    feed: str | None = Field(None, description="The feed whose personal requests are split; None: the default feed.")
+    arms: list[Arm] = Field(default_factory=list, description="Empty: no experiment.")
+
+    @field_validator("arms")
+    @classmethod
+    def _unique_names(cls, value: list[Arm]) -> list[Arm]:
+        names = [arm.name for arm in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"arm names must be unique: {names}")
+        return value
+
+
 class Settings(BaseSettings):
     """apexrank's effective configuration."""
 
@@ -625,6 +680,17 @@ class Settings(BaseSettings):
     api: ApiSettings = ApiSettings()
     retention: RetentionSettings = RetentionSettings()
     listeners: ListenerSettings = ListenerSettings()
+    examination: ExaminationSettings = ExaminationSettings()
+    arms: ArmsSettings = ArmsSettings()
+
+    @model_validator(mode="after")
+    def _arms_name_feeds(self) -> Settings:
+        known = set(self.feed.feeds)
+        wanted = [arm.feed for arm in self.arms.arms] + ([self.arms.feed] if self.arms.feed else [])
+        unknown = sorted({name for name in wanted if name not in known})
+        if unknown:
+            raise ValueError(f"arms name feeds that feed.feeds does not define: {unknown}; known: {sorted(known)}")
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -1168,6 +1168,7 @@ def test_topics_script_creates_every_topic_of_the_settings(tmp_path: Path) -> No
         "songs_scored": ("compact", None),
         "dead_letter": ("delete", 30 * day),
         "engagement": ("delete", 7 * day),
+        "feeds_served": ("delete", 7 * day),
         "engagement_dead_letter": ("delete", 30 * day),
         "models_promoted": ("compact", None),
         "songs_deleted": ("compact", None),
