@@ -26,6 +26,12 @@ on the song id or feed name, and a client can route it)::
     {prefix}:uevt:{<user>}:<event_id>
                                 string: the event's dedup key for the listener's taste and heard
                                 set, in the user's slot
+    {prefix}:arm:{<arm>}        hash: an A/B arm's engagement totals (:data:`ARM_FIELDS`), by the
+                                feedback consumer (:mod:`indexes.redis_arms`)
+    {prefix}:aevt:{<arm>}:<event_id>
+                                string: the event's dedup key for its arm's totals, in the arm's slot
+    {prefix}:examination        string (JSON): the examination weight of each page position
+                                (position-aware evidence), written by ``apexrank retrain``
 
 Fields of a song hash:
 
@@ -123,6 +129,11 @@ TASTE_VECTOR = "taste.vec"
 TASTE_EVIDENCE = "taste.evidence"
 TASTE_AT = "taste.at"
 TASTE_FIELDS: tuple[str, ...] = (TASTE_VECTOR, TASTE_EVIDENCE, TASTE_AT)
+
+#: Fields of an arm's hash: plays and likes counted for the arm's users (each event once).
+ARM_PLAYS = "plays"
+ARM_LIKES = "likes"
+ARM_FIELDS: tuple[str, ...] = (ARM_PLAYS, ARM_LIKES)
 
 #: Fields of a change log entry: the songs written, the feeds replaced or trimmed whole.
 CHANGE_IDS = "ids"
@@ -239,6 +250,18 @@ class RedisKeys:
     def user_event(self, user_id: str, event_id: str) -> str:
         """An event's dedup key for the listener's state, in the user's slot (event ids validated upstream)."""
         return f"{self.prefix}:uevt:{{{user_tag(user_id)}}}:{event_id}"
+
+    def arm(self, arm: str) -> str:
+        """An A/B arm's totals (the arm's name is checked like a feed name)."""
+        return f"{self.prefix}:arm:{{{check_name('arm', arm)}}}"
+
+    def arm_event(self, arm: str, event_id: str) -> str:
+        """An event's dedup key for its arm's totals, in the arm's slot."""
+        return f"{self.prefix}:aevt:{{{check_name('arm', arm)}}}:{event_id}"
+
+    def examination(self) -> str:
+        """The examination weights of the page positions (JSON)."""
+        return f"{self.prefix}:examination"
 
     def song_pattern(self) -> str:
         """A SCAN pattern matching every song hash (and possibly more: check with :meth:`song_id_of`)."""
