@@ -129,6 +129,12 @@ def cmd_feed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report_arms(args: argparse.Namespace) -> int:
+    from consumers.report import print_arms
+
+    return print_arms(_settings(args), as_json=args.json)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from consumers.demo import run_demo
 
@@ -248,6 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     feed = add("feed", cmd_feed, "print the top of the cold-start feed")
     feed.add_argument("--limit", type=int, default=20)
+
+    report = sub.add_parser("report", help="reports on what is served and how it does")
+    report_sub = report.add_subparsers(dest="report_cmd", required=True)
+    arms = add(
+        "arms",
+        cmd_report_arms,
+        "each A/B arm (arms.*): feed, model version, share of users, plays, likes, like rate and its 95% interval",
+        report_sub,
+    )
+    arms.add_argument("--json", action="store_true", help="print the report as JSON")
 
     demo = add("demo", cmd_demo, "the end-to-end demo on the embedded stack (logmel encoder, synthetic songs)")
     demo.add_argument("--songs", type=int, default=48)

@@ -1,7 +1,8 @@
-"""Readable tables for people at a terminal: the top of a feed, a song's record."""
+"""Readable tables for people at a terminal: the top of a feed, a song's record, the A/B arms."""
 
 from __future__ import annotations
 
+import json
 import time
 
 from rich.console import Console
@@ -65,3 +66,38 @@ def print_feed(settings: Settings, limit: int = 20, console: Console | None = No
         (console or wide_console()).print(table)
     finally:
         store.close()
+
+
+def print_arms(settings: Settings, as_json: bool = False, console: Console | None = None) -> int:
+    """``apexrank report arms``: each A/B arm's share of users, plays, likes, like rate and its 95% interval."""
+    from ranker.serving.arm_metrics import arm_rows
+
+    store = stores.arm_store(settings)
+    try:
+        rows = arm_rows(store, settings)
+    finally:
+        store.close()
+    if as_json:
+        body = {"experiment": settings.arms.experiment, "arms": [row.to_dict() for row in rows]}
+        print(json.dumps(body, indent=2))
+        return 0
+    out = console or wide_console()
+    if not rows:
+        out.print("no A/B arms configured (arms.arms is empty)")
+        return 0
+    table = Table(title=f"A/B arms of experiment '{settings.arms.experiment}'", caption="interval: 95% Wilson")
+    for col in ("arm", "feed", "model version", "users", "plays", "likes", "like rate", "interval"):
+        table.add_column(col, justify="left" if col in ("arm", "feed", "model version") else "right")
+    for row in rows:
+        table.add_row(
+            row.arm,
+            row.feed,
+            row.model_version or "-",
+            f"{row.share:.1%}",
+            str(row.plays),
+            str(row.likes),
+            "-" if row.like_rate is None else f"{row.like_rate:.4f}",
+            f"[{row.low:.4f}, {row.high:.4f}]",
+        )
+    out.print(table)
+    return 0

@@ -19,7 +19,8 @@ and the stores pick their one-slot paths up front (:func:`is_cluster_url`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import cached_property
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -115,6 +116,34 @@ def connect_async(url: str, socket_timeout_s: float) -> AsyncClient:
     first, nodes = cluster_nodes(url)
     startup = [redis.asyncio.cluster.ClusterNode(host, port) for host, port in nodes[1:]]
     return redis.asyncio.cluster.RedisCluster.from_url(first, startup_nodes=startup, **options)
+
+
+class LazyClient:
+    """A store's client, made on first use, with its Lua scripts registered once each.
+
+    Lets a store be built while Redis is down (a cluster client connects when made) and closed
+    without ever having connected; the stores share it rather than each keeping its own copy.
+    """
+
+    def __init__(self, client: SyncClient | Callable[[], SyncClient]) -> None:
+        """``client``: a client, or what makes one on first use."""
+        self._connect: Callable[[], SyncClient] = client if callable(client) else lambda: client
+        self._scripts: dict[str, Script] = {}
+
+    @cached_property
+    def client(self) -> SyncClient:
+        return self._connect()
+
+    def script(self, source: str) -> Script:
+        """``source`` registered on the client (once; redis-py loads it on a node's first NOSCRIPT)."""
+        script = self._scripts.get(source)
+        if script is None:
+            script = self._scripts[source] = self.client.register_script(source)
+        return script
+
+    def close(self) -> None:
+        if "client" in self.__dict__:  # never connected: nothing to close
+            self.client.close()
 
 
 def cross_slot(exc: redis.exceptions.ResponseError) -> bool:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from functools import cached_property
 from typing import Any, ClassVar
 
 import numpy as np
@@ -40,7 +39,7 @@ from indexes.listeners import (
     Taste,
     taste_weight,
 )
-from indexes.redis_client import AsyncClient, SyncClient, connect, connect_async, run_script_calls
+from indexes.redis_client import AsyncClient, LazyClient, SyncClient, connect, connect_async, run_script_calls
 from indexes.redis_schema import TASTE_AT, TASTE_EVIDENCE, TASTE_FIELDS, TASTE_VECTOR, RedisKeys, check_prefix
 
 __all__ = ["RedisListenerConfig", "RedisListenerStore"]
@@ -159,7 +158,7 @@ class RedisListenerStore(ListenerStore):
 
     def __init__(self, client: SyncClient | Callable[[], SyncClient], config: RedisListenerConfig) -> None:
         """``client``: a client, or what makes one on first use (a cluster client connects when made)."""
-        self._connect: Callable[[], SyncClient] = client if callable(client) else lambda: client
+        self._redis = LazyClient(client)
         self.config = config
         self.keys = RedisKeys(check_prefix(config.key_prefix))
 
@@ -168,13 +167,9 @@ class RedisListenerStore(ListenerStore):
         """Connects on first use, so the store can be made while Redis is down."""
         return cls(lambda: connect(config.url, config.socket_timeout_s), config)
 
-    @cached_property
+    @property
     def client(self) -> SyncClient:
-        return self._connect()
-
-    @cached_property
-    def _script(self) -> Any:
-        return self.client.register_script(_SCRIPT)
+        return self._redis.client
 
     def record(self, events: Sequence[ListenerEvent], vectors: Mapping[str, np.ndarray]) -> ListenerUpdate:
         c = self.config
@@ -203,7 +198,7 @@ class RedisListenerStore(ListenerStore):
                 calls.append((keys, args))
         if not calls:
             return ListenerUpdate()
-        status = "".join(_text(out) for out in run_script_calls(self.client, self._script, calls))
+        status = "".join(_text(out) for out in run_script_calls(self.client, self._redis.script(_SCRIPT), calls))
         applied = [i for i, st in enumerate(status) if st == "n"]
         missing = sum(1 for i in applied if i in lacking)
         moved = sum(1 for i in applied if i not in lacking and taste_weight(order[i].type, c.skip_weight)[0])
@@ -252,8 +247,7 @@ class RedisListenerStore(ListenerStore):
         return AsyncRedisListenerReads(self.config, self.keys)
 
     def close(self) -> None:
-        if "client" in self.__dict__:  # never connected: nothing to close
-            self.client.close()
+        self._redis.close()
 
 
 class AsyncRedisListenerReads(AsyncListenerReads):

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from indexes import EngagementCounters, ScoreStore, open_engagement_counters, open_score_store
 
 if TYPE_CHECKING:
+    from indexes.arms import ArmStore
     from indexes.embedding_index import EmbeddingIndex
     from indexes.index_reader import IndexReader, ShardedIndexReader
     from indexes.listeners import ListenerStore
@@ -63,6 +64,22 @@ def listener_store(settings: Settings) -> ListenerStore:
         heard_max=listeners.heard_max,
         heard_ttl_s=listeners.heard_ttl_s,
         taste_ttl_s=listeners.taste_ttl_s,
+    )
+
+
+def arm_store(settings: Settings) -> ArmStore:
+    """A/B arms' totals (``arms.*``, ``redis.*``, ``feedback.dedup_window_s``); the null store when no arms
+    are configured."""
+    from indexes.arms import NullArmStore, open_arm_store
+
+    if not settings.arms.arms:
+        return NullArmStore()
+    redis = settings.redis
+    return open_arm_store(
+        redis.url.get_secret_value(),
+        key_prefix=redis.key_prefix,
+        socket_timeout_s=redis.socket_timeout_s,
+        dedup_window_s=settings.feedback.dedup_window_s,
     )
 
 
