@@ -87,6 +87,7 @@ def run_demo(settings: Settings, *, songs: int, seed: int, out: Path, train_song
         f"  index      {settings.index_dir} (index.faiss + embeddings.sqlite)\n"
         f"  model      {settings.head_dir} -> {version}\n"
         f"  dead       topic {settings.kafka.topics.dead_letter}\n"
+        f"  served     topic {settings.kafka.topics.feeds_served} (the API's served records, docs/served-log.md)\n"
         "  stop       apexrank services down"
     )
     return 0

@@ -1,4 +1,5 @@
-"""The feedback consumer: ``engagement`` -> deduplicated counters, the engagement log, feed updates.
+"""The feedback consumer: ``engagement`` -> deduplicated counters, the engagement log, feed updates;
+``feeds.served`` -> the served log.
 
 Per polled batch, in this order:
 
@@ -19,6 +20,12 @@ Per polled batch, in this order:
    (:mod:`indexes.listeners`; ``listeners.*``), with the liked and skipped songs'
    vectors read from every shard's embedding store (:mod:`consumers.shard_embeddings`);
 5. once all are done, flush dead letters, then commit offsets.
+
+The batch's ``feeds.served`` records (what the API served, :class:`ranker.events.FeedServed`) are
+parsed apart and appended to the served log (:mod:`indexes.served_log`, exactly once by offsets
+like the engagement log) beside step 3; a bad one goes to ``engagement.dead-letter`` with its
+reason. They never touch counters or listeners. Offsets are committed only after both logs are
+written, so a crash replays the batch and the join of the two logs stays complete.
 
 A crash between any two steps replays the batch from the last committed offset:
 step 2 counts nothing twice and hands back exactly the events the crashed run had
@@ -78,9 +85,10 @@ from consumers.shard_embeddings import ShardEmbeddings
 from indexes import DUPLICATE, REPLAY, TOMBSTONED, message_marker
 from indexes.engagement_log import EngagementLog
 from indexes.listeners import ListenerEvent, ListenerUpdate
+from indexes.served_log import ServedLog
 from ranker import stores
 from ranker.errors import ConfigError, InputError
-from ranker.events import DeadLetter, Engagement
+from ranker.events import DeadLetter, Engagement, FeedServed
 from ranker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -105,6 +113,8 @@ class FeedbackStats:
     tombstoned: int = 0  # events for songs taken down: not counted, not logged
     dead_letters: int = 0
     logged: int = 0
+    messages_served: int = 0  # feeds.served messages polled (``messages`` counts the engagement topic's)
+    served: int = 0  # feeds.served records written to the served log
     taste_updates: int = 0  # events applied to listener state that moved a taste
     missing_vectors: int = 0  # likes/skips applied with no vector for their song
     dead_by_code: dict[str, int] = field(default_factory=dict)
@@ -132,6 +142,7 @@ class FeedbackConsumer:
         self.listeners = stores.listener_store(settings)
         self._embeddings: ShardEmbeddings | None = None  # opened when first needed (the worker may not have run)
         self.log = EngagementLog(settings.engagement_log_dir, settings.kafka.topics.engagement)
+        self.served_log = ServedLog(settings.served_log_dir, settings.kafka.topics.feeds_served)
         self.on_engagement = on_engagement if on_engagement is not None else _default_feed_updater(settings)
         self._log_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engagement-log")
         self._count_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engagement-count")
@@ -144,10 +155,18 @@ class FeedbackConsumer:
         return retry_infra(what, fn, stop=self._stop, initial_s=f.retry_initial_s, max_s=f.retry_max_s)
 
     def process(self, messages: Sequence[Message]) -> list[DeadLetter]:
-        """Steps 1-4 for one batch; returns the dead letters to publish. Safe to repeat."""
+        """Steps 1-4 for one batch (and its served records, to the served log); returns the dead letters
+        to publish. Safe to repeat."""
         stats = self.stats
         t = time.perf_counter()
         dead: list[DeadLetter] = []
+        served_topic = self.settings.kafka.topics.feeds_served
+        if any(m.topic == served_topic for m in messages):
+            served = [m for m in messages if m.topic == served_topic]
+            messages = [m for m in messages if m.topic != served_topic]
+            serving = self._log_thread.submit(self._log_served, served)
+        else:
+            serving = None
         kept: list[Message] = []
         events: list[Engagement] = []
         parse = Engagement.parse
@@ -176,6 +195,7 @@ class FeedbackConsumer:
                         [e.type for e in chunk],
                         [message_marker(m.partition, m.offset) for m in msgs],
                         updated_at,
+                        [e.position for e in chunk],
                     )
                 )
             t = stats.add_time("parse", t)
@@ -212,6 +232,10 @@ class FeedbackConsumer:
         finally:
             logged = pending.result()
             update = listening.result()
+            if serving is not None:
+                written, refused = serving.result()
+                stats.served += written
+                dead.extend(refused)
         stats.add_time("log+feed", t)
         stats.taste_updates += update.taste_updates
         stats.missing_vectors += update.missing_vectors
@@ -229,6 +253,39 @@ class FeedbackConsumer:
         EVENTS.labels("duplicate").inc(duplicates)
         EVENTS.labels("tombstoned").inc(tombstoned)
         return dead
+
+    def _log_served(self, messages: Sequence[Message]) -> tuple[int, list[DeadLetter]]:
+        """The served records to the served log (how many were new), and the bad ones' dead letters."""
+        budget = self.settings.kafka.dead_letter_original_bytes
+        dead: list[DeadLetter] = []
+        records: list[FeedServed] = []
+        kept: list[Message] = []
+        for msg in messages:
+            try:
+                records.append(FeedServed.parse(msg.value))  # type: ignore[arg-type]
+            except InputError as exc:
+                dead.append(dead_letter(msg, exc.code, exc.message, budget))
+                continue
+            kept.append(msg)
+        columns: dict[str, list[Any]] = {
+            name: [getattr(r, name) for r in records]
+            for name in (
+                "request_id",
+                "served_at",
+                "kind",
+                "feed",
+                "user_id",
+                "arm",
+                "model_version",
+                "song_ids",
+                "explored",
+                "propensity",
+                "pool",
+            )
+        }
+        columns["partition"] = [m.partition for m in kept]
+        columns["offset"] = [m.offset for m in kept]
+        return self.served_log.append_columns(columns), dead
 
     def _update_listeners(self, events: Sequence[Engagement]) -> ListenerUpdate:
         """Step 4's listener half: taste and heard sets, with the vectors of the songs that carry a weight."""
@@ -257,24 +314,23 @@ class FeedbackConsumer:
     def run(self, until_idle_s: float | None = None) -> FeedbackStats:
         s = self.settings
         topics = s.kafka.topics
+        subscribed = [topics.engagement, topics.feeds_served]
         if s.kafka.auto_create_topics:
             self._retry(
                 "create topics",
-                lambda: ensure_topics(s.kafka, [topics.engagement, topics.engagement_dead_letter]),
+                lambda: ensure_topics(s.kafka, [*subscribed, topics.engagement_dead_letter]),
             )
         self._retry("read size limits", lambda: log_size_limits(s.kafka, [topics.engagement_dead_letter]))
         # After every rebalance: recreate missing topics (an emptied broker), re-read lost commits.
         rejoins = RejoinCheck(
-            (lambda: ensure_topics(s.kafka, [topics.engagement, topics.engagement_dead_letter]))
+            (lambda: ensure_topics(s.kafka, [*subscribed, topics.engagement_dead_letter]))
             if s.kafka.auto_create_topics
             else None,
             s.kafka.request_timeout_ms,
         )
         consumer = self._retry(
             "connect consumer",
-            lambda: make_consumer(
-                s.kafka, s.kafka.feedback_group_id, [topics.engagement], s.feedback.max_poll_records, rejoins
-            ),
+            lambda: make_consumer(s.kafka, s.kafka.feedback_group_id, subscribed, s.feedback.max_poll_records, rejoins),
         )
         producer = Publisher(s.kafka)
         assigned: frozenset[Any] = frozenset()
@@ -288,6 +344,7 @@ class FeedbackConsumer:
                 if now_assigned != assigned:  # partitions moved: other members may have logged them
                     assigned = now_assigned
                     self.log.refresh()
+                    self.served_log.refresh()
                 # kafka-python's ConsumerRecords carry the fields of a Message: used as they are.
                 try:  # after a rebalance: recreate the topics, re-read partitions whose commits the broker lost
                     messages: list[Message] = self._retry(
@@ -315,6 +372,7 @@ class FeedbackConsumer:
                     metrics.RECORDS_DROPPED.inc(dropped)
                     self._retry("commit offsets", lambda: commit(consumer))
                     self.log.maybe_prune(s.retention.engagement_log_days)  # at most hourly
+                    self.served_log.maybe_prune(s.retention.engagement_log_days)
                     self.stats.add_time("commit", t)
                 except Stopping:
                     log.warning("stopping with a batch uncommitted; it will be redelivered")
@@ -322,7 +380,9 @@ class FeedbackConsumer:
                 update_lag(consumer)  # apexrank_consumer_lag_messages{topic=engagement}, as the worker's
                 self.stats.batches += 1
                 self.stats.busy_s = time.monotonic() - first_message
-                self.stats.messages += len(messages)
+                served = sum(1 for m in messages if m.topic == topics.feeds_served)
+                self.stats.messages += len(messages) - served
+                self.stats.messages_served += served
                 self.stats.dead_letters += len(dead)
                 for d in dead:
                     self.stats.dead_by_code[d.error_code] = self.stats.dead_by_code.get(d.error_code, 0) + 1

@@ -231,6 +231,7 @@ def all_topics(kafka: KafkaSettings) -> list[str]:
         t.models_promoted,
         t.songs_retry,
         t.songs_deleted,
+        t.feeds_served,
     ]
 
 

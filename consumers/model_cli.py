@@ -1,4 +1,4 @@
-"""Model subcommands of the ``apexrank`` CLI: embed, train, eval, ablation, import-released.
+"""Model subcommands of the ``apexrank`` CLI: embed, train, eval, ablation, import-released, evaluate-policy.
 
 ``consumers.cli`` calls :func:`register` on its subparsers. Each handler takes the parsed
 ``args`` and returns an exit code: 0 done, 1 the work failed, 2 the input cannot be used
@@ -258,9 +258,18 @@ def cmd_import_released(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- evaluate-policy --------------------------------------------------------------------
+@_guard
+def cmd_evaluate_policy(args: argparse.Namespace) -> int:
+    """A feed policy's off-policy like rate on the explored slots of the served log (docs/off-policy.md)."""
+    from consumers.evaluate_policy import run
+
+    return run(args)
+
+
 # -- parser -----------------------------------------------------------------------------
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``embed``, ``train``, ``eval``, ``ablation`` and ``import-released`` to ``sub``."""
+    """Add ``embed``, ``train``, ``eval``, ``ablation``, ``import-released`` and ``evaluate-policy`` to ``sub``."""
 
     def add(name: str, fn: Handler, help_: str) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = sub.add_parser(name, help=help_, description=help_)
@@ -321,6 +330,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     imp.add_argument("--conv-seed", type=int, default=42, help="seed of the paper's fixed layer mix")
     imp.add_argument("--promote", action="store_true")
     imp.add_argument("--models-root")
+
+    ope = add(
+        "evaluate-policy",
+        cmd_evaluate_policy,
+        "estimate a feed policy's like rate from the served log (self-normalised IPS on the explored slots)",
+    )
+    ope.add_argument("--policy", required=True, help="feed policy to evaluate (a name in feed.feeds)")
+    ope.add_argument("--against", help="a second feed policy: both estimates and their paired difference")
+    ope.add_argument("--since", required=True, help="RFC 3339 time, or a duration back from now: 24h, 7d")
+    ope.add_argument("--impressions", help="an impressions table (Parquet) instead of the served and engagement logs")
+    ope.add_argument("--resamples", type=int, help="bootstrap resamples over pages (default 1000)")
+    ope.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    ope.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals")
+    ope.add_argument(
+        "--min-matched", type=int, help="matched impressions below which the estimate is flagged (default 200)"
+    )
+    ope.add_argument("--json", action="store_true", help="print the estimate as JSON")
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:

@@ -3,7 +3,10 @@
 It gathers the training set (engagement log + the workers' embedding stores, one per
 index shard + song metadata from Redis), runs the train/compare/promote step, and after a
 promotion rescores the songs still inside the cold-start window from their
-stored embeddings (Redis and every feed), then publishes ``models.promoted``.
+stored embeddings (Redis and every feed), then publishes ``models.promoted``. Every run
+first re-estimates the page positions' examination weights from the last
+``examination.window_days`` of the served and engagement logs and stores them for the
+feedback consumers (:func:`refresh_examination_weights`; docs/ranking.md).
 Run once (cron, a Kubernetes CronJob) or with ``--every`` as a scheduler. Each run,
 failed or not, pushes its figures to a Pushgateway when ``retrain.pushgateway_url`` is
 set (:mod:`consumers.retrain_metrics`): a CronJob lives too briefly to be scraped.
@@ -21,6 +24,7 @@ import numpy as np
 from rich.progress import Progress
 
 from consumers import retrain_metrics
+from consumers.evaluate_policy import load_impressions
 from consumers.kafka_io import Publisher, ensure_topics
 from consumers.shard_embeddings import STORE_FILE, ShardEmbeddings
 from indexes.base import ScoreStore, SongRecord
@@ -31,6 +35,7 @@ from ranker.encoders import encoder_spec
 from ranker.errors import ConfigError
 from ranker.features import FeatureSet
 from ranker.model.artifact import ScoringModel
+from ranker.model.examination import Examination, refresh_examination
 from ranker.model.retrain import Observed, RetrainReport, aggregate_engagement, retrain
 from ranker.model.train import TrainConfig
 from ranker.scoring import SongMeta, load_current_model, score_predictions
@@ -100,6 +105,29 @@ def _metadata(store: ScoreStore, song_ids: list[str]) -> dict[str, tuple[str, da
     return out
 
 
+def refresh_examination_weights(settings: Settings, now: datetime | None = None) -> Examination:
+    """Re-estimate the examination weights from the recent served log joined with engagement; store them.
+
+    Reads only the day folders of the last ``examination.window_days`` (the impressions are then cut to
+    the window exactly); the feedback consumers count with the new weights within ``examination.refresh_s``.
+    """
+    now = now or datetime.now(UTC)
+    table = load_impressions(settings, now - timedelta(days=settings.examination.window_days), now)
+    counters = stores.engagement_counters(settings)
+    try:
+        exam = refresh_examination(table, counters, settings.examination, now)
+    finally:
+        counters.close()
+    log.info(
+        "examination weights %s from %d explored impressions (%d plays)%s",
+        [round(w, 3) for w in exam.weights[:10]],
+        exam.explored_impressions,
+        exam.explored_plays,
+        "" if exam.estimated else f": fewer than {settings.examination.min_impressions}, all 1",
+    )
+    return exam
+
+
 def rescore_window(settings: Settings, model: ScoringModel, store: ScoreStore) -> int:
     """Rescore every feed member created inside the cold-start window with ``model``."""
     members: set[str] = set()
@@ -167,10 +195,11 @@ def _run(
     store = stores.score_store(settings)
     began = time.perf_counter()
     try:
+        examination = refresh_examination_weights(settings)
         current = current_model(settings)
         observed, features = gather(settings, store)
-        gathered = time.perf_counter()
         r = settings.retrain
+        gathered = time.perf_counter()
         config = TrainConfig.model_validate(
             {
                 "epochs": r.epochs,
@@ -198,6 +227,7 @@ def _run(
             progress=progress,
         )
         report.timings_s = {"gather": round(gathered - began, 3), **report.timings_s}
+        report.examination = examination.to_dict()
         if report.promoted:
             promoted = ScoringModel.load(report.model_dir)  # type: ignore[arg-type]
             rescoring = time.perf_counter()

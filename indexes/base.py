@@ -435,17 +435,34 @@ class EngagementCounters(ABC):
         types: Sequence[str],
         markers: Sequence[str],
         updated_at: str,
+        positions: Sequence[int | None] | None = None,
     ) -> str:
         """Count the events not seen within the dedup window; one status per event, in input order.
 
         Event ``i`` is ``event_ids[i]`` for ``song_ids[i]``, of ``types[i]`` (play, like, ...),
-        carried by the message ``markers[i]`` (:func:`message_marker`). Returns a string of
-        :data:`NEW`, :data:`REPLAY`, :data:`DUPLICATE` or :data:`TOMBSTONED`, one per event.
+        carried by the message ``markers[i]`` (:func:`message_marker`), shown at page position
+        ``positions[i]`` (None, or no ``positions``: unknown). A new play also adds its position's
+        examination weight (:meth:`examination`; 1 for an unknown position) to the song's examined
+        plays, in the same atomic step. Returns a string of :data:`NEW`, :data:`REPLAY`,
+        :data:`DUPLICATE` or :data:`TOMBSTONED`, one per event.
         """
 
     @abstractmethod
     def counts(self, song_ids: Iterable[str]) -> dict[str, dict[str, int]]:
         """Each song's counters (0 where none)."""
+
+    @abstractmethod
+    def examined_plays(self, song_ids: Iterable[str]) -> dict[str, float]:
+        """Each song's examined plays (its plays where none were counted with weights yet; 0 for no plays)."""
+
+    @abstractmethod
+    def examination(self) -> list[float] | None:
+        """The stored examination weight of each page position (deeper positions share the last); None: none
+        stored (every play counts 1)."""
+
+    @abstractmethod
+    def set_examination(self, weights: Sequence[float]) -> None:
+        """Store the examination weights (positive, finite; position 0 first) for counting to use."""
 
     @abstractmethod
     def close(self) -> None: ...

@@ -1,5 +1,9 @@
 """The durable engagement log: Parquet files partitioned by day, for retraining.
 
+The offset-named log itself (:class:`OffsetLog`) takes its schema and the column whose earliest
+time names a file's day: the served log (:mod:`indexes.served_log`) is the same log over
+``feeds.served``.
+
 Exactly-once without a transaction: every file covers a contiguous offset range
 of one topic partition and is named for it
 (``day=YYYY-MM-DD/<topic>-p<partition>-o<first>-<last>.parquet``, the day of its
@@ -11,13 +15,13 @@ messages at or below it, so a replayed batch is never logged twice. The
 directory must be shared by all members of the consumer group (a volume or a
 mounted bucket) so that a partition moving between members keeps its history.
 
-Retention (``retention.engagement_log_days``): :meth:`EngagementLog.prune` deletes the files of
+Retention (``retention.engagement_log_days``): :meth:`OffsetLog.prune` deletes the files of
 days before a cut-off, except each partition's newest file, whose name carries the logged offset
 that keeps a replayed batch from being logged twice.
 
 One race is left to the reader: a member that lost a partition in a rebalance
 but is still finishing its batch (its commit will be refused) can write an
-offset range the new owner also writes. :meth:`EngagementLog.read` therefore
+offset range the new owner also writes. :meth:`OffsetLog.read` therefore
 keeps one row per (partition, offset): each message is one event.
 """
 
@@ -69,12 +73,16 @@ class LoggedEvent:
     request_id: str | None = None
 
 
-class EngagementLog:
-    """Append-only, offset-named Parquet files; see the module docstring for the guarantees."""
+class OffsetLog:
+    """Append-only, offset-named Parquet files of ``schema`` (which has ``partition`` and ``offset``
+    columns, and ``time_column``, the one that names a file's day); see the module docstring for the
+    guarantees."""
 
-    def __init__(self, directory: Path, topic: str) -> None:
+    def __init__(self, directory: Path, topic: str, schema: pa.Schema, time_column: str) -> None:
         self.dir = Path(directory)
         self.topic = topic
+        self.schema = schema
+        self.time_column = time_column
         self.dir.mkdir(parents=True, exist_ok=True)
         self._logged: dict[int, int] = {}
         self._next_prune = -float("inf")
@@ -94,14 +102,10 @@ class EngagementLog:
         """Highest offset already in the log for ``partition`` (-1 when none)."""
         return self._logged.get(partition, -1)
 
-    def append(self, events: Sequence[LoggedEvent]) -> int:
-        """Log ``events`` not yet logged (offset above the partition's logged offset); returns the count."""
-        return self.append_columns({f.name: [getattr(e, f.name) for e in events] for f in fields(LoggedEvent)})
-
     def append_columns(self, columns: Mapping[str, Sequence[Any]]) -> int:
-        """:meth:`append` for rows given as columns: one equal-length sequence per SCHEMA field
-        (``ts`` as aware datetimes, converted to UTC; ``request_id`` may be left out: nulls).
-        Returns how many rows were logged.
+        """Log the rows not yet logged (offset above the partition's logged offset), given as columns:
+        one equal-length sequence per schema field (times as aware datetimes, converted to UTC; a field
+        left out is nulls). Returns how many rows were logged.
 
         One file per partition per call, in the day folder of its earliest event: a single file
         per offset range keeps the logged offset free of holes after a crash between files.
@@ -119,13 +123,13 @@ class EngagementLog:
             return 0
         arrays = [
             pa.array(columns[f.name], type=f.type) if f.name in columns else pa.nulls(len(offsets), f.type)
-            for f in SCHEMA
+            for f in self.schema
         ]
-        table = pa.table(arrays, schema=SCHEMA)
+        table = pa.table(arrays, schema=self.schema)
         for partition, idx in todo:
             rows = table.take(pa.array(idx))
             first, last = int(offsets[idx[0]]), int(offsets[idx[-1]])
-            earliest = pc.min(rows.column("ts")).as_py()
+            earliest = pc.min(rows.column(self.time_column)).as_py()
             self._write(earliest.date().isoformat(), partition, first, last, rows)
             self._logged[partition] = last
         return sum(len(idx) for _, idx in todo)
@@ -182,7 +186,7 @@ class EngagementLog:
         return removed
 
     def read(self, days: Iterable[str] | None = None) -> pa.Table:
-        """Every logged event (optionally only some days), in (partition, offset) order, each once."""
+        """Every logged row (optionally only some days), in (partition, offset) order, each once."""
         wanted = set(days) if days is not None else None
         tables = []
         for path in sorted(self.dir.glob("day=*/*.parquet")):
@@ -190,12 +194,23 @@ class EngagementLog:
             if wanted is not None and day not in wanted:
                 continue
             if _NAME.match(path.name):
-                tables.append(pq.read_table(path, schema=SCHEMA))
+                tables.append(pq.read_table(path, schema=self.schema))
         if not tables:
-            return SCHEMA.empty_table()
+            return self.schema.empty_table()
         table = pa.concat_tables(tables).sort_by([("partition", "ascending"), ("offset", "ascending")])
         part = table.column("partition").to_numpy()
         off = table.column("offset").to_numpy()
         first = np.ones(len(off), dtype=bool)  # sorted, so a repeated (partition, offset) is adjacent
         first[1:] = (part[1:] != part[:-1]) | (off[1:] != off[:-1])
         return table if first.all() else table.filter(pa.array(first))
+
+
+class EngagementLog(OffsetLog):
+    """The ``engagement`` topic's log: one row per event (:data:`SCHEMA`), days by ``ts``."""
+
+    def __init__(self, directory: Path, topic: str) -> None:
+        super().__init__(directory, topic, SCHEMA, "ts")
+
+    def append(self, events: Sequence[LoggedEvent]) -> int:
+        """Log ``events`` not yet logged (offset above the partition's logged offset); returns the count."""
+        return self.append_columns({f.name: [getattr(e, f.name) for e in events] for f in fields(LoggedEvent)})

@@ -20,6 +20,11 @@ key was new increments the counter. Each event comes back with a status:
 A replayed batch therefore counts nothing twice, and the caller can still finish
 what the crash interrupted.
 
+A new play also adds its page position's examination weight (the weights stored at
+``{prefix}:examination`` by ``apexrank retrain``, re-read every ``examination_refresh_s``;
+1 for a play of unknown position) to the song's examined plays ``eng.eplays``, in the same
+step, so they are exactly-once like the plays (docs/ranking.md, "Position-aware evidence").
+
 One script call per batch: on a single Redis node (or a proxy that allows it) every
 event of the batch goes into one call, a few thousand keys at a time. Dedup keys share
 their song's hash tag, so on Redis Cluster (a ``redis+cluster://`` URL: redis-py's
@@ -38,6 +43,7 @@ never scored therefore cannot grow Redis without bound.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from functools import cached_property
@@ -48,7 +54,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from indexes.base import DUPLICATE, NEW, REPLAY, TOMBSTONED, EngagementCounters, message_marker
 from indexes.redis_client import SyncClient, connect, cross_slot, is_cluster_url, run_script_calls
-from indexes.redis_schema import COUNTER_FIELDS, ENGAGEMENT_COUNTERS, RedisKeys, counter_field, lua
+from indexes.redis_schema import (
+    COUNTER_FIELDS,
+    ENGAGEMENT_COUNTERS,
+    EXAMINED_PLAYS_FIELD,
+    PLAYS_FIELD,
+    RedisKeys,
+    counter_field,
+    examination_json,
+    lua,
+    parse_examination,
+)
 
 __all__ = [
     "CHUNK",
@@ -72,10 +88,11 @@ _LUA_FIELDS = ", ".join(f"['{t}'] = {{'{f}', {d}}}" for t, (f, d) in COUNTER_FIE
 
 # KEYS = the song hashes (n_songs of them), their tombstones (n_songs), then one dedup key per event.
 # ARGV = ttl, updated_at, n_songs, orphan TTL in ms (0: none), then per event: song index (1-based),
-# type, marker.
+# type, marker, examination weight (what a new play adds to the examined plays).
 # Returns one status character per event (n, r, d, x: tombstoned). Counters are read once per song and
 # field, changed in event order (a count that would go below zero stays at zero, as with
-# HINCRBY and a floor after each event) and written back with one HSET per song.
+# HINCRBY and a floor after each event) and written back with one HSET per song. The examined plays
+# (a float) start from the plays where the hash has none yet (plays counted before weights existed count 1).
 _SCRIPT = lua(
     "local FIELDS = {" + _LUA_FIELDS + "}\n"
     """local ttl = tonumber(ARGV[1])
@@ -83,6 +100,7 @@ local n_songs = tonumber(ARGV[3])
 -- Pass 1, reads only: everything that can fail (a key of the wrong type, an unknown event type)
 -- fails here, before anything is written, so an error never leaves dedup keys without their counts.
 local counts = {}
+local eplays = {}
 local gone = {}
 local fresh = {}
 for s = 1, n_songs do
@@ -92,7 +110,7 @@ end
 local a = 5
 for i = 2 * n_songs + 1, #KEYS do
   local song, kind = tonumber(ARGV[a]), ARGV[a + 1]
-  a = a + 3
+  a = a + 4
   local fd = FIELDS[kind]
   if not fd then return redis.error_reply('unknown engagement type ' .. tostring(kind)) end
   local c = counts[song]
@@ -101,6 +119,9 @@ for i = 2 * n_songs + 1, #KEYS do
     counts[song] = c
   end
   if c[fd[1]] == nil then c[fd[1]] = tonumber(redis.call('HGET', KEYS[song], fd[1])) or 0 end
+  if fd[1] == '$plays' and eplays[song] == nil then
+    eplays[song] = tonumber(redis.call('HGET', KEYS[song], '$eplays')) or c[fd[1]]
+  end
 end
 -- Pass 2: deduplicate and count in memory, then one HSET per song with a new event.
 local out = {}
@@ -108,7 +129,8 @@ local changed = {}
 a = 5
 for i = 2 * n_songs + 1, #KEYS do
   local song, kind, marker = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2]
-  a = a + 3
+  local weight = tonumber(ARGV[a + 3])
+  a = a + 4
   if gone[song] then
     out[#out + 1] = 'x'
   elseif redis.call('SET', KEYS[i], marker, 'NX', 'EX', ttl) then
@@ -117,6 +139,7 @@ for i = 2 * n_songs + 1, #KEYS do
     local v = c[fd[1]] + fd[2]
     if v < 0 then v = 0 end
     c[fd[1]] = v
+    if fd[1] == '$plays' then eplays[song] = eplays[song] + weight end
     changed[song] = true
     out[#out + 1] = 'n'
   elseif redis.pcall('GET', KEYS[i]) == marker then  -- pcall: a foreign key there is a duplicate
@@ -130,6 +153,10 @@ for song, _ in pairs(changed) do
   for f, v in pairs(counts[song]) do
     args[#args + 1] = f
     args[#args + 1] = string.format('%d', v)
+  end
+  if eplays[song] ~= nil then
+    args[#args + 1] = '$eplays'
+    args[#args + 1] = string.format('%.17g', eplays[song])
   end
   redis.call('HSET', KEYS[song], unpack(args))
   if fresh[song] and tonumber(ARGV[4]) > 0 then redis.call('PEXPIRE', KEYS[song], ARGV[4]) end
@@ -154,6 +181,9 @@ class RedisEngagementConfig(BaseModel):
         None, gt=0, description="A hash the counters create expires this long after, unless a score write keeps it."
     )
     socket_timeout_s: float = Field(5.0, gt=0)
+    examination_refresh_s: float = Field(
+        60.0, gt=0, description="How often the stored examination weights are re-read (settings.examination.refresh_s)."
+    )
 
 
 class RedisEngagementCounters(EngagementCounters):
@@ -169,8 +199,13 @@ class RedisEngagementCounters(EngagementCounters):
         dedup_window_s: int,
         per_song: bool = False,
         orphan_ttl_s: int | None = None,
+        examination_refresh_s: float = 60.0,
     ) -> None:
         """``client``: a client, or what makes one on first use (a cluster client connects when made)."""
+        #: How long the examination weights read from Redis are used before they are read again.
+        self.examination_refresh_s = float(examination_refresh_s)
+        self._weights_cache: list[float] | None = None
+        self._weights_at: float | None = None
         self._connect: Callable[[], SyncClient] = client if callable(client) else lambda: client
         self.prefix = key_prefix
         self.keys = RedisKeys(key_prefix)
@@ -195,6 +230,7 @@ class RedisEngagementCounters(EngagementCounters):
         dedup_window_s: int,
         socket_timeout_s: float = 5.0,
         orphan_ttl_s: int | None = None,
+        examination_refresh_s: float = 60.0,
     ) -> RedisEngagementCounters:
         """Counters on ``url``: one node, or Redis Cluster (``redis+cluster://``: one song per call from the start).
         Connects on first use, so the counters can be made while Redis is down."""
@@ -204,12 +240,18 @@ class RedisEngagementCounters(EngagementCounters):
             dedup_window_s,
             per_song=is_cluster_url(url),
             orphan_ttl_s=orphan_ttl_s,
+            examination_refresh_s=examination_refresh_s,
         )
 
     @classmethod
     def from_config(cls, config: RedisEngagementConfig) -> RedisEngagementCounters:
         return cls.from_url(
-            config.url, config.key_prefix, config.dedup_window_s, config.socket_timeout_s, config.orphan_ttl_s
+            config.url,
+            config.key_prefix,
+            config.dedup_window_s,
+            config.socket_timeout_s,
+            config.orphan_ttl_s,
+            config.examination_refresh_s,
         )
 
     def song_key(self, song_id: str) -> str:
@@ -226,29 +268,71 @@ class RedisEngagementCounters(EngagementCounters):
         types: Sequence[str],
         markers: Sequence[str],
         updated_at: str,
+        positions: Sequence[int | None] | None = None,
     ) -> str:
         """Count the events not seen within the window; one status per event, in input order.
 
-        The four sequences are parallel: event ``i`` is ``event_ids[i]`` for ``song_ids[i]``, of
+        The sequences are parallel: event ``i`` is ``event_ids[i]`` for ``song_ids[i]``, of
         ``types[i]`` (a key of :data:`COUNTER_FIELDS`), carried by the message ``markers[i]``
-        (unique per message: :func:`message_marker`). Returns a string with
-        :data:`NEW`, :data:`REPLAY`, :data:`DUPLICATE` or :data:`TOMBSTONED` for each event. A
-        repeat of an event inside the batch is a duplicate too.
+        (unique per message: :func:`message_marker`), shown at ``positions[i]`` (None: unknown).
+        Returns a string with :data:`NEW`, :data:`REPLAY`, :data:`DUPLICATE` or :data:`TOMBSTONED`
+        for each event. A repeat of an event inside the batch is a duplicate too.
         """
         n = len(event_ids)
         if not n:
             return ""
+        if positions is not None and len(positions) != n:
+            raise ValueError(f"{n} events but {len(positions)} positions")
+        weights = self._weights(types, positions)
         if not self.per_song:
             try:
                 return "".join(
-                    self._call(song_ids, event_ids, types, markers, lo, min(n, lo + CHUNK), updated_at)
+                    self._call(song_ids, event_ids, types, markers, weights, lo, min(n, lo + CHUNK), updated_at)
                     for lo in range(0, n, CHUNK)
                 )
             except redis.exceptions.ResponseError as exc:
                 if not cross_slot(exc):
                     raise
                 self.per_song = True  # Redis Cluster: one slot per call from now on
-        return self._count_per_song(song_ids, event_ids, types, markers, updated_at)
+        return self._count_per_song(song_ids, event_ids, types, markers, weights, updated_at)
+
+    def _weights(self, types: Sequence[str], positions: Sequence[int | None] | None) -> list[str]:
+        """What each event adds to its song's examined plays if it is a new play (as the script reads it)."""
+        if positions is None:
+            return ["1"] * len(types)
+        table = self._examination_weights()
+        if table is None:
+            return ["1"] * len(types)
+        last = len(table) - 1
+        return [
+            "1" if k is None or t != "play" or k < 0 else repr(table[k if k < last else last])
+            for t, k in zip(types, positions, strict=True)
+        ]
+
+    def _examination_weights(self) -> list[float] | None:
+        """The stored weights, re-read at most every ``examination_refresh_s``."""
+        now = time.monotonic()
+        if self._weights_at is None or now - self._weights_at >= self.examination_refresh_s:
+            self._weights_cache = self.examination()
+            self._weights_at = now
+        return self._weights_cache
+
+    def examination(self) -> list[float] | None:
+        return parse_examination(self.client.get(self.keys.examination()))
+
+    def set_examination(self, weights: Sequence[float]) -> None:
+        self.client.set(self.keys.examination(), examination_json(weights))
+        self._weights_at = None  # this process counts with them from its next batch
+
+    def examined_plays(self, song_ids: Iterable[str]) -> dict[str, float]:
+        ids = list(song_ids)
+        pipe = self.client.pipeline(transaction=False)
+        for song_id in ids:
+            pipe.hmget(self.song_key(song_id), [PLAYS_FIELD, EXAMINED_PLAYS_FIELD])
+        out: dict[str, float] = {}
+        for song_id, (plays, eplays) in zip(ids, pipe.execute(), strict=True):
+            out[song_id] = float(eplays) if eplays is not None else float(plays or 0)
+        return out
 
     def _call(
         self,
@@ -256,6 +340,7 @@ class RedisEngagementCounters(EngagementCounters):
         event_ids: Sequence[str],
         types: Sequence[str],
         markers: Sequence[str],
+        weights: Sequence[str],
         lo: int,
         hi: int,
         updated_at: str,
@@ -270,7 +355,7 @@ class RedisEngagementCounters(EngagementCounters):
             if slot is None:
                 slot = slots[song_id] = len(slots) + 1
             keys.append(self._event_key(song_id, event_ids[i]))
-            args += (slot, types[i], markers[i])
+            args += (slot, types[i], markers[i], weights[i])
         args[2] = len(slots)
         song_keys = [self.song_key(song_id) for song_id in slots]
         tombstones = [self.keys.tombstone(song_id, check=False) for song_id in slots]
@@ -283,6 +368,7 @@ class RedisEngagementCounters(EngagementCounters):
         event_ids: Sequence[str],
         types: Sequence[str],
         markers: Sequence[str],
+        weights: Sequence[str],
         updated_at: str,
     ) -> str:
         by_song: dict[str, list[int]] = defaultdict(list)
@@ -292,7 +378,7 @@ class RedisEngagementCounters(EngagementCounters):
         for song_id, idx in by_song.items():
             args: list[str | int] = [self.ttl, updated_at, 1, self.orphan_ttl_ms]
             for i in idx:
-                args += (1, types[i], markers[i])
+                args += (1, types[i], markers[i], weights[i])
             keys = [self.song_key(song_id), self.keys.tombstone(song_id, check=False)]
             keys += [self._event_key(song_id, event_ids[i]) for i in idx]
             calls.append((keys, args))

@@ -43,6 +43,9 @@ Fields of a song hash:
   seeded one, absent otherwise, ...): strings as-is, anything else JSON-encoded;
 * the engagement counters ``eng.<counter>`` (:data:`ENGAGEMENT_COUNTERS`) and ``eng.updated``,
   written by the feedback consumer (the hash may exist before its scores do);
+* ``eng.eplays``: examined plays, each play counted at its page position's examination weight
+  (a float; position-aware evidence, docs/ranking.md). Absent on hashes counted before it existed:
+  a read then takes the plays, and the first play counted after starts from them;
 * ``cal.likes`` and ``cal.expected``: what of this song the calibration totals already count;
 * ``expired_at``: when retention took the song off the hot path (:mod:`indexes.redis_retention`).
   Such a hash keeps only :data:`RETAINED_FIELDS` and the ``eng.*`` / ``cal.*`` fields: no
@@ -95,6 +98,8 @@ ENGAGEMENT_FIELD_PREFIX = "eng."
 ENGAGEMENT_COUNTERS = ("plays", "likes", "skips", "completes", "shares")
 PLAYS_FIELD = f"{ENGAGEMENT_FIELD_PREFIX}plays"
 LIKES_FIELD = f"{ENGAGEMENT_FIELD_PREFIX}likes"
+#: Examined plays: the sum of each play's examination weight (1 for a play of unknown position).
+EXAMINED_PLAYS_FIELD = f"{ENGAGEMENT_FIELD_PREFIX}eplays"
 ENGAGEMENT_UPDATED_FIELD = f"{ENGAGEMENT_FIELD_PREFIX}updated"
 #: Engagement event type -> (hash field, delta).
 COUNTER_FIELDS: dict[str, tuple[str, int]] = {
@@ -141,7 +146,15 @@ CHANGE_FEEDS = "feeds"
 
 #: After the score fields, what a feed read hydrates per song (in this order), and what a feed
 #: write additionally needs for the feeds' filters.
-STATE_FIELDS: tuple[str, ...] = (PRIOR_FIELD, PLAYS_FIELD, LIKES_FIELD, CREATED_AT, GENERATOR, SCORED_AT)
+STATE_FIELDS: tuple[str, ...] = (
+    PRIOR_FIELD,
+    PLAYS_FIELD,
+    LIKES_FIELD,
+    CREATED_AT,
+    GENERATOR,
+    SCORED_AT,
+    EXAMINED_PLAYS_FIELD,
+)
 FILTER_FIELDS: tuple[str, ...] = (TAGS, DURATION_S)
 #: What the API's song table keeps of the model that scored a song.
 MODEL_FIELDS: tuple[str, ...] = (MODEL_VERSION, UNTRAINED)
@@ -167,11 +180,12 @@ def hydration_fields(tasks: Iterable[str]) -> tuple[str, ...]:
 
 
 def lua(source: str) -> str:
-    """A Lua script with ``$plays``, ``$likes``, ``$claimed_likes``, ``$claimed_expected``, ``$updated``,
+    """A Lua script with ``$plays``, ``$eplays``, ``$likes``, ``$claimed_likes``, ``$claimed_expected``, ``$updated``,
     ``$total_likes`` and ``$total_expected`` replaced by the field names above (scripts name fields
     literally)."""
     return Template(source).substitute(
         plays=PLAYS_FIELD,
+        eplays=EXAMINED_PLAYS_FIELD,
         likes=LIKES_FIELD,
         claimed_likes=CLAIMED_LIKES_FIELD,
         claimed_expected=CLAIMED_EXPECTED_FIELD,
@@ -339,3 +353,26 @@ def parse_song(song_id: str, raw: Mapping[str, str | None]) -> StoredSong | None
         counters={c: _count(fields.get(counter_field(c))) for c in ENGAGEMENT_COUNTERS},
         fields=fields,
     )
+
+
+# -- the examination weights ----------------------------------------------------------------------
+def examination_json(weights: Iterable[float]) -> str:
+    """The stored value of :meth:`RedisKeys.examination`: ``{"weights": [w_0, w_1, ...]}``."""
+    values = [float(w) for w in weights]
+    if not values or not all(math.isfinite(w) and w > 0 for w in values):
+        raise ValueError(f"examination weights must be a non-empty list of positive finite numbers, got {values}")
+    return json.dumps({"weights": values}, separators=(",", ":"))
+
+
+def parse_examination(raw: str | bytes | None) -> list[float] | None:
+    """The weights of a stored value; None when absent or unreadable (a reader then counts every play as 1)."""
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+        weights = [float(w) for w in value["weights"]]
+    except (ValueError, TypeError, KeyError):
+        return None
+    if not weights or not all(math.isfinite(w) and w > 0 for w in weights):
+        return None
+    return weights

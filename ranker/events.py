@@ -1,4 +1,4 @@
-"""Versioned event contracts on the Kafka topics (JSON, key = song_id)."""
+"""Versioned event contracts on the Kafka topics (JSON, key = song_id; ``feeds.served``: key = request_id)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,16 @@ import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from ranker.errors import ErrorCode, InputError
 
@@ -292,3 +301,49 @@ def parse_event(cls: type[E], raw: bytes | None) -> E:
 
 def is_valid_song_id(value: str) -> bool:
     return bool(_SONG_ID_RE.match(value))
+
+
+#: Most songs one served record lists (a page or a rerank; the API's limits are far below it).
+MAX_SERVED_ITEMS = 2_000
+RequestId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")]
+
+
+class FeedServed(_Event):
+    """``feeds.served`` (key = request_id): what one feed or rank response showed, where and why. Version 1.
+
+    ``song_ids`` are in page order (position = index, 0-based within the response); ``explored``
+    and ``propensity`` run beside them: the probability that the logging policy put that song in
+    an exploration slot of this page given ``pool`` (1.0 for exploit items and rank responses).
+    ``pool``: the exploration pool, in the feed's order (empty when nothing was explored).
+    """
+
+    schema_version: Literal[1] = 1
+    request_id: RequestId
+    served_at: Timestamp
+    kind: Literal["feed", "rank"]
+    feed: str = Field(min_length=1, max_length=64)
+    user_id: str | None = Field(None, min_length=1, max_length=128)
+    arm: str | None = Field(None, min_length=1, max_length=64)
+    model_version: str | None = Field(None, max_length=256)
+    song_ids: list[SongId] = Field(max_length=MAX_SERVED_ITEMS)
+    explored: list[bool] = Field(max_length=MAX_SERVED_ITEMS)
+    propensity: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(max_length=MAX_SERVED_ITEMS)
+    pool: list[SongId] = Field(default_factory=list, max_length=MAX_SERVED_ITEMS)
+
+    @model_validator(mode="after")
+    def _per_item(self) -> FeedServed:
+        n = len(self.song_ids)
+        if len(self.explored) != n or len(self.propensity) != n:
+            raise ValueError(
+                f"song_ids, explored and propensity must have one entry per item "
+                f"({n}, {len(self.explored)}, {len(self.propensity)})"
+            )
+        if any(p != 1.0 for p, e in zip(self.propensity, self.explored, strict=True) if not e):
+            raise ValueError("an exploit item's propensity must be 1.0")
+        if any(self.explored) and not self.pool:
+            raise ValueError("explored items need the pool they were drawn from")
+        return self
+
+    @classmethod
+    def parse(cls, raw: bytes) -> FeedServed:
+        return parse_event(cls, raw)

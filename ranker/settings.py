@@ -317,6 +317,10 @@ class FeedbackSettings(_Section):
         None,
         description="Engagement log (Parquet, by day); default STATE_DIR/engagement. Shared by the group.",
     )
+    served_log_dir: Path | None = Field(
+        None,
+        description="Served log (feeds.served as Parquet, by day); default STATE_DIR/served. Shared by the group.",
+    )
 
 
 class RetentionSettings(_Section):
@@ -573,6 +577,22 @@ class ApiSettings(_Section):
         "re-ordered by the taste blend; below them, the feed's own order. At most 400: the window's songs served "
         "out of order ride in the cursor's skip set (512 keys).",
     )
+    served_log: bool = Field(
+        True,
+        description="Record every feed and rank response served (feeds.served, docs/served-log.md): a spool file "
+        "line before the response, shipped to Kafka by a thread.",
+    )
+    served_spool_dir: Path | None = Field(
+        None,
+        description="Where the served records wait for Kafka (one file per process); default STATE_DIR/served-spool.",
+    )
+    served_ship_interval_s: float = Field(0.5, gt=0, description="How often the shipper sends new served records.")
+    served_spool_max_bytes: int = Field(
+        1 << 30,
+        ge=1 << 16,
+        description="Most bytes of served records waiting in the spool (Kafka down); beyond it new ones are dropped "
+        "and counted (apexrank_api_served_dropped_total), never blocking a response.",
+    )
     table_startup_wait_s: float = Field(
         30.0,
         ge=0,
@@ -635,7 +655,7 @@ class Arm(_Section):
 
 
 class ArmsSettings(_Section):
-    """A/B arms: each user is hashed (with ``experiment`` as salt) into one arm, stably (docs/ranking.md)."""
+    """A/B arms: each user is hashed (with ``experiment`` as salt) into one arm, stably (docs/arms.md)."""
 
     experiment: str = Field(
         "default", min_length=1, max_length=64, description="Salt of the user hash: a new name reshuffles users."
@@ -739,6 +759,14 @@ class Settings(BaseSettings):
     @property
     def engagement_log_dir(self) -> Path:
         return self.feedback.log_dir or self.state_dir / "engagement"
+
+    @property
+    def served_log_dir(self) -> Path:
+        return self.feedback.served_log_dir or self.state_dir / "served"
+
+    @property
+    def served_spool_dir(self) -> Path:
+        return self.api.served_spool_dir or self.state_dir / "served-spool"
 
     @property
     def offline(self) -> bool:

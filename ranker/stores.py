@@ -40,6 +40,7 @@ def engagement_counters(settings: Settings) -> EngagementCounters:
         dedup_window_s=settings.feedback.dedup_window_s,
         socket_timeout_s=redis.socket_timeout_s,
         orphan_ttl_s=settings.feedback.orphan_ttl_s,
+        examination_refresh_s=settings.examination.refresh_s,
     )
 
 

@@ -62,6 +62,7 @@ def settings(stack: EmbeddedStack, tmp_path: Path) -> Settings:
         engagement=f"t{tag}.engagement",
         engagement_dead_letter=f"t{tag}.engagement.dead-letter",
         models_promoted=f"t{tag}.models.promoted",
+        feeds_served=f"t{tag}.feeds.served",
         songs_deleted=f"t{tag}.songs.deleted",
         partitions=2,
     )

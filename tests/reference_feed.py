@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from ranker.serving.assembly import PROPENSITY_DRAWS
 from ranker.serving.cursor import MAX_SKIP, Cursor, _after, _skip_key
-from ranker.serving.policy import Policy, SongState, explore_positions, explore_slots
+from ranker.serving.policy import Policy, SongState, explore_slots
 from ranker.serving.reader import FeedPage, FeedReader
 from ranker.serving.state import READ_FIELDS, state_from_fields
 
@@ -69,12 +70,13 @@ class ReferencePages:
         scale = await self.scale()
         n_explore = explore_slots(limit, policy.config.explore_share)
         window = await self._window(policy, limit + (policy.config.explore_pool if n_explore else 0), cur, cursor, now)
-        chosen, explored = self._assemble(policy, window, limit - n_explore, n_explore, scale, now, rng)
-        items = self._items(policy, chosen, explored, scale, now)
+        chosen, explored, pool = self._assemble(policy, window, limit - n_explore, n_explore, scale, now, rng)
+        items, propensity = self._items(policy, chosen, explored, pool, scale, now, rng)
         skip = set(cur.skip) if cur else set()
         b_score, b_id = (cur.score, cur.song_id) if cur else (math.inf, "")
         next_cursor = self._next_cursor(feed, window.rows, items, skip, b_score, b_id, window.exhausted)
-        return FeedPage(feed, items, next_cursor)
+        pool_ids = [r.song_id for r in pool] if explored else []
+        return FeedPage(feed, items, next_cursor, propensity, pool_ids)
 
     async def _window(self, policy: Policy, want: int, cur: Cursor | None, token: str | None, now: float) -> _Window:
         """The rows after the cursor, hydrated, until ``want`` are eligible (ZRANGE + HMGET, rarely more).
@@ -119,7 +121,7 @@ class ReferencePages:
         scale: float,
         now: float,
         rng: np.random.Generator | None,
-    ) -> tuple[list[_Row], list[tuple[_Row, float]]]:
+    ) -> tuple[list[_Row], list[tuple[_Row, float]], list[_Row]]:
         """Exploit slots (diversity rules push offenders down), then Thompson-sampled exploration."""
         cfg = policy.config
         cap = cfg.max_per_generator
@@ -180,24 +182,42 @@ class ReferencePages:
                     short -= 1
             # Diversity rules give way only when nothing else is left: pushed down, not dropped.
             chosen.extend(deferred[:short])
-        return chosen, explored
+        return chosen, explored, pool
 
     def _items(
         self,
         policy: Policy,
         chosen: list[_Row],
         explored: list[tuple[_Row, float]],
+        pool: list[_Row],
         scale: float,
         now: float,
-    ) -> list[dict[str, Any]]:
+        rng: np.random.Generator | None,
+    ) -> tuple[list[dict[str, Any]], list[float]]:
+        """The items with the explored ones at random positions, and each item's propensity: the
+        product's draws from ``rng``, in its order, with the per-song policy (top-k by sorting)."""
         items = [self._item(policy, r, scale, now) for r in chosen]
-        positions = explore_positions(len(chosen) + len(explored), len(explored))
+        page_len = len(chosen) + len(explored)
+        propensity = [1.0] * page_len
+        if not explored:
+            return items, propensity
+        gen = rng or np.random.default_rng()
+        positions = sorted(gen.choice(page_len, size=len(explored), replace=False).tolist())
+        states = [r.state for r in pool if r.state is not None]
+        rates = policy.sample_rates(states * PROPENSITY_DRAWS, scale, gen).reshape(PROPENSITY_DRAWS, len(pool))
+        hits = [0] * len(pool)
+        for draw in rates:
+            scored = [policy.sampled_score(s, float(r), now) for s, r in zip(states, draw, strict=True)]
+            for k in sorted(range(len(pool)), key=lambda k: -scored[k])[: len(explored)]:
+                hits[k] += 1
+        where = {id(r): k for k, r in enumerate(pool)}
         for pos, (row, rate) in zip(positions, explored, strict=True):
             item = self._item(policy, row, scale, now)
             item["explore"] = True
             item["components"]["sampled_rate"] = rate
             items.insert(pos, item)
-        return items
+            propensity[pos] = (hits[where[id(row)]] + 1) / (PROPENSITY_DRAWS + 1)
+        return items, propensity
 
     @staticmethod
     def _item(policy: Policy, row: _Row, scale: float, now: float) -> dict[str, Any]:

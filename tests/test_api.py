@@ -91,7 +91,7 @@ def test_exploration_fills_the_configured_share(settings: Settings, store: Redis
         items = body["items"]
         assert len(items) == 50
         explored = [n for n, item in enumerate(items) if item["explore"]]
-        assert explored == [9, 19, 29, 39, 49]
+        assert len(explored) == 5  # at random positions (tests/test_served_log.py: they vary)
         exploit = [i["song_id"] for i in items if not i["explore"]]
         assert exploit == [f"s{i:03d}" for i in range(45)]  # stored order
         for n in explored:

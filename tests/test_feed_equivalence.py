@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pytest
 
 from indexes import RedisScoreStore
 from ranker.serving.reader import FeedPage, FeedReader
@@ -53,6 +54,8 @@ def check_page(got: FeedPage, want: FeedPage, cursor: str | None, stalled: bool,
     assert [i["song_id"] for i in got.items] == [i["song_id"] for i in want.items], label
     close(got.items, want.items, label)
     assert got.next_cursor == want.next_cursor, label
+    assert got.pool == want.pool, label
+    assert got.propensity == pytest.approx(want.propensity), label
 
 
 def page_settings(settings: Settings) -> Settings:

@@ -18,7 +18,6 @@ from ranker.serving.policy import (
     SongState,
     beta_params,
     calibration_scale,
-    explore_positions,
     explore_slots,
     posterior_mean,
 )
@@ -132,11 +131,9 @@ def test_stored_score_orders_like_the_served_score_at_any_time() -> None:
             assert policy.served_score(stored[sid], NOW + later) == pytest.approx(served[sid], rel=1e-9)
 
 
-def test_explore_slots_and_positions() -> None:
+def test_explore_slots() -> None:
     assert explore_slots(50, 0.1) == 5 and explore_slots(1, 0.5) == 0 and explore_slots(10, 0.0) == 0
     assert explore_slots(2, 0.5) == 1
-    assert explore_positions(50, 5) == [9, 19, 29, 39, 49]
-    assert explore_positions(7, 0) == []
 
 
 def test_thompson_sampling_follows_the_evidence() -> None:

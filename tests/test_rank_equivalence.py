@@ -65,6 +65,11 @@ def song_hash(rng: random.Random, kind: int) -> dict[str, str]:
         plays = rng.choice([0, 1, 3, 20, 400, 10**6])
         fields["eng.plays"] = str(plays)
         fields["eng.likes"] = str(rng.choice([0, 1, plays // 10, plays, plays + 5]))  # likes > plays too
+        roll = rng.random()  # examined plays; absent (roll >= 0.7): counted before they existed
+        if roll < 0.6:
+            fields["eng.eplays"] = repr(plays * rng.uniform(0.05, 2.5))
+        elif roll < 0.7:
+            fields["eng.eplays"] = rng.choice([*BAD, "-3", "1e300", "0.3"])
     if rng.random() < 0.05:
         fields[rng.choice(["eng.plays", "eng.likes"])] = rng.choice([*BAD, "-7"])
     age_h = rng.choice([0.0, 0.5, 2.0, 30.0, 24 * 40.0, 24 * 365 * 3.0, rng.uniform(0, 24 * 14)])
@@ -158,6 +163,8 @@ INLINE: list[tuple[str | None, dict[str, Any]]] = [
     ("fresh", {"weights": {"clarity": 1e-9, "coherence": 1e6}, "half_life_hours": 1e-9}),  # |norm - 1| < 1e-12
     ("evergreen", {"weights": {"clarity": 1e-3, "coherence": 1e6}}),  # |norm - 1| ~ 1e-9: renormalised
     ("main", {"prior_strength": 5e-324}),  # likes without plays: an infinite posterior
+    ("main", {"evidence": "plain"}),  # plays, not examined plays
+    ("fresh", {"evidence": "plain", "prior_strength": 2}),
 ]
 
 
@@ -274,6 +281,9 @@ def test_batch_parses_as_state_from_fields(store: RedisScoreStore, settings: Set
         rate = batch.model_rate[i]
         assert (math.isnan(rate) and state.model_rate is None) or rate == state.model_rate, sid
         assert (batch.plays[i], batch.likes[i], batch.created_ts[i]) == (state.plays, state.likes, state.created_ts)
+        assert batch.eplays is not None
+        eplays = batch.eplays[i]
+        assert (math.isnan(eplays) and state.eplays is None) or eplays == state.eplays, sid
         assert batch.generators[i] == state.generator and batch.tags[i] == state.tags, sid
         assert batch.duration_s is not None
         duration = batch.duration_s[i]

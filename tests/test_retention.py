@@ -99,6 +99,7 @@ def test_expire_songs_keeps_only_the_history_and_leaves_every_feed(rstore: tuple
             "scored_at",
             "prior.like_rate",
             "eng.plays",
+            "eng.eplays",  # examined plays: history, kept like the plays
             "eng.likes",
             "eng.updated",
             "cal.likes",

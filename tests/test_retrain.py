@@ -25,6 +25,7 @@ from consumers.stack import free_port
 from consumers.worker import Worker
 from indexes import ScoreStore
 from indexes.engagement_log import EngagementLog, LoggedEvent
+from indexes.redis_schema import RedisKeys, examination_json, parse_examination
 from ranker.errors import ConfigError
 from ranker.features import FeatureSet
 from ranker.model.artifact import ScoringModel
@@ -199,16 +200,21 @@ def test_retrain_promotes_a_better_head_rescoring_the_feed_and_never_a_worse_one
     scored_world(settings, world)
     before = feed(settings)
     old_version = song(settings, before[0][0])["model_version"]  # type: ignore[index]
+
     played = [s for s, _ in before[:5]]  # counted in the calibration totals at the old model's prior
     for sid in played:
         store.client.hincrby(store.song_key(sid), "eng.plays", 50)
         store.client.hincrby(store.song_key(sid), "eng.likes", 10)
     assert on_engagement(played, settings) == 5
 
+    exam_key = RedisKeys(settings.redis.key_prefix).examination()
+    store.client.set(exam_key, examination_json([2.0, 0.5]))  # weights of an earlier refresh
     began = time.time()
     report = run_once(settings)
 
     assert report.promoted, report
+    # The run refreshed the examination weights: no served log here, so too little data, all 1.
+    assert parse_examination(store.client.get(exam_key)) == [1.0]
     (push,) = pushgateway.pushes
     assert (push.method, push.path) == ("POST", "/metrics/job/apexrank_retrain")  # pushadd: see retrain_metrics
     check_pushed(push, report, began)
@@ -242,7 +248,12 @@ def test_retrain_promotes_a_better_head_rescoring_the_feed_and_never_a_worse_one
     # A deliberately worse candidate (a head trained on shuffled targets, its own likes output) is not
     # promoted over it.
     worse_settings = RetrainSettings(
-        min_plays=10, epochs=15, margin=0.0, warm_start=False, likes_model="head", pushgateway_url=gateway
+        min_plays=10,
+        epochs=15,
+        margin=0.0,
+        warm_start=False,
+        likes_model="head",
+        pushgateway_url=gateway,
     )
     settings = settings.model_copy(update={"retrain": worse_settings})
     promoted_feed = feed(settings)

@@ -92,6 +92,8 @@ class RetrainReport:
     candidate: dict[str, float] = field(default_factory=dict)
     model_dir: str | None = None
     timings_s: dict[str, float] = field(default_factory=dict)  # wall time per step (gather, train, ...)
+    #: The examination weights this run estimated and stored (ranker.model.examination), when it did.
+    examination: dict[str, Any] | None = None
     finished_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
 
     def to_dict(self) -> dict[str, Any]:

@@ -40,15 +40,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from threadpoolctl import threadpool_limits
 
-from ranker.events import SONG_ID_PATTERN, SongDeleted, SongId
+from ranker.events import SONG_ID_PATTERN, SongDeleted
+from ranker.serving.api_models import ERRORS, FeedPageOut, RankIn, RankOut, SimilarOut
 from ranker.serving.cursor import CursorError
 from ranker.serving.edge import Edge
 from ranker.serving.edge import error_response as _error
-from ranker.serving.filters import FilterError, FiltersIn
+from ranker.serving.exposure import ModelVersion, ServedRecorder, served_record
+from ranker.serving.filters import FilterError
 from ranker.serving.ingest import events_router
 from ranker.serving.producer import ApiProducer
 from ranker.serving.reader import FeedReader, TableNotReady, UnknownFeedError
@@ -67,78 +69,6 @@ MODEL_SONGS = Gauge(
     "Songs in this process's song table by the model version that scored them, and whether it was trained",
     ["model_version", "trained"],
 )
-
-
-# -- response models (for OpenAPI; the hot paths serialise plain dicts) -----------------------
-class _Out(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class Components(_Out):
-    quality: float = Field(description="Weighted blend of popularity and aesthetics, 0-1.")
-    freshness: float = Field(description="2^(-age/half-life).")
-    age_hours: float
-    contributions: dict[str, float] = Field(description="Each term's share of the quality.")
-    prior_rate: float = Field(description="p0: the model's like rate, calibrated.")
-    posterior_rate: float = Field(description="(w*p0 + likes) / (w + plays).")
-    plays: float
-    likes: float
-    sampled_rate: float | None = Field(None, description="Exploration slots: the Thompson draw.")
-    taste: dict[str, float] | None = Field(
-        None, description="Personal pages (?user=): the taste term's cosine, weight w and contribution."
-    )
-
-
-class Item(_Out):
-    song_id: str
-    score: float = Field(description="(0.01 + quality) * freshness.")
-    explore: bool = False
-    untrained: bool = Field(False, description="Scored by an untrained, seeded head (present only when true).")
-    components: Components | None = Field(None, description="Absent from /v1/rank with explain=false.")
-
-
-class FeedPageOut(_Out):
-    feed: str
-    items: list[Item]
-    next_cursor: str | None = Field(description="Pass back as ?cursor= for the next page; null at the end.")
-    request_id: str = Field(description="This response's id: send it as engagement events' request_id.")
-
-
-class RankIn(BaseModel):
-    """Candidates to order, and the policy: a named feed, optionally with inline overrides."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    candidates: list[SongId] = Field(min_length=1)
-    feed: str | None = Field(None, description="Base policy; default: the default feed.")
-    weights: dict[str, float] | None = Field(None, description="Inline weights over the seven tasks.")
-    half_life_hours: float | None = Field(None, description="Inline half-life (explicit null: no decay).")
-    prior_strength: float | None = Field(None, description="Inline w.")
-    apply_filters: bool = Field(False, description="List candidates the feed's filters reject in 'filtered'.")
-    explain: bool = Field(True, description="Include each score's components (about a third of the cost).")
-    filters: FiltersIn | None = Field(None, description="Request-time filters; what they reject is in 'filtered'.")
-    user: str | None = Field(None, description="A listener: taste blended in, heard songs in 'filtered'.")
-
-
-class RankOut(_Out):
-    feed: str
-    items: list[Item]
-    unknown: list[str] = Field(description="Ids with no scored song: never silently dropped.")
-    filtered: list[str]
-    request_id: str = Field(description="This response's id: send it as engagement events' request_id.")
-
-
-class SimilarOut(_Out):
-    song_id: str
-    items: list[dict[str, Any]]
-
-
-class ErrorOut(BaseModel):
-    error: str
-    message: str
-
-
-_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (400, 401, 403, 404, 413, 422, 503)}
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -202,7 +132,18 @@ def create_app(
     index = index_reader(settings)
     listeners = listener_store(settings)  # taste and heard sets for ?user= (docs/ranking.md, "Personal feeds")
     holder: dict[str, FeedReader] = {}
-    producer = ApiProducer(settings.kafka)  # connects on the first takedown or POST /v1/events
+    producer = ApiProducer(settings.kafka)  # connects on the first takedown, POST /v1/events or served record
+    served = (  # every feed and rank response served, spooled then shipped (docs/served-log.md)
+        ServedRecorder.open(
+            settings.served_spool_dir,
+            producer,
+            settings.kafka.topics.feeds_served,
+            api.served_ship_interval_s,
+            api.served_spool_max_bytes,
+        )
+        if api.served_log
+        else ServedRecorder.off()
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -221,9 +162,11 @@ def create_app(
         except Exception:
             log.exception("could not load the embedding index from %s; /readyz says so", settings.index_dir)
         index.start(api.index_refresh_s)
+        served.start()
         try:
             yield
         finally:
+            served.close()
             await sync.close()
             index.close()
             await reads.close()
@@ -255,6 +198,8 @@ def create_app(
 
     def reader() -> FeedReader:
         return holder["reader"]
+
+    model_version = ModelVersion(lambda: holder["reader"].sync.table if "reader" in holder else None)
 
     # -- errors ----------------------------------------------------------------------------------
     @app.exception_handler(RequestValidationError)
@@ -344,7 +289,7 @@ def create_app(
         tags=["feeds"],
         dependencies=auth,
         response_model=FeedPageOut,
-        responses=_ERRORS,
+        responses=ERRORS,
     )
     async def feed_page(
         feed: str = Path(description="A configured feed name."),
@@ -373,10 +318,25 @@ def create_app(
         except CursorError as exc:
             raise ApiError(400, exc.code, str(exc)) from None
         rid = new_request_id()
-        body = {"feed": page.feed, "items": page.items, "next_cursor": page.next_cursor, "request_id": rid}
+        items = page.items
+        served.record(
+            served_record(
+                rid,
+                "feed",
+                page.feed,
+                [i["song_id"] for i in items],
+                user_id=who,
+                model_version=model_version(),
+                explored=[bool(i["explore"]) for i in items],
+                propensity=page.propensity,
+                pool=page.pool,
+                served_at=datetime.fromtimestamp(clock(), UTC),
+            )
+        )
+        body = {"feed": page.feed, "items": items, "next_cursor": page.next_cursor, "request_id": rid}
         return _json(body, headers={REQUEST_ID_HEADER: rid})
 
-    @app.post("/v1/rank", tags=["feeds"], dependencies=auth, response_model=RankOut, responses=_ERRORS)
+    @app.post("/v1/rank", tags=["feeds"], dependencies=auth, response_model=RankOut, responses=ERRORS)
     async def rank(body: RankIn) -> Response:
         """Order candidate songs by a feed policy (named, or with inline weights)."""
         if len(body.candidates) > api.max_candidates:
@@ -411,6 +371,11 @@ def create_app(
         where = ranked.non_finite  # NaN and infinities, found on the score arrays before serialising
         if where is None:
             rid = new_request_id()
+            ids = [i["song_id"] for i in ranked.body["items"]]
+            at = datetime.fromtimestamp(clock(), UTC)
+            served.record(
+                served_record(rid, "rank", policy.name, ids, user_id=who, model_version=model_version(), served_at=at)
+            )
             return _json({**ranked.body, "request_id": rid}, finite=True, headers={REQUEST_ID_HEADER: rid})
         if not overrides:  # the configured feed's own policy: not the caller's doing
             raise ValueError(f"non-finite value at items.{where} from feed {policy.name!r}")
@@ -424,7 +389,7 @@ def create_app(
     # -- songs -----------------------------------------------------------------------------------
     song_path = Path(pattern=SONG_ID_PATTERN, description="1-128 letters, digits or ._:-")
 
-    @app.get("/v1/songs/{song_id}", tags=["songs"], dependencies=auth, responses=_ERRORS)
+    @app.get("/v1/songs/{song_id}", tags=["songs"], dependencies=auth, responses=ERRORS)
     async def song(song_id: str = song_path) -> Response:
         """A song's scores, engagement counts, like-rate prior and posterior, model version."""
         found = await reader().song(song_id)
@@ -437,7 +402,7 @@ def create_app(
         tags=["songs"],
         dependencies=auth,
         response_model=SimilarOut,
-        responses=_ERRORS,
+        responses=ERRORS,
     )
     async def similar(song_id: str = song_path, k: int = Query(10, ge=1, le=api.max_k)) -> Response:
         """The k nearest songs by embedding (cosine similarity), from the FAISS index."""
@@ -449,7 +414,7 @@ def create_app(
             raise ApiError(503, "index_unavailable", str(exc)) from None
         return _json({"song_id": song_id, "items": [{"song_id": s, "similarity": sim} for s, sim in hits]})
 
-    @app.delete("/v1/songs/{song_id}", tags=["songs"], dependencies=[Depends(admin)], responses=_ERRORS)
+    @app.delete("/v1/songs/{song_id}", tags=["songs"], dependencies=[Depends(admin)], responses=ERRORS)
     async def delete_song(
         song_id: str = song_path,
         reason: str = Query("takedown", min_length=1, max_length=256, description="Kept in the tombstone."),
@@ -493,4 +458,5 @@ def create_app(
 
     app.state.index = index
     app.state.producer = producer
+    app.state.served = served
     return app

@@ -14,12 +14,15 @@ from typing import Any
 
 import numpy as np
 
-from ranker.serving.batch import evaluate, sample_rates, sampled_scores
+from ranker.serving.batch import beta_params, evaluate, popularity, sample_rates, sampled_scores
 from ranker.serving.columns import explanation_columns, explanations, mark_untrained
 from ranker.serving.cursor import MAX_SKIP, Cursor, skip_key
 from ranker.serving.page_cache import _Window
 from ranker.serving.personal import Personal
-from ranker.serving.policy import Policy, explore_positions
+from ranker.serving.policy import Policy
+
+#: Further Thompson draws of the whole pool that estimate an explored song's propensity (with the realised one).
+PROPENSITY_DRAWS = 31
 
 
 def assemble(
@@ -30,11 +33,11 @@ def assemble(
     scale: float,
     now: float,
     rng: np.random.Generator | None,
-) -> tuple[list[int], list[tuple[int, float]]]:
+) -> tuple[list[int], list[tuple[int, float]], np.ndarray]:
     """Exploit slots (diversity rules push offenders down), then Thompson-sampled exploration.
 
-    Returns rows of the window's batch: the exploit ones in page order, and the explored
-    ones with their sampled like rates.
+    Returns rows of the window's batch: the exploit ones in page order, the explored
+    ones with their sampled like rates, and the exploration pool's (in feed order).
     """
     cfg = policy.config
     cap = cfg.max_per_generator
@@ -103,7 +106,52 @@ def assemble(
                 short -= 1
         # Diversity rules give way only when nothing else is left: pushed down, not dropped.
         chosen.extend(deferred[:short])
-    return chosen, explored
+    return chosen, explored, pool
+
+
+def explore_layout(
+    policy: Policy,
+    window: _Window,
+    page_len: int,
+    explored: list[tuple[int, float]],
+    pool: np.ndarray,
+    scale: float,
+    now: float,
+    rng: np.random.Generator | None,
+) -> tuple[list[int], list[float]]:
+    """Where the explored songs go on a page of ``page_len``, and each one's propensity.
+
+    Positions: ``len(explored)`` distinct ones, uniformly at random from the request's ``rng`` (the
+    one that drew the Thompson samples, so seeded runs stay reproducible), sorted; the explored songs
+    fill them in their sampled order. A song's position is thus independent of the song.
+
+    Propensity: P(the song is among the page's explored songs | pool), estimated as the share of
+    :data:`PROPENSITY_DRAWS` further Thompson draws of the whole pool, plus the realised one, in
+    which it is among the top ``len(explored)`` by sampled score. The diversity rules'
+    rejections are ignored in the further draws (they would need the page's placement loop per
+    draw); the realised draw counts the songs actually explored, so a propensity is never 0 and
+    a pool's propensities add up to ``len(explored)``.
+    """
+    n = len(explored)
+    if not n:
+        return [], []
+    gen = rng or np.random.default_rng()
+    positions = np.sort(gen.choice(page_len, size=n, replace=False)).tolist()
+    batch = window.batch
+    assert batch is not None
+    draws = PROPENSITY_DRAWS
+    songs = batch.take(pool)
+    a, b = beta_params(policy, songs, scale)
+    rates = gen.beta(a, b, size=(draws, len(pool)))  # the draws a tiled sample_rates would make, in its order
+    # A sampled score is affine in the rate's popularity, (floor + q0 + (q1 - q0) * pop) * freshness, with q0 and
+    # q1 a song's quality at popularity 0 and 1: two evaluations of the pool, not one per draw.
+    low = sampled_scores(policy, songs, np.full(len(pool), policy.like_rate.rate_min), now)
+    high = sampled_scores(policy, songs, np.full(len(pool), policy.like_rate.rate_max), now)
+    scores = low + (high - low) * popularity(policy, rates)
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :n]  # ties: the feed's order, as the realised draw's
+    hits = np.bincount(top.ravel(), minlength=len(pool))
+    at = {int(row): k for k, row in enumerate(pool.tolist())}
+    return positions, [(int(hits[at[j]]) + 1) / (draws + 1) for j, _ in explored]
 
 
 def page_items(
@@ -114,9 +162,11 @@ def page_items(
     scale: float,
     now: float,
     person: Personal | None = None,
+    positions: list[int] | None = None,
 ) -> list[dict[str, Any]]:
     """The page's items, evaluated and explained in one pass over their rows; on a personal page a
-    row of the taste block has its score times e^(taste term) and the term in its components."""
+    row of the taste block has its score times e^(taste term) and the term in its components.
+    ``positions``: the explored songs' places on the page (:func:`explore_layout`; none: at its end)."""
     batch = window.batch
     assert batch is not None
     rows = np.asarray(chosen + [j for j, _ in explored], np.intp)
@@ -139,7 +189,8 @@ def page_items(
     ]
     mark_untrained(made, served.untrained)
     items = made[:n]
-    positions = explore_positions(n + len(explored), len(explored))
+    if positions is None:
+        positions = list(range(n, n + len(explored)))
     for k, (pos, (_, rate)) in enumerate(zip(positions, explored, strict=True), start=n):
         components[k]["sampled_rate"] = rate
         items.insert(pos, made[k])

@@ -35,7 +35,7 @@ import numpy as np
 from indexes.redis_schema import flag
 from ranker.events import TASKS
 from ranker.serving.policy import EPOCH, RATE_MAX, RATE_MIN, SCORE_FLOOR, Policy, parse_tags, tags_match, to_timestamp
-from ranker.serving.state import _N_READ, _N_TASKS, _N_WRITE, _float
+from ranker.serving.state import _N_READ, _N_TASKS, _N_WRITE, F32_MAX, _float
 
 _LIKES = TASKS.index("likes")
 _COMPENSATED_SUM = sys.version_info >= (3, 12)  # builtin sum() of floats: Neumaier summation from 3.12
@@ -89,6 +89,8 @@ class SongBatch:
     likes: np.ndarray
     created_ts: np.ndarray
     generators: list[str]
+    #: Examined plays (:func:`~ranker.serving.state.examined_plays`: float32 values); NaN where the hash has none.
+    eplays: np.ndarray | None = None
     raw_tags: list[str | None] | None = None  # WRITE_FIELDS only
     duration_s: np.ndarray | None = None  # WRITE_FIELDS only; NaN where absent
     model_versions: list[str] | None = None  # TABLE_FIELDS only
@@ -110,9 +112,11 @@ class SongBatch:
         scores = np.empty((n, _N_TASKS))
         for t in range(_N_TASKS):
             scores[:, t] = _floats(columns[t], 0.0)
-        prior, plays, likes, created_at, generator, scored_at = columns[_N_TASKS:_N_READ]
+        prior, plays, likes, created_at, generator, scored_at, eplays = columns[_N_TASKS:_N_READ]
         plays_v = _floats(plays, 0.0)
         likes_v = _floats(likes, 0.0)
+        eplays_v = _floats(eplays, 0.0)  # NaN: absent
+        eplays_v = np.where(eplays_v > 0.0, np.minimum(eplays_v, F32_MAX), np.where(np.isnan(eplays_v), np.nan, 0.0))
         # created_ts(created_at, scored_at), then capped at now
         memo: dict[str | None, float] = {None: math.nan}
         created = _timestamps(created_at, memo)
@@ -130,6 +134,7 @@ class SongBatch:
             likes=np.where(likes_v > 0.0, likes_v, 0.0),
             created_ts=created,
             generators=[g or "" for g in generator],
+            eplays=eplays_v.astype(np.float32).astype(np.float64),
         )
         if width > _N_READ:
             batch.raw_tags = list(columns[_N_READ])
@@ -153,6 +158,7 @@ class SongBatch:
             likes=self.likes[rows],
             created_ts=self.created_ts[rows],
             generators=[self.generators[i] for i in idx],
+            eplays=None if self.eplays is None else self.eplays[rows],
         )
         if self.raw_tags is not None:
             out.raw_tags = [self.raw_tags[i] for i in idx]
@@ -223,6 +229,8 @@ class BatchEvaluation:
     prior_rate: np.ndarray
     posterior_rate: np.ndarray
     popularity: np.ndarray
+    #: The plays the posterior counted (:func:`evidence`) when the policy is position-aware; None when plain.
+    examined_plays: np.ndarray | None
     #: ``(name, values, present)`` in the order of the contributions dict: "popularity" (always
     #: present), then the policy's aesthetic tasks; ``present`` None where every song has it.
     contributions: list[tuple[str, np.ndarray, np.ndarray | None]]
@@ -239,10 +247,17 @@ def prior_rate(policy: Policy, batch: SongBatch, scale: float = 1.0) -> np.ndarr
     return _min(RATE_MAX, _max(RATE_MIN, raw * scale))
 
 
-def posterior_rate(policy: Policy, p0: np.ndarray, batch: SongBatch) -> np.ndarray:
-    """``posterior_mean(p0, likes, plays, w)``."""
+def evidence(policy: Policy, batch: SongBatch) -> np.ndarray:
+    """``Policy.evidence`` per song: examined plays when position-aware (the plays where a song has none)."""
+    if not policy.position_aware or batch.eplays is None:
+        return batch.plays
+    return np.where(np.isnan(batch.eplays), batch.plays, batch.eplays)
+
+
+def posterior_rate(policy: Policy, p0: np.ndarray, batch: SongBatch, plays: np.ndarray | None = None) -> np.ndarray:
+    """``posterior_mean(p0, likes, evidence, w)`` (``plays``: :func:`evidence`, computed here if not given)."""
     w = policy.w
-    return (w * p0 + batch.likes) / (w + batch.plays)
+    return (w * p0 + batch.likes) / (w + (evidence(policy, batch) if plays is None else plays))
 
 
 def popularity(policy: Policy, rate: np.ndarray) -> np.ndarray:
@@ -287,7 +302,8 @@ def evaluate(policy: Policy, batch: SongBatch, scale: float, now: float) -> Batc
     """``Policy.evaluate`` of every song of the batch."""
     with np.errstate(all="ignore"):  # Python's float arithmetic gives inf and NaN silently too
         p0 = prior_rate(policy, batch, scale)
-        m = posterior_rate(policy, p0, batch)
+        n = evidence(policy, batch)
+        m = posterior_rate(policy, p0, batch, n)
         q, terms = parts(policy, batch, m)
         fresh = freshness(policy, batch.created_ts, now)
         return BatchEvaluation(
@@ -297,20 +313,27 @@ def evaluate(policy: Policy, batch: SongBatch, scale: float, now: float) -> Batc
             prior_rate=p0,
             posterior_rate=m,
             popularity=popularity(policy, m),
+            examined_plays=n if policy.position_aware else None,
             contributions=terms,
         )
+
+
+def beta_params(policy: Policy, batch: SongBatch, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each song's Beta posterior of its like rate, (a, b): what Thompson exploration draws from."""
+    with np.errstate(all="ignore"):
+        p0 = prior_rate(policy, batch, scale)
+        w = policy.w
+        misses = evidence(policy, batch) - batch.likes
+        a = w * p0 + batch.likes
+        b = w * (1.0 - p0) + np.where(misses < 0.0, 0.0, misses)  # max(evidence - likes, 0.0)
+    return a, b
 
 
 def sample_rates(policy: Policy, batch: SongBatch, scale: float, rng: np.random.Generator) -> np.ndarray:
     """``Policy.sample_rates``: one like rate per song from its Beta posterior (the same draws from ``rng``)."""
     if not len(batch):
         return np.empty(0)
-    with np.errstate(all="ignore"):
-        p0 = prior_rate(policy, batch, scale)
-        w = policy.w
-        misses = batch.plays - batch.likes
-        a = w * p0 + batch.likes
-        b = w * (1.0 - p0) + np.where(misses < 0.0, 0.0, misses)  # max(plays - likes, 0.0)
+    a, b = beta_params(policy, batch, scale)
     return rng.beta(a, b)
 
 

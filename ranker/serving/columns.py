@@ -54,13 +54,16 @@ def explanation_columns(
         "plays": batch.plays[rows],
         "likes": batch.likes[rows],
     }
+    if ev.examined_plays is not None:
+        parts["examined_plays"] = ev.examined_plays[rows]
     return parts, contributions
 
 
 def explanations(
     parts: dict[str, np.ndarray], contributions: list[tuple[str, np.ndarray, np.ndarray | None]]
 ) -> list[dict[str, Any]]:
-    """``Policy.explain`` of each song, from the arrays (same keys, same order, same floats)."""
+    """``Policy.explain`` of each song, from the arrays (same keys, same order, same floats); with
+    ``examined_plays`` after ``plays`` when ``parts`` has it (a position-aware policy)."""
     n = len(parts["quality"])
     names = [name for name, _, _ in contributions]
     values = np.column_stack([v for _, v, _ in contributions]).tolist() if n else []
@@ -71,6 +74,32 @@ def explanations(
         terms = [
             {name: v for name, v, m in zip(names, row, mask, strict=True) if m}
             for row, mask in zip(values, masks, strict=True)
+        ]
+    columns = (
+        parts["quality"].tolist(),
+        parts["freshness"].tolist(),
+        parts["age_hours"].tolist(),
+        terms,
+        parts["prior_rate"].tolist(),
+        parts["posterior_rate"].tolist(),
+        parts["plays"].tolist(),
+        parts["likes"].tolist(),
+    )
+    examined = parts.get("examined_plays")
+    if examined is not None:
+        return [
+            {
+                "quality": q,
+                "freshness": f,
+                "age_hours": a,
+                "contributions": c,
+                "prior_rate": p0,
+                "posterior_rate": m,
+                "plays": pl,
+                "examined_plays": e,
+                "likes": lk,
+            }
+            for q, f, a, c, p0, m, pl, lk, e in zip(*columns, examined.tolist(), strict=True)
         ]
     return [
         {
@@ -83,17 +112,7 @@ def explanations(
             "plays": pl,
             "likes": lk,
         }
-        for q, f, a, c, p0, m, pl, lk in zip(
-            parts["quality"].tolist(),
-            parts["freshness"].tolist(),
-            parts["age_hours"].tolist(),
-            terms,
-            parts["prior_rate"].tolist(),
-            parts["posterior_rate"].tolist(),
-            parts["plays"].tolist(),
-            parts["likes"].tolist(),
-            strict=True,
-        )
+        for q, f, a, c, p0, m, pl, lk in zip(*columns, strict=True)
     ]
 
 

@@ -5,7 +5,8 @@ the API compute exactly the same numbers. docs/ranking.md states the formula wit
 worked example; in short, for a song with APEX scores ``s``, ``plays`` and ``likes``::
 
     p0   = clip(c * p0_model, 1e-4, 1 - 1e-4)            prior like rate (c: calibration)
-    m    = (w * p0 + likes) / (w + plays)                 posterior mean like rate
+    m    = (w * p0 + likes) / (w + n)                     posterior mean like rate; n: the song's examined
+                                                          plays (evidence "position") or its plays ("plain")
     pop  = clip((m - rate_min) / (rate_max - rate_min))   m on the 0-1 scale
     Q    = (W_pop * pop + sum_aes W_t * unit(s_t)) / sum W  quality, 0-1
     score(now) = (FLOOR + Q) * 2 ** (-age_hours / half_life)
@@ -54,6 +55,9 @@ class SongState:
     generator: str
     tags: tuple[str, ...] = ()
     duration_s: float | None = None
+    #: Plays counted at their positions' examination weights (float32 precision); None: the hash has none
+    #: (counted before examined plays existed), and the plays stand in.
+    eplays: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,13 +146,6 @@ def explore_slots(limit: int, share: float) -> int:
     return min(int(limit * share + 0.5), limit - 1)
 
 
-def explore_positions(page_len: int, n: int) -> list[int]:
-    """0-based page positions of ``n`` exploration slots, spread evenly (10% of 50: 9, 19, ..., 49)."""
-    if n <= 0:
-        return []
-    return sorted({min(page_len - 1, max(0, round((j + 1) * page_len / n) - 1)) for j in range(n)})
-
-
 class Policy:
     """A :class:`~ranker.settings.FeedPolicy` compiled for fast evaluation."""
 
@@ -161,6 +158,8 @@ class Policy:
         self.pop_weight = sum(weights.get(t, 0.0) for t in POPULARITY_TASKS) / total
         self.aesthetic = [(t, w / total) for t, w in weights.items() if t not in POPULARITY_TASKS and w > 0]
         self.w = config.prior_strength
+        #: Evidence "position": the posterior counts examined plays, where a play at depth counts less.
+        self.position_aware = config.evidence == "position"
         hl = config.half_life_hours
         self.decay = LN2 / (3600.0 * hl) if hl else 0.0  # 0 or None: no decay
         self._rate_span = like_rate.rate_max - like_rate.rate_min
@@ -173,6 +172,12 @@ class Policy:
         self.max_age_s = f.max_age_hours * 3600.0 if f.max_age_hours is not None else None
 
     # -- the prior and the posterior ---------------------------------------------------------
+    def evidence(self, song: SongState) -> float:
+        """The plays the posterior counts: examined plays when position-aware (the plays if the song has none)."""
+        if self.position_aware and song.eplays is not None:
+            return song.eplays
+        return song.plays
+
     def prior_rate(self, song: SongState, scale: float = 1.0) -> float:
         """p0: the model's like rate (or the fallback from the likes score), calibrated and clipped."""
         raw = song.model_rate
@@ -227,7 +232,7 @@ class Policy:
     # -- everything at once ----------------------------------------------------------------------
     def evaluate(self, song: SongState, scale: float, now: float) -> Evaluation:
         p0 = self.prior_rate(song, scale)
-        m = posterior_mean(p0, song.likes, song.plays, self.w)
+        m = posterior_mean(p0, song.likes, self.evidence(song), self.w)
         q, parts = self.parts(song, m)
         fresh = self.freshness(song.created_ts, now)
         return Evaluation(
@@ -254,6 +259,7 @@ class Policy:
             "prior_rate": ev.prior_rate,
             "posterior_rate": ev.posterior_rate,
             "plays": song.plays,
+            **({"examined_plays": self.evidence(song)} if self.position_aware else {}),
             "likes": song.likes,
         }
 
@@ -261,7 +267,7 @@ class Policy:
         """Thompson sampling: one like rate per song drawn from its Beta posterior."""
         if not songs:
             return np.empty(0)
-        params = [beta_params(self.prior_rate(s, scale), s.likes, s.plays, self.w) for s in songs]
+        params = [beta_params(self.prior_rate(s, scale), s.likes, self.evidence(s), self.w) for s in songs]
         a = np.fromiter((p[0] for p in params), dtype=np.float64, count=len(params))
         b = np.fromiter((p[1] for p in params), dtype=np.float64, count=len(params))
         return rng.beta(a, b)

@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -33,7 +33,7 @@ from indexes.redis_schema import (
     flag,
 )
 from ranker.events import TASKS
-from ranker.serving.assembly import assemble, next_cursor, page_items
+from ranker.serving.assembly import assemble, explore_layout, next_cursor, page_items
 from ranker.serving.columns import (
     RankResponse,
 )
@@ -79,9 +79,14 @@ class VectorSource(Protocol):
 
 @dataclass
 class FeedPage:
+    """A page, and what its served record needs: per item the propensity of its exploration slot
+    (1.0 for an exploit item), and the pool the explored songs were drawn from (feed order)."""
+
     feed: str
     items: list[dict[str, Any]]
     next_cursor: str | None
+    propensity: list[float] = field(default_factory=list)
+    pool: list[str] = field(default_factory=list)
 
 
 class FeedReader:
@@ -204,13 +209,21 @@ class FeedReader:
             window = self._window(table, policy, want, cur, cursor, now, filters)
         else:
             window = self._personal_window(table, policy, want, cur, now, filters, person, first)
-        chosen, explored = assemble(policy, window, limit - n_explore, n_explore, scale, now, rng)
-        items = page_items(policy, window, chosen, explored, scale, now, person)
+        chosen, explored, pool = assemble(policy, window, limit - n_explore, n_explore, scale, now, rng)
+        page_len = len(chosen) + len(explored)
+        positions, chances = explore_layout(policy, window, page_len, explored, pool, scale, now, rng)
+        items = page_items(policy, window, chosen, explored, scale, now, person, positions)
+        propensity = [1.0] * page_len
+        for pos, chance in zip(positions, chances, strict=True):
+            propensity[pos] = chance
+        assert window.batch is not None
+        ids = window.batch.song_ids
+        pool_ids = [ids[j] for j in pool.tolist()] if explored else []
         skip = set(cur.skip) if cur else set()
         b_score, b_id = (cur.score, cur.song_id) if cur else (math.inf, "")
         bound = user_tag(user) if (person is not None and not person.new) or (cur and cur.user) else 0
         following = next_cursor(feed, window, items, skip, b_score, b_id, filters.tag, bound)
-        return FeedPage(feed, items, following)
+        return FeedPage(feed, items, following, propensity, pool_ids)
 
     async def person(self, user: str) -> Personal:
         """The listener's taste and heard set (one round trip), as a page or a rerank blends them."""
@@ -461,7 +474,7 @@ class FeedReader:
                 "quality": ev.quality,
                 "freshness": ev.freshness,
                 "posterior_rate": ev.posterior_rate,
-                "beta": list(beta_params(ev.prior_rate, state.likes, state.plays, policy.w)),
+                "beta": list(beta_params(ev.prior_rate, state.likes, policy.evidence(state), policy.w)),
                 "prior_strength": policy.w,
             }
         default = self.policies[self.settings.feed.name]

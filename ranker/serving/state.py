@@ -43,6 +43,8 @@ WRITE_FIELDS: tuple[str, ...] = (*READ_FIELDS, *FILTER_FIELDS)
 #: What the API's song table loads: WRITE_FIELDS, then the model version and its untrained flag.
 TABLE_FIELDS: tuple[str, ...] = (*WRITE_FIELDS, *MODEL_FIELDS)
 _N_TASKS = len(TASKS)
+#: The largest float32: examined plays are kept at float32 precision, capped here (a damaged hash).
+F32_MAX = float(np.finfo(np.float32).max)
 _N_READ = len(READ_FIELDS)
 _N_WRITE = len(WRITE_FIELDS)
 
@@ -100,7 +102,7 @@ def state_from_fields(song_id: str, values: Sequence[str | None], now: float | N
             scores[task] = _float(value)
     if not scores:
         return None
-    prior, plays, likes, created_at, generator, scored_at = values[_N_TASKS:_N_READ]
+    prior, plays, likes, created_at, generator, scored_at, eplays = values[_N_TASKS:_N_READ]
     created = created_ts(created_at, scored_at)
     if now is not None and created > now:
         created = now
@@ -120,11 +122,21 @@ def state_from_fields(song_id: str, values: Sequence[str | None], now: float | N
         generator=generator or "",
         tags=tags,
         duration_s=duration,
+        eplays=examined_plays(eplays),
     )
 
 
-def state_from_record(song: SongRecord, plays: float, likes: float) -> SongState:
-    """A :class:`SongState` of a record being written (creation time: :func:`created_ts`)."""
+def examined_plays(value: str | None) -> float | None:
+    """A stored ``eng.eplays`` as the policy reads it: None when absent, else ``max(0, x)`` (unreadable: 0)
+    at float32 precision, which the API's song table keeps (so its pages equal the store's)."""
+    if value is None:
+        return None
+    return float(np.float32(min(max(0.0, _float(value)), F32_MAX)))
+
+
+def state_from_record(song: SongRecord, plays: float, likes: float, eplays: float | None = None) -> SongState:
+    """A :class:`SongState` of a record being written (creation time: :func:`created_ts`; ``eplays``: the
+    stored examined plays, :func:`examined_plays`)."""
     prior = song.extra.get(PRIOR_FIELD)
     raw_tags = song.extra.get(TAGS)
     tags = parse_tags(raw_tags) if isinstance(raw_tags, str) else tuple(raw_tags or ())
@@ -139,6 +151,7 @@ def state_from_record(song: SongRecord, plays: float, likes: float) -> SongState
         generator=song.generator,
         tags=tags,
         duration_s=float(duration) if duration is not None else None,
+        eplays=eplays,
     )
 
 

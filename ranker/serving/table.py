@@ -8,7 +8,7 @@ read of the hash fields parses them (:meth:`SongBatch.from_fields
 <ranker.serving.batch.SongBatch.from_fields>`), so a page from the table is the page the
 store's fields give.
 
-Memory per song (measured in docs/benchmarks-api.md): the columns (about 110 bytes), the id
+Memory per song (measured in docs/benchmarks-api.md): the columns (about 115 bytes), the id
 and its row in a dict, the tags string (shared between songs with the same tags) and its tag-set
 code (request-time tag filters read it), and per feed one entry in a sorted list and a dict.
 Vectors stay in the FAISS index.
@@ -172,6 +172,7 @@ class SongTable:
         self.scores = np.full((capacity, len(TASKS)), np.nan)
         self.model_rate = np.full(capacity, np.nan)
         self.plays = np.zeros(capacity)
+        self.eplays = np.full(capacity, np.nan, np.float32)  # examined plays; NaN: the hash has none
         self.likes = np.zeros(capacity)
         self.created_ts = np.zeros(capacity)  # not capped at any clock: reads cap it at their now
         self.duration_s = np.full(capacity, np.nan)
@@ -221,6 +222,7 @@ class SongTable:
         self.scores[target] = batch.scores[src]
         self.model_rate[target] = batch.model_rate[src]
         self.plays[target] = batch.plays[src]
+        self.eplays[target] = np.nan if batch.eplays is None else batch.eplays[src]
         self.likes[target] = batch.likes[src]
         self.created_ts[target] = batch.created_ts[src]
         self.duration_s[target] = batch.duration_s[src]
@@ -310,6 +312,7 @@ class SongTable:
             ("scores", np.nan),
             ("model_rate", np.nan),
             ("plays", 0.0),
+            ("eplays", np.nan),
             ("likes", 0.0),
             ("created_ts", 0.0),
             ("duration_s", np.nan),
@@ -349,6 +352,7 @@ class SongTable:
             likes=self.likes[rows],
             created_ts=created,
             generators=[names[c] for c in self.generator[rows].tolist()],
+            eplays=self.eplays[rows].astype(np.float64),
             untrained=self.untrained[rows],
         )
         if filters:
@@ -375,6 +379,7 @@ class SongTable:
             self.scores,
             self.model_rate,
             self.plays,
+            self.eplays,
             self.likes,
             self.created_ts,
             self.duration_s,

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from indexes.base import ScoreStore, SongRecord
 from indexes.redis_schema import (
+    EXAMINED_PLAYS_FIELD,
     LIKES_FIELD,
     PLAYS_FIELD,
 )
@@ -26,7 +27,7 @@ from ranker.serving.policy import (
     calibration_scale,
     compile_policies,
 )
-from ranker.serving.state import WRITE_FIELDS, _float, state_from_fields, state_from_record
+from ranker.serving.state import WRITE_FIELDS, _float, examined_plays, state_from_fields, state_from_record
 from ranker.settings import Settings, get_settings
 from ranker.stores import score_store
 
@@ -68,10 +69,10 @@ class FeedWriter:
         if not songs:
             return
         now = time.time() if now is None else now
-        counts = self.store.read_fields([s.song_id for s in songs], [PLAYS_FIELD, LIKES_FIELD])
+        counts = self.store.read_fields([s.song_id for s in songs], [PLAYS_FIELD, LIKES_FIELD, EXAMINED_PLAYS_FIELD])
         states = [
-            state_from_record(song, max(0.0, _float(plays)), max(0.0, _float(likes)))
-            for song, (plays, likes) in zip(songs, counts, strict=True)
+            state_from_record(song, max(0.0, _float(plays)), max(0.0, _float(likes)), examined_plays(eplays))
+            for song, (plays, likes, eplays) in zip(songs, counts, strict=True)
         ]
         entries, ages = _entries(self.policies, states, self.scale(), now)
         self.store.write_feed_entries(songs, entries, ages)
