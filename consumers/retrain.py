@@ -26,6 +26,7 @@ from rich.progress import Progress
 from consumers import retrain_metrics
 from consumers.evaluate_policy import load_impressions
 from consumers.kafka_io import Publisher, ensure_topics
+from consumers.retrain_gate import off_policy_judge
 from consumers.shard_embeddings import STORE_FILE, ShardEmbeddings
 from indexes.base import ScoreStore, SongRecord
 from indexes.engagement_log import EngagementLog
@@ -199,6 +200,11 @@ def _run(
         current = current_model(settings)
         observed, features = gather(settings, store)
         r = settings.retrain
+        judge = (
+            off_policy_judge(settings, lambda ids: _metadata(store, ids), datetime.now(UTC))
+            if r.off_policy_gate
+            else None
+        )
         gathered = time.perf_counter()
         config = TrainConfig.model_validate(
             {
@@ -225,6 +231,7 @@ def _run(
             min_songs_head=r.min_songs_head,
             min_plays=r.min_plays,
             progress=progress,
+            judge=judge,
         )
         report.timings_s = {"gather": round(gathered - began, 3), **report.timings_s}
         report.examination = examination.to_dict()

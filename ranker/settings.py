@@ -287,6 +287,16 @@ class RetrainSettings(_Section):
         512, ge=2, description="The candidate's batch; a few hundred songs want 32 (512 is one step an epoch)."
     )
     cold_start_window_h: float = Field(72.0, gt=0, description="Songs this young are rescored on promotion.")
+    off_policy_gate: bool = Field(
+        True,
+        description="A candidate that passes the Spearman gate must also be liked more off-policy: on the served "
+        "log's exploration slots, the paired difference of its picks' and the incumbent's like rates must have its "
+        "interval above 0 (docs/off-policy.md). False: the Spearman gate alone.",
+    )
+    off_policy_min_matched: int = Field(
+        200, ge=1, description="Matched explored impressions each side needs before the off-policy gate can pass."
+    )
+    off_policy_window_days: float = Field(7.0, gt=0, description="How much of the served log the gate reads.")
     pushgateway_url: str = Field(
         "",
         description="Prometheus Pushgateway (e.g. http://pushgateway:9091) each run pushes its figures to, "

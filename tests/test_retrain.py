@@ -195,11 +195,23 @@ def test_retrain_promotes_a_better_head_rescoring_the_feed_and_never_a_worse_one
     prometheus_client.parser and checked against the report."""
     gateway = pushgateway.url
     settings = settings.model_copy(
-        update={"retrain": RetrainSettings(min_plays=10, epochs=40, margin=0.05, pushgateway_url=gateway)}
+        update={
+            "retrain": RetrainSettings(
+                min_plays=10, epochs=40, margin=0.05, pushgateway_url=gateway, off_policy_gate=False
+            )
+        }
     )
     scored_world(settings, world)
     before = feed(settings)
     old_version = song(settings, before[0][0])["model_version"]  # type: ignore[index]
+
+    # The product's default also asks the off-policy question (consumers/retrain_gate.py): this world has
+    # engagement but no served log, so a candidate that passes the Spearman gate is still not promoted.
+    gated = settings.retrain.model_copy(update={"off_policy_gate": True, "pushgateway_url": ""})
+    kept = run_once(settings.model_copy(update={"retrain": gated}))
+    assert not kept.promoted and "mean Spearman gain" in kept.reason, kept.reason
+    assert "no explored impressions" in kept.reason, kept.reason
+    assert feed(settings) == before
 
     played = [s for s, _ in before[:5]]  # counted in the calibration totals at the old model's prior
     for sid in played:
@@ -254,6 +266,7 @@ def test_retrain_promotes_a_better_head_rescoring_the_feed_and_never_a_worse_one
         warm_start=False,
         likes_model="head",
         pushgateway_url=gateway,
+        off_policy_gate=False,
     )
     settings = settings.model_copy(update={"retrain": worse_settings})
     promoted_feed = feed(settings)

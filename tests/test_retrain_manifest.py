@@ -203,6 +203,9 @@ def run_job(
     # What the container runtime adds: the image user's home and /tmp, both emptyDirs in the pod.
     process_env = {**env, "PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(mounts["/home/apexrank"])}
     process_env["TMPDIR"] = str(mounts["/tmp"])
+    # This world has engagement but no served log, so the off-policy gate (on in the manifests, as by
+    # default) could never pass; it has its own tests (tests/test_retrain_gate.py). Here: the Spearman gate.
+    process_env["APEXRANK_RETRAIN__OFF_POLICY_GATE"] = "false"
     proc = subprocess.run(
         [str(BIN / "apexrank"), *container["args"]],
         env=process_env,

@@ -216,7 +216,7 @@ def test_retrain_with_mert_needs_no_weights(
         update={
             "encoder": "mert",
             "model": ModelSettings(mert_model=str(tiny_mert["full"]), device="cpu", allow_untrained=True),
-            "retrain": RetrainSettings(min_plays=10, epochs=5, margin=0.0),
+            "retrain": RetrainSettings(min_plays=10, epochs=5, margin=0.0, off_policy_gate=False),
         }
     )
     scored_world(scoring, world)  # the worker, with the weights, fills the embedding store and Redis

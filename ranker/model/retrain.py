@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -92,6 +92,8 @@ class RetrainReport:
     candidate: dict[str, float] = field(default_factory=dict)
     model_dir: str | None = None
     timings_s: dict[str, float] = field(default_factory=dict)  # wall time per step (gather, train, ...)
+    #: The off-policy gate's figures (consumers.retrain_gate), when it was asked.
+    off_policy: dict[str, Any] = field(default_factory=dict)
     #: The examination weights this run estimated and stored (ranker.model.examination), when it did.
     examination: dict[str, Any] | None = None
     finished_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
@@ -250,6 +252,10 @@ def gate(current: dict[str, float], candidate: dict[str, float], margin: float) 
     return False, f"mean Spearman gain {gain:+.4f} (worst task {worst:+.4f}) below margin {margin}"
 
 
+#: A second question for a candidate: ``(current, candidate) -> (promote?, why, figures)``.
+Judge = Callable[[ScoringModel, ScoringModel], tuple[bool, str, dict[str, Any]]]
+
+
 def retrain(
     current: ScoringModel,
     features: FeatureSet,
@@ -266,11 +272,14 @@ def retrain(
     min_songs_head: int = 1000,
     min_plays: int = 1,
     progress: bool = False,
+    judge: Judge | None = None,
 ) -> RetrainReport:
     """Train, compare and maybe promote; see the module docstring.
 
     ``observed`` may hold songs below ``min_plays``: only the read-out learns from them (those
     created before the holdout's first song), since its likelihood weighs each song by its plays.
+    ``judge(current, candidate) -> (ok, why, figures)``: a second question a candidate that passes the
+    Spearman gate must pass too (the off-policy like rate of its picks: consumers.retrain_gate).
     """
     created = np.array([d.timestamp() for d in observed.created_at])
     eligible = np.flatnonzero(np.asarray(observed.plays) >= min_plays)
@@ -332,7 +341,12 @@ def retrain(
     cur_s = {t: cur_metrics[t]["spearman"] for t in POPULARITY_TASKS}
     new_s = {t: new_metrics[t]["spearman"] for t in POPULARITY_TASKS}
     ok, why = gate(cur_s, new_s, margin)
+    figures: dict[str, Any] = {}
+    if ok and judge is not None:
+        ok, second, figures = judge(current, candidate)
+        why = f"{why}; {second}"
     report = RetrainReport(ok, why, current.version, candidate.version, len(train), len(holdout), cur_s, new_s)
+    report.off_policy = figures
     report.timings_s = {"train": round(trained - began, 3), "evaluate": round(time.perf_counter() - trained, 3)}
     if ok:
         directory = candidate.save_versioned(models_root)
