@@ -89,6 +89,7 @@ from indexes.served_log import ServedLog
 from ranker import stores
 from ranker.errors import ConfigError, InputError
 from ranker.events import DeadLetter, Engagement, FeedServed
+from ranker.serving.arms import record_arm_events
 from ranker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ class FeedbackConsumer:
         self._stop = threading.Event()
         self.counters = stores.engagement_counters(settings)
         self.listeners = stores.listener_store(settings)
+        self.arms = stores.arm_store(settings)  # A/B arms' totals (docs/arms.md); the null store without arms
         self._embeddings: ShardEmbeddings | None = None  # opened when first needed (the worker may not have run)
         self.log = EngagementLog(settings.engagement_log_dir, settings.kafka.topics.engagement)
         self.served_log = ServedLog(settings.served_log_dir, settings.kafka.topics.feeds_served)
@@ -226,12 +228,14 @@ class FeedbackConsumer:
         # waits on Redis. All end before this returns.
         pending = self._log_thread.submit(self.log.append_columns, columns)
         listening = self._count_thread.submit(self._update_listeners, events)
+        arming = self._count_thread.submit(record_arm_events, self.arms, events, self.settings)
         try:
             if songs:
                 self.on_engagement(songs)
         finally:
             logged = pending.result()
             update = listening.result()
+            arming.result()
             if serving is not None:
                 written, refused = serving.result()
                 stats.served += written
@@ -395,6 +399,7 @@ class FeedbackConsumer:
             self._log_thread.shutdown(wait=True)
             self._count_thread.shutdown(wait=True)
             self.listeners.close()
+            self.arms.close()
             if self._embeddings is not None:
                 self._embeddings.close()
         return self.stats

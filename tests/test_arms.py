@@ -292,3 +292,64 @@ def test_report_arms_without_arms(settings: Settings, capsys: pytest.CaptureFixt
 
     assert print_arms(settings, as_json=True) == 0
     assert json.loads(capsys.readouterr().out) == {"experiment": "default", "arms": []}
+
+
+# -- through the API and the feedback consumer ---------------------------------------------------
+
+
+def test_the_api_serves_each_user_their_arms_feed_and_logs_the_arm(settings: Settings, tmp_path: Path) -> None:
+    """A request for the experiment's feed with a user is served by the user's arm's feed and says which arm;
+    the served log records the arm and its model version; the feedback consumer counts the users' engagement
+    into their arms, which the API's /metrics then shows."""
+    from fastapi.testclient import TestClient
+
+    from consumers.feedback import FeedbackConsumer
+    from indexes.served_log import ServedLog
+    from ranker.serving.api import create_app
+    from tests.test_served_log import own_topics, publish
+
+    s = own_topics(with_arms(settings), tmp_path)
+    s = s.model_copy(update={"feedback": s.feedback.model_copy(update={"served_log_dir": tmp_path / "served"})})
+    users = [f"listener-{i}" for i in range(12)]
+    arms = {u: assign(u, s.arms) for u in users}
+    assert {a.name for a in arms.values() if a} == {"control", "fresh"}  # both arms among these users
+    with TestClient(create_app(s)) as client:
+        rids = {}
+        for u in users:
+            body = client.get("/v1/feeds/cold-start", params={"user": u, "limit": 5}).json()
+            arm = arms[u]
+            assert arm is not None and body["feed"] == arm.feed and body["arm"] == arm.name, body
+            rids[body["request_id"]] = arm
+        anonymous = client.get("/v1/feeds/cold-start").json()
+        assert anonymous["feed"] == "cold-start" and "arm" not in anonymous
+        other = client.get("/v1/feeds/fresh", params={"user": users[0]}).json()  # not the experiment's feed
+        assert other["feed"] == "fresh" and "arm" not in other
+        ranked = client.post("/v1/rank", json={"candidates": ["s1"], "user": users[1]}).json()
+        assert ranked["feed"] == arms[users[1]].feed and ranked["arm"] == arms[users[1]].name  # type: ignore[union-attr]
+
+    plays = [event(f"p-{i}", u, "play") for i, u in enumerate(users)]
+    likes = [event(f"l-{i}", u, "like") for i, u in enumerate(users) if i % 2 == 0]
+    sent = plays + likes
+    publish(s, s.kafka.topics.engagement, [e.to_bytes() for e in sent], [e.song_id.encode() for e in sent])
+    FeedbackConsumer(s).run(until_idle_s=2.0)
+
+    served = ServedLog(s.served_log_dir, s.kafka.topics.feeds_served).read()
+    logged = dict(zip(served.column("request_id").to_pylist(), served.column("arm").to_pylist(), strict=True))
+    versions = dict(
+        zip(served.column("request_id").to_pylist(), served.column("model_version").to_pylist(), strict=True)
+    )
+    for rid, arm in rids.items():
+        assert logged[rid] == arm.name and versions[rid] == arm.model_version, (rid, logged.get(rid))
+    want = Counter(arms[u].name for u in users)  # type: ignore[union-attr]
+    liked = Counter(arms[u].name for i, u in enumerate(users) if i % 2 == 0)  # type: ignore[union-attr]
+    with TestClient(create_app(s)) as client:
+        text = client.get("/metrics").text
+    for name in ("control", "fresh"):
+        plays_line = next(
+            line for line in text.splitlines() if line.startswith("apexrank_arm_plays{") and f'arm="{name}"' in line
+        )
+        likes_line = next(
+            line for line in text.splitlines() if line.startswith("apexrank_arm_likes{") and f'arm="{name}"' in line
+        )
+        assert float(plays_line.rsplit(" ", 1)[1]) == want[name], plays_line
+        assert float(likes_line.rsplit(" ", 1)[1]) == liked[name], likes_line

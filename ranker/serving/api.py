@@ -46,6 +46,8 @@ from threadpoolctl import threadpool_limits
 
 from ranker.events import SONG_ID_PATTERN, SongDeleted
 from ranker.serving.api_models import ERRORS, FeedPageOut, RankIn, RankOut, SimilarOut
+from ranker.serving.arm_metrics import refresh_arm_gauges
+from ranker.serving.arms import resolve
 from ranker.serving.cursor import CursorError
 from ranker.serving.edge import Edge
 from ranker.serving.edge import error_response as _error
@@ -57,7 +59,7 @@ from ranker.serving.reader import FeedReader, TableNotReady, UnknownFeedError
 from ranker.serving.requests import REQUEST_ID_HEADER, body_filters, check_user, new_request_id, query_filters
 from ranker.serving.takedown import publish_deleted, token_matches
 from ranker.settings import Settings, get_settings
-from ranker.stores import index_reader, listener_store, score_store
+from ranker.stores import arm_store, index_reader, listener_store, score_store
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +133,7 @@ def create_app(
     store = score_store(settings)
     index = index_reader(settings)
     listeners = listener_store(settings)  # taste and heard sets for ?user= (docs/ranking.md, "Personal feeds")
+    arms = arm_store(settings)  # A/B arms' totals for /metrics (docs/arms.md); the null store without arms
     holder: dict[str, FeedReader] = {}
     producer = ApiProducer(settings.kafka)  # connects on the first takedown, POST /v1/events or served record
     served = (  # every feed and rank response served, spooled then shipped (docs/served-log.md)
@@ -172,6 +175,7 @@ def create_app(
             await reads.close()
             await listener_reads.close()
             listeners.close()
+            arms.close()
             store.close()
             producer.close()
 
@@ -271,6 +275,8 @@ def create_app(
                     MODEL_SONGS.labels(version, "true").set(songs - untrained)
                 if untrained:
                     MODEL_SONGS.labels(version, "false").set(untrained)
+        if arms.keeps_state:  # one Redis round trip, off the event loop; Redis down: the last figures stay
+            await run_in_threadpool(refresh_arm_gauges, arms, settings)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     # -- feeds -----------------------------------------------------------------------------------
@@ -310,7 +316,8 @@ def create_app(
         try:
             wanted = query_filters(api, generator, tag, tag_mode, max_age_hours, exclude)
             who = check_user(user)
-            page = await reader().page(feed, limit, cursor, rng=explore_rng, filters=wanted, user=who)
+            served_feed, arm = resolve(feed, who, settings)  # an A/B arm's users get its feed (docs/arms.md)
+            page = await reader().page(served_feed, limit, cursor, rng=explore_rng, filters=wanted, user=who)
         except FilterError as exc:
             raise ApiError(422, exc.code, str(exc)) from None
         except UnknownFeedError:
@@ -326,7 +333,8 @@ def create_app(
                 page.feed,
                 [i["song_id"] for i in items],
                 user_id=who,
-                model_version=model_version(),
+                arm=arm.name if arm else None,
+                model_version=(arm.model_version if arm else None) or model_version(),
                 explored=[bool(i["explore"]) for i in items],
                 propensity=page.propensity,
                 pool=page.pool,
@@ -334,6 +342,8 @@ def create_app(
             )
         )
         body = {"feed": page.feed, "items": items, "next_cursor": page.next_cursor, "request_id": rid}
+        if arm is not None:
+            body["arm"] = arm.name
         return _json(body, headers={REQUEST_ID_HEADER: rid})
 
     @app.post("/v1/rank", tags=["feeds"], dependencies=auth, response_model=RankOut, responses=ERRORS)
@@ -350,10 +360,12 @@ def create_app(
             k: getattr(body, k) for k in ("weights", "half_life_hours", "prior_strength") if k in body.model_fields_set
         }
         try:
+            arm = None
             if overrides:
                 policy = reader().inline_policy(body.feed, overrides)
-            else:
-                policy = reader().policy(body.feed or settings.feed.name)
+            else:  # an A/B arm's users get its feed (docs/arms.md); an inline policy is the caller's own
+                name, arm = resolve(body.feed, body.user, settings)
+                policy = reader().policy(name)
         except UnknownFeedError:
             raise ApiError(404, "unknown_feed", f"no feed named {body.feed!r}; see GET /v1/feeds") from None
         except ValidationError as exc:
@@ -372,11 +384,21 @@ def create_app(
         if where is None:
             rid = new_request_id()
             ids = [i["song_id"] for i in ranked.body["items"]]
+            version = (arm.model_version if arm else None) or model_version()
             at = datetime.fromtimestamp(clock(), UTC)
-            served.record(
-                served_record(rid, "rank", policy.name, ids, user_id=who, model_version=model_version(), served_at=at)
+            record = served_record(
+                rid,
+                "rank",
+                policy.name,
+                ids,
+                user_id=who,
+                arm=arm.name if arm else None,
+                model_version=version,
+                served_at=at,
             )
-            return _json({**ranked.body, "request_id": rid}, finite=True, headers={REQUEST_ID_HEADER: rid})
+            served.record(record)
+            extra = {"arm": arm.name} if arm is not None else {}
+            return _json({**ranked.body, **extra, "request_id": rid}, finite=True, headers={REQUEST_ID_HEADER: rid})
         if not overrides:  # the configured feed's own policy: not the caller's doing
             raise ValueError(f"non-finite value at items.{where} from feed {policy.name!r}")
         raise ApiError(
