@@ -30,25 +30,12 @@ from indexes import snapshots
 from indexes.base import RemovedEmbedding, StoredEmbedding, faiss_id
 from indexes.faiss_config import AUTO, FaissIndexConfig
 from indexes.faiss_index import FaissVectorIndex
+from indexes.reader_threads import ReadWriteLock, every
 from indexes.snapshots import STORE_FILE
 from indexes.sqlite_embeddings import SqliteEmbeddingStore
+from indexes.vector_mean import mean_direction, vector_sum
 
 log = logging.getLogger(__name__)
-
-
-def _every(every_s: float, stop: threading.Event, fn: Callable[[], object], name: str) -> threading.Thread:
-    """A daemon thread calling ``fn`` every ``every_s`` seconds until ``stop``; errors are logged, not raised."""
-
-    def loop() -> None:
-        while not stop.wait(every_s):
-            try:
-                fn()
-            except Exception:
-                log.exception("%s failed; retrying in %.0fs", name, every_s)
-
-    thread = threading.Thread(target=loop, name=name, daemon=True)
-    thread.start()
-    return thread
 
 
 @dataclass(frozen=True)
@@ -58,38 +45,6 @@ class ReaderStatus:
     watermark: int
     source: str  # "snapshot", "store" or "none"
     reason: str | None
-
-
-class _ReadWriteLock:
-    """Many readers or one writer: FAISS allows concurrent searches, not a search during an add."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-
-    def acquire_read(self) -> None:
-        with self._cond:
-            while self._writer:
-                self._cond.wait()
-            self._readers += 1
-
-    def release_read(self) -> None:
-        with self._cond:
-            self._readers -= 1
-            if not self._readers:
-                self._cond.notify_all()
-
-    def __enter__(self) -> None:  # write side
-        with self._cond:
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._writer = True
-
-    def __exit__(self, *exc: object) -> None:
-        with self._cond:
-            self._writer = False
-            self._cond.notify_all()
 
 
 class IndexReader:
@@ -109,7 +64,7 @@ class IndexReader:
         self.expected_size = expected_size
         self.nprobe = nprobe
         self.ef_search = ef_search
-        self._lock = _ReadWriteLock()
+        self._lock = ReadWriteLock()
         #: One load or refresh at a time (the refresh thread and POST /v1/index/reload): a second
         #: load closed the store the first one's catch-up was still reading.
         self._loading = threading.RLock()
@@ -121,6 +76,8 @@ class IndexReader:
         self._reason: str | None = "not loaded yet"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: The sum of the indexed vectors (float64), kept as vectors come and go: the catalog's mean direction.
+        self._sum: np.ndarray | None = None
 
     # -- loading -----------------------------------------------------------------------------
     def load(self) -> ReaderStatus:
@@ -141,9 +98,11 @@ class IndexReader:
             store.close()
             raise
         pruned = store.deletions_pruned_through()
+        total = vector_sum(index)
         with self._lock:
             old = self._store
             self._store, self._index, self._watermark = store, index, watermark
+            self._sum = total
             self._store_uid = store.store_uid()
             self._source, self._reason = source, reason
         self._catch_up()
@@ -203,6 +162,8 @@ class IndexReader:
                 return 0
             if self._index is None:
                 self._index = self._fresh(batch[0].record.vector.shape[0], store)
+            replaced = self._index.reconstruct_many(keys)  # an upsert of a song already indexed replaces its vector
+            self._shift(vectors.sum(axis=0, dtype=np.float64), replaced)
             self._index.upsert(keys, vectors)
             self._watermark = max(self._watermark, batch[-1].seq)
         return len(batch)
@@ -213,6 +174,7 @@ class IndexReader:
             if self._store is not store:
                 return 0
             if self._index is not None:
+                self._shift(None, self._index.reconstruct_many(keys))
                 self._index.remove(keys)
             self._watermark = max(self._watermark, batch[-1].seq)
         return len(batch)
@@ -241,7 +203,7 @@ class IndexReader:
         if self._thread is not None:
             return
 
-        self._thread = _every(every_s, self._stop, self.refresh, "index-refresh")
+        self._thread = every(every_s, self._stop, self.refresh, "index-refresh")
 
     def close(self) -> None:
         self._stop.set()
@@ -252,7 +214,30 @@ class IndexReader:
                 self._store.close()
             self._store, self._index = None, None
 
+    def _shift(self, added: np.ndarray | None, gone: dict[int, np.ndarray]) -> None:
+        """Keep the vector sum (under the lock): ``added`` (a sum of vectors) in, the ``gone`` vectors out."""
+        delta = added
+        if gone:
+            out = np.sum(np.stack(list(gone.values())).astype(np.float64), axis=0)
+            delta = -out if delta is None else delta - out
+        if delta is None:
+            return
+        self._sum = delta if self._sum is None or len(self._sum) != len(delta) else self._sum + delta
+
     # -- reads -------------------------------------------------------------------------------
+    def vector_sum(self) -> tuple[np.ndarray | None, int]:
+        """The sum of the indexed vectors and how many there are (None, 0 before any)."""
+        self._lock.acquire_read()
+        try:
+            n = self._index.ntotal if self._index is not None else 0
+            return (None if self._sum is None else self._sum.copy()), n
+        finally:
+            self._lock.release_read()
+
+    def mean_direction(self) -> np.ndarray | None:
+        """The catalog's mean vector, unit length: the direction every song shares (:func:`mean_direction`)."""
+        return mean_direction([self.vector_sum()])
+
     def status(self) -> ReaderStatus:
         self._lock.acquire_read()
         try:
@@ -398,7 +383,7 @@ class ShardedIndexReader:
         if self._discover is None:
             return
 
-        self._thread = _every(every_s, self._stop, self.discover, "index-shards")
+        self._thread = every(every_s, self._stop, self.discover, "index-shards")
 
     def close(self) -> None:
         self._stop.set()
@@ -430,6 +415,10 @@ class ShardedIndexReader:
             todo = [s for s in song_ids if s not in out]
             out.update(r.vectors(todo, [key_of[s] for s in todo] if keys is not None else None))
         return {s: out[s] for s in song_ids if s in out}
+
+    def mean_direction(self) -> np.ndarray | None:
+        """:meth:`IndexReader.mean_direction` over every shard's vectors."""
+        return mean_direction([r.vector_sum() for r in self.readers])
 
     def vector_matrix(self, keys: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`IndexReader.vector_matrix` over the shards (a song lives in one; the first found wins)."""

@@ -20,7 +20,7 @@ from indexes.engagement_log import EngagementLog
 from indexes.redis_engagement import RedisEngagementCounters
 from indexes.redis_schema import EXAMINED_PLAYS_FIELD, examination_json, parse_examination
 from indexes.served_log import ServedLog
-from ranker.model.examination import estimate_examination, non_increasing, refresh_examination
+from ranker.model.examination import estimate_examination, refresh_examination
 from ranker.serving.batch import SongBatch, evaluate
 from ranker.serving.policy import Policy, SongState
 from ranker.serving.reader import FeedReader
@@ -74,12 +74,6 @@ def normalised(e: list[float], table: pa.Table) -> np.ndarray:
 
 
 # -- the estimator -------------------------------------------------------------------------------------
-def test_pool_adjacent_violators_gives_the_non_increasing_fit() -> None:
-    assert non_increasing(np.array([3.0, 1.0, 2.0, 0.5]), np.ones(4)).tolist() == [3.0, 1.5, 1.5, 0.5]
-    assert non_increasing(np.array([1.0, 2.0]), np.array([3.0, 1.0])).tolist() == [1.25, 1.25]
-    assert non_increasing(np.array([2.0, 1.0, 0.0]), np.ones(3)).tolist() == [2.0, 1.0, 0.0]  # already monotone
-
-
 def test_recovers_a_known_examination_curve() -> None:
     """e_k = 1 / (1 + k / 3). 300k items, 90k explored: about 9,000 explored plays per position at a like
     rate of about 0.2 x e_k, so a position's rate has a relative standard error sqrt((1 - p) / (p n)) of
@@ -391,3 +385,17 @@ def test_the_feedback_consumer_counts_a_play_at_its_events_position(settings: Se
         assert counters.counts(["deep"])["deep"]["plays"] == 4
     finally:
         counters.close()
+
+
+def test_with_a_few_hundred_explored_plays_the_fitted_curve_carries_the_shape() -> None:
+    """A loop-simulation-sized log (700 items, about 210 explored, one play each): per-position rates are
+    mostly noise, the power law fitted to all of them is not. Over 30 seeds the median estimated
+    top-to-bottom ratio is within 25% of the true one (3.16); shrinking toward the flat pooled rate
+    instead leaves about 1.9 (measured on these seeds: median 3.35 against 1.86)."""
+    e = [(1.0 + k) ** -0.5 for k in range(10)]
+    ratios = []
+    for seed in range(30):
+        w = estimate_examination(impressions(700, e, seed=100 + seed), CFG, NOW).weights
+        ratios.append(w[0] / w[-1])
+    true = e[0] / e[-1]
+    assert abs(float(np.median(ratios)) - true) / true < 0.25, (np.median(ratios), true)

@@ -56,3 +56,30 @@ def test_the_sharded_reader_fills_each_row_from_the_shard_holding_the_song(tmp_p
         np.testing.assert_allclose(matrix, np.stack(expected), rtol=0, atol=1e-6)
     finally:
         reader.close()
+
+
+def test_the_mean_direction_follows_vectors_added_replaced_and_removed(tmp_path: Path) -> None:
+    """What personal feeds take out of every cosine: the unit mean of what the index holds right now."""
+
+    def unit_mean(vectors: list[np.ndarray]) -> np.ndarray:
+        total = np.sum(vectors, axis=0, dtype=np.float64)
+        return total / np.linalg.norm(total)
+
+    first = records(10, seed=3)
+    with open_index(tmp_path / "index") as index:
+        index.add(first)
+    reader = IndexReader(tmp_path / "index", "Flat")
+    try:
+        assert reader.mean_direction() is None  # nothing loaded yet
+        reader.load()
+        np.testing.assert_allclose(reader.mean_direction(), unit_mean([r.vector for r in first]), atol=1e-6)
+        replaced = records(3, seed=9)  # new vectors for song-0..2
+        more = records(4, seed=4, prefix="more")
+        with open_index(tmp_path / "index") as index:
+            index.add(replaced + more)
+            index.delete(["song-9"])
+        reader.refresh()
+        now = [r.vector for r in replaced] + [r.vector for r in first[3:9]] + [r.vector for r in more]
+        np.testing.assert_allclose(reader.mean_direction(), unit_mean(now), atol=1e-6)
+    finally:
+        reader.close()

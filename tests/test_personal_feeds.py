@@ -175,6 +175,16 @@ def test_explanations_carry_the_taste_term(settings: Settings, store: RedisScore
     listen(s, "u3", LIKED)
     taste = np.sum([vector(i) for i in LIKED], axis=0, dtype=np.float64)
     taste = taste / np.linalg.norm(taste)
+    # The cosine is taken off the catalog's mean direction (ranker.serving.personal): here the mean of the N vectors.
+    centre = np.sum([vector(i) for i in range(N)], axis=0, dtype=np.float64)
+    centre /= np.linalg.norm(centre)
+    taste = taste - (taste @ centre) * centre
+    taste /= np.linalg.norm(taste)
+
+    def off_centre(v: np.ndarray) -> np.ndarray:
+        v = v.astype(np.float64) - float(v @ centre) * centre
+        return v / np.linalg.norm(v)
+
     with TestClient(app(s)) as client:
         mine = page(client, {"limit": 10, "user": "u3"})["items"]
         cold = client.post("/v1/rank", json={"candidates": [i["song_id"] for i in mine], "feed": "f"}).json()
@@ -182,7 +192,7 @@ def test_explanations_carry_the_taste_term(settings: Settings, store: RedisScore
     for item in mine:
         term = item["components"]["taste"]
         i = int(item["song_id"][1:])
-        assert term["cosine"] == pytest.approx(float(vector(i) @ taste), abs=1e-5)
+        assert term["cosine"] == pytest.approx(float(off_centre(vector(i)) @ taste), abs=1e-5)
         assert term["weight"] == pytest.approx(3.0 / (3.0 + 1.0), rel=1e-3)  # E / (E + taste_evidence_half)
         assert term["contribution"] == pytest.approx(1.0 * term["weight"] * term["cosine"])
         assert item["score"] == pytest.approx(base[item["song_id"]] * math.exp(term["contribution"]), rel=1e-9)

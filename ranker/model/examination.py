@@ -6,12 +6,15 @@ Explored songs are placed at uniformly random positions of their page, so over t
 impressions the song mix is the same at every position, and their likes per play at k differ only
 by ``e_k``. The estimate, per position k < ``max_position`` (deeper positions pooled into the last):
 
-1. ``rate_k = (likes_k + A * rate) / (plays_k + A)``: the explored impressions' likes per play,
-   shrunk towards the pooled rate by ``A`` = :data:`PSEUDO_PLAYS` plays, so a position with few
-   plays stays near the average instead of swinging the weights;
-2. made non-increasing in k by pool-adjacent-violators weighted by ``plays_k + A`` (attention does
-   not grow down a page; noise that says so is averaged away);
-3. divided by the pooled rate, normalised so that the mean weight over every logged play (explored
+1. ``rate_k = (likes_k + A * fit_k) / (plays_k + A)``: the explored impressions' likes per play,
+   shrunk by ``A`` = :data:`PSEUDO_PLAYS` plays towards ``fit_k = r0 (1 + k) ** -eta``, the power law
+   fitted to all explored plays by maximum likelihood (one shape parameter, so a few hundred plays
+   pin it down where per-position rates are mostly noise; no position effect fits eta = 0, the
+   pooled rate): with few plays a position follows the fitted curve, with thousands its own rate.
+   (A non-parametric monotone fit, pool-adjacent-violators on the shrunk rates, was tried first: on a
+   few hundred plays it steepened the curve, each end taking the extreme of its noise, by 30% on
+   average in tests/test_examination.py's world.)
+2. divided by the pooled rate, normalised so that the mean weight over every logged play (explored
    or not, by position) is 1, so examined plays total about what plays total and the like-rate
    calibration keeps its scale; then floored at ``floor`` (one play at depth never counts as nearly
    nothing).
@@ -67,18 +70,6 @@ class Examination:
         return asdict(self)
 
 
-def non_increasing(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """The weighted least-squares non-increasing fit of ``values`` (pool-adjacent-violators)."""
-    blocks: list[list[float]] = []  # [mean, weight, count]
-    for v, w in zip(values.tolist(), weights.tolist(), strict=True):
-        blocks.append([v, w, 1])
-        while len(blocks) > 1 and blocks[-2][0] < blocks[-1][0]:  # a rise: pool the two blocks
-            m2, w2, n2 = blocks.pop()
-            m1, w1, n1 = blocks[-1]
-            blocks[-1] = [(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, n1 + n2]
-    return np.concatenate([np.full(int(n), m) for m, _, n in blocks]) if blocks else np.empty(0)
-
-
 def estimate_examination(impressions: pa.Table, cfg: ExaminationSettings, now: datetime | None = None) -> Examination:
     """The examination weights from an impressions table (indexes.served_log's ``impressions``: one row
     per served item with its ``position``, ``explored`` flag and the ``plays`` and ``likes`` it got)."""
@@ -116,10 +107,25 @@ def estimate_examination(impressions: pa.Table, cfg: ExaminationSettings, now: d
     if n_explored < cfg.min_impressions or total_l <= 0:
         return result([1.0], estimated=False)
     pooled = total_l / total_p
-    shrunk = (l_k + PSEUDO_PLAYS * pooled) / (p_k + PSEUDO_PLAYS)
-    relative = non_increasing(shrunk, p_k + PSEUDO_PLAYS) / pooled
+    fit = power_law_fit(p_k, l_k)
+    relative = (l_k + PSEUDO_PLAYS * fit) / (p_k + PSEUDO_PLAYS) / pooled
     weights = _normalise(relative, all_plays, cfg.floor)
     return result([float(w) for w in weights], estimated=True)
+
+
+#: The shapes ``(1 + k) ** -eta`` the fit chooses among (eta 0: no position effect, to 2: steep).
+ETAS = np.linspace(0.0, 2.0, 81)
+
+
+def power_law_fit(plays: np.ndarray, likes: np.ndarray) -> np.ndarray:
+    """Likes per play by position, ``r0 (1 + k) ** -eta``, by maximum likelihood over :data:`ETAS` (the
+    binomial likelihood of the likes in the plays; ``r0`` in closed form for each eta)."""
+    k = np.arange(len(plays), dtype=np.float64)
+    shapes = (1.0 + k)[None, :] ** -ETAS[:, None]  # (etas, positions)
+    r0 = likes.sum() / np.maximum(shapes @ plays, 1e-12)
+    rates = np.clip(r0[:, None] * shapes, 1e-9, 1.0 - 1e-9)
+    loglik = (likes * np.log(rates) + (plays - likes) * np.log1p(-rates)).sum(axis=1)
+    return np.asarray(rates[int(np.argmax(loglik))])
 
 
 def _normalise(relative: np.ndarray, plays: np.ndarray, floor: float) -> np.ndarray:

@@ -61,6 +61,9 @@ class Personal:
     weight: float  # w(E), 0-1
     scale: float  # taste_weight * w(E): the log-space weight of the cosine
     heard: tuple[str, ...]
+    #: The catalog's mean direction (unit; IndexReader.mean_direction), taken out of the taste and of every
+    #: song before their cosine; None: raw cosines.
+    centre: np.ndarray | None = None
 
     @property
     def tag(self) -> int:
@@ -77,16 +80,32 @@ class Personal:
 
     def cosines(self, found: np.ndarray, matrix: np.ndarray) -> np.ndarray:
         """Each row's cosine with the taste (``matrix``: the songs' vectors, ``found``: which rows hold
-        one); 0 for a song without a vector (or no taste)."""
+        one); 0 for a song without a vector (or no taste).
+
+        With a ``centre``, both sides lose their component along it first: every song shares that
+        direction, and compared along it a taste says more about the catalog than about the listener
+        (on the loop simulation's listeners the cosine's correlation with their true taste rose from
+        0.10 to 0.31; docs/listeners.md)."""
         out = np.zeros(len(found))
         if self.vector is None or not found.any():
             return out
         if matrix.shape[1] != len(self.vector):  # a taste of another encoder's dimension: no direction here
             return out
-        norms = np.sqrt(np.einsum("ij,ij->i", matrix, matrix))
-        dots = matrix @ self.vector.astype(matrix.dtype)
-        ok = found & (norms > 0)
-        out[ok] = dots[ok] / norms[ok]
+        norms2 = np.einsum("ij,ij->i", matrix, matrix)
+        taste = self.vector.astype(np.float64)
+        centre = self.centre
+        if centre is not None and len(centre) == len(taste):
+            c = centre.astype(np.float64)
+            taste = taste - float(taste @ c) * c
+            length = float(np.linalg.norm(taste))
+            if length < 1e-9:  # a taste along the centre alone: no direction of its own
+                return out
+            taste /= length
+            along = matrix @ c.astype(matrix.dtype)
+            norms2 = norms2 - along * along  # what is left of each song off the centre
+        dots = matrix @ taste.astype(matrix.dtype)
+        ok = found & (norms2 > 1e-12)
+        out[ok] = dots[ok] / np.sqrt(norms2[ok])
         return out
 
     def explain(self, cosine: float) -> dict[str, Any]:
@@ -94,12 +113,12 @@ class Personal:
         return {"cosine": cosine, "weight": self.weight, "contribution": self.scale * cosine}
 
 
-def personal(user: str, listener: Listener, feed: FeedSettings) -> Personal:
-    """The listener's blend from their stored state and the feed settings."""
+def personal(user: str, listener: Listener, feed: FeedSettings, centre: np.ndarray | None = None) -> Personal:
+    """The listener's blend from their stored state and the feed settings (``centre``: see Personal)."""
     taste = listener.taste
     evidence = max(0.0, float(taste.evidence))
     weight = evidence / (evidence + feed.taste_evidence_half) if taste.vector is not None else 0.0
-    return Personal(user, taste.vector, evidence, weight, feed.taste_weight * weight, listener.heard)
+    return Personal(user, taste.vector, evidence, weight, feed.taste_weight * weight, listener.heard, centre)
 
 
 def block_order(stored: np.ndarray, cosines: np.ndarray, scale: float) -> np.ndarray:

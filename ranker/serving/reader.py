@@ -76,6 +76,10 @@ class VectorSource(Protocol):
         """The vectors of these faiss ids as one matrix in their order, and which were found."""
         ...
 
+    def mean_direction(self) -> np.ndarray | None:
+        """The catalog's mean vector, unit length (None before any vector)."""
+        ...
+
 
 @dataclass
 class FeedPage:
@@ -227,7 +231,8 @@ class FeedReader:
 
     async def person(self, user: str) -> Personal:
         """The listener's taste and heard set (one round trip), as a page or a rerank blends them."""
-        return personal(user, await self.listeners.listener(user, self._clock()), self.settings.feed)
+        centre = self.vectors.mean_direction() if self.vectors is not None else None
+        return personal(user, await self.listeners.listener(user, self._clock()), self.settings.feed, centre)
 
     def _scan_size(self, want: int, cur: Cursor | None, blends: bool) -> int:
         """The eligible rows a personal window scans for: the taste block's (left) and a page, or a page."""
