@@ -294,6 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     loop.add_argument("--seed", type=int, default=1)
     loop.add_argument("--out", default="loop-out")
     loop.add_argument(
+        "--policies",
+        default="random,newest,prior-only,prior+evidence,prior+evidence+retrain",
+        help="comma-separated policies to run (also: plain-evidence, personal; docs/loop-simulation.md)",
+    )
+    loop.add_argument(
         "--set",
         action="append",
         default=[],

@@ -31,10 +31,16 @@ class PolicyOutcome:
     #: (including the songs it was trained on).
     promoted_prior_spearman: list[float | None] = field(default_factory=list)
     first_promotion_hour: int | None = None
+    promotion_hours: list[int] = field(default_factory=list)  # the hours after which a promotion happened
+    #: consumers.loop_offpolicy: the off-policy estimate of the prior order on this policy's exploration slots,
+    #: its interval and the true value.
+    off_policy: dict[str, Any] | None = None
     #: At the end: Spearman(this policy's prior like rate, audience like rate) over the songs that arrived after
     #: the retrain policy's first promotion, which the first promoted head was not trained on (a later promotion
     #: may have trained on some of them; None without a promotion).
     late_prior_spearman: float | None = None
+    #: At the end: Spearman(this policy's posterior like rate, audience like rate) over every song of the world.
+    posterior_spearman: float | None = None
 
     @property
     def like_rate(self) -> float:
@@ -73,6 +79,16 @@ class LoopResult:
     def expected_like_rates(self) -> dict[str, float]:
         return {p: o.expected_like_rate for p, o in self.outcomes.items()}
 
+    def promotion_effects(self, policy: str, baseline: str = "prior+evidence") -> list[tuple[int, float]]:
+        """For each promotion of ``policy`` (after hour h): the expected like rate it served in hour h + 1 minus
+        ``baseline``'s in the same hour (evidence alone, same users, same draws): did the promotion raise or
+        lower the feed's like rate? Hours after a later promotion carry both."""
+        mine, base = self.outcomes.get(policy), self.outcomes.get(baseline)
+        if mine is None or base is None:
+            return []
+        a, b = mine.hourly_expected_rates(), base.hourly_expected_rates()
+        return [(h, a[h + 1] - b[h + 1]) for h in mine.promotion_hours if h + 1 < len(a)]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "seed": self.seed,
@@ -84,13 +100,23 @@ class LoopResult:
             "expected_like_rate": self.expected_like_rates(),
             "hourly_like_rate": {p: o.hourly_rates() for p, o in self.outcomes.items()},
             "outcomes": {p: asdict(o) for p, o in self.outcomes.items()},
+            "promotion_effects": {p: self.promotion_effects(p) for p in self.outcomes if self.outcomes[p].promotions},
         }
 
 
 def _prior_spearman(items: list[dict[str, Any]], world: _World, cfg: LoopConfig) -> float | None:
     """How well a head's prior like rate orders these songs by the audience's like rate."""
+    return _spearman(items, world, cfg, "prior_rate")
+
+
+def _posterior_spearman(items: list[dict[str, Any]], world: _World, cfg: LoopConfig) -> float | None:
+    """How well a feed's posterior like rate (prior and evidence) orders these songs by the audience's like rate."""
+    return _spearman(items, world, cfg, "posterior_rate")
+
+
+def _spearman(items: list[dict[str, Any]], world: _World, cfg: LoopConfig, component: str) -> float | None:
     truth = audience_like_rates(world, cfg)
-    pairs = [(float(it["components"]["prior_rate"]), truth[it["song_id"]]) for it in items if it["song_id"] in truth]
+    pairs = [(float(it["components"][component]), truth[it["song_id"]]) for it in items if it["song_id"] in truth]
     if len(pairs) < 3:
         return None
     a, b = (np.argsort(np.argsort(np.array(col))).astype(np.float64) for col in zip(*pairs, strict=True))
@@ -112,7 +138,23 @@ def print_result(result: LoopResult) -> None:
     table.add_column("plays", justify="right")
     for p, o in result.outcomes.items():
         table.add_row(p, *(f"{r:.3f}" for r in o.hourly_rates()), f"{o.like_rate:.3f}", str(sum(o.plays)))
-    Console(width=max(100, 40 + 8 * result.hours)).print(table)
+    console = Console(width=max(100, 40 + 8 * result.hours))
+    console.print(table)
+    more = Table(title="expected like rate, posterior Spearman, off-policy check (synthetic)")
+    for name in ("policy", "expected like rate", "posterior Spearman", "promotions", "off-policy estimate", "truth"):
+        more.add_column(name, justify="left" if name == "policy" else "right")
+    for p, o in result.outcomes.items():
+        op = o.off_policy or {}
+        estimate = f"{op['value']:.3f} [{op['low']:.3f}, {op['high']:.3f}]" if "value" in op else "-"
+        more.add_row(
+            p,
+            f"{o.expected_like_rate:.4f}",
+            "-" if o.posterior_spearman is None else f"{o.posterior_spearman:.3f}",
+            f"{o.promotions} / {o.retrains}" if o.retrains else "-",
+            estimate,
+            f"{op['truth']:.3f}" if "truth" in op else "-",
+        )
+    console.print(more)
 
 
 def plot_like_rates(result: LoopResult, path: Path) -> Path | None:

@@ -76,6 +76,17 @@ class LoopConfig:
     #: ``--set audience_weights=history``: the same weights, synth.APPEAL_WEIGHTS). The initial head only knows
     #: the history's taste, as APEX knows the taste of Suno's and Udio's public; retraining can learn theirs.
     audience_weights: tuple[tuple[str, float], ...] | None = LISTENER_WEIGHTS
+    #: Listeners with their own tastes (issue 16): the log-odds added to a like is taste_strength times the cosine
+    #: between the listener's taste and the song's embedding (both centred on the world's mean song vector). A
+    #: taste is its style cluster's centre plus individual noise of relative size taste_noise. 0: no taste term.
+    taste_strength: float = 0.0
+    taste_noise: float = 0.5
+    #: Position-biased attention: a play at 0-based page position k turns into a like with the song's like
+    #: probability times (1 + k) ** -examination_decay. 0: position does not change a like.
+    examination_decay: float = 0.0
+    #: The personal policy's feed.taste_weight and feed.taste_evidence_half (None: the product's defaults).
+    taste_weight: float | None = None
+    taste_evidence_half: float | None = None
 
     def __post_init__(self) -> None:
         counts: tuple[str, ...] = ("page_size", "plays_per_user", "history_songs", "history_epochs")
@@ -91,6 +102,7 @@ class LoopConfig:
             bad.append("retrain_margin")
         if not 0 < self.retrain_holdout_fraction < 1:
             bad.append("retrain_holdout_fraction")
+        bad += [name for name in ("taste_strength", "taste_noise", "examination_decay") if getattr(self, name) < 0]
         if self.retrain_rate_prior_plays < 0:
             bad.append("retrain_rate_prior_plays")
         if self.half_life_hours is not None and not self.half_life_hours > 0:
@@ -152,13 +164,28 @@ class _World:
     songs: list[_Song]
     user_styles: list[str]
     start: datetime  # created_at of hour 0; the last hour's songs are created about "now"
+    #: With LoopConfig.taste_strength > 0: each listener's taste term for each song (users x songs, log-odds).
+    taste: np.ndarray | None = None
+
+    def affinity(self, user: int, song: int, cfg: LoopConfig) -> float:
+        """The log-odds listener ``user`` adds to song ``song``'s like: its style boost and taste term."""
+        s = self.songs[song]
+        bonus = cfg.style_boost if self.user_styles[user] == s.style else 0.0
+        return bonus + (float(self.taste[user, song]) if self.taste is not None else 0.0)
+
+    def like_probability(self, user: int, song: int, cfg: LoopConfig, position: int = 0) -> float:
+        """The chance that ``user`` likes ``song`` when playing it at ``position`` of a page."""
+        p = 1.0 / (1.0 + math.exp(-(_logit(self.songs[song].like_prob) + self.affinity(user, song, cfg))))
+        return p * (1.0 + position) ** -cfg.examination_decay
 
 
 def _logit(p: float) -> float:
     return math.log(p / (1.0 - p))
 
 
-def _build_world(*, songs: int, users: int, hours: int, seed: int, out_dir: Path, cfg: LoopConfig) -> _World:
+def _build_world(
+    *, songs: int, users: int, hours: int, seed: int, out_dir: Path, cfg: LoopConfig, settings: Settings | None = None
+) -> _World:
     audio = out_dir / "audio"
     audio.mkdir(parents=True, exist_ok=True)
     truth_rng = np.random.default_rng(np.random.SeedSequence([seed, 101]))
@@ -179,7 +206,49 @@ def _build_world(*, songs: int, users: int, hours: int, seed: int, out_dir: Path
     user_rng = np.random.default_rng(np.random.SeedSequence([seed, 102]))
     styles = [names[int(k)] for k in user_rng.choice(len(names), size=users, p=shares / shares.sum())]
     start = datetime.now(UTC) - timedelta(hours=hours)
-    return _World(out, styles, start)
+    taste = _tastes(out, styles, seed, cfg, settings) if cfg.taste_strength > 0 and settings is not None else None
+    return _World(out, styles, start, taste)
+
+
+def _song_vectors(songs: Sequence[_Song], settings: Settings) -> np.ndarray:
+    """The songs' unit embeddings as the worker makes them (the settings' encoder: logmel in the loop)."""
+    from ranker.audio import load_song, segment_waveform
+    from ranker.encoders import build_encoder
+    from ranker.scoring import encode_songs
+
+    encoder = build_encoder(settings)
+    segments = []
+    for s in songs:
+        audio = load_song(s.path.as_uri(), settings.audio)
+        segments.append(segment_waveform(audio.waveform, audio.sample_rate, settings.audio.segment_s))
+    encoded = encode_songs(encoder, segments)
+    return np.stack([e.vector for e in encoded if e.vector is not None]).astype(np.float64)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12))
+
+
+def _tastes(songs: list[_Song], styles: list[str], seed: int, cfg: LoopConfig, settings: Settings) -> np.ndarray:
+    """Each listener's taste term for each song: taste_strength * cos(taste, song), centred embeddings.
+
+    A style's cluster centre is the mean centred embedding of its songs; a listener's taste is their
+    style's centre plus a random direction of relative size taste_noise (SeedSequence([seed, 103])).
+    """
+    vectors = _song_vectors(songs, settings)
+    centred = _unit(vectors - vectors.mean(axis=0))
+    names = sorted(set(styles) | {s.style for s in songs})
+    centres = {
+        n: _unit(centred[[i for i, s in enumerate(songs) if s.style == n]].mean(axis=0))
+        for n in names
+        if any(s.style == n for s in songs)
+    }
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 103]))
+    noise = _unit(rng.standard_normal((len(styles), centred.shape[1])))
+    dim = centred.shape[1]
+    base = np.stack([centres.get(st, np.zeros(dim)) for st in styles])
+    tastes = _unit(base + cfg.taste_noise * noise)
+    return np.asarray(cfg.taste_strength * tastes @ centred.T)
 
 
 def _pretrain_head(settings: Settings, *, seed: int, out_dir: Path, cfg: LoopConfig) -> Any:
@@ -209,6 +278,11 @@ def audience_like_rates(world: _World, cfg: LoopConfig) -> dict[str, float]:
     What the feed's like rate measures, and what a head retrained on this audience can learn (the
     style boost included, which the history's targets do not have).
     """
+    if world.taste is not None:  # every listener's own like probability, averaged (at the top of a page)
+        n = len(world.user_styles)
+        return {
+            s.song_id: sum(world.like_probability(u, i, cfg) for u in range(n)) / n for i, s in enumerate(world.songs)
+        }
     shares: dict[str, float] = {}
     for style in world.user_styles:
         shares[style] = shares.get(style, 0.0) + 1.0 / len(world.user_styles)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 import uuid
@@ -33,10 +32,18 @@ import numpy as np
 
 from consumers.feedback import FeedbackConsumer
 from consumers.kafka_io import all_topics, ensure_topics, flush_or_raise, make_producer
-from consumers.loop_report import LoopResult, PolicyOutcome, _prior_spearman, plot_like_rates, print_result
-from consumers.loop_world import LoopConfig, _build_world, _logit, _pretrain_head, loop_config
+from consumers.loop_offpolicy import off_policy_check
+from consumers.loop_report import (
+    LoopResult,
+    PolicyOutcome,
+    _posterior_spearman,
+    _prior_spearman,
+    plot_like_rates,
+    print_result,
+)
+from consumers.loop_world import LoopConfig, _build_world, _pretrain_head, loop_config
 from consumers.publish import publish_events
-from consumers.retrain import run_once
+from consumers.retrain import refresh_examination_weights, run_once
 from consumers.worker import Worker
 from ranker import stores
 from ranker.events import Engagement, SongGenerated
@@ -51,13 +58,33 @@ from ranker.settings import (
     Settings,
     TopicSettings,
 )
-from ranker.synth import STYLES
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 #: The policies compared, in the order the acceptance criterion ranks them (worst first).
 POLICIES: tuple[str, ...] = ("random", "newest", "prior-only", "prior+evidence", "prior+evidence+retrain")
+#: Issue 16's policies, run when asked for: prior + evidence with every play counted 1 wherever it was shown
+#: (``prior+evidence`` is position-aware, the product's default); the same feed personal (``?user=``); the
+#: personal page without its taste term (``feed.taste_weight = 0``: the listener's heard songs left out, no
+#: blend), which tells the two halves of a personal page apart; and retraining behind the off-policy gate.
+EXTRA_POLICIES: tuple[str, ...] = ("plain-evidence", "personal", "heard-excluded", "retrain+gate")
+#: Policies whose pages come from the API as served (not re-ordered by the simulation).
+_SERVED = (
+    "prior-only",
+    "prior+evidence",
+    "prior+evidence+retrain",
+    "plain-evidence",
+    "personal",
+    "heard-excluded",
+    "retrain+gate",
+)
+#: Policies whose pages are asked for as the listener's (``?user=``).
+_PERSONAL = ("personal", "heard-excluded")
+#: Retrained after every hour but the last: on the Spearman gate alone, and with the off-policy gate too.
+_RETRAINED = ("prior+evidence+retrain", "retrain+gate")
+#: Position-aware policies that no retrain job refreshes: their examination weights are re-estimated each hour.
+_POSITION_AWARE = ("prior+evidence", "personal", "heard-excluded")
 #: A prior strength so large that no amount of plays moves the posterior off the prior.
 PRIOR_ONLY_STRENGTH = 1e12
 
@@ -74,12 +101,15 @@ def _policy_settings(base: Settings, policy: str, out_dir: Path, cfg: LoopConfig
         engagement=f"{tag}.engagement",
         engagement_dead_letter=f"{tag}.engagement.dead-letter",
         models_promoted=f"{tag}.models.promoted",
+        feeds_served=f"{tag}.feeds.served",
         partitions=1,
     )
     prior_only = policy == "prior-only"
     fresh: dict[str, Any] = {} if cfg.half_life_hours is None else {"half_life_hours": cfg.half_life_hours}
     if prior_only:
         feed = FeedPolicy(prior_strength=PRIOR_ONLY_STRENGTH, explore_share=0.0, **fresh)
+    elif policy == "plain-evidence":
+        feed = FeedPolicy(evidence="plain", **fresh)
     else:
         feed = FeedPolicy(**fresh)
     state = out_dir / "policies" / policy.replace("+", "-") / "state"
@@ -98,7 +128,7 @@ def _policy_settings(base: Settings, policy: str, out_dir: Path, cfg: LoopConfig
             "redis": RedisSettings(url=base.redis.url, key_prefix=tag, socket_timeout_s=base.redis.socket_timeout_s),
             "index": IndexSettings(path=state / "index"),
             "model": base.model.model_copy(update={"head_dir": None}),
-            "feed": FeedSettings(feeds={DEFAULT_FEED: feed}),
+            "feed": FeedSettings(feeds={DEFAULT_FEED: feed}, **_taste(cfg, policy)),
             "api": ApiSettings(page_cache_ttl_s=0.0, calibration_ttl_s=0.0, max_limit=200),
             "retrain": RetrainSettings(
                 min_plays=cfg.retrain_min_plays,
@@ -109,16 +139,28 @@ def _policy_settings(base: Settings, policy: str, out_dir: Path, cfg: LoopConfig
                 targets=cfg.retrain_targets,
                 likes_model=cfg.retrain_likes_model,
                 rate_prior_plays=cfg.retrain_rate_prior_plays,
+                # The documented retrain policy judges on Spearman alone; "retrain+gate" adds the off-policy gate.
+                off_policy_gate=policy == "retrain+gate",
             ),
             "feedback": base.feedback.model_copy(update={"log_dir": None}),
         }
     )
 
 
-def _page(client: Any, limit: int, cursor: str | None) -> dict[str, Any]:
+def _taste(cfg: LoopConfig, policy: str) -> dict[str, float]:
+    """The personal blend's settings: none for heard-excluded, the LoopConfig's overrides, else the product's."""
+    if policy == "heard-excluded":
+        return {"taste_weight": 0.0}
+    pairs = (("taste_weight", cfg.taste_weight), ("taste_evidence_half", cfg.taste_evidence_half))
+    return {name: value for name, value in pairs if value is not None}
+
+
+def _page(client: Any, limit: int, cursor: str | None, user: str | None = None) -> dict[str, Any]:
     params: dict[str, Any] = {"limit": limit}
     if cursor:
         params["cursor"] = cursor
+    if user:
+        params["user"] = user
     resp = client.get(f"/v1/feeds/{DEFAULT_FEED}", params=params)
     resp.raise_for_status()
     page: dict[str, Any] = resp.json()
@@ -187,6 +229,25 @@ def _parallel(fns: Sequence[Callable[[], T]]) -> list[T]:
         return [f.result() for f in [pool.submit(fn) for fn in fns]]
 
 
+def _retrain(s: Settings, client: Any, outcome: PolicyOutcome, hour: int, world: Any, cfg: LoopConfig) -> None:
+    """One retrain of a retrained policy after ``hour``; a promotion's prior Spearman is recorded."""
+    try:
+        recipe = {"lr": cfg.retrain_lr, "batch_size": cfg.retrain_batch_size}
+        report = run_once(s, train_overrides={k: v for k, v in recipe.items() if v is not None})
+    except Exception as exc:  # too little data yet is not a failure of the simulation
+        log.warning("retrain at hour %d failed: %s", hour, exc)
+        return
+    outcome.retrains += 1
+    outcome.promotions += int(report.promoted)
+    if report.promoted:
+        outcome.promotion_hours.append(hour)
+        items = _candidates(client, cfg.max_candidates)
+        outcome.promoted_prior_spearman.append(_prior_spearman(items, world, cfg))
+        if outcome.first_promotion_hour is None:
+            outcome.first_promotion_hour = hour
+    log.info("retrain at hour %d: %s", hour, report.to_dict())
+
+
 def _count_engagement(ns: dict[str, Settings], unread: dict[str, int], idle_s: float, hour: int) -> None:
     """Run each policy's feedback consumer until it has read every event sent this hour.
 
@@ -227,13 +288,14 @@ def run_loop_simulation(
     from ranker.serving.api import create_app
 
     cfg = config or LoopConfig()
-    unknown = sorted(set(policies) - set(POLICIES))
+    unknown = sorted(set(policies) - set(POLICIES + EXTRA_POLICIES))
     if unknown or songs < 1 or users < 1 or hours < 1:
-        raise ValueError(f"policies must be among {POLICIES} (got {unknown}); songs, users, hours >= 1")
+        known = POLICIES + EXTRA_POLICIES
+        raise ValueError(f"policies must be among {known} (got {unknown}); songs, users, hours >= 1")
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     base = settings.model_copy(update={"encoder": "logmel"})
-    world = _build_world(songs=songs, users=users, hours=hours, seed=seed, out_dir=out_dir, cfg=cfg)
+    world = _build_world(songs=songs, users=users, hours=hours, seed=seed, out_dir=out_dir, cfg=cfg, settings=base)
     started = time.monotonic()
     head = _pretrain_head(
         base.model_copy(update={"state_dir": out_dir / "pretrain"}), seed=seed, out_dir=out_dir, cfg=cfg
@@ -245,8 +307,8 @@ def run_loop_simulation(
         ensure_topics(s.kafka, all_topics(s.kafka))
         promote(s.head_dir.parent, head.save_versioned(s.head_dir.parent))
     outcomes = {p: PolicyOutcome() for p in policies}
-    by_id = {s.song_id: s for s in world.songs}
-    boost = [dict.fromkeys(STYLES, 0.0) | {st: cfg.style_boost} for st in world.user_styles]
+    index_of = {s.song_id: i for i, s in enumerate(world.songs)}
+    users_of: dict[str, dict[str, int]] = {p: {} for p in policies}  # request_id -> listener, per policy
 
     # The API scores pages at simulated time (the end of the hour being browsed), never the wall
     # clock: how long an hour took to run on a busy machine must not change what a page shows.
@@ -306,16 +368,19 @@ def run_loop_simulation(
                 reordered = p in ("random", "newest")
                 pool = _candidates(clients[p], cfg.max_candidates) if reordered else []
                 for u in range(len(world.user_styles)):
+                    request_id: str | None = None
                     if reordered:
                         shown = _reorder(pool, p, cfg.page_size, rng)
                     else:
-                        shown = [it["song_id"] for it in _page(clients[p], cfg.page_size, None)["items"]]
+                        page = _page(clients[p], cfg.page_size, None, f"user-{u}" if p in _PERSONAL else None)
+                        shown, request_id = [it["song_id"] for it in page["items"]], page.get("request_id")
+                        if request_id:
+                            users_of[p][request_id] = u
                     positions = _pick(len(shown), cfg.plays_per_user, rng)
                     draws = rng.random(cfg.plays_per_user)
                     for pos, draw in zip(positions, draws, strict=False):
                         sid = shown[pos]
-                        song = by_id[sid]
-                        p_like = 1.0 / (1.0 + math.exp(-(_logit(song.like_prob) + boost[u][song.style])))
+                        p_like = world.like_probability(u, index_of[sid], cfg, pos)
                         kinds = ["play", "like" if draw < p_like else "skip"]
                         plays += 1
                         expected += p_like
@@ -330,6 +395,7 @@ def run_loop_simulation(
                                     ts=now,
                                     feed=DEFAULT_FEED,
                                     position=pos,
+                                    request_id=request_id,
                                 )
                             )
                 _engage(s, sent)
@@ -338,25 +404,24 @@ def run_loop_simulation(
                 outcomes[p].likes.append(likes)
                 outcomes[p].expected_likes.append(expected)
             _count_engagement(ns, unread, cfg.idle_s, hour)
-            retrain_p = "prior+evidence+retrain"
-            if retrain_p in ns and (hour + 1) % cfg.retrain_every_h == 0 and hour + 1 < hours:
-                try:
-                    recipe = {"lr": cfg.retrain_lr, "batch_size": cfg.retrain_batch_size}
-                    report = run_once(ns[retrain_p], train_overrides={k: v for k, v in recipe.items() if v is not None})
-                    outcomes[retrain_p].retrains += 1
-                    outcomes[retrain_p].promotions += int(report.promoted)
-                    if report.promoted:
-                        items = _candidates(clients[retrain_p], cfg.max_candidates)
-                        outcomes[retrain_p].promoted_prior_spearman.append(_prior_spearman(items, world, cfg))
-                        if outcomes[retrain_p].first_promotion_hour is None:
-                            outcomes[retrain_p].first_promotion_hour = hour
-                    log.info("retrain at hour %d: %s", hour, report.to_dict())
-                except Exception as exc:  # too little data yet is not a failure of the simulation
-                    log.warning("retrain at hour %d failed: %s", hour, exc)
+            for p in _POSITION_AWARE:  # the retrain job re-estimates them itself
+                if p in ns:
+                    refresh_examination_weights(ns[p])
+            for retrain_p in _RETRAINED:
+                if retrain_p in ns and (hour + 1) % cfg.retrain_every_h == 0 and hour + 1 < hours:
+                    _retrain(ns[retrain_p], clients[retrain_p], outcomes[retrain_p], hour, world, cfg)
             log.info("hour %d: %s", hour, {p: o.hourly_rates()[-1] for p, o in outcomes.items()})
         result = LoopResult(seed, songs, users, hours, outcomes)
         if "prior-only" in clients:
             result.prior_spearman = _prior_spearman(_candidates(clients["prior-only"], cfg.max_candidates), world, cfg)
+        for p in _SERVED:
+            if p in clients and p != "prior-only":  # the posterior against the truth, over every song
+                outcomes[p].posterior_spearman = _posterior_spearman(
+                    _candidates(clients[p], cfg.max_candidates), world, cfg
+                )
+        for p in ("prior+evidence", "plain-evidence"):
+            if p in ns:  # off-policy evaluation of the prior order on this run's exploration slots, against truth
+                outcomes[p].off_policy = off_policy_check(ns[p], world, cfg, users_of[p], seed)
         first = outcomes["prior+evidence+retrain"].first_promotion_hour if "prior+evidence+retrain" in ns else None
         if first is not None:
             late = {s.song_id for s in world.songs if s.hour > first}
@@ -383,6 +448,14 @@ def cmd_simulate_loop(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"apexrank simulate loop: {exc}", file=sys.stderr)
         return 2
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    unknown = sorted(set(policies) - set(POLICIES + EXTRA_POLICIES))
+    if unknown or not policies:
+        print(
+            f"apexrank simulate loop: --policies: unknown {unknown}; known: {POLICIES + EXTRA_POLICIES}",
+            file=sys.stderr,
+        )
+        return 2
     settings = Settings()
     EmbeddedStack(settings).up()
     result = run_loop_simulation(
@@ -392,6 +465,7 @@ def cmd_simulate_loop(args: argparse.Namespace) -> int:
         hours=args.hours,
         seed=args.seed,
         out_dir=Path(args.out),
+        policies=policies,
         config=config,
     )
     print_result(result)
