@@ -15,10 +15,7 @@ indexes`` (and the score store) works on an install without faiss.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import urlsplit
-
-from pydantic import BaseModel
+from typing import TYPE_CHECKING, Any
 
 from indexes.base import (
     DUPLICATE,
@@ -41,6 +38,7 @@ from indexes.base import (
     faiss_id,
     message_marker,
 )
+from indexes.registry import open_backend
 from indexes.sqlite_embeddings import KeyCollisionError, SqliteEmbeddingStore, SqliteEmbeddingStoreConfig
 
 if TYPE_CHECKING:
@@ -137,15 +135,6 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-class Backend(Protocol):
-    """What a registered backend class offers: its config model and a constructor from it."""
-
-    config_type: type[BaseModel]
-
-    @classmethod
-    def from_config(cls, config: Any) -> Any: ...
-
-
 def register_score_store(scheme: str, backend: str | type[ScoreStore]) -> None:
     """Serve ``scheme://`` URLs with ``backend`` (a :class:`ScoreStore` class, or "module:Class")."""
     _SCORE_STORES[scheme.lower()] = backend if isinstance(backend, str) else f"{backend.__module__}:{backend.__name__}"
@@ -158,18 +147,6 @@ def register_engagement_counters(scheme: str, backend: str | type[EngagementCoun
     )
 
 
-def _open(kind: str, table: dict[str, str], url: str, options: dict[str, Any]) -> Any:
-    scheme = urlsplit(url).scheme.lower()
-    target = table.get(scheme)
-    if target is None:
-        supported = ", ".join(f"{s}://" for s in table)
-        shown = f"{scheme}://" if scheme else "(none)"  # never echo the URL: it may hold a password
-        raise ValueError(f"unsupported {kind} URL scheme {shown}: use {supported}")
-    module, _, name = target.partition(":")
-    backend: Backend = getattr(importlib.import_module(module), name)
-    return backend.from_config(backend.config_type(url=url, **options))
-
-
 def open_score_store(
     url: str, key_prefix: str = "apexrank", socket_timeout_s: float = 5.0, **options: Any
 ) -> ScoreStore:
@@ -178,7 +155,7 @@ def open_score_store(
 
     The options are validated by the backend's config (unknown ones are refused).
     """
-    store: ScoreStore = _open(
+    store: ScoreStore = open_backend(
         "score store", _SCORE_STORES, url, {"key_prefix": key_prefix, "socket_timeout_s": socket_timeout_s, **options}
     )
     return store
@@ -191,7 +168,7 @@ def open_engagement_counters(url: str, key_prefix: str, dedup_window_s: int, **o
     ``dedup_window_s``: how long an event id is remembered. Other options (``socket_timeout_s``)
     are validated by the backend's config.
     """
-    counters: EngagementCounters = _open(
+    counters: EngagementCounters = open_backend(
         "engagement counters",
         _ENGAGEMENT_COUNTERS,
         url,

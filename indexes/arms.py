@@ -11,12 +11,12 @@ redelivered batch changes no total.
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
-from urllib.parse import urlsplit
+
+from indexes.registry import REDIS_SCHEMES, open_backend
 
 __all__ = [
     "ARM_DELTAS",
@@ -85,9 +85,8 @@ class NullArmStore(ArmStore):
         return {arm: ArmTotals(0, 0) for arm in arm_names}
 
 
-_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 #: URL scheme -> "module:Class" of the backend serving it (imported when first opened).
-_BACKENDS: dict[str, str] = dict.fromkeys(_REDIS_SCHEMES, "indexes.redis_arms:RedisArmStore")
+_BACKENDS: dict[str, str] = dict.fromkeys(REDIS_SCHEMES, "indexes.redis_arms:RedisArmStore")
 
 
 def register_arm_store(scheme: str, backend: str) -> None:
@@ -97,12 +96,5 @@ def register_arm_store(scheme: str, backend: str) -> None:
 
 def open_arm_store(url: str, **options: Any) -> ArmStore:
     """The arm store for ``url``, chosen by its scheme; the options are validated by the backend's config."""
-    scheme = urlsplit(url).scheme.lower()
-    target = _BACKENDS.get(scheme)
-    if target is None:
-        shown = f"{scheme}://" if scheme else "(none)"  # never echo the URL: it may hold a password
-        raise ValueError(f"unsupported arm store URL scheme {shown}: use {', '.join(f'{s}://' for s in _BACKENDS)}")
-    module, _, name = target.partition(":")
-    backend: Any = getattr(importlib.import_module(module), name)
-    store: ArmStore = backend.from_config(backend.config_type(url=url, **options))
+    store: ArmStore = open_backend("arm store", _BACKENDS, url, options)
     return store

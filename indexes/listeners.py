@@ -18,14 +18,14 @@ plays, completes and shares weigh 0 and only mark the song heard.
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
+
+from indexes.registry import REDIS_SCHEMES, open_backend
 
 __all__ = [
     "AsyncListenerReads",
@@ -164,9 +164,8 @@ class NullListenerStore(ListenerStore):
         return NullAsyncListenerReads()
 
 
-_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 #: URL scheme -> "module:Class" of the backend serving it (imported when first opened).
-_BACKENDS: dict[str, str] = dict.fromkeys(_REDIS_SCHEMES, "indexes.redis_listeners:RedisListenerStore")
+_BACKENDS: dict[str, str] = dict.fromkeys(REDIS_SCHEMES, "indexes.redis_listeners:RedisListenerStore")
 
 
 def register_listener_store(scheme: str, backend: str) -> None:
@@ -176,14 +175,5 @@ def register_listener_store(scheme: str, backend: str) -> None:
 
 def open_listener_store(url: str, **options: Any) -> ListenerStore:
     """The listener store for ``url``, chosen by its scheme; the options are validated by the backend's config."""
-    scheme = urlsplit(url).scheme.lower()
-    target = _BACKENDS.get(scheme)
-    if target is None:
-        shown = f"{scheme}://" if scheme else "(none)"  # never echo the URL: it may hold a password
-        raise ValueError(
-            f"unsupported listener store URL scheme {shown}: use {', '.join(f'{s}://' for s in _BACKENDS)}"
-        )
-    module, _, name = target.partition(":")
-    backend: Any = getattr(importlib.import_module(module), name)
-    store: ListenerStore = backend.from_config(backend.config_type(url=url, **options))
+    store: ListenerStore = open_backend("listener store", _BACKENDS, url, options)
     return store
