@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import itertools
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import sys
 import time
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ from indexes.served_log import ServedLog, impressions
 from ranker.errors import InputError
 from ranker.events import DeadLetter, Engagement, FeedServed
 from ranker.serving.exposure import Shipper, Spool, served_record
-from ranker.serving.producer import ApiProducer
+from ranker.serving.producer import ApiProducer, Delivery
 from ranker.serving.reader import FeedPage, FeedReader
 from ranker.serving.writer import FeedWriter
 from ranker.settings import FeedbackSettings, Settings
@@ -342,3 +344,42 @@ def test_a_full_spool_drops_and_counts_then_ships_once_kafka_is_back(settings: S
         producer.close()
         spool.close()
     assert len(read_topic(s, s.kafka.topics.feeds_served, written)) == written
+
+
+def test_a_backlog_ships_in_bounded_reads_and_a_failing_kafka_is_retried_ever_later(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A pass reads at most ``read_bytes`` of a spool file (a large backlog is not read whole, every pass), and
+    while publishing fails the shipper waits longer each time instead of trying twice a second."""
+    s = own_topics(settings, tmp_path)
+    spool = Spool(tmp_path / "spool", 1 << 24)
+    line = served_record("r-0", "rank", "main", ["a"] * 20)
+    for n in range(60):
+        spool.write(line.replace(b"r-0", f"r-{n:02d}".encode()))
+    producer = ApiProducer(s.kafka)
+    try:
+        shipper = Shipper(
+            spool, producer.publish, s.kafka.topics.feeds_served, 1, read_bytes=10 * (len(line) + 2)
+        )  # r-NN: one byte longer, plus the newline
+        passes = [shipper.ship_once() for _ in range(8)]
+        assert passes[:6] == [10] * 6 and passes[6:] == [0, 0], passes  # ten lines a pass, then done
+        assert spool.backlog == 0
+    finally:
+        producer.close()
+    assert len(read_topic(s, s.kafka.topics.feeds_served, 60)) == 60
+
+    calls: list[float] = []
+
+    def failing(topic: str, records: Sequence[Any]) -> list[Delivery]:
+        calls.append(time.monotonic())
+        return [Delivery("broker down")] * len(records)
+
+    spool.write(line)
+    shipper = Shipper(spool, failing, "nowhere", 0.05)
+    shipper.start()
+    time.sleep(1.6)
+    shipper._stop.set()
+    spool.close()
+    gaps = [b - a for a, b in itertools.pairwise(calls)]
+    assert 3 <= len(calls) <= 7, calls  # 0.05, 0.1, 0.2, 0.4, 0.8 s apart: not 30 tries in 1.6 s
+    assert all(later > earlier for earlier, later in itertools.pairwise(gaps)), gaps

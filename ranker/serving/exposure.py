@@ -45,6 +45,12 @@ SUFFIX = ".jsonl"
 CHECKPOINT = ".ckpt"
 #: Lines per publish call.
 SHIP_BATCH = 5000
+#: Most bytes of one spool file read per pass: a backlog (Kafka was down) ships over several passes
+#: instead of being read whole, again, every pass.
+READ_BYTES = 8 * 1024 * 1024
+#: Longest wait between passes while Kafka keeps failing (the wait doubles from the interval): an API
+#: whose Kafka is down does not try to connect twice a second on a thread beside its requests.
+MAX_BACKOFF_S = 30.0
 
 
 def served_record(
@@ -173,6 +179,13 @@ class Spool:
                 self._fd = -1
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def _checkpoint(path: Path) -> int:
     try:
         return int((path.parent / (path.name + CHECKPOINT)).read_text() or 0)
@@ -198,8 +211,11 @@ Publish = Callable[[str, Sequence[Record]], Sequence[Any]]
 class Shipper:
     """Ships the spool directory's files to ``topic``: this process's own, and any no live process owns."""
 
-    def __init__(self, spool: Spool, publish: Publish, topic: str, interval_s: float) -> None:
+    def __init__(
+        self, spool: Spool, publish: Publish, topic: str, interval_s: float, read_bytes: int = READ_BYTES
+    ) -> None:
         self.spool = spool
+        self.read_bytes = read_bytes
         self.publish = publish
         self.topic = topic
         self.interval_s = interval_s
@@ -213,12 +229,15 @@ class Shipper:
         self._thread.start()
 
     def _run(self) -> None:
+        wait = self.interval_s
         while not self._stop.is_set():
             try:
                 self.ship_once()
             except Exception:  # never let the thread die: the next cycle tries again
                 log.exception("shipping served records failed")
-            self._stop.wait(self.interval_s)
+                self._failed = True
+            wait = min(wait * 2.0, max(MAX_BACKOFF_S, self.interval_s)) if self._failed else self.interval_s
+            self._stop.wait(wait)
 
     def ship_once(self) -> int:
         """One pass over the spool directory; how many records the broker acknowledged."""
@@ -264,12 +283,12 @@ class Shipper:
         try:
             with open(path, "rb") as fh:
                 fh.seek(start)
-                data = fh.read()
+                data = fh.read(self.read_bytes)
         except FileNotFoundError:
             return 0, 0, False
         end = data.rfind(b"\n") + 1  # a line still being written waits for the next cycle
         if self._failed:  # Kafka failed on an earlier file this cycle: measure, do not wait on it again
-            return 0, len(data), False
+            return 0, max(0, _size(path) - start), False
         shipped = 0
         pos = 0
         while pos < end:
@@ -294,9 +313,10 @@ class Shipper:
                 _set_checkpoint(path, start + advanced)
             if advanced < cut:
                 self._failed = True
-                return shipped, len(data) - advanced, False
+                return shipped, max(0, _size(path) - start - advanced), False
             pos = cut
-        return shipped, len(data) - end, end == len(data)
+        size = _size(path)
+        return shipped, max(0, size - start - end), start + end >= size
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Stop the thread after one last pass (what it cannot ship waits in the spool for the next process)."""
