@@ -140,13 +140,15 @@ def explore_layout(
     batch = window.batch
     assert batch is not None
     draws = PROPENSITY_DRAWS
-    songs = batch.take(pool)
+    size = len(pool)
+    songs = batch.take(np.concatenate([pool, pool]))  # the pool twice: one evaluation at each end of the scale
     a, b = beta_params(policy, songs, scale)
-    rates = gen.beta(a, b, size=(draws, len(pool)))  # the draws a tiled sample_rates would make, in its order
+    rates = gen.beta(a[:size], b[:size], size=(draws, size))  # the draws a tiled sample_rates would make, in order
     # A sampled score is affine in the rate's popularity, (floor + q0 + (q1 - q0) * pop) * freshness, with q0 and
-    # q1 a song's quality at popularity 0 and 1: two evaluations of the pool, not one per draw.
-    low = sampled_scores(policy, songs, np.full(len(pool), policy.like_rate.rate_min), now)
-    high = sampled_scores(policy, songs, np.full(len(pool), policy.like_rate.rate_max), now)
+    # q1 a song's quality at popularity 0 and 1: one evaluation of the doubled pool, not one per draw.
+    ends = np.concatenate([np.full(size, policy.like_rate.rate_min), np.full(size, policy.like_rate.rate_max)])
+    both = sampled_scores(policy, songs, ends, now)
+    low, high = both[:size], both[size:]
     scores = low + (high - low) * popularity(policy, rates)
     top = np.argsort(-scores, axis=1, kind="stable")[:, :n]  # ties: the feed's order, as the realised draw's
     hits = np.bincount(top.ravel(), minlength=len(pool))
