@@ -70,15 +70,12 @@ class TableNotReady(RuntimeError):
 class VectorSource(Protocol):
     def vectors(self, song_ids: Sequence[str], keys: Sequence[int] | None = None) -> dict[str, np.ndarray]:
         """The songs' vectors, in their order (absent ones left out); ``keys``: their faiss ids."""
-        ...
 
     def vector_matrix(self, keys: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The vectors of these faiss ids as one matrix in their order, and which were found."""
-        ...
 
     def mean_direction(self) -> np.ndarray | None:
         """The catalog's mean vector, unit length (None before any vector)."""
-        ...
 
 
 @dataclass
