@@ -383,3 +383,40 @@ def test_a_backlog_ships_in_bounded_reads_and_a_failing_kafka_is_retried_ever_la
     gaps = [b - a for a, b in itertools.pairwise(calls)]
     assert 3 <= len(calls) <= 7, calls  # 0.05, 0.1, 0.2, 0.4, 0.8 s apart: not 30 tries in 1.6 s
     assert all(later > earlier for earlier, later in itertools.pairwise(gaps)), gaps
+
+
+def test_a_batch_logged_but_not_committed_is_logged_once_when_replayed(settings: Settings, tmp_path: Path) -> None:
+    """The crash window a SIGKILL cannot aim at: both logs written, the offsets not committed. The next consumer
+    polls the batch again from the last commit and must write nothing twice (each file covers offsets no other
+    file does: checked on the files themselves, not through the read's own deduplication)."""
+    import pyarrow.parquet as pq
+
+    from consumers.loop import message_of
+
+    s = own_topics(settings, tmp_path)
+    served = [FeedServed.parse(served_record(f"q{n:04d}", "rank", "main", [f"a{n}"])) for n in range(300)]
+    publish(s, s.kafka.topics.feeds_served, [r.to_bytes() for r in served], [r.request_id.encode() for r in served])
+    events = plays_for([(r.request_id, r.song_ids[0]) for r in served[:100]])
+    publish(s, s.kafka.topics.engagement, [e.to_bytes() for e in events], [e.song_id.encode() for e in events])
+    polled = read_topic(s, s.kafka.topics.feeds_served, len(served)) + read_topic(
+        s, s.kafka.topics.engagement, len(events)
+    )
+    assert len(polled) == len(served) + len(events)
+
+    crashed = FeedbackConsumer(s, on_engagement=lambda ids: None)
+    # Steps 1-4 for the first 120 records of each partition, then the process dies before the commit: the next
+    # consumer's batches start at offset 0 again and end elsewhere, so their files' ranges overlap these.
+    first = [r for r in polled if r.offset < 120]
+    crashed.process([message_of(r) for r in first])
+    FeedbackConsumer(s, on_engagement=lambda ids: None).run(until_idle_s=2.0)  # from offset 0 again
+
+    def rows_on_disk(directory: Path) -> int:
+        return sum(pq.read_metadata(f).num_rows for f in directory.glob("day=*/*.parquet"))
+
+    assert rows_on_disk(s.served_log_dir) == len(served)
+    assert rows_on_disk(s.engagement_log_dir) == len(events)
+    joined = impressions(
+        ServedLog(s.served_log_dir, s.kafka.topics.feeds_served).read(),
+        EngagementLog(s.engagement_log_dir, s.kafka.topics.engagement).read(),
+    )
+    assert sum(joined["plays"].to_pylist()) == 100 and sum(joined["likes"].to_pylist()) == 34
