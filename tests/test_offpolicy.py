@@ -159,3 +159,16 @@ def test_paired_comparison_finds_the_better_candidate(world: World) -> None:
     assert covered >= 85, covered
     assert better >= 60, better
     assert worse == 0
+
+
+def test_no_liked_match_still_gets_an_interval_of_some_width() -> None:
+    """With no matched play liked, every bootstrap resample gives 0 and the percentile interval would be
+    [0, 0]: certainty from a handful of plays. The Wilson interval on the effective plays replaces it."""
+    rows = [(f"r{i}", "a", True, 0.5, POOL1, 1, 0) for i in range(20)]  # 20 matched plays, no like
+    est = evaluate_picks(page_rows(rows), {"a": 1.0}, resamples=200, seed=3)
+    assert est.value == 0.0 and est.low == 0.0
+    z2 = 1.959963984540054**2
+    assert est.high == pytest.approx(z2 / (20 + z2), rel=1e-6)  # Wilson's upper bound at 0 of 20: 0.161
+    liked = [(f"r{i}", "a", True, 0.5, POOL1, 1, 1) for i in range(20)]  # every one liked: the mirror image
+    est = evaluate_picks(page_rows(liked), {"a": 1.0}, resamples=200, seed=3)
+    assert est.high == 1.0 and est.low == pytest.approx(20 / (20 + z2), rel=1e-6)

@@ -260,6 +260,8 @@ def _estimate(
     total_den = float(x.den.sum())
     value = float(x.num.sum()) / total_den if total_den > 0 else math.nan
     low, high = _quantiles(ratios, level) if total_den > 0 else (math.nan, math.nan)
+    if total_den > 0 and low == high:  # every resample gives one ratio: no matched play liked, or every one
+        low, high = _wilson(value, _effective_plays(slots, x), level)
     delta_low, delta_high = delta_ratio(x.num, x.den, level)
     sum_w2 = float(x.w @ x.w)
     plays = float(slots.plays.sum())
@@ -282,6 +284,29 @@ def _estimate(
         min_matched=min_matched,
         enough=n_matched >= min_matched,
     )
+
+
+def _effective_plays(slots: ExploredSlots, x: _Weighted) -> float:
+    """Kish's effective number of plays behind the weighted denominator: (sum w p)^2 / sum (w p)^2."""
+    wp = x.w * slots.plays
+    sq = float(wp @ wp)
+    return float(wp.sum()) ** 2 / sq if sq > 0 else 0.0
+
+
+def _wilson(rate: float, n: float, level: float) -> tuple[float, float]:
+    """The Wilson score interval of a rate seen on ``n`` (effective) plays.
+
+    Used where the percentile bootstrap collapses to a point: when no matched play was liked (or every
+    one was), every resample gives the same ratio and the bootstrap would claim certainty from, say,
+    20 plays without a like; Wilson's interval still reaches up to about z^2 / n.
+    """
+    if n <= 0:
+        return math.nan, math.nan
+    z = NormalDist().inv_cdf((1.0 + level) / 2.0)
+    z2 = z * z
+    centre = (rate + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(max(0.0, rate * (1 - rate) / n + z2 / (4 * n * n)))
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _check_level(level: float) -> None:
