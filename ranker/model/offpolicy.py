@@ -24,6 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ranker.intervals import wilson
+
 #: Below this many matched impressions the estimate is flagged as not enough (docs/off-policy.md,
 #: "How much data"): in the tests' world the 95% bootstrap interval covered the truth in 84% of
 #: replications at ~16 matches, 92% at ~70 and 93.5-95.5% from ~200 on, where its half-width at
@@ -261,7 +263,10 @@ def _estimate(
     value = float(x.num.sum()) / total_den if total_den > 0 else math.nan
     low, high = _quantiles(ratios, level) if total_den > 0 else (math.nan, math.nan)
     if total_den > 0 and low == high:  # every resample gives one ratio: no matched play liked, or every one
-        low, high = _wilson(value, _effective_plays(slots, x), level)
+        # A point would claim certainty from, say, 20 plays without a like: Wilson's interval on the effective
+        # number of plays still reaches up to about z^2 / n.
+        n = _effective_plays(slots, x)
+        low, high = wilson(n, value * n, NormalDist().inv_cdf((1.0 + level) / 2.0)) if n > 0 else (low, high)
     delta_low, delta_high = delta_ratio(x.num, x.den, level)
     sum_w2 = float(x.w @ x.w)
     plays = float(slots.plays.sum())
@@ -291,22 +296,6 @@ def _effective_plays(slots: ExploredSlots, x: _Weighted) -> float:
     wp = x.w * slots.plays
     sq = float(wp @ wp)
     return float(wp.sum()) ** 2 / sq if sq > 0 else 0.0
-
-
-def _wilson(rate: float, n: float, level: float) -> tuple[float, float]:
-    """The Wilson score interval of a rate seen on ``n`` (effective) plays.
-
-    Used where the percentile bootstrap collapses to a point: when no matched play was liked (or every
-    one was), every resample gives the same ratio and the bootstrap would claim certainty from, say,
-    20 plays without a like; Wilson's interval still reaches up to about z^2 / n.
-    """
-    if n <= 0:
-        return math.nan, math.nan
-    z = NormalDist().inv_cdf((1.0 + level) / 2.0)
-    z2 = z * z
-    centre = (rate + z2 / (2 * n)) / (1 + z2 / n)
-    half = z / (1 + z2 / n) * math.sqrt(max(0.0, rate * (1 - rate) / n + z2 / (4 * n * n)))
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _check_level(level: float) -> None:

@@ -17,12 +17,11 @@ from collections.abc import Sequence
 
 from indexes.arms import ArmStore, ArmUpdate
 from ranker.events import Engagement
+from ranker.intervals import Z95, wilson
 from ranker.settings import Arm, ArmsSettings, Settings
 
 __all__ = ["Z95", "assign", "experiment_feed", "like_rate", "record_arm_events", "resolve", "unit_hash", "wilson"]
 
-#: The normal quantile of a two-sided 95% interval.
-Z95 = 1.959963984540054
 _SCALE = float(1 << 53)
 
 
@@ -66,19 +65,6 @@ def like_rate(plays: int, likes: int) -> float | None:
     if plays <= 0:
         return None
     return min(1.0, max(0.0, likes / plays))
-
-
-def wilson(plays: int, likes: int, z: float = Z95) -> tuple[float, float]:
-    """The Wilson score interval of the like rate (likes clamped to [0, plays]); (0, 1) without plays.
-    Unlike the normal approximation it stays inside [0, 1] and is sensible for rates near 0."""
-    if plays <= 0:
-        return 0.0, 1.0
-    n = float(plays)
-    p = min(1.0, max(0.0, likes / n))
-    z2 = z * z
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def record_arm_events(store: ArmStore, events: Sequence[Engagement], settings: Settings) -> ArmUpdate:
