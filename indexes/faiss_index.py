@@ -73,6 +73,11 @@ faiss: Any = _faiss
 _GPU_MAX_K = 2048
 
 
+#: From this many keys with some absent, :meth:`FaissVectorIndex.reconstruct_many` checks them against
+#: the index's keys in one pass (a few ms at 1M vectors) rather than one reconstruct (and exception) each.
+MEMBERSHIP_BATCH = 1024
+
+
 def gpu_count() -> int:
     """GPUs visible to FAISS (0 with faiss-cpu, which lacks ``get_num_gpus`` on old versions)."""
     get = getattr(faiss, "get_num_gpus", None)
@@ -432,14 +437,22 @@ class FaissVectorIndex(VectorIndex):
 
     def reconstruct_many(self, keys: np.ndarray) -> dict[int, np.ndarray]:
         """The stored vectors of these keys, absent ones left out: one batched call when every
-        key is present (a page's 70 vectors in about 10 us, against 200 us one by one)."""
+        key is present (a page's 70 vectors in about 10 us, against 200 us one by one). A large
+        batch with absent keys (an index reader's catch-up asks for the vectors its new songs
+        replace, mostly none) finds the present ones against the index's keys at once: 4,096 keys
+        of which none is present, in a 1M-vector index, 6 ms against 35 ms one by one."""
         if self.is_trained and len(keys):
+            asked = np.ascontiguousarray(keys, dtype=np.int64)
             try:
-                batch = np.asarray(self._cpu.reconstruct_batch(np.ascontiguousarray(keys, dtype=np.int64)))
-            except RuntimeError:  # a key not in the index: one by one
-                pass
-            else:
-                return dict(zip(keys.tolist(), batch.astype(np.float32, copy=False), strict=True))
+                batch = np.asarray(self._cpu.reconstruct_batch(asked))
+            except RuntimeError:  # a key not in the index
+                if len(asked) < MEMBERSHIP_BATCH:
+                    return super().reconstruct_many(keys)
+                asked = asked[np.isin(asked, self.keys())]
+                if not len(asked):
+                    return {}
+                batch = np.asarray(self._cpu.reconstruct_batch(asked))
+            return dict(zip(asked.tolist(), batch.astype(np.float32, copy=False), strict=True))
         return super().reconstruct_many(keys)
 
     # -- persistence -------------------------------------------------------------------

@@ -83,3 +83,22 @@ def test_the_mean_direction_follows_vectors_added_replaced_and_removed(tmp_path:
         np.testing.assert_allclose(reader.mean_direction(), unit_mean(now), atol=1e-6)
     finally:
         reader.close()
+
+
+def test_a_large_batch_with_absent_keys_returns_exactly_the_present_vectors() -> None:
+    """Past MEMBERSHIP_BATCH keys, the absent ones are found against the index's keys at once."""
+    from indexes.faiss_config import FaissIndexConfig
+    from indexes.faiss_index import MEMBERSHIP_BATCH, FaissVectorIndex
+
+    rng = np.random.default_rng(7)
+    index = FaissVectorIndex(FaissIndexConfig(dim=DIM, factory="Flat", use_gpu="never"))
+    stored = rng.standard_normal((3000, DIM)).astype(np.float32)
+    index.upsert(np.arange(3000, dtype=np.int64), stored)
+    asked = np.concatenate([np.arange(2500, 3500), np.arange(0, 600, 3)]).astype(np.int64)  # 500 absent
+    assert len(asked) >= MEMBERSHIP_BATCH
+    found = index.reconstruct_many(asked)
+    assert sorted(found) == sorted(k for k in asked.tolist() if k < 3000)
+    for key in (2500, 2999, 0, 597):
+        np.testing.assert_allclose(found[key], stored[key], rtol=0, atol=1e-6)
+    small = index.reconstruct_many(np.array([5, 4000, 7], dtype=np.int64))  # the one-by-one path
+    assert sorted(small) == [5, 7]
