@@ -21,6 +21,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
+import pyarrow as pa
 from rich.progress import Progress
 
 from consumers import retrain_metrics
@@ -106,14 +107,18 @@ def _metadata(store: ScoreStore, song_ids: list[str]) -> dict[str, tuple[str, da
     return out
 
 
-def refresh_examination_weights(settings: Settings, now: datetime | None = None) -> Examination:
+def refresh_examination_weights(
+    settings: Settings, now: datetime | None = None, impressions: pa.Table | None = None
+) -> Examination:
     """Re-estimate the examination weights from the recent served log joined with engagement; store them.
 
     Reads only the day folders of the last ``examination.window_days`` (the impressions are then cut to
-    the window exactly); the feedback consumers count with the new weights within ``examination.refresh_s``.
+    the window exactly), unless given ``impressions`` read already; the feedback consumers count with the
+    new weights within ``examination.refresh_s``.
     """
     now = now or datetime.now(UTC)
-    table = load_impressions(settings, now - timedelta(days=settings.examination.window_days), now)
+    since = now - timedelta(days=settings.examination.window_days)
+    table = load_impressions(settings, since, now) if impressions is None else impressions
     counters = stores.engagement_counters(settings)
     try:
         exam = refresh_examination(table, counters, settings.examination, now)
@@ -196,15 +201,15 @@ def _run(
     store = stores.score_store(settings)
     began = time.perf_counter()
     try:
-        examination = refresh_examination_weights(settings)
+        r = settings.retrain
+        now = datetime.now(UTC)
+        # One read of the served and engagement logs, over the longer of the two windows that use it.
+        days = max(settings.examination.window_days, r.off_policy_window_days if r.off_policy_gate else 0.0)
+        shown = load_impressions(settings, now - timedelta(days=days), now)
+        examination = refresh_examination_weights(settings, now, shown)
         current = current_model(settings)
         observed, features = gather(settings, store)
-        r = settings.retrain
-        judge = (
-            off_policy_judge(settings, lambda ids: _metadata(store, ids), datetime.now(UTC))
-            if r.off_policy_gate
-            else None
-        )
+        judge = off_policy_judge(settings, lambda ids: _metadata(store, ids), now, shown) if r.off_policy_gate else None
         gathered = time.perf_counter()
         config = TrainConfig.model_validate(
             {

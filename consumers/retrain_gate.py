@@ -20,10 +20,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from consumers.evaluate_policy import load_impressions, pool_songs
 from consumers.shard_embeddings import ShardEmbeddings
 from ranker.model.artifact import ScoringModel
+from ranker.model.examination import in_window
 from ranker.model.offpolicy import ExploredSlots, compare_slots
 from ranker.scoring import SongMeta, score_predictions
 from ranker.settings import Settings
@@ -73,14 +75,20 @@ def verdict(
     return True, what, cmp.to_dict()
 
 
-def off_policy_judge(settings: Settings, meta_of: Any, now: datetime) -> OffPolicyJudge:
-    """The judge over the last ``retrain.off_policy_window_days`` of the served and engagement logs.
+def off_policy_judge(
+    settings: Settings, meta_of: Any, now: datetime, impressions: pa.Table | None = None
+) -> OffPolicyJudge:
+    """The judge over the last ``retrain.off_policy_window_days`` of the served and engagement logs
+    (read here, or cut from ``impressions`` the caller read already).
 
     ``meta_of(song_ids) -> {song: (generator, created_at)}`` reads what the scores need (the retrain
     job's store read).
     """
-    since = now - timedelta(days=settings.retrain.off_policy_window_days)
-    table = load_impressions(settings, since, now)
+    days = settings.retrain.off_policy_window_days
+    if impressions is None:
+        table = load_impressions(settings, now - timedelta(days=days), now)
+    else:
+        table = in_window(impressions, days, now)
     try:
         slots = ExploredSlots.from_impressions(table)
     except ValueError:  # nothing explored in the window
