@@ -93,6 +93,14 @@ TRUNCATED = "truncated"
 PRIOR_FIELD = "prior.like_rate"
 #: 1 when an untrained (seeded) head scored the song (``model.allow_untrained``); absent otherwise.
 UNTRAINED = "untrained"
+#: Uncertainty (issue 17), written when the model has them, absent otherwise: the ensemble's spread
+#: (standard deviation over its heads) of the predicted like rate, and of each task's score
+#: (``spread.<task>``); the song's distance to the training distribution as a percentile of the
+#: held-out training songs' (0-100), and 1 when it is above the model's OOD percentile.
+PRIOR_SD_FIELD = "prior.like_rate_sd"
+SPREAD_FIELD_PREFIX = "spread."
+OOD_PERCENTILE = "ood.pct"
+OOD_FLAG = "ood"
 
 ENGAGEMENT_FIELD_PREFIX = "eng."
 ENGAGEMENT_COUNTERS = ("plays", "likes", "skips", "completes", "shares")
