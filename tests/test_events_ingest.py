@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -202,6 +204,28 @@ def test_the_api_producer_answers_for_each_record(settings: Settings) -> None:
         assert len(out) == 3 and not any(d.ok or d.permanent for d in out)  # an outage: worth a retry
     finally:
         dead.close()
+
+
+def test_closing_the_api_producer_does_not_wait_on_a_connect_in_progress(settings: Settings) -> None:
+    """A shutdown with Kafka unreachable: the shipper's publish is connecting (holding the producer's
+    lock for up to kafka.request_timeout_ms); close returns without waiting for it, and the connecting
+    thread, finding the producer closed, drops what it made."""
+    kafka = down(settings).kafka.model_copy(update={"request_timeout_ms": 8000})
+    producer = ApiProducer(kafka)
+    out: list[Any] = []
+    sender = threading.Thread(target=lambda: out.extend(producer.publish("t", [(b"k", b"v")])))
+    sender.start()
+    deadline = time.monotonic() + 5
+    while not producer._lock.locked() and time.monotonic() < deadline:  # the sender is connecting
+        time.sleep(0.01)
+    assert producer._lock.locked()
+    producer.close()
+    assert sender.is_alive()  # close came back while the connect was still waiting on the closed port
+    sender.join(30)
+    assert not sender.is_alive()
+    assert len(out) == 1 and not out[0].ok
+    assert producer._producer is None
+    assert not producer.publish("t", [(b"k", b"v")])[0].ok  # closed: nothing more is sent
 
 
 # -- the clients ----------------------------------------------------------------------------------------

@@ -70,6 +70,7 @@ class ApiProducer:
         self._lock = threading.Lock()
         self._producer: Any = None
         self._topics: set[str] = set()  # created (or found) for the current producer
+        self._closed = False
 
     def publish(self, topic: str, records: Sequence[Record]) -> list[Delivery]:
         """Send ``records`` to ``topic``, flush, and say for each whether the broker acknowledged it.
@@ -119,6 +120,8 @@ class ApiProducer:
     def _connect(self, topic: str) -> Any:
         """The producer, made on first use, with ``topic`` created if missing (as configured)."""
         with self._lock:
+            if self._closed:
+                raise RuntimeError("the API's producer is closed")
             if self._producer is None:
                 from kafka import KafkaProducer
 
@@ -132,6 +135,11 @@ class ApiProducer:
                     max_request_size=self.kafka.max_request_size,
                     **self.kafka.client_kwargs(),
                 )
+                if self._closed:  # closed while this thread connected: nobody else will close this one
+                    made, self._producer = self._producer, None
+                    with contextlib.suppress(Exception):
+                        made.close(timeout=1)
+                    raise RuntimeError("the API's producer was closed while it connected")
             if topic not in self._topics:
                 if self.kafka.auto_create_topics:
                     self._ensure_topic(topic)
@@ -163,8 +171,17 @@ class ApiProducer:
             producer.close(timeout=1)
 
     def close(self) -> None:
-        with self._lock:
+        """Close the producer; never waits on a connect in progress (with Kafka unreachable one takes up
+        to ``kafka.request_timeout_ms``, and a shutdown must fit a supervisor's grace period): the
+        connecting thread finds the producer closed and drops what it made."""
+        self._closed = True
+        if not self._lock.acquire(timeout=1.0):
+            log.warning("closing the Kafka producer while it connects: the connecting thread closes it")
+            return
+        try:
             producer, self._producer = self._producer, None
             self._topics.clear()
+        finally:
+            self._lock.release()
         if producer is not None:
             producer.close(timeout=10)
