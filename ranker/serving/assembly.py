@@ -10,11 +10,12 @@ explains the songs served in one pass, :func:`next_cursor` advances the keyset c
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ranker.serving.batch import beta_params, evaluate, popularity, sample_rates, sampled_scores
+from ranker.serving.batch import beta_params, evaluate, popularity, sampled_scores
 from ranker.serving.columns import explanation_columns, explanations, mark_untrained
 from ranker.serving.cursor import MAX_SKIP, Cursor, skip_key
 from ranker.serving.page_cache import _Window
@@ -25,6 +26,37 @@ from ranker.serving.policy import Policy
 PROPENSITY_DRAWS = 31
 
 
+@dataclass(frozen=True)
+class ExplorePool:
+    """The exploration pool as the page's Thompson draw saw it: rows of the window's batch (feed order),
+    each song's Beta posterior (a, b), and its sampled score at the two ends of the like-rate scale.
+
+    A sampled score is affine in the sampled rate's popularity, ``low + (high - low) * pop``: the
+    realised draw and the propensity's further draws (:func:`explore_layout`) both use these, so
+    the pool is evaluated once per page."""
+
+    rows: np.ndarray
+    a: np.ndarray
+    b: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+
+    @classmethod
+    def of(cls, policy: Policy, window: _Window, rows: np.ndarray, scale: float, now: float) -> ExplorePool:
+        batch = window.batch
+        assert batch is not None
+        size = len(rows)
+        songs = batch.take(np.concatenate([rows, rows]))  # the pool twice: one evaluation at each end of the scale
+        a, b = beta_params(policy, songs, scale)
+        lr = policy.like_rate
+        both = sampled_scores(policy, songs, np.repeat([lr.rate_min, lr.rate_max], size), now)
+        return cls(rows, a[:size], b[:size], both[:size], both[size:])
+
+    def scores(self, policy: Policy, rates: np.ndarray) -> np.ndarray:
+        """The sampled scores of these sampled rates (one row per draw, or one draw)."""
+        return self.low + (self.high - self.low) * popularity(policy, rates)
+
+
 def assemble(
     policy: Policy,
     window: _Window,
@@ -33,11 +65,11 @@ def assemble(
     scale: float,
     now: float,
     rng: np.random.Generator | None,
-) -> tuple[list[int], list[tuple[int, float]], np.ndarray]:
+) -> tuple[list[int], list[tuple[int, float]], ExplorePool | None]:
     """Exploit slots (diversity rules push offenders down), then Thompson-sampled exploration.
 
     Returns rows of the window's batch: the exploit ones in page order, the explored
-    ones with their sampled like rates, and the exploration pool's (in feed order).
+    ones with their sampled like rates, and the exploration pool (None: no exploration).
     """
     cfg = policy.config
     cap = cfg.max_per_generator
@@ -81,15 +113,15 @@ def assemble(
         else:
             deferred.append(j)
     explored: list[tuple[int, float]] = []
-    pool = np.arange(i, min(i + cfg.explore_pool, size)) if n_explore else np.arange(0)
-    if len(pool):
-        candidates = batch.take(pool)
-        rates = sample_rates(policy, candidates, scale, rng or np.random.default_rng())
-        sampled = sampled_scores(policy, candidates, rates, now).tolist()
-        for k in sorted(range(len(pool)), key=lambda k: -sampled[k]):
+    rows = np.arange(i, min(i + cfg.explore_pool, size)) if n_explore else np.arange(0)
+    pool = ExplorePool.of(policy, window, rows, scale, now) if len(rows) else None
+    if pool is not None:
+        rates = (rng or np.random.default_rng()).beta(pool.a, pool.b)  # sample_rates' draw, from one evaluation
+        sampled = pool.scores(policy, rates).tolist()
+        for k in sorted(range(len(rows)), key=lambda k: -sampled[k]):
             if len(explored) == n_explore:
                 break
-            j = int(pool[k])
+            j = int(rows[k])
             if fits(j):
                 place(j)
                 explored.append((j, float(rates[k])))
@@ -111,12 +143,9 @@ def assemble(
 
 def explore_layout(
     policy: Policy,
-    window: _Window,
     page_len: int,
     explored: list[tuple[int, float]],
-    pool: np.ndarray,
-    scale: float,
-    now: float,
+    pool: ExplorePool | None,
     rng: np.random.Generator | None,
 ) -> tuple[list[int], list[float]]:
     """Where the explored songs go on a page of ``page_len``, and each one's propensity.
@@ -133,26 +162,17 @@ def explore_layout(
     a pool's propensities add up to ``len(explored)``.
     """
     n = len(explored)
-    if not n:
+    if not n or pool is None:
         return [], []
     gen = rng or np.random.default_rng()
     positions = np.sort(gen.choice(page_len, size=n, replace=False)).tolist()
-    batch = window.batch
-    assert batch is not None
     draws = PROPENSITY_DRAWS
-    size = len(pool)
-    songs = batch.take(np.concatenate([pool, pool]))  # the pool twice: one evaluation at each end of the scale
-    a, b = beta_params(policy, songs, scale)
-    rates = gen.beta(a[:size], b[:size], size=(draws, size))  # the draws a tiled sample_rates would make, in order
-    # A sampled score is affine in the rate's popularity, (floor + q0 + (q1 - q0) * pop) * freshness, with q0 and
-    # q1 a song's quality at popularity 0 and 1: one evaluation of the doubled pool, not one per draw.
-    ends = np.concatenate([np.full(size, policy.like_rate.rate_min), np.full(size, policy.like_rate.rate_max)])
-    both = sampled_scores(policy, songs, ends, now)
-    low, high = both[:size], both[size:]
-    scores = low + (high - low) * popularity(policy, rates)
+    size = len(pool.rows)
+    rates = gen.beta(pool.a, pool.b, size=(draws, size))  # the draws a tiled sample_rates would make, in order
+    scores = pool.scores(policy, rates)
     top = np.argsort(-scores, axis=1, kind="stable")[:, :n]  # ties: the feed's order, as the realised draw's
-    hits = np.bincount(top.ravel(), minlength=len(pool))
-    at = {int(row): k for k, row in enumerate(pool.tolist())}
+    hits = np.bincount(top.ravel(), minlength=size)
+    at = {int(row): k for k, row in enumerate(pool.rows.tolist())}
     return positions, [(int(hits[at[j]]) + 1) / (draws + 1) for j, _ in explored]
 
 

@@ -212,14 +212,14 @@ class FeedReader:
             window = self._personal_window(table, policy, want, cur, now, filters, person, first)
         chosen, explored, pool = assemble(policy, window, limit - n_explore, n_explore, scale, now, rng)
         page_len = len(chosen) + len(explored)
-        positions, chances = explore_layout(policy, window, page_len, explored, pool, scale, now, rng)
+        positions, chances = explore_layout(policy, page_len, explored, pool, rng)
         items = page_items(policy, window, chosen, explored, scale, now, person, positions)
         propensity = [1.0] * page_len
         for pos, chance in zip(positions, chances, strict=True):
             propensity[pos] = chance
         assert window.batch is not None
         ids = window.batch.song_ids
-        pool_ids = [ids[j] for j in pool.tolist()] if explored else []
+        pool_ids = [ids[j] for j in pool.rows.tolist()] if explored and pool is not None else []
         skip = set(cur.skip) if cur else set()
         b_score, b_id = (cur.score, cur.song_id) if cur else (math.inf, "")
         bound = user_tag(user) if (person is not None and not person.new) or (cur and cur.user) else 0
