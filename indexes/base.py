@@ -221,6 +221,12 @@ class VectorIndex(ABC):
                 out[key] = vec
         return out
 
+    def reconstruct_matrix(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The stored vectors of these keys as (found mask, float32 matrix in ``keys``' order, zero rows
+        where absent; ``(n, 0)`` when none is found). A serving page reads a block of some hundred
+        vectors this way; backends that can answer with one array skip the per-key dict."""
+        return as_matrix(keys, self.reconstruct_many(keys))
+
 
 class AsyncScoreReads(ABC):
     """The read path of a :class:`ScoreStore` on asyncio (the API's event loop).
@@ -466,3 +472,15 @@ class EngagementCounters(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
+
+
+def as_matrix(keys: np.ndarray, found: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``reconstruct_many``'s answer as (found mask, matrix in ``keys``' order, zero rows where absent)."""
+    if not found:
+        return np.zeros(len(keys), np.bool_), np.zeros((len(keys), 0), np.float32)
+    if len(found) == len(keys):  # the usual case: every key indexed, already in order
+        return np.ones(len(keys), np.bool_), np.array(list(found.values()), dtype=np.float32)
+    mask = np.fromiter((k in found for k in keys.tolist()), np.bool_, len(keys))
+    matrix = np.zeros((len(keys), len(next(iter(found.values())))), np.float32)
+    matrix[mask] = np.array([found[k] for k in keys[mask].tolist()], dtype=np.float32)
+    return mask, matrix

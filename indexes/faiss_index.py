@@ -455,6 +455,18 @@ class FaissVectorIndex(VectorIndex):
             return dict(zip(asked.tolist(), batch.astype(np.float32, copy=False), strict=True))
         return super().reconstruct_many(keys)
 
+    def reconstruct_matrix(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One batched call straight into the matrix when every key is present (200 vectors of 768: about
+        30 us, against 130 us through :meth:`reconstruct_many`'s dict); else as the base class does."""
+        if self.is_trained and len(keys):
+            asked = np.ascontiguousarray(keys, dtype=np.int64)
+            try:
+                matrix = np.asarray(self._cpu.reconstruct_batch(asked)).astype(np.float32, copy=False)
+            except RuntimeError:  # a key not in the index
+                return super().reconstruct_matrix(keys)
+            return np.ones(len(asked), np.bool_), matrix
+        return super().reconstruct_matrix(keys)
+
     # -- persistence -------------------------------------------------------------------
     def write_to(self, write: Callable[[bytes], object]) -> None:
         """Serialise the CPU index through ``write(chunk)`` (a file's write, a hasher…).

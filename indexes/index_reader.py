@@ -281,10 +281,11 @@ class IndexReader:
         asked = np.asarray(keys, dtype=np.int64)
         self._lock.acquire_read()
         try:
-            found = {} if self._index is None else self._index.reconstruct_many(asked)
+            if self._index is not None:
+                return self._index.reconstruct_matrix(asked)
         finally:
             self._lock.release_read()
-        return _as_matrix(asked, found)
+        return np.zeros(len(asked), np.bool_), np.zeros((len(asked), 0), np.float32)
 
     def similar(self, song_id: str, k: int) -> list[tuple[str, float]]:
         """The ``k`` nearest songs (cosine), excluding the song; KeyError if it is not indexed."""
@@ -450,18 +451,6 @@ class ShardedIndexReader:
                 if hit != song_id and (hit not in best or sim > best[hit]):
                     best[hit] = sim
         return sorted(best.items(), key=lambda h: -h[1])[:k]
-
-
-def _as_matrix(keys: np.ndarray, found: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """``reconstruct_many``'s answer as (found mask, matrix in ``keys``' order, zero rows where absent)."""
-    if not found:
-        return np.zeros(len(keys), np.bool_), np.zeros((len(keys), 0), np.float32)
-    if len(found) == len(keys):  # the usual case: every key indexed, already in order
-        return np.ones(len(keys), np.bool_), np.array(list(found.values()), dtype=np.float32)
-    mask = np.fromiter((k in found for k in keys.tolist()), np.bool_, len(keys))
-    matrix = np.zeros((len(keys), len(next(iter(found.values())))), np.float32)
-    matrix[mask] = np.array([found[k] for k in keys[mask].tolist()], dtype=np.float32)
-    return mask, matrix
 
 
 def open_index_reader(

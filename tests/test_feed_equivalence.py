@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from indexes import RedisScoreStore
+from indexes.base import faiss_id
 from ranker.serving.reader import FeedPage, FeedReader
 from ranker.serving.writer import FeedWriter
 from ranker.settings import FeedFilters, Settings
@@ -44,6 +45,16 @@ class Vectors:
 
     def vectors(self, song_ids: Sequence[str], keys: Sequence[int] | None = None) -> dict[str, np.ndarray]:
         return {s: self.table[s] for s in song_ids if s in self.table}
+
+    def vector_matrix(self, keys: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        by_key = {faiss_id(s): v for s, v in self.table.items()}
+        asked = np.asarray(keys, np.int64).tolist()
+        found = np.array([k in by_key for k in asked], np.bool_)
+        matrix = np.zeros((len(asked), 16), np.float32)
+        for n, k in enumerate(asked):
+            if k in by_key:
+                matrix[n] = by_key[k]
+        return found, matrix
 
 
 def check_page(got: FeedPage, want: FeedPage, cursor: str | None, stalled: bool, label: str) -> None:

@@ -393,10 +393,11 @@ class FeedReader:
             found.slot, found.gram = block_gram(table, ids, block, self.vectors.vector_matrix)
             return
         keys = table.key[np.fromiter(map(table.row_of.__getitem__, ids), np.intp, len(ids))]
-        vectors = self.vectors.vectors(ids, keys.tolist())
-        if vectors:
-            found.slot = {sid: n for n, sid in enumerate(vectors)}
-            matrix = np.stack(list(vectors.values()))
+        got, matrix = self.vectors.vector_matrix(keys)
+        if got.any():
+            rows = np.flatnonzero(got)
+            found.slot = {ids[j]: n for n, j in enumerate(rows.tolist())}
+            matrix = matrix if len(rows) == len(ids) else matrix[rows]
             found.gram = matrix @ matrix.T  # cosines between every pair of candidates, once
 
     # -- rerank --------------------------------------------------------------------------------
