@@ -162,6 +162,8 @@ STATE_FIELDS: tuple[str, ...] = (
     GENERATOR,
     SCORED_AT,
     EXAMINED_PLAYS_FIELD,
+    PRIOR_SD_FIELD,
+    OOD_FLAG,
 )
 FILTER_FIELDS: tuple[str, ...] = (TAGS, DURATION_S)
 #: What the API's song table keeps of the model that scored a song.

@@ -444,6 +444,17 @@ class FeedPolicy(_Section):
     prior_strength: float = Field(
         20.0, gt=0, le=MAX_PRIOR_STRENGTH, description="w: how many plays the model's predicted like rate is worth."
     )
+    uncertain_prior: bool = Field(
+        True,
+        description="A song whose model gives a spread of its like rate (an ensemble) gets w = p0 (1 - p0) / spread^2"
+        " - 1, within [prior_strength_min, prior_strength]: uncertain songs yield to evidence sooner.",
+    )
+    prior_strength_min: float = Field(
+        2.0, gt=0, le=MAX_PRIOR_STRENGTH, description="The least w an uncertain or out-of-distribution song gets."
+    )
+    ood_prior_factor: float = Field(
+        0.25, gt=0, le=1, description="w times this for a song the model flags out of its training distribution."
+    )
     explore_share: float = Field(
         0.1, ge=0, le=0.5, description="Share of each page's slots filled by Thompson sampling."
     )

@@ -7,7 +7,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,6 +19,7 @@ import soundfile as sf
 from kafka import KafkaConsumer, TopicPartition
 
 from consumers.loop import Message
+from indexes.base import faiss_id
 from ranker.events import Engagement, SongGenerated
 from ranker.settings import Settings
 
@@ -200,3 +201,28 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
     walk("", data)
     return env
+
+
+class DictVectors:
+    """Song vectors held in a dict, read the ways the feed reader reads an index (its VectorSource):
+    for tests that hand the reader chosen vectors rather than a built index."""
+
+    def __init__(self, vectors: dict[str, np.ndarray]) -> None:
+        self.table = vectors
+
+    def vectors(self, song_ids: Sequence[str], keys: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+        return {s: self.table[s] for s in song_ids if s in self.table}
+
+    def vector_matrix(self, keys: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        by_key = {faiss_id(s): v for s, v in self.table.items()}
+        asked = np.asarray(keys, np.int64).tolist()
+        found = np.array([k in by_key for k in asked], np.bool_)
+        dim = len(next(iter(self.table.values()))) if self.table and found.any() else 0
+        matrix = np.zeros((len(asked), dim), np.float32)
+        for n, k in enumerate(asked):
+            if k in by_key and dim:
+                matrix[n] = by_key[k]
+        return found, matrix
+
+    def mean_direction(self) -> np.ndarray | None:
+        return None

@@ -207,6 +207,19 @@ def test_song_and_similar(settings: Settings, store: RedisScoreStore) -> None:
         assert feed["posterior_rate"] == pytest.approx((20 * 0.1275 + 6) / 50)
         assert feed["beta"] == pytest.approx([20 * 0.1275 + 6, 20 * 0.8725 + 24])
         assert song["like_rate"]["source"] == "fallback"
+        assert song["like_rate"]["spread"] is None and song["like_rate"]["ood"] is False
+        assert feed["prior_strength"] == 20
+        # an ensemble's spread and an OOD flag (issue 17): the song's own w, in the posterior and its Beta
+        store.client.hset(store.song_key("s0"), mapping={"prior.like_rate_sd": "0.1", "ood": "1", "ood.pct": "99.5"})
+        uncertain = client.get("/v1/songs/s0").json()
+        w = 0.25 * (0.1275 * 0.8725 / 0.01 - 1)  # Policy.strength: the spread's w, times ood_prior_factor
+        assert uncertain["like_rate"] | {"calibration_scale": 1.0} == song["like_rate"] | {
+            "spread": 0.1,
+            "ood": True,
+            "ood_percentile": 99.5,
+        }
+        assert uncertain["feeds"]["f"]["prior_strength"] == pytest.approx(w)
+        assert uncertain["feeds"]["f"]["posterior_rate"] == pytest.approx((w * 0.1275 + 6) / (w + 30))
         assert client.get("/v1/songs/engagement-only").status_code == 404
         hits = client.get("/v1/songs/s0/similar", params={"k": 2}).json()["items"]
         assert hits[0]["song_id"] == "s1" and len(hits) == 2

@@ -23,38 +23,26 @@ import numpy as np
 import pytest
 
 from indexes import RedisScoreStore
-from indexes.base import faiss_id
 from ranker.serving.reader import FeedPage, FeedReader
 from ranker.serving.writer import FeedWriter
 from ranker.settings import FeedFilters, Settings
+from tests.helpers import DictVectors
 from tests.reference_feed import ReferencePages
 from tests.test_policy import plain, with_feeds
 from tests.test_rank_equivalence import NOW, close, seed_catalog
 
 
-class Vectors:
+class Vectors(DictVectors):
     """Unit vectors per song; twins (same fields) get near-identical ones, so dedup has work to do."""
 
     def __init__(self, ids: Sequence[str], seed: int = 5) -> None:
         rng = np.random.default_rng(seed)
         base = rng.normal(size=(8, 16)).astype(np.float32)
-        self.table: dict[str, np.ndarray] = {}
+        table: dict[str, np.ndarray] = {}
         for i, sid in enumerate(ids):
             v = base[i % 8] + (0.05 if i % 3 else 2.0) * rng.normal(size=16).astype(np.float32)
-            self.table[sid] = v / np.linalg.norm(v)
-
-    def vectors(self, song_ids: Sequence[str], keys: Sequence[int] | None = None) -> dict[str, np.ndarray]:
-        return {s: self.table[s] for s in song_ids if s in self.table}
-
-    def vector_matrix(self, keys: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        by_key = {faiss_id(s): v for s, v in self.table.items()}
-        asked = np.asarray(keys, np.int64).tolist()
-        found = np.array([k in by_key for k in asked], np.bool_)
-        matrix = np.zeros((len(asked), 16), np.float32)
-        for n, k in enumerate(asked):
-            if k in by_key:
-                matrix[n] = by_key[k]
-        return found, matrix
+            table[sid] = v / np.linalg.norm(v)
+        super().__init__(table)
 
 
 def check_page(got: FeedPage, want: FeedPage, cursor: str | None, stalled: bool, label: str) -> None:

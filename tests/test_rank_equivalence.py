@@ -99,6 +99,14 @@ def song_hash(rng: random.Random, kind: int) -> dict[str, str]:
         fields["duration_s"] = repr(rng.uniform(10, 400))
     elif roll < 0.85:
         fields["duration_s"] = rng.choice(BAD)
+    roll = rng.random()  # an ensemble's spread of the prior (issue 17): tiny to huge, zero, damaged
+    if roll < 0.4:
+        fields["prior.like_rate_sd"] = repr(rng.choice([1e-4, 0.005, 0.02, 0.08, 0.3, rng.uniform(0, 0.2)]))
+    elif roll < 0.46:
+        fields["prior.like_rate_sd"] = rng.choice([*BAD, "0", "-0.1", "1e300"])
+    roll = rng.random()
+    if roll < 0.2:
+        fields["ood"] = rng.choice(["1", "true", "0", "", "no"])
     if kind == 1:  # only one aesthetic score: renormalised over what is there
         fields = {k: v for k, v in fields.items() if not k.startswith("score.") or k == "score.clarity"}
     if kind == 2:  # engagement only (counted before the scores arrived): not a scored song

@@ -64,6 +64,12 @@ def _floats(column: Sequence[str | None], default: float) -> np.ndarray:
     return out
 
 
+def _spreads(column: Sequence[str | None]) -> np.ndarray:
+    """:func:`~ranker.serving.state.spread` of each value: NaN where absent or unreadable, else ``max(0, x)``."""
+    out = _floats(column, math.nan)
+    return np.where(out > 0.0, out, np.where(np.isnan(out), np.nan, 0.0))
+
+
 def _timestamps(column: Sequence[str | None], memo: dict[str | None, float]) -> np.ndarray:
     """:func:`~ranker.serving.policy.to_timestamp` of each value; NaN where it is None (unreadable)."""
     for v in column:
@@ -91,6 +97,9 @@ class SongBatch:
     generators: list[str]
     #: Examined plays (:func:`~ranker.serving.state.examined_plays`: float32 values); NaN where the hash has none.
     eplays: np.ndarray | None = None
+    #: The ensemble's spread of the model's like rate (:func:`~ranker.serving.state.spread`); NaN where absent.
+    prior_sd: np.ndarray | None = None
+    ood: np.ndarray | None = None  # bool: flagged out of the model's training distribution
     raw_tags: list[str | None] | None = None  # WRITE_FIELDS only
     duration_s: np.ndarray | None = None  # WRITE_FIELDS only; NaN where absent
     model_versions: list[str] | None = None  # TABLE_FIELDS only
@@ -112,7 +121,7 @@ class SongBatch:
         scores = np.empty((n, _N_TASKS))
         for t in range(_N_TASKS):
             scores[:, t] = _floats(columns[t], 0.0)
-        prior, plays, likes, created_at, generator, scored_at, eplays = columns[_N_TASKS:_N_READ]
+        prior, plays, likes, created_at, generator, scored_at, eplays, prior_sd, ood = columns[_N_TASKS:_N_READ]
         plays_v = _floats(plays, 0.0)
         likes_v = _floats(likes, 0.0)
         eplays_v = _floats(eplays, 0.0)  # NaN: absent
@@ -135,6 +144,8 @@ class SongBatch:
             created_ts=created,
             generators=[g or "" for g in generator],
             eplays=eplays_v.astype(np.float32).astype(np.float64),
+            prior_sd=_spreads(prior_sd),
+            ood=np.fromiter(map(flag, ood), np.bool_, n),
         )
         if width > _N_READ:
             batch.raw_tags = list(columns[_N_READ])
@@ -159,6 +170,8 @@ class SongBatch:
             created_ts=self.created_ts[rows],
             generators=[self.generators[i] for i in idx],
             eplays=None if self.eplays is None else self.eplays[rows],
+            prior_sd=None if self.prior_sd is None else self.prior_sd[rows],
+            ood=None if self.ood is None else self.ood[rows],
         )
         if self.raw_tags is not None:
             out.raw_tags = [self.raw_tags[i] for i in idx]
@@ -234,6 +247,8 @@ class BatchEvaluation:
     #: ``(name, values, present)`` in the order of the contributions dict: "popularity" (always
     #: present), then the policy's aesthetic tasks; ``present`` None where every song has it.
     contributions: list[tuple[str, np.ndarray, np.ndarray | None]]
+    #: The w the posterior used per song (:func:`strength`; the policy's, a float, where no song is uncertain).
+    prior_strength: np.ndarray | float = 0.0
 
 
 def prior_rate(policy: Policy, batch: SongBatch, scale: float = 1.0) -> np.ndarray:
@@ -254,9 +269,36 @@ def evidence(policy: Policy, batch: SongBatch) -> np.ndarray:
     return np.where(np.isnan(batch.eplays), batch.plays, batch.eplays)
 
 
-def posterior_rate(policy: Policy, p0: np.ndarray, batch: SongBatch, plays: np.ndarray | None = None) -> np.ndarray:
-    """``posterior_mean(p0, likes, evidence, w)`` (``plays``: :func:`evidence`, computed here if not given)."""
-    w = policy.w
+def strength(policy: Policy, batch: SongBatch, p0: np.ndarray, scale: float = 1.0) -> np.ndarray | float:
+    """``Policy.strength`` per song (the policy's w, a float, where no song has a spread or an OOD flag)."""
+    sd, ood = batch.prior_sd, batch.ood
+    spread = policy.uncertain_prior and sd is not None and bool((sd * scale > 0.0).any())
+    flagged = policy.ood_factor < 1.0 and ood is not None and bool(ood.any())
+    if not spread and not flagged:
+        return policy.w
+    w = np.full(len(batch), policy.w)
+    with np.errstate(all="ignore"):
+        if spread:
+            assert sd is not None
+            s = sd * scale
+            has = s > 0.0
+            w = np.where(has, _min(policy.w, _max(policy.w_floor, p0 * (1.0 - p0) / (s * s) - 1.0)), w)
+        if flagged:
+            assert ood is not None
+            w = np.where(ood, _min(policy.w, _max(policy.w_floor, w * policy.ood_factor)), w)
+    return w
+
+
+def posterior_rate(
+    policy: Policy,
+    p0: np.ndarray,
+    batch: SongBatch,
+    plays: np.ndarray | None = None,
+    w: np.ndarray | float | None = None,
+) -> np.ndarray:
+    """``posterior_mean(p0, likes, evidence, w)`` (``plays``: :func:`evidence`, computed here if not given;
+    ``w``: :func:`strength`, the policy's w if not given)."""
+    w = policy.w if w is None else w
     return (w * p0 + batch.likes) / (w + (evidence(policy, batch) if plays is None else plays))
 
 
@@ -303,7 +345,8 @@ def evaluate(policy: Policy, batch: SongBatch, scale: float, now: float) -> Batc
     with np.errstate(all="ignore"):  # Python's float arithmetic gives inf and NaN silently too
         p0 = prior_rate(policy, batch, scale)
         n = evidence(policy, batch)
-        m = posterior_rate(policy, p0, batch, n)
+        w = strength(policy, batch, p0, scale)
+        m = posterior_rate(policy, p0, batch, n, w)
         q, terms = parts(policy, batch, m)
         fresh = freshness(policy, batch.created_ts, now)
         return BatchEvaluation(
@@ -315,6 +358,7 @@ def evaluate(policy: Policy, batch: SongBatch, scale: float, now: float) -> Batc
             popularity=popularity(policy, m),
             examined_plays=n if policy.position_aware else None,
             contributions=terms,
+            prior_strength=w,
         )
 
 
@@ -322,7 +366,7 @@ def beta_params(policy: Policy, batch: SongBatch, scale: float) -> tuple[np.ndar
     """Each song's Beta posterior of its like rate, (a, b): what Thompson exploration draws from."""
     with np.errstate(all="ignore"):
         p0 = prior_rate(policy, batch, scale)
-        w = policy.w
+        w = strength(policy, batch, p0, scale)
         misses = evidence(policy, batch) - batch.likes
         a = w * p0 + batch.likes
         b = w * (1.0 - p0) + np.where(misses < 0.0, 0.0, misses)  # max(evidence - likes, 0.0)

@@ -7,12 +7,14 @@ numpy columns, one dict per item returned, in the order and with the keys and fl
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ranker.serving.batch import BatchEvaluation, SongBatch
+from ranker.serving.policy import uncertainty
 
 
 @dataclass
@@ -56,6 +58,13 @@ def explanation_columns(
     }
     if ev.examined_plays is not None:
         parts["examined_plays"] = ev.examined_plays[rows]
+    sd, ood = batch.prior_sd, batch.ood
+    if sd is not None and ood is not None:
+        sd, ood = sd[rows], ood[rows]
+        if ood.any() or not np.isnan(sd).all():
+            parts["prior_sd"], parts["ood"] = sd, ood
+            w = ev.prior_strength
+            parts["prior_strength"] = w[rows] if isinstance(w, np.ndarray) else np.full(len(rows), w)
     return parts, contributions
 
 
@@ -63,7 +72,22 @@ def explanations(
     parts: dict[str, np.ndarray], contributions: list[tuple[str, np.ndarray, np.ndarray | None]]
 ) -> list[dict[str, Any]]:
     """``Policy.explain`` of each song, from the arrays (same keys, same order, same floats); with
-    ``examined_plays`` after ``plays`` when ``parts`` has it (a position-aware policy)."""
+    ``examined_plays`` after ``plays`` when ``parts`` has it (a position-aware policy), and the
+    uncertainty terms last for a song whose model gave a spread or an OOD flag."""
+    out = _explanations(parts, contributions)
+    sd = parts.get("prior_sd")
+    if sd is not None:
+        ood, w = parts["ood"], parts["prior_strength"]
+        for k in np.flatnonzero(~np.isnan(sd) | ood).tolist():
+            spread = float(sd[k])
+            out[k].update(uncertainty(None if math.isnan(spread) else spread, bool(ood[k]), float(w[k])))
+    return out
+
+
+def _explanations(
+    parts: dict[str, np.ndarray], contributions: list[tuple[str, np.ndarray, np.ndarray | None]]
+) -> list[dict[str, Any]]:
+    """The explanations without the uncertainty terms."""
     n = len(parts["quality"])
     names = [name for name, _, _ in contributions]
     values = np.column_stack([v for _, v, _ in contributions]).tolist() if n else []

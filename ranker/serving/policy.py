@@ -58,6 +58,10 @@ class SongState:
     #: Plays counted at their positions' examination weights (float32 precision); None: the hash has none
     #: (counted before examined plays existed), and the plays stand in.
     eplays: float | None = None
+    #: The model ensemble's spread of ``model_rate`` (its heads' standard deviation); None: a single head.
+    prior_sd: float | None = None
+    #: The model flagged the song out of its training distribution.
+    ood: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +75,17 @@ class Evaluation:
     posterior_rate: float
     popularity: float
     contributions: dict[str, float]
+    prior_strength: float = 0.0  # the w the posterior used (Policy.strength)
+
+
+def uncertain(song: SongState) -> bool:
+    """The model gave this song a spread or an OOD flag (its explanation has the uncertainty terms)."""
+    return song.prior_sd is not None or song.ood
+
+
+def uncertainty(prior_sd: float | None, ood: bool, w: float) -> dict[str, Any]:
+    """The explanation's uncertainty terms, for a song whose model gave a spread or an OOD flag."""
+    return {"prior_sd": prior_sd, "ood": ood, "prior_strength": w}
 
 
 def fallback_like_rate(likes_score: float, cfg: LikeRatePrior) -> float:
@@ -158,6 +173,10 @@ class Policy:
         self.pop_weight = sum(weights.get(t, 0.0) for t in POPULARITY_TASKS) / total
         self.aesthetic = [(t, w / total) for t, w in weights.items() if t not in POPULARITY_TASKS and w > 0]
         self.w = config.prior_strength
+        #: Per-song prior strength (docs/ranking.md, "Uncertain priors"): never above w, never below this.
+        self.w_floor = min(self.w, config.prior_strength_min)
+        self.uncertain_prior = config.uncertain_prior
+        self.ood_factor = config.ood_prior_factor
         #: Evidence "position": the posterior counts examined plays, where a play at depth counts less.
         self.position_aware = config.evidence == "position"
         hl = config.half_life_hours
@@ -177,6 +196,21 @@ class Policy:
         if self.position_aware and song.eplays is not None:
             return song.eplays
         return song.plays
+
+    def strength(self, song: SongState, p0: float, scale: float = 1.0) -> float:
+        """w for this song: the policy's, lowered where the model is unsure of ``p0``.
+
+        With a spread s (the ensemble's, times the calibration ``scale`` as p0 is), the Beta prior's
+        variance p0 (1 - p0) / (w + 1) is made at least s^2: w = p0 (1 - p0) / s^2 - 1. An OOD song's
+        w is then times ``ood_prior_factor``. Always within [min(w, prior_strength_min), w]."""
+        w = self.w
+        sd = song.prior_sd
+        if self.uncertain_prior and sd is not None and sd * scale > 0.0:
+            s = sd * scale
+            w = min(self.w, max(self.w_floor, p0 * (1.0 - p0) / (s * s) - 1.0))
+        if song.ood and self.ood_factor < 1.0:
+            w = min(self.w, max(self.w_floor, w * self.ood_factor))
+        return w
 
     def prior_rate(self, song: SongState, scale: float = 1.0) -> float:
         """p0: the model's like rate (or the fallback from the likes score), calibrated and clipped."""
@@ -232,7 +266,8 @@ class Policy:
     # -- everything at once ----------------------------------------------------------------------
     def evaluate(self, song: SongState, scale: float, now: float) -> Evaluation:
         p0 = self.prior_rate(song, scale)
-        m = posterior_mean(p0, song.likes, self.evidence(song), self.w)
+        w = self.strength(song, p0, scale)
+        m = posterior_mean(p0, song.likes, self.evidence(song), w)
         q, parts = self.parts(song, m)
         fresh = self.freshness(song.created_ts, now)
         return Evaluation(
@@ -243,6 +278,7 @@ class Policy:
             posterior_rate=m,
             popularity=self.popularity(m),
             contributions=parts,
+            prior_strength=w,
         )
 
     def sampled_score(self, song: SongState, rate: float, now: float) -> float:
@@ -261,13 +297,17 @@ class Policy:
             "plays": song.plays,
             **({"examined_plays": self.evidence(song)} if self.position_aware else {}),
             "likes": song.likes,
+            **(uncertainty(song.prior_sd, song.ood, ev.prior_strength) if uncertain(song) else {}),
         }
 
     def sample_rates(self, songs: Sequence[SongState], scale: float, rng: np.random.Generator) -> np.ndarray:
         """Thompson sampling: one like rate per song drawn from its Beta posterior."""
         if not songs:
             return np.empty(0)
-        params = [beta_params(self.prior_rate(s, scale), s.likes, self.evidence(s), self.w) for s in songs]
+        params = []
+        for s in songs:
+            p0 = self.prior_rate(s, scale)
+            params.append(beta_params(p0, s.likes, self.evidence(s), self.strength(s, p0, scale)))
         a = np.fromiter((p[0] for p in params), dtype=np.float64, count=len(params))
         b = np.fromiter((p[1] for p in params), dtype=np.float64, count=len(params))
         return rng.beta(a, b)

@@ -22,17 +22,6 @@ import numpy as np
 
 from indexes.base import AsyncScoreReads
 from indexes.listeners import AsyncListenerReads, NullAsyncListenerReads
-from indexes.redis_schema import (
-    CREATED_AT,
-    ENGAGEMENT_COUNTERS,
-    GENERATOR,
-    MODEL_VERSION,
-    SCORED_AT,
-    UNTRAINED,
-    counter_field,
-    flag,
-)
-from ranker.events import TASKS
 from ranker.serving.assembly import assemble, explore_layout, next_cursor, page_items
 from ranker.serving.columns import (
     RankResponse,
@@ -43,13 +32,12 @@ from ranker.serving.page_cache import PageCache, _Window, window_key
 from ranker.serving.personal import BlockVectors, Personal, block_gram, personal, reorder_block, user_tag
 from ranker.serving.policy import (
     Policy,
-    beta_params,
     calibration_scale,
     compile_policies,
     explore_slots,
 )
 from ranker.serving.rerank import rerank
-from ranker.serving.state import WRITE_FIELDS, _float, state_from_fields
+from ranker.serving.song_detail import song_detail
 from ranker.serving.table import FeedRange, SongTable
 from ranker.serving.table_sync import TableSync
 from ranker.settings import FeedPolicy, Settings
@@ -462,39 +450,4 @@ class FeedReader:
         raw = await self.reads.get_song(song_id)
         if not raw:
             return None
-        now = self._clock()
-        extended = [raw.get(f) for f in WRITE_FIELDS]
-        state = state_from_fields(song_id, extended, now)
-        if state is None:
-            return None
-        scale = await self.scale()
-        feeds: dict[str, Any] = {}
-        for name, policy in self.policies.items():
-            ev = policy.evaluate(state, scale, now)
-            feeds[name] = {
-                "admitted": policy.admits(state) and policy.in_age_window(state.created_ts, now),
-                "score": ev.score,
-                "quality": ev.quality,
-                "freshness": ev.freshness,
-                "posterior_rate": ev.posterior_rate,
-                "beta": list(beta_params(ev.prior_rate, state.likes, policy.evidence(state), policy.w)),
-                "prior_strength": policy.w,
-            }
-        default = self.policies[self.settings.feed.name]
-        return {
-            "song_id": song_id,
-            "model_version": raw.get(MODEL_VERSION),
-            "untrained": flag(raw.get(UNTRAINED)),
-            "generator": raw.get(GENERATOR),
-            "created_at": raw.get(CREATED_AT),
-            "scored_at": raw.get(SCORED_AT),
-            "scores": {t: state.scores[t] for t in TASKS if t in state.scores},
-            "engagement": {c: int(_float(raw.get(counter_field(c)))) for c in ENGAGEMENT_COUNTERS},
-            "like_rate": {
-                "model": state.model_rate,
-                "prior": default.prior_rate(state, scale),
-                "calibration_scale": scale,
-                "source": "target_transform" if state.model_rate is not None else "fallback",
-            },
-            "feeds": feeds,
-        }
+        return song_detail(song_id, raw, self.policies, self.settings.feed.name, await self.scale(), self._clock())

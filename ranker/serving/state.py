@@ -18,8 +18,11 @@ from indexes.redis_schema import (
     DURATION_S,
     FILTER_FIELDS,
     MODEL_FIELDS,
+    OOD_FLAG,
     PRIOR_FIELD,
+    PRIOR_SD_FIELD,
     TAGS,
+    flag,
     hydration_fields,
 )
 from ranker.events import TASKS
@@ -102,7 +105,7 @@ def state_from_fields(song_id: str, values: Sequence[str | None], now: float | N
             scores[task] = _float(value)
     if not scores:
         return None
-    prior, plays, likes, created_at, generator, scored_at, eplays = values[_N_TASKS:_N_READ]
+    prior, plays, likes, created_at, generator, scored_at, eplays, prior_sd, ood = values[_N_TASKS:_N_READ]
     created = created_ts(created_at, scored_at)
     if now is not None and created > now:
         created = now
@@ -123,7 +126,17 @@ def state_from_fields(song_id: str, values: Sequence[str | None], now: float | N
         tags=tags,
         duration_s=duration,
         eplays=examined_plays(eplays),
+        prior_sd=spread(prior_sd),
+        ood=flag(ood),
     )
+
+
+def spread(value: str | float | None) -> float | None:
+    """A stored ``prior.like_rate_sd`` as the policy reads it: None when absent or unreadable, else ``max(0, x)``."""
+    if value is None:
+        return None
+    out = _float(value, math.nan) if isinstance(value, str) else float(value)
+    return max(0.0, out) if math.isfinite(out) else None
 
 
 def examined_plays(value: str | None) -> float | None:
@@ -138,6 +151,8 @@ def state_from_record(song: SongRecord, plays: float, likes: float, eplays: floa
     """A :class:`SongState` of a record being written (creation time: :func:`created_ts`; ``eplays``: the
     stored examined plays, :func:`examined_plays`)."""
     prior = song.extra.get(PRIOR_FIELD)
+    sd = song.extra.get(PRIOR_SD_FIELD)
+    ood = song.extra.get(OOD_FLAG)
     raw_tags = song.extra.get(TAGS)
     tags = parse_tags(raw_tags) if isinstance(raw_tags, str) else tuple(raw_tags or ())
     duration = song.extra.get(DURATION_S)
@@ -152,6 +167,8 @@ def state_from_record(song: SongRecord, plays: float, likes: float, eplays: floa
         tags=tags,
         duration_s=float(duration) if duration is not None else None,
         eplays=eplays,
+        prior_sd=spread(sd),
+        ood=flag(None if ood is None else str(int(ood)) if isinstance(ood, bool | int | float) else str(ood)),
     )
 
 

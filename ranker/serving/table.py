@@ -173,6 +173,8 @@ class SongTable:
         self.model_rate = np.full(capacity, np.nan)
         self.plays = np.zeros(capacity)
         self.eplays = np.full(capacity, np.nan, np.float32)  # examined plays; NaN: the hash has none
+        self.prior_sd = np.full(capacity, np.nan)  # the ensemble's spread of model_rate; NaN: a single head
+        self.ood = np.zeros(capacity, np.bool_)  # flagged out of the model's training distribution
         self.likes = np.zeros(capacity)
         self.created_ts = np.zeros(capacity)  # not capped at any clock: reads cap it at their now
         self.duration_s = np.full(capacity, np.nan)
@@ -223,6 +225,8 @@ class SongTable:
         self.model_rate[target] = batch.model_rate[src]
         self.plays[target] = batch.plays[src]
         self.eplays[target] = np.nan if batch.eplays is None else batch.eplays[src]
+        self.prior_sd[target] = np.nan if batch.prior_sd is None else batch.prior_sd[src]
+        self.ood[target] = False if batch.ood is None else batch.ood[src]
         self.likes[target] = batch.likes[src]
         self.created_ts[target] = batch.created_ts[src]
         self.duration_s[target] = batch.duration_s[src]
@@ -313,6 +317,8 @@ class SongTable:
             ("model_rate", np.nan),
             ("plays", 0.0),
             ("eplays", np.nan),
+            ("prior_sd", np.nan),
+            ("ood", False),
             ("likes", 0.0),
             ("created_ts", 0.0),
             ("duration_s", np.nan),
@@ -353,6 +359,8 @@ class SongTable:
             created_ts=created,
             generators=[names[c] for c in self.generator[rows].tolist()],
             eplays=self.eplays[rows].astype(np.float64),
+            prior_sd=self.prior_sd[rows],
+            ood=self.ood[rows],
             untrained=self.untrained[rows],
         )
         if filters:
@@ -380,6 +388,8 @@ class SongTable:
             self.model_rate,
             self.plays,
             self.eplays,
+            self.prior_sd,
+            self.ood,
             self.likes,
             self.created_ts,
             self.duration_s,

@@ -54,7 +54,7 @@ from ranker.settings import (
     RetrainSettings,
     Settings,
 )
-from tests.helpers import tone
+from tests.helpers import DictVectors, tone
 
 FORMAT = 1
 N_SONGS = 12
@@ -128,14 +128,8 @@ def engagement(ids: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
     return song_ids, event_ids, types
 
 
-class StoredVectors:
+class StoredVectors(DictVectors):
     """The feed's near-duplicate rule reads song vectors; these are the worker's, read back once."""
-
-    def __init__(self, vectors: dict[str, np.ndarray]) -> None:
-        self._vectors = vectors
-
-    def vectors(self, song_ids: Sequence[str], keys: Sequence[int] | None = None) -> dict[str, np.ndarray]:
-        return {s: self._vectors[s] for s in song_ids if s in self._vectors}
 
 
 def stored_vectors(settings: Settings, ids: Sequence[str]) -> StoredVectors:
