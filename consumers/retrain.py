@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +43,8 @@ from ranker.model.examination import Examination, refresh_examination
 from ranker.model.retrain import Observed, RetrainReport, aggregate_engagement, retrain
 from ranker.model.train import TrainConfig
 from ranker.scoring import SongMeta, load_current_model, score_predictions
+from ranker.serving.policy import Policy, generator_factors
+from ranker.serving.state import READ_FIELDS, state_from_fields
 from ranker.serving.writer import FeedWriter, write_scored
 from ranker.settings import Settings
 
@@ -132,6 +136,31 @@ def refresh_examination_weights(
         "" if exam.estimated else f": fewer than {settings.examination.min_impressions}, all 1",
     )
     return exam
+
+
+def refresh_generator_calibration(settings: Settings, store: ScoreStore, observed: Observed) -> dict[str, Any]:
+    """Fit each generator's factor on the calibration scale from the played songs and the priors they are
+    served at (their hashes', after any rescore), store it, and rebuild the feeds when a factor moved by
+    more than ``retrain.generator_calibration_tolerance`` (relative), so every entry uses the new ones."""
+    cfg = settings.feed.like_rate
+    policy = Policy(settings.feed.name, settings.feed.default, cfg)  # no factors: the uncalibrated prior
+    values = store.read_fields(observed.song_ids, READ_FIELDS)
+    rows = [(i, st) for i, v in enumerate(values) if (st := state_from_fields(observed.song_ids[i], v)) is not None]
+    at = np.array([i for i, _ in rows], dtype=np.intp)
+    p0 = np.array([policy.prior_rate(st, 1.0) for _, st in rows], dtype=np.float64)
+    fitted = generator_factors([st.generator for _, st in rows], observed.plays[at], observed.likes[at], p0, cfg)
+    old = store.generator_calibration()
+    tolerance = settings.retrain.generator_calibration_tolerance
+    moved = max(
+        (abs(math.log(fitted.get(g, 1.0) / old.get(g, 1.0))) for g in set(fitted) | set(old)), default=0.0
+    ) > math.log1p(tolerance)
+    if moved:
+        store.set_generator_calibration(fitted)
+        FeedWriter(settings, store).rebuild()
+    log.info(
+        "generator calibration over %d songs: %s%s", len(rows), fitted, " (stored, feeds rebuilt)" if moved else ""
+    )
+    return {"factors": fitted, "songs": len(rows), "stored": moved}
 
 
 def rescore_window(settings: Settings, model: ScoringModel, store: ScoreStore) -> int:
@@ -266,6 +295,10 @@ def _run(
             finally:
                 if publisher is None:
                     pub.close()
+        if settings.feed.like_rate.generator_calibration:
+            calibrating = time.perf_counter()
+            report.generator_calibration = refresh_generator_calibration(settings, store, observed)
+            report.timings_s["calibrate"] = round(time.perf_counter() - calibrating, 3)
         report.timings_s["total"] = round(time.perf_counter() - began, 3)
         return report
     finally:

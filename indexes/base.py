@@ -250,6 +250,10 @@ class AsyncScoreReads(ABC):
     @abstractmethod
     async def calibration_totals(self) -> tuple[float, float]: ...
 
+    @abstractmethod
+    async def generator_calibration(self) -> dict[str, float]:
+        """Each generator's factor on the calibration scale (:meth:`ScoreStore.generator_calibration`)."""
+
     # -- what an in-memory copy needs: a full read, then the change log ------------------------
     @abstractmethod
     def scan_song_ids(self, batch: int = 1000) -> AsyncIterator[list[str]]:
@@ -319,6 +323,14 @@ class ScoreStore(ABC):
     @abstractmethod
     def calibration_totals(self) -> tuple[float, float]:
         """(observed likes, predicted likes) over every song with plays."""
+
+    @abstractmethod
+    def generator_calibration(self) -> dict[str, float]:
+        """Each generator's factor on the calibration scale (none stored: empty, every factor 1)."""
+
+    @abstractmethod
+    def set_generator_calibration(self, values: Mapping[str, float]) -> None:
+        """Replace every generator's factor at once (``apexrank retrain``'s fit)."""
 
     @abstractmethod
     def trim_feed(self, feed: str, created_before: float) -> int:

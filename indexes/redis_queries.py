@@ -5,6 +5,7 @@ how they send these commands and wait for the replies.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -62,6 +63,19 @@ def window_query(key: str, max_score: float | None, count: int) -> dict[str, Any
 def pairs(rows: Any) -> list[tuple[str, float]]:
     """(member, score) rows of a sorted set as (song_id, score)."""
     return [(str(member), float(score)) for member, score in rows]
+
+
+def factors(raw: Mapping[Any, Any]) -> dict[str, float]:
+    """A generator-factor hash as read: the finite, positive factors (anything else reads as absent)."""
+    out: dict[str, float] = {}
+    for name, value in raw.items():
+        try:
+            factor = float(value)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(factor) and factor > 0:
+            out[name.decode() if isinstance(name, bytes) else str(name)] = factor
+    return out
 
 
 def totals(values: Sequence[Any]) -> tuple[float, float]:

@@ -16,7 +16,7 @@ import redis.exceptions
 
 from indexes.base import AsyncScoreReads, Change
 from indexes.redis_client import UNREACHABLE, AsyncClient, connect_async, cross_slot
-from indexes.redis_queries import HMGET_MANY, FieldsRead, as_record, pairs, totals, window_query
+from indexes.redis_queries import HMGET_MANY, FieldsRead, as_record, factors, pairs, totals, window_query
 from indexes.redis_schema import CALIBRATION_FIELDS, CHANGE_FEEDS, CHANGE_IDS
 
 if TYPE_CHECKING:
@@ -61,6 +61,9 @@ class AsyncStoreReads(AsyncScoreReads):
 
     async def calibration_totals(self) -> tuple[float, float]:
         return totals(await self._redis.hmget(self._store.calibration_key(), list(CALIBRATION_FIELDS)))
+
+    async def generator_calibration(self) -> dict[str, float]:
+        return factors(await self._redis.hgetall(self._store.keys.generator_calibration()))
 
     async def scan_song_ids(self, batch: int = 1000) -> AsyncIterator[list[str]]:
         keys = self._store.keys

@@ -251,6 +251,10 @@ class RedisKeys:
     def calibration(self) -> str:
         return f"{self.prefix}:calibration"
 
+    def generator_calibration(self) -> str:
+        """Each generator's factor on the calibration scale (a hash: generator -> factor), set by retrain."""
+        return f"{self.prefix}:calibration:generators"
+
     def changes(self) -> str:
         """The change log stream (see the module docstring)."""
         return f"{self.prefix}:changes"

@@ -30,7 +30,7 @@ from indexes import redis_retention as retention
 from indexes import redis_tombstones as tombstones
 from indexes.base import AsyncScoreReads, Deletion, FeedEntries, Gone, ScoreStore, SongRecord, StoredSong
 from indexes.redis_client import UNREACHABLE, SyncClient, connect, cross_slot, is_cluster_url, run_script_calls
-from indexes.redis_queries import HMGET_MANY, FieldsRead, as_record, pairs, totals, window_query
+from indexes.redis_queries import HMGET_MANY, FieldsRead, as_record, factors, pairs, totals, window_query
 from indexes.redis_reads import AsyncStoreReads
 from indexes.redis_schema import (
     CALIBRATION_FIELDS,
@@ -286,6 +286,17 @@ class RedisScoreStore(ScoreStore):
     def calibration_totals(self) -> tuple[float, float]:
         """(observed likes, predicted likes) over every song with plays."""
         return totals(self._redis.hmget(self.calibration_key(), list(CALIBRATION_FIELDS)))
+
+    def generator_calibration(self) -> dict[str, float]:
+        return factors(self._redis.hgetall(self.keys.generator_calibration()))
+
+    def set_generator_calibration(self, values: Mapping[str, float]) -> None:
+        key = self.keys.generator_calibration()
+        pipe = self._redis.pipeline(transaction=True)  # one key: a cluster slot of its own, still atomic
+        pipe.delete(key)
+        if values:
+            pipe.hset(key, mapping={g: repr(float(f)) for g, f in values.items()})
+        pipe.execute()
 
     def trim_feed(self, feed: str, created_before: float) -> int:
         """Remove songs created before ``created_before`` (epoch s) from an age-limited feed."""

@@ -287,6 +287,12 @@ class RetrainSettings(_Section):
         512, ge=2, description="The candidate's batch; a few hundred songs want 32 (512 is one step an epoch)."
     )
     cold_start_window_h: float = Field(72.0, gt=0, description="Songs this young are rescored on promotion.")
+    generator_calibration_tolerance: float = Field(
+        0.05,
+        ge=0,
+        description="The generators' calibration factors are stored, and the feeds rebuilt, when one moved by more "
+        "than this (relative) since the last run (feed.like_rate.generator_calibration).",
+    )
     off_policy_gate: bool = Field(
         True,
         description="A candidate that passes the Spearman gate must also be liked more off-policy: on the served "
@@ -494,6 +500,14 @@ class LikeRatePrior(_Section):
     )
     calibration_min: float = Field(0.25, gt=0)
     calibration_max: float = Field(4.0, gt=0)
+    generator_calibration: bool = Field(
+        True,
+        description="apexrank retrain also fits each generator's own factor on the scale, shrunk toward 1 by its "
+        "evidence (docs/ranking.md, 'Calibration per generator').",
+    )
+    generator_calibration_strength: float = Field(
+        30.0, ge=0, description="Pseudo-count of predicted likes that holds a generator's factor at 1."
+    )
 
     @model_validator(mode="after")
     def _check_ranges(self) -> LikeRatePrior:

@@ -133,6 +133,9 @@ def seed_catalog(store: RedisScoreStore, n: int = 360, seed: int = 14) -> list[s
         ids.append(sid)
     pipe.hset(store.calibration_key(), mapping=dict(zip(CALIBRATION_FIELDS, ("30", "61.5"), strict=True)))
     pipe.execute()
+    # Two generators with their own calibration factors (issue 17); a damaged one reads as absent.
+    store.set_generator_calibration({GENERATORS[0]: 1.7, GENERATORS[1]: 0.6})
+    store.client.hset(store.keys.generator_calibration(), GENERATORS[2], "nan")
     return ids
 
 

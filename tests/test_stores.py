@@ -101,6 +101,8 @@ _CALLED = {
     "write_feed_entries",
     "claim_calibration",
     "calibration_totals",
+    "generator_calibration",
+    "set_generator_calibration",
     "trim_feed",
     "replace_feed",
     "scan_song_ids",
@@ -126,6 +128,7 @@ def test_the_interfaces_are_what_callers_use() -> None:
     assert not _CALLED - set(dir(ScoreStore))
     assert not inspect.isabstract(RedisScoreStore) and issubclass(RedisScoreStore, ScoreStore)
     async_reads = {"feed_window", "read_fields", "get_song", "feed_size", "calibration_totals", "ping", "close"}
+    async_reads.add("generator_calibration")
     assert async_reads <= AsyncScoreReads.__abstractmethods__
     assert {"count", "counts", "close"} <= EngagementCounters.__abstractmethods__
     # What retention and the index catch-up call on the embedding store.

@@ -96,6 +96,8 @@ class RetrainReport:
     off_policy: dict[str, Any] = field(default_factory=dict)
     #: The examination weights this run estimated and stored (ranker.model.examination), when it did.
     examination: dict[str, Any] | None = None
+    #: Each generator's calibration factor this run fitted (consumers.retrain), when it did.
+    generator_calibration: dict[str, Any] | None = None
     finished_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
 
     def to_dict(self) -> dict[str, Any]:

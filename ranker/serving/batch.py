@@ -29,6 +29,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import repeat
 
 import numpy as np
 
@@ -259,7 +260,16 @@ def prior_rate(policy: Policy, batch: SongBatch, scale: float = 1.0) -> np.ndarr
     unit = _min(1.0, _max(0.0, likes_score / 100.0))
     fallback = cfg.rate_min + (cfg.rate_max - cfg.rate_min) * unit
     raw = np.where(np.isnan(batch.model_rate), fallback, batch.model_rate)
-    return _min(RATE_MAX, _max(RATE_MIN, raw * scale))
+    return _min(RATE_MAX, _max(RATE_MIN, raw * row_scale(policy, batch, scale)))
+
+
+def row_scale(policy: Policy, batch: SongBatch, scale: float) -> np.ndarray | float:
+    """``Policy.song_scale`` per song (the global ``scale``, a float, while no generator has a factor)."""
+    factors = policy.factors
+    if not factors:
+        return scale
+    got = np.fromiter(map(factors.get, batch.generators, repeat(math.nan)), np.float64, len(batch))
+    return np.where(np.isnan(got), scale, scale * got)
 
 
 def evidence(policy: Policy, batch: SongBatch) -> np.ndarray:
@@ -272,7 +282,8 @@ def evidence(policy: Policy, batch: SongBatch) -> np.ndarray:
 def strength(policy: Policy, batch: SongBatch, p0: np.ndarray, scale: float = 1.0) -> np.ndarray | float:
     """``Policy.strength`` per song (the policy's w, a float, where no song has a spread or an OOD flag)."""
     sd, ood = batch.prior_sd, batch.ood
-    spread = policy.uncertain_prior and sd is not None and bool((sd * scale > 0.0).any())
+    song_scale = row_scale(policy, batch, scale)
+    spread = policy.uncertain_prior and sd is not None and bool((sd * song_scale > 0.0).any())
     flagged = policy.ood_factor < 1.0 and ood is not None and bool(ood.any())
     if not spread and not flagged:
         return policy.w
@@ -280,7 +291,7 @@ def strength(policy: Policy, batch: SongBatch, p0: np.ndarray, scale: float = 1.
     with np.errstate(all="ignore"):
         if spread:
             assert sd is not None
-            s = sd * scale
+            s = sd * song_scale
             has = s > 0.0
             w = np.where(has, _min(policy.w, _max(policy.w_floor, p0 * (1.0 - p0) / (s * s) - 1.0)), w)
         if flagged:

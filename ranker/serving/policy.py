@@ -164,10 +164,15 @@ def explore_slots(limit: int, share: float) -> int:
 class Policy:
     """A :class:`~ranker.settings.FeedPolicy` compiled for fast evaluation."""
 
-    def __init__(self, name: str, config: FeedPolicy, like_rate: LikeRatePrior) -> None:
+    def __init__(
+        self, name: str, config: FeedPolicy, like_rate: LikeRatePrior, factors: Mapping[str, float] | None = None
+    ) -> None:
         self.name = name
         self.config = config
         self.like_rate = like_rate
+        #: Each generator's factor on the calibration scale (retrain's fit; absent: 1). The mapping is the
+        #: reader's or writer's, shared by its policies and refreshed in place with the scale.
+        self.factors: Mapping[str, float] = {} if factors is None else factors
         weights = config.weights
         total = sum(weights.values())
         self.pop_weight = sum(weights.get(t, 0.0) for t in POPULARITY_TASKS) / total
@@ -205,6 +210,7 @@ class Policy:
         w is then times ``ood_prior_factor``. Always within [min(w, prior_strength_min), w]."""
         w = self.w
         sd = song.prior_sd
+        scale = self.song_scale(song, scale)
         if self.uncertain_prior and sd is not None and sd * scale > 0.0:
             s = sd * scale
             w = min(self.w, max(self.w_floor, p0 * (1.0 - p0) / (s * s) - 1.0))
@@ -217,7 +223,12 @@ class Policy:
         raw = song.model_rate
         if raw is None:
             raw = fallback_like_rate(song.scores.get("likes", 0.0), self.like_rate)
-        return min(RATE_MAX, max(RATE_MIN, raw * scale))
+        return min(RATE_MAX, max(RATE_MIN, raw * self.song_scale(song, scale)))
+
+    def song_scale(self, song: SongState, scale: float) -> float:
+        """The calibration scale of this song: the global one times its generator's factor (if it has one)."""
+        factor = self.factors.get(song.generator) if self.factors else None
+        return scale if factor is None else scale * factor
 
     def popularity(self, rate: float) -> float:
         """A like rate on the 0-1 scale: the inverse of the fallback mapping, clipped."""
@@ -332,5 +343,45 @@ class Policy:
         return age >= self.min_age_s and (self.max_age_s is None or age < self.max_age_s)
 
 
-def compile_policies(feeds: Mapping[str, FeedPolicy], like_rate: LikeRatePrior) -> dict[str, Policy]:
-    return {name: Policy(name, config, like_rate) for name, config in feeds.items()}
+def compile_policies(
+    feeds: Mapping[str, FeedPolicy], like_rate: LikeRatePrior, factors: Mapping[str, float] | None = None
+) -> dict[str, Policy]:
+    """The feeds' policies, sharing ``factors`` (each generator's calibration factor) if given."""
+    return {name: Policy(name, config, like_rate, factors) for name, config in feeds.items()}
+
+
+def refresh(factors: dict[str, float], latest: Mapping[str, float]) -> None:
+    """Replace ``factors``' contents in place (the policies sharing it see the new ones)."""
+    if factors != latest:
+        factors.clear()
+        factors.update(latest)
+
+
+def generator_factors(
+    generators: Sequence[str], plays: np.ndarray, likes: np.ndarray, p0: np.ndarray, cfg: LikeRatePrior
+) -> dict[str, float]:
+    """Each generator's factor on the global calibration scale, shrunk toward 1 by its evidence.
+
+    ``p0``: each played song's prior as served, uncalibrated (the model's rate, or the fallback). The
+    global scale is c = (L + s) / (E + s) over all songs (L likes, E = sum of plays x p0; s =
+    ``calibration_strength``); a generator's own is c_g = (L_g + k c) / (E_g + k) with k =
+    ``generator_calibration_strength``: the posterior mean of its rate ratio under a Gamma prior
+    centred on c, worth k predicted likes. The factor is c_g / c, clipped as the scale is."""
+    if not len(generators):
+        return {}
+    expected = plays * p0
+    s, k = cfg.calibration_strength, cfg.generator_calibration_strength
+    total_e = float(expected.sum())
+    if total_e + s <= 0:
+        return {}
+    c = (float(likes.sum()) + s) / (total_e + s)
+    names, codes = np.unique(np.asarray(generators, dtype=object), return_inverse=True)
+    e_g = np.bincount(codes, weights=expected, minlength=len(names))
+    l_g = np.bincount(codes, weights=likes, minlength=len(names))
+    out: dict[str, float] = {}
+    for name, lg, eg in zip(names.tolist(), l_g.tolist(), e_g.tolist(), strict=True):
+        if eg + k <= 0:
+            continue
+        factor = (lg + k * c) / (eg + k) / c
+        out[str(name)] = min(cfg.calibration_max, max(cfg.calibration_min, factor))
+    return out

@@ -35,6 +35,7 @@ from ranker.serving.policy import (
     calibration_scale,
     compile_policies,
     explore_slots,
+    refresh,
 )
 from ranker.serving.rerank import rerank
 from ranker.serving.song_detail import song_detail
@@ -97,7 +98,9 @@ class FeedReader:
         self.reads = reads
         self.vectors = vectors
         self.listeners = listeners or NullAsyncListenerReads()
-        self.policies = compile_policies(settings.feed.feeds, settings.feed.like_rate)
+        #: Each generator's calibration factor, shared by every policy of this reader, refreshed with the scale.
+        self.factors: dict[str, float] = {}
+        self.policies = compile_policies(settings.feed.feeds, settings.feed.like_rate, self.factors)
         self._clock = clock
         self._monotonic = monotonic
         self._scale = 1.0
@@ -122,7 +125,7 @@ class FeedReader:
         name = base or self.settings.feed.name
         config = self.policy(name).config
         merged = FeedPolicy.model_validate({**config.model_dump(), **overrides})
-        policy = Policy(name, merged, self.settings.feed.like_rate)
+        policy = Policy(name, merged, self.settings.feed.like_rate, self.factors)
         if not math.isfinite(policy.decay):
             raise ValueError(f"half_life_hours: {merged.half_life_hours!r} is too short to decay by")
         return policy
@@ -137,6 +140,8 @@ class FeedReader:
         if now - self._scale_at >= self.settings.api.calibration_ttl_s:
             try:
                 totals = await self.reads.calibration_totals()
+                if self.settings.feed.like_rate.generator_calibration:
+                    refresh(self.factors, await self.reads.generator_calibration())
             except Exception as exc:
                 if math.isinf(self._scale_at):
                     raise  # never read: nothing to serve with

@@ -53,6 +53,7 @@ def song_detail(
             "model": state.model_rate,
             "prior": policies[default].prior_rate(state, scale),
             "calibration_scale": scale,
+            "generator_factor": policies[default].factors.get(state.generator, 1.0),
             "source": "target_transform" if state.model_rate is not None else "fallback",
             "spread": state.prior_sd,  # the model ensemble's (None: a single head)
             "ood": state.ood,

@@ -26,6 +26,7 @@ from ranker.serving.policy import (
     SongState,
     calibration_scale,
     compile_policies,
+    refresh,
 )
 from ranker.serving.state import WRITE_FIELDS, _float, examined_plays, state_from_fields, state_from_record
 from ranker.settings import Settings, get_settings
@@ -57,11 +58,15 @@ class FeedWriter:
 
     def __init__(self, settings: Settings, store: ScoreStore | None = None) -> None:
         self.settings = settings
-        self.policies = compile_policies(settings.feed.feeds, settings.feed.like_rate)
+        self.factors: dict[str, float] = {}  # each generator's calibration factor, read with the scale
+        self.policies = compile_policies(settings.feed.feeds, settings.feed.like_rate, self.factors)
         self._own_store = store is None
         self.store = store or score_store(settings)
 
     def scale(self) -> float:
+        """The calibration scale; the generators' factors (the policies') are refreshed with it."""
+        if self.settings.feed.like_rate.generator_calibration:
+            refresh(self.factors, self.store.generator_calibration())
         return calibration_scale(*self.store.calibration_totals(), self.settings.feed.like_rate)
 
     def on_scored(self, songs: Sequence[SongRecord], now: float | None = None) -> None:
