@@ -143,10 +143,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- simulate ------------------------------------------------------------------------
 def cmd_simulate_catalog(args: argparse.Namespace) -> int:
-    from ranker.synth import simulate_catalog
+    from ranker.synth import DEFAULT_GENERATORS, WITH_NOVEL_GENERATOR, simulate_catalog
 
     result = simulate_catalog(
-        Path(args.out), n_songs=args.songs, seed=args.seed, duration_s=args.duration, workers=args.workers
+        Path(args.out),
+        n_songs=args.songs,
+        seed=args.seed,
+        duration_s=args.duration,
+        workers=args.workers,
+        generators=WITH_NOVEL_GENERATOR if args.novel_generator else DEFAULT_GENERATORS,
     )
     print(f"{result.n_songs} synthetic songs in {result.audio_dir}; catalog {result.catalog_path}")
     return 0
@@ -282,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim_catalog.add_argument("--out", required=True)
     sim_catalog.add_argument("--duration", type=float, default=6.0, help="seconds per song")
     sim_catalog.add_argument("--workers", type=int, default=1, help="processes used to synthesise")
+    sim_catalog.add_argument(
+        "--novel-generator", action="store_true", help="add synthetic-novel, the held-out generator of docs/model.md"
+    )
     loop = add(
         "loop",
         cmd_simulate_loop,

@@ -129,6 +129,8 @@ def _train_config(args: argparse.Namespace) -> Any:
         "val_fraction": args.val_fraction,
         "holdout_generators": tuple(args.holdout_generator or ()),
         "seed": args.seed,
+        "ensemble": args.ensemble,
+        "ood": False if args.no_ood else None,
         "gamma": args.gamma,
         "cohort": args.cohort,
         "shuffle_targets": args.shuffle_targets,
@@ -170,7 +172,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 # -- eval -------------------------------------------------------------------------------
 @_guard
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Score a model against a catalog's truth (and optionally pairwise battles)."""
+    """Score a model against a catalog's truth (and optionally pairwise battles), or run the generator holdout."""
+    if args.holdout_generator:
+        return _eval_holdout(args)
+    if not args.model:
+        return _fail("eval needs --model (or --holdout-generator G to train without G and evaluate on it)")
     from rich.console import Console
 
     from ranker.features import load_features
@@ -187,7 +193,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     features = load_features(args.features)
     report = evaluate_report(model, features, args.catalog)
     if args.battles:
-        report.battles = evaluate_battles(model, features, args.battles, folds=args.folds, seed=args.seed)
+        report.battles = evaluate_battles(
+            model, features, args.battles, folds=args.folds, seed=42 if args.seed is None else args.seed
+        )
     console = Console()
     console.print(metrics_table(report.metrics, title=f"{model.version} on {report.n_songs} songs"))
     for note in report.notes:
@@ -198,6 +206,53 @@ def cmd_eval(args: argparse.Namespace) -> int:
             console.print(f"note: {note}")
     if args.json:
         write_json(args.json, {"model_version": model.version, **report.to_dict()})
+    return 0
+
+
+def _eval_holdout(args: argparse.Namespace) -> int:
+    """Train without one generator (the train options apply), evaluate on it (ranker.model.holdout)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ranker.features import load_features
+    from ranker.model.holdout import evaluate_holdout
+    from ranker.model.report import write_json
+
+    if len(args.holdout_generator) != 1:
+        return _fail("eval --holdout-generator takes one generator")
+    if args.model or args.battles:
+        return _fail("eval --holdout-generator trains its own model: leave out --model and --battles")
+    args.holdout_generator, generator = None, args.holdout_generator[0]
+    config = _train_config(args)
+    features = load_features(args.features)
+    result, report = evaluate_holdout(features, args.catalog, generator, config, progress=not args.no_progress)
+    if args.out:
+        result.model.save(args.out)
+    table = Table(title=f"{report['model_version']} (ensemble of {report['ensemble']}) on held-out {generator!r}")
+    for col in ("task", "songs", "spearman", "calibration error", "spread~|error| spearman", "in-dist. spearman"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+
+    def fmt(v: Any) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    for task, m in report["holdout"].items():
+        ind = report["in_distribution"].get(task, {})
+        table.add_row(
+            task,
+            str(report["n_holdout"]),
+            fmt(m["spearman"]),
+            fmt(m["calibration_error"]),
+            fmt(m["spread_error_spearman"]),
+            fmt(ind.get("spearman")),
+        )
+    console = Console()
+    console.print(table)
+    console.print(
+        f"OOD ROC AUC, {generator} vs {report['n_in_distribution']} in-distribution held-out songs: "
+        f"{fmt(report['ood_auc'])}; mean OOD percentile of {generator}: {fmt(report['holdout_mean_ood_percentile'])}"
+    )
+    if args.json:
+        write_json(args.json, report)
     return 0
 
 
@@ -295,14 +350,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--models-root", help="folder holding 'current' (default: from settings)")
     train.add_argument("--no-progress", action="store_true")
 
-    ev = add("eval", cmd_eval, "evaluate a model: per-task metrics and optional battles")
-    ev.add_argument("--model", required=True, help="model directory (or a folder with 'current')")
+    ev = add(
+        "eval",
+        cmd_eval,
+        "evaluate a model: per-task metrics and optional battles; or, with --holdout-generator G, train "
+        "without G and report per task on G: Spearman, calibration error, spread~|error| Spearman, OOD ROC AUC",
+    )
+    ev.add_argument("--model", help="model directory (or a folder with 'current'); not with --holdout-generator")
     ev.add_argument("--features", required=True)
     ev.add_argument("--catalog", required=True)
     ev.add_argument("--battles", help="pairwise preferences: song_a, song_b, preference (CSV/Parquet)")
     ev.add_argument("--folds", type=int, default=10, help="cross-validation folds for battles")
-    ev.add_argument("--seed", type=int, default=42)
     ev.add_argument("--json", help="write the metrics here")
+    ev.add_argument("--out", help="with --holdout-generator: also save the trained model here")
+    ev.add_argument("--no-progress", action="store_true")
+    _add_train_options(ev)  # --seed (default 42 for battles), --ensemble, --holdout-generator, ...
 
     ab = add("ablation", cmd_ablation, "the paper's 24 conditions plus our improvements")
     ab.add_argument("--features", required=True)
@@ -367,8 +429,14 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-clip", type=float, help="0 turns clipping off")
     p.add_argument("--patience", type=int)
     p.add_argument("--val-fraction", type=float)
-    p.add_argument("--holdout-generator", action="append", help="validate on this generator (repeat)")
+    p.add_argument(
+        "--holdout-generator",
+        action="append",
+        help="train: validate on this generator (repeat); eval: train without it and evaluate on it",
+    )
     p.add_argument("--seed", type=int)
+    p.add_argument("--ensemble", type=int, help="heads in the deep ensemble, seeded seed, seed+1, ... (default 1)")
+    p.add_argument("--no-ood", action="store_true", help="fit no out-of-distribution model")
     p.add_argument("--gamma", type=float, help="power of the percentile -> score transform")
     p.add_argument("--cohort", choices=["all", "generator_week"])
     p.add_argument("--shuffle-targets", action="store_true", help="null baseline")

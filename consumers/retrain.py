@@ -42,7 +42,7 @@ from ranker.model.artifact import ScoringModel
 from ranker.model.examination import Examination, refresh_examination
 from ranker.model.retrain import Observed, RetrainReport, aggregate_engagement, retrain
 from ranker.model.train import TrainConfig
-from ranker.scoring import SongMeta, load_current_model, score_predictions
+from ranker.scoring import SongMeta, load_current_model, score_songs
 from ranker.serving.policy import Policy, generator_factors
 from ranker.serving.state import READ_FIELDS, state_from_fields
 from ranker.serving.writer import FeedWriter, write_scored
@@ -183,9 +183,9 @@ def rescore_window(settings: Settings, model: ScoringModel, store: ScoreStore) -
             ids = [s for s in chunk if s in stored]
             if not ids:
                 continue
-            preds = model.predict(np.stack([stored[s].record.layers for s in ids]).astype(np.float32))
+            layers = np.stack([stored[s].record.layers for s in ids]).astype(np.float32)
             songs = [SongMeta(s, meta[s][0], meta[s][1].isoformat()) for s in ids]
-            rescored.append([score.record(now) for score in score_predictions(settings, model, preds, songs)])
+            rescored.append([score.record(now) for score in score_songs(settings, model, layers, songs)])
             bar.advance(task, len(chunk))
     # Calibration first, for every rescored song, so that no entry is written with a scale
     # that still measures the previous model (see FeedWriter.recalibrate).

@@ -123,9 +123,16 @@ class SongGenerated(_Event):
 
 
 class SongScored(_Event):
-    """``songs.scored``: the APEX scores of a song. Version 1."""
+    """``songs.scored``: the APEX scores of a song. Versions 1 and 2.
 
-    schema_version: Literal[1] = 1
+    Version 2 adds optional uncertainty fields (issue 17): the ensemble's ``spread`` per task
+    and ``like_rate_sd`` of the prior like rate (a model with several heads), and the
+    ``ood_percentile`` (0-100) and ``ood`` flag (a model with an OOD model). Producers write
+    version 2 only when one of them is present, so a model without them still publishes
+    version 1 byte for byte; readers accept both. A version 1 event carries none of them.
+    """
+
+    schema_version: Literal[1, 2] = 1
     song_id: SongId
     model_version: str
     streams: float
@@ -140,6 +147,27 @@ class SongScored(_Event):
     generator: str | None = None
     truncated: bool = False
     untrained: bool = Field(False, description="An untrained, seeded head made these scores (model.allow_untrained).")
+    spread: dict[str, Annotated[float, Field(ge=0)]] | None = Field(
+        None, description="v2: the ensemble's standard deviation over its heads, per task of the model."
+    )
+    like_rate_sd: float | None = Field(None, ge=0, description="v2: the ensemble's sd of the prior like rate.")
+    ood_percentile: float | None = Field(
+        None, ge=0, le=100, description="v2: distance to the training songs as a percentile of held-out ones."
+    )
+    ood: bool | None = Field(None, description="v2: ood_percentile above the configured flag percentile.")
+
+    @model_validator(mode="after")
+    def _version(self) -> SongScored:
+        extra = (self.spread, self.like_rate_sd, self.ood_percentile, self.ood)
+        if self.schema_version == 1 and any(v is not None for v in extra):
+            raise ValueError("spread, like_rate_sd, ood_percentile and ood need schema_version 2")
+        if self.spread is not None and any(t not in TASKS for t in self.spread):
+            raise ValueError(f"spread names unknown tasks; known: {list(TASKS)}")
+        return self
+
+    @classmethod
+    def parse(cls, raw: bytes) -> SongScored:
+        return parse_event(cls, raw)
 
 
 EngagementType = Literal["play", "complete", "like", "unlike", "skip", "share"]

@@ -7,8 +7,11 @@ once, so a song gets the same embedding and the same record whichever path score
 * :func:`encode_songs`: the segments of many songs through the encoder in one batch
   (one song at a time when the batch fails, so a poison song fails alone), pooled per
   song and L2-normalised for the similarity index;
-* :func:`score_predictions`: head outputs to scores, the cold-start ``rank_score`` and
-  the model's prior like rate, computed once and carried to the record;
+* :func:`score_songs` (:func:`score_predictions` for outputs already at hand): head outputs
+  to scores, the cold-start ``rank_score`` and the model's prior like rate, computed once and
+  carried to the record, with what the model knows of their reliability where it has it (an
+  ensemble's spread per task and of the prior like rate, the out-of-distribution percentile
+  and flag: issue 17);
 * :func:`load_current_model`: the promoted head for an encoder *spec*, so a job that only
   rescores stored embeddings never loads the encoder's weights.
 """
@@ -24,10 +27,10 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from indexes.base import SongRecord
-from indexes.redis_schema import UNTRAINED
+from indexes.redis_schema import OOD_FLAG, OOD_PERCENTILE, PRIOR_SD_FIELD, SPREAD_FIELD_PREFIX, UNTRAINED
 from ranker.encoders.base import Encoder, EncoderSpec, pool_song
 from ranker.events import TASKS, SongScored
-from ranker.model.artifact import ScoringModel
+from ranker.model.artifact import Prediction, ScoringModel
 from ranker.model.registry import load_or_init
 from ranker.serving.state import PRIOR_FIELD, cold_start_quality, model_like_rate
 
@@ -143,6 +146,22 @@ class SongScore:
     rank_score: float  # the default feed's quality of the song unplayed (uncalibrated)
     like_rate: float | None  # the model's prior like rate; None when the model has no target transform
     trained: bool = True  # False: an untrained, seeded head (model.allow_untrained) made these scores
+    spread: dict[str, float] | None = None  # an ensemble's sd over its heads, per task of the model
+    like_rate_sd: float | None = None  # an ensemble's sd of the prior like rate (with a target transform)
+    ood_percentile: float | None = None  # 0-100 against held-out training songs (a model with an OOD model)
+    ood: bool | None = None  # ood_percentile above model.ood_flag_percentile
+
+    def uncertainty(self) -> dict[str, Any]:
+        """The uncertainty fields of the song's record (redis_schema), only those the model gave."""
+        fields: dict[str, Any] = {}
+        if self.like_rate_sd is not None:
+            fields[PRIOR_SD_FIELD] = self.like_rate_sd
+        for task, sd in (self.spread or {}).items():
+            fields[SPREAD_FIELD_PREFIX + task] = sd
+        if self.ood_percentile is not None:
+            fields[OOD_PERCENTILE] = self.ood_percentile
+            fields[OOD_FLAG] = int(bool(self.ood))
+        return fields
 
     def record(self, scored_at: str, extra: Mapping[str, Any] | None = None) -> SongRecord:
         """The score-store record; the prior like rate goes in ``extra`` under ``PRIOR_FIELD``, and
@@ -150,6 +169,7 @@ class SongScore:
         fields = dict(extra or {})
         if self.like_rate is not None:
             fields[PRIOR_FIELD] = self.like_rate
+        fields.update(self.uncertainty())
         if not self.trained:
             fields[UNTRAINED] = 1
         return SongRecord(
@@ -164,8 +184,17 @@ class SongScore:
         )
 
     def event(self, scored_at: datetime, *, truncated: bool = False) -> SongScored:
-        """The ``songs.scored`` event."""
+        """The ``songs.scored`` event: version 2 when it carries an uncertainty field, else version 1."""
+        extra: dict[str, Any] = {}
+        if self.spread is not None:
+            extra["spread"] = dict(self.spread)
+        if self.like_rate_sd is not None:
+            extra["like_rate_sd"] = self.like_rate_sd
+        if self.ood_percentile is not None:
+            extra["ood_percentile"] = self.ood_percentile
+            extra["ood"] = bool(self.ood)
         return SongScored(
+            schema_version=2 if extra else 1,
             song_id=self.song_id,
             model_version=self.model_version,
             rank_score=self.rank_score,
@@ -174,24 +203,46 @@ class SongScore:
             truncated=truncated,
             untrained=not self.trained,
             **self.scores,
+            **extra,
         )
 
 
-def score_predictions(
-    settings: Settings, model: ScoringModel, predictions: np.ndarray, songs: Sequence[SongMeta]
+def score_songs(
+    settings: Settings, model: ScoringModel, layers: np.ndarray, songs: Sequence[SongMeta]
 ) -> list[SongScore]:
-    """Row ``i`` of ``model.predict(...)`` for ``songs[i]`` -> its :class:`SongScore`.
+    """Songs' pooled layers (B, n_layers, dim) -> their :class:`SongScore` s, uncertainty included."""
+    return score_predictions(settings, model, model.predict_full(layers), songs)
+
+
+def score_predictions(
+    settings: Settings, model: ScoringModel, predictions: np.ndarray | Prediction, songs: Sequence[SongMeta]
+) -> list[SongScore]:
+    """Row ``i`` of ``model.predict(...)`` (or of ``model.predict_full(...)``) for ``songs[i]`` -> its
+    :class:`SongScore`.
 
     The like-rate prior is computed here once: the rank score uses it, and the record
-    carries it, so the feeds read the very rate the rank score was computed with.
+    carries it, so the feeds read the very rate the rank score was computed with. From a
+    :class:`Prediction`, the ensemble's spread per task and of the prior like rate (each
+    member's scores through the same read-out, then the sd over members) and the OOD
+    percentile and flag come along; a bare array carries none of them.
     """
+    full = predictions if isinstance(predictions, Prediction) else Prediction(np.asarray(predictions))
     transform = model.target_transform
+    threshold = settings.model.ood_flag_percentile
     out: list[SongScore] = []
-    for song, row in zip(songs, predictions, strict=True):
-        scores = {task: float(v) for task, v in zip(model.tasks, row, strict=True)}
-        for task in TASKS:  # a popularity-only head leaves aesthetics at the scale's midpoint
-            scores.setdefault(task, AESTHETIC_MIDPOINT)
+    for i, (song, row) in enumerate(zip(songs, full.mean, strict=True)):
+        scores = _all_tasks(model, row)
         rate = model_like_rate(transform, scores, song.generator, song.created_at)
+        spread = rate_sd = pct = None
+        if full.spread is not None and full.members is not None:
+            spread = {task: float(v) for task, v in zip(model.tasks, full.spread[i], strict=True)}
+            rates = [
+                model_like_rate(transform, _all_tasks(model, m[i]), song.generator, song.created_at)
+                for m in full.members
+            ]
+            rate_sd = float(np.std([r for r in rates if r is not None])) if rate is not None else None
+        if full.ood_percentile is not None:
+            pct = float(full.ood_percentile[i])
         out.append(
             SongScore(
                 song_id=song.song_id,
@@ -202,9 +253,21 @@ def score_predictions(
                 rank_score=cold_start_quality(settings, scores, rate),
                 like_rate=rate,
                 trained=model.trained,
+                spread=spread,
+                like_rate_sd=rate_sd,
+                ood_percentile=pct,
+                ood=None if pct is None else pct > threshold,
             )
         )
     return out
+
+
+def _all_tasks(model: ScoringModel, row: np.ndarray) -> dict[str, float]:
+    """One row of scores by task; a popularity-only head leaves aesthetics at the scale's midpoint."""
+    scores = {task: float(v) for task, v in zip(model.tasks, row, strict=True)}
+    for task in TASKS:
+        scores.setdefault(task, AESTHETIC_MIDPOINT)
+    return scores
 
 
 def audio_extra(

@@ -218,6 +218,13 @@ class ModelSettings(_Section):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     logmel_n_mels: int = Field(96, ge=8)
+    ood_flag_percentile: float = Field(
+        95.0,
+        ge=0.0,
+        le=100.0,
+        description="A song whose OOD percentile (share of held-out training songs nearer the training "
+        "distribution) is above this is flagged out of distribution (issue 17; docs/model.md).",
+    )
 
 
 class WorkerSettings(_Section):

@@ -3,6 +3,9 @@
 A model directory holds
 
 - ``model.safetensors``: the head's tensors (safetensors only: a model file can never run code);
+  a deep ensemble's members as ``member<i>.<name>`` (a single head keeps the plain names, so
+  models saved before ensembles existed load and hash as before), and the out-of-distribution
+  model, if any, as ``ood.<name>`` (:mod:`ranker.model.ood`);
 - ``config.json``: a :class:`~ranker.model.card.ModelCard` (head config, encoder id, layers,
   target transform, creation time, training info, and the model version it was saved as);
 - ``metrics.json`` (optional): evaluation results, informational only.
@@ -20,6 +23,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,8 @@ from safetensors.torch import save as save_safetensors
 from ranker.errors import ConfigError
 from ranker.model.card import FORMAT, ModelCard, content_hash, version_from
 from ranker.model.head import ApexHead, HeadConfig
+from ranker.model.ood import PREFIX as OOD_PREFIX
+from ranker.model.ood import OodModel
 from ranker.model.readout import LikeReadout
 
 log = logging.getLogger(__name__)
@@ -57,27 +63,69 @@ def resolve_device(device: Device) -> torch.device:
     return torch.device(device)
 
 
+@dataclass(frozen=True)
+class Prediction:
+    """Scores with what the model knows of their reliability (:meth:`ScoringModel.predict_full`).
+
+    ``mean`` is exactly :meth:`ScoringModel.predict`'s output. ``members`` (K, B, T) are the
+    ensemble members' scores and ``spread`` (B, T) their standard deviation, both None for a
+    single head; ``ood_percentile`` (B,) is None without an OOD model.
+    """
+
+    mean: npt.NDArray[np.float32]
+    members: npt.NDArray[np.float32] | None = None
+    spread: npt.NDArray[np.float32] | None = None
+    ood_percentile: npt.NDArray[np.float64] | None = None
+
+    def take(self, rows: npt.ArrayLike) -> Prediction:
+        """The prediction of the songs at ``rows`` only (e.g. those with finite scores)."""
+        idx = np.asarray(rows, dtype=np.int64)
+        return Prediction(
+            mean=self.mean[idx],
+            members=self.members[:, idx] if self.members is not None else None,
+            spread=self.spread[idx] if self.spread is not None else None,
+            ood_percentile=self.ood_percentile[idx] if self.ood_percentile is not None else None,
+        )
+
+
+def member_key(i: int, name: str) -> str:
+    """The weights-file name of ensemble member ``i``'s tensor ``name``."""
+    return f"member{i}.{name}"
+
+
 class ScoringModel:
-    """A frozen head ready to score: eval mode, on one device, with its card and version.
+    """A frozen head (or a deep ensemble of heads) ready to score: eval mode, on one device, with its
+    card and version, and optionally an out-of-distribution model.
 
     Treat it as immutable: after more training, build a new one with :meth:`from_head`.
     """
 
     def __init__(
         self,
-        head: ApexHead,
+        head: ApexHead | Sequence[ApexHead],
         card: ModelCard,
         *,
         device: Device = "cpu",
         metrics: Mapping[str, Any] | None = None,
+        ood: OodModel | None = None,
     ) -> None:
-        if head.config != card.head:
+        heads = [head] if isinstance(head, ApexHead) else list(head)
+        if len(heads) != card.ensemble:
+            raise ValueError(f"card.ensemble is {card.ensemble} but {len(heads)} heads were given")
+        if any(h.config != card.head for h in heads):
             raise ValueError("the head's config differs from card.head")
+        if (ood is None) != (card.ood is None):
+            raise ValueError("card.ood and the OOD model must be given together")
+        if ood is not None and ood.dim != card.head.n_layers * card.head.input_dim:
+            raise ValueError(f"the OOD model takes {ood.dim} features, not the head's {card.head.n_layers} layers")
         self._device = resolve_device(device)
-        self._head = head.to(self._device).eval()
-        for p in self._head.parameters():
-            p.requires_grad_(False)
-        self._digest = content_hash(self._head.state_dict(), card)
+        self._heads = [h.to(self._device).eval() for h in heads]
+        self._head = self._heads[0]
+        for h in self._heads:
+            for p in h.parameters():
+                p.requires_grad_(False)
+        self._ood = ood
+        self._digest = content_hash(self._state(), card)
         self._version = version_from(self._digest, card)
         self._card = card.model_copy(update={"model_version": self._version})
         self._readout = LikeReadout.from_dict(card.like_readout) if card.like_readout is not None else None
@@ -119,7 +167,7 @@ class ScoringModel:
     @classmethod
     def from_head(
         cls,
-        head: ApexHead,
+        head: ApexHead | Sequence[ApexHead],
         *,
         encoder_id: str,
         training: Mapping[str, Any],
@@ -128,17 +176,23 @@ class ScoringModel:
         metrics: Mapping[str, Any] | None = None,
         init_seed: int | None = None,
         device: Device = "cpu",
+        ood: OodModel | None = None,
+        ood_info: Mapping[str, Any] | None = None,
     ) -> ScoringModel:
-        """Wrap a trained head (copied, so further training does not change this model)."""
+        """Wrap a trained head, or the members of a deep ensemble (copied, so further training does
+        not change this model), with an optional OOD model (``ood_info`` goes in the card)."""
+        heads = [head] if isinstance(head, ApexHead) else list(head)
         card = ModelCard(
-            head=head.config,
+            head=heads[0].config,
             encoder_id=encoder_id,
             layers=tuple(layers) if layers is not None else None,
             target_transform=dict(target_transform) if target_transform is not None else None,
             training=dict(training),
             init_seed=init_seed,
+            ensemble=len(heads),
+            ood=(dict(ood_info or {}) if ood is not None else None),
         )
-        return cls(copy.deepcopy(head), card, device=device, metrics=metrics)
+        return cls(copy.deepcopy(heads), card, device=device, metrics=metrics, ood=ood)
 
     def with_target_transform(
         self, target_transform: Mapping[str, Any], training: Mapping[str, Any] | None = None
@@ -169,7 +223,17 @@ class ScoringModel:
         if training:
             update = {**update, "training": {**(self._card.training or {}), **training}}
         card = ModelCard.model_validate({**self._card.model_dump(), **update})
-        return ScoringModel(copy.deepcopy(self._head), card, device=self._device, metrics=self.metrics)
+        return ScoringModel(copy.deepcopy(self._heads), card, device=self._device, metrics=self.metrics, ood=self._ood)
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        """Every tensor the weights file holds (and the version hashes)."""
+        if len(self._heads) == 1:
+            state = dict(self._head.state_dict())
+        else:
+            state = {member_key(i, k): v for i, h in enumerate(self._heads) for k, v in h.state_dict().items()}
+        if self._ood is not None:
+            state.update(self._ood.tensors())
+        return state
 
     # Properties ---------------------------------------------------------------------
     @property
@@ -187,7 +251,22 @@ class ScoringModel:
 
     @property
     def head(self) -> ApexHead:
+        """The (first) head: an ensemble's member 0."""
         return self._head
+
+    @property
+    def heads(self) -> tuple[ApexHead, ...]:
+        """Every member of the ensemble (one for a single head)."""
+        return tuple(self._heads)
+
+    @property
+    def ensemble_size(self) -> int:
+        return len(self._heads)
+
+    @property
+    def ood(self) -> OodModel | None:
+        """The out-of-distribution model fitted on the training songs, if the model has one."""
+        return self._ood
 
     @property
     def device(self) -> torch.device:
@@ -231,7 +310,44 @@ class ScoringModel:
 
     # Scoring ------------------------------------------------------------------------
     def predict(self, features: npt.ArrayLike, *, batch_size: int = 4096) -> npt.NDArray[np.float32]:
-        """Scores (B, T) float32 for features (B, n_layers, input_dim); columns follow :attr:`tasks`."""
+        """Scores (B, T) float32 for features (B, n_layers, input_dim); columns follow :attr:`tasks`.
+
+        An ensemble's scores are its members' mean."""
+        x = self._check(features, batch_size)
+        if len(self._heads) > 1:
+            return self._members(x, batch_size).mean(axis=0, dtype=np.float32)
+        out = np.empty((len(x), len(self.tasks)), dtype=np.float32)
+        # The head is small: on the CPU one thread is faster, and a second OpenMP thread on a busy
+        # core made worker batches 10-30x slower (benchmarks/worker_throughput.py, part c).
+        threads = torch.get_num_threads()
+        single = self._device.type == "cpu" and threads > 1
+        if single:
+            torch.set_num_threads(1)
+        try:
+            self._predict_into(self._head, x, out, batch_size)
+        finally:
+            if single:
+                torch.set_num_threads(threads)
+        if self._readout is not None:
+            out[:, self.tasks.index("likes")] = self._readout.scores(x.reshape(len(x), -1))
+        return out
+
+    def predict_full(self, features: npt.ArrayLike, *, batch_size: int = 4096) -> Prediction:
+        """:meth:`predict` plus the ensemble's members and spread and the OOD percentile (where the model
+        has them). A single head's ``mean`` is bit-identical to :meth:`predict`."""
+        x = self._check(features, batch_size)
+        ood = self._ood.score(x) if self._ood is not None else None
+        if len(self._heads) == 1:
+            return Prediction(self.predict(x, batch_size=batch_size), ood_percentile=ood)
+        members = self._members(x, batch_size)
+        return Prediction(
+            mean=members.mean(axis=0, dtype=np.float32),
+            members=members,
+            spread=members.std(axis=0, dtype=np.float32),
+            ood_percentile=ood,
+        )
+
+    def _check(self, features: npt.ArrayLike, batch_size: int) -> npt.NDArray[np.float32]:
         x = np.asarray(features, dtype=np.float32)
         if x.ndim != 3 or x.shape[1:] != (self.n_layers, self.input_dim):
             raise ValueError(f"expected features of shape (batch, {self.n_layers}, {self.input_dim}), got {x.shape}")
@@ -241,27 +357,30 @@ class ScoringModel:
         if not finite.all():
             bad = np.flatnonzero(~finite)
             raise ValueError(f"features contain NaN or inf in rows {bad[:10].tolist()} ({len(bad)} rows)")
-        out = np.empty((len(x), len(self.tasks)), dtype=np.float32)
-        # The head is small: on the CPU one thread is faster, and a second OpenMP thread on a busy
-        # core made worker batches 10-30x slower (benchmarks/worker_throughput.py, part c).
+        return x
+
+    def _members(self, x: np.ndarray, batch_size: int) -> npt.NDArray[np.float32]:
+        """(K, B, T): every member's scores, the like read-out (shared by all members) applied to each."""
+        out = np.empty((len(self._heads), len(x), len(self.tasks)), dtype=np.float32)
         threads = torch.get_num_threads()
         single = self._device.type == "cpu" and threads > 1
         if single:
             torch.set_num_threads(1)
         try:
-            self._predict_into(x, out, batch_size)
+            for i, head in enumerate(self._heads):
+                self._predict_into(head, x, out[i], batch_size)
         finally:
             if single:
                 torch.set_num_threads(threads)
         if self._readout is not None:
-            out[:, self.tasks.index("likes")] = self._readout.scores(x.reshape(len(x), -1))
+            out[:, :, self.tasks.index("likes")] = self._readout.scores(x.reshape(len(x), -1))[None, :]
         return out
 
-    def _predict_into(self, x: np.ndarray, out: np.ndarray, batch_size: int) -> None:
+    def _predict_into(self, head: ApexHead, x: np.ndarray, out: np.ndarray, batch_size: int) -> None:
         with torch.inference_mode():
             for start in range(0, len(x), batch_size):
                 chunk = torch.from_numpy(x[start : start + batch_size]).to(self._device)
-                out[start : start + len(chunk)] = self._head(chunk).float().cpu().numpy()
+                out[start : start + len(chunk)] = head(chunk).float().cpu().numpy()
 
     # Persistence --------------------------------------------------------------------
     def save(self, directory: str | os.PathLike[str]) -> Path:
@@ -277,7 +396,7 @@ class ScoringModel:
         tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            state = {k: v.detach().to("cpu").contiguous() for k, v in self._head.state_dict().items()}
+            state = {k: v.detach().to("cpu").contiguous() for k, v in self._state().items()}
             weights = save_safetensors(state, metadata={"format": FORMAT, "model_version": self.version})
             _write_file(tmp / WEIGHTS_FILE, weights)
             _write_file(tmp / CONFIG_FILE, self._card.model_dump_json(indent=2).encode() + b"\n")
@@ -318,11 +437,24 @@ class ScoringModel:
             raise ModelArtifactError(f"model directory {path} does not exist or is not a directory")
         card = _read_card(path)
         tensors = _read_weights(path)
-        with torch.random.fork_rng(devices=[]):
-            head = ApexHead(card.head)
-        _check_tensors(path, head, tensors)
-        head.load_state_dict(tensors, strict=True)
-        model = cls(head, card, device=device, metrics=_read_metrics(path))
+        ood = _read_ood(path, card, tensors)
+        heads = []
+        for i in range(card.ensemble):
+            with torch.random.fork_rng(devices=[]):
+                head = ApexHead(card.head)
+            if card.ensemble == 1:
+                own = tensors
+            else:
+                prefix = member_key(i, "")
+                own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            _check_tensors(path, head, own)
+            head.load_state_dict(own, strict=True)
+            heads.append(head)
+        if card.ensemble > 1:
+            stray = sorted(k for k in tensors if not k.startswith("member"))
+            if stray:
+                raise ModelArtifactError(f"{path / WEIGHTS_FILE}: unexpected tensors {stray[:8]} in an ensemble")
+        model = cls(heads, card, device=device, metrics=_read_metrics(path), ood=ood)
         if card.model_version is not None and card.model_version != model.version:
             raise ModelArtifactError(
                 f"{path}: config.json says model_version {card.model_version} but the files hash to "
@@ -377,6 +509,19 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         return load_safetensors(weights_path.read_bytes())
     except Exception as exc:  # safetensors raises its own error type for any malformed file
         raise ModelArtifactError(f"{weights_path} is not a readable safetensors file: {exc}") from exc
+
+
+def _read_ood(path: Path, card: ModelCard, tensors: dict[str, torch.Tensor]) -> OodModel | None:
+    """Pop the OOD model's tensors out of ``tensors``; the model when the card says there is one."""
+    own = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(OOD_PREFIX)]}
+    if card.ood is None:
+        if own:
+            raise ModelArtifactError(f"{path / WEIGHTS_FILE} holds OOD tensors but {CONFIG_FILE} names no OOD model")
+        return None
+    try:
+        return OodModel.from_tensors(own)
+    except (KeyError, ValueError) as exc:
+        raise ModelArtifactError(f"{path / WEIGHTS_FILE}: the OOD model is missing or malformed ({exc})") from exc
 
 
 def _check_tensors(path: Path, head: ApexHead, tensors: Mapping[str, torch.Tensor]) -> None:

@@ -47,6 +47,12 @@ class ModelCard(BaseModel):
     )
     training: dict[str, Any] | None = Field(None, description="How it was trained; None: never trained.")
     init_seed: int | None = Field(None, description="Seed the weights were initialised from.")
+    ensemble: int = Field(
+        1, ge=1, description="Heads in the deep ensemble (members trained with different seeds); 1: one head."
+    )
+    ood: dict[str, Any] | None = Field(
+        None, description="How the out-of-distribution distance was fitted (ranker.model.ood); None: no OOD model."
+    )
     model_version: str | None = Field(None, description="Written on save; checked on load.")
 
     @model_validator(mode="after")
@@ -73,6 +79,10 @@ class ModelCard(BaseModel):
             del data["head"]["input_norm"]  # a card from before the field existed keeps its version
         if data.get("like_readout") is None:
             data.pop("like_readout", None)  # likewise
+        if data.get("ensemble") == 1:
+            del data["ensemble"]  # likewise: a single head hashes as before ensembles existed
+        if data.get("ood") is None:
+            data.pop("ood", None)
         return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
 

@@ -318,6 +318,9 @@ def retrain(
             )
             candidate = candidate.with_target_transform(fitted.to_dict())
     else:
+        if warm_start and current.trained and current.ensemble_size != train_config.ensemble:
+            # A retrain keeps the serving model's ensemble: each member warm-starts from its own.
+            train_config = train_config.model_copy(update={"ensemble": current.ensemble_size})
         candidate = train_head(
             features, catalog, train_config, song_ids=train_ids, init=current if warm_start else None, progress=progress
         ).model

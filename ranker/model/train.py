@@ -42,7 +42,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -63,6 +63,8 @@ from ranker.model.evaluate import (
     target_matrix,
 )
 from ranker.model.head import SHARED_DIMS_BY_DEPTH, ApexHead, HeadConfig, LayerMix, LossMode
+from ranker.model.ood import MIN_SONGS as OOD_MIN_SONGS
+from ranker.model.ood import OodModel, fit_ood
 from ranker.model.report import json_safe
 from ranker.model.targets import DEFAULT_GAMMA, DEFAULT_MIN_COHORT_SIZE, CohortMode
 
@@ -104,6 +106,8 @@ class TrainConfig(BaseModel):
         (), description="Validate on these generators' songs (train on the others)."
     )
     seed: int = 42
+    ensemble: int = Field(1, ge=1, le=32, description="Heads in the deep ensemble, seeded seed, seed+1, ...")
+    ood: bool = Field(True, description="Fit the out-of-distribution distance on the training songs.")
     gamma: float = Field(DEFAULT_GAMMA, gt=0, description="Power of the percentile -> score transform.")
     cohort: CohortMode = "all"
     min_cohort_size: int = Field(DEFAULT_MIN_COHORT_SIZE, ge=1)
@@ -306,6 +310,34 @@ def _song_mean(pred: torch.Tensor, song_index: torch.Tensor, weights: torch.Tens
     return num / den[:, None]
 
 
+class _Member(NamedTuple):
+    """One trained member of the ensemble and how its run went."""
+
+    head: ApexHead
+    history: list[dict[str, Any]]
+    best_epoch: int
+    best_loss: float
+    stopped_early: bool
+    train_s: float
+
+
+def _fit_ood(cfg: TrainConfig, x_train: npt.NDArray[np.float32]) -> tuple[OodModel | None, dict[str, Any] | None]:
+    """The OOD model of the training songs' head inputs (none when off or too few songs)."""
+    if not cfg.ood:
+        return None, None
+    if len(x_train) < OOD_MIN_SONGS:
+        log.warning("train: %d training songs are too few for an OOD model; none saved", len(x_train))
+        return None, None
+    ood = fit_ood(x_train, seed=cfg.seed)
+    info = {
+        "method": "ppca-mahalanobis-ledoit-wolf",
+        "components": int(ood.components.shape[1]),
+        "n_fit": len(x_train) - len(ood.calibration),
+        "n_calibration": len(ood.calibration),
+    }
+    return ood, info
+
+
 def train_head(
     features: FeatureSet,
     catalog: Catalog | str | Path,
@@ -388,107 +420,122 @@ def train_head(
         raise CatalogError("fewer than two training rows")
 
     fork_devices = [device.index or 0] if device.type == "cuda" else []
-    history: list[dict[str, Any]] = []
     threads = cfg.cpu_threads(features.n_layers * features.dim) if device.type == "cpu" else None
-    with torch.random.fork_rng(devices=fork_devices), _num_threads(threads):
-        torch.manual_seed(cfg.seed)
-        head = _init_head(head_cfg)
-        if init is not None:
-            if init.head.config != head_cfg:
-                raise TrainingError(
-                    f"cannot warm-start from {init.version}: its head differs ({init.head.config} vs {head_cfg})"
-                )
-            head.load_state_dict(init.head.state_dict())
-        elif head_cfg.input_norm:
-            head.set_input_stats(x_train)
-        head = head.to(device)
-        opt = torch.optim.AdamW(_param_groups(head, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
-        params = [p for g in opt.param_groups for p in g["params"]]
-        gen = torch.Generator().manual_seed(cfg.seed)
-        best_loss = math.inf  # of the early-stopping criterion
-        best_state: dict[str, torch.Tensor] | None = None
-        best_epoch = 0
-        wait = 0
-        stopped_early = False
-        train_began = time.perf_counter()
-        epochs = range(1, cfg.epochs + 1)
-        bar: Any = None
-        if progress:
-            tqdm: Any = importlib.import_module("tqdm").tqdm  # typed as Any: no stubs needed
 
-            bar = tqdm(epochs, unit="epoch", desc="train", dynamic_ncols=True)
-            epochs = bar
-        epoch = 0
-        for epoch in epochs:
-            t0 = time.perf_counter()
-            head.train()
-            # The loss is summed on the device and checked once an epoch: no GPU sync per step.
-            total = torch.zeros((), device=device)
-            steps = 0
-            for idx in _batches(n_rows, cfg.batch_size, gen):
-                idx = idx.to(device)
-                xb, yb = x_train.index_select(0, idx), y_train.index_select(0, idx)
-                opt.zero_grad(set_to_none=True)
-                with _autocast(device, cfg.amp):
-                    pred = head(xb)
-                loss = head.loss(pred.float(), yb)
-                loss.backward()
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
-                opt.step()
-                total += loss.detach()
-                steps += 1
-            train_loss = float(total) / max(steps, 1)
-            if not math.isfinite(train_loss):
-                raise TrainingError(
-                    f"the training loss became {train_loss} in epoch {epoch}; "
-                    f"try a lower learning rate (lr={cfg.lr}) or check the features for outliers"
-                )
-            sched.step()
-            record: dict[str, Any] = {
-                "epoch": epoch,
-                "lr": float(opt.param_groups[0]["lr"]),
-                "train_loss": train_loss,
-            }
-            if len(val_pos):
-                head.eval()
-                pred_val = _predict(head, x_val, device, cfg.amp)
-                if val_index is not None and val_weights is not None:
-                    pred_val = _song_mean(pred_val, val_index, val_weights, len(val_pos))
-                with torch.no_grad():
-                    val_loss = float(head.loss(pred_val, y_val))
-                    mse, _ = head.task_mse(pred_val, y_val)
-                scaled = float((mse / target_var).sum())
-                record["val_loss"] = val_loss
-                record["val_scaled_mse"] = scaled
-                record["val_mse"] = {t: float(v) for t, v in zip(tasks, mse.tolist(), strict=True)}
-                criterion = val_loss if cfg.stop_on == "val_loss" else scaled
-                if criterion < best_loss:
-                    best_loss, best_epoch, wait = criterion, epoch, 0
-                    best_state = copy.deepcopy(head.state_dict())
-                else:
-                    wait += 1
-            record["seconds"] = time.perf_counter() - t0
-            history.append(record)
+    def fit_member(seed: int, start: ApexHead | None) -> _Member:
+        """One head trained from ``seed`` (its init and batch order); ``start``: warm start."""
+        history: list[dict[str, Any]] = []
+        with torch.random.fork_rng(devices=fork_devices), _num_threads(threads):
+            torch.manual_seed(seed)
+            head = _init_head(head_cfg)
+            if start is not None:
+                head.load_state_dict(start.state_dict())
+            elif head_cfg.input_norm:
+                head.set_input_stats(x_train)
+            head = head.to(device)
+            opt = torch.optim.AdamW(_param_groups(head, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+            params = [p for g in opt.param_groups for p in g["params"]]
+            gen = torch.Generator().manual_seed(seed)
+            best_loss = math.inf  # of the early-stopping criterion
+            best_state: dict[str, torch.Tensor] | None = None
+            best_epoch = 0
+            wait = 0
+            stopped_early = False
+            train_began = time.perf_counter()
+            epochs = range(1, cfg.epochs + 1)
+            bar: Any = None
+            if progress:
+                tqdm: Any = importlib.import_module("tqdm").tqdm  # typed as Any: no stubs needed
+
+                bar = tqdm(epochs, unit="epoch", desc="train", dynamic_ncols=True)
+                epochs = bar
+            epoch = 0
+            for epoch in epochs:
+                t0 = time.perf_counter()
+                head.train()
+                # The loss is summed on the device and checked once an epoch: no GPU sync per step.
+                total = torch.zeros((), device=device)
+                steps = 0
+                for idx in _batches(n_rows, cfg.batch_size, gen):
+                    idx = idx.to(device)
+                    xb, yb = x_train.index_select(0, idx), y_train.index_select(0, idx)
+                    opt.zero_grad(set_to_none=True)
+                    with _autocast(device, cfg.amp):
+                        pred = head(xb)
+                    loss = head.loss(pred.float(), yb)
+                    loss.backward()
+                    if cfg.grad_clip is not None:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+                    opt.step()
+                    total += loss.detach()
+                    steps += 1
+                train_loss = float(total) / max(steps, 1)
+                if not math.isfinite(train_loss):
+                    raise TrainingError(
+                        f"the training loss became {train_loss} in epoch {epoch}; "
+                        f"try a lower learning rate (lr={cfg.lr}) or check the features for outliers"
+                    )
+                sched.step()
+                record: dict[str, Any] = {
+                    "epoch": epoch,
+                    "lr": float(opt.param_groups[0]["lr"]),
+                    "train_loss": train_loss,
+                }
+                if len(val_pos):
+                    head.eval()
+                    pred_val = _predict(head, x_val, device, cfg.amp)
+                    if val_index is not None and val_weights is not None:
+                        pred_val = _song_mean(pred_val, val_index, val_weights, len(val_pos))
+                    with torch.no_grad():
+                        val_loss = float(head.loss(pred_val, y_val))
+                        mse, _ = head.task_mse(pred_val, y_val)
+                    scaled = float((mse / target_var).sum())
+                    record["val_loss"] = val_loss
+                    record["val_scaled_mse"] = scaled
+                    record["val_mse"] = {t: float(v) for t, v in zip(tasks, mse.tolist(), strict=True)}
+                    criterion = val_loss if cfg.stop_on == "val_loss" else scaled
+                    if criterion < best_loss:
+                        best_loss, best_epoch, wait = criterion, epoch, 0
+                        best_state = copy.deepcopy(head.state_dict())
+                    else:
+                        wait += 1
+                record["seconds"] = time.perf_counter() - t0
+                history.append(record)
+                if bar is not None:
+                    bar.set_postfix(train=f"{record['train_loss']:.3f}", val=f"{record.get('val_loss', math.nan):.3f}")
+                if len(val_pos) and wait >= cfg.patience:
+                    stopped_early = True
+                    break
+            train_s = time.perf_counter() - train_began
             if bar is not None:
-                bar.set_postfix(train=f"{record['train_loss']:.3f}", val=f"{record.get('val_loss', math.nan):.3f}")
-            if len(val_pos) and wait >= cfg.patience:
-                stopped_early = True
-                break
-        train_s = time.perf_counter() - train_began
-        if bar is not None:
-            bar.close()
-        if best_state is not None:
-            head.load_state_dict(best_state)
-        else:
-            best_epoch = epoch
-    head = head.to("cpu").eval()
+                bar.close()
+            if best_state is not None:
+                head.load_state_dict(best_state)
+            else:
+                best_epoch = epoch
+        head = head.to("cpu").eval()
+        return _Member(head, history, best_epoch, best_loss, stopped_early, train_s)
+
+    if init is not None and init.head.config != head_cfg:
+        raise TrainingError(
+            f"cannot warm-start from {init.version}: its head differs ({init.head.config} vs {head_cfg})"
+        )
+    # Member i is seeded cfg.seed + i (member 0 is the single head of the same seed); a warm start
+    # starts each member from the same member of an ensemble of the same size, else from its head.
+    seeds = [cfg.seed + i for i in range(cfg.ensemble)]
+    starts: list[ApexHead | None] = [None] * cfg.ensemble
+    if init is not None:
+        starts = [init.heads[i] if init.ensemble_size == cfg.ensemble else init.head for i in range(cfg.ensemble)]
+    members = [fit_member(seed, start) for seed, start in zip(seeds, starts, strict=True)]
+    _, history, best_epoch, best_loss, stopped_early, train_s = members[0]
+    train_s = sum(m.train_s for m in members)
+    ood, ood_info = _fit_ood(cfg, features.layers[feat_rows[train_pos]])
 
     ids = al.song_ids
     train_ids = [ids[i] for i in train_pos]
     val_ids = [ids[i] for i in val_pos]
-    training = {
+    training: dict[str, Any] = {
         "config": cfg.card_dict(),
         "input_mode": cfg.input_mode,
         "n_train": len(train_ids),
@@ -500,8 +547,13 @@ def train_head(
         "best_val_criterion": best_loss if math.isfinite(best_loss) else None,
         "catalog": cat.path.name,
     }
+    if cfg.ensemble > 1:
+        training["ensemble_seeds"] = seeds
+        training["ensemble_best_epochs"] = [m.best_epoch for m in members]
     result_model = ScoringModel.from_head(
-        head,
+        [m.head for m in members],
+        ood=ood,
+        ood_info=ood_info,
         encoder_id=features.encoder_id,
         training=training,
         layers=features.layer_indices,
@@ -524,7 +576,7 @@ def train_head(
         skipped_failed=al.skipped_failed,
         elapsed_s=time.perf_counter() - began,
         train_s=train_s,
-        rows_per_epoch=n_rows,
+        rows_per_epoch=n_rows * cfg.ensemble,
     )
     # metrics.json is plain JSON: undefined correlations (constant predictions) become null.
     result.model.metrics = json_safe({"validation": metrics, "training": result.summary(), "history": history})

@@ -78,8 +78,13 @@ class GeneratorSpec:
     log_exposure: float = 5.0  # log of the typical listeners a week-old song reaches
     growth_per_week: float = 0.0  # platform growth: newer songs reach more listeners
     lowpass_hz: float | None = None  # band limit of the generator's audio, None = full band
+    #: Qualities this generator renders inverted (q -> 1 - q): its audio-to-quality mapping differs.
+    inverted: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        unknown = [q for q in self.inverted if q not in QUALITY_NAMES]
+        if unknown:
+            raise ValueError(f"unknown qualities {unknown} to invert; known: {list(QUALITY_NAMES)}")
         if not self.name.startswith("synthetic"):
             raise ValueError(f"synthetic generator names must start with 'synthetic': {self.name!r}")
         if not self.share > 0:
@@ -93,6 +98,24 @@ DEFAULT_GENERATORS: tuple[GeneratorSpec, ...] = (
     GeneratorSpec("synthetic-b", share=0.3, skill=0.08, log_exposure=5.0, growth_per_week=0.15, lowpass_hz=10_000.0),
     GeneratorSpec("synthetic-c", share=0.2, skill=-0.08, log_exposure=4.2, growth_per_week=-0.05, lowpass_hz=6_500.0),
 )
+
+#: A generator whose audio-to-quality mapping differs from the others' (issue 17's holdout): its
+#: songs' consonance is rendered inverted, so a consonant-sounding song of it is truly a dissonant
+#: one (its labels and audience follow the hidden quality, not the sound), with an 8 kHz band limit
+#: that sits between b's and c's. Not in DEFAULT_GENERATORS: worlds drawn before it are unchanged.
+NOVEL_GENERATOR = GeneratorSpec(
+    "synthetic-novel", share=0.2, log_exposure=5.0, growth_per_week=0.1, lowpass_hz=8_000.0, inverted=("consonance",)
+)
+WITH_NOVEL_GENERATOR: tuple[GeneratorSpec, ...] = (*DEFAULT_GENERATORS, NOVEL_GENERATOR)
+
+
+def rendered_qualities(generator: GeneratorSpec, qualities: npt.ArrayLike) -> FloatArray:
+    """The qualities a generator's audio expresses: its ``inverted`` ones flipped, the rest as they are."""
+    q = np.array(qualities, dtype=np.float64)
+    for name in generator.inverted:
+        q[..., QUALITY_NAMES.index(name)] = 1.0 - q[..., QUALITY_NAMES.index(name)]
+    return q
+
 
 DrumHits = tuple[tuple[int, float], ...]  # (sixteenth step within the bar, velocity)
 

@@ -32,6 +32,7 @@ from ranker.synth.cast import (
     WORLD_VERSION,
     GeneratorSpec,
     _check_generators,
+    rendered_qualities,
 )
 from ranker.synth.compose import compose_song
 from ranker.synth.render import render_composition
@@ -138,7 +139,7 @@ def simulate_catalog(
             index=i,
             path=str(paths[i]),
             audio_seed=spec.audio_seed,
-            qualities=tuple(float(v) for v in spec.qualities.as_array()),
+            qualities=tuple(float(v) for v in rendered_qualities(by_name[spec.generator], spec.qualities.as_array())),
             style=spec.style,
             duration_s=float(duration_s),
             sample_rate=int(sample_rate),

@@ -23,7 +23,15 @@ from functools import lru_cache
 import numpy as np
 import numpy.typing as npt
 
-from ranker.synth.cast import DEFAULT_GENERATORS, FloatArray, GeneratorSpec, Qualities, _pick_generator, _style
+from ranker.synth.cast import (
+    DEFAULT_GENERATORS,
+    FloatArray,
+    GeneratorSpec,
+    Qualities,
+    _pick_generator,
+    _style,
+    rendered_qualities,
+)
 from ranker.synth.compose import Composition, Part, _sub_rngs, compose_song
 
 _TABLE_N = 2048
@@ -296,6 +304,9 @@ def synthesize_song(
 
     ``generator`` (a name among ``generators`` or a spec) adds its bandwidth fingerprint.
     """
+    if generator is not None:
+        spec = _pick_generator(generators, generator)
+        qualities = rendered_qualities(spec, Qualities.coerce(qualities).as_array())
     comp = compose_song(rng_or_seed, qualities, style, duration_s)
-    lowpass = None if generator is None else _pick_generator(generators, generator).lowpass_hz
+    lowpass = None if generator is None else spec.lowpass_hz
     return render_composition(comp, sample_rate, lowpass_hz=lowpass).astype(np.float32)
