@@ -29,7 +29,8 @@ from ranker.embed import embed_catalog
 from ranker.features import load_features
 from ranker.model.readout import fit_like_readout
 from ranker.model.retrain import Observed, _median, smoothed_like_rates, training_catalog
-from ranker.model.train import TrainConfig, train_head
+from ranker.model.train import train_head
+from ranker.model.train_config import TrainConfig
 from ranker.settings import ModelSettings, Settings
 
 

@@ -100,7 +100,8 @@ def train_demo_head(settings: Settings, console: Console, *, out: Path, n_songs:
     from ranker.model.evaluate import evaluate
     from ranker.model.registry import promote
     from ranker.model.report import metrics_table
-    from ranker.model.train import TrainConfig, train_head
+    from ranker.model.train import train_head
+    from ranker.model.train_config import TrainConfig
     from ranker.synth import simulate_catalog
 
     started = time.perf_counter()

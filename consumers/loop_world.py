@@ -255,7 +255,8 @@ def _pretrain_head(settings: Settings, *, seed: int, out_dir: Path, cfg: LoopCon
     """An APEX head trained on a separate synthetic history catalog, so the prior means something."""
     from ranker.embed import embed_catalog
     from ranker.features import load_features
-    from ranker.model.train import TrainConfig, train_head
+    from ranker.model.train import train_head
+    from ranker.model.train_config import TrainConfig
 
     catalog = simulate_catalog(
         out_dir / "history", n_songs=cfg.history_songs, seed=seed + 7919, duration_s=cfg.duration_s

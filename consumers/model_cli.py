@@ -38,7 +38,7 @@ def _guard(fn: Handler) -> Handler:
 
         from ranker.catalog import CatalogError
         from ranker.model.artifact import ModelArtifactError
-        from ranker.model.train import TrainingError
+        from ranker.model.train_config import TrainingError
 
         try:
             return fn(args)
@@ -111,7 +111,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 # -- train ------------------------------------------------------------------------------
 def _train_config(args: argparse.Namespace) -> Any:
-    from ranker.model.train import TrainConfig
+    from ranker.model.train_config import TrainConfig
 
     fields: dict[str, Any] = {
         "input_mode": args.input_mode,
@@ -262,7 +262,7 @@ def cmd_ablation(args: argparse.Namespace) -> int:
     """Run the paper's 24 conditions plus our improvements; write the comparison table."""
     from ranker.features import load_features
     from ranker.model.ablation import all_conditions, improvement_conditions, paper_conditions, run_ablation
-    from ranker.model.train import TrainConfig
+    from ranker.model.train_config import TrainConfig
 
     base = TrainConfig(
         epochs=args.epochs,

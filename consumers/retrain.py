@@ -41,7 +41,7 @@ from ranker.features import FeatureSet
 from ranker.model.artifact import ScoringModel
 from ranker.model.examination import Examination, refresh_examination
 from ranker.model.retrain import Observed, RetrainReport, aggregate_engagement, retrain
-from ranker.model.train import TrainConfig
+from ranker.model.train_config import TrainConfig
 from ranker.scoring import SongMeta, load_current_model, score_songs
 from ranker.serving.policy import Policy, generator_factors
 from ranker.serving.state import READ_FIELDS, state_from_fields

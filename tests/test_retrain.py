@@ -40,7 +40,7 @@ from ranker.model.retrain import (
     smoothed_like_rates,
 )
 from ranker.model.targets import TargetTransform
-from ranker.model.train import TrainConfig
+from ranker.model.train_config import TrainConfig
 from ranker.serving.state import PRIOR_FIELD
 from ranker.serving.writer import FeedWriter, on_engagement
 from ranker.settings import RetrainSettings, Settings

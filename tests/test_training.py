@@ -45,7 +45,8 @@ from ranker.model.released import (
     paper_layer_mix,
 )
 from ranker.model.report import write_json
-from ranker.model.train import TrainConfig, train_head
+from ranker.model.train import train_head
+from ranker.model.train_config import TrainConfig
 from ranker.settings import AudioSettings, ModelSettings, Settings
 
 N_MELS = 32

@@ -23,7 +23,8 @@ from ranker.features import FeatureSet
 from ranker.model.artifact import ScoringModel
 from ranker.model.holdout import calibration_error, evaluate_holdout
 from ranker.model.ood import fit_ood
-from ranker.model.train import TrainConfig, train_head
+from ranker.model.train import train_head
+from ranker.model.train_config import TrainConfig
 from ranker.scoring import SongMeta, score_predictions
 from ranker.settings import Settings
 

@@ -36,7 +36,8 @@ from ranker.events import POPULARITY_TASKS, TASKS
 from ranker.features import FeatureSet
 from ranker.model.evaluate import align, as_catalog, evaluate_report
 from ranker.model.report import write_json
-from ranker.model.train import TrainConfig, train_head
+from ranker.model.train import train_head
+from ranker.model.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -30,30 +30,32 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from pydantic import ValidationError
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from ranker.errors import ConfigError
+from ranker.model.artifact_files import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    WEIGHTS_FILE,
+    ModelArtifactError,
+    check_tensors,
+    fsync_dir,
+    read_card,
+    read_metrics,
+    read_ood,
+    read_weights,
+    write_file,
+)
 from ranker.model.card import FORMAT, ModelCard, content_hash, version_from
 from ranker.model.head import ApexHead, HeadConfig
-from ranker.model.ood import PREFIX as OOD_PREFIX
 from ranker.model.ood import OodModel
 from ranker.model.readout import LikeReadout
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.json"
 #: MERT hidden-state indices the paper pools (index 0 is the feature projection).
 DEFAULT_LAYERS: tuple[int, ...] = (2, 5, 8, 12)
 
 Device = str | torch.device
-
-
-class ModelArtifactError(ConfigError):
-    """A model directory is missing, incomplete, corrupt or does not fit the configured encoder."""
 
 
 def resolve_device(device: Device) -> torch.device:
@@ -398,19 +400,19 @@ class ScoringModel:
         try:
             state = {k: v.detach().to("cpu").contiguous() for k, v in self._state().items()}
             weights = save_safetensors(state, metadata={"format": FORMAT, "model_version": self.version})
-            _write_file(tmp / WEIGHTS_FILE, weights)
-            _write_file(tmp / CONFIG_FILE, self._card.model_dump_json(indent=2).encode() + b"\n")
+            write_file(tmp / WEIGHTS_FILE, weights)
+            write_file(tmp / CONFIG_FILE, self._card.model_dump_json(indent=2).encode() + b"\n")
             if self.metrics is not None:
                 text = json.dumps(self.metrics, indent=2, sort_keys=True, default=str)
-                _write_file(tmp / METRICS_FILE, text.encode() + b"\n")
-            _fsync_dir(tmp)
+                write_file(tmp / METRICS_FILE, text.encode() + b"\n")
+            fsync_dir(tmp)
             try:
                 os.rename(tmp, target)
             except OSError:
                 if target.exists():  # somebody else saved it first
                     return self._check_existing(target)
                 raise
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -435,9 +437,9 @@ class ScoringModel:
         path = Path(directory)
         if not path.is_dir():
             raise ModelArtifactError(f"model directory {path} does not exist or is not a directory")
-        card = _read_card(path)
-        tensors = _read_weights(path)
-        ood = _read_ood(path, card, tensors)
+        card = read_card(path)
+        tensors = read_weights(path)
+        ood = read_ood(path, card, tensors)
         heads = []
         for i in range(card.ensemble):
             with torch.random.fork_rng(devices=[]):
@@ -447,117 +449,17 @@ class ScoringModel:
             else:
                 prefix = member_key(i, "")
                 own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-            _check_tensors(path, head, own)
+            check_tensors(path, head, own)
             head.load_state_dict(own, strict=True)
             heads.append(head)
         if card.ensemble > 1:
             stray = sorted(k for k in tensors if not k.startswith("member"))
             if stray:
                 raise ModelArtifactError(f"{path / WEIGHTS_FILE}: unexpected tensors {stray[:8]} in an ensemble")
-        model = cls(heads, card, device=device, metrics=_read_metrics(path), ood=ood)
+        model = cls(heads, card, device=device, metrics=read_metrics(path), ood=ood)
         if card.model_version is not None and card.model_version != model.version:
             raise ModelArtifactError(
                 f"{path}: config.json says model_version {card.model_version} but the files hash to "
                 f"{model.version}: the weights or the config were changed or corrupted after saving"
             )
         return model
-
-
-# File helpers -----------------------------------------------------------------------
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _read_card(path: Path) -> ModelCard:
-    config_path = path / CONFIG_FILE
-    if not config_path.is_file():
-        raise ModelArtifactError(
-            f"{path} has no {CONFIG_FILE}; a model directory holds {WEIGHTS_FILE} and {CONFIG_FILE}"
-        )
-    try:
-        return ModelCard.model_validate_json(config_path.read_bytes())
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
-        )
-        raise ModelArtifactError(f"{config_path} is not a valid model config: {problems}") from exc
-
-
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    weights_path = path / WEIGHTS_FILE
-    if not weights_path.is_file():
-        pickles = sorted(p.name for p in path.iterdir() if p.suffix in {".pt", ".pth", ".bin", ".ckpt", ".pkl"})
-        hint = f" (found {', '.join(pickles)}: pickle checkpoints are never loaded)" if pickles else ""
-        raise ModelArtifactError(f"{path} has no {WEIGHTS_FILE}{hint}")
-    try:
-        return load_safetensors(weights_path.read_bytes())
-    except Exception as exc:  # safetensors raises its own error type for any malformed file
-        raise ModelArtifactError(f"{weights_path} is not a readable safetensors file: {exc}") from exc
-
-
-def _read_ood(path: Path, card: ModelCard, tensors: dict[str, torch.Tensor]) -> OodModel | None:
-    """Pop the OOD model's tensors out of ``tensors``; the model when the card says there is one."""
-    own = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(OOD_PREFIX)]}
-    if card.ood is None:
-        if own:
-            raise ModelArtifactError(f"{path / WEIGHTS_FILE} holds OOD tensors but {CONFIG_FILE} names no OOD model")
-        return None
-    try:
-        return OodModel.from_tensors(own)
-    except (KeyError, ValueError) as exc:
-        raise ModelArtifactError(f"{path / WEIGHTS_FILE}: the OOD model is missing or malformed ({exc})") from exc
-
-
-def _check_tensors(path: Path, head: ApexHead, tensors: Mapping[str, torch.Tensor]) -> None:
-    expected = head.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ModelArtifactError(
-            f"{path / WEIGHTS_FILE} does not match its config: missing tensors {missing[:8]}, "
-            f"unexpected tensors {unexpected[:8]}"
-        )
-    wrong = [
-        f"{name} {list(tensors[name].shape)} (expected {list(t.shape)})"
-        for name, t in expected.items()
-        if tensors[name].shape != t.shape
-    ]
-    if wrong:
-        raise ModelArtifactError(f"{path / WEIGHTS_FILE} has tensors of the wrong shape: {'; '.join(wrong[:8])}")
-    for name, t in tensors.items():
-        if t.is_floating_point() != expected[name].is_floating_point():
-            raise ModelArtifactError(f"{path / WEIGHTS_FILE}: tensor {name} has dtype {t.dtype}")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ModelArtifactError(f"{path / WEIGHTS_FILE}: tensor {name} contains NaN or inf")
-
-
-def _read_metrics(path: Path) -> dict[str, Any] | None:
-    metrics_path = path / METRICS_FILE
-    if not metrics_path.is_file():
-        return None
-    try:
-        data = json.loads(metrics_path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        # Metrics are informational: an unreadable file must not stop a model from serving.
-        log.warning("ignoring unreadable %s: %s", metrics_path, exc)
-        return None
-    if not isinstance(data, dict):
-        log.warning("ignoring %s: expected a JSON object", metrics_path)
-        return None
-    return data

@@ -30,7 +30,8 @@ from ranker.model.artifact import ScoringModel
 from ranker.model.battles import roc_auc
 from ranker.model.evaluate import _pearson, _rank, align, as_catalog, regression_metrics, target_matrix
 from ranker.model.report import json_safe
-from ranker.model.train import TrainConfig, TrainResult, train_head
+from ranker.model.train import train_head
+from ranker.model.train_config import TrainConfig, TrainResult
 
 CALIBRATION_BINS = 10
 

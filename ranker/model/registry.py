@@ -15,15 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ranker.errors import ConfigError
-from ranker.model.artifact import (
-    CONFIG_FILE,
-    DEFAULT_LAYERS,
-    WEIGHTS_FILE,
-    Device,
-    ModelArtifactError,
-    ScoringModel,
-    _fsync_dir,
-)
+from ranker.model.artifact import DEFAULT_LAYERS, Device, ScoringModel
+from ranker.model.artifact_files import CONFIG_FILE, WEIGHTS_FILE, ModelArtifactError, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +134,6 @@ def promote(models_root: str | os.PathLike[str], model_dir: str | os.PathLike[st
     except OSError:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(root)
+    fsync_dir(root)
     log.info("promoted %s (%s)", model.version, target)
     return model.version

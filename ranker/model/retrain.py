@@ -59,7 +59,8 @@ from ranker.model.evaluate import evaluate, fit_transform
 from ranker.model.readout import fit_like_readout
 from ranker.model.registry import promote
 from ranker.model.targets import TargetTransform
-from ranker.model.train import TrainConfig, train_head
+from ranker.model.train import train_head
+from ranker.model.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
