@@ -217,6 +217,18 @@ class ModelSettings(_Section):
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # MERT speed options (ranker.encoders.mert.SpeedOptions says what each does).
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="MERT attention kernel; flash_attention_2 needs flash-attn and CUDA (sdpa on the CPU)."
+    )
+    half_weights: bool = Field(
+        False, description="Cast MERT to the bf16/fp16 precision end to end instead of autocast (CUDA, or explicit)."
+    )
+    bucket_s: list[float] = Field(
+        [], description="Padded MERT batch widths in seconds (e.g. 10,20,30): few shapes; empty: whole seconds on CUDA."
+    )
+    compile: Literal["off", "dynamic", "static", "cudagraphs"] = Field("off", description="torch.compile MERT.")
+    pin_memory: bool = Field(False, description="Pinned host buffers and non-blocking copies (CUDA only).")
     logmel_n_mels: int = Field(96, ge=8)
     ood_flag_percentile: float = Field(
         95.0,
