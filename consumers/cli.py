@@ -135,6 +135,12 @@ def cmd_report_arms(args: argparse.Namespace) -> int:
     return print_arms(_settings(args), as_json=args.json)
 
 
+def cmd_report_generators(args: argparse.Namespace) -> int:
+    from consumers.generator_report import print_generators
+
+    return print_generators(_settings(args), args.window_h, args.json)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from consumers.demo import run_demo
 
@@ -269,6 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
         report_sub,
     )
     arms.add_argument("--json", action="store_true", help="print the report as JSON")
+    gens = add(
+        "generators",
+        cmd_report_generators,
+        "each generator's songs over a recent window against the model's training: OOD, mean and score shifts",
+        report_sub,
+    )
+    gens.add_argument("--window-h", type=float, default=24.0, help="songs scored in the last this many hours")
+    gens.add_argument("--json", action="store_true", help="print the report as JSON")
 
     demo = add("demo", cmd_demo, "the end-to-end demo on the embedded stack (logmel encoder, synthetic songs)")
     demo.add_argument("--songs", type=int, default=48)

@@ -220,6 +220,10 @@ class ScoringModel:
             update["target_transform"] = dict(target_transform)
         return self._with_card(update, training)
 
+    def with_training(self, training: Mapping[str, Any]) -> ScoringModel:
+        """A copy of this model with ``training`` merged into its card's training record."""
+        return self._with_card({}, training)
+
     def _with_card(self, update: dict[str, Any], training: Mapping[str, Any] | None) -> ScoringModel:
         """A copy of this model whose card has ``update`` (validated), ``training`` merged into its record."""
         if training:

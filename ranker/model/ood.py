@@ -19,7 +19,7 @@ training song and 100 is further than every held-out one. The flag threshold is 
 (``model.ood_flag_percentile``), not part of the model.
 
 Cost per song: one (D x k) matrix product and a norm; on the CPU about 10 us a song for
-MERT-sized inputs in batches (benchmarks/ood_cost.py prints it).
+MERT-sized inputs in batches (benchmarks/uncertainty_cost.py prints it).
 """
 
 from __future__ import annotations

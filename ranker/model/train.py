@@ -50,6 +50,7 @@ import torch
 from ranker.catalog import Catalog, CatalogError
 from ranker.features import FeatureSet, FeatureStoreError
 from ranker.model.artifact import ScoringModel, resolve_device
+from ranker.model.drift import score_quantiles
 from ranker.model.evaluate import (
     align,
     as_catalog,
@@ -420,6 +421,8 @@ def train_head(
     if cfg.ensemble > 1:
         training["ensemble_seeds"] = seeds
         training["ensemble_best_epochs"] = [m.best_epoch for m in members]
+    if generators is not None:  # what the drift report calls a generator the model has seen (ranker.model.drift)
+        training["generators"] = sorted({str(g) for g in np.asarray(generators)[train_pos].tolist()})
     result_model = ScoringModel.from_head(
         [m.head for m in members],
         ood=ood,
@@ -429,6 +432,9 @@ def train_head(
         layers=features.layer_indices,
         target_transform=transform.to_dict(),
     )
+    # The training songs' scores as the model gives them: what the drift report compares new songs with.
+    train_scores = predict_songs(result_model, features, feat_rows[train_pos], input_mode=cfg.input_mode)
+    result_model = result_model.with_training({"score_quantiles": score_quantiles(train_scores, tasks)})
     metrics: dict[str, dict[str, float]] = {}
     if len(val_pos):
         pred = predict_songs(result_model, features, feat_rows[val_pos], input_mode=cfg.input_mode)
