@@ -14,7 +14,10 @@ b. **End to end with the logmel encoder**: 30 s WAV files are written up front, 
    the first polled batch to the last offset commit (the idle tail before the worker
    exits is not counted, nor is the group join). Every song is fetched, decoded,
    encoded, scored and written to SQLite + FAISS + Redis, and ``songs.scored`` is
-   published.
+   published. ``--pipeline off,on`` runs the worker's one-batch path and its pipelined
+   path (``worker.pipelined``: decode pool + encoder groups) side by side, interleaved.
+   Then the *decode bound*: fetch + decode + resample + segment of the same WAVs alone,
+   in each ``--decode-pools`` pool (threads or processes), no encoder and no stores.
 c. **The plumbing's ceiling**: the embedding store is filled beforehand under the
    worker's encoder id, so the worker reuses each stored embedding and skips
    fetch/decode/encode; a fresh Redis prefix makes it score and write every song.
@@ -57,6 +60,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -84,9 +88,11 @@ from indexes import open_score_store  # noqa: E402
 from indexes.base import EmbeddingRecord, SongRecord  # noqa: E402
 from indexes.embedding_index import EmbeddingIndex  # noqa: E402
 from indexes.faiss_index import FaissIndexConfig, FaissVectorIndex  # noqa: E402
+from ranker.audio import load_song, segment_waveform  # noqa: E402
 from ranker.encoders import build_encoder  # noqa: E402
 from ranker.events import TASKS, SongGenerated  # noqa: E402
 from ranker.settings import (  # noqa: E402
+    AudioSettings,
     IndexSettings,
     KafkaSettings,
     ModelSettings,
@@ -157,6 +163,7 @@ def bench_settings(
     index_dir: Path,
     max_poll_records: int,
     partitions: int,
+    pipelined: bool = False,
 ) -> Settings:
     """Settings for one worker run: input topic ``input_tag``, everything else private to ``run_tag``."""
     topics = TopicSettings(
@@ -182,7 +189,7 @@ def bench_settings(
         redis=RedisSettings(url=base.redis.url, key_prefix=f"bench{run_tag}"),
         index=IndexSettings(path=index_dir, use_gpu="never"),
         model=ModelSettings(device="cpu", allow_untrained=True),  # plumbing: the seeded head will do
-        worker=WorkerSettings(max_poll_records=max_poll_records),
+        worker=WorkerSettings(max_poll_records=max_poll_records, pipelined=pipelined),
     )
 
 
@@ -372,10 +379,10 @@ class TimedWorker(Worker):
         self.first_batch: CpuSample | None = None
         self.last_commit: CpuSample | None = None
 
-    def _handle(self, messages: list[Message], producer: Any) -> None:
+    def _received(self, messages: list[Message]) -> None:
         if self.first_batch is None:
             self.first_batch = CpuSample.take(self.stack_pids)
-        super()._handle(messages, producer)
+        super()._received(messages)
 
     def _retry(self, what: str, fn: Callable[[], Any]) -> Any:
         out = super()._retry(what, fn)
@@ -391,6 +398,7 @@ def stage_sums() -> dict[str, float]:
 @dataclass
 class RunResult:
     label: str
+    pipelined: bool
     torch_threads: int
     max_poll_records: int
     songs: int
@@ -453,6 +461,7 @@ def timed_run(
         log.warning("%s: expected %d songs, scored %d, feed holds %d", label, expect, stats.scored, feed_size)
     return RunResult(
         label=label,
+        pipelined=settings.worker.pipelined,
         torch_threads=torch_threads,
         max_poll_records=settings.worker.max_poll_records,
         songs=stats.messages,
@@ -514,7 +523,9 @@ def bench_e2e(
     gen_s = time.perf_counter() - t0
     input_tag = tag()
     results: list[RunResult] = []
-    for threads, poll in combos:
+    # Old and new path side by side: each configuration once per mode, per repeat, interleaved.
+    runs = [(c, mode) for _ in range(args.e2e_repeats) for c in combos for mode in pipeline_modes(args)]
+    for (threads, poll), pipelined in runs:
         run_tag = tag()
         settings = bench_settings(
             stack.settings,
@@ -524,6 +535,7 @@ def bench_e2e(
             index_dir=root / f"index-e2e-{run_tag}",
             max_poll_records=poll,
             partitions=args.partitions,
+            pipelined=pipelined,
         )
         if not results:
             publish_events(settings, make_events("e2e", uris))
@@ -531,7 +543,7 @@ def bench_e2e(
             timed_run(
                 stack,
                 settings,
-                "end to end, logmel",
+                "end to end, logmel" + (", pipelined" if pipelined else ""),
                 args.e2e_songs,
                 torch_threads=threads,
                 idle_s=2.0,
@@ -539,6 +551,59 @@ def bench_e2e(
             )
         )
     return results, gen_s
+
+
+def pipeline_modes(args: argparse.Namespace) -> list[bool]:
+    """``--pipeline off,on``: the worker's one-batch-at-a-time path, its pipelined path, or both."""
+    return [{"off": False, "on": True}[m.strip()] for m in args.pipeline.split(",") if m.strip()]
+
+
+# --------------------------------------------------------------------------------------
+# (b') the decode bound: fetch + decode + resample + segment alone, no encoder, no stores
+# --------------------------------------------------------------------------------------
+
+
+def _decode_one(uri: str, audio: AudioSettings) -> int:
+    decoded = load_song(uri, audio)
+    return len(segment_waveform(decoded.waveform, decoded.sample_rate, audio.segment_s))
+
+
+def bench_decode(uris: Sequence[str], pools: Sequence[str], stack_pids: Sequence[int]) -> list[dict[str, Any]]:
+    """Songs/s of the pipelined worker's pool stage alone, for ``threads:N`` and ``processes:N`` pools.
+
+    Threads show whether soundfile, numpy and torchaudio release the GIL (the rate grows with N up
+    to the cores); processes pay a pickled copy of every waveform back to the parent.
+    """
+    audio = Settings(dev_mode=True).audio
+    rows = []
+    for pool in pools:
+        kind, n = pool.split(":")
+        executor: Executor = (
+            ThreadPoolExecutor(int(n)) if kind == "threads" else ProcessPoolExecutor(int(n), mp_context=_spawn())
+        )
+        with executor:
+            list(executor.map(_decode_one, uris[: int(n)], [audio] * int(n)))  # warm: imports, first reads
+            start = CpuSample.take(stack_pids)
+            segments = sum(executor.map(_decode_one, uris, [audio] * len(uris)))
+            end = CpuSample.take(stack_pids)
+        seconds = end.at - start.at
+        rows.append(
+            {
+                "pool": pool,
+                "songs": len(uris),
+                "segments": segments,
+                "seconds": seconds,
+                "songs_per_s": len(uris) / seconds,
+                "cpu_pct": cpu_share(start, end),
+            }
+        )
+    return rows
+
+
+def _spawn() -> Any:
+    import multiprocessing
+
+    return multiprocessing.get_context("forkserver")
 
 
 # --------------------------------------------------------------------------------------
@@ -567,7 +632,7 @@ def bench_plumbing(
     input_tag = tag()
     index_dir = root / "index-plumbing"
 
-    def settings_for(poll: int) -> Settings:
+    def settings_for(poll: int, pipelined: bool) -> Settings:
         return bench_settings(
             stack.settings,
             root,
@@ -576,9 +641,11 @@ def bench_plumbing(
             index_dir=index_dir,
             max_poll_records=poll,
             partitions=args.partitions,
+            pipelined=pipelined,
         )
 
-    first = settings_for(combos[0][1])
+    modes = pipeline_modes(args)
+    first = settings_for(combos[0][1], modes[0])
     encoder = build_encoder(first)
     events = make_events("plumb", [f"file:///nonexistent/plumb-{i:06d}.wav" for i in range(n)])
     t0 = time.perf_counter()
@@ -591,14 +658,14 @@ def bench_plumbing(
     fill_s = time.perf_counter() - t0
     publish_events(first, events)
     results: list[RunResult] = []
-    runs = [(c, False) for _ in range(args.repeats) for c in combos]
+    runs = [(c, m, False) for _ in range(args.repeats) for c in combos for m in modes]
     if args.profile:  # one extra run under cProfile (slower: not counted in the verdict)
-        runs.append((combos[-1], True))
-    for i, ((threads, poll), profiled) in enumerate(runs):
+        runs.append((combos[-1], modes[-1], True))
+    for i, ((threads, poll), pipelined, profiled) in enumerate(runs):
         results.append(
             timed_run(
                 stack,
-                first if i == 0 else settings_for(poll),
+                first if i == 0 else settings_for(poll, pipelined),
                 "plumbing, profiled" if profiled else "plumbing (stored embeddings)",
                 n,
                 torch_threads=threads,
@@ -727,6 +794,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--song-seconds", type=float, default=30.0)
     p.add_argument("--wav-rate", type=int, default=SAMPLE_RATE, help="WAV sample rate (not 24000: resampled)")
     p.add_argument("--e2e-poll-records", default="64,256")
+    p.add_argument("--e2e-repeats", type=int, default=1, help="repeats of each end-to-end configuration and mode")
+    p.add_argument(
+        "--pipeline",
+        default="off,on",
+        help="worker paths for the end-to-end runs, side by side: off (one polled batch at a time), on "
+        "(pipelined: decode pool + encoder groups, consumers.worker_stages)",
+    )
+    p.add_argument(
+        "--decode-pools",
+        default="threads:1,threads:2,threads:4,processes:2",
+        help="pools for the decode bound (fetch + decode + resample + segment of the end-to-end WAVs alone)",
+    )
     p.add_argument("--plumbing-songs", type=int, default=10_000)
     p.add_argument("--poll-records", default="64,256,500", help="max_poll_records values for the sweeps")
     p.add_argument(
@@ -772,17 +851,34 @@ def part_e2e(stack: Stack, root: Path, args: argparse.Namespace, report: dict[st
     report["e2e_logmel"] = {"wav_generation_s": gen_s, "runs": [asdict(r) for r in runs]}
     title = f"(b) end to end, logmel encoder, {args.e2e_songs} songs of {args.song_seconds:g} s at {args.wav_rate} Hz"
     print("\n" + run_table(title, runs))
-    best = max(runs, key=lambda r: r.songs_per_s)
-    audio_s = best.scored * args.song_seconds / best.seconds
-    print(f"    best: {best.songs_per_s:,.1f} songs/s = {audio_s:,.0f} audio-s/s")
+    for mode in sorted({r.pipelined for r in runs}):
+        best = max((r for r in runs if r.pipelined == mode), key=lambda r: r.songs_per_s)
+        audio_s = best.scored * args.song_seconds / best.seconds
+        name = "pipelined" if mode else "one batch at a time"
+        print(f"    best, {name}: {best.songs_per_s:,.1f} songs/s = {audio_s:,.0f} audio-s/s")
+    uris = [path.as_uri() for path in sorted((root / "wav").glob("*.wav"))]
+    rows = bench_decode(uris, [p for p in args.decode_pools.split(",") if p], stack.pids())
+    report["decode_bound"] = rows
+    title = "(b') the decode bound: fetch + decode + resample + segment alone (no encoder, no stores)"
+    body = [
+        [
+            r["pool"],
+            r["songs"],
+            r["seconds"],
+            r["songs_per_s"],
+            f"{r['cpu_pct']['own_pct']:.0f}/{r['cpu_pct']['other_pct']:.0f}",
+        ]
+        for r in rows
+    ]
+    print("\n" + table(title, ["pool", "songs", "s", "songs/s", "cpu% us/other"], body))
 
 
 def part_plumbing(stack: Stack, root: Path, args: argparse.Namespace, report: dict[str, Any]) -> None:
     runs, fill_s = bench_plumbing(stack, root, args, sweep(args, args.poll_records))
     counted = [r for r in runs if not r.profile_top]
-    by_config: dict[tuple[int, int], list[float]] = {}
+    by_config: dict[tuple[int, int, bool], list[float]] = {}
     for r in counted:
-        by_config.setdefault((r.torch_threads, r.max_poll_records), []).append(r.songs_per_s)
+        by_config.setdefault((r.torch_threads, r.max_poll_records, r.pipelined), []).append(r.songs_per_s)
     medians = {k: statistics.median(v) for k, v in by_config.items()}
     best_config = max(medians, key=medians.__getitem__)
     best_median = medians[best_config]
@@ -792,8 +888,14 @@ def part_plumbing(stack: Stack, root: Path, args: argparse.Namespace, report: di
         "store_fill_s": fill_s,
         "runs": [asdict(r) for r in runs],
         "target_songs_per_s": PLUMBING_TARGET,
-        "median_songs_per_s_by_config": {f"threads={t} poll={p}": m for (t, p), m in medians.items()},
-        "best_config": {"torch_threads": best_config[0], "max_poll_records": best_config[1]},
+        "median_songs_per_s_by_config": {
+            f"threads={t} poll={p} pipelined={pl}": m for (t, p, pl), m in medians.items()
+        },
+        "best_config": {
+            "torch_threads": best_config[0],
+            "max_poll_records": best_config[1],
+            "pipelined": best_config[2],
+        },
         "best_config_median_songs_per_s": best_median,
         "best_single_run_songs_per_s": top.songs_per_s,
         "median_all_runs_songs_per_s": statistics.median(r.songs_per_s for r in counted),
@@ -802,12 +904,12 @@ def part_plumbing(stack: Stack, root: Path, args: argparse.Namespace, report: di
     title = f"(c) plumbing ceiling, {args.plumbing_songs} songs: stored embeddings reused, fresh Redis prefix"
     print("\n" + run_table(title, runs))
     print(
-        "    median songs/s by (threads, poll): "
-        + ", ".join(f"({t}, {p}) {m:,.0f}" for (t, p), m in sorted(medians.items()))
+        "    median songs/s by (threads, poll, pipelined): "
+        + ", ".join(f"({t}, {p}, {'on' if pl else 'off'}) {m:,.0f}" for (t, p, pl), m in sorted(medians.items()))
     )
     print(
         f"    target >= {PLUMBING_TARGET:,.0f} songs/s: best configuration (threads {best_config[0]}, "
-        f"max_poll_records {best_config[1]}) median {best_median:,.0f} -> {verdict}; "
+        f"max_poll_records {best_config[1]}, pipelined {best_config[2]}) median {best_median:,.0f} -> {verdict}; "
         f"best single run {top.songs_per_s:,.0f} (other processes {top.cpu_pct.get('other_pct', 0):.0f}%)"
     )
     for r in runs:
@@ -882,6 +984,7 @@ def run_table(title: str, runs: Sequence[RunResult]) -> str:
         st = r.stage_s
         rows.append(
             [
+                "on" if r.pipelined else "off",
                 r.torch_threads,
                 f"{r.max_poll_records}{'*' if r.profile_top else ''}",
                 r.scored,
@@ -903,6 +1006,7 @@ def run_table(title: str, runs: Sequence[RunResult]) -> str:
             ]
         )
     headers = [
+        "pipelined",
         "thr",
         "poll",
         "scored",
@@ -925,7 +1029,8 @@ def run_table(title: str, runs: Sequence[RunResult]) -> str:
         "\n    stage columns: seconds summed over batches (worker's Prometheus histograms); "
         "'batch' = whole batch incl. publish;\n    cpu%: share of all cores used by this process, by Tansu + "
         "Redis and by other processes; songs/cpu-s: songs per CPU second of this process + Tansu + Redis;\n"
-        "    *: run under cProfile (slower; not counted)"
+        "    *: run under cProfile (slower; not counted); pipelined runs time fetch+decode in pool threads, "
+        "outside the 'fetch' column"
     )
 
 

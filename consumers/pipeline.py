@@ -51,6 +51,7 @@ from ranker.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+Retry = Callable[[str, Callable[[], Any]], Any]  # the worker's retry of infrastructure errors
 
 
 @dataclass
@@ -102,11 +103,11 @@ class ScoringPipeline:
         self.index = index
         self.store = store
         self._pool = ThreadPoolExecutor(max_workers=settings.worker.fetch_threads, thread_name_prefix="fetch")
-        self._http = AudioHTTPClient()  # one connection pool for every fetch thread
+        self.http = AudioHTTPClient()  # one connection pool for every fetch thread
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        self._http.close()
+        self.http.close()
 
     # -- stage 1: parse ---------------------------------------------------------------
     def dead_letter(self, msg: Message, code: ErrorCode | str, message: str) -> DeadLetter:
@@ -163,7 +164,7 @@ class ScoringPipeline:
         """
         cap = self.settings.worker.max_batch_audio_bytes
         worst = self.song_audio_bytes()
-        fetch = functools.partial(load_song, client=self._http)
+        fetch = functools.partial(load_song, client=self.http)
         audio_settings = self.settings.audio
         queue = deque(enumerate(todo))
         inflight: dict[Future[tuple[DecodedAudio | None, BaseException | None]], tuple[int, _Pending]] = {}
@@ -345,11 +346,26 @@ class ScoringPipeline:
             encoded.extend(ok)
             result.dead.extend(dead)
         order = {id(p): i for i, p in enumerate(songs)}
-        scored, dead = self.score(sorted(encoded, key=lambda p: order[id(p)]))
+        return result, self._scored(sorted(encoded, key=lambda p: order[id(p)]), result)
+
+    def finish(self, songs: list[_Pending], result: BatchResult, retry: Retry) -> Callable[[], None]:
+        """The pipelined worker's group (:mod:`consumers.worker_stages`): songs already decoded or
+        reused are checked for takedowns again (one may have come while they were in flight),
+        encoded and scored into ``result``; returns the closure that performs the writes.
+
+        ``retry`` repeats the store reads on infrastructure errors; the encoder runs once.
+        """
+        kept = retry("process", lambda: self.drop_gone(songs, result))
+        ok, dead = self.encode(kept)
+        result.dead.extend(dead)
+        return retry("process", lambda: self._scored(ok, result))
+
+    def _scored(self, encoded: list[_Pending], result: BatchResult) -> Callable[[], None]:
+        scored, dead = self.score(encoded)
         result.dead.extend(dead)
         result.scored = [s for _, s in scored]
         result.reused = sum(1 for p, _ in scored if p.reused)
-        return result, lambda: self.write(scored)
+        return lambda: self.write(scored)
 
 
 def _drop_waveform(p: _Pending) -> None:

@@ -15,6 +15,11 @@ a memory-mode broker that restarted comes back empty while the worker runs on. B
 batches it also applies takedowns (``songs.deleted``, read in a group of this shard's own:
 :mod:`consumers.takedown_follower`) and sweeps its shard of songs past the retention window
 (:mod:`consumers.retention`); an event of a song taken down or expired is a no-op.
+
+With ``worker.pipelined`` (the default) the batches overlap: a pool decodes while the
+encoder scores groups of songs already decoded (:mod:`consumers.worker_stages`). Groups
+finish out of poll order; each partition is committed only up to its lowest offset not yet
+written, dead-lettered or sent to the retry topic, so a crash still only replays.
 """
 
 from __future__ import annotations
@@ -51,11 +56,12 @@ from consumers.loop import (
     stop_on_signals,
     update_lag,
 )
-from consumers.pipeline import ScoringPipeline
+from consumers.pipeline import BatchResult, ScoringPipeline
 from consumers.retention import RetentionSweeper
 from consumers.retries import RetryPauses, RetryPolicy
 from consumers.takedown import apply_deleted, parse_deleted
 from consumers.takedown_follower import TakedownFollower
+from consumers.worker_stages import CommitTracker, StagedScoring, commit_offsets
 from ranker import stores
 from ranker.audio import check_file_policy
 from ranker.encoders import build_encoder
@@ -81,6 +87,17 @@ class WorkerStats:
     expired: int = 0  # ... of songs past the retention window: skipped
     takedowns: int = 0  # embeddings removed from this shard by songs.deleted
     dead_by_code: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Loop:
+    """What one run of the worker's loop holds."""
+
+    consumer: Any
+    producer: Publisher
+    takedowns: TakedownFollower
+    rejoins: RejoinCheck
+    idle: IdleClock
 
 
 def _model_dir(settings: Settings) -> Path | None:
@@ -218,56 +235,131 @@ class Worker:
         )
         takedowns.start()
         producer = Publisher(s.kafka)
-        idle = IdleClock(until_idle_s)
-        pauses = self.retry_pauses
+        loop = _Loop(consumer, producer, takedowns, rejoins, IdleClock(until_idle_s))
         try:
-            while not self._stop.is_set():
-                try:
-                    self._take_down(takedowns, producer)
-                    self._retry("retention sweep", self.retention.maybe_sweep)
-                except Stopping:
-                    break
-                pauses.resume_due(consumer)
-                polled = consumer.poll(
-                    timeout_ms=pauses.poll_timeout_ms(s.worker.poll_timeout_ms),
-                    max_records=s.worker.max_poll_records,
-                )
-                fetched = [message_of(r) for r in in_partition_order(polled)]
-                try:
-                    fetched = self._retry(
-                        "check offsets after a rebalance", functools.partial(rejoins.reconcile, consumer, fetched)
-                    )
-                except Stopping:
-                    break
-                self.assignment = frozenset(consumer.assignment())
-                self.maybe_reload_model()
-                messages = _retries_first(pauses.admit(consumer, fetched), topics.songs_retry)
-                if not messages:
-                    self.index.maybe_snapshot()
-                    if pauses.waiting:  # retries are due later: not idle
-                        idle.busy()
-                        continue
-                    if idle.expired(bool(consumer.assignment())):
-                        log.info("idle for %.1fs; exiting", until_idle_s)
-                        break
-                    continue
-                idle.busy()
-                rejoins.consumed(messages)
-                try:
-                    self._handle(messages, producer)
-                except Stopping:
-                    log.warning("stopping with a batch uncommitted; it will be redelivered")
-                    break
-                try:
-                    self._retry("commit offsets", lambda: commit(consumer))
-                except Stopping:
-                    break
-                metrics.COMMITS.inc()
-                update_lag(consumer)
+            if s.worker.pipelined:
+                self._run_pipelined(loop)
+            else:
+                self._run_batches(loop)
         finally:
             takedowns.close()
             self.close(consumer, producer)
         return self.stats
+
+    def _poll(self, loop: _Loop, max_records: int, timeout_ms: int) -> list[Message]:
+        """Between polls: takedowns, retention, due retries, a new head; then one poll, reconciled
+        after a rebalance, retries first. Raises :class:`Stopping` when asked to stop mid-retry."""
+        s = self.settings
+        self._take_down(loop.takedowns, loop.producer)
+        self._retry("retention sweep", self.retention.maybe_sweep)
+        consumer, pauses = loop.consumer, self.retry_pauses
+        pauses.resume_due(consumer)
+        polled = consumer.poll(timeout_ms=pauses.poll_timeout_ms(timeout_ms), max_records=max_records)
+        fetched = [message_of(r) for r in in_partition_order(polled)]
+        fetched = self._retry(
+            "check offsets after a rebalance", functools.partial(loop.rejoins.reconcile, consumer, fetched)
+        )
+        self.assignment = frozenset(consumer.assignment())
+        self.maybe_reload_model()
+        messages = _retries_first(pauses.admit(consumer, fetched), s.kafka.topics.songs_retry)
+        if messages:
+            loop.idle.busy()
+            loop.rejoins.consumed(messages)
+            self._received(messages)
+        return messages
+
+    def _idle(self, loop: _Loop) -> bool:
+        """Nothing polled and nothing in hand: True when the loop has been idle for ``until_idle_s``."""
+        self.index.maybe_snapshot()
+        if self.retry_pauses.waiting:  # retries are due later: not idle
+            loop.idle.busy()
+            return False
+        if loop.idle.expired(bool(self.assignment)):
+            log.info("idle for %.1fs; exiting", loop.idle.until_idle_s)
+            return True
+        return False
+
+    def _received(self, messages: list[Message]) -> None:
+        """Messages handed on for processing (the benchmark times from the first)."""
+        metrics.EVENTS_IN.inc(len(messages))
+        metrics.BATCH_SIZE.observe(len(messages))
+
+    def _run_batches(self, loop: _Loop) -> None:
+        """One polled batch at a time: process, write, publish, commit the consumer's positions."""
+        w = self.settings.worker
+        while not self._stop.is_set():
+            try:
+                messages = self._poll(loop, w.max_poll_records, w.poll_timeout_ms)
+            except Stopping:
+                break
+            if not messages:
+                if self._idle(loop):
+                    break
+                continue
+            try:
+                self._handle(messages, loop.producer)
+            except Stopping:
+                log.warning("stopping with a batch uncommitted; it will be redelivered")
+                break
+            try:
+                self._retry("commit offsets", lambda: commit(loop.consumer))
+            except Stopping:
+                break
+            metrics.COMMITS.inc()
+            update_lag(loop.consumer)
+
+    def _run_pipelined(self, loop: _Loop) -> None:
+        """Decode in a pool while the encoder works on groups of songs already decoded
+        (:mod:`consumers.worker_stages`); commit each partition up to its lowest offset in flight.
+
+        A stop request (a signal) lets the group in hand finish and be committed; the songs still
+        decoding or waiting are left uncommitted, to be read again. After a rebalance the commits
+        lag what was read by the songs in flight, so :class:`RejoinCheck` reads those partitions
+        again from the commit: the repeats supersede the songs in flight (no write is lost or doubled).
+        """
+        w = self.settings.worker
+        stages = StagedScoring(self.pipeline)
+        committed: dict[tuple[str, int], int] = {}
+        try:
+            while not self._stop.is_set():
+                room = stages.room()
+                messages: list[Message] = []
+                if room:
+                    messages = self._poll(loop, min(room, w.max_poll_records), 0 if stages.busy else w.poll_timeout_ms)
+                    stages.tracker.forget((tp.topic, tp.partition) for tp in self.assignment)
+                    stages.admit(messages)
+                if not messages and not stages.busy:
+                    if self._idle(loop):
+                        break
+                    continue
+                # Room left and songs arriving: poll again first; otherwise wait for a group.
+                wait_s = 0.0 if messages else stages.deadline_s
+                group = stages.next_group(wait_s)
+                if group is None:
+                    continue
+                t0 = time.perf_counter()
+                write = self.pipeline.finish(group.songs, group.result, self._retry)
+                stages.release(group)  # the encoder dropped the waveforms
+                self._finish(group.messages, group.result, write, loop.producer, t0)
+                stages.tracker.done(group.messages)
+                self._commit_done(loop.consumer, stages.tracker, committed)
+        except Stopping:
+            pass
+        finally:
+            if stages.busy:
+                log.warning(
+                    "stopping with %d messages uncommitted; they will be redelivered", stages.tracker.in_flight()
+                )
+            stages.close()
+
+    def _commit_done(self, consumer: Any, tracker: CommitTracker, committed: dict[tuple[str, int], int]) -> None:
+        """Commit each assigned partition up to its lowest offset still in flight, where that moved."""
+        offsets = {tp: o for tp, o in tracker.committable().items() if committed.get(tp) != o}
+        if offsets:
+            self._retry("commit offsets", lambda: commit_offsets(consumer, offsets))
+            committed.update(offsets)
+            metrics.COMMITS.inc()
+            update_lag(consumer)
 
     def _takedown_group(self) -> str:
         """This shard's own group for songs.deleted (the store's uid is persistent and unique per shard;
@@ -296,10 +388,14 @@ class Worker:
 
     def _handle(self, messages: list[Message], producer: Publisher) -> None:
         t0 = time.perf_counter()
-        metrics.EVENTS_IN.inc(len(messages))
-        metrics.BATCH_SIZE.observe(len(messages))
         # Processing only reads shared state (the embedding store, Redis), so it is safe to retry.
         result, write = self._retry("process", lambda: self.pipeline.process(messages))
+        self._finish(messages, result, write, producer, t0)
+
+    def _finish(
+        self, messages: list[Message], result: BatchResult, write: Callable[[], None], producer: Publisher, t0: float
+    ) -> None:
+        """Write, then publish scores, retries and dead letters (flushed): ``messages`` are then done."""
         self._retry("write stores", write)
         topics = self.settings.kafka.topics
         plan = self.retries.plan(result.transient)

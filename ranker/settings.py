@@ -265,6 +265,28 @@ class WorkerSettings(_Section):
         description="Decoded audio (float32 waveforms) one batch holds at once; songs past it wait for the "
         "encoder to release what came before them (docs/security.md, worst case).",
     )
+    pipelined: bool = Field(
+        True,
+        description="Fetch/decode in fetch_threads pool threads while the encoder works on songs already decoded "
+        "(consumers.worker_stages); false: one polled batch at a time, decode and encoder in turn.",
+    )
+    pipeline_songs: int = Field(
+        512,
+        ge=1,
+        description="Pipelined: songs polled and not yet written (waiting, decoding, or ready for the encoder); "
+        "decodes start only while max_batch_audio_bytes holds their worst case. GPU host: about 4 groups.",
+    )
+    group_songs: int = Field(
+        128,
+        ge=1,
+        description="Pipelined: songs the encoder takes at once (one write and commit each); pipeline_songs should "
+        "hold a few groups, so that the next ones decode while one is encoded. GPU host: 256.",
+    )
+    group_deadline_ms: int = Field(
+        100,
+        ge=0,
+        description="Pipelined: the encoder takes a short group once its oldest ready song has waited this long.",
+    )
     created_at_max_skew_s: float = Field(
         300.0, ge=0, description="A song's created_at may be at most this far in the future (clock skew)."
     )
