@@ -41,6 +41,17 @@ class PolicyOutcome:
     late_prior_spearman: float | None = None
     #: At the end: Spearman(this policy's posterior like rate, audience like rate) over every song of the world.
     posterior_spearman: float | None = None
+    #: The new generator's songs (LoopConfig.novel_from_h): plays of them, the sum of their true like
+    #: probabilities, and the posterior Spearman over them alone at the end.
+    novel_plays: int = 0
+    novel_expected_likes: float = 0.0
+    novel_posterior_spearman: float | None = None
+    #: At the end: the feed's songs whose explanation carries the model's spread (an ensemble head scored them).
+    songs_with_spread: int = 0
+
+    @property
+    def novel_expected_like_rate(self) -> float | None:
+        return self.novel_expected_likes / self.novel_plays if self.novel_plays else None
 
     @property
     def like_rate(self) -> float:
@@ -155,6 +166,16 @@ def print_result(result: LoopResult) -> None:
             f"{op['truth']:.3f}" if "truth" in op else "-",
         )
     console.print(more)
+    if any(o.novel_plays for o in result.outcomes.values()):
+        new = Table(title="the new generator's songs (synthetic-novel): expected like rate, posterior Spearman")
+        for name in ("policy", "plays", "expected like rate", "posterior Spearman"):
+            new.add_column(name, justify="left" if name == "policy" else "right")
+        for p, o in result.outcomes.items():
+            rate, rho = o.novel_expected_like_rate, o.novel_posterior_spearman
+            new.add_row(
+                p, str(o.novel_plays), "-" if rate is None else f"{rate:.4f}", "-" if rho is None else f"{rho:.3f}"
+            )
+        console.print(new)
 
 
 def plot_like_rates(result: LoopResult, path: Path) -> Path | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import typing
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -23,13 +23,18 @@ import soundfile as sf
 from ranker.settings import Settings
 from ranker.synth import (
     APPEAL_WEIGHTS,
+    NOVEL_GENERATOR,
     STYLES,
+    WITH_NOVEL_GENERATOR,
     appeal_scores,
     like_probability,
     sample_song_spec,
     simulate_catalog,
     synthesize_song,
 )
+
+#: The new generator's name (LoopConfig.novel_from_h), for the modules the synth must not reach.
+NOVEL: str = NOVEL_GENERATOR.name
 
 #: The default listeners: against the history's audience (synth.APPEAL_WEIGHTS) they care much less about
 #: consonance, dislike repetition, and weigh clean, smooth production more.
@@ -87,6 +92,13 @@ class LoopConfig:
     #: The personal policy's feed.taste_weight and feed.taste_evidence_half (None: the product's defaults).
     taste_weight: float | None = None
     taste_evidence_half: float | None = None
+    #: A new generator (issue 17): from this simulated hour on, novel_share of the arriving songs come from
+    #: synth's synthetic-novel, whose audio renders consonance inverted (docs/model.md); -1: none. The initial
+    #: head never saw it (the history catalog has the default generators only).
+    novel_from_h: int = -1
+    novel_share: float = 0.5
+    #: Heads in the initial head's deep ensemble (1: a single head, no spread); it also fits the OOD model.
+    history_ensemble: int = 1
 
     def __post_init__(self) -> None:
         counts: tuple[str, ...] = ("page_size", "plays_per_user", "history_songs", "history_epochs")
@@ -103,6 +115,10 @@ class LoopConfig:
         if not 0 < self.retrain_holdout_fraction < 1:
             bad.append("retrain_holdout_fraction")
         bad += [name for name in ("taste_strength", "taste_noise", "examination_decay") if getattr(self, name) < 0]
+        if not 0 <= self.novel_share <= 1:
+            bad.append("novel_share")
+        if self.history_ensemble < 1:
+            bad.append("history_ensemble")
         if self.retrain_rate_prior_plays < 0:
             bad.append("retrain_rate_prior_plays")
         if self.half_life_hours is not None and not self.half_life_hours > 0:
@@ -190,17 +206,29 @@ def _build_world(
     audio.mkdir(parents=True, exist_ok=True)
     truth_rng = np.random.default_rng(np.random.SeedSequence([seed, 101]))
     out: list[_Song] = []
+    novel_rng = np.random.default_rng(np.random.SeedSequence([seed, 104]))
     for i in range(songs):
         spec = sample_song_spec(np.random.default_rng(np.random.SeedSequence([seed, 100, i])))
+        hour = i * hours // songs
+        novel = novel_rng.random() < cfg.novel_share  # drawn for every song, so the world is the same either way
+        if 0 <= cfg.novel_from_h <= hour and novel:
+            spec = replace(spec, generator=NOVEL_GENERATOR.name)
         q = spec.qualities.as_array()[None, :]
         weights = dict(cfg.audience_weights) if cfg.audience_weights is not None else None
         p = float(like_probability(appeal_scores(q, [spec.style], truth_rng, weights=weights))[0])
         song_id = f"syn-loop-{seed}-{i:05d}"
         path = audio / f"{song_id}.wav"
         if not path.is_file():
-            y = synthesize_song(spec.audio_seed, spec.qualities, spec.style, cfg.duration_s, generator=spec.generator)
+            y = synthesize_song(
+                spec.audio_seed,
+                spec.qualities,
+                spec.style,
+                cfg.duration_s,
+                generator=spec.generator,
+                generators=WITH_NOVEL_GENERATOR,
+            )
             sf.write(path, y, 24_000)
-        out.append(_Song(song_id, spec.style, spec.generator, i * hours // songs, p, path))
+        out.append(_Song(song_id, spec.style, spec.generator, hour, p, path))
     names = list(STYLES)
     shares = np.array([STYLES[n].share for n in names])
     user_rng = np.random.default_rng(np.random.SeedSequence([seed, 102]))
@@ -269,6 +297,7 @@ def _pretrain_head(settings: Settings, *, seed: int, out_dir: Path, cfg: LoopCon
         lr=cfg.history_lr,
         batch_size=cfg.history_batch_size,
         seed=seed,
+        ensemble=cfg.history_ensemble,
     )
     return train_head(load_features(feats), catalog, config).model
 

@@ -73,3 +73,67 @@ def observe_device_memory() -> None:
     for i in range(torch.cuda.device_count()):
         DEVICE_MEMORY.labels(str(i), "allocated").set(torch.cuda.memory_allocated(i))
         DEVICE_MEMORY.labels(str(i), "reserved").set(torch.cuda.memory_reserved(i))
+
+
+# -- drift per generator (issue 17; docs/model.md, "Drift per generator") ---------------------------------
+GENERATOR_SONGS = Counter(
+    "apexrank_generator_songs_scored_total",
+    "Songs scored per generator, and whether the serving model's training saw the generator (seen: yes, no, "
+    "unknown for a model that does not record it)",
+    ["generator", "seen"],
+)
+GENERATOR_OOD = Histogram(
+    "apexrank_generator_ood_percentile",
+    "The OOD percentile of the songs scored, per generator (models with an OOD model only)",
+    ["generator"],
+    buckets=(10, 25, 50, 75, 90, 95, 99, 100),
+)
+GENERATOR_SCORE = Histogram(
+    "apexrank_generator_likes_score",
+    "The likes score (0-100) of the songs scored, per generator: its distribution against the training "
+    "songs' (apexrank_model_likes_score_quantile)",
+    ["generator"],
+    buckets=(5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95),
+)
+MODEL_LIKES_QUANTILE = Gauge(
+    "apexrank_model_likes_score_quantile",
+    "The serving model's training songs' likes score at each quantile (the card's training.score_quantiles)",
+    ["quantile"],
+)
+#: Generator label values kept apart; past this many, further generators count as "other" (the name comes
+#: from the event, so an unbounded set of names must not become an unbounded set of series).
+MAX_GENERATOR_LABELS = 200
+_generators: set[str] = set()
+
+
+def generator_label(name: str | None) -> str:
+    """``name`` as a metric label: itself for the first MAX_GENERATOR_LABELS names seen, else "other"."""
+    label = name or "unknown"
+    if label in _generators:
+        return label
+    if len(_generators) >= MAX_GENERATOR_LABELS:
+        return "other"
+    _generators.add(label)
+    return label
+
+
+def observe_scored(generator: str | None, likes: float | None, ood_percentile: float | None, seen: bool | None) -> None:
+    """One scored song's drift figures, per generator."""
+    label = generator_label(generator)
+    GENERATOR_SONGS.labels(label, {True: "yes", False: "no", None: "unknown"}[seen]).inc()
+    if ood_percentile is not None:
+        GENERATOR_OOD.labels(label).observe(ood_percentile)
+    if likes is not None:
+        GENERATOR_SCORE.labels(label).observe(likes)
+
+
+def observe_model_quantiles(training: dict[str, object] | None) -> None:
+    """The serving model's training likes-score quantiles (none recorded: the gauge is cleared)."""
+    from ranker.model.drift import QUANTILES
+
+    MODEL_LIKES_QUANTILE.clear()
+    quantiles = (training or {}).get("score_quantiles")
+    likes = quantiles.get("likes") if isinstance(quantiles, dict) else None
+    if isinstance(likes, list) and len(likes) == len(QUANTILES):
+        for q, value in zip(QUANTILES, likes, strict=True):
+            MODEL_LIKES_QUANTILE.labels(f"{q:g}").set(float(value))

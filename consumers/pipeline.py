@@ -104,10 +104,20 @@ class ScoringPipeline:
         self.store = store
         self._pool = ThreadPoolExecutor(max_workers=settings.worker.fetch_threads, thread_name_prefix="fetch")
         self.http = AudioHTTPClient()  # one connection pool for every fetch thread
+        self._seen: tuple[str, frozenset[str] | None] = ("", None)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self.http.close()
+
+    def _seen_generators(self) -> frozenset[str] | None:
+        """The generators the model's training songs came from (its card's), None where it does not say."""
+        version, seen = self._seen
+        if version != self.model.version:
+            listed = (self.model.card.training or {}).get("generators") if self.model.trained else None
+            seen = frozenset(map(str, listed)) if isinstance(listed, list) else None
+            self._seen = (self.model.version, seen)
+        return seen
 
     # -- stage 1: parse ---------------------------------------------------------------
     def dead_letter(self, msg: Message, code: ErrorCode | str, message: str) -> DeadLetter:
@@ -254,19 +264,22 @@ class ScoringPipeline:
             return out, []
         layers = np.stack([p.layers for p in fresh if p.layers is not None]).astype(np.float32)
         with metrics.STAGE_SECONDS.labels("score").time():
-            preds = self.model.predict(layers)
-        finite = np.isfinite(preds).all(axis=1)
+            pred = self.model.predict_full(layers)  # with the ensemble's spread and the OOD percentile, if any
+        finite = np.isfinite(pred.mean).all(axis=1)
         dead: list[DeadLetter] = []
         if not finite.all():
             reason = "the model gave non-finite scores"
             for i in np.flatnonzero(~finite).tolist():
                 dead.append(self.dead_letter(fresh[i].msg, ErrorCode.INTERNAL_ERROR, reason))
             fresh = [fresh[i] for i in np.flatnonzero(finite).tolist()]
-            preds = preds[finite]
+            pred = pred.take(np.flatnonzero(finite))
         now = datetime.now(UTC)
         metas = [SongMeta(p.event.song_id, p.event.generator, p.event.created_at.isoformat()) for p in fresh]
-        for p, score in zip(fresh, score_predictions(self.settings, self.model, preds, metas), strict=True):
+        seen = self._seen_generators()
+        for p, score in zip(fresh, score_predictions(self.settings, self.model, pred, metas), strict=True):
             p.score = score
+            known = None if seen is None else score.generator in seen
+            metrics.observe_scored(score.generator, score.scores.get("likes"), score.ood_percentile, known)
             out.append((p, score.event(now, truncated=p.audio is not None and bool(p.audio.truncated))))
         return out, dead
 

@@ -41,7 +41,7 @@ from consumers.loop_report import (
     plot_like_rates,
     print_result,
 )
-from consumers.loop_world import LoopConfig, _build_world, _pretrain_head, loop_config
+from consumers.loop_world import NOVEL, LoopConfig, _build_world, _pretrain_head, loop_config
 from consumers.publish import publish_events
 from consumers.retrain import refresh_examination_weights, run_once
 from consumers.worker import Worker
@@ -53,6 +53,7 @@ from ranker.settings import (
     FeedPolicy,
     FeedSettings,
     IndexSettings,
+    LikeRatePrior,
     RedisSettings,
     RetrainSettings,
     Settings,
@@ -69,6 +70,11 @@ POLICIES: tuple[str, ...] = ("random", "newest", "prior-only", "prior+evidence",
 #: personal page without its taste term (``feed.taste_weight = 0``: the listener's heard songs left out, no
 #: blend), which tells the two halves of a personal page apart; and retraining behind the off-policy gate.
 EXTRA_POLICIES: tuple[str, ...] = ("plain-evidence", "personal", "heard-excluded", "retrain+gate")
+#: Issue 17's, for the new-generator scenario (LoopConfig.novel_from_h): prior + evidence with every song at the
+#: feed's own w (no spread or OOD lowering it; ``prior+evidence`` is uncertainty-aware, the product's default),
+#: and the default with the generators' calibration factors refitted after every hour by a retrain that never
+#: promotes (its margin is out of reach), so that calibration alone is added.
+EXTRA_POLICIES += ("fixed-w", "calibrated")
 #: Policies whose pages come from the API as served (not re-ordered by the simulation).
 _SERVED = (
     "prior-only",
@@ -78,13 +84,17 @@ _SERVED = (
     "personal",
     "heard-excluded",
     "retrain+gate",
+    "fixed-w",
+    "calibrated",
 )
 #: Policies whose pages are asked for as the listener's (``?user=``).
 _PERSONAL = ("personal", "heard-excluded")
 #: Retrained after every hour but the last: on the Spearman gate alone, and with the off-policy gate too.
-_RETRAINED = ("prior+evidence+retrain", "retrain+gate")
+_RETRAINED = ("prior+evidence+retrain", "retrain+gate", "calibrated")
 #: Position-aware policies that no retrain job refreshes: their examination weights are re-estimated each hour.
-_POSITION_AWARE = ("prior+evidence", "personal", "heard-excluded")
+_POSITION_AWARE = ("prior+evidence", "personal", "heard-excluded", "fixed-w")
+#: A gate margin no candidate reaches: the "calibrated" policy's retrains refit the calibration and promote nothing.
+NEVER_PROMOTE = 1e9
 #: A prior strength so large that no amount of plays moves the posterior off the prior.
 PRIOR_ONLY_STRENGTH = 1e12
 
@@ -110,6 +120,8 @@ def _policy_settings(base: Settings, policy: str, out_dir: Path, cfg: LoopConfig
         feed = FeedPolicy(prior_strength=PRIOR_ONLY_STRENGTH, explore_share=0.0, **fresh)
     elif policy == "plain-evidence":
         feed = FeedPolicy(evidence="plain", **fresh)
+    elif policy == "fixed-w":
+        feed = FeedPolicy(uncertain_prior=False, ood_prior_factor=1.0, **fresh)
     else:
         feed = FeedPolicy(**fresh)
     state = out_dir / "policies" / policy.replace("+", "-") / "state"
@@ -128,13 +140,17 @@ def _policy_settings(base: Settings, policy: str, out_dir: Path, cfg: LoopConfig
             "redis": RedisSettings(url=base.redis.url, key_prefix=tag, socket_timeout_s=base.redis.socket_timeout_s),
             "index": IndexSettings(path=state / "index"),
             "model": base.model.model_copy(update={"head_dir": None}),
-            "feed": FeedSettings(feeds={DEFAULT_FEED: feed}, **_taste(cfg, policy)),
+            "feed": FeedSettings(
+                feeds={DEFAULT_FEED: feed},
+                like_rate=LikeRatePrior(generator_calibration=policy == "calibrated"),
+                **_taste(cfg, policy),
+            ),
             "api": ApiSettings(page_cache_ttl_s=0.0, calibration_ttl_s=0.0, max_limit=200),
             "retrain": RetrainSettings(
                 min_plays=cfg.retrain_min_plays,
                 epochs=cfg.retrain_epochs,
                 patience=cfg.retrain_epochs,
-                margin=cfg.retrain_margin,
+                margin=NEVER_PROMOTE if policy == "calibrated" else cfg.retrain_margin,
                 holdout_fraction=cfg.retrain_holdout_fraction,
                 targets=cfg.retrain_targets,
                 likes_model=cfg.retrain_likes_model,
@@ -385,6 +401,9 @@ def run_loop_simulation(
                         plays += 1
                         expected += p_like
                         likes += kinds[1] == "like"
+                        if world.songs[index_of[sid]].generator == NOVEL:
+                            outcomes[p].novel_plays += 1
+                            outcomes[p].novel_expected_likes += p_like
                         for kind in kinds:
                             sent.append(
                                 Engagement(
@@ -414,11 +433,15 @@ def run_loop_simulation(
         result = LoopResult(seed, songs, users, hours, outcomes)
         if "prior-only" in clients:
             result.prior_spearman = _prior_spearman(_candidates(clients["prior-only"], cfg.max_candidates), world, cfg)
+        novel = {s.song_id for s in world.songs if s.generator == NOVEL}
         for p in _SERVED:
             if p in clients and p != "prior-only":  # the posterior against the truth, over every song
-                outcomes[p].posterior_spearman = _posterior_spearman(
-                    _candidates(clients[p], cfg.max_candidates), world, cfg
-                )
+                items = _candidates(clients[p], cfg.max_candidates)
+                outcomes[p].posterior_spearman = _posterior_spearman(items, world, cfg)
+                outcomes[p].songs_with_spread = sum(it["components"].get("prior_sd") is not None for it in items)
+                if novel:  # and over the new generator's songs alone
+                    mine = [it for it in items if it["song_id"] in novel]
+                    outcomes[p].novel_posterior_spearman = _posterior_spearman(mine, world, cfg)
         for p in ("prior+evidence", "plain-evidence"):
             if p in ns:  # off-policy evaluation of the prior order on this run's exploration slots, against truth
                 outcomes[p].off_policy = off_policy_check(ns[p], world, cfg, users_of[p], seed)

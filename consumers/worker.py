@@ -189,6 +189,7 @@ class Worker:
         metrics.MODEL_INFO.info(
             {"model_version": self.model.version, "encoder": self.encoder.encoder_id, "trained": trained}
         )
+        metrics.observe_model_quantiles(self.model.card.training if self.model.trained else None)
 
     def install_signal_handlers(self) -> None:
         stop_on_signals(self._on_signal)

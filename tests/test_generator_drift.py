@@ -101,3 +101,11 @@ def test_the_report_reads_the_window_from_the_stores(trained, settings: Settings
     assert rows["g-a"]["ood_percentile"] == pytest.approx(40.0) and rows["g-new"]["ood_share"] == 1.0
     assert rows["g-new"]["seen"] is False and rows["g-new"]["mean_shift"] > 1.0 > rows["g-a"]["mean_shift"]
     assert print_generators(settings, 24.0, as_json=True) == 0  # the serving model (seeded): counts only
+
+
+def test_generator_labels_are_capped_so_event_data_cannot_grow_the_series(monkeypatch: pytest.MonkeyPatch) -> None:
+    from consumers import metrics
+
+    monkeypatch.setattr(metrics, "_generators", set())
+    monkeypatch.setattr(metrics, "MAX_GENERATOR_LABELS", 2)
+    assert [metrics.generator_label(g) for g in ("a", "b", "c", "a", None)] == ["a", "b", "other", "a", "other"]

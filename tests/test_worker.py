@@ -9,8 +9,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,6 +25,7 @@ from indexes import open_score_store
 from indexes.base import faiss_id
 from indexes.embedding_index import EmbeddingIndex
 from ranker.events import TASKS, DeadLetter, SongScored
+from ranker.model.artifact import Prediction
 from ranker.settings import AudioSettings, Settings, WorkerSettings
 from tests.helpers import event, loopback, read_topic, settings_env, tone
 
@@ -254,6 +257,7 @@ def test_sigkill_mid_batch_then_restart_loses_and_duplicates_nothing(settings: S
         **os.environ,
         **settings_env(settings),
         "APEXRANK_WORKER__MAX_POLL_RECORDS": "4",
+        "APEXRANK_WORKER__GROUP_SONGS": "4",  # the pipelined worker (the default) writes in groups of 4 too
         "APEXRANK_INDEX__SNAPSHOT_EVERY_SONGS": "7",
     }
     proc = subprocess.Popen(
@@ -371,14 +375,15 @@ def test_a_song_the_model_scores_non_finite_is_dead_lettered_alone(settings: Set
     messages = [Message("t", 0, i, e.song_id.encode(), e.to_bytes()) for i, e in enumerate(events)]
     worker = Worker(settings)
     try:
-        real_predict = worker.pipeline.model.predict
+        real_predict = worker.pipeline.model.predict_full
 
-        def predict(layers: np.ndarray) -> np.ndarray:
-            out = np.array(real_predict(layers), copy=True)
-            out[1, 0] = np.nan  # the second song of the batch
-            return out
+        def predict_full(layers: np.ndarray, **kw: Any) -> Prediction:
+            full = real_predict(layers, **kw)
+            mean = np.array(full.mean, copy=True)
+            mean[1, 0] = np.nan  # the second song of the batch
+            return replace(full, mean=mean)
 
-        worker.pipeline.model.predict = predict  # type: ignore[method-assign,assignment]
+        worker.pipeline.model.predict_full = predict_full  # type: ignore[method-assign]
         result, write = worker.pipeline.process(messages)
         write()
     finally:
