@@ -133,7 +133,8 @@ def _policy_settings(base: Settings, policy: str, out_dir: Path, cfg: LoopConfig
             # One song per worker batch: a float32 product's last bit depends on the batch it is in,
             # and which songs share a poll depends on timing; such a bit can flip a near tie in a
             # feed's order and so everything after it.
-            "worker": base.worker.model_copy(update={"max_poll_records": 1}),
+            # The pipelined worker's groups (worker.group_songs) are one song each for the same reason.
+            "worker": base.worker.model_copy(update={"max_poll_records": 1, "group_songs": 1}),
             "kafka": base.kafka.model_copy(
                 update={"topics": topics, "worker_group_id": f"w-{tag}", "feedback_group_id": f"f-{tag}"}
             ),
