@@ -320,7 +320,6 @@ class Worker:
         """
         w = self.settings.worker
         stages = StagedScoring(self.pipeline)
-        committed: dict[tuple[str, int], int] = {}
         try:
             while not self._stop.is_set():
                 room = stages.room()
@@ -343,7 +342,7 @@ class Worker:
                 stages.release(group)  # the encoder dropped the waveforms
                 self._finish(group.messages, group.result, write, loop.producer, t0)
                 stages.tracker.done(group.messages)
-                self._commit_done(loop.consumer, stages.tracker, committed)
+                self._commit_done(loop.consumer, stages.tracker)
         except Stopping:
             pass
         finally:
@@ -353,12 +352,12 @@ class Worker:
                 )
             stages.close()
 
-    def _commit_done(self, consumer: Any, tracker: CommitTracker, committed: dict[tuple[str, int], int]) -> None:
+    def _commit_done(self, consumer: Any, tracker: CommitTracker) -> None:
         """Commit each assigned partition up to its lowest offset still in flight, where that moved."""
-        offsets = {tp: o for tp, o in tracker.committable().items() if committed.get(tp) != o}
+        offsets = tracker.due()
         if offsets:
             self._retry("commit offsets", lambda: commit_offsets(consumer, offsets))
-            committed.update(offsets)
+            tracker.committed(offsets)
             metrics.COMMITS.inc()
             update_lag(consumer)
 

@@ -41,19 +41,24 @@ class CommitTracker:
 
     Every message handed to the stages is :meth:`add`-ed and later :meth:`done` (written,
     dead-lettered, or scheduled for retry). A partition's commit is its lowest offset still
-    in flight, or one past the highest offset seen when none is: never past an unwritten
-    song. An offset in flight twice (a seek back re-read it) counts twice.
+    in flight, or one past the offset last read when none is: never past an unwritten song.
+    An offset in flight twice (a seek back re-read it) counts twice. After a seek back (a lost
+    commit: an emptied broker reads the partition again from its start) the offsets read before it
+    no longer count: committing them would point past the end of the partition as it is now.
     """
 
     def __init__(self) -> None:
         self._pending: dict[Partition, Counter[int]] = {}
-        self._next: dict[Partition, int] = {}  # one past the highest offset added
+        self._next: dict[Partition, int] = {}  # one past the offset last added (polls read in order)
+        self._committed: dict[Partition, int] = {}  # what was last committed, per partition
 
     def add(self, messages: Iterable[Message]) -> None:
         for m in messages:
             tp = (m.topic, m.partition)
             self._pending.setdefault(tp, Counter())[m.offset] += 1
-            self._next[tp] = max(self._next.get(tp, 0), m.offset + 1)
+            if m.offset < self._next.get(tp, 0):  # a seek back: what was committed may be lost, commit again
+                self._committed.pop(tp, None)
+            self._next[tp] = m.offset + 1
 
     def done(self, messages: Iterable[Message]) -> None:
         for m in messages:
@@ -71,11 +76,20 @@ class CommitTracker:
         """The offset to commit per partition (Kafka's convention: the next one to read)."""
         return {tp: min(self._pending[tp]) if self._pending[tp] else nxt for tp, nxt in self._next.items()}
 
+    def due(self) -> dict[Partition, int]:
+        """:meth:`committable` where it differs from what was last committed (:meth:`committed`)."""
+        return {tp: o for tp, o in self.committable().items() if self._committed.get(tp) != o}
+
+    def committed(self, offsets: dict[Partition, int]) -> None:
+        """These offsets were committed."""
+        self._committed.update(offsets)
+
     def forget(self, keep: Iterable[Partition]) -> None:
         """Drop partitions not in ``keep`` (revoked: their new owner resumes from the last commit)."""
         kept = set(keep)
         for tp in [tp for tp in self._next if tp not in kept]:
             self._pending.pop(tp, None)
+            self._committed.pop(tp, None)
             del self._next[tp]
 
 

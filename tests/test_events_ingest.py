@@ -210,7 +210,7 @@ def test_closing_the_api_producer_does_not_wait_on_a_connect_in_progress(setting
     """A shutdown with Kafka unreachable: the shipper's publish is connecting (holding the producer's
     lock for up to kafka.request_timeout_ms); close returns without waiting for it, and the connecting
     thread, finding the producer closed, drops what it made."""
-    kafka = down(settings).kafka.model_copy(update={"request_timeout_ms": 8000})
+    kafka = down(settings).kafka.model_copy(update={"request_timeout_ms": 4000})
     producer = ApiProducer(kafka)
     out: list[Any] = []
     sender = threading.Thread(target=lambda: out.extend(producer.publish("t", [(b"k", b"v")])))
