@@ -28,15 +28,18 @@ from tests.helpers import event, read_topic, tone
 def score_one(settings: Settings, song_id: str, audio: Path) -> str:
     """Publish one song and run the worker until idle; the model version it scored with."""
     publish_events(settings, [event(song_id, tone(audio, seconds=1.5).as_uri())])
-    worker = Worker(settings)
-    try:
-        version = worker.model.version
-        info = {"model_version": version, "encoder": worker.encoder.encoder_id}
-        trained = "true" if worker.model.trained else "false"
-        assert REGISTRY.get_sample_value("apexrank_model_info", {**info, "trained": trained}) == 1.0
-        stats = worker.run(until_idle_s=1.0)
-    finally:
-        worker.close()
+    for _ in range(3):  # on a loaded machine the first fetch can come after the idle second: a new worker then
+        worker = Worker(settings)
+        try:
+            version = worker.model.version
+            info = {"model_version": version, "encoder": worker.encoder.encoder_id}
+            trained = "true" if worker.model.trained else "false"
+            assert REGISTRY.get_sample_value("apexrank_model_info", {**info, "trained": trained}) == 1.0
+            stats = worker.run(until_idle_s=1.0)
+        finally:
+            worker.close()
+        if stats.messages:
+            break
     assert stats.scored == 1 and stats.dead_letters == 0, stats
     return version
 
