@@ -63,7 +63,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # _common, mert_forward; the checkout's ranker
 
 from _common import git_state, loadavg, table  # noqa: E402
-from mert_forward import MERT_95M, make_segments  # noqa: E402
+from mert_forward import MERT_95M, make_segments, save_random_mert  # noqa: E402
 
 from ranker.encoders import mert as mert_module  # noqa: E402
 from ranker.encoders.mert import MertEncoder  # noqa: E402
@@ -131,18 +131,6 @@ class Budget:
 # --------------------------------------------------------------------------------------
 # Model, FLOPs, timing
 # --------------------------------------------------------------------------------------
-
-
-def save_random(directory: Path, config: dict[str, Any], seed: int) -> int:
-    from transformers import HubertConfig, HubertModel
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    torch.manual_seed(seed)
-    model = HubertModel(HubertConfig(**config))
-    model.save_pretrained(directory)
-    return sum(p.numel() for p in model.parameters())
 
 
 def conv_frames(config: dict[str, Any], n_samples: int) -> list[int]:
@@ -353,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mert-device-") as tmp:
         directory = Path(tmp) / ("mert-tiny" if args.config == "tiny" else "mert-95m")
         try:
-            run.report["parameters"] = save_random(directory, config, args.seed)
+            run.report["parameters"] = save_random_mert(directory, args.seed, config)
             cases(run, directory)
         except OutOfTime:  # outside a case: building the model, or making test audio
             run.report.setdefault("out_of_time_in", "setup")

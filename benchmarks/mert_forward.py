@@ -90,8 +90,9 @@ class SegmentEncoder(Protocol):
 # --------------------------------------------------------------------------------------
 
 
-def save_random_mert(directory: Path, seed: int) -> int:
-    """Full-size MERT-v1-95M with random weights, saved like a checkpoint; returns its parameter count."""
+def save_random_mert(directory: Path, seed: int, config: dict[str, Any] | None = None) -> int:
+    """A MERT-shaped model (``config``; None: full-size MERT-v1-95M) with random weights, saved like a
+    checkpoint; returns its parameter count."""
     from transformers import HubertConfig, HubertModel
     from transformers.utils import logging as hf_logging
 
@@ -99,7 +100,7 @@ def save_random_mert(directory: Path, seed: int) -> int:
     hf_logging.disable_progress_bar()
 
     torch.manual_seed(seed)
-    model = HubertModel(HubertConfig(**MERT_95M))
+    model = HubertModel(HubertConfig(**(MERT_95M if config is None else config)))
     model.save_pretrained(directory)
     return sum(p.numel() for p in model.parameters())
 
