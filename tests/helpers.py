@@ -226,3 +226,27 @@ class DictVectors:
 
     def mean_direction(self) -> np.ndarray | None:
         return None
+
+
+class WavHandler(BaseHTTPRequestHandler):
+    """Serves ``wav`` at every path, except ``/missing...`` (404), ``/slow...`` (after 3 s) and
+    ``/held/...`` (once ``release`` is set: a fetch stuck while the rest of the work goes on)."""
+
+    wav = b""
+    release = threading.Event()
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/slow"):
+            time.sleep(3)
+        if self.path.startswith("/held/"):
+            self.release.wait(timeout=120)
+        if self.path.startswith("/missing"):
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.wav)))
+        self.end_headers()
+        self.wfile.write(self.wav)
+
+    def log_message(self, *args: object) -> None:
+        pass

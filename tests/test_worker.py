@@ -10,7 +10,6 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from indexes.embedding_index import EmbeddingIndex
 from ranker.events import TASKS, DeadLetter, SongScored
 from ranker.model.artifact import Prediction
 from ranker.settings import AudioSettings, Settings, WorkerSettings
-from tests.helpers import event, loopback, read_topic, settings_env, tone
+from tests.helpers import WavHandler, event, loopback, read_topic, settings_env, tone
 
 
 def run_worker(settings: Settings, idle_s: float = 2.0) -> Worker:
@@ -133,28 +132,10 @@ def test_duplicate_event_changes_nothing(settings: Settings, tmp_path: Path) -> 
     assert index_keys(settings, worker.encoder.vector_dim) == [faiss_id("dup-1")]
 
 
-class _Handler(BaseHTTPRequestHandler):
-    wav = b""
-
-    def do_GET(self) -> None:
-        if self.path.startswith("/slow"):
-            time.sleep(3)
-        if self.path.startswith("/missing"):
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(self.wav)))
-        self.end_headers()
-        self.wfile.write(self.wav)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
 def http_server(tmp_path: Path) -> Iterator[str]:
-    _Handler.wav = tone(tmp_path / "served.wav").read_bytes()
-    with loopback(_Handler) as url:
+    WavHandler.wav = tone(tmp_path / "served.wav").read_bytes()
+    with loopback(WavHandler) as url:
         yield url
 
 

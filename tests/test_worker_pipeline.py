@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from consumers.publish import publish_events
 from consumers.worker import Worker
 from consumers.worker_stages import CommitTracker, StagedScoring
 from ranker.settings import AudioSettings, Settings, WorkerSettings
-from tests.helpers import event, loopback, settings_env, tone, wait_for
+from tests.helpers import WavHandler, event, loopback, settings_env, tone, wait_for
 from tests.test_faults import committed_total
 from tests.test_worker import feed, index_keys, run_worker
 
@@ -117,33 +116,15 @@ def test_groups_keep_the_audio_budget_and_score_as_one_batch_would(settings: Set
         assert [fields[k] for k in floats] == pytest.approx([want[song_id][k] for k in floats], rel=1e-6)
 
 
-class _HeldAudio(BaseHTTPRequestHandler):
-    """Serves one WAV; ``/held/...`` waits until ``release`` is set (a fetch stuck mid-pipeline)."""
-
-    wav = b""
-    release = threading.Event()
-
-    def do_GET(self) -> None:
-        if self.path.startswith("/held/"):
-            self.release.wait(timeout=120)
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(self.wav)))
-        self.end_headers()
-        self.wfile.write(self.wav)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
 def held_audio(tmp_path: Path) -> Iterator[str]:
-    _HeldAudio.wav = tone(tmp_path / "served.wav").read_bytes()
-    _HeldAudio.release = threading.Event()
-    with loopback(_HeldAudio) as url:
+    WavHandler.wav = tone(tmp_path / "served.wav").read_bytes()
+    WavHandler.release = threading.Event()
+    with loopback(WavHandler) as url:
         try:
             yield url
         finally:
-            _HeldAudio.release.set()
+            WavHandler.release.set()
 
 
 def test_sigkill_mid_pipeline_commits_nothing_unwritten(settings: Settings, held_audio: str, tmp_path: Path) -> None:
@@ -188,7 +169,7 @@ def test_sigkill_mid_pipeline_commits_nothing_unwritten(settings: Settings, held
     assert ids[held] not in {s for s, _ in feed(settings)}
     assert committed_total(settings) == held, "the commit passed a song still in flight"
 
-    _HeldAudio.release.set()
+    WavHandler.release.set()
     worker = run_worker(settings)
     assert sorted(s for s, _ in feed(settings)) == ids
     assert worker.stats.messages == len(ids) - held  # the restart resumed at the held song
