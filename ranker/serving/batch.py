@@ -252,15 +252,16 @@ class BatchEvaluation:
     prior_strength: np.ndarray | float = 0.0
 
 
-def prior_rate(policy: Policy, batch: SongBatch, scale: float = 1.0) -> np.ndarray:
-    """``Policy.prior_rate`` per song: the model's rate or the fallback, times ``scale``, clipped."""
+def prior_rate(policy: Policy, batch: SongBatch, song_scale: np.ndarray | float = 1.0) -> np.ndarray:
+    """``Policy.prior_rate`` per song: the model's rate or the fallback, times its calibration scale
+    (``song_scale``: :func:`row_scale`'s), clipped."""
     cfg = policy.like_rate
     likes_score = batch.scores[:, _LIKES]
     likes_score = np.where(np.isnan(likes_score), 0.0, likes_score)  # scores.get("likes", 0.0)
     unit = _min(1.0, _max(0.0, likes_score / 100.0))
     fallback = cfg.rate_min + (cfg.rate_max - cfg.rate_min) * unit
     raw = np.where(np.isnan(batch.model_rate), fallback, batch.model_rate)
-    return _min(RATE_MAX, _max(RATE_MIN, raw * row_scale(policy, batch, scale)))
+    return _min(RATE_MAX, _max(RATE_MIN, raw * song_scale))
 
 
 def row_scale(policy: Policy, batch: SongBatch, scale: float) -> np.ndarray | float:
@@ -279,10 +280,12 @@ def evidence(policy: Policy, batch: SongBatch) -> np.ndarray:
     return np.where(np.isnan(batch.eplays), batch.plays, batch.eplays)
 
 
-def strength(policy: Policy, batch: SongBatch, p0: np.ndarray, scale: float = 1.0) -> np.ndarray | float:
-    """``Policy.strength`` per song (the policy's w, a float, where no song has a spread or an OOD flag)."""
+def strength(
+    policy: Policy, batch: SongBatch, p0: np.ndarray, song_scale: np.ndarray | float = 1.0
+) -> np.ndarray | float:
+    """``Policy.strength`` per song (the policy's w, a float, where no song has a spread or an OOD flag);
+    ``song_scale``: :func:`row_scale`'s, as :func:`prior_rate` was given."""
     sd, ood = batch.prior_sd, batch.ood
-    song_scale = row_scale(policy, batch, scale)
     spread = policy.uncertain_prior and sd is not None and bool((sd * song_scale > 0.0).any())
     flagged = policy.ood_factor < 1.0 and ood is not None and bool(ood.any())
     if not spread and not flagged:
@@ -354,9 +357,10 @@ def freshness(policy: Policy, created_ts: np.ndarray, now: float) -> np.ndarray:
 def evaluate(policy: Policy, batch: SongBatch, scale: float, now: float) -> BatchEvaluation:
     """``Policy.evaluate`` of every song of the batch."""
     with np.errstate(all="ignore"):  # Python's float arithmetic gives inf and NaN silently too
-        p0 = prior_rate(policy, batch, scale)
+        song_scale = row_scale(policy, batch, scale)  # once: the prior and its strength both use it
+        p0 = prior_rate(policy, batch, song_scale)
         n = evidence(policy, batch)
-        w = strength(policy, batch, p0, scale)
+        w = strength(policy, batch, p0, song_scale)
         m = posterior_rate(policy, p0, batch, n, w)
         q, terms = parts(policy, batch, m)
         fresh = freshness(policy, batch.created_ts, now)
@@ -376,8 +380,9 @@ def evaluate(policy: Policy, batch: SongBatch, scale: float, now: float) -> Batc
 def beta_params(policy: Policy, batch: SongBatch, scale: float) -> tuple[np.ndarray, np.ndarray]:
     """Each song's Beta posterior of its like rate, (a, b): what Thompson exploration draws from."""
     with np.errstate(all="ignore"):
-        p0 = prior_rate(policy, batch, scale)
-        w = strength(policy, batch, p0, scale)
+        song_scale = row_scale(policy, batch, scale)
+        p0 = prior_rate(policy, batch, song_scale)
+        w = strength(policy, batch, p0, song_scale)
         misses = evidence(policy, batch) - batch.likes
         a = w * p0 + batch.likes
         b = w * (1.0 - p0) + np.where(misses < 0.0, 0.0, misses)  # max(evidence - likes, 0.0)
