@@ -40,6 +40,7 @@ def generator_rows(
     from indexes.redis_schema import GENERATOR, OOD_FLAG, OOD_PERCENTILE, SCORED_AT, flag, score_field
     from ranker.model.drift import generator_drift
     from ranker.serving.policy import to_timestamp
+    from ranker.serving.state import _float
 
     since = (now or datetime.now(UTC)) - timedelta(hours=window_h)
     fields = [GENERATOR, SCORED_AT, OOD_PERCENTILE, OOD_FLAG, *(score_field(t) for t in TASKS)]
@@ -78,7 +79,7 @@ def generator_rows(
                 inputs[i] = got.record.layers
 
     def column(k: int) -> np.ndarray:
-        return np.array([_number(r[k]) for r in rows], dtype=np.float64)
+        return np.array([_float(r[k], math.nan) for r in rows], dtype=np.float64)
 
     drift = generator_drift(
         [str(r[0]) for r in rows],
@@ -96,14 +97,6 @@ def generator_rows(
         "songs": len(ids),
         "generators": [d.to_dict() for d in drift],
     }
-
-
-def _number(value: str | None) -> float:
-    try:
-        out = float(value) if value is not None else math.nan
-    except ValueError:
-        return math.nan
-    return out if math.isfinite(out) else math.nan
 
 
 def print_generators(settings: Settings, window_h: float, as_json: bool, console: Console | None = None) -> int:
