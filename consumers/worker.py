@@ -313,16 +313,25 @@ class Worker:
         """Decode in a pool while the encoder works on groups of songs already decoded
         (:mod:`consumers.worker_stages`); commit each partition up to its lowest offset in flight.
 
-        A stop request (a signal) lets the group in hand finish and be committed; the songs still
-        decoding or waiting are left uncommitted, to be read again. After a rebalance the commits
+        A stop request (a signal) ends polling; the songs already polled go on through the stages
+        for up to ``worker.stop_drain_s``, so that their partitions commit (groups finish out of poll
+        order: stopping after the group in hand could leave all of them behind one song still decoding).
+        What is left then stays uncommitted, to be read again. After a rebalance the commits
         lag what was read by the songs in flight, so :class:`RejoinCheck` reads those partitions
         again from the commit: the repeats supersede the songs in flight (no write is lost or doubled).
         """
         w = self.settings.worker
         stages = StagedScoring(self.pipeline)
+        drain_until: float | None = None
         try:
-            while not self._stop.is_set():
-                room = stages.room()
+            while True:
+                if self._stop.is_set() and drain_until is None:
+                    drain_until = time.monotonic() + w.stop_drain_s
+                    if stages.busy:
+                        log.info("stopping: finishing the %d messages in flight", stages.tracker.in_flight())
+                if drain_until is not None and (not stages.busy or time.monotonic() >= drain_until):
+                    break
+                room = 0 if drain_until is not None else stages.room()
                 messages: list[Message] = []
                 if room:
                     messages = self._poll(loop, min(room, w.max_poll_records), 0 if stages.busy else w.poll_timeout_ms)

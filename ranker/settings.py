@@ -287,6 +287,12 @@ class WorkerSettings(_Section):
         ge=0,
         description="Pipelined: the encoder takes a short group once its oldest ready song has waited this long.",
     )
+    stop_drain_s: float = Field(
+        20.0,
+        ge=0,
+        description="Pipelined: on SIGTERM, how long the songs already polled go on through the stages (no new "
+        "polls) so their offsets commit; what is left then is read again. Keep it well under the pod's grace period.",
+    )
     created_at_max_skew_s: float = Field(
         300.0, ge=0, description="A song's created_at may be at most this far in the future (clock skew)."
     )
