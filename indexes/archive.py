@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from indexes.base import EmbeddingRecord, StoredEmbedding
+from indexes.durable import fsync_dir
 
 SCHEMA = pa.schema(
     [
@@ -120,7 +121,7 @@ class EmbeddingArchive:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
-        _fsync_dir(folder)
+        fsync_dir(folder)  # the expired rows leave the store only once their file is durable
         return final
 
     def files(self) -> list[Path]:
@@ -172,11 +173,3 @@ def _stored(row: dict[str, Any]) -> StoredEmbedding:
         n_frames=int(row["n_frames"]),
     )
     return StoredEmbedding(seq=int(row["seq"]), key=int(row["key"]), record=record)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from indexes.base import EmbeddingStore, RemovedEmbedding, StoredEmbedding
+from indexes.durable import fsync_dir
 from indexes.faiss_config import FaissIndexConfig
 from indexes.faiss_index import FaissVectorIndex
 from indexes.sqlite_embeddings import STORE_FILE as STORE_FILE  # re-exported: where the index files are named
@@ -227,7 +228,10 @@ def write_snapshot(
             code,
             f"writing the FAISS snapshot in {directory} failed ({exc}); {state}; the store holds every record",
         ) from exc
-    _fsync_dir(directory)
+    try:
+        fsync_dir(directory)
+    except OSError as exc:  # the new snapshot is in place; only its durability is in doubt
+        log.warning("fsync of %s failed after a snapshot: %s", directory, exc)
     return meta
 
 
@@ -255,17 +259,3 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(_HASH_CHUNK):
             hasher.update(chunk)
     return hasher.hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the renames durable (POSIX; skipped where a directory cannot be opened or synced)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as exc:  # the new snapshot is in place; only its durability is in doubt
-        log.warning("fsync of %s failed after a snapshot: %s", directory, exc)
-    finally:
-        os.close(fd)

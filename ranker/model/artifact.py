@@ -32,13 +32,13 @@ import numpy.typing as npt
 import torch
 from safetensors.torch import save as save_safetensors
 
+from indexes.durable import fsync_dir
 from ranker.model.artifact_files import (
     CONFIG_FILE,
     METRICS_FILE,
     WEIGHTS_FILE,
     ModelArtifactError,
     check_tensors,
-    fsync_dir,
     read_card,
     read_metrics,
     read_ood,

@@ -14,9 +14,10 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+from indexes.durable import fsync_dir
 from ranker.errors import ConfigError
 from ranker.model.artifact import DEFAULT_LAYERS, Device, ScoringModel
-from ranker.model.artifact_files import CONFIG_FILE, WEIGHTS_FILE, ModelArtifactError, fsync_dir
+from ranker.model.artifact_files import CONFIG_FILE, WEIGHTS_FILE, ModelArtifactError
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,9 @@ def promote(models_root: str | os.PathLike[str], model_dir: str | os.PathLike[st
     except OSError:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(root)
+    try:
+        fsync_dir(root)
+    except OSError as exc:  # the link is switched; only its durability is in doubt
+        log.warning("fsync of %s failed after a promotion: %s", root, exc)
     log.info("promoted %s (%s)", model.version, target)
     return model.version
