@@ -7,11 +7,14 @@ process group with a pid file and a log file under ``STATE_DIR/services``;
 it wrote (checked against /proc so a recycled pid is never killed). The broker
 keeps its log in memory unless the state directory is durable
 (consumers/broker_storage.py): then a local S3 server starts first and Tansu
-writes to it.
+writes to it. ``up`` and ``down`` hold a lock on the services directory, so two
+commands run at once (a demo and a test run) start each server once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import os
 import shutil
@@ -20,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -200,10 +204,24 @@ class EmbeddedStack:
             return None
         return pid if _is_our_process(pid, svc.binary_name) else None
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One stack command at a time per state directory (released when the process dies, too)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with (self.dir / "stack.lock").open("a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
     # -- lifecycle --------------------------------------------------------------------
     def up(self, timeout_s: float = 20.0) -> list[ServiceStatus]:
         """Start whatever is not running yet, in order; wait until each accepts connections."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        with self._locked():
+            return self._up(timeout_s)
+
+    def _up(self, timeout_s: float) -> list[ServiceStatus]:
         (self.dir / "redis-data").mkdir(exist_ok=True)
         kafka = self._service("kafka")
         before = self.saved or BrokerStorage()  # a state directory from before the modes was memory
@@ -255,11 +273,12 @@ class EmbeddedStack:
 
     def down(self, timeout_s: float = 10.0) -> list[ServiceStatus]:
         """Stop the processes this stack started (SIGTERM, then SIGKILL after ``timeout_s``), broker first."""
-        for svc in reversed(self._known()):
-            pid = self._pid(svc)
-            if pid is not None:
-                _terminate(pid, timeout_s)
-            self._pidfile(svc).unlink(missing_ok=True)
+        with self._locked():
+            for svc in reversed(self._known()):
+                pid = self._pid(svc)
+                if pid is not None:
+                    _terminate(pid, timeout_s)
+                self._pidfile(svc).unlink(missing_ok=True)
         return self.status()
 
     def stop_one(self, name: str, *, kill: bool = False) -> None:

@@ -148,3 +148,24 @@ def test_the_embedded_stack_refuses_a_cluster_url(settings: Settings, tmp_path: 
     s = s.model_copy(update={"redis": s.redis.model_copy(update={"url": SecretStr("redis+cluster://10.0.0.1:7000")})})
     with pytest.raises(ConfigError, match="external Redis Cluster"):
         EmbeddedStack(s)
+
+
+def test_two_services_up_at_once_start_each_server_once(private: Settings) -> None:
+    """Two `services up` at once (a demo and a test run, say) both succeed on one broker and one Redis."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APEXRANK_")}
+    env.update(settings_env(private))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CLI, "services", "up"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    status = {s.name: s for s in EmbeddedStack(private).status()}
+    assert status["kafka"].running and status["redis"].running, status
