@@ -78,6 +78,10 @@ class IndexReader:
         self._thread: threading.Thread | None = None
         #: The sum of the indexed vectors (float64), kept as vectors come and go: the catalog's mean direction.
         self._sum: np.ndarray | None = None
+        #: Bumped whenever ``_sum`` changes; :meth:`mean_direction` recomputes only then (every personal
+        #: page asks for it; the sum moves only with a catch-up).
+        self.sum_generation = 0
+        self._direction: tuple[int, np.ndarray | None] = (-1, None)
 
     # -- loading -----------------------------------------------------------------------------
     def load(self) -> ReaderStatus:
@@ -103,6 +107,7 @@ class IndexReader:
             old = self._store
             self._store, self._index, self._watermark = store, index, watermark
             self._sum = total
+            self.sum_generation += 1
             self._store_uid = store.store_uid()
             self._source, self._reason = source, reason
         self._catch_up()
@@ -223,6 +228,7 @@ class IndexReader:
         if delta is None:
             return
         self._sum = delta if self._sum is None or len(self._sum) != len(delta) else self._sum + delta
+        self.sum_generation += 1
 
     # -- reads -------------------------------------------------------------------------------
     def vector_sum(self) -> tuple[np.ndarray | None, int]:
@@ -235,8 +241,14 @@ class IndexReader:
             self._lock.release_read()
 
     def mean_direction(self) -> np.ndarray | None:
-        """The catalog's mean vector, unit length: the direction every song shares (:func:`mean_direction`)."""
-        return mean_direction([self.vector_sum()])
+        """The catalog's mean vector, unit length: the direction every song shares (:func:`mean_direction`).
+        Computed once per change of the vector sum; read-only."""
+        generation = self.sum_generation  # read first: a change after it only makes the next call recompute
+        cached, direction = self._direction
+        if cached != generation:
+            direction = _frozen(mean_direction([self.vector_sum()]))
+            self._direction = (generation, direction)
+        return direction
 
     def status(self) -> ReaderStatus:
         self._lock.acquire_read()
@@ -334,6 +346,7 @@ class ShardedIndexReader:
         if not readers:
             raise ValueError("a sharded reader needs at least one shard")
         self.readers = list(readers)
+        self._direction: tuple[tuple[int, ...], np.ndarray | None] = ((), None)  # (the shards' generations, it)
         self._discover = discover
         self._joining = threading.Lock()  # one discovery at a time (the refresh thread and POST /v1/index/reload)
         self._every_s: float | None = None
@@ -418,8 +431,13 @@ class ShardedIndexReader:
         return {s: out[s] for s in song_ids if s in out}
 
     def mean_direction(self) -> np.ndarray | None:
-        """:meth:`IndexReader.mean_direction` over every shard's vectors."""
-        return mean_direction([r.vector_sum() for r in self.readers])
+        """:meth:`IndexReader.mean_direction` over every shard's vectors (recomputed when a shard's sum moved)."""
+        generation = tuple(r.sum_generation for r in self.readers)
+        cached, direction = self._direction
+        if cached != generation:
+            direction = _frozen(mean_direction([r.vector_sum() for r in self.readers]))
+            self._direction = (generation, direction)
+        return direction
 
     def vector_matrix(self, keys: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`IndexReader.vector_matrix` over the shards (a song lives in one; the first found wins)."""
@@ -467,3 +485,10 @@ def open_index_reader(
         return IndexReader(directories[0], factory, expected_size=expected_size, nprobe=nprobe)
     readers = [IndexReader(d, factory, expected_size=expected_size, nprobe=nprobe) for d in directories]
     return ShardedIndexReader(readers, discover=discover)
+
+
+def _frozen(array: np.ndarray | None) -> np.ndarray | None:
+    """``array``, read-only: one copy is handed to every caller."""
+    if array is not None:
+        array.flags.writeable = False
+    return array
