@@ -239,7 +239,8 @@ class FeedReader:
         requested = filters.requested
         excluded = requested.excluded(table) if not requested.empty else None
         start = (cur.score, cur.song_id) if cur else (math.inf, "")
-        return FeedRange.read(table, policy, cur, start, self._scan_size(want, cur, True) + 8, now, requested, excluded)
+        count = self._scan_size(want, cur, True) + 8 + _skipped(cur)
+        return FeedRange.read(table, policy, cur, start, count, now, requested, excluded)
 
     def _personal_window(
         self,
@@ -286,6 +287,7 @@ class FeedReader:
             gram=False,
             first=first,
             arrange=arrange if person.blends and not passed else None,
+            skipped=_skipped(cur),
         )
         found.block = end if not blocks else found.block
         self._near_duplicates(found, table, policy, want, blocks[0] if blocks else None)
@@ -305,6 +307,7 @@ class FeedReader:
         gram: bool = True,
         first: FeedRange | None = None,
         arrange: Callable[[_Window], np.ndarray | None] | None = None,
+        skipped: int = 0,
     ) -> _Window:
         """The rows after the cursor until ``want`` are eligible, read as the store's range reads would.
 
@@ -324,6 +327,9 @@ class FeedReader:
         used only if it is the range this scan reads.
         ``arrange``: re-orders the eligible rows before their columns are taken (a personal page's block),
         giving the permutation (None: as they are), so the columns are copied once, in page order.
+        ``skipped``: rows the first range reads beyond that (a personal page: its cursor's skip set, the
+        block's songs served on earlier pages, which lie ahead of the boundary), so that the scan is
+        mostly one range; a feed page reads as the store path did.
         """
         pages = self.page_cache
         key = window_key(policy.name, token, want, filters.tag)
@@ -341,7 +347,7 @@ class FeedReader:
         rows: list[int] = []  # the eligible rows' places in the table
         fetches = 0
         while True:
-            count = want - len(found.eligible) + 8
+            count = want - len(found.eligible) + 8 + (skipped if not fetches else 0)
             if not requested.empty:  # request filters may pass few rows: doubling ranges, within the budget
                 count = max(count, min(want << fetches, budget - len(found.ids)))
             if fetches == 0 and first is not None and first.count == count and first.start == (start_score, start_id):
@@ -456,3 +462,8 @@ class FeedReader:
         if not raw:
             return None
         return song_detail(song_id, raw, self.policies, self.settings.feed.name, await self.scale(), self._clock())
+
+
+def _skipped(cur: Cursor | None) -> int:
+    """Rows a personal scan's first range reads past its target: the songs its cursor skips."""
+    return len(cur.skip) if cur is not None else 0
