@@ -95,7 +95,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     _serve_metrics(args)
     worker = Worker(s)
     worker.install_signal_handlers()
-    stats = worker.run(until_idle_s=args.until_idle)
+    stats = worker.run(until_idle_s=args.until_idle, until_caught_up=args.until_caught_up)
     log.info("worker done: %s", stats)
     print(json.dumps(stats.__dict__))
     return 0
@@ -108,7 +108,7 @@ def cmd_feedback(args: argparse.Namespace) -> int:
     _serve_metrics(args)
     consumer = FeedbackConsumer(_settings(args))
     stop_on_signals(consumer.request_stop)
-    stats = consumer.run(until_idle_s=args.until_idle)
+    stats = consumer.run(until_idle_s=args.until_idle, until_caught_up=args.until_caught_up)
     print(json.dumps(stats.__dict__))
     return 0
 
@@ -251,11 +251,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = add("worker", cmd_worker, "score songs from songs.generated into Redis and the index")
     worker.add_argument("--until-idle", type=float, metavar="SECONDS", help="exit after SECONDS with no messages")
+    worker.add_argument(
+        "--until-caught-up",
+        action="store_true",
+        help="exit once everything published before is processed (a backfill), without waiting out --until-idle",
+    )
     worker.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     worker.add_argument("--metrics-host", default="127.0.0.1", help="address metrics listen on (default loopback)")
 
     feedback = add("feedback", cmd_feedback, "count engagement events into Redis, the log and the feeds")
     feedback.add_argument("--until-idle", type=float, metavar="SECONDS", help="exit after SECONDS with no messages")
+    feedback.add_argument(
+        "--until-caught-up",
+        action="store_true",
+        help="exit once everything published before is processed (a backfill), without waiting out --until-idle",
+    )
     feedback.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     feedback.add_argument("--metrics-host", default="127.0.0.1", help="address metrics listen on (default loopback)")
 

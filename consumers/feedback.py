@@ -75,6 +75,7 @@ from consumers.loop import (
     Message,
     RejoinCheck,
     Stopping,
+    caught_up,
     commit,
     dead_letter,
     in_partition_order,
@@ -315,7 +316,9 @@ class FeedbackConsumer:
                 return {}  # looked for again next batch
         return self._embeddings.index_vectors(song_ids)
 
-    def run(self, until_idle_s: float | None = None) -> FeedbackStats:
+    def run(self, until_idle_s: float | None = None, *, until_caught_up: bool = False) -> FeedbackStats:
+        """Consume until stopped, ``until_idle_s`` with nothing to read, or (``until_caught_up``) until every
+        assigned partition is read to its end."""
         s = self.settings
         topics = s.kafka.topics
         subscribed = [topics.engagement, topics.feeds_served]
@@ -338,7 +341,7 @@ class FeedbackConsumer:
         )
         producer = Publisher(s.kafka)
         assigned: frozenset[Any] = frozenset()
-        idle = IdleClock(until_idle_s)
+        idle = IdleClock(until_idle_s, functools.partial(caught_up, consumer) if until_caught_up else None)
         first_message: float | None = None
         try:
             while not self._stop.is_set():

@@ -1,11 +1,12 @@
 """What the two stream consumers (the scoring worker, the feedback consumer) share.
 
 Both run the same loop: poll a batch, process it, write, publish dead letters, commit,
-and stop between batches when asked (a signal, ``request_stop``) or after ``until_idle_s``
-with nothing to read. This module holds the pieces of that loop that do not depend on
-what a batch means: the message shape, dead letters, retries of infrastructure failures,
-commits, consumer lag, the partition order of a poll, the idle clock, and the check after a
-rebalance that the broker still holds the group's commits (:class:`RejoinCheck`).
+and stop between batches when asked (a signal, ``request_stop``), after ``until_idle_s``
+with nothing to read, or once caught up with what was published before (``until_caught_up``).
+This module holds the pieces of that loop that do not depend on what a batch means: the
+message shape, dead letters, retries of infrastructure failures, commits, consumer lag, the
+partition order of a poll, the idle clock, and the check after a rebalance that the broker
+still holds the group's commits (:class:`RejoinCheck`).
 """
 
 from __future__ import annotations
@@ -88,10 +89,15 @@ def in_partition_order(polled: Mapping[Any, Sequence[T]]) -> list[T]:
 
 
 class IdleClock:
-    """``until_idle_s`` of a consumer loop: idleness counts only once partitions are assigned."""
+    """``until_idle_s`` of a consumer loop: idleness counts only once partitions are assigned.
 
-    def __init__(self, until_idle_s: float | None) -> None:
+    ``caught_up``: also done on the first empty poll at which it says the consumer has read everything
+    (:func:`caught_up`): a run over what was published before it, without waiting out ``until_idle_s``.
+    """
+
+    def __init__(self, until_idle_s: float | None, caught_up: Callable[[], bool] | None = None) -> None:
         self.until_idle_s = until_idle_s
+        self.caught_up = caught_up
         self.last_message = time.monotonic()
 
     def busy(self) -> float:
@@ -104,7 +110,29 @@ class IdleClock:
         if not assigned:
             self.busy()
             return False
+        if self.caught_up is not None and self.caught_up():
+            return True
         return self.until_idle_s is not None and time.monotonic() - self.last_message >= self.until_idle_s
+
+
+def caught_up(consumer: Any) -> bool:
+    """Every partition assigned to ``consumer`` read to its end: what was published to them before this
+    call has been consumed (one ListOffsets round trip). False with nothing assigned, or while a
+    partition has had no fetch answered.
+
+    The end is the larger of two readings. ListOffsets (``end_offsets``) is fresh, so it counts what
+    this process produced since its last fetch (a worker's own retry records); but the embedded Tansu
+    broker answers it with the last batch's base offset + 1, short of a batch of several records. The
+    high watermark of the last fetch response is right on every broker, but as old as that fetch."""
+    parts = list(consumer.assignment())
+    if not parts:
+        return False
+    ends = consumer.end_offsets(parts)
+    for tp in parts:
+        high = consumer.highwater(tp)
+        if high is None or consumer.position(tp) < max(high, ends.get(tp, 0)):
+            return False
+    return True
 
 
 def stop_on_signals(handler: Callable[[int, Any], Any]) -> None:

@@ -49,6 +49,7 @@ from consumers.loop import (
     Message,
     RejoinCheck,
     Stopping,
+    caught_up,
     commit,
     in_partition_order,
     message_of,
@@ -202,8 +203,9 @@ class Worker:
         w = self.settings.worker
         return retry_infra(what, fn, stop=self._stop, initial_s=w.retry_initial_s, max_s=w.retry_max_s)
 
-    def run(self, until_idle_s: float | None = None) -> WorkerStats:
-        """Consume until stopped (or until ``until_idle_s`` seconds pass with no message and no retry waiting)."""
+    def run(self, until_idle_s: float | None = None, *, until_caught_up: bool = False) -> WorkerStats:
+        """Consume until stopped (or until ``until_idle_s`` seconds pass with no message and no retry waiting;
+        ``until_caught_up``: or until every partition is read to its end, nothing in hand and no retry waiting)."""
         s = self.settings
         topics = s.kafka.topics
         if s.kafka.auto_create_topics:
@@ -236,7 +238,8 @@ class Worker:
         )
         takedowns.start()
         producer = Publisher(s.kafka)
-        loop = _Loop(consumer, producer, takedowns, rejoins, IdleClock(until_idle_s))
+        idle = IdleClock(until_idle_s, functools.partial(caught_up, consumer) if until_caught_up else None)
+        loop = _Loop(consumer, producer, takedowns, rejoins, idle)
         try:
             if s.worker.pipelined:
                 self._run_pipelined(loop)
@@ -276,7 +279,7 @@ class Worker:
             loop.idle.busy()
             return False
         if loop.idle.expired(bool(self.assignment)):
-            log.info("idle for %.1fs; exiting", loop.idle.until_idle_s)
+            log.info("idle (caught up, or for %ss); exiting", loop.idle.until_idle_s)
             return True
         return False
 

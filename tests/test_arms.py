@@ -331,7 +331,7 @@ def test_the_api_serves_each_user_their_arms_feed_and_logs_the_arm(settings: Set
     likes = [event(f"l-{i}", u, "like") for i, u in enumerate(users) if i % 2 == 0]
     sent = plays + likes
     publish(s, s.kafka.topics.engagement, [e.to_bytes() for e in sent], [e.song_id.encode() for e in sent])
-    FeedbackConsumer(s).run(until_idle_s=2.0)
+    FeedbackConsumer(s).run(until_idle_s=2.0, until_caught_up=True)
 
     served = ServedLog(s.served_log_dir, s.kafka.topics.feeds_served).read()
     logged = dict(zip(served.column("request_id").to_pylist(), served.column("arm").to_pylist(), strict=True))

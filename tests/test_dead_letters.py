@@ -105,7 +105,7 @@ def produce(settings: Settings, topic: str, values: list[bytes]) -> None:
 
 def run_worker(settings: Settings) -> Worker:
     worker = Worker(settings)
-    worker.run(until_idle_s=2.0)
+    worker.run(until_idle_s=2.0, until_caught_up=True)
     return worker
 
 
@@ -119,7 +119,12 @@ def test_list_counts_the_letters_by_code(
     worker = run_worker(settings)
     assert worker.stats.dead_letters == 4
     produce(settings, topics.engagement, [b"{not an engagement"])
-    assert FeedbackConsumer(settings, on_engagement=lambda ids: None).run(until_idle_s=2.0).dead_letters == 1
+    assert (
+        FeedbackConsumer(settings, on_engagement=lambda ids: None)
+        .run(until_idle_s=2.0, until_caught_up=True)
+        .dead_letters
+        == 1
+    )
     produce(settings, topics.dead_letter, [b"not a dead letter"])
     cli = cli_for(settings, monkeypatch, capsys)
 

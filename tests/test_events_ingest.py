@@ -130,7 +130,7 @@ def test_a_replayed_batch_counts_once_after_the_real_feedback_consumer(app_clien
         assert r.status_code == 202 and r.json()["accepted"] == 4
     assert len(on_topic(s, 8)) == 8  # both copies are on the topic...
     feedback = FeedbackConsumer(s)
-    stats = feedback.run(until_idle_s=2.0)
+    stats = feedback.run(until_idle_s=2.0, until_caught_up=True)
     assert stats.messages == 8 and stats.accepted == 4 and stats.duplicates == 4
     counters = stores.engagement_counters(s)
     try:

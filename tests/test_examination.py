@@ -380,7 +380,7 @@ def test_the_feedback_consumer_counts_a_play_at_its_events_position(settings: Se
         ]
         topic = settings.kafka.topics.engagement
         publish(settings, topic, [e.to_bytes() for e in events], [e.song_id.encode() for e in events])
-        FeedbackConsumer(settings).run(until_idle_s=2.0)
+        FeedbackConsumer(settings).run(until_idle_s=2.0, until_caught_up=True)
         assert counters.examined_plays(["deep"]) == pytest.approx({"deep": 0.5 * 3 + 1.0})
         assert counters.counts(["deep"])["deep"]["plays"] == 4
     finally:

@@ -152,15 +152,15 @@ def test_broker_restart_reconnects_and_keeps_what_was_committed(
 def test_corrupt_and_missing_snapshots_are_rebuilt_from_the_store(settings: Settings, tmp_path: Path) -> None:
     batch1, batch2, batch3 = songs(tmp_path, "c1", 4), songs(tmp_path, "c2", 3), songs(tmp_path, "c3", 2)
     publish_events(settings, batch1)
-    Worker(settings).run(until_idle_s=2.0)
+    Worker(settings).run(until_idle_s=2.0, until_caught_up=True)
     (settings.index_dir / "index.faiss").write_bytes(b"\x00garbage" * 100)
     publish_events(settings, batch2)
-    Worker(settings).run(until_idle_s=2.0)
+    Worker(settings).run(until_idle_s=2.0, until_caught_up=True)
     (settings.index_dir / "index.meta.json").unlink()
     publish_events(settings, batch3)
     worker = Worker(settings)
     assert worker.index.open_report is not None and "rebuil" in str(worker.index.open_report).lower()
-    worker.run(until_idle_s=2.0)
+    worker.run(until_idle_s=2.0, until_caught_up=True)
     assert_exactly_once(settings, worker, [e.song_id for e in batch1 + batch2 + batch3])
 
 

@@ -71,6 +71,37 @@ def publish(settings: Settings, values: list[bytes], keys: list[bytes | None]) -
     producer.close()
 
 
+def test_caught_up_means_every_assigned_partition_read_to_its_end(settings: Settings) -> None:
+    """What ``run(until_caught_up=True)`` waits for, on the real broker: not before the last record of
+    every assigned partition is consumed, and false with nothing assigned."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from consumers.loop import caught_up
+
+    topic = settings.kafka.topics.engagement
+    publish(settings, [b"a", b"b", b"c"], [b"k1", b"k2", b"k3"])
+    consumer = KafkaConsumer(group_id=None, enable_auto_commit=False, **settings.kafka.client_kwargs())
+    try:
+        assert not caught_up(consumer)  # nothing assigned
+        deadline = time.monotonic() + 30
+        while (
+            len(consumer.partitions_for_topic(topic) or ()) < settings.kafka.topics.partitions
+        ):  # metadata lags a create
+            assert time.monotonic() < deadline, consumer.partitions_for_topic(topic)
+            time.sleep(0.1)
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(parts)
+        consumer.seek_to_beginning()
+        assert not caught_up(consumer)
+        got = 0
+        while got < 3 and time.monotonic() < deadline:
+            got += sum(len(r) for r in consumer.poll(timeout_ms=200, max_records=1).values())
+            assert caught_up(consumer) == (got == 3), got  # one record a poll: true at the last, not before
+        assert got == 3
+    finally:
+        consumer.close()
+
+
 #: What each event type does to the song's counters, written out here rather than read from the
 #: table the counting script is built from (a wrong entry there must not move the expectation too).
 EVENT_EFFECT: dict[str, tuple[str, int]] = {
@@ -121,7 +152,9 @@ def actual_counts(settings: Settings, song_ids: list[str]) -> dict[str, dict[str
         counters.close()
 
 
+@pytest.mark.timeout(120)
 def test_counters_are_exact_after_duplicates_and_bad_events(settings: Settings) -> None:
+    # No idle timeout: the run ends only once every partition is read to its end (until_caught_up).
     events = make_events(400, songs=25)
     dupes = random.Random(3).sample(events, 60)
     values = [e.to_bytes() for e in events + dupes] + [b"nope", json.dumps({"event_id": "x"}).encode()]
@@ -129,7 +162,7 @@ def test_counters_are_exact_after_duplicates_and_bad_events(settings: Settings) 
     publish(settings, values, keys)
 
     consumer = FeedbackConsumer(settings, on_engagement=lambda ids: None)
-    stats = consumer.run(until_idle_s=2.0)
+    stats = consumer.run(until_caught_up=True)
 
     assert stats.accepted == 400 and stats.duplicates == 60 and stats.dead_letters == 2
     song_ids = sorted({e.song_id for e in events})
@@ -172,7 +205,7 @@ def test_the_consumer_serves_its_lag_and_its_dead_letters_by_code(settings: Sett
         settings, on_engagement=lambda ids: seen.extend(v for v in (lag(0), lag(1)) if v is not None)
     )
 
-    stats = consumer.run(until_idle_s=2.0)
+    stats = consumer.run(until_idle_s=2.0, until_caught_up=True)
 
     assert stats.dead_letters == 3 and stats.accepted == 60
     assert seen and max(seen) > 0, seen  # behind while the batches of 10 are worked through
@@ -185,7 +218,7 @@ def test_the_consumer_serves_its_lag_and_its_dead_letters_by_code(settings: Sett
 def test_engagement_before_the_song_is_scored_is_kept(settings: Settings) -> None:
     ev = Engagement(event_id="early-1", song_id="not-yet", user_id="u", type="like", ts=datetime.now(UTC))
     publish(settings, [ev.to_bytes()], [b"not-yet"])
-    FeedbackConsumer(settings, on_engagement=lambda ids: None).run(until_idle_s=2.0)
+    FeedbackConsumer(settings, on_engagement=lambda ids: None).run(until_idle_s=2.0, until_caught_up=True)
     assert actual_counts(settings, ["not-yet"])["not-yet"]["likes"] == 1
 
 
@@ -193,7 +226,7 @@ def test_feed_updater_sees_every_song_whose_counters_changed(settings: Settings)
     events = make_events(50, songs=5, seed=9)
     publish(settings, [e.to_bytes() for e in events], [e.song_id.encode() for e in events])
     touched: list[str] = []
-    FeedbackConsumer(settings, on_engagement=touched.extend).run(until_idle_s=2.0)
+    FeedbackConsumer(settings, on_engagement=touched.extend).run(until_idle_s=2.0, until_caught_up=True)
     assert set(touched) == {e.song_id for e in events}
 
 
@@ -223,7 +256,7 @@ def test_sigkill_mid_batch_then_restart_counts_each_event_once(settings: Setting
     plays_expected = sum(1 for e in events if e.type == "play")
     assert 300 < total < plays_expected, "the kill must land while work is in flight"
 
-    FeedbackConsumer(settings, on_engagement=lambda ids: None).run(until_idle_s=3.0)
+    FeedbackConsumer(settings, on_engagement=lambda ids: None).run(until_idle_s=3.0, until_caught_up=True)
     song_ids = sorted({e.song_id for e in events})
     assert actual_counts(settings, song_ids) == expected_counts(events)
     logged = EngagementLog(settings.engagement_log_dir, settings.kafka.topics.engagement).read()
@@ -333,7 +366,7 @@ def test_a_failed_log_write_is_replayed_counting_nothing_twice(
         return real(columns)
 
     monkeypatch.setattr(consumer.log, "append_columns", flaky)
-    stats = consumer.run(until_idle_s=2.0)
+    stats = consumer.run(until_idle_s=2.0, until_caught_up=True)
 
     assert failures and failures[0] > 0
     assert stats.replayed == failures[0]  # the failed batch's events came back as replays...
@@ -365,7 +398,7 @@ def test_real_feed_updater_rescores_played_songs(settings: Settings) -> None:
             for sid, kind in (("liked", "like" if i % 2 else "play"), ("skipped", "play"))
         ]
         publish(settings, [e.to_bytes() for e in events], [e.song_id.encode() for e in events])
-        FeedbackConsumer(settings).run(until_idle_s=2.0)
+        FeedbackConsumer(settings).run(until_idle_s=2.0, until_caught_up=True)
         after = dict(store.feed_page(settings.feed.name, 0, 10))
         assert after["liked"] > before["liked"] and after["skipped"] < before["skipped"]
         song = store.get_song("liked")

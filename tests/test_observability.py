@@ -32,7 +32,7 @@ def test_worker_metrics_and_json_logs(settings: Settings, tmp_path: Path, caplog
     publish_events(settings, [*good, event("m-missing", (tmp_path / "nope.wav").as_uri())])
     caplog.set_level(logging.INFO, logger="consumers.worker")
     worker = Worker(settings)
-    worker.run(until_idle_s=2.0)
+    worker.run(until_idle_s=2.0, until_caught_up=True)
 
     assert sample("apexrank_worker_events_total") - before["events"] == 4
     assert sample("apexrank_worker_songs_scored_total") - before["scored"] == 3

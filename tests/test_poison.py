@@ -69,7 +69,7 @@ def test_a_2mb_poison_does_not_block_the_worker(settings: Settings, tmp_path: Pa
     _produce(settings, topics.songs_generated, [(b"poison", POISON), (b"after-poison", valid.to_bytes())])
 
     worker = Worker(settings)
-    worker.run(until_idle_s=2.0)
+    worker.run(until_idle_s=2.0, until_caught_up=True)
 
     assert worker.stats.scored == 1 and worker.stats.dead_letters == 1
     assert worker.store.get_song("after-poison") is not None
@@ -86,7 +86,7 @@ def test_a_2mb_poison_does_not_block_the_engagement_consumer(settings: Settings)
     _produce(settings, topics.engagement, [(b"s-0", POISON), (b"s-1", like.to_bytes())])
 
     consumer = FeedbackConsumer(settings, on_engagement=lambda ids: None)
-    stats = consumer.run(until_idle_s=2.0)
+    stats = consumer.run(until_idle_s=2.0, until_caught_up=True)
 
     assert stats.accepted == 1 and stats.dead_letters == 1
     (letter,) = _letters(settings, topics.engagement_dead_letter, 1)
@@ -106,7 +106,7 @@ def test_a_letter_too_large_even_truncated_goes_without_its_original(settings: S
     _produce(settings, topics.songs_generated, [(b"big", POISON), (b"after-big", valid.to_bytes())])
 
     worker = Worker(settings)
-    worker.run(until_idle_s=2.0)
+    worker.run(until_idle_s=2.0, until_caught_up=True)
 
     assert worker.stats.scored == 1
     (letter,) = _letters(settings, topics.dead_letter, 1)
@@ -182,7 +182,7 @@ def test_created_at_and_key_are_checked_at_ingest(settings: Settings, tmp_path: 
     )
 
     worker = Worker(settings)
-    worker.run(until_idle_s=2.0)
+    worker.run(until_idle_s=2.0, until_caught_up=True)
 
     letters = {d.key: d for d in _letters(settings, topics.dead_letter, 4)}
     assert {k: d.error_code for k, d in letters.items()} == {
@@ -239,6 +239,13 @@ def test_metrics_listen_on_loopback_by_default() -> None:
     for command in ("worker", "feedback"):
         assert parser.parse_args([command, "--metrics-port", "9100"]).metrics_host == "127.0.0.1"
     assert parser.parse_args(["worker", "--metrics-host", "0.0.0.0"]).metrics_host == "0.0.0.0"
+
+
+def test_until_caught_up_is_off_unless_asked() -> None:
+    parser = build_parser()
+    for command in ("worker", "feedback"):
+        assert parser.parse_args([command]).until_caught_up is False
+        assert parser.parse_args([command, "--until-caught-up"]).until_caught_up is True
 
 
 @pytest.mark.parametrize("value", ["1700000000000", "1700000000", "20260101"])

@@ -355,7 +355,7 @@ def test_the_feedback_consumer_prunes_old_engagement_log_days(settings: Settings
     publish(s, [event.to_bytes()], [b"y"])
     consumer = FeedbackConsumer(s)
     try:
-        assert consumer.run(until_idle_s=1.0).accepted == 1
+        assert consumer.run(until_idle_s=1.0, until_caught_up=True).accepted == 1
     finally:
         consumer.counters.close()
     left = EngagementLog(s.engagement_log_dir, topic).read().to_pydict()

@@ -183,7 +183,7 @@ def scored_world(settings: Settings, catalog: Path) -> None:
     now = datetime.now(UTC)
     events = [e.model_copy(update={"created_at": now - timedelta(minutes=i)}) for i, e in enumerate(events)]
     publish_events(settings, events)
-    Worker(settings).run(until_idle_s=2.0)
+    Worker(settings).run(until_idle_s=2.0, until_caught_up=True)
     engage(settings, catalog)
 
 

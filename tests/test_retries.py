@@ -52,7 +52,7 @@ def settings(settings: Settings) -> Settings:
 
 def run_worker(settings: Settings) -> Worker:
     worker = Worker(settings)
-    worker.run(until_idle_s=2.0)
+    worker.run(until_idle_s=2.0, until_caught_up=True)
     return worker
 
 

@@ -249,7 +249,7 @@ def test_the_spool_survives_a_sigkilled_api_and_the_join_is_complete(
 
     events = plays_for(shown[::4])
     publish(s, s.kafka.topics.engagement, [e.to_bytes() for e in events], [e.song_id.encode() for e in events])
-    FeedbackConsumer(s, on_engagement=lambda ids: None).run(until_idle_s=2.0)
+    FeedbackConsumer(s, on_engagement=lambda ids: None).run(until_idle_s=2.0, until_caught_up=True)
     served = ServedLog(s.served_log_dir, s.kafka.topics.feeds_served).read()
     assert set(served.column("request_id").to_pylist()) == set(received)
     assert set(served.column("model_version").to_pylist()) == {"test-1"}  # the songs' model
@@ -297,7 +297,7 @@ def test_a_sigkilled_consumer_leaves_both_logs_complete(settings: Settings, tmp_
     partial = ServedLog(log_dir, s.kafka.topics.feeds_served).read().num_rows
     assert 0 < partial < len(served), "the kill must land while work is in flight"
 
-    FeedbackConsumer(s, on_engagement=lambda ids: None).run(until_idle_s=2.0)
+    FeedbackConsumer(s, on_engagement=lambda ids: None).run(until_idle_s=2.0, until_caught_up=True)
     logged = ServedLog(log_dir, s.kafka.topics.feeds_served).read()
     rids = logged.column("request_id").to_pylist()
     assert Counter(rids).most_common(1)[0][1] == 1 and set(rids) == {r.request_id for r in served}
@@ -315,7 +315,7 @@ def test_a_bad_served_record_goes_to_the_dead_letter_topic(settings: Settings, t
     bad = [b"not json", served_record("r-bad", "rank", "main", ["a"], explored=[True], propensity=[0.5])]
     topic = s.kafka.topics.feeds_served
     publish(s, topic, [good, *bad], [b"r-good", b"x", b"r-bad"])
-    stats = FeedbackConsumer(s, on_engagement=lambda ids: None).run(until_idle_s=2.0)
+    stats = FeedbackConsumer(s, on_engagement=lambda ids: None).run(until_idle_s=2.0, until_caught_up=True)
     assert stats.dead_letters == 2 and stats.served == 1 and stats.accepted == 0
     letters = [DeadLetter.model_validate_json(m.value) for m in read_topic(s, s.kafka.topics.engagement_dead_letter, 2)]
     assert sorted(d.original_bytes() for d in letters) == sorted(bad)
@@ -408,7 +408,9 @@ def test_a_batch_logged_but_not_committed_is_logged_once_when_replayed(settings:
     # consumer's batches start at offset 0 again and end elsewhere, so their files' ranges overlap these.
     first = [r for r in polled if r.offset < 120]
     crashed.process([message_of(r) for r in first])
-    FeedbackConsumer(s, on_engagement=lambda ids: None).run(until_idle_s=2.0)  # from offset 0 again
+    FeedbackConsumer(s, on_engagement=lambda ids: None).run(
+        until_idle_s=2.0, until_caught_up=True
+    )  # from offset 0 again
 
     def rows_on_disk(directory: Path) -> int:
         return sum(pq.read_metadata(f).num_rows for f in directory.glob("day=*/*.parquet"))

@@ -234,7 +234,7 @@ def test_a_running_api_serves_what_the_worker_the_feedback_consumer_and_a_promot
         before = by_id(page(live, feed))[target]["components"]
         assert (before["plays"], before["likes"]) == (0, 0)
         publish(s, [e.to_bytes() for e in engagement(target, plays=7, likes=3)], [target.encode()] * 10)
-        fb = FeedbackConsumer(s).run(until_idle_s=1.0)
+        fb = FeedbackConsumer(s).run(until_idle_s=1.0, until_caught_up=True)
         assert fb.accepted == 10, fb
         body, _ = serve_until(live, feed, lambda b: by_id(b)[target]["components"]["plays"] == 7, 2 * BOUND_S)
         after = by_id(body)[target]["components"]

@@ -408,7 +408,7 @@ def test_a_running_worker_drops_taken_down_songs_and_skips_their_replays(setting
     audio = {x: tone(tmp_path / f"{x}.wav", seconds=1.5, freq=200.0 + 90 * i).as_uri() for i, x in enumerate("ab")}
     publish_events(s, [event(f"td-{x}", uri) for x, uri in audio.items()])
     first = Worker(s)
-    assert first.run(until_idle_s=1.0).scored == 2
+    assert first.run(until_idle_s=1.0, until_caught_up=True).scored == 2
     take_down(s, ["td-a"], "rights claim")
     publish_events(s, [event("td-a", audio["a"])])  # a replay of the song taken down
     skipped_before = REGISTRY.get_sample_value("apexrank_worker_tombstoned_total") or 0.0

@@ -55,7 +55,7 @@ def send(settings: Settings, events: list[Engagement]) -> None:
 
 def consume(settings: Settings) -> FeedbackConsumer:
     consumer = FeedbackConsumer(settings, on_engagement=lambda ids: None)
-    consumer.run(until_idle_s=2.0)
+    consumer.run(until_idle_s=2.0, until_caught_up=True)
     return consumer
 
 

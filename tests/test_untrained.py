@@ -35,7 +35,7 @@ def score_one(settings: Settings, song_id: str, audio: Path) -> str:
             info = {"model_version": version, "encoder": worker.encoder.encoder_id}
             trained = "true" if worker.model.trained else "false"
             assert REGISTRY.get_sample_value("apexrank_model_info", {**info, "trained": trained}) == 1.0
-            stats = worker.run(until_idle_s=1.0)
+            stats = worker.run(until_idle_s=1.0, until_caught_up=True)
         finally:
             worker.close()
         if stats.messages:

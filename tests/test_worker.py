@@ -31,7 +31,7 @@ from tests.helpers import WavHandler, event, loopback, read_topic, settings_env,
 
 def run_worker(settings: Settings, idle_s: float = 2.0) -> Worker:
     worker = Worker(settings)
-    worker.run(until_idle_s=idle_s)
+    worker.run(until_idle_s=idle_s, until_caught_up=True)
     return worker
 
 
@@ -70,6 +70,21 @@ def stored_layers(settings: Settings, dim: int, song_ids: list[str]) -> dict[str
         return {s: got[s].record.layers for s in song_ids if s in got}
     finally:
         idx.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_until_caught_up_ends_the_run_with_everything_published_before_scored(
+    settings: Settings, tmp_path: Path, pipelined: bool
+) -> None:
+    """No idle timeout at all: the run ends only because every partition was read to its end (a run
+    that never saw it would hang until the test's timeout). test_feedback checks :func:`caught_up` itself."""
+    n = 7
+    events = [event(f"cu-{i}", tone(tmp_path / f"cu{i}.wav", freq=200 + 30 * i).as_uri()) for i in range(n)]
+    publish_events(settings, events)
+    small = settings.worker.model_copy(update={"pipelined": pipelined, "max_poll_records": 2, "group_songs": 2})
+    stats = Worker(settings.model_copy(update={"worker": small})).run(until_caught_up=True)
+    assert stats.scored == n and sorted(s for s, _ in feed(settings)) == sorted(e.song_id for e in events)
 
 
 def test_valid_song_is_scored_once_everywhere(settings: Settings, tmp_path: Path) -> None:
