@@ -18,7 +18,7 @@ import numpy as np
 import soundfile as sf
 from kafka import KafkaConsumer, TopicPartition
 
-from consumers.loop import Message
+from consumers.loop import Message, caught_up
 from indexes.base import faiss_id
 from ranker.events import Engagement, SongGenerated
 from ranker.settings import Settings
@@ -161,7 +161,7 @@ def engagement(song_id: str, kind: str, offset: int, topic: str) -> Message:
 
 
 def read_topic(settings: Settings, topic: str, expect: int, timeout_s: float = 30.0) -> list[Any]:
-    """Read a topic from the beginning until ``expect`` messages arrived (counting, not end offsets).
+    """Read a topic from the beginning until ``expect`` messages arrived (counting), then on to its end.
 
     Its partitions are assigned, not joined as a group: a join would cost a second or more.
     """
@@ -178,9 +178,10 @@ def read_topic(settings: Settings, topic: str, expect: int, timeout_s: float = 3
         while len(out) < expect and time.monotonic() < deadline:
             for records in consumer.poll(timeout_ms=500).values():
                 out.extend(records)
-        # Drain briefly so that extra (unexpected) messages are seen too.
-        for records in consumer.poll(timeout_ms=1000).values():
-            out.extend(records)
+        # Read on to the end so that extra (unexpected) messages are seen too.
+        while not caught_up(consumer) and time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=200).values():
+                out.extend(records)
     finally:
         consumer.close()
     return out
