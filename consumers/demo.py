@@ -67,7 +67,7 @@ def run_demo(settings: Settings, *, songs: int, seed: int, out: Path, train_song
 
     console.rule("4. the scoring worker, until idle")
     worker = Worker(settings)
-    stats = worker.run(until_idle_s=3.0)
+    stats = worker.run(until_idle_s=3.0, until_caught_up=True)
     console.print(
         f"scored {stats.scored} songs ({stats.reused_embeddings} from stored embeddings), "
         f"{stats.dead_letters} dead letters {stats.dead_by_code or ''}; model {worker.model.version}"
