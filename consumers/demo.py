@@ -65,7 +65,7 @@ def run_demo(settings: Settings, *, songs: int, seed: int, out: Path, train_song
     topic = settings.kafka.topics.songs_generated
     console.print(f"published {n} messages ({len(bad)} of them deliberately invalid) to {topic}")
 
-    console.rule("4. the scoring worker, until idle")
+    console.rule("4. the scoring worker, until it has read everything published")
     worker = Worker(settings)
     stats = worker.run(until_idle_s=3.0, until_caught_up=True)
     console.print(
