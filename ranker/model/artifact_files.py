@@ -82,20 +82,31 @@ def read_ood(path: Path, card: ModelCard, tensors: dict[str, torch.Tensor]) -> O
         raise ModelArtifactError(f"{path / WEIGHTS_FILE}: the OOD model is missing or malformed ({exc})") from exc
 
 
+def missing_and_unexpected(
+    expected: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor]
+) -> tuple[list[str], list[str]]:
+    """The tensor names a head's state needs that ``tensors`` lacks, and those it has that the head does not."""
+    return sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+
+
+def wrong_shapes(expected: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Each tensor of another shape than the head's, described (the names must match: check them first)."""
+    return [
+        f"{name} {list(tensors[name].shape)} (expected {list(t.shape)})"
+        for name, t in expected.items()
+        if tensors[name].shape != t.shape
+    ]
+
+
 def check_tensors(path: Path, head: ApexHead, tensors: Mapping[str, torch.Tensor]) -> None:
     expected = head.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+    missing, unexpected = missing_and_unexpected(expected, tensors)
     if missing or unexpected:
         raise ModelArtifactError(
             f"{path / WEIGHTS_FILE} does not match its config: missing tensors {missing[:8]}, "
             f"unexpected tensors {unexpected[:8]}"
         )
-    wrong = [
-        f"{name} {list(tensors[name].shape)} (expected {list(t.shape)})"
-        for name, t in expected.items()
-        if tensors[name].shape != t.shape
-    ]
+    wrong = wrong_shapes(expected, tensors)
     if wrong:
         raise ModelArtifactError(f"{path / WEIGHTS_FILE} has tensors of the wrong shape: {'; '.join(wrong[:8])}")
     for name, t in tensors.items():

@@ -53,6 +53,7 @@ from torch import nn
 
 from ranker.events import AESTHETIC_TASKS, POPULARITY_TASKS, TASKS
 from ranker.model.artifact import Device, ModelArtifactError, ScoringModel
+from ranker.model.artifact_files import missing_and_unexpected, wrong_shapes
 from ranker.model.head import ApexHead, HeadConfig
 
 #: The seed the public code sets right before building its (never trained) layer mix.
@@ -236,15 +237,10 @@ def load_released(
     tensors["log_sigma"] = log_sigma
 
     expected = head.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
+    missing, extra = missing_and_unexpected(expected, tensors)
     if missing or extra:
         raise ReleasedCheckpointError(f"{p}: after mapping, missing tensors {missing[:8]}, unexpected {extra[:8]}")
-    wrong = [
-        f"{k} {list(tensors[k].shape)} (expected {list(v.shape)})"
-        for k, v in expected.items()
-        if tensors[k].shape != v.shape
-    ]
+    wrong = wrong_shapes(expected, tensors)
     if wrong:
         raise ReleasedCheckpointError(f"{p}: tensors of the wrong shape: {'; '.join(wrong[:8])}")
     head.load_state_dict(
