@@ -99,6 +99,7 @@ class IdleClock:
         self.until_idle_s = until_idle_s
         self.caught_up = caught_up
         self.last_message = time.monotonic()
+        self.assigned = False
 
     def busy(self) -> float:
         """A batch arrived: restart the clock; returns the time it was restarted at."""
@@ -106,8 +107,11 @@ class IdleClock:
         return self.last_message
 
     def expired(self, assigned: bool) -> bool:
-        """An empty poll: has the loop been idle for ``until_idle_s``? Still joining the group is not idle."""
-        if not assigned:
+        """An empty poll: has the loop been idle for ``until_idle_s``? Still joining the group is not idle,
+        and the clock starts at the first poll that finds partitions assigned: the poll that joined may
+        have taken longer than ``until_idle_s`` by itself, with no fetch answered yet."""
+        if not assigned or not self.assigned:
+            self.assigned = assigned
             self.busy()
             return False
         if self.caught_up is not None and self.caught_up():

@@ -10,6 +10,7 @@ and the API through FastAPI's ``TestClient`` (its event loop runs on a thread fo
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -204,7 +205,8 @@ def test_a_running_api_serves_what_the_worker_the_feedback_consumer_and_a_promot
         publish_events(s, events)
         worker = Worker(s)
         stats: dict[str, Any] = {}
-        thread = threading.Thread(target=lambda: stats.update(run=worker.run(until_idle_s=1.0)), daemon=True)
+        run = functools.partial(worker.run, until_idle_s=1.0, until_caught_up=True)
+        thread = threading.Thread(target=lambda: stats.update(run=run()), daemon=True)
         thread.start()
         served_at: dict[str, float] = {}
         deadline = time.monotonic() + 90

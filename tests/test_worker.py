@@ -18,6 +18,7 @@ import pytest
 import redis
 import soundfile as sf
 
+from consumers import loop
 from consumers.publish import publish_events
 from consumers.worker import Worker
 from indexes import open_score_store
@@ -85,6 +86,25 @@ def test_until_caught_up_ends_the_run_with_everything_published_before_scored(
     small = settings.worker.model_copy(update={"pipelined": pipelined, "max_poll_records": 2, "group_songs": 2})
     stats = Worker(settings.model_copy(update={"worker": small})).run(until_caught_up=True)
     assert stats.scored == n and sorted(s for s, _ in feed(settings)) == sorted(e.song_id for e in events)
+
+
+def test_idle_clock_starts_when_partitions_are_first_assigned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The poll that joins the group can outlast ``until_idle_s`` by itself (CI saw a worker exit with
+    nothing read: its first assigned, empty poll came 1 s after the clock last started). Idle time
+    counts from the first poll that finds partitions assigned."""
+    now = [100.0]
+    monkeypatch.setattr(loop.time, "monotonic", lambda: now[0])
+    clock = loop.IdleClock(1.0)
+    assert not clock.expired(assigned=False)  # joining
+    now[0] += 5.0  # the joining poll took 5 s, and returned nothing
+    assert not clock.expired(assigned=True)  # the clock starts here
+    now[0] += 0.9
+    assert not clock.expired(assigned=True)
+    now[0] += 0.2
+    assert clock.expired(assigned=True)
+    assert not clock.expired(assigned=False)  # a rebalance takes the partitions away: joining again
+    now[0] += 5.0
+    assert not clock.expired(assigned=True)
 
 
 def test_valid_song_is_scored_once_everywhere(settings: Settings, tmp_path: Path) -> None:

@@ -194,7 +194,7 @@ def run_paths(settings: Settings, workdir: Path) -> dict[str, Any]:
     # 1. ingest: the worker, from Kafka to Redis and the index.
     publish_events(settings, events)
     worker = Worker(settings)
-    stats = worker.run(until_idle_s=2.0)
+    stats = worker.run(until_idle_s=2.0, until_caught_up=True)
     assert stats.scored == N_SONGS and stats.dead_letters == 0, stats
     assert worker.model.version == ingest_model.version
     store = stores.score_store(settings)
