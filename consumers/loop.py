@@ -119,10 +119,16 @@ class IdleClock:
         return self.until_idle_s is not None and time.monotonic() - self.last_message >= self.until_idle_s
 
 
+#: How long :func:`caught_up` waits for the broker's end offsets: not the client's request timeout, so
+#: a broker that is down delays the loop by this much per empty poll, not by 30 s.
+CAUGHT_UP_TIMEOUT_MS = 2_000
+
+
 def caught_up(consumer: Any) -> bool:
     """Every partition assigned to ``consumer`` read to its end: what was published to them before this
-    call has been consumed (one ListOffsets round trip). False with nothing assigned, or while a
-    partition has had no fetch answered.
+    call has been consumed (one ListOffsets round trip). False with nothing assigned, while a
+    partition has had no fetch answered, or when the broker does not answer (the loop goes on, and
+    its own retries deal with the broker; a check must not end the run).
 
     The end is the larger of two readings. ListOffsets (``end_offsets``) is fresh, so it counts what
     this process produced since its last fetch (a worker's own retry records); but the embedded Tansu
@@ -131,7 +137,11 @@ def caught_up(consumer: Any) -> bool:
     parts = list(consumer.assignment())
     if not parts:
         return False
-    ends = consumer.end_offsets(parts)
+    try:
+        ends = consumer.end_offsets(parts, timeout_ms=CAUGHT_UP_TIMEOUT_MS)
+    except KafkaError as exc:
+        log.warning("could not read the end offsets (%s: %s); not caught up", type(exc).__name__, exc)
+        return False
     for tp in parts:
         high = consumer.highwater(tp)
         if high is None or consumer.position(tp) < max(high, ends.get(tp, 0)):

@@ -133,3 +133,34 @@ def test_a_publisher_creates_missing_topics_as_configured(settings: Settings) ->
     finally:
         publisher.close()
     assert partition_counts(settings)[topic] == settings.kafka.topics.partitions
+
+
+def test_caught_up_is_false_not_an_error_while_the_broker_is_down(
+    private_stack: tuple[EmbeddedStack, Settings],
+) -> None:
+    """``run(until_caught_up=True)`` asks on every empty poll; a broker that stops answering makes the
+    answer "not yet" (the loop's own retries deal with the broker), never an exception that ends the run."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from consumers.loop import caught_up
+
+    stack, s = private_stack
+    topic = s.kafka.topics.engagement
+    publisher = Publisher(s.kafka)
+    try:
+        assert publisher.publish([(topic, b"k", b"v")]) == []
+    finally:
+        publisher.close()
+    consumer = KafkaConsumer(group_id=None, enable_auto_commit=False, **s.kafka.client_kwargs())
+    try:
+        parts = [TopicPartition(topic, p) for p in range(s.kafka.topics.partitions)]
+        consumer.assign(parts)
+        consumer.seek_to_beginning()
+        got = 0
+        while not caught_up(consumer):
+            got += sum(len(r) for r in consumer.poll(timeout_ms=200).values())
+        assert got == 1
+        stack.stop_one("kafka")
+        assert not caught_up(consumer)
+    finally:
+        consumer.close()
