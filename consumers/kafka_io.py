@@ -23,6 +23,28 @@ from ranker.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
+
+class _ClosedSocketRead(logging.Filter):
+    """Drops kafka-python 3.0's error for a read that raced a close it had already finished: the
+    transport's read task wakes after ``close()`` cleared its socket, logs an ERROR traceback
+    (``'NoneType' object has no attribute 'recv'``) and aborts a connection that is already closed.
+    Nothing is lost, but operators saw a traceback on some clean shutdowns. Any other transport
+    error is kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (
+            isinstance(exc, AttributeError)
+            and "'NoneType'" in str(exc)
+            and str(record.msg).endswith("Error receiving network data closing socket")
+            and any("(closed)" in str(arg) for arg in (record.args if isinstance(record.args, tuple) else ()))
+        )
+
+
+_TRANSPORT_LOG = logging.getLogger("kafka.net.transport")
+if not any(isinstance(f, _ClosedSocketRead) for f in _TRANSPORT_LOG.filters):
+    _TRANSPORT_LOG.addFilter(_ClosedSocketRead())
+
 #: Kafka record headers, as kafka-python takes them.
 Headers = Sequence[tuple[str, bytes]]
 #: An output record: (topic, key, value), optionally with headers as a fourth item.
