@@ -95,11 +95,12 @@ def pool_songs(impressions: pa.Table) -> list[str]:
 
 
 def _days(since: datetime, now: datetime) -> list[str]:
-    """The day folders that can hold records at or after ``since``: a file lives in its earliest
-    record's day, so the one before ``since`` may hold later records too."""
+    """The day folders that can hold records from ``since`` to ``now``: a file lives in its latest
+    record's day (up to the clock skew past ``now``, so the day after too); files written before
+    that rule lived in their earliest record's, so the day before ``since`` too."""
     day = since.date() - timedelta(days=1)
     out = []
-    while day <= now.date():
+    while day <= now.date() + timedelta(days=1):
         out.append(day.isoformat())
         day += timedelta(days=1)
     return out

@@ -174,7 +174,9 @@ class FeedbackConsumer:
         events: list[Engagement] = []
         parse = Engagement.parse
         budget = self.settings.kafka.dead_letter_original_bytes
-        updated_at = datetime.now(UTC).isoformat()
+        now = datetime.now(UTC)
+        updated_at = now.isoformat()
+        fb = self.settings.feedback
         # Steps 1 and 2 overlap: each chunk parsed is counted on a thread (which mostly waits on
         # Redis running the script) while the next chunk is parsed. One thread, so chunks are
         # counted in order.
@@ -184,10 +186,12 @@ class FeedbackConsumer:
                 first = len(events)
                 for msg in messages[lo : lo + self.count_chunk]:
                     try:
-                        events.append(parse(msg.value))  # type: ignore[arg-type]
+                        event = parse(msg.value)  # type: ignore[arg-type]
+                        event.check_ts(now, fb.ts_max_skew_s, fb.ts_min)
                     except InputError as exc:
                         dead.append(dead_letter(msg, exc.code, exc.message, budget))
                         continue
+                    events.append(event)
                     kept.append(msg)
                 chunk, msgs = events[first:], kept[first:]
                 counting.append(

@@ -1,14 +1,14 @@
 """The durable engagement log: Parquet files partitioned by day, for retraining.
 
-The offset-named log itself (:class:`OffsetLog`) takes its schema and the column whose earliest
+The offset-named log itself (:class:`OffsetLog`) takes its schema and the column whose latest
 time names a file's day: the served log (:mod:`indexes.served_log`) is the same log over
 ``feeds.served``.
 
 Exactly-once without a transaction: every file covers a contiguous offset range
 of one topic partition and is named for it
 (``day=YYYY-MM-DD/<topic>-p<partition>-o<first>-<last>.parquet``, the day of its
-earliest event, so a file written around midnight may hold a few events of the
-next day: filter on ``ts``), written to a
+latest event, so a file may hold events of earlier days: filter on ``ts``; files
+written before this rule are named for their earliest event), written to a
 temporary name, fsynced and renamed. On start (and after a rebalance) the writer
 reads the highest logged offset per partition from the file names and skips
 messages at or below it, so a replayed batch is never logged twice. The
@@ -16,8 +16,8 @@ directory must be shared by all members of the consumer group (a volume or a
 mounted bucket) so that a partition moving between members keeps its history.
 
 Retention (``retention.engagement_log_days``): :meth:`OffsetLog.prune` deletes the files of
-days before a cut-off, except each partition's newest file, whose name carries the logged offset
-that keeps a replayed batch from being logged twice.
+days before a cut-off (files whose every row is older), except each partition's newest file, whose
+name carries the logged offset that keeps a replayed batch from being logged twice.
 
 One race is left to the reader: a member that lost a partition in a rebalance
 but is still finishing its batch (its commit will be refused) can write an
@@ -107,8 +107,10 @@ class OffsetLog:
         one equal-length sequence per schema field (times as aware datetimes, converted to UTC; a field
         left out is nulls). Returns how many rows were logged.
 
-        One file per partition per call, in the day folder of its earliest event: a single file
-        per offset range keeps the logged offset free of holes after a crash between files.
+        One file per partition per call, in the day folder of its latest event: a single file per
+        offset range keeps the logged offset free of holes after a crash between files, and a file
+        goes (:meth:`prune`) only once its newest row is past the retention, so one event with an
+        old ``ts`` (a device's clock, a late upload) cannot take the rest of its batch with it.
         """
         partitions = np.asarray(columns["partition"], dtype=np.int64)
         offsets = np.asarray(columns["offset"], dtype=np.int64)
@@ -129,8 +131,8 @@ class OffsetLog:
         for partition, idx in todo:
             rows = table.take(pa.array(idx))
             first, last = int(offsets[idx[0]]), int(offsets[idx[-1]])
-            earliest = pc.min(rows.column(self.time_column)).as_py()
-            self._write(earliest.date().isoformat(), partition, first, last, rows)
+            latest = pc.max(rows.column(self.time_column)).as_py()
+            self._write(latest.date().isoformat(), partition, first, last, rows)
             self._logged[partition] = last
         return sum(len(idx) for _, idx in todo)
 

@@ -9,6 +9,7 @@ class ErrorCode(StrEnum):
     INVALID_JSON = "invalid_json"
     INVALID_SCHEMA = "invalid_schema"
     INVALID_CREATED_AT = "invalid_created_at"
+    INVALID_TS = "invalid_ts"
     KEY_MISMATCH = "key_mismatch"
     UNSUPPORTED_URI_SCHEME = "unsupported_uri_scheme"
     FORBIDDEN_URI = "forbidden_uri"

@@ -109,17 +109,15 @@ class SongGenerated(_Event):
 
     def check_created_at(self, now: datetime, max_skew_s: float, earliest: datetime) -> None:
         """Refuse a creation time in the future (beyond clock skew) or before ``earliest``."""
-        if (self.created_at - now).total_seconds() > max_skew_s:
-            raise InputError(
-                ErrorCode.INVALID_CREATED_AT,
-                f"created_at {self.created_at.isoformat()} is in the future (more than {max_skew_s:g} s ahead of "
-                f"{now.isoformat(timespec='seconds')}); a song's freshness is measured from it",
-            )
-        if self.created_at < earliest:
-            raise InputError(
-                ErrorCode.INVALID_CREATED_AT,
-                f"created_at {self.created_at.isoformat()} is before {earliest.isoformat()}, the earliest accepted",
-            )
+        check_time(
+            "created_at",
+            self.created_at,
+            now,
+            max_skew_s,
+            earliest,
+            ErrorCode.INVALID_CREATED_AT,
+            "a song's freshness is measured from it",
+        )
 
 
 class SongScored(_Event):
@@ -198,6 +196,27 @@ class Engagement(_Event):
     @classmethod
     def parse(cls, raw: bytes) -> Engagement:
         return parse_event(cls, raw)
+
+    def check_ts(self, now: datetime, max_skew_s: float, earliest: datetime) -> None:
+        """Refuse an event time in the future (beyond clock skew) or before ``earliest``: a listener's
+        taste decays by event time (a far future one would wipe it and outweigh every later event),
+        and the engagement log files and prunes by it."""
+        why = "a listener's taste decays by it and the engagement log is dated by it"
+        check_time("ts", self.ts, now, max_skew_s, earliest, ErrorCode.INVALID_TS, why)
+
+
+def check_time(
+    name: str, value: datetime, now: datetime, max_skew_s: float, earliest: datetime, code: ErrorCode, why: str
+) -> None:
+    """Refuse a client-supplied time more than ``max_skew_s`` ahead of ``now``, or before ``earliest``."""
+    if (value - now).total_seconds() > max_skew_s:
+        raise InputError(
+            code,
+            f"{name} {value.isoformat()} is in the future (more than {max_skew_s:g} s ahead of "
+            f"{now.isoformat(timespec='seconds')}); {why}",
+        )
+    if value < earliest:
+        raise InputError(code, f"{name} {value.isoformat()} is before {earliest.isoformat()}, the earliest accepted")
 
 
 class SongDeleted(_Event):

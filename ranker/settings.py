@@ -369,6 +369,15 @@ class FeedbackSettings(_Section):
     retry_initial_s: float = Field(0.5, gt=0)
     retry_max_s: float = Field(15.0, gt=0)
     dedup_window_s: int = Field(7 * 24 * 3600, ge=60, description="How long an event_id is remembered.")
+    ts_max_skew_s: float = Field(
+        300.0,
+        ge=0,
+        description="An engagement event's ts may be at most this far in the future (clock skew); a later one is "
+        "dead-lettered (invalid_ts), and POST /v1/events rejects it.",
+    )
+    ts_min: datetime = Field(
+        datetime(2020, 1, 1, tzinfo=UTC), description="An engagement event's ts may not be earlier than this."
+    )
     orphan_ttl_s: int | None = Field(
         30 * 24 * 3600,
         ge=60,

@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -138,6 +138,27 @@ def test_a_replayed_batch_counts_once_after_the_real_feedback_consumer(app_clien
     finally:
         counters.close()
     assert (counts["song.r"]["plays"], counts["song.r"]["likes"], counts["song.q"]["skips"]) == (2, 1, 1)
+
+
+def test_an_event_time_ahead_of_the_clock_or_before_ts_min_is_rejected_as_the_consumer_would(
+    app_client: tuple[TestClient, Settings],
+) -> None:
+    """feedback.ts_max_skew_s (300 s) and feedback.ts_min (2020): the same bounds and code as the feedback
+    consumer's dead letters; a minute ahead is clock skew, accepted."""
+    client, s = app_client
+    now = datetime.now(UTC)
+    batch = [
+        ev("song.a", event_id="skewed", ts=(now + timedelta(seconds=60)).isoformat()),
+        ev("song.a", event_id="ahead", ts=(now + timedelta(hours=1)).isoformat()),
+        ev("song.a", event_id="ancient", ts="2019-12-31T23:59:59Z"),
+    ]
+    r = client.post("/v1/events", json={"events": batch}, headers=AUTH)
+    assert r.status_code == 202, r.text
+    results = r.json()["results"]
+    assert [x["status"] for x in results] == ["accepted", "rejected", "rejected"]
+    assert [x["error"]["code"] for x in results[1:]] == ["invalid_ts", "invalid_ts"]
+    assert "in the future" in results[1]["error"]["message"] and "2020" in results[2]["error"]["message"]
+    assert [e.event_id for _, e in on_topic(s, 1)] == ["skewed"]
 
 
 def test_limits_an_empty_batch_too_many_events_a_body_too_large_and_a_body_that_is_not_a_batch(

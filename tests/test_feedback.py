@@ -157,14 +157,20 @@ def test_counters_are_exact_after_duplicates_and_bad_events(settings: Settings) 
     # No idle timeout: the run ends only once every partition is read to its end (until_caught_up).
     events = make_events(400, songs=25)
     dupes = random.Random(3).sample(events, 60)
-    values = [e.to_bytes() for e in events + dupes] + [b"nope", json.dumps({"event_id": "x"}).encode()]
-    keys: list[bytes | None] = [e.song_id.encode() for e in events + dupes] + [None, b"x"]
+    # Event times a device's clock can send: a day ahead, and before feedback.ts_min. Both name a song
+    # that has events, so counting either would move its counters.
+    bad_ts = [
+        events[0].model_copy(update={"event_id": "future", "ts": datetime.now(UTC) + timedelta(days=1)}),
+        events[0].model_copy(update={"event_id": "ancient", "ts": datetime(2019, 12, 31, tzinfo=UTC)}),
+    ]
+    values = [e.to_bytes() for e in events + dupes + bad_ts] + [b"nope", json.dumps({"event_id": "x"}).encode()]
+    keys: list[bytes | None] = [e.song_id.encode() for e in events + dupes + bad_ts] + [None, b"x"]
     publish(settings, values, keys)
 
     consumer = FeedbackConsumer(settings, on_engagement=lambda ids: None)
     stats = consumer.run(until_caught_up=True)
 
-    assert stats.accepted == 400 and stats.duplicates == 60 and stats.dead_letters == 2
+    assert stats.accepted == 400 and stats.duplicates == 60 and stats.dead_letters == 4
     song_ids = sorted({e.song_id for e in events})
     assert actual_counts(settings, song_ids) == expected_counts(events)
 
@@ -173,9 +179,10 @@ def test_counters_are_exact_after_duplicates_and_bad_events(settings: Settings) 
     assert len(ids) == len(set(ids)) == 400
     letters = [
         DeadLetter.model_validate_json(m.value)
-        for m in read_topic(settings, settings.kafka.topics.engagement_dead_letter, 2)
+        for m in read_topic(settings, settings.kafka.topics.engagement_dead_letter, 4)
     ]
-    assert sorted(d.error_code for d in letters) == ["invalid_json", "invalid_schema"]
+    assert sorted(d.error_code for d in letters) == ["invalid_json", "invalid_schema", "invalid_ts", "invalid_ts"]
+    assert sorted(d.message.split(" ")[0] for d in letters if d.error_code == "invalid_ts") == ["ts", "ts"]
 
 
 def test_the_consumer_serves_its_lag_and_its_dead_letters_by_code(settings: Settings) -> None:
@@ -448,6 +455,21 @@ def test_an_offset_range_logged_twice_after_a_rebalance_race_is_read_once(tmp_pa
     assert len(list(tmp_path.glob("day=*/*.parquet"))) == 2
     table = EngagementLog(tmp_path, "eng").read()
     assert table.column("offset").to_pylist() == list(range(10, 16))
+
+
+def test_a_file_is_dated_by_its_latest_event_so_one_old_ts_does_not_take_its_batch_away(tmp_path: Path) -> None:
+    """A batch with one event from weeks ago (a late upload, a device's clock) is filed under its newest
+    event's day: the retention keeps it while any of its rows is recent, and a day window reads it."""
+    from consumers.evaluate_policy import _days
+
+    now = datetime(2026, 12, 4, 12, tzinfo=UTC)
+    stamps = [datetime(2026, 11, 1, tzinfo=UTC), now - timedelta(hours=2), now - timedelta(hours=1)]
+    log = EngagementLog(tmp_path, "eng")
+    assert log.append([LoggedEvent(f"e{o}", "s", "u", "play", ts, None, None, 0, o) for o, ts in enumerate(stamps)])
+    assert log.append([LoggedEvent("e9", "s", "u", "play", now, None, None, 0, 9)]) == 1  # the partition's newest
+    assert sorted(p.parent.name for p in tmp_path.glob("day=*/*.parquet")) == ["day=2026-12-04"] * 2
+    assert log.prune(now - timedelta(days=30)) == 0
+    assert len(EngagementLog(tmp_path, "eng").read(_days(now - timedelta(hours=3), now))) == 4
 
 
 def test_a_position_beyond_the_logs_int32_is_refused_not_crashed_on() -> None:

@@ -13,6 +13,7 @@ A resend of an event already accepted counts once: the feedback consumer dedupli
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
@@ -26,7 +27,7 @@ from ranker.errors import InputError
 from ranker.events import Engagement
 from ranker.serving.edge import error_response
 from ranker.serving.producer import ApiProducer, Delivery
-from ranker.settings import Settings
+from ranker.settings import FeedbackSettings, Settings
 
 EVENTS = Counter("apexrank_api_events_total", "Events received by POST /v1/events, by outcome", ["status"])
 
@@ -86,18 +87,23 @@ def read_batch(body: bytes, max_events: int) -> list[Any]:
     return events
 
 
-def check_events(items: Sequence[Any]) -> tuple[list[dict[str, Any]], list[tuple[int, Engagement]]]:
+def check_events(
+    items: Sequence[Any], feedback: FeedbackSettings, now: datetime | None = None
+) -> tuple[list[dict[str, Any]], list[tuple[int, Engagement]]]:
     """Each item's result (valid first sightings left ``accepted``, pending the broker), and those to produce.
 
-    An item is re-encoded and parsed as the consumer parses a message value, so both sides
-    accept and refuse the same events with the same codes.
+    An item is re-encoded and parsed, and its ``ts`` checked against ``feedback``'s bounds, as the
+    consumer does with a message value, so both sides accept and refuse the same events with the
+    same codes.
     """
     results: list[dict[str, Any]] = []
     valid: list[tuple[int, Engagement]] = []
     first: dict[str, int] = {}
+    at = now or datetime.now(UTC)
     for i, item in enumerate(items):
         try:
             event = Engagement.parse(orjson.dumps(item))
+            event.check_ts(at, feedback.ts_max_skew_s, feedback.ts_min)
         except InputError as exc:
             raw_id = item.get("event_id") if isinstance(item, dict) else None
             shown = raw_id if isinstance(raw_id, str) and len(raw_id) <= 128 else None
@@ -189,7 +195,7 @@ def events_router(settings: Settings, producer: ApiProducer, dependencies: Seque
             items = read_batch(await request.body(), max_events)
         except BatchError as exc:
             return error_response(exc.status, exc.code, exc.message)
-        results, valid = check_events(items)
+        results, valid = check_events(items, settings.feedback)
         if valid:
             records = [(e.song_id.encode(), e.to_bytes()) for _, e in valid]
             deliveries = await run_in_threadpool(producer.publish, topic, records)
