@@ -244,6 +244,16 @@ def test_a_bad_user_id_is_a_422(settings: Settings, store: RedisScoreStore, user
         assert r.json()["error"] == "bad_user"
 
 
+def test_a_user_id_with_a_lone_surrogate_is_a_422_not_a_500(settings: Settings, store: RedisScoreStore) -> None:
+    """Valid JSON (an escaped lone surrogate), but no UTF-8 key can be made of it: refused like any bad id."""
+    s = world(settings, store)
+    body = b'{"candidates": ["%s"], "feed": "f", "user": "a\\ud800"}' % sid(0).encode()
+    with TestClient(app(s)) as client:
+        r = client.post("/v1/rank", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 422, r.text
+        assert r.json()["error"] == "bad_user"
+
+
 class Via(httpx.BaseTransport):
     """The client's requests, sent through a running TestClient (the app's lifespan included)."""
 

@@ -31,8 +31,9 @@ if TYPE_CHECKING:
     from ranker.serving.page_cache import _Window
     from ranker.serving.table import SongTable
 
-#: User ids the API takes: what the engagement contract takes (1-128 characters), less control characters.
-_USER = re.compile(r"^[^\x00-\x1f\x7f]{1,128}$")
+#: User ids the API takes: what the engagement contract takes (1-128 characters), less control characters
+#: and lone surrogates (valid in a JSON string as an escape, but not encodable as a Redis key).
+_USER = re.compile(r"^[^\x00-\x1f\x7f\ud800-\udfff]{1,128}$")
 
 
 def check_user(user: str | None) -> str | None:
@@ -40,7 +41,8 @@ def check_user(user: str | None) -> str | None:
     if user is None:
         return None
     if not _USER.fullmatch(user):
-        raise FilterError("bad_user", f"user must be 1-128 characters without control characters, got {user[:40]!r}")
+        why = "user must be 1-128 characters without control characters or lone surrogates"
+        raise FilterError("bad_user", f"{why}, got {user[:40]!r}")
     return user
 
 
