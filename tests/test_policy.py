@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 
 import numpy as np
 import pytest
 
 from indexes import RedisScoreStore, SongRecord
-from ranker.serving.cursor import Cursor, CursorError
+from ranker.serving.cursor import MAX_SKIP, Cursor, CursorError
 from ranker.serving.policy import (
     EPOCH,
     SCORE_FLOOR,
@@ -203,6 +204,16 @@ def test_cursor_round_trip_and_rejections() -> None:
     for bad in ("!!!", "AAAA", token[:-3], token + "AAAA"):
         with pytest.raises(CursorError):
             Cursor.decode(bad, "cold-start")
+    # Well-formed, but past what any page writes: a taste block of 65,535 songs left (a forged cursor
+    # would make a page re-order that many rows), or a skip set over MAX_SKIP.
+    personal = Cursor("cold-start", 1.0, "song-9", frozenset({1}), user=7, block=(-math.inf, "", 400))
+    assert Cursor.decode(personal.encode(), "cold-start", user=7) == personal
+    for forged in (
+        replace(personal, block=(-math.inf, "", 0xFFFF)),
+        replace(personal, skip=frozenset(range(MAX_SKIP + 1))),
+    ):
+        with pytest.raises(CursorError, match="malformed"):
+            Cursor.decode(forged.encode(), "cold-start", user=7)
 
 
 def _table(counts: list[float], pct: list[float]) -> dict[str, object]:

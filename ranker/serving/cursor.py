@@ -143,6 +143,10 @@ class Cursor:
         known = (1, _CURSOR_VERSION, _PERSONAL_VERSION)
         if version not in known or len(sid) != n_id or len(body) != n_skip * _SKIP_BYTES or pos != len(raw):
             raise CursorError("malformed cursor: pass back next_cursor exactly as received")
+        # Past what any page writes (api.personal_window is at most 400): a forged cursor must not make
+        # a page scan and re-order tens of thousands of rows.
+        if n_skip > MAX_SKIP or (block is not None and block[2] > MAX_SKIP):
+            raise CursorError("malformed cursor: pass back next_cursor exactly as received")
         if tag != _feed_tag(feed):
             raise CursorError(f"this cursor belongs to another feed than {feed!r}")
         if math.isnan(score):
