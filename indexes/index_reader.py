@@ -307,11 +307,16 @@ class IndexReader:
         return [(s, sim) for s, sim in self.search(vector, k + 1) if s != song_id][:k]
 
     def vector_of(self, song_id: str) -> np.ndarray | None:
-        """The song's stored vector, or None when this index does not hold it."""
-        store = self._store
-        if store is None or self._index is None:
-            raise LookupError("the index is not loaded")
-        stored = store.get(song_id)
+        """The song's stored vector, or None when this index does not hold it. The store is read under the
+        read lock (as in :meth:`search`): a reload swaps it under the write lock, then closes the old one."""
+        self._lock.acquire_read()
+        try:
+            store = self._store
+            if store is None or self._index is None:
+                raise LookupError("the index is not loaded")
+            stored = store.get(song_id)
+        finally:
+            self._lock.release_read()
         return None if stored is None else stored.record.vector.astype(np.float32)
 
     def search(self, vector: np.ndarray, k: int) -> list[tuple[str, float]]:
@@ -322,10 +327,10 @@ class IndexReader:
             if store is None or index is None:
                 raise LookupError("the index is not loaded")
             sims, keys = index.search(vector, k)
+            hits = [(int(key), float(sim)) for key, sim in zip(keys[0], sims[0], strict=True) if key >= 0]
+            names = store.song_ids_for_keys(key for key, _ in hits)
         finally:
             self._lock.release_read()
-        hits = [(int(key), float(sim)) for key, sim in zip(keys[0], sims[0], strict=True) if key >= 0]
-        names = store.song_ids_for_keys(key for key, _ in hits)
         return [(names[key], sim) for key, sim in hits if key in names]
 
 

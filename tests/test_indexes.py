@@ -15,7 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -519,6 +519,43 @@ def test_concurrent_reloads_take_turns(tmp_path: Path) -> None:
         assert reader.status().vectors == 6050
     finally:
         second_done.set()
+        reader.close()
+
+
+def test_a_search_begun_before_a_reload_never_reads_the_store_the_reload_closed(tmp_path: Path) -> None:
+    """A similar-songs search holds the store it started with until it has named its hits; a reload
+    (the refresh thread, POST /v1/index/reload) swaps in a new store and closes the old one. The
+    search pauses on its hits' names while the reload runs: the reload must wait for it, not close
+    the store under it (which answered the request with a 500)."""
+    with open_index(tmp_path) as index:
+        index.add(records(50))
+    reader = _reader(tmp_path)
+    paused, reloaded = threading.Event(), threading.Event()
+    old_store = reader._store
+    assert old_store is not None
+    names = old_store.song_ids_for_keys
+
+    def slow_names(keys: Iterable[int]) -> dict[int, str]:
+        paused.set()
+        reloaded.wait(1.0)  # the reload finishes now, unless it has to wait for this search
+        return names(keys)
+
+    old_store.song_ids_for_keys = slow_names  # type: ignore[method-assign]
+    reload = threading.Thread(target=lambda: (reader.load(), reloaded.set()))
+    try:
+        vector = reader.vector_of("song-1")
+        assert vector is not None
+        found: list[list[tuple[str, float]]] = []
+        search = threading.Thread(target=lambda: found.append(reader.search(vector, 5)))
+        search.start()
+        assert paused.wait(30)
+        reload.start()
+        search.join(30)
+        reload.join(30)
+        assert found and found[0][0][0] == "song-1", found
+        assert reader._store is not old_store  # the reload did happen
+    finally:
+        reloaded.set()
         reader.close()
 
 
