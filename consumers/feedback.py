@@ -66,10 +66,18 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+from kafka import TopicPartition
 from prometheus_client import Counter
 
 from consumers import metrics
-from consumers.kafka_io import Publisher, ensure_topics, log_size_limits, make_consumer, publish_outputs
+from consumers.kafka_io import (
+    Publisher,
+    ensure_topics,
+    log_size_limits,
+    make_consumer,
+    publish_outputs,
+    topic_id,
+)
 from consumers.loop import (
     IdleClock,
     Message,
@@ -152,6 +160,34 @@ class FeedbackConsumer:
 
     def request_stop(self, *_: Any) -> None:
         self._stop.set()
+
+    def _restarted(self, consumer: Any, messages: Sequence[Message]) -> None:
+        """Set log files aside as an earlier generation when a topic's offsets started again (a broker
+        that came back empty, a topic made again); otherwise the logs would skip the new records up to
+        the offsets they hold. Seen by the topic's id changing (brokers that give one), or by a
+        partition's high watermark at or below the offset its log holds, which a replay never shows."""
+        topics = self.settings.kafka.topics
+        logs = {topics.engagement: self.log, topics.feeds_served: self.served_log}
+        for topic in sorted({m.topic for m in messages} & set(logs)):
+            if (tid := topic_id(consumer, topic)) is not None and (moved := logs[topic].follow_topic(tid)):
+                log.warning(
+                    "%s was created again (id %s): %d log files kept as an earlier generation", topic, tid, moved
+                )
+        for topic, partition in sorted({(m.topic, m.partition) for m in messages}):
+            offset_log = logs.get(topic)
+            high = consumer.highwater(TopicPartition(topic, partition))
+            if offset_log is None or high is None or high > (logged := offset_log.logged_through(partition)):
+                continue
+            moved = offset_log.restart(partition)
+            log.warning(
+                "%s partition %d restarted its offsets (high watermark %d, logged through %d): %d log files "
+                "kept as an earlier generation",
+                topic,
+                partition,
+                high,
+                logged,
+                moved,
+            )
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
         f = self.settings.feedback
@@ -373,6 +409,7 @@ class FeedbackConsumer:
                 first_message = first_message or last_message
                 self.stats.add_time("poll", t)
                 try:
+                    self._retry("check for restarted offsets", functools.partial(self._restarted, consumer, messages))
                     dead = self._retry("process", functools.partial(self.process, messages))
 
                     t = time.perf_counter()

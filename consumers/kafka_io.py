@@ -122,6 +122,15 @@ def make_producer(kafka: KafkaSettings) -> KafkaProducer:
     return producer
 
 
+def topic_id(consumer: KafkaConsumer, topic: str) -> str | None:
+    """The broker's id of ``topic`` as the consumer's metadata last gave it (Kafka 2.8+ and Tansu: a new
+    one each time the topic is created), or None where the broker gives none. kafka-python keeps it
+    in its cluster metadata only (``topic_id``), not on the consumer's public API."""
+    cluster = getattr(consumer, "_cluster", None)
+    found = cluster.topic_id(topic) if cluster is not None and hasattr(cluster, "topic_id") else None
+    return str(found) if found is not None and getattr(found, "int", 1) != 0 else None
+
+
 def _never_auto_create(cluster: Any) -> None:
     """Make a client's metadata requests stop asking the broker to create the topics they name.
 

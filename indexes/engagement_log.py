@@ -19,6 +19,12 @@ Retention (``retention.engagement_log_days``): :meth:`OffsetLog.prune` deletes t
 days before a cut-off (files whose every row is older), except each partition's newest file, whose
 name carries the logged offset that keeps a replayed batch from being logged twice.
 
+Offsets that start again (a broker that came back empty, a topic deleted and made again) would
+make the writer skip every new record up to the old logged offset. The consumer sees it (a
+partition's high watermark at or below the logged offset, which a replay never shows) and calls
+:meth:`OffsetLog.restart`: the partition's files become an earlier generation, read like the
+others but no longer counted as logged.
+
 One race is left to the reader: a member that lost a partition in a rebalance
 but is still finishing its batch (its commit will be refused) can write an
 offset range the new owner also writes. :meth:`OffsetLog.read` therefore
@@ -41,6 +47,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from indexes.durable import fsync_dir
+
 SCHEMA = pa.schema(
     [
         ("event_id", pa.string()),
@@ -56,7 +64,10 @@ SCHEMA = pa.schema(
         ("request_id", pa.string()),
     ]
 )
-_NAME = re.compile(r"^(?P<topic>.+)-p(?P<partition>\d+)-o(?P<first>\d+)-(?P<last>\d+)\.parquet$")
+#: A live file's name, or an earlier generation's (``.g<n>``: set aside by :meth:`OffsetLog.restart`).
+_NAME = re.compile(r"^(?P<topic>.+)-p(?P<partition>\d+)-o(?P<first>\d+)-(?P<last>\d+)(?:\.g(?P<gen>\d+))?\.parquet$")
+#: The live files' generation when rows are read: after every earlier one.
+_LIVE = 2**62
 
 
 @dataclass(frozen=True)
@@ -89,11 +100,11 @@ class OffsetLog:
         self.refresh()
 
     def refresh(self) -> None:
-        """Re-read the highest logged offset per partition from the files on disk."""
+        """Re-read the highest logged offset per partition from the (live) files on disk."""
         logged: dict[int, int] = {}
         for path in self.dir.glob("day=*/*.parquet"):
             m = _NAME.match(path.name)
-            if m and m["topic"] == self.topic:
+            if m and m["topic"] == self.topic and m["gen"] is None:
                 p, last = int(m["partition"]), int(m["last"])
                 logged[p] = max(logged.get(p, -1), last)
         self._logged = logged
@@ -101,6 +112,56 @@ class OffsetLog:
     def logged_through(self, partition: int) -> int:
         """Highest offset already in the log for ``partition`` (-1 when none)."""
         return self._logged.get(partition, -1)
+
+    def follow_topic(self, topic_id: str) -> int:
+        """Record the broker's id of the topic (new each time the topic is created). When it differs from
+        the one recorded, the topic was made again and its offsets start at 0: every partition's files
+        become an earlier generation (:meth:`restart`). Read from disk each time, so the members of a
+        group sharing the directory set the files aside once. How many files were set aside."""
+        path = self.dir / f".{self.topic}.topic-id"
+        known = path.read_text().strip() if path.exists() else None
+        if known == topic_id:
+            return 0
+        moved = 0
+        if known is not None:
+            for partition in sorted(self.live_partitions()):
+                moved += self.restart(partition)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(topic_id + "\n")
+        os.replace(tmp, path)
+        fsync_dir(self.dir)
+        return moved
+
+    def live_partitions(self) -> set[int]:
+        """The partitions with live files on disk."""
+        out: set[int] = set()
+        for path in self.dir.glob("day=*/*.parquet"):
+            m = _NAME.match(path.name)
+            if m and m["topic"] == self.topic and m["gen"] is None:
+                out.add(int(m["partition"]))
+        return out
+
+    def restart(self, partition: int) -> int:
+        """The topic's offsets of ``partition`` started again (a broker that came back empty, a topic
+        deleted and made again): its live files become an earlier generation (``.g<n>`` in the name),
+        still read, so the new records, at offsets the log has seen, are logged instead of skipped.
+        How many files were set aside."""
+        files: list[Path] = []
+        gens = [0]
+        for path in self.dir.glob("day=*/*.parquet"):
+            m = _NAME.match(path.name)
+            if m and m["topic"] == self.topic:
+                if m["gen"] is not None:
+                    gens.append(int(m["gen"]))
+                elif int(m["partition"]) == partition:
+                    files.append(path)
+        gen = max(gens) + 1
+        for path in files:
+            os.replace(path, path.with_name(f"{path.stem}.g{gen}.parquet"))
+        for folder in {path.parent for path in files}:
+            fsync_dir(folder)
+        self._logged.pop(partition, None)
+        return len(files)
 
     def append_columns(self, columns: Mapping[str, Sequence[Any]]) -> int:
         """Log the rows not yet logged (offset above the partition's logged offset), given as columns:
@@ -165,7 +226,7 @@ class OffsetLog:
 
     def prune(self, before: datetime) -> int:
         """Delete this topic's files of days before ``before``'s (UTC) day, but never a partition's newest
-        file (it records the logged offset); empty day folders go too. How many files were deleted."""
+        live file (it records the logged offset); empty day folders go too. How many files were deleted."""
         cutoff = before.astimezone(UTC).date().isoformat()
         newest: dict[int, tuple[int, Path]] = {}
         files: list[tuple[str, int, Path]] = []
@@ -174,7 +235,7 @@ class OffsetLog:
             if m and m["topic"] == self.topic:
                 partition, last = int(m["partition"]), int(m["last"])
                 files.append((path.parent.name.removeprefix("day="), partition, path))
-                if partition not in newest or newest[partition][0] < last:
+                if m["gen"] is None and (partition not in newest or newest[partition][0] < last):
                     newest[partition] = (last, path)
         keep = {path for _, path in newest.values()}
         removed = 0
@@ -188,22 +249,26 @@ class OffsetLog:
         return removed
 
     def read(self, days: Iterable[str] | None = None) -> pa.Table:
-        """Every logged row (optionally only some days), in (partition, offset) order, each once."""
+        """Every logged row (optionally only some days), each once: earlier generations first, then in
+        (partition, offset) order."""
         wanted = set(days) if days is not None else None
         tables = []
         for path in sorted(self.dir.glob("day=*/*.parquet")):
             day = path.parent.name.removeprefix("day=")
             if wanted is not None and day not in wanted:
                 continue
-            if _NAME.match(path.name):
-                tables.append(pq.read_table(path, schema=self.schema))
+            if m := _NAME.match(path.name):
+                table = pq.read_table(path, schema=self.schema)
+                gen = _LIVE if m["gen"] is None else int(m["gen"])
+                tables.append(table.append_column("_gen", pa.array(np.full(len(table), gen), pa.int64())))
         if not tables:
             return self.schema.empty_table()
-        table = pa.concat_tables(tables).sort_by([("partition", "ascending"), ("offset", "ascending")])
-        part = table.column("partition").to_numpy()
-        off = table.column("offset").to_numpy()
-        first = np.ones(len(off), dtype=bool)  # sorted, so a repeated (partition, offset) is adjacent
-        first[1:] = (part[1:] != part[:-1]) | (off[1:] != off[:-1])
+        keys = ("_gen", "partition", "offset")
+        table = pa.concat_tables(tables).sort_by([(k, "ascending") for k in keys])
+        cols = [table.column(k).to_numpy() for k in keys]
+        first = np.ones(table.num_rows, dtype=bool)  # sorted, so a repeated (generation, partition, offset) is adjacent
+        first[1:] = np.logical_or.reduce([c[1:] != c[:-1] for c in cols])
+        table = table.drop_columns(["_gen"])
         return table if first.all() else table.filter(pa.array(first))
 
 

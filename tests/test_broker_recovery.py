@@ -25,7 +25,7 @@ from consumers.kafka_io import Publisher
 from consumers.publish import publish_events
 from consumers.stack import EmbeddedStack
 from consumers.worker import Worker
-from ranker.events import SongGenerated
+from ranker.events import Engagement, SongGenerated
 from ranker.serving.api import create_app
 from ranker.settings import Settings
 from tests.helpers import read_topic, wait_for
@@ -187,3 +187,35 @@ def test_a_read_that_raced_a_close_logs_no_traceback(caplog: pytest.LogCaptureFi
     closed._closed = True
     assert logged(closed) == []
     assert len(logged(KafkaTCPTransport(None, None))) == 1
+
+
+@pytest.mark.parametrize("topic_ids", [True, False])
+def test_the_engagement_log_keeps_logging_after_the_broker_comes_back_empty(
+    private_stack: tuple[EmbeddedStack, Settings], monkeypatch: pytest.MonkeyPatch, topic_ids: bool
+) -> None:
+    """The log skips offsets it already holds (a replayed batch). After an emptied broker the offsets
+    start at 0 again, with new events. With topic ids (Tansu, Kafka 2.8+) there are more of them than
+    before, so no partition's high watermark is below what its log holds and only the topic's new id
+    shows the restart; without (an older broker) there are fewer, and the high watermark shows it.
+    Every event of both topics' lives is logged once."""
+    import consumers.feedback
+    from consumers.feedback import FeedbackConsumer
+    from indexes.engagement_log import EngagementLog
+    from tests.test_feedback import make_events, publish
+
+    stack, s = private_stack
+    sizes = (20, 60) if topic_ids else (60, 20)
+    if not topic_ids:
+        monkeypatch.setattr(consumers.feedback, "topic_id", lambda consumer, topic: None)
+    before, after = make_events(sizes[0], songs=4, seed=31), make_events(sizes[1], songs=4, seed=32)
+
+    def consume(events: list[Engagement]) -> None:
+        publish(s, [e.to_bytes() for e in events], [e.song_id.encode() for e in events])
+        stats = FeedbackConsumer(s, on_engagement=lambda ids: None).run(until_idle_s=10.0, until_caught_up=True)
+        assert stats.accepted == len(events), stats
+
+    consume(before)
+    empty_the_broker(stack, s)
+    consume(after)
+    logged = EngagementLog(s.engagement_log_dir, s.kafka.topics.engagement).read().column("event_id").to_pylist()
+    assert sorted(logged) == sorted(e.event_id for e in before + after)

@@ -472,6 +472,34 @@ def test_a_file_is_dated_by_its_latest_event_so_one_old_ts_does_not_take_its_bat
     assert len(EngagementLog(tmp_path, "eng").read(_days(now - timedelta(hours=3), now))) == 4
 
 
+def test_a_restarted_partition_keeps_its_old_rows_as_a_generation_and_logs_the_new_ones(tmp_path: Path) -> None:
+    """restart (the topic's offsets started again): the old files stay readable, the same offsets log
+    again, each row is read once per generation, and the live files alone say what is logged."""
+    ts = datetime(2026, 12, 4, tzinfo=UTC)
+
+    def events(tag: str, first: int, last: int, partition: int = 0) -> list[LoggedEvent]:
+        return [
+            LoggedEvent(f"{tag}{o}", "s", "u", "play", ts, None, None, partition, o) for o in range(first, last + 1)
+        ]
+
+    log = EngagementLog(tmp_path, "eng")
+    assert log.follow_topic("id-1") == 0  # the first id seen is adopted
+    assert log.append(events("old", 0, 9)) == 10 and log.append(events("p1-", 0, 3, partition=1)) == 4
+    assert log.append(events("new", 0, 4)) == 0  # what a replay looks like: skipped
+    assert log.restart(0) == 1 and log.logged_through(0) == -1 and log.logged_through(1) == 3
+    assert log.append(events("new", 0, 4)) == 5
+    assert log.append(events("old", 3, 4)) == 0  # a replay of the new generation is still skipped
+    again = EngagementLog(tmp_path, "eng")
+    assert (again.logged_through(0), again.logged_through(1)) == (4, 3)
+    ids = again.read().column("event_id").to_pylist()
+    assert ids[:10] == [f"old{o}" for o in range(10)] and sorted(ids[10:]) == sorted(
+        [f"new{o}" for o in range(5)] + [f"p1-{o}" for o in range(4)]
+    )
+    assert again.prune(ts + timedelta(days=30)) == 1  # the earlier generation goes; each newest live file stays
+    assert again.follow_topic("id-1") == 0 and again.follow_topic("id-2") == 2  # made again: both partitions
+    assert again.logged_through(0) == again.logged_through(1) == -1 and len(again.read()) == 9
+
+
 def test_a_position_beyond_the_logs_int32_is_refused_not_crashed_on() -> None:
     from ranker.errors import InputError
 
