@@ -19,8 +19,12 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from indexes import RedisScoreStore
+from indexes.listeners import Listener
 from ranker.serving.api import create_app
+from ranker.serving.batch import SongBatch
 from ranker.serving.client import ApexRankClient
+from ranker.serving.reader import FeedReader
+from ranker.serving.state import TABLE_FIELDS
 from ranker.serving.writer import FeedWriter
 from ranker.settings import ApiSettings, FeedPolicy, Settings
 from tests.test_api import add_vectors
@@ -230,6 +234,61 @@ def test_a_personal_cursor_is_bound_to_its_user(settings: Settings, store: Redis
         assert client.get("/v1/feeds/f", params={"limit": 5, "cursor": cursor, "user": "u5"}).status_code == 200
         cold = page(client, {"limit": 5})["next_cursor"]  # a cold walk's cursor may turn personal
         assert client.get("/v1/feeds/f", params={"limit": 5, "cursor": cold, "user": "u5"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("window", "dedup", "limit", "at", "reuse"),
+    [
+        (200, None, 10, 0, False),  # the page's first song taken down
+        (5, 0.97, 20, 12, False),  # one below the taste block, inside the near-duplicate check
+        (200, 0.97, 10, 0, True),  # taken down, and its row given to a song the change log adds
+    ],
+)
+def test_a_takedown_while_the_listener_is_read_never_serves_stale_rows(
+    settings: Settings,
+    store: RedisScoreStore,
+    monkeypatch: pytest.MonkeyPatch,
+    window: int,
+    dedup: float | None,
+    limit: int,
+    at: int,
+    reuse: bool,
+) -> None:
+    """A personal page reads its first range while the listener's state is on its way; a takedown (or the
+    change log) run on the loop meanwhile frees rows that range holds. The page is the one the table gives
+    after the write: never the removed song, a blank id, the song that took its row, nor a 500."""
+    s = world(settings, store, plain(half_life_hours=None, dedup_threshold=dedup), window)
+    listen(s, "u7", LIKED)
+    params: dict[str, Any] = {"limit": limit, "user": "u7"}
+    newcomer = "s900"
+    newcomer_fields = store.read_fields([sid(N - 1)], TABLE_FIELDS)  # a real song's fields, under a new id
+    with TestClient(app(s), raise_server_exceptions=False) as client:
+        reader: FeedReader = client.app.state.reader  # type: ignore[attr-defined]
+        table = reader.table
+        victim = page(client, params)["items"][at]["song_id"]
+        freed = table.row_of[victim]
+        read = reader.listeners.listener
+
+        async def listener(user: str, now: float) -> Listener:
+            got = await read(user, now)  # a real round trip: the page has read ahead meanwhile
+            reader.forget([victim])  # what DELETE /v1/songs/{id} does on the loop
+            if reuse:  # what TableSync.apply does for a new song: the freed row is its
+                table.upsert(SongBatch.from_fields([newcomer], newcomer_fields))
+                table.feeds["f"].set(newcomer, -1e6)
+                assert table.row_of[newcomer] == freed
+            monkeypatch.setattr(reader.listeners, "listener", read)  # once
+            return got
+
+        monkeypatch.setattr(reader.listeners, "listener", listener)
+        r = client.get("/v1/feeds/f", params=params)
+        assert r.status_code == 200, r.text
+        raced = r.json()
+        calm = page(client, params)
+    served = [i["song_id"] for i in raced["items"]]
+    assert victim not in served and "" not in served and newcomer not in served
+    assert len(served) == limit
+    assert raced.pop("request_id") != calm.pop("request_id")  # each response its own id; the rest equal
+    assert raced == calm
 
 
 @pytest.mark.parametrize("user", ["", "x" * 129, "tab\there", "nul\x00"])

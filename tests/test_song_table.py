@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -19,9 +20,11 @@ from indexes.base import SongRecord
 from ranker.events import TASKS
 from ranker.serving.api import create_app
 from ranker.serving.batch import SongBatch
+from ranker.serving.filters import RequestFilters, TagMode
+from ranker.serving.policy import parse_tags, tags_match
 from ranker.serving.reader import FeedReader, TableNotReady
 from ranker.serving.state import TABLE_FIELDS, WRITE_FIELDS
-from ranker.serving.table import FeedOrder, SongTable
+from ranker.serving.table import _TAG_SLACK, FeedOrder, SongTable
 from ranker.serving.table_sync import TableSync
 from ranker.serving.writer import FeedWriter
 from ranker.settings import ApiSettings, Settings
@@ -117,6 +120,60 @@ def test_table_counts_songs_by_model_and_marks_untrained_ones() -> None:
     table.upsert(SongBatch.from_fields(["a"], [row("apex", None)]))  # rescored by the trained head
     table.remove(["b"])
     assert table.models() == {"apex": (3, 0)}
+
+
+def test_tag_sets_of_removed_songs_are_dropped_and_filters_stay_exact() -> None:
+    """Free-form tags (one tags value per song): the table keeps the tag sets of the songs it holds, not
+    of every song it has seen, and request tag filters (their kept masks too) still select exactly."""
+    table = SongTable(["f"], capacity=8)
+    at = TABLE_FIELDS.index("tags")
+
+    def fields(tags: str | None) -> list[str | None]:
+        row: list[str | None] = [repr(3.0)] * len(TABLE_FIELDS)
+        row[at] = tags
+        return row
+
+    live: dict[str, str | None] = {}
+
+    def write(songs: Mapping[str, str | None]) -> None:
+        table.upsert(SongBatch.from_fields(list(songs), [fields(t) for t in songs.values()]))
+        live.update(songs)
+
+    def check(wanted: frozenset[str], mode: TagMode) -> None:
+        ids = sorted(live)
+        got = RequestFilters(tags=tuple(sorted(wanted)), tag_mode=mode).mask(table, table.rows(ids))
+        want = [tags_match(parse_tags(live[i]), wanted, mode) for i in ids]
+        assert got.tolist() == want, (wanted, mode)
+
+    write({f"keep{i}": ("rock,keep" if i % 2 else None) for i in range(40)})  # songs that stay throughout
+    seen = 2
+    for n in range(24):  # each round's songs arrive with tags of their own, then leave
+        batch = {f"r{n}-{i}": f"lofi,prompt-{n}-{i}" + (",rock" if i % 3 == 0 else "") for i in range(400)}
+        write(batch)
+        write({f"keep{n}": f"keep,retagged-{n}"})  # a song that stays gets other tags: its old set is dead
+        seen += len(batch) + 1
+        filters: list[tuple[frozenset[str], TagMode]] = [
+            (frozenset({"rock"}), "any"),  # asked every round: its kept mask lives through every drop
+            (frozenset({"lofi", "rock"}), "all"),
+            (frozenset({f"prompt-{n}-3", f"prompt-{n - 1}-3", f"retagged-{n}"}), "any"),
+            (frozenset({"keep"}), "any"),
+        ]
+        for wanted, mode in filters:
+            check(wanted, mode)
+        gone = list(batch)[: 300 if n % 2 else 400]
+        if n % 2:  # leave through a takedown, or through the change log (scores gone)
+            table.remove(gone)
+        else:
+            table.upsert(SongBatch.from_fields(gone, [[None] * len(TABLE_FIELDS)] * len(gone)))
+        for song_id in gone:
+            del live[song_id]
+        assert len(table) == len(live)
+        bound = 2 * len(live) + _TAG_SLACK + 1
+        assert len(table.tag_sets) <= bound and len(table._tags) <= bound, (n, len(table.tag_sets), len(live))
+        check(frozenset({"rock"}), "any")
+        check(frozenset({f"prompt-{n}-3"}), "any")  # a removed song's tag: none of the live songs has it
+    assert seen > 4 * len(table.tag_sets)  # sets were dropped, not merely kept under a large bound
+    assert len(table.tag_sets) == len(table._tag_code) == len(table._tags) + 1  # one each, and code 0 for none
 
 
 # -- the change log ---------------------------------------------------------------------------------

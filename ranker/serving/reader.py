@@ -324,7 +324,9 @@ class FeedReader:
         songs alone (a bounded set, most rows pass) read as the unfiltered walk does, what is still
         wanted plus 8 a range, within the same bound: doubling would read hundreds of rows no page uses.
         ``first``: the scan's first range, read ahead (:meth:`~ranker.serving.table.FeedRange.read`);
-        used only if it is the range this scan reads.
+        used only if it is the range this scan reads and the table was not written since (a takedown or
+        the change log may have freed its rows, or given them to other songs, while the listener's state
+        was read).
         ``arrange``: re-orders the eligible rows before their columns are taken (a personal page's block),
         giving the permutation (None: as they are), so the columns are copied once, in page order.
         ``skipped``: rows the first range reads beyond that (a personal page: its cursor's skip set, the
@@ -350,8 +352,12 @@ class FeedReader:
             count = want - len(found.eligible) + 8 + (skipped if not fetches else 0)
             if not requested.empty:  # request filters may pass few rows: doubling ranges, within the budget
                 count = max(count, min(want << fetches, budget - len(found.ids)))
-            if fetches == 0 and first is not None and first.count == count and first.start == (start_score, start_id):
-                got = first  # read while the listener's state was on its way
+            if (
+                fetches == 0
+                and first is not None
+                and (first.start, first.count, first.changes) == ((start_score, start_id), count, table.changes)
+            ):
+                got = first  # read while the listener's state was on its way (the table unwritten since)
             else:
                 got = FeedRange.read(table, policy, cur, (start_score, start_id), count, now, requested, excluded)
             fetches += 1

@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 
 #: Tag filters whose per-tag-set answers the table keeps (:meth:`SongTable.tag_mask`).
 _TAG_MASKS = 256
+#: Tag sets the table may hold beyond twice its songs before it drops those no row has (each new
+#: free-form tags value is a set, and a removed song's stays until then).
+_TAG_SLACK = 1024
 #: Above every song id (ids are ASCII: indexes.redis_schema.check_name), to bisect past a score's ties.
 _TOP = "\U0010ffff"
 
@@ -111,6 +114,7 @@ class FeedRange:
     at: np.ndarray  # their table rows (-1: unknown)
     keys: np.ndarray  # their faiss ids
     ok: np.ndarray  # known, not skipped, in the age window, passing the request filters
+    changes: int  # the table's ``changes`` when read: ``at`` holds only while it is the same
 
     @classmethod
     def read(
@@ -152,7 +156,7 @@ class FeedRange:
         if not filters.empty:
             passing &= filters.mask(table, candidates, excluded)
         ok[ok] = passing
-        return cls(start, count, got, ids, scores, at, keys, ok)
+        return cls(start, count, got, ids, scores, at, keys, ok, table.changes)
 
 
 class SongTable:
@@ -195,6 +199,10 @@ class SongTable:
         self._tag_code: dict[str | None, int] = {None: 0}
         self._tag_masks: dict[tuple[frozenset[str], str], np.ndarray] = {}  # tag_mask's, most recent last
         self.feeds: dict[str, FeedOrder] = {name: FeedOrder() for name in feeds}
+        #: Counts the removals (freed rows, which a later song may take) and feed replacements: rows read
+        #: across an await (a personal page's read-ahead) hold only while this has not moved. Upserts
+        #: leave it: a song keeps its row, and a new one takes a row only after a removal freed it.
+        self.changes = 0
 
     def __len__(self) -> int:
         return len(self.row_of)
@@ -237,9 +245,11 @@ class SongTable:
             tags = batch.raw_tags[j]
             self.raw_tags[row] = None if tags is None else self._tags.setdefault(tags, tags)
             self.tag_code[row] = self._tag_set(tags)
+        self._drop_dead_tags()
 
     def remove(self, song_ids: Iterable[str]) -> int:
         """Drop these songs' rows (their feed entries are the feed orders' business); how many had one."""
+        self.changes += 1
         dropped = 0
         for song_id in song_ids:
             row = self.row_of.pop(song_id, None)
@@ -247,13 +257,16 @@ class SongTable:
                 continue
             self.ids[row] = None
             self.raw_tags[row] = None
+            self.tag_code[row] = 0  # a free row holds no tag set: _drop_dead_tags keeps the sets rows hold
             self.model[row] = -1
             self._free.append(row)
             dropped += 1
+        self._drop_dead_tags()
         return dropped
 
     def set_feed(self, feed: str, order: FeedOrder) -> None:
         """Replace a feed's order whole."""
+        self.changes += 1
         self.feeds[feed] = order
 
     def shared_id(self, song_id: str) -> str:
@@ -272,8 +285,8 @@ class SongTable:
     def tag_mask(self, wanted: frozenset[str], mode: str) -> np.ndarray:
         """Which tag sets (by code) pass a tag filter (:func:`~ranker.serving.policy.tags_match`).
 
-        Kept for the last :data:`_TAG_MASKS` filters: tag sets are only ever appended, so a kept
-        mask is extended by the sets added since, never recomputed."""
+        Kept for the last :data:`_TAG_MASKS` filters: tag sets are appended, so a kept mask is extended
+        by the sets added since, never recomputed (:meth:`_drop_dead_tags` renumbers the kept masks too)."""
         key = (wanted, mode)
         sets = self.tag_sets
         mask = self._tag_masks.pop(key, None)
@@ -286,6 +299,30 @@ class SongTable:
         if len(self._tag_masks) > _TAG_MASKS:
             del self._tag_masks[next(iter(self._tag_masks))]
         return mask
+
+    def _drop_dead_tags(self) -> None:
+        """Forget the tag sets no row holds once they outnumber the songs (with :data:`_TAG_SLACK` to spare).
+
+        Without it, every distinct tags value ever seen would stay (free-form tags: one per song), and
+        an uncached tag filter would decide each of them. Codes are renumbered in order, so a kept mask
+        is the old one less the dropped codes. A drop is one numpy pass over the rows; the next one waits
+        for :data:`_TAG_SLACK` new sets, or half the songs gone."""
+        sets = self.tag_sets
+        if len(sets) <= 2 * len(self.row_of) + _TAG_SLACK:
+            return
+        codes = self.tag_code[: self._end]  # free rows hold 0
+        used = np.zeros(len(sets), np.bool_)
+        used[codes] = True
+        used[0] = True  # no tags: always code 0
+        keep = np.flatnonzero(used)
+        renumber = np.zeros(len(sets), np.int32)
+        renumber[keep] = np.arange(len(keep), dtype=np.int32)
+        self.tag_code[: self._end] = renumber[codes]
+        self.tag_sets = [sets[c] for c in keep.tolist()]
+        alive, new = used.tolist(), renumber.tolist()
+        self._tag_code = {raw: new[c] for raw, c in self._tag_code.items() if alive[c]}
+        self._tags = {raw: value for raw, value in self._tags.items() if raw in self._tag_code}
+        self._tag_masks = {key: mask[keep[: np.searchsorted(keep, len(mask))]] for key, mask in self._tag_masks.items()}
 
     def generator_codes(self, names: Iterable[str]) -> list[int]:
         """The codes of those of ``names`` that some row has had (unknown names have none)."""
