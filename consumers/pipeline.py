@@ -7,7 +7,8 @@ encode all segments of a wave in batches that cross song boundaries, score, then
 this order: embedding store (durable), FAISS index, Redis records and feeds. Every write is
 an upsert keyed by song_id, so a replayed batch creates no second feed entry and no second
 vector. Bad input never blocks a partition: it becomes a dead letter with an error code, or,
-when its audio fetch failed transiently, a retry the worker schedules (:mod:`consumers.retries`).
+when its audio fetch failed transiently or the encoder ran out of device memory, a retry the
+worker schedules (:mod:`consumers.retries`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from consumers.loop import (
     Message,
     dead_letter,
 )
-from consumers.retries import origin_of
+from consumers.retries import RetryState, origin_of
 from indexes.base import EmbeddingRecord, ScoreStore, SongRecord, StoredSong
 from indexes.embedding_index import EmbeddingIndex
 from ranker.audio import AudioHTTPClient, DecodedAudio, load_song, segment_waveform
@@ -137,8 +138,12 @@ class ScoringPipeline:
             except InputError as exc:
                 dead.append(self.dead_letter(msg, exc.code, exc.message))
                 continue
-            # The last event for a song in a batch wins; earlier ones are the same upsert.
-            pending.pop(event.song_id, None)
+            # The last event for a song in a batch wins (earlier ones are the same upsert), unless it is
+            # a retry of an event older than the one already here.
+            held = pending.pop(event.song_id, None)
+            if held is not None and is_older(msg, held.msg):
+                pending[event.song_id] = held
+                continue
             pending[event.song_id] = _Pending(msg, event)
         return list(pending.values()), dead
 
@@ -209,11 +214,16 @@ class ScoringPipeline:
             result.audio_waves += 1
 
     # -- stage 3: encode --------------------------------------------------------------
-    def encode(self, songs: list[_Pending]) -> tuple[list[_Pending], list[DeadLetter]]:
-        """Encode the wave's songs together (see :func:`ranker.scoring.encode_songs`), then free their audio."""
+    def encode(self, songs: list[_Pending], result: BatchResult) -> list[_Pending]:
+        """Encode the wave's songs together (see :func:`ranker.scoring.encode_songs`), then free their audio.
+
+        Returns the songs with layers; dead letters go into ``result``, and so does, as a transient
+        failure the worker tries again later, a song the encoder had no device memory for (another
+        wave's load, not the song, is the likely cause).
+        """
         need = [p for p in songs if p.layers is None]
         if not need:
-            return songs, []
+            return songs
         seg_s = self.settings.audio.segment_s
         segments = []
         for p in need:
@@ -231,13 +241,19 @@ class ScoringPipeline:
                 p.layers, p.vector, p.n_segments, p.n_frames = e.layers, e.vector, e.n_segments, e.n_frames
                 ok.append(p)
                 continue
+            if e.out_of_memory:
+                log.warning("encoder out of device memory on song %s; it will be tried again", p.event.song_id)
+                reason = f"the encoder ran out of device memory ({type(e.exception).__name__})"
+                result.transient.append((p.msg, InputError(ErrorCode.DEVICE_OUT_OF_MEMORY, reason, transient=True)))
+                continue
             letter = self.dead_letter(p.msg, ErrorCode.INTERNAL_ERROR, str(e.error))
             if e.exception is not None:  # the encoder raised on this song alone
                 log.error("encoder failed on song %s", p.event.song_id, exc_info=e.exception)
                 failed.append(letter)
             else:  # its features are not finite: it cannot be scored
                 non_finite.append(letter)
-        return ok, failed + non_finite
+        result.dead.extend(failed + non_finite)
+        return ok
 
     # -- stage 4: score ---------------------------------------------------------------
     def score(self, songs: list[_Pending]) -> tuple[list[tuple[_Pending, SongScored]], list[DeadLetter]]:
@@ -355,9 +371,7 @@ class ScoringPipeline:
                 wave = next(waves, None)
             if wave is None:
                 break
-            ok, dead = self.encode(wave)
-            encoded.extend(ok)
-            result.dead.extend(dead)
+            encoded.extend(self.encode(wave, result))
         order = {id(p): i for i, p in enumerate(songs)}
         return result, self._scored(sorted(encoded, key=lambda p: order[id(p)]), result)
 
@@ -369,8 +383,7 @@ class ScoringPipeline:
         ``retry`` repeats the store reads on infrastructure errors; the encoder runs once.
         """
         kept = retry("process", lambda: self.drop_gone(songs, result))
-        ok, dead = self.encode(kept)
-        result.dead.extend(dead)
+        ok = self.encode(kept, result)
         return retry("process", lambda: self._scored(ok, result))
 
     def _scored(self, encoded: list[_Pending], result: BatchResult) -> Callable[[], None]:
@@ -379,6 +392,14 @@ class ScoringPipeline:
         result.scored = [s for _, s in scored]
         result.reused = sum(1 for p, _ in scored if p.reused)
         return lambda: self.write(scored)
+
+
+def is_older(msg: Message, than: Message) -> bool:
+    """``msg`` carries an event published before ``than``'s: a retry record counts as the
+    ``songs.generated`` record it first came as, so a retry that comes due after the song was
+    republished never replaces the newer event. Records of different partitions are not ordered."""
+    a, b = RetryState.of(msg).origin, RetryState.of(than).origin
+    return a[:2] == b[:2] and a[2] < b[2]
 
 
 def _drop_waveform(p: _Pending) -> None:

@@ -28,7 +28,7 @@ from kafka.errors import CommitFailedError
 from kafka.structs import OffsetAndMetadata
 
 from consumers.loop import Message
-from consumers.pipeline import BatchResult, ScoringPipeline, _error_parts, _Pending, _try
+from consumers.pipeline import BatchResult, ScoringPipeline, _error_parts, _Pending, _try, is_older
 from ranker.audio import DecodedAudio, load_song
 from ranker.errors import InputError
 
@@ -45,10 +45,13 @@ class CommitTracker:
     An offset in flight twice (a seek back re-read it) counts twice. After a seek back (a lost
     commit: an emptied broker reads the partition again from its start) the offsets read before it
     no longer count: committing them would point past the end of the partition as it is now.
+    The copies still in flight when their partition is revoked finish without counting, even
+    once it is assigned back and the same offsets read again (:meth:`forget`).
     """
 
     def __init__(self) -> None:
         self._pending: dict[Partition, Counter[int]] = {}
+        self._revoked: dict[Partition, Counter[int]] = {}  # copies in flight when their partition was forgotten
         self._next: dict[Partition, int] = {}  # one past the offset last added (polls read in order)
         self._committed: dict[Partition, int] = {}  # what was last committed, per partition
 
@@ -62,9 +65,11 @@ class CommitTracker:
 
     def done(self, messages: Iterable[Message]) -> None:
         for m in messages:
+            if _take_one(self._revoked, (m.topic, m.partition), m.offset):
+                continue  # a copy from before a revocation: it must not finish one read since
             pending = self._pending.get((m.topic, m.partition))
             if pending is None or pending[m.offset] <= 0:
-                continue  # its partition was forgotten (revoked) meanwhile
+                continue  # not counted in flight: nothing to finish
             pending[m.offset] -= 1
             if pending[m.offset] == 0:
                 del pending[m.offset]
@@ -85,12 +90,32 @@ class CommitTracker:
         self._committed.update(offsets)
 
     def forget(self, keep: Iterable[Partition]) -> None:
-        """Drop partitions not in ``keep`` (revoked: their new owner resumes from the last commit)."""
+        """Drop partitions not in ``keep`` (revoked: their new owner resumes from the last commit).
+
+        Their copies in flight are set aside: when one finishes, it uses up its own count there,
+        never that of the same offset read again after the partition came back. (Which copy of an
+        offset finishes first cannot be told apart, so the commit may wait for both: never less.)
+        """
         kept = set(keep)
         for tp in [tp for tp in self._next if tp not in kept]:
-            self._pending.pop(tp, None)
+            left = self._pending.pop(tp, None)
+            if left:
+                self._revoked.setdefault(tp, Counter()).update(left)
             self._committed.pop(tp, None)
             del self._next[tp]
+
+
+def _take_one(counts: dict[Partition, Counter[int]], tp: Partition, offset: int) -> bool:
+    """Take one from ``counts[tp][offset]`` where there is one; say whether there was."""
+    c = counts.get(tp)
+    if c is None or c[offset] <= 0:
+        return False
+    c[offset] -= 1
+    if c[offset] == 0:
+        del c[offset]
+        if not c:
+            del counts[tp]
+    return True
 
 
 @dataclass
@@ -162,11 +187,13 @@ class StagedScoring:
         """Parse ``messages``; reused embeddings are ready at once, the rest go to the pool.
 
         A newer event of a song already in flight supersedes it: the older one finishes
-        without writing (the newer is uncommitted until written, so nothing is lost).
+        without writing (the newer is uncommitted until written, so nothing is lost). A retry
+        of an event older than the one in flight finishes at once instead (:func:`is_older`).
         """
         self.tracker.add(messages)
         songs, dead = self.pipeline.parse(messages)
         self._early_result.dead.extend(dead)
+        songs = [p for p in songs if not self._stale(p)]
         winners = {id(p.msg) for p in songs}
         self._early += [m for m in messages if id(m) not in winners]
         now = time.monotonic()
@@ -182,6 +209,11 @@ class StagedScoring:
             else:
                 self._waiting.append(p)
         self._submit()
+
+    def _stale(self, p: _Pending) -> bool:
+        """A retry of an event older than the song's event in flight: it must not replace that one."""
+        held = self._latest.get(p.event.song_id)
+        return held is not None and is_older(p.msg, held.msg)
 
     def _submit(self) -> None:
         """Start decodes while the audio held plus the worst case of every decode in flight fits

@@ -21,6 +21,7 @@ class ErrorCode(StrEnum):
     EMPTY_AUDIO = "empty_audio"
     SILENT_AUDIO = "silent_audio"
     TOO_SHORT = "too_short"
+    DEVICE_OUT_OF_MEMORY = "device_out_of_memory"  # transient: retried like a fetch before its letter
     INTERNAL_ERROR = "internal_error"
 
 

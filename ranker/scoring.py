@@ -6,7 +6,8 @@ once, so a song gets the same embedding and the same record whichever path score
 
 * :func:`encode_songs`: the segments of many songs through the encoder in one batch
   (one song at a time when the batch fails, so a poison song fails alone), pooled per
-  song and L2-normalised for the similarity index;
+  song and L2-normalised for the similarity index; a device out of memory is told apart
+  (:attr:`EncodedSong.out_of_memory`): it passes, so the worker tries the song again later;
 * :func:`score_songs` (:func:`score_predictions` for outputs already at hand): head outputs
   to scores, the cold-start ``rank_score`` and the model's prior like rate, computed once and
   carried to the record, with what the model knows of their reliability where it has it (an
@@ -19,12 +20,14 @@ once, so a song gets the same embedding and the same record whichever path score
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
+import torch
 
 from indexes.base import SongRecord
 from indexes.redis_schema import OOD_FLAG, OOD_PERCENTILE, PRIOR_SD_FIELD, SPREAD_FIELD_PREFIX, UNTRAINED
@@ -69,6 +72,11 @@ class EncodedSong:
     def ok(self) -> bool:
         return self.error is None
 
+    @property
+    def out_of_memory(self) -> bool:
+        """The encoder ran out of device memory: the song itself may be fine, and encode later."""
+        return isinstance(self.exception, torch.OutOfMemoryError)
+
 
 def song_vector(encoder: Encoder, layers: np.ndarray) -> np.ndarray:
     """The song's similarity-index vector: ``encoder.song_vector`` scaled to unit length."""
@@ -83,14 +91,17 @@ def encode_songs(encoder: Encoder, songs: Sequence[Sequence[np.ndarray]]) -> lis
     Batching across songs keeps the encoder's batches full. If the batch raises, every
     song is encoded again on its own: one bad song must not fail its batch mates, so only
     the songs that still raise get an error (``encoder failed: <type>``; the exception is
-    kept). A song whose features are not finite gets :data:`NON_FINITE`. Returns one
-    :class:`EncodedSong` per input song, in order.
+    kept). After a device out of memory the allocator's cache is freed first, and a song
+    that still runs out is marked :attr:`EncodedSong.out_of_memory`. A song whose features
+    are not finite gets :data:`NON_FINITE`. Returns one :class:`EncodedSong` per input song,
+    in order.
     """
     segments = [seg for segs in songs for seg in segs]
     try:
         feats, frames = encoder.encode(segments)
-    except Exception:
+    except Exception as exc:
         log.exception("encoding %d songs together failed; retrying one song at a time", len(songs))
+        _free_device_memory(exc)
         return [_encode_alone(encoder, segs) for segs in songs]
     out: list[EncodedSong] = []
     start = 0
@@ -105,9 +116,21 @@ def _encode_alone(encoder: Encoder, segments: Sequence[np.ndarray]) -> EncodedSo
     try:
         feats, frames = encoder.encode(segments)
     except Exception as exc:
+        _free_device_memory(exc)
         # The type only: a message or repr may carry heap addresses or data into dead letters.
         return EncodedSong(len(segments), error=f"encoder failed: {type(exc).__name__}", exception=exc)
     return _pooled(encoder, feats, frames)
+
+
+def _free_device_memory(exc: BaseException) -> None:
+    """After a device out of memory, let go of what the failed encode held, so that the next,
+    smaller one has room: its frames' tensors (the exception is kept, and logged, with them
+    otherwise) and the allocator's cached blocks."""
+    if not isinstance(exc, torch.OutOfMemoryError):
+        return
+    traceback.clear_frames(exc.__traceback__)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _pooled(encoder: Encoder, feats: np.ndarray, frames: np.ndarray) -> EncodedSong:

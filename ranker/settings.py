@@ -252,7 +252,7 @@ class WorkerSettings(_Section):
         5,
         ge=1,
         description="Tries of a song whose audio fetch fails transiently (5xx, 429, timeout, refused or reset "
-        "connection) before its dead letter; 1: no retry.",
+        "connection), or whose encode runs out of device memory, before its dead letter; 1: no retry.",
     )
     fetch_backoff_initial_s: float = Field(
         10.0, gt=0, description="Wait before the second try; it doubles per try up to fetch_backoff_max_s."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from consumers.retrain import current_model, run_once
 from indexes.redis_schema import UNTRAINED
@@ -96,6 +98,56 @@ def test_a_poison_song_fails_alone_and_non_finite_features_are_refused() -> None
     # Non-finite in a batch that did not raise: only that song fails.
     out = encode_songs(FakeEncoder(), [segs(1.0, 2.0), segs(NAN)])
     assert [o.error for o in out] == [None, NON_FINITE]
+
+
+class _Held:
+    """Stands for the tensors an encode holds while it runs."""
+
+
+class OutOfMemoryEncoder(FakeEncoder):
+    """Out of device memory for any call of more than ``fits`` segments; records, per call, whether
+    what an earlier failed call held is still alive, and when the allocator's cache was emptied."""
+
+    def __init__(self, fits: int, events: list[str]) -> None:
+        super().__init__()
+        self.fits, self.events = fits, events
+        self.held: list[weakref.ref[_Held]] = []
+
+    def encode(self, segments: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        alive = sum(r() is not None for r in self.held)
+        self.events.append(f"encode {len(segments)}, {alive} held")
+        held = _Held()
+        self.held.append(weakref.ref(held))
+        if len(segments) > self.fits:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().encode(segments)
+
+
+def test_a_device_out_of_memory_frees_the_cache_and_is_told_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch ran out of device memory: what it held is let go and the allocator's cache emptied
+    before the songs go one at a time; a song that still does not fit is marked out of memory (the
+    worker tries it again later), unlike a song the encoder fails on."""
+    events: list[str] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append("empty_cache"))
+    enc = OutOfMemoryEncoder(fits=2, events=events)
+    out = encode_songs(enc, [segs(1.0, 2.0), segs(1.0, 2.0, 3.0), segs(4.0)])
+    assert events == [
+        "encode 6, 0 held",
+        "empty_cache",
+        "encode 2, 0 held",  # the batch's frames were let go before the songs went alone
+        "encode 3, 0 held",
+        "empty_cache",
+        "encode 1, 0 held",  # so were the frames of the song that did not fit
+    ]
+    assert [o.ok for o in out] == [True, False, True]
+    assert [o.out_of_memory for o in out] == [False, True, False]
+    assert out[1].error == "encoder failed: OutOfMemoryError" and out[1].layers is None
+    np.testing.assert_array_equal(out[0].layers, encode_songs(FakeEncoder(), [segs(1.0, 2.0)])[0].layers)
+    # Any other failure is the song's own: not out of memory, and no cache to empty.
+    events.clear()
+    poisoned = encode_songs(FakeEncoder(), [segs(POISON)])[0]
+    assert not poisoned.ok and not poisoned.out_of_memory and events == []
 
 
 def seeded(tasks: tuple[str, ...] = TASKS) -> ScoringModel:

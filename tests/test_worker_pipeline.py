@@ -1,5 +1,6 @@
 """The pipelined worker (consumers.worker_stages): commits stay behind every unwritten song when
-groups finish out of poll order, in the tracker alone and across a SIGKILL on the real stack."""
+groups finish out of poll order, in the tracker alone and across a SIGKILL on the real stack; a
+retry never supersedes a newer event; a device out of memory is retried, not dead-lettered."""
 
 from __future__ import annotations
 
@@ -7,18 +8,26 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from consumers.loop import Message
 from consumers.publish import publish_events
+from consumers.retries import ATTEMPTS, LAST_ERROR, NOT_BEFORE_MS, ORIGIN
 from consumers.worker import Worker
 from consumers.worker_stages import CommitTracker, StagedScoring
+from indexes import ScoreStore
+from ranker.encoders import Encoder
+from ranker.errors import ErrorCode
+from ranker.events import DeadLetter
 from ranker.settings import AudioSettings, Settings, WorkerSettings
 from tests.helpers import WavHandler, event, loopback, settings_env, tone, wait_for
 from tests.test_faults import committed_total
+from tests.test_retries import headers, records
 from tests.test_worker import feed, index_keys, run_worker
 
 
@@ -64,6 +73,23 @@ def test_commit_tracker_never_passes_a_message_in_flight() -> None:
     tracker.done(_msgs("t", 1, [2]))
     assert tracker.committable() == {("t", 0): 3}
     assert tracker.in_flight() == 0
+
+
+def test_a_copy_from_before_a_revocation_never_finishes_the_copy_read_since() -> None:
+    """Partition 0 is revoked while offset 10 decodes, then assigned back and 10 read again: whichever
+    copy finishes first, the commit stays at 10 until the new copy is done."""
+    for old_first in (True, False):
+        tracker = CommitTracker()
+        (old,) = _msgs("t", 0, [10])
+        tracker.add([old])
+        tracker.forget([])  # a rebalance took partition 0 away ...
+        (new,) = _msgs("t", 0, [10])
+        tracker.add([new])  # ... and gave it back: offset 10 is read again from the commit
+        tracker.done([old if old_first else new])
+        assert tracker.due() == {("t", 0): 10}
+        tracker.done([new if old_first else old])
+        assert tracker.due() == {("t", 0): 11}
+        assert tracker.in_flight() == 0
 
 
 def test_groups_keep_the_audio_budget_and_score_as_one_batch_would(settings: Settings, tmp_path: Path) -> None:
@@ -174,3 +200,124 @@ def test_sigkill_mid_pipeline_commits_nothing_unwritten(settings: Settings, held
     assert sorted(s for s, _ in feed(settings)) == ids
     assert worker.stats.messages == len(ids) - held  # the restart resumed at the held song
     assert len(index_keys(settings, worker.encoder.vector_dim)) == len(ids)
+
+
+def _republished(settings: Settings, song_id: str, tmp_path: Path) -> tuple[Message, Message]:
+    """A song republished with a working audio URL (offset 7), and a retry of its first event
+    (offset 3, a URL since gone) that came due later."""
+    topics = settings.kafka.topics
+    old = event(song_id, (tmp_path / f"{song_id}-gone.wav").as_uri())
+    new = event(song_id, tone(tmp_path / f"{song_id}.wav").as_uri())
+    retry_headers = ((ATTEMPTS, b"1"), (NOT_BEFORE_MS, b"0"), (ORIGIN, f"{topics.songs_generated}/0/3".encode()))
+    return (
+        Message(topics.songs_generated, 0, 7, song_id.encode(), new.to_bytes()),
+        Message(topics.songs_retry, 0, 0, song_id.encode(), old.to_bytes(), retry_headers),
+    )
+
+
+def test_a_retry_of_an_older_event_never_supersedes_the_newer_one(settings: Settings, tmp_path: Path) -> None:
+    """The retry, due while the newer event is still in flight or in the same poll, finishes
+    without a write; the newer event is scored (the old URL would be a file_not_found); both commit."""
+    settings = settings.model_copy(update={"worker": WorkerSettings(group_songs=4, fetch_threads=2)})
+    topics = settings.kafka.topics
+    worker = Worker(settings)
+    try:
+        for case in ("polls apart", "one poll", "retry first"):
+            song_id = case.replace(" ", "-")  # a song of its own: nothing stored to reuse
+            g2, retry = _republished(settings, song_id, tmp_path)
+            polls = {"polls apart": [[g2], [retry]], "one poll": [[g2, retry]], "retry first": [[retry, g2]]}[case]
+            stages = StagedScoring(worker.pipeline)
+            scored, dead = [], []
+            try:
+                for poll in polls:
+                    stages.admit(poll)
+                while stages.busy:
+                    group = stages.next_group(5.0)
+                    if group is None:
+                        continue
+                    worker.pipeline.finish(group.songs, group.result, lambda what, fn: fn())()
+                    stages.release(group)
+                    scored += group.result.scored
+                    dead += group.result.dead
+                    stages.tracker.done(group.messages)
+            finally:
+                stages.close()
+            assert ([s.song_id for s in scored], [d.error_code for d in dead]) == ([song_id], []), case
+            assert stages.tracker.committable() == {(topics.songs_generated, 0): 8, (topics.songs_retry, 0): 1}
+        # The one-batch worker keeps the newer event too, whichever comes first in the poll.
+        g2, retry = _republished(settings, "plain", tmp_path)
+        for batch in ([g2, retry], [retry, g2]):
+            songs, _ = worker.pipeline.parse(batch)
+            assert [p.msg for p in songs] == [g2]
+    finally:
+        worker.close()
+
+
+class OutOfMemory(Encoder):
+    """The worker's encoder, out of device memory for its first ``calls`` encodes (None: always)."""
+
+    def __init__(self, inner: Encoder, calls: int | None) -> None:
+        self.inner, self.left = inner, calls
+        self.name, self.encoder_id, self.sample_rate = inner.name, inner.encoder_id, inner.sample_rate
+        self.n_layers, self.dim = inner.n_layers, inner.dim
+
+    @property
+    def vector_dim(self) -> int:
+        return self.inner.vector_dim
+
+    def song_vector(self, layers: np.ndarray) -> np.ndarray:
+        return self.inner.song_vector(layers)
+
+    def encode(self, segments: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        if self.left is None or self.left > 0:
+            self.left = None if self.left is None else self.left - 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.inner.encode(segments)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_a_device_out_of_memory_is_retried_not_dead_lettered(
+    settings: Settings, store: ScoreStore, tmp_path: Path, pipelined: bool
+) -> None:
+    """The encoder runs out of device memory on a song's first try (the batch, then the song
+    alone): the song goes to the retry topic and is scored on its second try. A song it never
+    has the memory for is dead-lettered after worker.fetch_max_attempts tries, saying why."""
+    settings = settings.model_copy(
+        update={
+            "worker": WorkerSettings(
+                pipelined=pipelined,
+                poll_timeout_ms=200,
+                fetch_max_attempts=3,
+                fetch_backoff_initial_s=0.3,
+                fetch_backoff_max_s=0.6,
+            )
+        }
+    )
+    topics = settings.kafka.topics
+    for song_id, calls in (("oom-once", 2), ("oom-always", None)):
+        publish_events(settings, [event(song_id, tone(tmp_path / f"{song_id}.wav").as_uri())])
+        worker = Worker(settings)
+        worker.pipeline.encoder = OutOfMemory(worker.encoder, calls)
+        worker.run(until_idle_s=2.0, until_caught_up=True)
+        st = worker.stats
+        if calls is not None:
+            assert (st.scored, st.dead_letters, st.retries_scheduled, st.retries_exhausted) == (1, 0, 1, 0)
+            assert store.get_song(song_id) is not None
+        else:
+            assert (st.scored, st.dead_letters, st.retries_scheduled, st.retries_exhausted) == (0, 1, 2, 1)
+            assert store.get_song(song_id) is None
+    retries = records(settings, topics.songs_retry)
+    assert [(r.key, headers(r)[LAST_ERROR]) for r in retries] == [
+        (b"oom-once", b"device_out_of_memory"),
+        (b"oom-always", b"device_out_of_memory"),
+        (b"oom-always", b"device_out_of_memory"),
+    ]
+    (letter,) = [DeadLetter.model_validate_json(r.value) for r in records(settings, topics.dead_letter)]
+    assert (letter.key, letter.source_topic, letter.error_code) == (
+        "oom-always",
+        topics.songs_generated,
+        "device_out_of_memory",
+    )
+    assert letter.error_code == ErrorCode.DEVICE_OUT_OF_MEMORY
+    assert "out of device memory" in letter.message and "gave up after 3 attempts" in letter.message
