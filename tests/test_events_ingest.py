@@ -161,6 +161,20 @@ def test_an_event_time_ahead_of_the_clock_or_before_ts_min_is_rejected_as_the_co
     assert [e.event_id for _, e in on_topic(s, 1)] == ["skewed"]
 
 
+def test_an_event_nested_too_deep_to_re_encode_is_rejected_alone(app_client: tuple[TestClient, Settings]) -> None:
+    """orjson reads 1,024 levels of nesting but writes about 254: such an event is rejected on its own,
+    and the batch's good event is published (it answered 500 and published nothing)."""
+    client, s = app_client
+    deep = ev("song.a", event_id="deep", feed="x")
+    deep["feed"] = json.loads("[" * 300 + "]" * 300)
+    r = client.post("/v1/events", content=json.dumps({"events": [ev("song.b", event_id="fine"), deep]}), headers=AUTH)
+    assert r.status_code == 202, r.text
+    results = r.json()["results"]
+    assert [x["status"] for x in results] == ["accepted", "rejected"]
+    assert results[1]["error"]["code"] == "invalid_schema"
+    assert [e.event_id for _, e in on_topic(s, 1)] == ["fine"]
+
+
 def test_limits_an_empty_batch_too_many_events_a_body_too_large_and_a_body_that_is_not_a_batch(
     settings: Settings,
 ) -> None:

@@ -23,7 +23,7 @@ from fastapi.responses import Response
 from prometheus_client import Counter
 from pydantic import BaseModel, Field
 
-from ranker.errors import InputError
+from ranker.errors import ErrorCode, InputError
 from ranker.events import Engagement
 from ranker.serving.edge import error_response
 from ranker.serving.producer import ApiProducer, Delivery
@@ -102,7 +102,8 @@ def check_events(
     at = now or datetime.now(UTC)
     for i, item in enumerate(items):
         try:
-            event = Engagement.parse(orjson.dumps(item))
+            # orjson reads JSON nested up to 1024 deep but writes it only up to about 254: deeper is refused
+            event = Engagement.parse(_reencoded(item))
             event.check_ts(at, feedback.ts_max_skew_s, feedback.ts_min)
         except InputError as exc:
             raw_id = item.get("event_id") if isinstance(item, dict) else None
@@ -116,6 +117,15 @@ def check_events(
         results.append(_result(i, event.event_id, "accepted"))
         valid.append((i, event))
     return results, valid
+
+
+def _reencoded(item: Any) -> bytes:
+    """``item`` as the bytes a producer would send; an item too deeply nested to write is an
+    ``invalid_schema`` of its own (the batch's other events go on)."""
+    try:
+        return orjson.dumps(item)
+    except orjson.JSONEncodeError as exc:
+        raise InputError(ErrorCode.INVALID_SCHEMA, f"the event cannot be re-encoded ({exc})") from exc
 
 
 def settle(results: list[dict[str, Any]], produced: Sequence[int], deliveries: Sequence[Delivery]) -> None:
