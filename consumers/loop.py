@@ -36,6 +36,8 @@ INFRA_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     redis.exceptions.BusyLoadingError,
+    redis.exceptions.RedisClusterUnreachableError,  # no cluster node answers (not a ConnectionError)
+    redis.exceptions.ClusterDownError,  # CLUSTERDOWN: slots unserved during a failover
     KafkaError,
     sqlite3.OperationalError,
     OSError,

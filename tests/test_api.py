@@ -328,14 +328,23 @@ def test_bearer_tokens(settings: Settings) -> None:
         assert client.get("/healthz").status_code == 200 and client.get("/metrics").status_code == 200
 
 
-def test_redis_down_is_a_503(settings: Settings) -> None:
+@pytest.mark.parametrize("cluster", [False, True])
+def test_redis_down_is_a_503(settings: Settings, cluster: bool) -> None:
+    """A single node refusing connections, or a Redis Cluster none of whose nodes answers (redis-py
+    raises RedisClusterException there, not a ConnectionError)."""
     from consumers.stack import free_port
     from ranker.settings import RedisSettings
 
+    url = (
+        f"redis+cluster://127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
+        if cluster
+        else f"redis://127.0.0.1:{free_port()}/0"
+    )
     s = settings.model_copy(
-        update={"redis": RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0", socket_timeout_s=0.5)}  # type: ignore[arg-type]
+        update={"redis": RedisSettings(url=url, socket_timeout_s=0.5)}  # type: ignore[arg-type]
     )
     with TestClient(create_app(s)) as client:
-        r = client.get("/v1/feeds/cold-start")
-        assert r.status_code == 503 and r.json()["error"] == "store_unavailable"
+        for path in ("/v1/feeds/cold-start", "/v1/songs/abc"):
+            r = client.get(path)
+            assert r.status_code == 503 and r.json()["error"] == "store_unavailable", (path, r.text)
         assert client.get("/readyz").status_code == 503

@@ -1429,6 +1429,20 @@ def test_healthcheck_deps_against_the_embedded_stack(stack: EmbeddedStack) -> No
     assert bad.returncode == 1 and "unhealthy" in bad.stdout
 
 
+def test_healthcheck_deps_on_a_redis_cluster(stack: EmbeddedStack, cluster_settings: Settings) -> None:
+    """The feedback and retrain probes on a cluster deployment (``redis+cluster://``): healthy when it
+    answers, unhealthy (not a crash) when no node does."""
+    env = {
+        "APEXRANK_KAFKA__BOOTSTRAP_SERVERS": stack.settings.kafka.bootstrap_servers,
+        "APEXRANK_REDIS__URL": cluster_settings.redis.url.get_secret_value(),
+    }
+    ok = _healthcheck("deps", env=env)
+    assert ok.returncode == 0 and "redis: PONG" in ok.stdout, ok.stdout + ok.stderr
+    down = f"redis+cluster://127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
+    no_redis = _healthcheck("deps", env={**env, "APEXRANK_REDIS__URL": down})
+    assert no_redis.returncode == 1 and no_redis.stdout.startswith("unhealthy: redis"), no_redis.stdout
+
+
 # -- README -----------------------------------------------------------------------------------------
 def test_readme_paths_exist() -> None:
     readme = (DEPLOY / "README.md").read_text()

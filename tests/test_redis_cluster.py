@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ import redis
 from redis.crc import key_slot
 
 from indexes import RedisScoreStore, ScoreStore, SongRecord, open_engagement_counters, open_score_store
-from indexes.redis_client import cluster_nodes, is_cluster_url
+from indexes.redis_client import cluster_nodes, connect, is_cluster_url
 from ranker import stores
 from ranker.settings import Settings
 from tests.redis_cluster import RedisCluster
@@ -216,3 +217,22 @@ def test_the_factory_serves_both_kinds(settings: Settings, cluster_settings: Set
     finally:
         one.close()
         many.close()
+
+
+def test_a_cluster_that_stops_answering_is_an_infrastructure_error(tmp_path: Path) -> None:
+    """What the consumers retry (``INFRA_ERRORS``), not a failure of the batch: a connected cluster client
+    whose nodes all stopped raises RedisClusterUnreachableError, which is not a ConnectionError."""
+    from consumers.loop import INFRA_ERRORS
+
+    cluster = RedisCluster(tmp_path / "private-cluster")
+    cluster.start()
+    try:
+        client = connect(cluster.url, 0.5)
+        client.set("k", "v")
+        cluster.stop()
+        with pytest.raises(Exception) as raised:
+            client.get("k")
+        assert isinstance(raised.value, INFRA_ERRORS), type(raised.value)
+        client.close()
+    finally:
+        cluster.stop()

@@ -42,17 +42,18 @@ def _split_host_port(address: str, default_port: int) -> tuple[str, int]:
 
 
 def check_deps(timeout: float) -> tuple[bool, str]:
-    import redis  # imported here so that `http` checks stay fast
-
+    # imported here so that `http` checks stay fast
+    from indexes.redis_client import UNREACHABLE, connect
     from ranker.settings import Settings
 
     settings = Settings()
-    client = redis.Redis.from_url(
-        settings.redis.url.get_secret_value(), socket_timeout=timeout, socket_connect_timeout=timeout
-    )
+    try:  # the project's own client: a single node or a Redis Cluster (redis+cluster://), as the services use
+        client = connect(settings.redis.url.get_secret_value(), timeout)
+    except UNREACHABLE as exc:
+        return False, f"redis: {exc}"
     try:
         client.ping()
-    except redis.RedisError as exc:
+    except UNREACHABLE as exc:
         return False, f"redis: {exc}"
     finally:
         client.close()

@@ -44,6 +44,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from threadpoolctl import threadpool_limits
 
+from indexes.redis_client import UNREACHABLE
 from ranker.events import SONG_ID_PATTERN, SongDeleted
 from ranker.serving.api_models import ERRORS, FeedPageOut, RankIn, RankOut, SimilarOut
 from ranker.serving.arm_metrics import refresh_arm_gauges
@@ -223,11 +224,13 @@ def create_app(
     async def loading(_: Request, exc: TableNotReady) -> JSONResponse:
         return _error(503, "table_loading", "the song table is still loading; retry shortly", {"Retry-After": "1"})
 
-    @app.exception_handler(redis.exceptions.ConnectionError)
-    @app.exception_handler(redis.exceptions.TimeoutError)
     async def store_down(_: Request, exc: Exception) -> JSONResponse:
         log.warning("Redis unavailable: %s", exc)
         return _error(503, "store_unavailable", "the score store (Redis) is unavailable; retry later")
+
+    # A cluster none of whose nodes answers raises RedisClusterException, not a ConnectionError.
+    for unreachable in (*UNREACHABLE, redis.exceptions.ClusterDownError):
+        app.add_exception_handler(unreachable, store_down)
 
     # -- probes ----------------------------------------------------------------------------------
     @app.get("/healthz", tags=["probes"])
