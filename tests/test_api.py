@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from indexes import EmbeddingIndex, EmbeddingRecord, RedisScoreStore
 from ranker.serving.api import create_app
@@ -16,6 +18,21 @@ from ranker.settings import ApiSettings, FeedFilters, Settings
 from tests.test_policy import NOW, plain, record, with_feeds
 
 DIM = 16
+
+
+#: The admin token the tests that reload the index configure (POST /v1/index/reload is an admin action).
+ADMIN = "admin-token-1"
+
+
+def with_admin(settings: Settings) -> Settings:
+    return settings.model_copy(update={"api": settings.api.model_copy(update={"admin_tokens": [SecretStr(ADMIN)]})})
+
+
+def reload_index(client: TestClient) -> dict[str, Any]:
+    r = client.post("/v1/index/reload", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
 
 
 def add_vectors(settings: Settings, vectors: dict[str, np.ndarray]) -> None:
@@ -199,7 +216,7 @@ def test_song_and_similar(settings: Settings, store: RedisScoreStore) -> None:
     add_vectors(
         s, {"s0": base, "s1": base + 0.1 * rng.standard_normal(DIM), "s2": -base, "s3": rng.standard_normal(DIM)}
     )
-    with TestClient(create_app(s)) as client:
+    with TestClient(create_app(with_admin(s))) as client:
         song = client.get("/v1/songs/s0").json()
         assert song["model_version"] == "test-1" and song["scores"]["likes"] == 50.0
         assert song["engagement"] == {"plays": 30, "likes": 6, "skips": 0, "completes": 0, "shares": 2}
@@ -227,18 +244,18 @@ def test_song_and_similar(settings: Settings, store: RedisScoreStore) -> None:
         # a song indexed after start-up shows up in results after a reload (or the periodic refresh)
         add_vectors(s, {"late": base})
         assert client.get("/v1/songs/s0/similar", params={"k": 1}).json()["items"][0]["song_id"] == "s1"
-        assert client.post("/v1/index/reload").json()["vectors"] == 5
+        assert reload_index(client)["vectors"] == 5
         top = client.get("/v1/songs/s0/similar", params={"k": 1}).json()["items"][0]
         assert top["song_id"] == "late" and top["similarity"] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_probes_metrics_and_openapi(settings: Settings, store: RedisScoreStore) -> None:
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(with_admin(settings))) as client:
         assert client.get("/healthz").json() == {"status": "ok"}
         ready = client.get("/readyz")
         assert ready.status_code == 503 and ready.json()["redis"] is True  # no index yet
         add_vectors(settings, {"v": np.ones(DIM)})
-        client.post("/v1/index/reload")
+        reload_index(client)
         assert client.get("/readyz").status_code == 200
         client.get("/v1/feeds/cold-start")
         metrics = client.get("/metrics").text
@@ -314,6 +331,38 @@ def test_body_size_limit(settings: Settings) -> None:
         assert r.status_code == 413
 
 
+def test_reloads_asked_for_during_a_reload_share_the_next_one() -> None:
+    """POST /v1/index/reload's coalescing: twelve calls while a reload runs cost one more reload, and
+    each call is answered by a reload that began after it was made."""
+    import asyncio
+    import threading
+
+    from ranker.serving.coalesce import Coalesced
+
+    runs: list[int] = []
+    release = threading.Event()
+
+    def load() -> int:
+        runs.append(len(runs))
+        if len(runs) == 1:
+            release.wait(10)  # the first reload is slow: the burst arrives while it runs
+        return len(runs)
+
+    async def burst() -> tuple[int, list[int], int]:
+        reload = Coalesced(load)
+        first = asyncio.ensure_future(reload())
+        while not runs:
+            await asyncio.sleep(0.001)
+        during = [asyncio.ensure_future(reload()) for _ in range(12)]
+        await asyncio.sleep(0.05)
+        release.set()
+        answers = await asyncio.gather(*during)
+        return await first, answers, await reload()
+
+    first, during, after = asyncio.run(burst())
+    assert (first, during, after) == (1, [2] * 12, 3) and len(runs) == 3
+
+
 def test_bearer_tokens(settings: Settings) -> None:
     s = settings.model_copy(update={"api": ApiSettings(tokens=["s3cret", "other"])})  # type: ignore[list-item]
     with TestClient(create_app(s)) as client:
@@ -326,6 +375,15 @@ def test_bearer_tokens(settings: Settings) -> None:
             assert ok.status_code == 200
         assert client.post("/v1/rank", json={"candidates": ["a"]}).status_code == 401
         assert client.get("/healthz").status_code == 200 and client.get("/metrics").status_code == 200
+        # Reloading the index is an admin action: a read token is not enough, and with no admin token
+        # configured nobody may (the index catches up every api.index_refresh_s by itself).
+        r = client.post("/v1/index/reload", headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code == 403 and r.json()["error"] == "reload_disabled"
+    with TestClient(create_app(with_admin(s))) as client:
+        for creds in ({}, {"Authorization": "Bearer s3cret"}):
+            r = client.post("/v1/index/reload", headers=creds)
+            assert r.status_code == 401 and r.json()["error"] == "unauthorized", creds
+        assert reload_index(client)["ready"] is False  # no index written yet: answered, not refused
 
 
 @pytest.mark.parametrize("cluster", [False, True])

@@ -38,6 +38,7 @@ from ranker.serving.writer import FeedWriter
 from ranker.settings import ApiSettings, Settings
 from tests.golden.paths import RESCORE_SEED, seeded_model
 from tests.helpers import event, tone
+from tests.test_api import reload_index, with_admin
 from tests.test_feedback import publish
 from tests.test_policy import NOW, plain, record, with_feeds
 
@@ -184,7 +185,7 @@ def test_a_running_api_serves_what_the_worker_the_feedback_consumer_and_a_promot
     settings, store = redis_settings, redis_store
     # The page cache off: it would add up to its TTL (1 s) to the staleness measured here, which is
     # the table's. The calibration scale read on every request, so that two processes agree on it.
-    s = settings.model_copy(update={"api": ApiSettings(page_cache_ttl_s=0.0, calibration_ttl_s=0.0)})
+    s = with_admin(settings.model_copy(update={"api": ApiSettings(page_cache_ttl_s=0.0, calibration_ttl_s=0.0)}))
     feed = s.feed.name
     ids = [f"live-{i}" for i in range(N_SONGS)]
     events = [
@@ -293,7 +294,7 @@ def test_a_running_api_serves_what_the_worker_the_feedback_consumer_and_a_promot
         # 4. A process started after all of this serves the same pages as the one that saw it live
         # (the same exploration draws; the live one reloads its index first, as the fresh one loads
         # it, so that both see the songs' vectors for the near-duplicate rule).
-        assert live.post("/v1/index/reload").json()["vectors"] == N_SONGS
+        assert reload_index(live)["vectors"] == N_SONGS
         with TestClient(create_app(s, explore_rng=rng)) as fresh:
             assert fresh.get("/readyz").json()["table"] == {"ready": True, "songs": N_SONGS}
             cursor_live = cursor_fresh = None

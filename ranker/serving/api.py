@@ -49,6 +49,7 @@ from ranker.events import SONG_ID_PATTERN, SongDeleted
 from ranker.serving.api_models import ERRORS, FeedPageOut, RankIn, RankOut, SimilarOut
 from ranker.serving.arm_metrics import refresh_arm_gauges
 from ranker.serving.arms import resolve
+from ranker.serving.coalesce import Coalesced
 from ranker.serving.cursor import CursorError
 from ranker.serving.edge import Edge
 from ranker.serving.edge import error_response as _error
@@ -194,12 +195,18 @@ def create_app(
         if api.tokens and not token_matches(creds.credentials if creds is not None else None, api.tokens):
             raise ApiError(401, "unauthorized", "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
 
-    async def admin(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
-        """An admin token (``api.admin_tokens``, never a read token); 403 when none is configured."""
-        if not api.admin_tokens:
-            raise ApiError(403, "takedown_disabled", "no admin token is configured (api.admin_tokens)")
-        if not token_matches(creds.credentials if creds is not None else None, api.admin_tokens):
-            raise ApiError(401, "unauthorized", "missing or invalid admin bearer token", {"WWW-Authenticate": "Bearer"})
+    def admin(action: str) -> Any:
+        """A dependency asking for an admin token (``api.admin_tokens``, never a read token); 403
+        ``<action>_disabled`` when none is configured."""
+
+        async def check(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
+            if not api.admin_tokens:
+                raise ApiError(403, f"{action}_disabled", "no admin token is configured (api.admin_tokens)")
+            if not token_matches(creds.credentials if creds is not None else None, api.admin_tokens):
+                why = "missing or invalid admin bearer token"
+                raise ApiError(401, "unauthorized", why, {"WWW-Authenticate": "Bearer"})
+
+        return Depends(check)
 
     def reader() -> FeedReader:
         return holder["reader"]
@@ -439,7 +446,7 @@ def create_app(
             raise ApiError(503, "index_unavailable", str(exc)) from None
         return _json({"song_id": song_id, "items": [{"song_id": s, "similarity": sim} for s, sim in hits]})
 
-    @app.delete("/v1/songs/{song_id}", tags=["songs"], dependencies=[Depends(admin)], responses=ERRORS)
+    @app.delete("/v1/songs/{song_id}", tags=["songs"], dependencies=[admin("takedown")], responses=ERRORS)
     async def delete_song(
         song_id: str = song_path,
         reason: str = Query("takedown", min_length=1, max_length=256, description="Kept in the tombstone."),
@@ -473,10 +480,13 @@ def create_app(
         }
         return _json(body, finite=True)
 
-    @app.post("/v1/index/reload", tags=["songs"], dependencies=auth)
+    reload = Coalesced(index.load)  # a full reload costs a snapshot read and, briefly, two indexes
+
+    @app.post("/v1/index/reload", tags=["songs"], dependencies=[admin("reload")], responses=ERRORS)
     async def reload_index() -> dict[str, Any]:
-        """Reload the index from the newest snapshot and the store now (it also refreshes periodically)."""
-        status = await run_in_threadpool(index.load)
+        """Reload the index from the newest snapshot and the store now (it also catches up every
+        ``api.index_refresh_s``); an admin action, and calls during a reload share the next one."""
+        status = await reload()
         return {"ready": status.ready, "vectors": status.vectors, "source": status.source, "reason": status.reason}
 
     app.include_router(events_router(settings, producer, auth))  # POST /v1/events (ranker.serving.ingest)
