@@ -67,11 +67,13 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _models_root(settings: Settings, explicit: str | None) -> Path:
-    """Where ``current`` lives: --models-root, else the folder ``settings.head_dir`` points into."""
+    """Where ``current`` lives: --models-root, else what ``settings.head_dir`` says (the retrain
+    job's rule: :func:`~ranker.model.registry.models_root_of`)."""
     if explicit:
         return Path(explicit)
-    head = settings.head_dir
-    return head.parent if head.name == "current" else head
+    from ranker.model.registry import models_root_of
+
+    return models_root_of(settings.head_dir)
 
 
 def _promote(settings: Settings, model_dir: Path, root: str | None) -> None:

@@ -40,7 +40,8 @@ from ranker.errors import ConfigError
 from ranker.features import FeatureSet
 from ranker.model.artifact import ScoringModel
 from ranker.model.examination import Examination, refresh_examination
-from ranker.model.retrain import Observed, RetrainReport, aggregate_engagement, retrain
+from ranker.model.registry import clear_pending, models_root_of, pending
+from ranker.model.retrain import Observed, RetrainReport, aggregate_engagement, promotion_owed, retrain
 from ranker.model.train_config import TrainConfig
 from ranker.scoring import SongMeta, load_current_model, score_songs
 from ranker.serving.policy import Policy, generator_factors
@@ -237,6 +238,15 @@ def _run(
         shown = load_impressions(settings, now - timedelta(days=days), now)
         examination = refresh_examination_weights(settings, now, shown)
         current = current_model(settings)
+        root = models_root_of(settings.head_dir)
+        owed = pending(root)
+        if owed is not None:  # an earlier run moved ``current`` but did not finish: finish it first
+            if owed.get("model_version") == current.version:
+                log.warning("finishing the promotion of %s: rescore and announce", current.version)
+                _follow_up(settings, store, current, owed, publisher)
+            else:  # ``current`` never moved to it (cut short before), or moved on since
+                log.warning("dropping the owed follow-up of %s: %s serves", owed.get("model_version"), current.version)
+            clear_pending(root)
         observed, features = gather(settings, store)
         judge = off_policy_judge(settings, lambda ids: _metadata(store, ids), now, shown) if r.off_policy_gate else None
         gathered = time.perf_counter()
@@ -254,7 +264,7 @@ def _run(
             current,
             features,
             observed,
-            models_root=settings.head_dir.parent,
+            models_root=root,
             holdout_fraction=r.holdout_fraction,
             margin=r.margin,
             warm_start=r.warm_start,
@@ -272,29 +282,9 @@ def _run(
         if report.promoted:
             promoted = ScoringModel.load(report.model_dir)  # type: ignore[arg-type]
             rescoring = time.perf_counter()
-            n = rescore_window(settings, promoted, store)
+            _follow_up(settings, store, promoted, promotion_owed(report), publisher)
+            clear_pending(root)
             report.timings_s["rescore"] = round(time.perf_counter() - rescoring, 3)
-            log.info("rescored %d songs inside the cold-start window with %s", n, promoted.version)
-            event = {
-                "schema_version": 1,
-                "model_version": promoted.version,
-                "previous_version": report.current_version,
-                "model_dir": report.model_dir,
-                "holdout_spearman": report.candidate,
-                "rescored": n,
-                "promoted_at": datetime.now(UTC).isoformat(),
-            }
-            topic = settings.kafka.topics.models_promoted
-            if settings.kafka.auto_create_topics:  # else deploy/topics.sh made it, compacted
-                ensure_topics(settings.kafka, [topic])
-            pub = publisher or Publisher(settings.kafka)
-            try:
-                refused = pub.publish([(topic, promoted.version.encode(), json.dumps(event).encode())])
-                if refused:  # a small event Kafka refuses is a broker setting to fix, not something to drop
-                    raise refused[0].error
-            finally:
-                if publisher is None:
-                    pub.close()
         if settings.feed.like_rate.generator_calibration:
             calibrating = time.perf_counter()
             report.generator_calibration = refresh_generator_calibration(settings, store, observed)
@@ -303,6 +293,32 @@ def _run(
         return report
     finally:
         store.close()
+
+
+def _follow_up(
+    settings: Settings,
+    store: ScoreStore,
+    promoted: ScoringModel,
+    owed: dict[str, Any],
+    publisher: Publisher | None,
+) -> None:
+    """What a promotion owes after ``current`` moved: the cold-start window rescored with the promoted
+    model, then ``models.promoted``. Both repeat safely (a rescore is an upsert; the topic is keyed by
+    version and compacted), so a run cut short does them again from the start."""
+    n = rescore_window(settings, promoted, store)
+    log.info("rescored %d songs inside the cold-start window with %s", n, promoted.version)
+    event = {"schema_version": 1, **owed, "rescored": n, "promoted_at": datetime.now(UTC).isoformat()}
+    topic = settings.kafka.topics.models_promoted
+    if settings.kafka.auto_create_topics:  # else deploy/topics.sh made it, compacted
+        ensure_topics(settings.kafka, [topic])
+    pub = publisher or Publisher(settings.kafka)
+    try:
+        refused = pub.publish([(topic, promoted.version.encode(), json.dumps(event).encode())])
+        if refused:  # a small event Kafka refuses is a broker setting to fix, not something to drop
+            raise refused[0].error
+    finally:
+        if publisher is None:
+            pub.close()
 
 
 def run_every(settings: Settings, every_s: float, stop: threading.Event, progress: bool = False) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -29,7 +30,7 @@ from indexes.redis_schema import RedisKeys, examination_json, parse_examination
 from ranker.errors import ConfigError
 from ranker.features import FeatureSet
 from ranker.model.artifact import ScoringModel
-from ranker.model.registry import resolve_model_dir
+from ranker.model.registry import models_root_of, pending, resolve_model_dir
 from ranker.model.retrain import (
     Observed,
     RetrainReport,
@@ -185,6 +186,67 @@ def scored_world(settings: Settings, catalog: Path) -> None:
     publish_events(settings, events)
     Worker(settings).run(until_idle_s=2.0, until_caught_up=True)
     engage(settings, catalog)
+
+
+def test_a_promotion_cut_short_is_finished_by_the_next_run(
+    settings: Settings, world: Path, store: ScoreStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``current`` moved, then Redis went away mid-rescore: the window kept the old model's scores and
+    nobody heard of the new one. The next run, whose gate sees the promoted model as the incumbent
+    and promotes nothing, finishes the rescore and announces it. ``model.head_dir`` names the models
+    folder here, not its ``current``: the promotion goes where the workers look."""
+    import redis.exceptions
+
+    import consumers.retrain
+
+    root = settings.state_dir / "models"
+    like_rate = settings.feed.like_rate.model_copy(update={"generator_calibration": False})
+    settings = settings.model_copy(
+        update={
+            "retrain": RetrainSettings(min_plays=10, epochs=40, margin=0.05, pushgateway_url="", off_policy_gate=False),
+            "feed": settings.feed.model_copy(update={"like_rate": like_rate}),
+            "model": settings.model.model_copy(update={"head_dir": root}),
+        }
+    )
+    scored_world(settings, world)
+    old_version = song(settings, feed(settings)[0][0])["model_version"]  # type: ignore[index]
+
+    def window_versions() -> set[str]:
+        return {song(settings, s)["model_version"] for s, _ in feed(settings)}  # type: ignore[index]
+
+    rescore = consumers.retrain.rescore_window
+
+    def cut_short(*args: object, **kwargs: object) -> int:
+        raise redis.exceptions.ConnectionError("Redis went away mid-rescore")
+
+    monkeypatch.setattr(consumers.retrain, "rescore_window", cut_short)
+    with pytest.raises(redis.exceptions.ConnectionError):
+        run_once(settings)
+    promoted = resolve_model_dir(settings.head_dir)
+    assert promoted is not None and promoted.parent == root and promoted.name != old_version
+    assert (pending(root) or {}).get("model_version") == promoted.name
+    assert window_versions() == {old_version}
+
+    monkeypatch.setattr(consumers.retrain, "rescore_window", rescore)
+    second = run_once(settings)
+    assert not second.promoted and second.current_version == promoted.name, second.reason
+    assert window_versions() == {promoted.name}
+    (announced,) = [
+        json.loads(m.value) for m in read_topic(settings, settings.kafka.topics.models_promoted, 1, timeout_s=10)
+    ]
+    assert (announced["model_version"], announced["previous_version"]) == (promoted.name, old_version)
+    assert announced["rescored"] == len(feed(settings)) and pending(root) is None
+
+
+def test_the_models_folder_is_where_current_lives(tmp_path: Path) -> None:
+    """The retrain job and ``apexrank promote`` agree on it; a model directory has no ``current`` to move."""
+    assert models_root_of(tmp_path / "models" / "current") == tmp_path / "models"
+    assert models_root_of(tmp_path / "models") == tmp_path / "models"
+    model_dir = tmp_path / "models" / "apex-a"
+    model_dir.mkdir(parents=True)
+    (model_dir / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="model directory"):
+        models_root_of(model_dir)
 
 
 def test_retrain_promotes_a_better_head_rescoring_the_feed_and_never_a_worse_one(

@@ -8,6 +8,7 @@ model directory itself because this is deployment state that workers and the ret
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import uuid
@@ -141,3 +142,46 @@ def promote(models_root: str | os.PathLike[str], model_dir: str | os.PathLike[st
         log.warning("fsync of %s failed after a promotion: %s", root, exc)
     log.info("promoted %s (%s)", model.version, target)
     return model.version
+
+
+def models_root_of(head_dir: str | os.PathLike[str]) -> Path:
+    """Where ``current`` lives for ``model.head_dir``: its folder when it names ``current``, else
+    ``head_dir`` itself. A ``head_dir`` that is a model directory has no ``current`` to move: a
+    promotion there would change nothing the workers load, so it is refused (:class:`ConfigError`)."""
+    head = Path(head_dir)
+    if head.name == CURRENT_LINK:
+        return head.parent
+    if (head / CONFIG_FILE).exists() or (head / WEIGHTS_FILE).exists():
+        raise ConfigError(
+            f"model.head_dir ({head}) is a model directory: workers load it as it is, so nothing can be promoted "
+            f"over it; point model.head_dir at the folder that holds 'current' (or at 'current' itself)"
+        )
+    return head
+
+
+#: A promotion whose follow-up (rescoring the cold-start window, announcing it) is still owed: written
+#: before ``current`` moves, removed once both are done, so a run cut short finishes them next time.
+PENDING_FILE = ".promotion-pending.json"
+
+
+def mark_pending(models_root: str | os.PathLike[str], promotion: dict[str, object]) -> None:
+    """Record ``promotion`` (its ``model_version`` and what its announcement carries) as owed."""
+    root = Path(models_root)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{PENDING_FILE}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps(promotion))
+    os.replace(tmp, root / PENDING_FILE)
+    fsync_dir(root)
+
+
+def pending(models_root: str | os.PathLike[str]) -> dict[str, object] | None:
+    """The promotion still owed its follow-up, or None."""
+    path = Path(models_root) / PENDING_FILE
+    if not path.exists():
+        return None
+    found: dict[str, object] = json.loads(path.read_text())
+    return found
+
+
+def clear_pending(models_root: str | os.PathLike[str]) -> None:
+    (Path(models_root) / PENDING_FILE).unlink(missing_ok=True)

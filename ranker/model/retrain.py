@@ -57,7 +57,7 @@ from ranker.features import FeatureSet
 from ranker.model.artifact import ScoringModel
 from ranker.model.evaluate import evaluate, fit_transform
 from ranker.model.readout import fit_like_readout
-from ranker.model.registry import promote
+from ranker.model.registry import mark_pending, promote
 from ranker.model.targets import TargetTransform
 from ranker.model.train import train_head
 from ranker.model.train_config import TrainConfig
@@ -103,6 +103,17 @@ class RetrainReport:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+def promotion_owed(report: RetrainReport) -> dict[str, Any]:
+    """What a promotion still owes once ``current`` has moved (:func:`~ranker.model.registry.mark_pending`):
+    the version to rescore the cold-start window with, and what ``models.promoted`` says of it."""
+    return {
+        "model_version": report.candidate_version,
+        "previous_version": report.current_version,
+        "model_dir": report.model_dir,
+        "holdout_spearman": report.candidate,
+    }
 
 
 def aggregate_engagement(log_table: pa.Table) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -357,8 +368,10 @@ def retrain(
     if ok:
         directory = candidate.save_versioned(models_root)
         (directory / "retrain-report.json").write_text(json.dumps(report.to_dict(), indent=2))
-        promote(models_root, directory)
         report.model_dir = str(directory)
+        # Before ``current`` moves: the window's rescore and the announcement are owed from then on.
+        mark_pending(models_root, promotion_owed(report))
+        promote(models_root, directory)
         log.info("promoted %s over %s: %s", candidate.version, current.version, why)
     else:
         log.info("kept %s; candidate %s not promoted: %s", current.version, candidate.version, why)
