@@ -40,7 +40,7 @@ from ranker.errors import ConfigError
 from ranker.features import FeatureSet
 from ranker.model.artifact import ScoringModel
 from ranker.model.examination import Examination, refresh_examination
-from ranker.model.registry import clear_pending, models_root_of, pending
+from ranker.model.registry import clear_pending, models_root_of, pending, prune_versions
 from ranker.model.retrain import Observed, RetrainReport, aggregate_engagement, promotion_owed, retrain
 from ranker.model.train_config import TrainConfig
 from ranker.scoring import SongMeta, load_current_model, score_songs
@@ -289,6 +289,9 @@ def _run(
             calibrating = time.perf_counter()
             report.generator_calibration = refresh_generator_calibration(settings, store, observed)
             report.timings_s["calibrate"] = round(time.perf_counter() - calibrating, 3)
+        removed = prune_versions(root, r.keep_models)
+        if removed:
+            log.info("removed %d old model versions and leftovers: %s", len(removed), ", ".join(removed))
         report.timings_s["total"] = round(time.perf_counter() - began, 3)
         return report
     finally:

@@ -307,6 +307,12 @@ class RetrainSettings(_Section):
     min_plays: int = Field(20, ge=1, description="Exposure threshold: songs with fewer plays are left out.")
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="Newest songs held out to compare models.")
     margin: float = Field(0.01, ge=0, description="Mean Spearman(streams, likes) gain needed to promote.")
+    keep_models: int = Field(
+        5,
+        ge=1,
+        description="Model versions the job keeps of those it made (the newest; the serving one always): each "
+        "run deletes the older ones, and what a save cut short left behind.",
+    )
     warm_start: bool = Field(True, description="Start the candidate from the current head (else from scratch).")
     targets: Literal["exposure", "counts"] = Field(
         "exposure",

@@ -30,7 +30,7 @@ from indexes.redis_schema import RedisKeys, examination_json, parse_examination
 from ranker.errors import ConfigError
 from ranker.features import FeatureSet
 from ranker.model.artifact import ScoringModel
-from ranker.model.registry import models_root_of, pending, resolve_model_dir
+from ranker.model.registry import RETRAIN_REPORT, models_root_of, pending, prune_versions, resolve_model_dir
 from ranker.model.retrain import (
     Observed,
     RetrainReport,
@@ -247,6 +247,39 @@ def test_the_models_folder_is_where_current_lives(tmp_path: Path) -> None:
     (model_dir / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match="model directory"):
         models_root_of(model_dir)
+
+
+def test_old_versions_the_job_made_and_cut_short_saves_are_pruned(tmp_path: Path) -> None:
+    """retrain.keep_models: the newest of the job's own versions stay, and the serving one even when
+    older; a directory the operator made stays; a save's leftover goes once it is an hour old."""
+    import os
+
+    root = tmp_path / "models"
+    root.mkdir()
+
+    def version(name: str, age_s: float, made_by_retrain: bool = True) -> Path:
+        d = root / name
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+        if made_by_retrain:
+            (d / RETRAIN_REPORT).write_text("{}")
+        os.utime(d, (time.time() - age_s, time.time() - age_s))
+        return d
+
+    for i in range(6):
+        version(f"apex-{i}", age_s=1000 * (6 - i))  # apex-5 is the newest
+    version("imported", age_s=10_000, made_by_retrain=False)
+    (root / "current").symlink_to("apex-0")  # rolled back to the oldest: it serves, so it stays
+    crashed, fresh = root / ".apex-6.tmp-1a2b3c4d", root / ".apex-7.tmp-5e6f7a8b"
+    crashed.mkdir()
+    fresh.mkdir()
+    os.utime(crashed, (time.time() - 7200, time.time() - 7200))
+
+    removed = prune_versions(root, keep=2)
+    assert sorted(removed) == sorted(["apex-1", "apex-2", "apex-3", crashed.name])
+    left = sorted(p.name for p in root.iterdir())
+    assert left == sorted(["apex-0", "apex-4", "apex-5", "imported", "current", fresh.name])
+    assert resolve_model_dir(root) == root / "apex-0"
 
 
 def test_retrain_promotes_a_better_head_rescoring_the_feed_and_never_a_worse_one(

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -185,3 +187,37 @@ def pending(models_root: str | os.PathLike[str]) -> dict[str, object] | None:
 
 def clear_pending(models_root: str | os.PathLike[str]) -> None:
     (Path(models_root) / PENDING_FILE).unlink(missing_ok=True)
+
+
+#: What marks a model directory the retrain job made (and so may prune): its report, written beside it.
+RETRAIN_REPORT = "retrain-report.json"
+
+
+def prune_versions(models_root: str | os.PathLike[str], keep: int, stale_after_s: float = 3600.0) -> list[str]:
+    """Delete the model directories the retrain job made beyond its newest ``keep`` (never the one
+    ``current`` names), and what a save or a promotion cut short left (``.<name>.tmp-*``, once older
+    than ``stale_after_s``: one in progress elsewhere is younger). Directories made otherwise (``train
+    --promote``, ``import-released``) are the operator's. Returns the names removed."""
+    root = Path(models_root)
+    if not root.is_dir():
+        return []
+    serving = resolve_model_dir(root)
+    keep_dirs = {serving.resolve()} if serving is not None else set()
+    made = [d for d in root.iterdir() if d.is_dir() and not d.is_symlink() and (d / RETRAIN_REPORT).exists()]
+    made.sort(key=lambda d: d.stat().st_mtime, reverse=True)
+    removed: list[str] = []
+    for old in made[keep:]:
+        if old.resolve() not in keep_dirs:
+            shutil.rmtree(old)
+            removed.append(old.name)
+    cutoff = time.time() - stale_after_s
+    for left in root.glob(".*.tmp-*"):
+        if left.lstat().st_mtime < cutoff:
+            if left.is_dir() and not left.is_symlink():
+                shutil.rmtree(left, ignore_errors=True)
+            else:
+                left.unlink(missing_ok=True)
+            removed.append(left.name)
+    if removed:
+        fsync_dir(root)
+    return removed

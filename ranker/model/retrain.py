@@ -57,7 +57,7 @@ from ranker.features import FeatureSet
 from ranker.model.artifact import ScoringModel
 from ranker.model.evaluate import evaluate, fit_transform
 from ranker.model.readout import fit_like_readout
-from ranker.model.registry import mark_pending, promote
+from ranker.model.registry import RETRAIN_REPORT, mark_pending, promote
 from ranker.model.targets import TargetTransform
 from ranker.model.train import train_head
 from ranker.model.train_config import TrainConfig
@@ -367,7 +367,7 @@ def retrain(
     report.timings_s = {"train": round(trained - began, 3), "evaluate": round(time.perf_counter() - trained, 3)}
     if ok:
         directory = candidate.save_versioned(models_root)
-        (directory / "retrain-report.json").write_text(json.dumps(report.to_dict(), indent=2))
+        (directory / RETRAIN_REPORT).write_text(json.dumps(report.to_dict(), indent=2))
         report.model_dir = str(directory)
         # Before ``current`` moves: the window's rescore and the announcement are owed from then on.
         mark_pending(models_root, promotion_owed(report))
