@@ -20,10 +20,10 @@ days before a cut-off (files whose every row is older), except each partition's 
 name carries the logged offset that keeps a replayed batch from being logged twice.
 
 Offsets that start again (a broker that came back empty, a topic deleted and made again) would
-make the writer skip every new record up to the old logged offset. The consumer sees it (a
-partition's high watermark at or below the logged offset, which a replay never shows) and calls
-:meth:`OffsetLog.restart`: the partition's files become an earlier generation, read like the
-others but no longer counted as logged.
+make the writer skip every new record up to the old logged offset. The consumer sees it, by the
+topic's new id (:meth:`OffsetLog.follow_topic`) or by a partition's high watermark at or below the
+logged offset (which a replay never shows), and calls :meth:`OffsetLog.restart`: the partition's
+files become an earlier generation, read like the others but no longer counted as logged.
 
 One race is left to the reader: a member that lost a partition in a rebalance
 but is still finishing its batch (its commit will be refused) can write an
