@@ -488,6 +488,37 @@ def _promoted_prior_spearman(tmp_path: Path, targets: str) -> tuple[float, float
     return float(spearmanr(prior, true_rate).statistic), float(np.mean(prior))
 
 
+def test_a_promotion_made_during_the_run_is_not_replaced(tmp_path: Path) -> None:
+    """An operator promotes (or rolls back to) another model while a retrain trains: the candidate was
+    judged against the model that served when the run began, so it is not promoted over the new one."""
+    from ranker.model.registry import promote
+
+    features, _, plays, likes = _placement_world(300, seed=1)
+    root = tmp_path / "models"
+    operator = ScoringModel.from_seed(16, seed=7, encoder_id="test-enc", n_layers=4)
+
+    def judge(current: ScoringModel, candidate: ScoringModel) -> tuple[bool, str, dict[str, float]]:
+        promote(root, operator.save_versioned(root))  # mid-run, from another shell
+        return True, "off-policy: fine", {}
+
+    report = retrain(
+        ScoringModel.from_seed(16, seed=0, encoder_id="test-enc", n_layers=4),
+        features,
+        _observed(features, plays, likes),
+        models_root=root,
+        holdout_fraction=0.2,
+        margin=0.0,  # the seeded head knows nothing: the candidate passes the Spearman gate
+        warm_start=True,
+        train_config=TrainConfig(epochs=5, lr=1e-3, batch_size=32, patience=5, seed=0),
+        likes_model="head",
+        judge=judge,
+    )
+    assert not report.promoted and "current moved" in report.reason, report.reason
+    served = resolve_model_dir(root)
+    assert served is not None and ScoringModel.load(served).version == operator.version
+    assert pending(root) is None
+
+
 def test_exposure_targets_learn_the_audiences_taste_where_counts_learn_the_placement(tmp_path: Path) -> None:
     _, _, plays, likes = _placement_world(800, seed=1)
     exposure, mean_prior = _promoted_prior_spearman(tmp_path, "exposure")

@@ -57,7 +57,7 @@ from ranker.features import FeatureSet
 from ranker.model.artifact import ScoringModel
 from ranker.model.evaluate import evaluate, fit_transform
 from ranker.model.readout import fit_like_readout
-from ranker.model.registry import RETRAIN_REPORT, mark_pending, promote
+from ranker.model.registry import RETRAIN_REPORT, mark_pending, promote, resolve_model_dir
 from ranker.model.targets import TargetTransform
 from ranker.model.train import train_head
 from ranker.model.train_config import TrainConfig
@@ -295,6 +295,7 @@ def retrain(
     ``judge(current, candidate) -> (ok, why, figures)``: a second question a candidate that passes the
     Spearman gate must pass too (the off-policy like rate of its picks: consumers.retrain_gate).
     """
+    serving = resolve_model_dir(models_root)  # what ``current`` names now: the model judged against
     created = np.array([d.timestamp() for d in observed.created_at])
     eligible = np.flatnonzero(np.asarray(observed.plays) >= min_plays)
     n = len(eligible)
@@ -362,6 +363,8 @@ def retrain(
     if ok and judge is not None:
         ok, second, figures = judge(current, candidate)
         why = f"{why}; {second}"
+    if ok and (moved := resolve_model_dir(models_root)) != serving:  # an operator promoted (or rolled back)
+        ok, why = False, f"{why}; not promoted: current moved from {serving} to {moved} during the run"
     report = RetrainReport(ok, why, current.version, candidate.version, len(train), len(holdout), cur_s, new_s)
     report.off_policy = figures
     report.timings_s = {"train": round(trained - began, 3), "evaluate": round(time.perf_counter() - trained, 3)}
