@@ -10,8 +10,9 @@ a caller who needs one builds it from these files.
 
 Layout: ``<archive>/day=YYYY-MM-DD/expired-<store>-<first seq>-<last seq>-<n>.parquet``, the day
 being the sweep's and ``<store>`` the embedding store's uid in hex (shards sharing one archive
-directory never collide). A file is written under a temporary name, fsynced, then renamed: a crash leaves no
-half file. The name comes from the records' store sequence numbers, so a sweep that crashed
+directory never collide). A file is written under a temporary name, fsynced, then renamed: a crash
+leaves no half file under a final name, and the store's next write removes such a temporary once it
+is an hour old. The name comes from the records' store sequence numbers, so a sweep that crashed
 after the archive write and before the store deletion writes the same file again (replaced,
 never doubled) when it runs again; across a day boundary the song may be in two files, and
 :meth:`EmbeddingArchive.get_many` keeps the newest.
@@ -23,6 +24,7 @@ no compression: embeddings do not compress); the other columns are zstd-compress
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -89,6 +91,7 @@ class EmbeddingArchive:
         given; its path (None for no rows)."""
         if not rows:
             return None
+        self._sweep_leftovers()
         metas = [(meta or {}).get(s.record.song_id, SongMeta()) for s, _ in rows]
         layers = [np.ascontiguousarray(s.record.layers, dtype="<f4") for s, _ in rows]
         table = pa.table(
@@ -123,6 +126,17 @@ class EmbeddingArchive:
         os.replace(tmp, final)
         fsync_dir(folder)  # the expired rows leave the store only once their file is durable
         return final
+
+    #: A temporary file older than this is what a write cut short left (a write takes seconds).
+    LEFTOVER_AFTER_S = 3600.0
+
+    def _sweep_leftovers(self) -> None:
+        """Delete this store's temporary files that a crash mid-write left behind: the next sweep
+        writes other rows, under another name, so nothing else would ever remove them."""
+        cutoff = time.time() - self.LEFTOVER_AFTER_S
+        for left in self.dir.glob(f"day=*/.expired-{self.store_uid:x}-*.parquet.tmp"):
+            if left.stat().st_mtime < cutoff:
+                left.unlink(missing_ok=True)
 
     def files(self) -> list[Path]:
         return sorted(self.dir.glob("day=*/expired-*.parquet"))

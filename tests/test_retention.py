@@ -6,6 +6,8 @@ song counts without bringing it back. The Redis parts run on one node and on the
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -169,6 +171,26 @@ def test_the_archive_is_durable_idempotent_and_readable(tmp_path: Path) -> None:
     # Another shard's store with the same sequence numbers, archiving into the same directory: its own file.
     other = EmbeddingArchive(tmp_path / "archive", store_uid=0xABC).write(rows, T0 + 5, meta)
     assert other is not None and other.name.startswith("expired-abc-") and len(archive.files()) == 2
+
+
+def test_a_write_cut_short_leaves_no_file_for_good(tmp_path: Path) -> None:
+    """A crash mid-write leaves the temporary file; the next write (other rows, another name) removes it
+    once it is an hour old: a younger one may be another process's write in progress, and another
+    store's is that store's to remove."""
+    archive = EmbeddingArchive(tmp_path / "archive")
+    folder = tmp_path / "archive" / "day=2026-05-27"
+    folder.mkdir(parents=True)
+    crashed, young = folder / ".expired-0-1-4-4.parquet.tmp", folder / ".expired-0-5-6-2.parquet.tmp"
+    other_store = folder / ".expired-abc-1-4-4.parquet.tmp"
+    for path in (crashed, young, other_store):
+        path.write_bytes(b"half a file")
+    for path in (crashed, other_store):
+        os.utime(path, (time.time() - 7200, time.time() - 7200))
+    with SqliteEmbeddingStore(tmp_path / "e.sqlite", clock=SimClock()) as emb:
+        emb.put_many([embedding("a", 1)])
+        rows = emb.older_than(T0 + 1, 10)
+    assert archive.write(rows, T0 + 5) is not None
+    assert sorted(p.name for p in folder.iterdir()) == sorted([young.name, other_store.name])
 
 
 def test_a_sweep_takes_old_songs_off_every_path_and_keeps_new_ones(settings: Settings) -> None:
