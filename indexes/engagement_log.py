@@ -47,7 +47,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from indexes.durable import fsync_dir
+from indexes.durable import fsync_dir, replace_text
 
 SCHEMA = pa.schema(
     [
@@ -126,10 +126,7 @@ class OffsetLog:
         if known is not None:
             for partition in sorted(self.live_partitions()):
                 moved += self.restart(partition)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(topic_id + "\n")
-        os.replace(tmp, path)
-        fsync_dir(self.dir)
+        replace_text(path, topic_id + "\n")
         return moved
 
     def live_partitions(self) -> set[int]:
@@ -206,11 +203,7 @@ class OffsetLog:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(folder)
 
     #: How often :meth:`maybe_prune` looks at the files (a glob of the whole log).
     PRUNE_EVERY_S = 3600.0

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from indexes.durable import fsync_dir
+from indexes.durable import fsync_dir, replace_text
 from ranker.errors import ConfigError
 from ranker.model.artifact import DEFAULT_LAYERS, Device, ScoringModel
 from ranker.model.artifact_files import CONFIG_FILE, WEIGHTS_FILE, ModelArtifactError
@@ -170,10 +170,7 @@ def mark_pending(models_root: str | os.PathLike[str], promotion: dict[str, objec
     """Record ``promotion`` (its ``model_version`` and what its announcement carries) as owed."""
     root = Path(models_root)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{PENDING_FILE}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(json.dumps(promotion))
-    os.replace(tmp, root / PENDING_FILE)
-    fsync_dir(root)
+    replace_text(root / PENDING_FILE, json.dumps(promotion))
 
 
 def pending(models_root: str | os.PathLike[str]) -> dict[str, object] | None:
