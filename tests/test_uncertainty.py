@@ -21,6 +21,7 @@ from consumers.model_cli import cmd_eval, register
 from ranker.events import AESTHETIC_TASKS, TASKS
 from ranker.features import FeatureSet
 from ranker.model.artifact import ScoringModel
+from ranker.model.artifact_files import ModelArtifactError
 from ranker.model.holdout import calibration_error, evaluate_holdout
 from ranker.model.ood import fit_ood
 from ranker.model.train import train_head
@@ -109,6 +110,23 @@ def test_an_ensemble_round_trips_with_its_spread_and_distinct_members(
     scored = score_predictions(Settings(), loaded, full, songs)
     assert all(s.like_rate_sd is not None and s.like_rate_sd > 0 for s in scored)
     assert all(s.spread is not None and set(s.spread) == set(TASKS) for s in scored)
+
+
+def test_an_ensemble_with_a_member_beyond_its_size_is_refused(world: tuple[FeatureSet, Path], tmp_path: Path) -> None:
+    """The weights and the config must agree on the ensemble's size: a fourth member's tensors in a
+    three-member model are a corrupted or mixed-up artifact, not something to ignore."""
+    from safetensors.torch import load_file, save_file
+
+    feats, cat = world
+    saved = train_head(feats, cat, config(ensemble=3)).model.save(tmp_path / "ens")
+    weights = saved / "model.safetensors"
+    tensors = load_file(weights)
+    tensors.update(
+        {k.replace("member0.", "member3.", 1): v.clone() for k, v in tensors.items() if k.startswith("member0.")}
+    )
+    save_file(tensors, weights)
+    with pytest.raises(ModelArtifactError, match=r"unexpected tensors \['member3\."):
+        ScoringModel.load(saved)
 
 
 def test_a_single_head_has_no_spread(world: tuple[FeatureSet, Path]) -> None:

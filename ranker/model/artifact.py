@@ -457,7 +457,10 @@ class ScoringModel:
             head.load_state_dict(own, strict=True)
             heads.append(head)
         if card.ensemble > 1:
-            stray = sorted(k for k in tensors if not k.startswith("member"))
+            # Every tensor must belong to one of the card's members: a member beyond the ensemble
+            # size (or any other name) means the weights and the config disagree.
+            prefixes = tuple(member_key(i, "") for i in range(card.ensemble))
+            stray = sorted(k for k in tensors if not k.startswith(prefixes))
             if stray:
                 raise ModelArtifactError(f"{path / WEIGHTS_FILE}: unexpected tensors {stray[:8]} in an ensemble")
         model = cls(heads, card, device=device, metrics=read_metrics(path), ood=ood)
