@@ -1,6 +1,9 @@
 # The two commands of the README: `make demo` (set up, run the main job) and `make test`.
 PYTHON ?= python3
 VENV   ?= .venv
+# Test processes (pytest-xdist, one test file per process): the tests mostly wait on the embedded
+# servers, so two processes halve the wall time on a 2-core machine. TEST_WORKERS=0 runs them in one.
+TEST_WORKERS ?= 2
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
@@ -26,7 +29,7 @@ typecheck: setup
 	$(BIN)/mypy
 
 unit: setup
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test: lint typecheck unit
 
