@@ -66,18 +66,20 @@ def feed_policy(settings: Settings, name: str) -> Policy:
 
 def prior_scores(store: ScoreStore, policy: Policy, song_ids: Sequence[str], now: float) -> dict[str, float]:
     """Each song's place in ``policy``'s order if it had no plays: its stored score with the posterior
-    like rate replaced by the prior (calibrated as the feed calibrates it).
+    like rate replaced by the prior, calibrated as the feed calibrates it (the global scale times the
+    song's generator factor, both read from the store).
 
     A song the policy would not show (not in the store, unscored, refused by the feed's filters)
     gets no score.
     """
+    policy = Policy(policy.name, policy.config, policy.like_rate, store.generator_calibration())
     scale = calibration_scale(*store.calibration_totals(), policy.like_rate)
     out: dict[str, float] = {}
     for start in range(0, len(song_ids), _READ_BATCH):
         ids = list(song_ids[start : start + _READ_BATCH])
         batch = columns.SongBatch.from_fields(ids, store.read_fields(ids, WRITE_FIELDS), now=now)
         with np.errstate(all="ignore"):
-            p0 = columns.prior_rate(policy, batch, scale)
+            p0 = columns.prior_rate(policy, batch, columns.row_scale(policy, batch, scale))
             quality, _ = columns.parts(policy, batch, p0)  # the quality at the posterior = the prior
         keep = batch.scored & columns.admits(policy, batch)
         for i in np.flatnonzero(keep).tolist():

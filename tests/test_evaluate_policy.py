@@ -138,6 +138,13 @@ def test_evaluate_policy_from_the_logs_and_the_store(
     est = evaluate(capsys, "--policy", "cold-start", "--impressions", str(tmp_path / "imp.parquet"))
     assert (est["value"], est["matched"], est["n"]) == (0.0, 1, 3)
 
+    # The generators' calibration factors (a retrain's) scale each song's prior as the feed does:
+    # suno-v5 x0.5 and udio x2 put s1 (0.20 x 2) above s0 (0.30 x 0.5), so cold-start now picks s1.
+    store.set_generator_calibration({"suno-v5": 0.5, "udio": 2.0})
+    est = evaluate(capsys, "--policy", "cold-start", "--min-matched", "1")
+    assert (est["value"], est["matched"]) == (1.0, 1)
+    store.set_generator_calibration({})
+
     # The table form prints the same estimates.
     argv = ["evaluate-policy", "--policy", "cold-start", "--since", "2d", "--resamples", "50"]
     assert main([*argv, "--against", "no-suno"]) == 0
