@@ -63,6 +63,15 @@ def test_weights_on_hand_built_pages() -> None:
     assert tied.value == pytest.approx(2 / 5.25)
 
 
+def test_a_like_without_its_play_counts_at_most_one_like_per_play() -> None:
+    # r1's explored a: 1 play, 3 likes (two plays lost, or a client that sends likes alone); b: 0 plays, 1 like.
+    rows = page_rows([("r1", "a", True, 0.5, ["a", "b"], 1, 3), ("r1", "b", True, 0.5, ["a", "b"], 0, 1)])
+    est = evaluate_picks(rows, {"a": 2.0, "b": 1.0}, resamples=0)
+    assert est.value == pytest.approx(1.0)  # not 3 (or 4) likes per play
+    assert (est.matched_plays, est.matched_likes) == (1, 1)
+    assert est.logged_rate == pytest.approx(1.0)
+
+
 def test_bad_rows_are_left_out_and_counted() -> None:
     table = page_rows(
         [

@@ -131,13 +131,16 @@ class ExploredSlots:
             column = pc.fill_null(explored.column(name), 0)
             return np.asarray(column.to_numpy(), dtype=np.float64)
 
+        plays = counts("plays")
         return cls(
             songs=[str(s) for s in codes.dictionary.to_pylist()],
             request=request,
             song=all_codes[:n],
             propensity=np.asarray(prop, dtype=np.float64),
-            plays=counts("plays"),
-            likes=counts("likes"),
+            plays=plays,
+            # A like whose play never arrived (a client that sends only likes, a lost play event) would
+            # add to the numerator alone and could push a rate past 1: at most one like per play.
+            likes=np.minimum(counts("likes"), plays),
             slots=slots,
             pool_request=pool_request,
             pool_song=all_codes[n:],
