@@ -106,8 +106,7 @@ for i = 3, #KEYS do
       end
       local x, wf = floats(v), w * f
       for j = 1, dim do vec[j] = vec[j] + wf * x[j] end
-      ev = ev + dev * f
-      if ev < 0 then ev = 0 end
+      ev = ev + dev * f  -- not floored: an unlike applied before its like must cancel it exactly
       moved = true
     end
   else
@@ -278,7 +277,7 @@ def parse_taste(blob: bytes | None, evidence: bytes | None, at: bytes | None, no
     if not blob or evidence is None or at is None:
         return Taste(None, 0.0)
     updated = float(at)
-    ev = float(evidence) * 2.0 ** (-max(0.0, now - updated) / half_life_s)
+    ev = max(0.0, float(evidence)) * 2.0 ** (-max(0.0, now - updated) / half_life_s)  # stored unfloored
     vec = np.frombuffer(blob, dtype="<f4").astype(np.float32)
     norm = float(np.linalg.norm(vec))
     if not math.isfinite(norm) or norm < _MIN_NORM:
