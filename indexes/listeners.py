@@ -33,6 +33,7 @@ __all__ = [
     "AsyncListenerReads",
     "Listener",
     "ListenerEvent",
+    "ListenerStateUnavailable",
     "ListenerStore",
     "ListenerUpdate",
     "NullAsyncListenerReads",
@@ -95,13 +96,19 @@ class Listener:
     heard: tuple[str, ...] = ()
 
 
+class ListenerStateUnavailable(Exception):
+    """The listener state's store cannot be reached: a caller may serve without it (the API serves
+    the cold-start answer) rather than fail."""
+
+
 class AsyncListenerReads(ABC):
     """The read side of a :class:`ListenerStore` on asyncio (the API's event loop): create it inside the
     loop that uses it (:meth:`ListenerStore.async_reads`) and close it there."""
 
     @abstractmethod
     async def listener(self, user_id: str, now: float | None = None) -> Listener:
-        """The user's taste (evidence decayed to ``now``) and heard set, in one round trip."""
+        """The user's taste (evidence decayed to ``now``) and heard set, in one round trip;
+        :class:`ListenerStateUnavailable` when the store cannot be reached."""
 
     async def close(self) -> None:  # noqa: B027 - nothing to release by default
         """Release connections."""

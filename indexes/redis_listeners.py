@@ -34,12 +34,21 @@ from indexes.listeners import (
     AsyncListenerReads,
     Listener,
     ListenerEvent,
+    ListenerStateUnavailable,
     ListenerStore,
     ListenerUpdate,
     Taste,
     taste_weight,
 )
-from indexes.redis_client import AsyncClient, LazyClient, SyncClient, connect, connect_async, run_script_calls
+from indexes.redis_client import (
+    UNREACHABLE,
+    AsyncClient,
+    LazyClient,
+    SyncClient,
+    connect,
+    connect_async,
+    run_script_calls,
+)
 from indexes.redis_schema import TASTE_AT, TASTE_EVIDENCE, TASTE_FIELDS, TASTE_VECTOR, RedisKeys, check_prefix
 
 __all__ = ["RedisListenerConfig", "RedisListenerStore"]
@@ -263,7 +272,10 @@ class AsyncRedisListenerReads(AsyncListenerReads):
         pipe = self._redis.pipeline(transaction=False)
         pipe.execute_command("HMGET", self.keys.user(user_id), *TASTE_FIELDS, **{NEVER_DECODE: []})
         pipe.zrevrange(self.keys.heard(user_id), 0, c.heard_max - 1)
-        (blob, evidence, at), heard = await pipe.execute()
+        try:
+            (blob, evidence, at), heard = await pipe.execute()
+        except UNREACHABLE as exc:
+            raise ListenerStateUnavailable(f"{type(exc).__name__}: {exc}") from exc
         at_now = time.time() if now is None else now
         songs = tuple(heard) if not heard or isinstance(heard[0], str) else tuple(map(bytes.decode, heard))
         return Listener(parse_taste(blob, evidence, at, at_now, c.half_life_s), songs)

@@ -8,6 +8,7 @@ and heard set; the API reads them back through the listener store's async reads.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -18,8 +19,10 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from consumers.stack import EmbeddedStack
 from indexes import RedisScoreStore
-from indexes.listeners import Listener
+from indexes.listeners import Listener, ListenerEvent
+from ranker import stores
 from ranker.serving.api import create_app
 from ranker.serving.batch import SongBatch
 from ranker.serving.client import ApexRankClient
@@ -338,3 +341,35 @@ def test_the_client_passes_the_user(settings: Settings, store: RedisScoreStore) 
     assert all("taste" in song.components for song in first.items)
     assert sorted(walked) == sorted({sid(i) for i in range(N)} - heard)
     assert set(ranked.filtered) == heard
+
+
+def test_a_listener_is_served_the_cold_start_answer_while_their_state_is_unreadable(
+    stack: EmbeddedStack, settings: Settings, store: RedisScoreStore
+) -> None:
+    """The song table carries pages through a Redis outage; a listener's page and rerank, whose state
+    lives in Redis, get the cold-start answer marked ``listener_state: unavailable``, not a 503."""
+    s = with_feeds(settings, {"f": plain(half_life_hours=None)})
+    s = s.model_copy(update={"api": ApiSettings(calibration_ttl_s=0, table_poll_s=0.1, served_log=False)})
+    FeedWriter(s, store).on_scored([record("a", likes=10), record("b", likes=20)], now=NOW)
+    add_vectors(s, {"a": np.ones(DIM), "b": -np.ones(DIM)})
+    listeners = stores.listener_store(s)
+    listeners.record([ListenerEvent("e1", "u1", "b", "play", time.time())], {})  # u1 has heard b
+    listeners.close()
+    rank = {"candidates": ["a", "b"], "user": "u1"}
+    with TestClient(create_app(s)) as client:
+        mine = client.get("/v1/feeds/f", params={"user": "u1"}).json()
+        assert [i["song_id"] for i in mine["items"]] == ["a"] and "listener_state" not in mine
+        ranked = client.post("/v1/rank", json=rank).json()
+        assert ranked["filtered"] == ["b"] and "listener_state" not in ranked
+        stack.stop_one("redis")
+        try:
+            page = client.get("/v1/feeds/f", params={"user": "u1"})
+            assert page.status_code == 200 and page.json()["listener_state"] == "unavailable"
+            assert [i["song_id"] for i in page.json()["items"]] == ["b", "a"]  # the cold-start page
+            ranked = client.post("/v1/rank", json=rank)
+            assert ranked.status_code == 200 and ranked.json()["listener_state"] == "unavailable"
+            assert [i["song_id"] for i in ranked.json()["items"]] == ["b", "a"] and ranked.json()["filtered"] == []
+            line = next(x for x in client.get("/metrics").text.splitlines() if x.startswith("apexrank_api_listener_"))
+            assert line == "apexrank_api_listener_unavailable_total 2.0"
+        finally:
+            stack.up()

@@ -57,7 +57,7 @@ from ranker.serving.exposure import ModelVersion, ServedRecorder, served_record
 from ranker.serving.filters import FilterError
 from ranker.serving.ingest import events_router
 from ranker.serving.producer import ApiProducer
-from ranker.serving.reader import FeedReader, TableNotReady, UnknownFeedError
+from ranker.serving.reader import UNAVAILABLE, FeedReader, TableNotReady, UnknownFeedError
 from ranker.serving.requests import REQUEST_ID_HEADER, body_filters, check_user, new_request_id, query_filters
 from ranker.serving.takedown import publish_deleted, token_matches
 from ranker.settings import Settings, get_settings
@@ -354,6 +354,8 @@ def create_app(
         body = {"feed": page.feed, "items": items, "next_cursor": page.next_cursor, "request_id": rid}
         if arm is not None:
             body["arm"] = arm.name
+        if page.listener_unavailable:  # served as the cold-start page (docs/ranking.md, "Personal feeds")
+            body["listener_state"] = UNAVAILABLE
         return _json(body, headers={REQUEST_ID_HEADER: rid})
 
     @app.post("/v1/rank", tags=["feeds"], dependencies=auth, response_model=RankOut, responses=ERRORS)

@@ -66,6 +66,8 @@ class Personal:
     #: The catalog's mean direction (unit; IndexReader.mean_direction), taken out of the taste and of every
     #: song before their cosine; None: raw cosines.
     centre: np.ndarray | None = None
+    #: The listener's state could not be read: served as a new listener (the cold-start answer).
+    unavailable: bool = False
 
     @property
     def tag(self) -> int:
@@ -115,12 +117,16 @@ class Personal:
         return {"cosine": cosine, "weight": self.weight, "contribution": self.scale * cosine}
 
 
-def personal(user: str, listener: Listener, feed: FeedSettings, centre: np.ndarray | None = None) -> Personal:
-    """The listener's blend from their stored state and the feed settings (``centre``: see Personal)."""
+def personal(
+    user: str, listener: Listener, feed: FeedSettings, centre: np.ndarray | None = None, *, unavailable: bool = False
+) -> Personal:
+    """The listener's blend from their stored state and the feed settings (``centre``, ``unavailable``: Personal)."""
     taste = listener.taste
     evidence = max(0.0, float(taste.evidence))
     weight = evidence / (evidence + feed.taste_evidence_half) if taste.vector is not None else 0.0
-    return Personal(user, taste.vector, evidence, weight, feed.taste_weight * weight, listener.heard, centre)
+    return Personal(
+        user, taste.vector, evidence, weight, feed.taste_weight * weight, listener.heard, centre, unavailable
+    )
 
 
 def block_order(stored: np.ndarray, cosines: np.ndarray, scale: float) -> np.ndarray:

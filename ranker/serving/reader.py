@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+from prometheus_client import Counter
 
 from indexes.base import AsyncScoreReads
-from indexes.listeners import AsyncListenerReads, NullAsyncListenerReads
+from indexes.listeners import AsyncListenerReads, Listener, ListenerStateUnavailable, NullAsyncListenerReads, Taste
 from ranker.serving.assembly import assemble, explore_layout, next_cursor, page_items
 from ranker.serving.columns import (
     RankResponse,
@@ -45,6 +46,13 @@ from ranker.settings import FeedPolicy, Settings
 
 _MAX_FETCHES = 4
 log = logging.getLogger(__name__)
+
+#: ``listener_state`` of a personal answer served without the listener's state.
+UNAVAILABLE = "unavailable"
+LISTENER_UNAVAILABLE = Counter(
+    "apexrank_api_listener_unavailable_total",
+    "Personal pages and reranks served as the cold-start answer: the listener state was unreachable",
+)
 
 
 class UnknownFeedError(KeyError):
@@ -77,6 +85,8 @@ class FeedPage:
     next_cursor: str | None
     propensity: list[float] = field(default_factory=list)
     pool: list[str] = field(default_factory=list)
+    #: A personal page served as the cold-start page: the listener's state could not be read.
+    listener_unavailable: bool = False
 
 
 class FeedReader:
@@ -217,12 +227,23 @@ class FeedReader:
         b_score, b_id = (cur.score, cur.song_id) if cur else (math.inf, "")
         bound = user_tag(user) if (person is not None and not person.new) or (cur and cur.user) else 0
         following = next_cursor(feed, window, items, skip, b_score, b_id, filters.tag, bound)
-        return FeedPage(feed, items, following, propensity, pool_ids)
+        unavailable = person is not None and person.unavailable
+        return FeedPage(feed, items, following, propensity, pool_ids, listener_unavailable=unavailable)
 
     async def person(self, user: str) -> Personal:
-        """The listener's taste and heard set (one round trip), as a page or a rerank blends them."""
+        """The listener's taste and heard set (one round trip), as a page or a rerank blends them.
+
+        When the listener state cannot be read (Redis down), the listener is served as a new one, the
+        cold-start answer, marked ``unavailable``: the song table carries pages through a store outage,
+        and a signed-in listener's page should not be the one that fails."""
         centre = self.vectors.mean_direction() if self.vectors is not None else None
-        return personal(user, await self.listeners.listener(user, self._clock()), self.settings.feed, centre)
+        try:
+            listener = await self.listeners.listener(user, self._clock())
+        except ListenerStateUnavailable as exc:
+            LISTENER_UNAVAILABLE.inc()
+            log.warning("listener state unreadable (%s); serving the cold-start answer", exc)
+            return personal(user, Listener(Taste(None, 0.0)), self.settings.feed, centre, unavailable=True)
+        return personal(user, listener, self.settings.feed, centre)
 
     def _scan_size(self, want: int, cur: Cursor | None, blends: bool) -> int:
         """The eligible rows a personal window scans for: the taste block's (left) and a page, or a page."""
@@ -437,7 +458,7 @@ class FeedReader:
         one without ``user``."""
         person = await self.person(user) if user else None
         scale = await self.scale()
-        return rerank(
+        ranked = rerank(
             self.table,
             policy,
             candidates,
@@ -449,6 +470,9 @@ class FeedReader:
             explain=explain,
             filters=filters,
         )
+        if person is not None and person.unavailable:
+            ranked.body["listener_state"] = UNAVAILABLE
+        return ranked
 
     def forget(self, song_ids: Sequence[str]) -> int:
         """Drop taken-down songs from the song table and its feeds now (the change log would, a moment
