@@ -1,10 +1,15 @@
 """A/B arms' totals in Redis: one Lua script call per arm, on one node or Redis Cluster.
 
-Keys are :mod:`indexes.redis_schema`'s, both hash-tagged by the arm: the totals hash
-``{prefix}:arm:{<arm>}`` (fields :data:`~indexes.redis_schema.ARM_FIELDS`) and a dedup key per event,
-``{prefix}:aevt:{<arm>}:<event_id>``. So one script call touches one slot, and the same path serves
-a node and a cluster: the calls of a batch (one per arm, a few thousand events each) go out
-pipelined, one round trip (one per node on a cluster).
+Keys are :mod:`indexes.redis_schema`'s, both hash-tagged by the experiment and the arm: the totals hash
+``{prefix}:arm:{<experiment>:<arm>}`` (fields :data:`~indexes.redis_schema.ARM_FIELDS`) and a dedup key per
+event, ``{prefix}:aevt:{<experiment>:<arm>}:<event_id>``. So one script call touches one slot, and the
+same path serves a node and a cluster: the calls of a batch (one per arm, a few thousand events each)
+go out pipelined, one round trip (one per node on a cluster).
+
+A store keeps one experiment's arms (its config's ``experiment``, ``arms.experiment``): a new experiment
+that reuses the arms' names starts from zero, and an old one's totals stay readable under its own name.
+The totals have no TTL (an experiment may run for months); docs/arms.md says how to delete an old
+experiment's.
 
 For each event the script SETs the dedup key with NX and the dedup window as TTL (the engagement
 counters' window) and, only if the key was new, adds the event's change; the changes are written
@@ -52,12 +57,15 @@ return table.concat(out)
 
 
 class RedisArmConfig(BaseModel):
-    """Connection, key prefix and dedup window of :class:`RedisArmStore`."""
+    """Connection, key prefix, experiment and dedup window of :class:`RedisArmStore`."""
 
     model_config = ConfigDict(extra="forbid")
 
     url: str = Field(description="redis://, rediss://, unix:// (one node) or redis+cluster://, rediss+cluster://.")
     key_prefix: str = "apexrank"
+    experiment: str = Field(
+        min_length=1, description="The A/B experiment whose arms' totals are kept (arms.experiment)."
+    )
     dedup_window_s: int = Field(gt=0, description="How long an event id is remembered (as the counters').")
     socket_timeout_s: float = Field(5.0, gt=0)
 
@@ -84,13 +92,14 @@ class RedisArmStore(ArmStore):
             delta = ARM_DELTAS.get(kind)
             if delta is not None:
                 by_arm.setdefault(arm, []).append((event_id, delta))
+        experiment = self.config.experiment
         calls: list[tuple[list[str], list[Any]]] = []
         for arm, events in by_arm.items():
             for lo in range(0, len(events), CHUNK):
-                keys = [self.keys.arm(arm)]
+                keys = [self.keys.arm(experiment, arm)]
                 args: list[Any] = [self.config.dedup_window_s]
                 for event_id, (plays, likes) in events[lo : lo + CHUNK]:
-                    keys.append(self.keys.arm_event(arm, event_id))
+                    keys.append(self.keys.arm_event(experiment, arm, event_id))
                     args += (plays, likes)
                 calls.append((keys, args))
         if not calls:
@@ -106,7 +115,7 @@ class RedisArmStore(ArmStore):
         try:
             pipe = self._redis.client.pipeline(transaction=False)
             for arm in arms:
-                pipe.hmget(self.keys.arm(arm), [ARM_PLAYS, ARM_LIKES])
+                pipe.hmget(self.keys.arm(self.config.experiment, arm), [ARM_PLAYS, ARM_LIKES])
             replies = pipe.execute()
         except UNREACHABLE as exc:
             raise ArmStoreUnavailable(f"arm totals: Redis cannot be reached ({type(exc).__name__})") from exc

@@ -26,9 +26,12 @@ on the song id or feed name, and a client can route it)::
     {prefix}:uevt:{<user>}:<event_id>
                                 string: the event's dedup key for the listener's taste and heard
                                 set, in the user's slot
-    {prefix}:arm:{<arm>}        hash: an A/B arm's engagement totals (:data:`ARM_FIELDS`), by the
-                                feedback consumer (:mod:`indexes.redis_arms`)
-    {prefix}:aevt:{<arm>}:<event_id>
+    {prefix}:arm:{<experiment>:<arm>}
+                                hash: an A/B arm's engagement totals (:data:`ARM_FIELDS`) in one
+                                experiment, by the feedback consumer (:mod:`indexes.redis_arms`);
+                                <experiment> is :func:`experiment_tag`. No TTL: a new experiment
+                                starts from zero, an old one's totals stay until deleted
+    {prefix}:aevt:{<experiment>:<arm>}:<event_id>
                                 string: the event's dedup key for its arm's totals, in the arm's slot
     {prefix}:examination        string (JSON): the examination weight of each page position
                                 (position-aware evidence), written by ``apexrank retrain``
@@ -73,6 +76,8 @@ from indexes.base import SongRecord, StoredSong
 
 # Song ids and feed names go inside a {hash tag}: a brace would end it early.
 _NAME = re.compile(r"^[A-Za-z0-9._:-]{1,256}$")
+# An experiment's name shares its arms' hash tag with the arm's name, before a colon: so no colon in it.
+_EXPERIMENT = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _PREFIX = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 # -- fields of a song hash ------------------------------------------------------------------------
@@ -227,6 +232,14 @@ def user_tag(user_id: str) -> str:
     return "~" + hashlib.blake2b(user_id.encode("utf-8"), digest_size=16).hexdigest()
 
 
+def experiment_tag(experiment: str) -> str:
+    """What of an A/B experiment's name goes in its arms' keys: the name itself when it is 1-64 letters,
+    digits or ._-, else ``~`` and a digest (the name is free text; ``~`` never starts a plain one)."""
+    if _EXPERIMENT.fullmatch(experiment):
+        return experiment
+    return "~" + hashlib.blake2b(experiment.encode("utf-8"), digest_size=16).hexdigest()
+
+
 @dataclass(frozen=True)
 class RedisKeys:
     """The key names under one prefix (see the module docstring)."""
@@ -279,13 +292,14 @@ class RedisKeys:
         """An event's dedup key for the listener's state, in the user's slot (event ids validated upstream)."""
         return f"{self.prefix}:uevt:{{{user_tag(user_id)}}}:{event_id}"
 
-    def arm(self, arm: str) -> str:
-        """An A/B arm's totals (the arm's name is checked like a feed name)."""
-        return f"{self.prefix}:arm:{{{check_name('arm', arm)}}}"
+    def arm(self, experiment: str, arm: str) -> str:
+        """An A/B arm's totals in ``experiment`` (the arm's name is checked like a feed name). The experiment
+        is in the key so that a new one, reusing the arms' names, starts from zero."""
+        return f"{self.prefix}:arm:{{{experiment_tag(experiment)}:{check_name('arm', arm)}}}"
 
-    def arm_event(self, arm: str, event_id: str) -> str:
-        """An event's dedup key for its arm's totals, in the arm's slot."""
-        return f"{self.prefix}:aevt:{{{check_name('arm', arm)}}}:{event_id}"
+    def arm_event(self, experiment: str, arm: str, event_id: str) -> str:
+        """An event's dedup key for its arm's totals in ``experiment``, in the arm's slot."""
+        return f"{self.prefix}:aevt:{{{experiment_tag(experiment)}:{check_name('arm', arm)}}}:{event_id}"
 
     def examination(self) -> str:
         """The examination weights of the page positions (JSON)."""

@@ -79,6 +79,7 @@ def arm_store(settings: Settings) -> ArmStore:
     return open_arm_store(
         redis.url.get_secret_value(),
         key_prefix=redis.key_prefix,
+        experiment=settings.arms.experiment,
         socket_timeout_s=redis.socket_timeout_s,
         dedup_window_s=settings.feedback.dedup_window_s,
     )

@@ -25,7 +25,7 @@ from indexes.arms import ArmTotals, ArmUpdate, NullArmStore
 from indexes.redis_schema import RedisKeys
 from ranker import stores
 from ranker.events import Engagement
-from ranker.serving.arm_metrics import refresh_arm_gauges
+from ranker.serving.arm_metrics import arm_rows, refresh_arm_gauges
 from ranker.serving.arms import assign, record_arm_events, resolve, wilson
 from ranker.settings import Arm, ArmsSettings, FeedPolicy, FeedSettings, Settings
 from tests.test_cli_startup import WRAPPER, env_for
@@ -42,12 +42,12 @@ def arms_settings(experiment: str = "exp-1", weights: tuple[float, ...] = (1.0, 
     )
 
 
-def with_arms(settings: Settings) -> Settings:
+def with_arms(settings: Settings, experiment: str = "exp-test") -> Settings:
     """``settings`` with two feeds and a 1:3 experiment on the default feed (validated as a whole)."""
     data = settings.model_dump()
     data["feed"] = FeedSettings(feeds={"cold-start": FeedPolicy(), "fresh": FeedPolicy()}).model_dump()
     data["arms"] = ArmsSettings(
-        experiment="exp-test",
+        experiment=experiment,
         arms=[
             Arm(name="control", feed="cold-start", model_version="m1", weight=1),
             Arm(name="fresh", feed="fresh", model_version="m2", weight=3),
@@ -160,10 +160,10 @@ def test_a_key_of_the_wrong_type_fails_before_any_write(settings: Settings) -> N
         import redis
 
         client = redis.Redis.from_url(s.redis.url.get_secret_value())
-        client.set(keys.arm("control"), "not a hash")
+        client.set(keys.arm("exp-test", "control"), "not a hash")
         with pytest.raises(redis.exceptions.ResponseError):
             store.record(["control"], ["w1"], ["play"])
-        assert client.exists(keys.arm_event("control", "w1")) == 0  # no dedup key without its count
+        assert client.exists(keys.arm_event("exp-test", "control", "w1")) == 0  # no dedup key without its count
         client.close()
     finally:
         store.close()
@@ -194,6 +194,80 @@ def test_record_arm_events_skips_other_feeds_and_counts_once(redis_settings: Set
         store.close()
 
 
+def test_a_new_experiment_starts_from_zero_and_the_old_keeps_its_totals(redis_settings: Settings) -> None:
+    """Arms keep their names from one experiment to the next, but not their totals: a new experiment counts
+    from zero (its own dedup keys too: an event id seen by the old one counts anew), and switching back shows
+    the old experiment's totals unchanged. The second name is free text, stored under a digest."""
+    first, second = with_arms(redis_settings, "exp-a"), with_arms(redis_settings, "exp b {lofi}: 2")
+    users = USERS[:200]
+    batch = [event(f"p-{u}", u, "play") for u in users] + [event(f"l-{u}", u, "like") for u in users[:50]]
+    store = stores.arm_store(first)
+    try:
+        assert record_arm_events(store, batch, first) == ArmUpdate(applied=250, seen=0)
+        old = {row.arm: (row.plays, row.likes) for row in arm_rows(store, first)}
+    finally:
+        store.close()
+    assert sum(plays for plays, _ in old.values()) == 200 and sum(likes for _, likes in old.values()) == 50
+    store = stores.arm_store(second)
+    try:
+        assert {row.arm: (row.plays, row.likes, row.like_rate) for row in arm_rows(store, second)} == {
+            "control": (0, 0, None),
+            "fresh": (0, 0, None),
+        }
+        plays = [e for e in batch if e.type == "play"]
+        assert record_arm_events(store, plays, second) == ArmUpdate(applied=200, seen=0)
+        arm_of = Counter(assign(u, second.arms).name for u in users)  # type: ignore[union-attr]
+        assert {row.arm: (row.plays, row.likes) for row in arm_rows(store, second)} == {
+            name: (arm_of[name], 0) for name in ("control", "fresh")
+        }
+    finally:
+        store.close()
+    store = stores.arm_store(first)  # back to the first experiment: its totals, and its replays still seen
+    try:
+        assert {row.arm: (row.plays, row.likes) for row in arm_rows(store, first)} == old
+        assert record_arm_events(store, batch, first) == ArmUpdate(applied=0, seen=250)
+    finally:
+        store.close()
+
+
+def test_arm_keys_name_the_experiment_in_one_slot_per_arm() -> None:
+    """Both keys of an arm share its hash tag (one script call, one slot on a cluster), which holds the
+    experiment (free text: a digest, never a brace) and the arm, so experiments and arms never share keys."""
+    from redis.crc import key_slot
+
+    keys = RedisKeys("apexrank")
+    assert keys.arm("exp-a", "control") == "apexrank:arm:{exp-a:control}"
+    assert keys.arm_event("exp-a", "control", "e1") == "apexrank:aevt:{exp-a:control}:e1"
+    for experiment in ("exp-a", "exp b {lofi}: 2", "a:b"):
+        totals, dedup = keys.arm(experiment, "control"), keys.arm_event(experiment, "control", "e1")
+        assert key_slot(totals.encode()) == key_slot(dedup.encode())
+        tag = totals[totals.index("{") + 1 : totals.index("}")]
+        assert tag.endswith(":control") and "{" not in tag and tag.count(":") == 1, tag
+    names = {keys.arm(e, a) for e in ("exp-a", "exp-b", "a:b", "a") for a in ("control", "b:control")}
+    assert len(names) == 8
+
+
+def test_an_old_experiments_totals_are_found_by_the_documented_pattern(settings: Settings) -> None:
+    """docs/arms.md deletes an old experiment's totals with SCAN MATCH ``{prefix}:arm:{<experiment>:*``:
+    it finds that experiment's hashes and no other's."""
+    import redis
+
+    for experiment in ("old-exp", "old-exp2"):
+        s = with_arms(settings, experiment)
+        store = stores.arm_store(s)
+        try:
+            record_arm_events(store, [event(f"p-{u}", u, "play") for u in USERS[:40]], s)
+        finally:
+            store.close()
+    client = redis.Redis.from_url(settings.redis.url.get_secret_value(), decode_responses=True)
+    try:
+        prefix = settings.redis.key_prefix
+        found = set(client.scan_iter(match=f"{prefix}:arm:{{old-exp:*", count=1000))
+    finally:
+        client.close()
+    assert found == {f"{prefix}:arm:{{old-exp:control}}", f"{prefix}:arm:{{old-exp:fresh}}"}
+
+
 def test_no_arms_is_the_null_store(settings: Settings) -> None:
     store = stores.arm_store(settings)
     assert isinstance(store, NullArmStore) and not store.keeps_state
@@ -201,8 +275,9 @@ def test_no_arms_is_the_null_store(settings: Settings) -> None:
 
 
 # -- metrics and report ------------------------------------------------------------------------------------
-def gauge(name: str, arm: str, model_version: str, feed: str) -> float | None:
-    return REGISTRY.get_sample_value(name, {"arm": arm, "feed": feed, "model_version": model_version})
+def gauge(name: str, arm: str, model_version: str, feed: str, experiment: str = "exp-test") -> float | None:
+    labels = {"experiment": experiment, "arm": arm, "feed": feed, "model_version": model_version}
+    return REGISTRY.get_sample_value(name, labels)
 
 
 def test_metrics_gauges(settings: Settings) -> None:
@@ -284,7 +359,12 @@ def test_report_arms_cli(settings: Settings) -> None:
     control = next(line for line in table.splitlines() if "control" in line)
     for cell in ("cold-start", "m1", "25.0%", "0.7500", f"[{low:.4f}, {high:.4f}]"):
         assert cell in control, table
-    assert "fresh" in table and "75.0%" in table
+    assert "fresh" in table and "75.0%" in table and "exp-test" in table
+    # The same arms under a new experiment: its own (empty) totals, and the report says whose they are.
+    env["APEXRANK_ARMS__EXPERIMENT"] = "exp-next"
+    body = json.loads(run("--json").stdout)
+    assert body["experiment"] == "exp-next"
+    assert [(row["arm"], row["plays"], row["likes"]) for row in body["arms"]] == [("control", 0, 0), ("fresh", 0, 0)]
 
 
 def test_report_arms_without_arms(settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:

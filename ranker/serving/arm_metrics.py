@@ -2,7 +2,8 @@
 
 The API's ``/metrics`` calls :func:`refresh_arm_gauges` (one Redis round trip; every API process
 exports the same totals, so dashboards take ``max`` over instances); ``apexrank report arms`` prints
-:func:`arm_rows`. Labels: arm, feed (the policy serving the arm), model_version ("" when unset).
+:func:`arm_rows`. Labels: experiment (``arms.experiment``: whose totals these are), arm, feed (the policy
+serving the arm), model_version ("" when unset).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ __all__ = ["ArmRow", "arm_rows", "refresh_arm_gauges"]
 
 log = logging.getLogger(__name__)
 
-_LABELS = ("arm", "feed", "model_version")
+_LABELS = ("experiment", "arm", "feed", "model_version")
 ARM_PLAYS = Gauge("apexrank_arm_plays", "Plays by the users of an A/B arm (each event once)", _LABELS)
 ARM_LIKES = Gauge("apexrank_arm_likes", "Likes minus unlikes by the users of an A/B arm", _LABELS)
 ARM_LIKE_RATE = Gauge("apexrank_arm_like_rate", "An A/B arm's likes per play (NaN without plays)", _LABELS)
@@ -50,8 +51,9 @@ class ArmRow:
 
 
 def arm_rows(store: ArmStore, settings: Settings) -> list[ArmRow]:
-    """Every configured arm's figures, in the settings' order (empty when no arms are configured).
-    :class:`~indexes.arms.ArmStoreUnavailable` if the store cannot be reached."""
+    """Every configured arm's figures in the current experiment (``store``'s, made from the same settings), in
+    the settings' order (empty when no arms are configured). :class:`~indexes.arms.ArmStoreUnavailable` if the
+    store cannot be reached."""
     arms = settings.arms.arms
     if not arms:
         return []
@@ -77,7 +79,7 @@ def refresh_arm_gauges(store: ArmStore, settings: Settings) -> bool:
     for gauge in _GAUGES:
         gauge.clear()
     for row in rows:
-        labels = (row.arm, row.feed, row.model_version or "")
+        labels = (settings.arms.experiment, row.arm, row.feed, row.model_version or "")
         ARM_PLAYS.labels(*labels).set(row.plays)
         ARM_LIKES.labels(*labels).set(row.likes)
         ARM_LIKE_RATE.labels(*labels).set(math.nan if row.like_rate is None else row.like_rate)
