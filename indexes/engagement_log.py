@@ -9,7 +9,8 @@ of one topic partition and is named for it
 (``day=YYYY-MM-DD/<topic>-p<partition>-o<first>-<last>.parquet``, the day of its
 latest event, so a file may hold events of earlier days: filter on ``ts``; files
 written before this rule are named for their earliest event), written to a
-temporary name, fsynced and renamed. On start (and after a rebalance) the writer
+temporary name, fsynced and renamed (a temporary a crash mid-write left is removed by a
+later write or prune once it is an hour old). On start (and after a rebalance) the writer
 reads the highest logged offset per partition from the file names and skips
 messages at or below it, so a replayed batch is never logged twice. The
 directory must be shared by all members of the consumer group (a volume or a
@@ -66,6 +67,8 @@ SCHEMA = pa.schema(
 )
 #: A live file's name, or an earlier generation's (``.g<n>``: set aside by :meth:`OffsetLog.restart`).
 _NAME = re.compile(r"^(?P<topic>.+)-p(?P<partition>\d+)-o(?P<first>\d+)-(?P<last>\d+)(?:\.g(?P<gen>\d+))?\.parquet$")
+#: A file being written: ``.<final name>.tmp`` beside it.
+_TMP = ".tmp"
 #: The live files' generation when rows are read: after every earlier one.
 _LIVE = 2**62
 
@@ -97,6 +100,7 @@ class OffsetLog:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._logged: dict[int, int] = {}
         self._next_prune = -float("inf")
+        self._next_sweep = -float("inf")
         self.refresh()
 
     def refresh(self) -> None:
@@ -181,6 +185,9 @@ class OffsetLog:
                 todo.append((partition, idx[np.argsort(offsets[idx], kind="stable")]))
         if not todo:
             return 0
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + self.PRUNE_EVERY_S
+            self._sweep_leftovers()
         arrays = [
             pa.array(columns[f.name], type=f.type) if f.name in columns else pa.nulls(len(offsets), f.type)
             for f in self.schema
@@ -198,12 +205,36 @@ class OffsetLog:
         folder = self.dir / f"day={day}"
         folder.mkdir(parents=True, exist_ok=True)
         final = folder / f"{self.topic}-p{partition}-o{first}-{last}.parquet"
-        tmp = folder / f".{final.name}.tmp"
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
+        tmp = folder / f".{final.name}{_TMP}"
+        try:
+            pq.write_table(table, tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+        except BaseException:  # a failed write's half file: no later write takes its name
+            tmp.unlink(missing_ok=True)
+            raise
         fsync_dir(folder)
+
+    #: A temporary file older than this is what a write cut short left (a write takes seconds); a
+    #: younger one may be another member's write in progress.
+    LEFTOVER_AFTER_S = 3600.0
+
+    def _sweep_leftovers(self) -> None:
+        """Delete this topic's temporary files that a crash mid-write left: the replayed batch usually
+        covers another offset range, so no later write takes their name, and one would keep its day
+        folder from going. The members of a group share the folders and the topic, so only the age
+        tells a leftover from another member's write in progress."""
+        cutoff = time.time() - self.LEFTOVER_AFTER_S
+        for left in self.dir.glob(f"day=*/.*{_TMP}"):
+            m = _NAME.match(left.name[1 : -len(_TMP)])
+            if m is None or m["topic"] != self.topic:
+                continue
+            try:
+                if left.stat().st_mtime < cutoff:
+                    left.unlink()
+            except FileNotFoundError:  # another member's sweep took it first
+                pass
 
     #: How often :meth:`maybe_prune` looks at the files (a glob of the whole log).
     PRUNE_EVERY_S = 3600.0
@@ -219,7 +250,9 @@ class OffsetLog:
 
     def prune(self, before: datetime) -> int:
         """Delete this topic's files of days before ``before``'s (UTC) day, but never a partition's newest
-        live file (it records the logged offset); empty day folders go too. How many files were deleted."""
+        live file (it records the logged offset), and the temporaries crashed writes left; empty day
+        folders go too. How many (log) files were deleted."""
+        self._sweep_leftovers()
         cutoff = before.astimezone(UTC).date().isoformat()
         newest: dict[int, tuple[int, Path]] = {}
         files: list[tuple[str, int, Path]] = []

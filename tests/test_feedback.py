@@ -500,6 +500,54 @@ def test_a_restarted_partition_keeps_its_old_rows_as_a_generation_and_logs_the_n
     assert again.logged_through(0) == again.logged_through(1) == -1 and len(again.read()) == 9
 
 
+def test_a_temporary_a_crash_left_goes_with_a_later_write_or_prune(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash mid-write leaves ``.<name>.parquet.tmp``, and the replay logs another offset range, so no write
+    takes its name. A write removes this topic's once it is an hour old (a younger one may be another member's
+    write in flight; another topic's is its own log's), so does a prune, and the day folder it kept goes."""
+    import indexes.engagement_log as engagement_log
+
+    ts = datetime(2026, 12, 4, tzinfo=UTC)
+    hour_ago = time.time() - 3700
+
+    def left(day: str, name: str, old: bool) -> Path:
+        path = tmp_path / f"day={day}" / f".{name}.parquet.tmp"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"PAR1" + b"\0" * 100)  # half a file
+        if old:
+            os.utime(path, (hour_ago, hour_ago))
+        return path
+
+    crashed = left("2026-12-04", "eng-p0-o0-99", old=True)
+    in_flight = left("2026-12-04", "eng-p1-o0-9", old=False)
+    other_topic = left("2026-12-04", "served-p0-o0-9", old=True)
+    log = EngagementLog(tmp_path, "eng")
+    assert log.append([LoggedEvent(f"e{o}", "s", "u", "play", ts, None, None, 0, o) for o in range(150)]) == 150
+    assert not crashed.exists() and in_flight.exists() and other_topic.exists()
+
+    # Left since the last write looked (writes look at most hourly): the retention's prune takes it, and its folder.
+    old_day = left("2026-11-01", "eng-p0-o150-170", old=True).parent
+    young_day = left("2026-11-02", "eng-p1-o10-20", old=False).parent
+    assert log.prune(ts + timedelta(days=1)) == 0  # the partition's newest file stays
+    assert not old_day.exists() and young_day.exists()
+    assert sorted(p.name for p in (tmp_path / "day=2026-12-04").iterdir()) == sorted(
+        [in_flight.name, other_topic.name, "eng-p0-o0-149.parquet"]
+    )
+
+    # A write that fails (the disk filled) takes its own temporary away at once.
+    def fills(table: object, where: Path, **kwargs: object) -> None:
+        Path(where).write_bytes(b"PAR1")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(engagement_log.pq, "write_table", fills)
+    with pytest.raises(OSError):
+        log.append([LoggedEvent("e150", "s", "u", "play", ts, None, None, 0, 150)])
+    monkeypatch.undo()
+    assert not list(tmp_path.glob("day=*/.eng-p0-*.tmp"))
+    assert log.append([LoggedEvent("e150", "s", "u", "play", ts, None, None, 0, 150)]) == 1
+
+
 def test_a_position_beyond_the_logs_int32_is_refused_not_crashed_on() -> None:
     from ranker.errors import InputError
 

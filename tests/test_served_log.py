@@ -5,6 +5,7 @@ log (complete after SIGKILL of the consumer), and the impressions join. docs/ser
 from __future__ import annotations
 
 import asyncio
+import errno
 import http.client
 import itertools
 import json
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 import pytest
+from prometheus_client import REGISTRY
 
 from consumers.feedback import FeedbackConsumer
 from consumers.kafka_io import ensure_topics, flush_or_raise, make_producer
@@ -32,6 +34,7 @@ from indexes.engagement_log import EngagementLog
 from indexes.served_log import ServedLog, impressions
 from ranker.errors import InputError
 from ranker.events import DeadLetter, Engagement, FeedServed
+from ranker.serving import exposure
 from ranker.serving.exposure import Shipper, Spool, served_record
 from ranker.serving.producer import ApiProducer, Delivery
 from ranker.serving.reader import FeedPage, FeedReader
@@ -383,6 +386,66 @@ def test_a_backlog_ships_in_bounded_reads_and_a_failing_kafka_is_retried_ever_la
     gaps = [b - a for a, b in itertools.pairwise(calls)]
     assert 3 <= len(calls) <= 7, calls  # 0.05, 0.1, 0.2, 0.4, 0.8 s apart: not 30 tries in 1.6 s
     assert all(later > earlier for earlier, later in itertools.pairwise(gaps)), gaps
+
+
+def test_a_killed_process_s_unfinished_last_record_is_dropped_and_its_file_finished(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Killed inside a write (a record of several pages can be written part way), a process leaves its last
+    line without its newline. Adopted, the file ships every whole record once, drops that one (counted) and
+    goes with its checkpoint: it is not adopted again every pass, and the backlog comes back to 0."""
+    s = own_topics(settings, tmp_path)
+    lines = [served_record(f"r-{n}", "rank", "main", ["a"] * 20) for n in range(4)]
+    dead = tmp_path / "spool" / "served-999999-1-1.jsonl"  # no live process holds its lock
+    dead.parent.mkdir()
+    dead.write_bytes(b"".join(lines[:3]) + lines[3][: len(lines[3]) // 2])
+    dropped = REGISTRY.get_sample_value("apexrank_api_served_dropped_total") or 0.0
+    spool = Spool(tmp_path / "spool", 1 << 20)
+    producer = ApiProducer(s.kafka)
+    try:
+        shipper = Shipper(spool, producer.publish, s.kafka.topics.feeds_served, 1, read_bytes=2 * len(lines[0]))
+        assert [shipper.ship_once() for _ in range(3)] == [2, 1, 0]  # from its checkpoint on the second pass
+        assert list((tmp_path / "spool").iterdir()) == [spool.path] and spool.backlog == 0
+    finally:
+        producer.close()
+        spool.close()
+    assert REGISTRY.get_sample_value("apexrank_api_served_dropped_total") == dropped + 1
+    shipped = [FeedServed.parse(m.value).request_id for m in read_topic(s, s.kafka.topics.feeds_served, 3)]
+    assert sorted(shipped) == ["r-0", "r-1", "r-2"]
+
+
+def test_a_write_cut_short_is_finished_or_taken_back_never_glued_to_the_next(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write can put down fewer bytes than asked (a signal, a disk filling up): the rest is written, or, when
+    the disk is full, the part written is cut off and the record dropped and counted, so the next record starts
+    its own line."""
+    s = own_topics(settings, tmp_path)
+    lines = [served_record(f"w-{n}", "rank", "main", ["a"] * 20) for n in range(4)]
+    spool = Spool(tmp_path / "spool", 1 << 20)
+    assert spool.write(lines[0])
+    monkeypatch.setattr(exposure, "_write_some", lambda fd, data: os.write(fd, data[: max(1, len(data) // 3)]))
+    assert spool.write(lines[1])  # in three writes
+    assert spool.path.read_bytes() == lines[0] + lines[1]
+
+    def fills(fd: int, data: bytes) -> int:
+        if os.fstat(fd).st_size > len(lines[0]) + len(lines[1]):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return os.write(fd, data[: len(data) // 2])
+
+    monkeypatch.setattr(exposure, "_write_some", fills)
+    assert not spool.write(lines[2]) and spool.dropped == 1
+    monkeypatch.setattr(exposure, "_write_some", os.write)
+    assert spool.write(lines[3])
+    assert spool.path.read_bytes() == lines[0] + lines[1] + lines[3]
+    producer = ApiProducer(s.kafka)
+    try:
+        assert Shipper(spool, producer.publish, s.kafka.topics.feeds_served, 1).ship_once() == 3
+    finally:
+        producer.close()
+        spool.close()
+    shipped = [FeedServed.parse(m.value).request_id for m in read_topic(s, s.kafka.topics.feeds_served, 3)]
+    assert sorted(shipped) == ["w-0", "w-1", "w-3"]
 
 
 def test_a_batch_logged_but_not_committed_is_logged_once_when_replayed(settings: Settings, tmp_path: Path) -> None:

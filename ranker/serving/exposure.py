@@ -12,7 +12,9 @@ belongs to no live process (a killed one's, or one rotated out), and any shipper
 it to its end and deletes it, at start and every cycle. At-least-once: a crash between the publish
 and the checkpoint ships lines again (readers dedup by request_id). With Kafka down the spool grows
 up to ``api.served_spool_max_bytes``; beyond it new records are dropped, counted and warned about,
-never blocking or failing a response. docs/served-log.md has the record and the guarantees.
+never blocking or failing a response; so is a record a write cut short (disk full: the part written is
+cut off again) or a killed process left unfinished (the last line of its file, without its newline).
+docs/served-log.md has the record and the guarantees.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from ranker.serving.producer import ApiProducer, Record
 log = logging.getLogger(__name__)
 
 SERVED_DROPPED = Counter(
-    "apexrank_api_served_dropped_total", "Served records dropped because the spool was full (Kafka down too long)"
+    "apexrank_api_served_dropped_total",
+    "Served records dropped: the spool full (Kafka down too long) or unwritable, or left unfinished by a writer",
 )
 SERVED_SHIPPED = Counter("apexrank_api_served_shipped_total", "Served records acknowledged by Kafka")
 SPOOL_BACKLOG = Gauge("apexrank_api_served_spool_bytes", "Bytes of served records waiting in the spool")
@@ -87,6 +90,11 @@ def served_record(
     return orjson.dumps(record) + b"\n"
 
 
+#: The call that writes a record's bytes, kept apart so that tests can cut a write short (a disk that
+#: fills mid-record returns fewer bytes than asked for, then fails).
+_write_some = os.write
+
+
 def _lock(fd: int) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -134,7 +142,7 @@ class Spool:
                 self._drop("the spool holds api.served_spool_max_bytes (is Kafka down?)")
                 return False
             try:
-                os.write(self._fd, line)
+                self._append(line)
             except OSError as exc:
                 self._drop(f"spool write failed: {exc}")
                 return False
@@ -143,6 +151,31 @@ class Spool:
             if self._size >= self.rotate_bytes:
                 self._rotate()
             return True
+
+    def _append(self, line: bytes) -> None:
+        """Write all of ``line`` or, raising, none of it: a part left behind would have the next record
+        glued onto it, and both would be lost to the reader."""
+        done = 0
+        try:
+            while done < len(line):
+                n = _write_some(self._fd, line[done:])
+                if n <= 0:
+                    raise OSError(f"short write: {done} of {len(line)} bytes")
+                done += n
+        except OSError:
+            if done:
+                self._take_back()
+            raise
+
+    def _take_back(self) -> None:
+        """Cut the file back to its last whole record (the shipper reads only whole lines, so it has not
+        read the part); when that fails too, rotate, leaving the part as the last line of a finished
+        file, which the shipper drops as it does a killed process's."""
+        try:
+            os.ftruncate(self._fd, self._size)
+        except OSError as exc:
+            log.warning("could not cut a partly written served record off the spool: %s", exc)
+            self._rotate()
 
     def _drop(self, why: str) -> None:
         self.dropped += 1
@@ -248,13 +281,13 @@ class Shipper:
         self._failed = False
         for path in sorted(self.spool.dir.glob(f"*{SUFFIX}")):
             if path == own:
-                sent, rest, _ = self._ship_file(path)
+                sent, rest, _ = self._ship_file(path, finished=False)
             else:
                 fd = self._adopt(path)
                 if fd is None:  # a live process's: its own shipper ships it
                     continue
                 try:
-                    sent, rest, done = self._ship_file(path)
+                    sent, rest, done = self._ship_file(path, finished=True)
                     if done:
                         _remove(path)
                 finally:
@@ -277,8 +310,10 @@ class Shipper:
         os.close(fd)
         return None
 
-    def _ship_file(self, path: Path) -> tuple[int, int, bool]:
-        """Ship ``path`` from its checkpoint: (records acknowledged, bytes left, whether it is all shipped)."""
+    def _ship_file(self, path: Path, finished: bool) -> tuple[int, int, bool]:
+        """Ship ``path`` from its checkpoint: (records acknowledged, bytes left, whether it is all shipped).
+        ``finished``: no process writes it any more (adopted), so a last line without its newline will
+        never be completed."""
         start = _checkpoint(path)
         try:
             with open(path, "rb") as fh:
@@ -316,6 +351,16 @@ class Shipper:
                 return shipped, max(0, _size(path) - start - advanced), False
             pos = cut
         size = _size(path)
+        if finished and end < len(data) and start + len(data) >= size:
+            # Its writer was killed inside the write (a write of several pages can stop part way): the
+            # record cannot be parsed, and waiting for the rest would keep the file (and backlog) for ever.
+            SERVED_DROPPED.inc()
+            log.warning(
+                "served record its writer left unfinished dropped: %d bytes at the end of %s",
+                len(data) - end,
+                path.name,
+            )
+            return shipped, 0, True
         return shipped, max(0, size - start - end), start + end >= size
 
     def close(self, timeout_s: float = 5.0) -> None:
