@@ -19,10 +19,19 @@ never doubled) when it runs again; across a day boundary the song may be in two 
 
 The arrays are stored as raw little-endian float32 bytes with their shape (no list encoding,
 no compression: embeddings do not compress); the other columns are zstd-compressed.
+
+Lookups by song (:meth:`EmbeddingArchive.get_many`, ``vectors``, ``metadata``) sit on the feedback
+consumer's per-batch path (a like of an expired or unknown song), and the archive only grows, so
+they must not read every file. Each :class:`EmbeddingArchive` object keeps an index of which file
+holds which song: per file (known by inode, mtime and size, so a replaced file is read again), the
+sorted 64-bit BLAKE2b hashes of its song ids, read from the ``song_id`` column once. A lookup reads
+rows only from the files whose hashes match, and only the columns it returns. Memory: 8 bytes per
+archived song; a file that is gone (pruned) drops out at the next lookup.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -80,6 +89,8 @@ class EmbeddingArchive:
     def __init__(self, directory: str | Path, store_uid: int = 0) -> None:
         self.dir = Path(directory)
         self.store_uid = store_uid
+        #: Per file: (inode, mtime ns, size) when its ids were read, and their sorted hashes.
+        self._ids: dict[Path, tuple[tuple[int, int, int], np.ndarray]] = {}
 
     def write(
         self,
@@ -151,29 +162,79 @@ class EmbeddingArchive:
         return out
 
     def metadata(self, song_ids: Iterable[str]) -> dict[str, SongMeta]:
-        """The archived score-store fields of these songs (where archived)."""
-        wanted = pa.array(list(dict.fromkeys(song_ids)), type=pa.string())
-        out: dict[str, SongMeta] = {}
-        for path in self.files():
-            table = pq.read_table(path, columns=["song_id", "generator", "created_at", "model_version"])
-            for row in table.filter(pc.is_in(table.column("song_id"), value_set=wanted)).to_pylist():
-                out[row["song_id"]] = SongMeta(row["generator"], row["created_at"], row["model_version"])
-        return out
+        """The archived score-store fields of these songs (where archived; the latest archived)."""
+        rows = self._rows(song_ids, ["generator", "created_at", "model_version"])
+        return {s: SongMeta(r["generator"], r["created_at"], r["model_version"]) for s, r in rows.items()}
 
     def get_many(self, song_ids: Iterable[str]) -> dict[str, StoredEmbedding]:
         """The archived records of these songs (the latest archived, where one was archived twice)."""
-        wanted = pa.array(list(dict.fromkeys(song_ids)), type=pa.string())
-        out: dict[str, tuple[float, StoredEmbedding]] = {}
-        if not len(wanted):
+        return {s: _stored(r) for s, r in self._rows(song_ids, SCHEMA.names).items()}
+
+    def vectors(self, song_ids: Iterable[str]) -> dict[str, np.ndarray]:
+        """The archived records' ``vector`` of these songs, as :meth:`get_many` would give them, without
+        reading the layers (most of a row's bytes)."""
+        return {
+            s: np.frombuffer(r["vector"], dtype="<f4").astype(np.float32)
+            for s, r in self._rows(song_ids, ["vector"]).items()
+        }
+
+    def _rows(self, song_ids: Iterable[str], columns: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Each song's latest archived row (by ``expired_at``; the later file on a tie) with ``columns``,
+        read only from the files the index says may hold one of them."""
+        ids = list(dict.fromkeys(song_ids))
+        if not ids:
             return {}
+        wanted, value_set = _hashes(ids), pa.array(ids, type=pa.string())
+        needed = list(dict.fromkeys(["song_id", "expired_at", *columns]))
+        out: dict[str, dict[str, Any]] = {}
+        for path, hashes in self._indexed().items():
+            if not _holds_any(hashes, wanted):
+                continue
+            try:
+                table = self._read(path, needed)
+            except FileNotFoundError:  # pruned since the index saw it
+                continue
+            for row in table.filter(pc.is_in(table.column("song_id"), value_set=value_set)).to_pylist():
+                seen = out.get(row["song_id"])
+                if seen is None or seen["expired_at"] <= row["expired_at"]:
+                    out[row["song_id"]] = row
+        return out
+
+    def _indexed(self) -> dict[Path, np.ndarray]:
+        """Each archive file's sorted song-id hashes, reading the ids of the files new or replaced since
+        the last lookup; files gone since drop out."""
+        current: dict[Path, tuple[tuple[int, int, int], np.ndarray]] = {}
         for path in self.files():
-            table = pq.read_table(path)
-            table = table.filter(pc.is_in(table.column("song_id"), value_set=wanted))
-            for row in table.to_pylist():
-                stored = _stored(row)
-                if row["song_id"] not in out or out[row["song_id"]][0] <= row["expired_at"]:
-                    out[row["song_id"]] = (row["expired_at"], stored)
-        return {s: v for s, (_, v) in out.items()}
+            try:
+                st = path.stat()
+                stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+                known = self._ids.get(path)
+                if known is None or known[0] != stamp:
+                    known = (stamp, _hashes(self._read(path, ["song_id"]).column("song_id").to_pylist()))
+            except FileNotFoundError:  # pruned between the listing and here
+                continue
+            current[path] = known
+        self._ids = current
+        return {path: hashes for path, (_, hashes) in current.items()}
+
+    def _read(self, path: Path, columns: Sequence[str]) -> pa.Table:
+        """Every read of an archive file's rows goes through here (a seam the tests count reads at)."""
+        return pq.read_table(path, columns=list(columns))
+
+
+def _hashes(song_ids: Iterable[str]) -> np.ndarray:
+    """The song ids' 64-bit BLAKE2b hashes, sorted and unique: stable across processes (unlike ``hash``).
+    A collision only costs reading a file that turns out not to hold the song."""
+    digests = b"".join(hashlib.blake2b(s.encode(), digest_size=8).digest() for s in song_ids)
+    return np.unique(np.frombuffer(digests, dtype="<u8"))
+
+
+def _holds_any(hashes: np.ndarray, wanted: np.ndarray) -> bool:
+    """Whether the sorted ``hashes`` hold any of ``wanted``."""
+    if not len(hashes):
+        return False
+    at = np.minimum(np.searchsorted(hashes, wanted), len(hashes) - 1)
+    return bool(np.any(hashes[at] == wanted))
 
 
 def _stored(row: dict[str, Any]) -> StoredEmbedding:

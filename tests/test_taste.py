@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from indexes.redis_schema import RedisKeys
 from ranker import stores
 from ranker.events import Engagement
 from ranker.settings import Settings
+from tests.helpers import wait_for
 from tests.test_feedback import actual_counts, publish
 
 DIM = 16
@@ -239,3 +242,49 @@ def test_a_vector_longer_than_one_unpack_slice_is_summed_exactly(redis_settings:
     expected = a / np.linalg.norm(a) - 0.25 * b / np.linalg.norm(b)
     assert vec is not None and vec.shape == (4500,)
     assert np.allclose(vec, expected / np.linalg.norm(expected), atol=1e-6)
+
+
+def test_a_shard_that_appears_after_the_first_taste_event_moves_tastes(
+    redis_settings: Settings, tmp_path: Path
+) -> None:
+    """Workers scale out while the consumer runs: the new shard's songs must move tastes from a later batch
+    on (a like read without its vector is deduplicated, so lost for good)."""
+    shards = tmp_path / "shards"
+    s = redis_settings.model_copy(
+        update={
+            "index": redis_settings.index.model_copy(update={"shards": [str(shards / "shard-*")]}),
+            "api": redis_settings.api.model_copy(update={"index_refresh_s": 0.1}),
+        }
+    )
+
+    def scored(shard: str, song: str, vector: np.ndarray) -> None:
+        with SqliteEmbeddingStore(shards / shard / STORE_FILE) as emb:
+            emb.put_many([EmbeddingRecord(song, "test-enc", np.ones((2, 4), np.float32), vector, 1, 1)])
+
+    scored("shard-0", "a", axis(0))
+    consumer = FeedbackConsumer(s, on_engagement=lambda ids: None)
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            consumer.run()
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    try:
+        with _open(s) as store:
+            send(s, [event("early", "a", "like", T0)])
+            wait_for("the first like's taste", lambda: store.taste(["early"])["early"].vector is not None)
+            scored("shard-1", "b", axis(1))  # a worker that joined after the consumer opened shard-0
+            time.sleep(0.2)  # past api.index_refresh_s: the next miss looks for shards again
+            send(s, [event("late", "b", "like", T0)])
+            wait_for("the second batch", lambda: consumer.stats.accepted == 2)
+            late = store.taste(["late"], now=T0.timestamp())["late"]
+    finally:
+        consumer.request_stop()
+        thread.join(timeout=60)
+    assert not thread.is_alive() and not errors, errors
+    assert consumer.stats.missing_vectors == 0
+    assert late.vector is not None and np.allclose(late.vector, axis(1), atol=1e-6)
