@@ -12,8 +12,10 @@ a check is not used: the index is built from the whole store instead.
 from scratch when the worker has written a snapshot of a different store (the
 store was replaced or restored) or when its watermark fell behind the deletions the
 store has pruned (retention: removals it would need are no longer recorded). Deletions
-in the store (takedown, retention) remove the vectors as the reader catches up. SQLite's
-WAL mode lets this reader run beside the worker's writes.
+in the store (takedown, retention) remove the vectors as the reader catches up. A store that is
+gone (its shard directory deleted) is dropped at the next refresh: its songs leave search and its
+files are closed. SQLite's WAL mode lets this reader run beside the worker's writes. The fan-out over
+several shards is :mod:`indexes.sharded_reader`'s.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,21 +31,15 @@ from indexes import snapshots
 from indexes.base import RemovedEmbedding, StoredEmbedding, faiss_id
 from indexes.faiss_config import AUTO, FaissIndexConfig
 from indexes.faiss_index import FaissVectorIndex
+from indexes.reader_status import NotLoaded, frozen
+from indexes.reader_status import ReaderStatus as ReaderStatus  # re-exported: what both readers report
 from indexes.reader_threads import ReadWriteLock, every
+from indexes.sharded_reader import ShardedIndexReader as ShardedIndexReader  # re-exported: it builds on this one
 from indexes.snapshots import STORE_FILE
 from indexes.sqlite_embeddings import SqliteEmbeddingStore
 from indexes.vector_mean import mean_direction, vector_sum
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ReaderStatus:
-    ready: bool
-    vectors: int
-    watermark: int
-    source: str  # "snapshot", "store" or "none"
-    reason: str | None
 
 
 class IndexReader:
@@ -92,8 +87,7 @@ class IndexReader:
     def _load(self) -> ReaderStatus:
         store_path = self.directory / STORE_FILE
         if not store_path.exists():
-            with self._lock:
-                self._reason = f"no embedding store at {store_path}"
+            self._drop(f"no embedding store at {store_path}")
             return self.status()
         store = SqliteEmbeddingStore(store_path)
         try:
@@ -120,6 +114,20 @@ class IndexReader:
         status = self.status()
         log.info("index reader: %d vectors (%s) from %s", status.vectors, status.source, self.directory)
         return status
+
+    def _drop(self, reason: str) -> None:
+        """Hold nothing: a deleted store's songs leave search, and its files (deleted) are no longer held
+        open. Swapped out under the write lock, so no search still reads the store closed after it."""
+        with self._lock:
+            old, n = self._store, self._index.ntotal if self._index is not None else 0
+            if old is not None:
+                self._store, self._index, self._sum = None, None, None
+                self._watermark, self._store_uid, self._source = 0, 0, "none"
+                self.sum_generation += 1
+            self._reason = reason
+        if old is not None:
+            old.close()
+            log.warning("index reader: %s; its %d vectors left search", reason, n)
 
     def _open(self, store: SqliteEmbeddingStore) -> tuple[FaissVectorIndex | None, int, str, str | None]:
         loaded, why = snapshots.load_snapshot(self.directory, store, self._config)
@@ -185,7 +193,7 @@ class IndexReader:
         return len(batch)
 
     def refresh(self) -> int:
-        """Apply new store records; reload when there is no store yet or it was replaced."""
+        """Apply new store records; reload when there is no store yet or it was replaced, drop all when it is gone."""
         with self._loading:
             return self._refresh()
 
@@ -246,7 +254,7 @@ class IndexReader:
         generation = self.sum_generation  # read first: a change after it only makes the next call recompute
         cached, direction = self._direction
         if cached != generation:
-            direction = _frozen(mean_direction([self.vector_sum()]))
+            direction = frozen(mean_direction([self.vector_sum()]))
             self._direction = (generation, direction)
         return direction
 
@@ -313,7 +321,7 @@ class IndexReader:
         try:
             store = self._store
             if store is None or self._index is None:
-                raise LookupError("the index is not loaded")
+                raise NotLoaded("the index is not loaded")
             stored = store.get(song_id)
         finally:
             self._lock.release_read()
@@ -325,155 +333,13 @@ class IndexReader:
         try:
             store, index = self._store, self._index
             if store is None or index is None:
-                raise LookupError("the index is not loaded")
+                raise NotLoaded("the index is not loaded")
             sims, keys = index.search(vector, k)
             hits = [(int(key), float(sim)) for key, sim in zip(keys[0], sims[0], strict=True) if key >= 0]
             names = store.song_ids_for_keys(key for key, _ in hits)
         finally:
             self._lock.release_read()
         return [(names[key], sim) for key, sim in hits if key in names]
-
-
-class ShardedIndexReader:
-    """Similar-song search over several workers' index shards: ask each, keep the k best.
-
-    Each worker owns one index directory and Kafka gives every song to one worker, so a song
-    lives in exactly one shard; its vector is looked up there and searched in all of them.
-
-    With ``discover`` (the shard directories a glob finds now), shards that appear later (a
-    worker scaled out) join at every refresh, without a restart. A new shard joins once its
-    reader has loaded a store, so a worker that has not written yet never makes the reader
-    (and /readyz) not ready. The reader list is replaced, never changed in place: a search
-    running meanwhile finishes over the list it started with.
-    """
-
-    def __init__(self, readers: Sequence[IndexReader], *, discover: Callable[[], Sequence[Path]] | None = None) -> None:
-        if not readers:
-            raise ValueError("a sharded reader needs at least one shard")
-        self.readers = list(readers)
-        self._direction: tuple[tuple[int, ...], np.ndarray | None] = ((), None)  # (the shards' generations, it)
-        self._discover = discover
-        self._joining = threading.Lock()  # one discovery at a time (the refresh thread and POST /v1/index/reload)
-        self._every_s: float | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def discover(self) -> list[Path]:
-        """Open readers for shard directories that appeared since; the directories that joined."""
-        if self._discover is None:
-            return []
-        with self._joining:
-            known = {r.directory for r in self.readers}
-            first = self.readers[0]
-            added: list[IndexReader] = []
-            for directory in self._discover():
-                if directory in known:
-                    continue
-                reader = IndexReader(directory, first.factory, expected_size=first.expected_size, nprobe=first.nprobe)
-                if reader.load().ready:
-                    added.append(reader)
-                else:  # no store there yet: looked for again at the next refresh
-                    reader.close()
-            if added:
-                self.readers = [*self.readers, *added]
-                log.info("index reader: %d new shards joined: %s", len(added), [str(r.directory) for r in added])
-                if self._every_s is not None:
-                    for r in added:
-                        r.start(self._every_s)
-            return [r.directory for r in added]
-
-    def load(self) -> ReaderStatus:
-        for r in self.readers:
-            r.load()
-        self.discover()
-        return self.status()
-
-    def refresh(self) -> int:
-        self.discover()
-        return sum(r.refresh() for r in self.readers)
-
-    def start(self, every_s: float) -> None:
-        """Each shard refreshes on its own thread; with ``discover``, one more looks for new shards."""
-        if self._every_s is not None:
-            return
-        self._every_s = every_s
-        for r in self.readers:
-            r.start(every_s)
-        if self._discover is None:
-            return
-
-        self._thread = every(every_s, self._stop, self.discover, "index-shards")
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        with self._joining:
-            for r in self.readers:
-                r.close()
-
-    def status(self) -> ReaderStatus:
-        parts = [r.status() for r in self.readers]
-        reasons = [f"{r.directory}: {p.reason}" for r, p in zip(self.readers, parts, strict=True) if p.reason]
-        return ReaderStatus(
-            ready=all(p.ready for p in parts),
-            vectors=sum(p.vectors for p in parts),
-            watermark=min(p.watermark for p in parts),
-            source=",".join(sorted({p.source for p in parts})),
-            reason="; ".join(reasons) or None,
-        )
-
-    @property
-    def ready(self) -> bool:
-        return self.status().ready
-
-    def vectors(self, song_ids: Sequence[str], keys: Sequence[int] | None = None) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
-        key_of = dict(zip(song_ids, keys, strict=True)) if keys is not None else {}
-        for r in self.readers:
-            todo = [s for s in song_ids if s not in out]
-            out.update(r.vectors(todo, [key_of[s] for s in todo] if keys is not None else None))
-        return {s: out[s] for s in song_ids if s in out}
-
-    def mean_direction(self) -> np.ndarray | None:
-        """:meth:`IndexReader.mean_direction` over every shard's vectors (recomputed when a shard's sum moved)."""
-        generation = tuple(r.sum_generation for r in self.readers)
-        cached, direction = self._direction
-        if cached != generation:
-            direction = _frozen(mean_direction([r.vector_sum() for r in self.readers]))
-            self._direction = (generation, direction)
-        return direction
-
-    def vector_matrix(self, keys: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`IndexReader.vector_matrix` over the shards (a song lives in one; the first found wins)."""
-        asked = np.asarray(keys, dtype=np.int64)
-        found = np.zeros(len(asked), np.bool_)
-        matrix = np.zeros((len(asked), 0), np.float32)
-        for r in self.readers:
-            todo = np.flatnonzero(~found)
-            if not len(todo):
-                break
-            got, rows = r.vector_matrix(asked[todo])
-            if not got.any():
-                continue
-            if matrix.shape[1] != rows.shape[1]:
-                if matrix.shape[1]:  # shards of another dimension: keep the first one's
-                    continue
-                matrix = np.zeros((len(asked), rows.shape[1]), np.float32)
-            matrix[todo[got]] = rows[got]
-            found[todo[got]] = True
-        return found, matrix
-
-    def similar(self, song_id: str, k: int) -> list[tuple[str, float]]:
-        vector = next((v for r in self.readers if (v := r.vector_of(song_id)) is not None), None)
-        if vector is None:
-            raise KeyError(song_id)
-        best: dict[str, float] = {}  # a song found in several shards (re-ingested elsewhere) counts once
-        for reader in self.readers:
-            for hit, sim in reader.search(vector, k + 1):
-                if hit != song_id and (hit not in best or sim > best[hit]):
-                    best[hit] = sim
-        return sorted(best.items(), key=lambda h: -h[1])[:k]
 
 
 def open_index_reader(
@@ -490,10 +356,3 @@ def open_index_reader(
         return IndexReader(directories[0], factory, expected_size=expected_size, nprobe=nprobe)
     readers = [IndexReader(d, factory, expected_size=expected_size, nprobe=nprobe) for d in directories]
     return ShardedIndexReader(readers, discover=discover)
-
-
-def _frozen(array: np.ndarray | None) -> np.ndarray | None:
-    """``array``, read-only: one copy is handed to every caller."""
-    if array is not None:
-        array.flags.writeable = False
-    return array

@@ -24,7 +24,7 @@ from ranker.serving.filters import RequestFilters, TagMode
 from ranker.serving.policy import parse_tags, tags_match
 from ranker.serving.reader import FeedReader, TableNotReady
 from ranker.serving.state import TABLE_FIELDS, WRITE_FIELDS
-from ranker.serving.table import _TAG_SLACK, FeedOrder, SongTable
+from ranker.serving.table import _NAME_SLACK, _TAG_SLACK, FeedOrder, SongTable
 from ranker.serving.table_sync import TableSync
 from ranker.serving.writer import FeedWriter
 from ranker.settings import ApiSettings, Settings
@@ -174,6 +174,51 @@ def test_tag_sets_of_removed_songs_are_dropped_and_filters_stay_exact() -> None:
         check(frozenset({f"prompt-{n}-3"}), "any")  # a removed song's tag: none of the live songs has it
     assert seen > 4 * len(table.tag_sets)  # sets were dropped, not merely kept under a large bound
     assert len(table.tag_sets) == len(table._tag_code) == len(table._tags) + 1  # one each, and code 0 for none
+
+
+def test_generator_names_and_model_versions_of_removed_songs_are_dropped() -> None:
+    """A producer naming a build per song: the table keeps the names its songs have, not every name it has
+    seen, and every row still reads back its own generator and model, which generator filters select by."""
+    table = SongTable(["f"], capacity=8)
+    at_gen, at_model = TABLE_FIELDS.index("generator"), TABLE_FIELDS.index("model_version")
+
+    def fields(generator: str, model: str) -> list[str | None]:
+        row: list[str | None] = [repr(3.0)] * len(TABLE_FIELDS)
+        row[at_gen], row[at_model] = generator, model
+        return row
+
+    live: dict[str, tuple[str, str]] = {}
+
+    def write(songs: Mapping[str, tuple[str, str]]) -> None:
+        table.upsert(SongBatch.from_fields(list(songs), [fields(*v) for v in songs.values()]))
+        live.update(songs)
+
+    write({f"keep{i}": ("suno-v5" if i % 2 else "udio", "m1") for i in range(40)})  # songs that stay throughout
+    seen = 3
+    for n in range(24):  # each round's songs arrive with a generator and model of their own, then most leave
+        write({f"r{n}-{i}": (f"suno-build-{n}-{i}", f"m-{n}-{i}") for i in range(500)})
+        write({f"keep{n}": (f"renamed-{n}", f"m-re-{n}")})  # a song that stays changes generator: its old is dead
+        seen += 501
+        gone = [f"r{n}-{i}" for i in range(0 if n % 2 else 20, 500)]
+        if n % 2:  # leave through a takedown, or through the change log (scores gone)
+            table.remove(gone)
+        else:
+            table.upsert(SongBatch.from_fields(gone, [[None] * len(TABLE_FIELDS)] * len(gone)))
+        for song_id in gone:
+            del live[song_id]
+        bound = 2 * len(live) + _NAME_SLACK + 1
+        assert len(table.generator_names) <= bound and len(table.model_names) <= bound, (n, len(live))
+        ids = sorted(live)
+        got = table.batch(table.rows(ids))
+        assert got.generators == [live[i][0] for i in ids]
+        models = [table.model_names[c] for c in table.model[table.rows(ids)].tolist()]
+        assert models == [live[i][1] for i in ids]
+        for wanted in (("udio",), ("suno-v5", f"suno-build-{n}-7", f"renamed-{n}"), (f"suno-build-{n}-300",)):
+            mask = RequestFilters(generators=wanted).mask(table, table.rows(ids))
+            assert mask.tolist() == [live[i][0] in wanted for i in ids], wanted
+    assert seen > 4 * len(table.generator_names)  # names were dropped, not merely kept under a large bound
+    assert len(table._generator_code) == len(table.generator_names) and len(table._model_code) == len(table.model_names)
+    assert sum(table.models().get(m, (0, 0))[0] for m in {v[1] for v in live.values()}) == len(live)
 
 
 # -- the change log ---------------------------------------------------------------------------------

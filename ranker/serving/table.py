@@ -39,6 +39,8 @@ _TAG_MASKS = 256
 #: Tag sets the table may hold beyond twice its songs before it drops those no row has (each new
 #: free-form tags value is a set, and a removed song's stays until then).
 _TAG_SLACK = 1024
+#: The same for generator names and model versions (free text from the events, interned per row).
+_NAME_SLACK = 1024
 #: Above every song id (ids are ASCII: indexes.redis_schema.check_name), to bisect past a score's ties.
 _TOP = "\U0010ffff"
 
@@ -182,7 +184,7 @@ class SongTable:
         self.likes = np.zeros(capacity)
         self.created_ts = np.zeros(capacity)  # not capped at any clock: reads cap it at their now
         self.duration_s = np.full(capacity, np.nan)
-        self.generator = np.zeros(capacity, np.int32)
+        self.generator = np.zeros(capacity, np.int32)  # code into generator_names; -1: a freed row
         self.key = np.zeros(capacity, np.int64)  # faiss_id: the song's number in the vector index and in cursors
         self.generator_names: list[str] = []
         self._generator_code: dict[str, int] = {}
@@ -246,6 +248,7 @@ class SongTable:
             self.raw_tags[row] = None if tags is None else self._tags.setdefault(tags, tags)
             self.tag_code[row] = self._tag_set(tags)
         self._drop_dead_tags()
+        self._drop_dead_names()
 
     def remove(self, song_ids: Iterable[str]) -> int:
         """Drop these songs' rows (their feed entries are the feed orders' business); how many had one."""
@@ -259,9 +262,11 @@ class SongTable:
             self.raw_tags[row] = None
             self.tag_code[row] = 0  # a free row holds no tag set: _drop_dead_tags keeps the sets rows hold
             self.model[row] = -1
+            self.generator[row] = -1  # as for tags: _drop_dead_names keeps the names rows hold
             self._free.append(row)
             dropped += 1
         self._drop_dead_tags()
+        self._drop_dead_names()
         return dropped
 
     def set_feed(self, feed: str, order: FeedOrder) -> None:
@@ -310,22 +315,30 @@ class SongTable:
         sets = self.tag_sets
         if len(sets) <= 2 * len(self.row_of) + _TAG_SLACK:
             return
-        codes = self.tag_code[: self._end]  # free rows hold 0
-        used = np.zeros(len(sets), np.bool_)
-        used[codes] = True
-        used[0] = True  # no tags: always code 0
-        keep = np.flatnonzero(used)
-        renumber = np.zeros(len(sets), np.int32)
-        renumber[keep] = np.arange(len(keep), dtype=np.int32)
-        self.tag_code[: self._end] = renumber[codes]
+        keep = _compact(self.tag_code[: self._end], len(sets), always=0)  # free rows hold 0: no tags
         self.tag_sets = [sets[c] for c in keep.tolist()]
-        alive, new = used.tolist(), renumber.tolist()
-        self._tag_code = {raw: new[c] for raw, c in self._tag_code.items() if alive[c]}
+        new = dict(zip(keep.tolist(), range(len(keep)), strict=True))
+        self._tag_code = {raw: new[c] for raw, c in self._tag_code.items() if c in new}
         self._tags = {raw: value for raw, value in self._tags.items() if raw in self._tag_code}
         self._tag_masks = {key: mask[keep[: np.searchsorted(keep, len(mask))]] for key, mask in self._tag_masks.items()}
 
+    def _drop_dead_names(self) -> None:
+        """Forget the generator names and model versions no row holds, as :meth:`_drop_dead_tags` does tag sets.
+
+        Both are free text from the events (a producer may name a build per song), so without it every name
+        ever seen would stay until a restart. Rows keep their values: their codes are renumbered in order."""
+        bound = 2 * len(self.row_of) + _NAME_SLACK
+        if len(self.generator_names) > bound:
+            keep = _compact(self.generator[: self._end], len(self.generator_names)).tolist()
+            self.generator_names = [self.generator_names[c] for c in keep]
+            self._generator_code = {name: code for code, name in enumerate(self.generator_names)}
+        if len(self.model_names) > bound:
+            keep = _compact(self.model[: self._end], len(self.model_names)).tolist()
+            self.model_names = [self.model_names[c] for c in keep]
+            self._model_code = {name: code for code, name in enumerate(self.model_names)}
+
     def generator_codes(self, names: Iterable[str]) -> list[int]:
-        """The codes of those of ``names`` that some row has had (unknown names have none)."""
+        """The codes of those of ``names`` that some row holds, or held since the last drop (others have none)."""
         get = self._generator_code.get
         return [code for code in (get(name) for name in names) if code is not None]
 
@@ -437,6 +450,21 @@ class SongTable:
             self.untrained,
         )
         return int(sum(a.nbytes for a in arrays))
+
+
+def _compact(column: np.ndarray, count: int, *, always: int | None = None) -> np.ndarray:
+    """Renumber ``column`` (codes below ``count``; -1: a freed row, kept) in place to the codes it holds,
+    in order; the old codes kept, ascending (``always`` among them). One numpy pass over the rows."""
+    used = np.zeros(count + 1, np.bool_)  # one slot more: -1 indexes it, and renumbers to -1
+    used[column] = True
+    used[count] = False
+    if always is not None:
+        used[always] = True
+    keep = np.flatnonzero(used)
+    renumber = np.full(count + 1, -1, np.int32)
+    renumber[keep] = np.arange(len(keep), dtype=np.int32)
+    column[:] = renumber[column]
+    return keep
 
 
 def _code(name: str, codes: dict[str, int], names: list[str]) -> int:
