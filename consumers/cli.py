@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -115,9 +116,13 @@ def cmd_feedback(args: argparse.Namespace) -> int:
 
 def cmd_publish(args: argparse.Namespace) -> int:
     from consumers.publish import publish_catalog
+    from ranker.catalog import CatalogError
 
     s = _settings(args)
-    n = publish_catalog(s, Path(args.catalog), limit=args.limit)
+    try:
+        n = publish_catalog(s, Path(args.catalog), limit=args.limit)
+    except CatalogError as exc:  # the message names the file, columns or rows to fix
+        raise ConfigError(str(exc)) from exc
     print(f"published {n} events to {s.kafka.topics.songs_generated}")
     return 0
 
@@ -138,6 +143,8 @@ def cmd_report_arms(args: argparse.Namespace) -> int:
 def cmd_report_generators(args: argparse.Namespace) -> int:
     from consumers.generator_report import print_generators
 
+    if not (math.isfinite(args.window_h) and args.window_h > 0):
+        raise ConfigError(f"--window-h {args.window_h}: give a positive number of hours")
     return print_generators(_settings(args), args.window_h, args.json)
 
 
@@ -174,14 +181,16 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from consumers.retrain import parse_duration, run_every, run_once
+    from consumers.durations import parse_duration
+    from consumers.retrain import run_every, run_once
 
+    every_s = parse_duration(args.every, "--every") if args.every else None
     s = _settings(args)
-    if args.every:
+    if every_s is not None:
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
-        run_every(s, parse_duration(args.every), stop, progress=sys.stderr.isatty())
+        run_every(s, every_s, stop, progress=sys.stderr.isatty())
         return 0
     report = run_once(s, progress=sys.stderr.isatty())  # a bar per training epoch on a terminal
     print(json.dumps(report.to_dict(), indent=2, default=str))
@@ -341,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     retrain = add("retrain", cmd_retrain, "retrain the APEX head from engagement; promote it only if better")
-    retrain.add_argument("--every", metavar="DURATION", help="run on a schedule, e.g. 6h, 30m (default: once)")
+    retrain.add_argument("--every", metavar="DURATION", help="run on a schedule, e.g. 30m, 6h, 1d, 1w (default: once)")
 
     serve = add("serve", cmd_serve, "serve the feed/rank/similar HTTP API (settings: api.*)")
     serve.add_argument("--host", help="bind address (default api.host)")
@@ -391,20 +400,65 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _settings_errors() -> tuple[type[Exception], ...]:
+    """What building :class:`Settings` raises on a bad file or value. Called only once a command has
+    failed (an ``except`` clause evaluates it then), so that a command that succeeds loads no more."""
+    import tomllib
+
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    return (tomllib.TOMLDecodeError, ValidationError, SettingsError)
+
+
+def _settings_problem(exc: Exception) -> str | None:
+    """One line naming what to fix in the settings, or None when ``exc`` is not about the settings."""
+    import tomllib
+
+    from pydantic import ValidationError
+
+    if isinstance(exc, tomllib.TOMLDecodeError):
+        return f"settings file {os.environ.get('APEXRANK_CONFIG')}: {exc}"
+    if isinstance(exc, ValidationError):
+        if exc.title != "Settings":  # some other model's data: a bug to see whole, not a setting to fix
+            return None
+        # No input values: the value of a secret (a token, a URL's password) must not reach a log.
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors())
+        return f"invalid settings (APEXRANK_* variables or the --config file): {problems}"
+    cause = f": {exc.__cause__}" if exc.__cause__ else ""
+    return f'settings: {exc}{cause} (lists and tables are JSON in a variable, e.g. \'["a", "b"]\')'
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Refuse, before any work, a config file that is not there and a log level logging does not know."""
+    config = os.environ.get("APEXRANK_CONFIG")
+    if config and not Path(config).is_file():
+        raise ConfigError(f"{'--config' if args.config else 'APEXRANK_CONFIG'} {config}: no such file")
+    if args.log_level.upper() not in logging.getLevelNamesMapping():
+        raise ConfigError(f"--log-level {args.log_level!r}: give DEBUG, INFO, WARNING, ERROR or CRITICAL")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from consumers.logs import setup_logging
 
     args = build_parser().parse_args(argv)
     if args.config:
         os.environ["APEXRANK_CONFIG"] = args.config
-    setup_logging(args.log_level, args.log_format)
     try:
+        _check_options(args)
+        setup_logging(args.log_level, args.log_format)
         return int(args.fn(args))
     except ConfigError as exc:
         print(f"apexrank: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except _settings_errors() as exc:
+        problem = _settings_problem(exc)
+        if problem is None:
+            raise
+        print(f"apexrank: {problem}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

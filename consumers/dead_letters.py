@@ -33,14 +33,14 @@ import base64
 import binascii
 import hashlib
 import json
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from ranker.errors import ConfigError, InputError
+from consumers.durations import parse_since
+from ranker.errors import InputError
 
 if TYPE_CHECKING:
     from ranker.events import DeadLetter
@@ -53,27 +53,6 @@ TOPICS: dict[str, tuple[str, str]] = {
 }
 #: Example reasons shown per error code.
 EXAMPLES = 3
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
-
-
-def parse_since(text: str, now: datetime | None = None) -> datetime:
-    """``--since``: an RFC 3339 time with a timezone, or a duration back from ``now`` such as ``2h`` or ``3d``."""
-    now = now or datetime.now(UTC)
-    match = _DURATION.match(text)
-    if match:
-        return now - timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2).lower()])
-    try:
-        when = datetime.fromisoformat(text.strip())
-    except ValueError:
-        when = None
-    if when is None or when.tzinfo is None:
-        raise ConfigError(
-            f"--since {text!r}: give an RFC 3339 time with a timezone (2026-01-31T12:00:00Z) "
-            "or a duration back from now (30m, 2h, 3d, 1w)"
-        )
-    return when
 
 
 # -- reading ---------------------------------------------------------------------------

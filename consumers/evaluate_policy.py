@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -22,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from consumers.durations import parse_since
 from indexes.base import ScoreStore
 from ranker.errors import ConfigError
 from ranker.model.offpolicy import (
@@ -38,22 +38,8 @@ from ranker.serving.policy import Policy, calibration_scale
 from ranker.serving.state import WRITE_FIELDS
 from ranker.settings import Settings
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 #: Songs read from the score store per round trip.
 _READ_BATCH = 1000
-
-
-def parse_since(text: str, now: datetime) -> datetime:
-    """``--since``: an RFC 3339 time (naive: UTC) or a duration back from ``now`` (``90m``, ``24h``, ``7d``, ``2w``)."""
-    m = _DURATION.match(text)
-    if m:
-        return now - timedelta(seconds=float(m[1]) * _UNIT_S[m[2]])
-    try:
-        at = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ConfigError(f"--since {text!r}: give an RFC 3339 time or a duration like 24h or 7d") from None
-    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
 
 
 def feed_policy(settings: Settings, name: str) -> Policy:

@@ -326,6 +326,8 @@ def _follow_up(
 
 def run_every(settings: Settings, every_s: float, stop: threading.Event, progress: bool = False) -> None:
     """Retrain on a schedule until ``stop`` is set; a failed run is logged and retried next time."""
+    if not (math.isfinite(every_s) and every_s > 0):  # a zero wait would rerun a failing job back to back
+        raise ConfigError(f"retrain interval {every_s!r}s: give a positive duration")
     while not stop.is_set():
         started = time.monotonic()
         try:
@@ -336,13 +338,4 @@ def run_every(settings: Settings, every_s: float, stop: threading.Event, progres
         stop.wait(max(0.0, every_s - (time.monotonic() - started)))
 
 
-def parse_duration(text: str) -> float:
-    """``90s``, ``15m``, ``6h``, ``1d`` -> seconds."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    text = text.strip().lower()
-    if text and text[-1] in units:
-        return float(text[:-1]) * units[text[-1]]
-    return float(text)
-
-
-__all__ = ["STORE_FILE", "ShardEmbeddings", "gather", "parse_duration", "rescore_window", "run_every", "run_once"]
+__all__ = ["STORE_FILE", "ShardEmbeddings", "gather", "rescore_window", "run_every", "run_once"]

@@ -870,19 +870,33 @@ class Settings(BaseSettings):
         return self.model.offline or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
 
     def redacted(self) -> dict[str, Any]:
-        """The settings as plain data with secrets masked (for ``apexrank config show``)."""
+        """The settings as plain data with secrets masked (for ``apexrank config show``): secret fields
+        as pydantic masks them, and the password of every URL-valued setting, since any of them (the
+        Redis URL, a Pushgateway's, an audio host's) may carry credentials."""
         data = self.model_dump(mode="json")
-        url = self.redis.url.get_secret_value()
-        data["redis"]["url"] = _mask_url_password(url)
-        return data
+        data["redis"]["url"] = self.redis.url.get_secret_value()  # shown with its password masked below
+        return _mask_url_passwords(data)
+
+
+def _mask_url_passwords(data: Any) -> Any:
+    """``data`` (plain JSON data) with the password of every URL in it masked."""
+    if isinstance(data, dict):
+        return {key: _mask_url_passwords(value) for key, value in data.items()}
+    if isinstance(data, list):
+        return [_mask_url_passwords(value) for value in data]
+    return _mask_url_password(data) if isinstance(data, str) else data
 
 
 def _mask_url_password(url: str) -> str:
     from urllib.parse import urlsplit, urlunsplit
 
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":**********@")
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # not a URL (an unbalanced bracket, a bad port): nothing to mask
+        return url
+    if password:
+        netloc = parts.netloc.replace(f":{password}@", ":**********@")
         return urlunsplit(parts._replace(netloc=netloc))
     return url
 

@@ -22,12 +22,10 @@ import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 from consumers.cli import main
-from consumers.dead_letters import parse_since
 from consumers.feedback import FeedbackConsumer
 from consumers.kafka_io import ensure_topics
 from consumers.publish import publish_events
 from consumers.worker import Worker
-from ranker.errors import ConfigError
 from ranker.settings import AudioSettings, Settings
 from tests.helpers import AudioServer, audio_server, event, read_topic, settings_env
 
@@ -249,18 +247,6 @@ def test_an_absent_topic_reads_as_empty_and_is_not_created(
         admin.close()
     topics = settings.kafka.topics
     assert not existing & {topics.dead_letter, topics.engagement_dead_letter, topics.songs_generated}
-
-
-def test_since_is_rfc3339_or_a_duration_back_from_now() -> None:
-    now = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
-    assert parse_since("2h", now) == now - timedelta(hours=2)
-    assert parse_since("3d", now) == now - timedelta(days=3)
-    assert parse_since("90m", now) == now - timedelta(minutes=90)
-    assert parse_since("2026-01-31T12:00:00Z", now) == datetime(2026, 1, 31, 12, tzinfo=UTC)
-    assert parse_since("2026-01-31T13:00:00+01:00", now) == datetime(2026, 1, 31, 12, tzinfo=UTC)
-    for bad in ("yesterday", "2026-01-31T12:00:00", "2x", ""):
-        with pytest.raises(ConfigError, match="RFC 3339"):
-            parse_since(bad, now)
 
 
 #: Runs ``apexrank ARGS`` and writes to stderr which of these modules it had imported at exit.

@@ -12,11 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from consumers.cli import main
-from consumers.evaluate_policy import parse_since
 from indexes.base import ScoreStore, SongRecord
 from indexes.engagement_log import EngagementLog
 from indexes.served_log import ServedLog, impressions
-from ranker.errors import ConfigError
 from ranker.settings import Settings
 from tests.test_cli_startup import env_for
 
@@ -161,14 +159,3 @@ def test_bad_options_are_refused(cli_env: Settings, capsys: pytest.CaptureFixtur
         main(["evaluate-policy", "--policy", "cold-start", "--since", "1d", "--impressions", str(tmp_path / "x")]) == 2
     )
     assert "no such file" in capsys.readouterr().err
-
-
-def test_since_takes_a_time_or_a_duration() -> None:
-    now = datetime(2026, 6, 2, 12, 0, tzinfo=UTC)
-    assert parse_since("24h", now) == datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
-    assert parse_since("1.5d", now) == datetime(2026, 6, 1, 0, 0, tzinfo=UTC)
-    assert parse_since("90m", now) == datetime(2026, 6, 2, 10, 30, tzinfo=UTC)
-    assert parse_since("2026-06-01T10:00:00+02:00", now) == datetime(2026, 6, 1, 8, 0, tzinfo=UTC)
-    assert parse_since("2026-06-01T10:00:00", now) == datetime(2026, 6, 1, 10, 0, tzinfo=UTC)
-    with pytest.raises(ConfigError):
-        parse_since("7 days", now)
