@@ -225,6 +225,38 @@ def test_async_client_times_out_and_gives_up() -> None:
         served.stop()
 
 
+class _PacedAsync(AsyncApexRankClient):
+    """An AsyncApexRankClient that records the waits between its attempts instead of taking them."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.waits: list[float] = []
+
+    async def _pause(self, delay_s: float) -> None:
+        self.waits.append(delay_s)
+
+
+def test_async_client_waits_what_retry_after_asks_up_to_its_cap() -> None:
+    """As the sync client: 503 Retry-After: 3, then 429 Retry-After: 60 (capped at 10 s), then the
+    events' 503 Retry-After: 5 (test_client.busy_app)."""
+    calls: list[str] = []
+    served = Served(test_client.busy_app(calls), free_port()).start()
+
+    async def run() -> None:
+        async with _PacedAsync(served.url, retries=3, backoff_s=0.01) as client:
+            assert (await client.feed("x")).items == []
+            assert calls == ["feed"] * 3 and client.waits == [3.0, 10.0]
+            client.waits.clear()
+            got = await client.send_events([{"event_id": "e-1", "song_id": "s", "user_id": "u", "type": "play"}])
+            assert calls[3:] == ["events"] * 2 and client.waits == [5.0]
+            assert [r.status for r in got.results] == ["accepted"]
+
+    try:
+        asyncio.run(run())
+    finally:
+        served.stop()
+
+
 # -- connection sharing ---------------------------------------------------------------------------------
 class _CountingServer(CountingHTTPServer):
     """Counts the TCP connections it accepts and the requests it serves; the next ``fail_next``

@@ -6,17 +6,18 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from consumers.stack import free_port
 from indexes import RedisScoreStore, RedisStoreConfig
 from ranker.serving.api import create_app
-from ranker.serving.client import ApexRankClient, ApexRankError
+from ranker.serving.client import ApexRankClient, ApexRankError, AsyncApexRankClient
 from ranker.serving.writer import FeedWriter
 from ranker.settings import Settings
 from tests.test_api import DIM, add_vectors, unit
@@ -179,5 +180,104 @@ def test_client_times_out_and_gives_up() -> None:
             client._request("GET", "/slow")
         assert err.value.status == 0 and err.value.code == "unreachable"
         assert len(calls) == 2 and time.monotonic() - t0 < 3.0
+    finally:
+        served.stop()
+
+
+class Paced(ApexRankClient):
+    """An ApexRankClient that records the waits between its attempts instead of taking them."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.waits: list[float] = []
+
+    def _pause(self, delay_s: float) -> None:
+        self.waits.append(delay_s)
+
+
+def busy_app(calls: list[str]) -> FastAPI:
+    """A feed answering 503 with Retry-After: 3, then 429 with Retry-After: 60, then a page; and an events
+    endpoint failing its first batch with the API's 503 (Retry-After: 5) and accepting the next."""
+    app = FastAPI()
+
+    @app.get("/v1/feeds/{feed}")
+    async def feed(feed: str) -> JSONResponse:
+        calls.append("feed")
+        busy = {1: (503, "3"), 2: (429, "60")}.get(calls.count("feed"))
+        if busy:
+            return JSONResponse({"error": "busy", "message": ""}, status_code=busy[0], headers={"Retry-After": busy[1]})
+        return JSONResponse({"feed": feed, "items": [], "next_cursor": None})
+
+    @app.post("/v1/events")
+    async def events(request: Request) -> JSONResponse:
+        calls.append("events")
+        sent = (await request.json())["events"]
+        first = calls.count("events") == 1
+        results = [
+            {"index": n, "event_id": e["event_id"], "status": "failed" if first else "accepted"}
+            for n, e in enumerate(sent)
+        ]
+        if first:
+            return JSONResponse(
+                {"results": results, "error": "events_not_published"}, status_code=503, headers={"Retry-After": "5"}
+            )
+        return JSONResponse({"results": results}, status_code=202)
+
+    return app
+
+
+def test_client_waits_what_retry_after_asks_up_to_its_cap() -> None:
+    """The API's 503s ask for a wait (events: 5 s); retrying sooner meets the same outage. A 429 is
+    retried too, its Retry-After capped at max_retry_after_s (10 s)."""
+    calls: list[str] = []
+    served = Served(busy_app(calls), free_port()).start()
+    try:
+        with Paced(served.url, retries=3, backoff_s=0.01) as client:
+            assert client.feed("x").items == []
+            assert calls == ["feed"] * 3
+            assert client.waits == [3.0, 10.0]  # not the 10-20 ms backoff
+            client.waits.clear()
+            got = client.send_events([{"event_id": "e-1", "song_id": "s", "user_id": "u", "type": "play"}])
+            assert calls[3:] == ["events"] * 2 and client.waits == [5.0]
+            assert [r.status for r in got.results] == ["accepted"]
+        with Paced(served.url, retries=1, backoff_s=0.01, max_retry_after_s=0.5) as client:
+            calls.clear()
+            with pytest.raises(ApexRankError) as err:
+                client.feed("x")
+            assert err.value.status == 429 and client.waits == [0.5]  # 3 s asked, 0.5 s allowed
+    finally:
+        served.stop()
+
+
+def test_song_ids_of_dots_reach_their_own_song(settings: Settings) -> None:
+    """ "." and ".." are valid song ids, and a URL's dot segments collapse: song("..") asked for /v1
+    and similar(".") for /v1/songs/similar, the song named "similar". Sent escaped, they are these songs."""
+    ids = [".", "..", "similar", "a..b", "s:1"]
+    rng = np.random.default_rng(2)
+    vectors = {sid: rng.standard_normal(DIM) for sid in ids}
+    s = with_feeds(settings, {"f": plain(half_life_hours=None)}, calibrate=False)
+    store = RedisScoreStore(RedisStoreConfig(url=s.redis.url.get_secret_value(), key_prefix=s.redis.key_prefix))
+    FeedWriter(s, store).on_scored([record(sid, likes=10 + n) for n, sid in enumerate(ids)], now=NOW)
+    store.close()
+    add_vectors(s, vectors)
+    served = Served(create_app(s), free_port()).start()
+
+    def nearest(song_id: str) -> list[str]:
+        stored = {sid: unit(v).astype(np.float64) for sid, v in vectors.items()}
+        return sorted((sid for sid in ids if sid != song_id), key=lambda sid: -float(stored[sid] @ stored[song_id]))
+
+    async def async_answers() -> list[tuple[float, list[str]]]:
+        async with AsyncApexRankClient(served.url, timeout_s=5) as client:
+            return [
+                ((await client.song(sid))["scores"]["likes"], [x.song_id for x in await client.similar(sid, k=4)])
+                for sid in ids
+            ]
+
+    try:
+        with ApexRankClient(served.url, timeout_s=5) as client:
+            sync = [(client.song(sid)["scores"]["likes"], [x.song_id for x in client.similar(sid, k=4)]) for sid in ids]
+        want = [(10.0 + n, nearest(sid)) for n, sid in enumerate(ids)]
+        assert sync == want
+        assert asyncio.run(async_answers()) == want
     finally:
         served.stop()

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -263,6 +264,92 @@ def test_closing_the_api_producer_does_not_wait_on_a_connect_in_progress(setting
     assert not producer.publish("t", [(b"k", b"v")])[0].ok  # closed: nothing more is sent
 
 
+def test_publishes_waiting_on_a_failed_connection_attempt_fail_with_it(settings: Settings) -> None:
+    """Kafka unreachable: one connection attempt at a time (up to kafka.request_timeout_ms), and the
+    publishes queued behind it fail with its error instead of each making its own; they waited N
+    attempts in turn. Within the backoff after a failure a publish fails at once; after it, one tries again."""
+    kafka = down(settings).kafka.model_copy(update={"request_timeout_ms": 4000})
+    producer = ApiProducer(kafka, backoff_s=0)  # no window: only the publishes that waited share the failure
+    out: dict[int, list[Any]] = {}
+
+    def publish(i: int) -> None:
+        out[i] = producer.publish("t", [(b"k", b"v")] * (i + 1))
+
+    first = threading.Thread(target=publish, args=(0,))
+    first.start()
+    deadline = time.monotonic() + 5
+    while not producer._lock.locked() and time.monotonic() < deadline:  # the first attempt is under way
+        time.sleep(0.01)
+    assert producer._lock.locked()
+    waiting = [threading.Thread(target=publish, args=(i,)) for i in range(1, 6)]
+    for t in waiting:
+        t.start()
+    for t in [first, *waiting]:
+        t.join(60)
+    assert producer.attempts == 1
+    assert sorted(out) == list(range(6)) and [len(out[i]) for i in range(6)] == [1, 2, 3, 4, 5, 6]
+    errors = {d.error for deliveries in out.values() for d in deliveries}
+    assert len(errors) == 1 and not any(d.ok or d.permanent for ds in out.values() for d in ds)  # an outage
+    try:
+        producer.backoff_s = 60.0  # within the window after a failure: at once, with its error
+        assert producer.publish("t", [(b"k", b"v")]) == [out[0][0]] and producer.attempts == 1
+        producer.backoff_s = 0.0  # past it: a fresh attempt
+        again = producer.publish("t", [(b"k", b"v")])
+        assert producer.attempts == 2 and not again[0].ok
+    finally:
+        producer.close()
+
+
+def test_concurrent_event_posts_and_a_takedown_during_an_outage_share_one_connection_attempt(
+    settings: Settings,
+) -> None:
+    """Through the API: requests needing Kafka while it is unreachable all answer 503 after the one
+    attempt in progress (events failed, the takedown event_not_published), not one attempt each in turn."""
+    admin = {"Authorization": "Bearer adm"}
+    s = down(with_events(settings, admin_tokens=[SecretStr("adm")], served_log=False))
+    s = s.model_copy(update={"kafka": s.kafka.model_copy(update={"request_timeout_ms": 4000})})
+    app = create_app(s)
+    producer: ApiProducer = app.state.producer
+    server = Served(app, free_port()).start()
+    answers: dict[str, httpx.Response] = {}
+
+    def post(name: str) -> None:
+        body = {"events": [ev("song.o", "play", f"o-{name}"), ev("song.o", "clap", f"bad-{name}")]}
+        answers[name] = httpx.post(f"{server.url}/v1/events", json=body, headers=AUTH, timeout=120)
+
+    def takedown() -> None:
+        answers["takedown"] = httpx.delete(f"{server.url}/v1/songs/song.o", headers=admin, timeout=120)
+
+    try:
+        first = threading.Thread(target=post, args=("first",))
+        first.start()
+        deadline = time.monotonic() + 10
+        while not producer._lock.locked() and time.monotonic() < deadline:  # connecting for the first post
+            time.sleep(0.01)
+        assert producer._lock.locked()
+        later = [threading.Thread(target=post, args=(f"p{i}",)) for i in range(3)] + [threading.Thread(target=takedown)]
+        for t in later:
+            t.start()
+        for t in [first, *later]:
+            t.join(120)
+    finally:
+        server.stop()
+    assert producer.attempts == 1
+    assert sorted(answers) == ["first", "p0", "p1", "p2", "takedown"]
+    assert answers["takedown"].status_code == 503 and answers["takedown"].json()["error"] == "event_not_published"
+    messages = set()
+    for name in ("first", "p0", "p1", "p2"):
+        r = answers[name]
+        assert r.status_code == 503 and r.headers["retry-after"] == "5"
+        results = r.json()["results"]
+        assert [(x["status"], x["error"]["code"]) for x in results] == [
+            ("failed", "not_published"),
+            ("rejected", "invalid_schema"),
+        ]
+        messages.add(results[0]["error"]["message"])
+    assert len(messages) == 1  # the one attempt's error
+
+
 # -- the clients ----------------------------------------------------------------------------------------
 @pytest.fixture
 def served(settings: Settings) -> Iterator[tuple[Served, Settings]]:
@@ -318,6 +405,27 @@ def test_the_clients_give_up_with_each_event_failed_when_kafka_stays_down(settin
             ]
     finally:
         server.stop()
+
+
+def test_send_events_waits_for_the_servers_answer_past_the_read_timeout(settings: Settings) -> None:
+    """Kafka unreachable answers after kafka.request_timeout_ms (30 s by default, 4 s here), beyond the
+    clients' 2 s read timeout: send_events waits events_timeout_s (40 s) for the per-event answer, so an
+    invalid event comes back rejected, not failed (which a caller would send again), as it would after
+    giving up with no answer."""
+    s = down(with_events(settings))
+    s = s.model_copy(update={"kafka": s.kafka.model_copy(update={"request_timeout_ms": 4000})})
+    server = Served(create_app(s), free_port()).start()
+    batch = [ev("song.t", "play", "t-1"), ev("song.t", "bad", "t-2")]
+    try:
+        with ApexRankClient(server.url, token=TOKEN, retries=0) as client, pytest.raises(EventsNotPublished) as err:
+            client.send_events(batch)  # the default timeouts: 2 s, and 40 s for events
+    finally:
+        server.stop()
+    assert (err.value.status, err.value.code) == (503, "events_not_published")
+    assert [(r.status, r.code) for r in err.value.result.results] == [
+        ("failed", "not_published"),
+        ("rejected", "invalid_schema"),
+    ]
 
 
 def partly_failing_app(seen: list[list[str]]) -> FastAPI:

@@ -1,11 +1,14 @@
 """Small typed clients for recommender backends: ``ApexRankClient(base_url, token=...)`` (blocking)
 and ``AsyncApexRankClient`` (asyncio), with the same methods, models and retry policy.
 
-Every call has a timeout. Connection errors, timeouts and 500/502/503/504 answers
-are retried with exponential backoff and jitter (the reads are safe to repeat, and so are
-events: the server counts an ``event_id`` once); any other error status raises
-:class:`ApexRankError` at once, with the server's error code and message. ``send_events``
-sends again only the events not yet in (those a 503 reports failed, or all after no answer).
+Every call has a timeout. Connection errors, timeouts and 429/500/502/503/504 answers
+are retried with exponential backoff and jitter, or after the answer's Retry-After (up to
+``max_retry_after_s``): the reads are safe to repeat, and so are events, since the server
+counts an ``event_id`` once. Any other error status raises :class:`ApexRankError` at once, with
+the server's error code and message. ``send_events`` sends again only the events not yet in
+(those a 503 reports failed, or all after no answer); it waits ``events_timeout_s`` for an
+answer, longer than the server takes to give up on Kafka, since only an answer tells the
+events it rejects from those to send again.
 
 Everything but I/O is shared: the endpoint functions below build a :class:`Call` (method, path,
 query, body and how to parse a 2xx body into the models), and :meth:`_ClientCore._settle` decides
@@ -20,8 +23,11 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from urllib.parse import quote
 
 import httpx
 
@@ -37,7 +43,12 @@ if TYPE_CHECKING:  # the client does not load pydantic: an Engagement is sent by
     from ranker.events import Engagement
 
 
-RETRY_STATUSES = frozenset({500, 502, 503, 504})
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+#: Statuses whose Retry-After is honoured (the API's events and table_loading 503s ask 5 s and 1 s).
+RETRY_AFTER_STATUSES = frozenset({429, 503})
+#: Seconds ``send_events`` waits for an answer: above the server's default kafka.request_timeout_ms
+#: (30 s), after which it answers a Kafka outage with per-event results (rejected apart from failed).
+EVENTS_TIMEOUT_S = 40.0
 #: Failures without an answer (refused, reset, timed out...); retried like a 5xx.
 TRANSIENT_ERRORS = (httpx.TransportError, httpx.TimeoutException)
 
@@ -129,14 +140,21 @@ def _rank_call(
     )
 
 
+def _segment(song_id: str) -> str:
+    """``song_id`` as one path segment: percent-escaped, and "." and ".." as %2E and %2E%2E, which
+    URL normalisation would otherwise collapse ("/v1/songs/.." is "/v1")."""
+    escaped = quote(song_id, safe="")
+    return escaped.replace(".", "%2E") if escaped in (".", "..") else escaped
+
+
 def _song_call(song_id: str) -> Call[dict[str, Any]]:
-    return Call("GET", f"/v1/songs/{song_id}", _as_is)
+    return Call("GET", f"/v1/songs/{_segment(song_id)}", _as_is)
 
 
 def _similar_call(song_id: str, k: int) -> Call[list[SimilarSong]]:
     return Call(
         "GET",
-        f"/v1/songs/{song_id}/similar",
+        f"/v1/songs/{_segment(song_id)}/similar",
         lambda data: [SimilarSong(i["song_id"], float(i["similarity"])) for i in data["items"]],
         params={"k": k},
     )
@@ -161,6 +179,20 @@ def _json_or_none(response: httpx.Response) -> Any:
         return None
 
 
+def _retry_after_s(response: httpx.Response) -> float | None:
+    """The answer's Retry-After (delta-seconds or an HTTP-date) in seconds; None if absent or unreadable."""
+    value = response.headers.get("retry-after", "").strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # an HTTP-date is GMT
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - time.time())
+
+
 def _error(response: httpx.Response) -> ApexRankError:
     try:
         body = response.json()
@@ -172,18 +204,42 @@ def _error(response: httpx.Response) -> ApexRankError:
 class _ClientCore:
     """Configuration and the retry policy shared by both clients."""
 
-    def __init__(self, *, token: str | None, timeout_s: float, retries: int, backoff_s: float, max_backoff_s: float):
-        if retries < 0 or timeout_s <= 0 or backoff_s < 0:
-            raise ValueError("retries must be >= 0, timeout_s > 0 and backoff_s >= 0")
+    def __init__(
+        self,
+        *,
+        token: str | None,
+        timeout_s: float,
+        events_timeout_s: float,
+        retries: int,
+        backoff_s: float,
+        max_backoff_s: float,
+        max_retry_after_s: float,
+    ):
+        if retries < 0 or timeout_s <= 0 or events_timeout_s <= 0 or backoff_s < 0 or max_retry_after_s < 0:
+            raise ValueError(
+                "retries must be >= 0, timeout_s and events_timeout_s > 0, backoff_s and max_retry_after_s >= 0"
+            )
         self.retries = retries
+        self.events_timeout_s = events_timeout_s
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
+        self.max_retry_after_s = max_retry_after_s
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     def _backoff(self, attempt: int) -> float:
         """``backoff_s · 2^attempt``, capped at ``max_backoff_s``, jittered to 50-100%."""
         delay = min(self.max_backoff_s, self.backoff_s * 2**attempt)
         return delay * (0.5 + random.random() / 2)
+
+    def _retry(self, attempt: int, outcome: httpx.Response | Exception) -> Backoff:
+        """The wait before the next attempt: the backoff, or at least what a 429/503's Retry-After
+        asks, up to ``max_retry_after_s`` (sooner would meet the same outage)."""
+        delay = self._backoff(attempt)
+        if isinstance(outcome, httpx.Response) and outcome.status_code in RETRY_AFTER_STATUSES:
+            asked = _retry_after_s(outcome)
+            if asked is not None:
+                delay = max(delay, min(asked, self.max_retry_after_s))
+        return Backoff(delay)
 
     def _settle(self, call: Call[T], attempt: int, outcome: httpx.Response | Exception) -> T | Backoff:
         """What attempt ``attempt`` (0 first) of ``call`` came to: its result, a :class:`Backoff`
@@ -195,14 +251,15 @@ class _ClientCore:
             return call.parse(outcome.json())
         elif outcome.status_code not in RETRY_STATUSES or attempt >= self.retries:
             raise _error(outcome)
-        return Backoff(self._backoff(attempt))
+        return self._retry(attempt, outcome)
 
     def _settle_events(
         self, rounds: EventRounds, attempt: int, outcome: httpx.Response | Exception
     ) -> EventsResult | Backoff:
         """As :meth:`_settle`, for a round of ``send_events``: an answer with per-event results is
         merged, and only its failed events go again; after no answer (or a 5xx without results) the
-        same events go again, safe since the server counts an event_id once."""
+        same events go again, safe since the server counts an event_id once. Events never answered
+        for end ``failed`` with code ``unreachable``: the server never said, so some may be invalid."""
         if isinstance(outcome, Exception):
             status, code, message = 0, "unreachable", f"POST {EVENTS_PATH}: {outcome!r}"
         else:
@@ -218,7 +275,7 @@ class _ClientCore:
                 raise EventsNotPublished(status, code, message, rounds.outcome(code, message))
         if attempt >= self.retries:
             raise EventsNotPublished(status, code, message, rounds.outcome(code, message))
-        return Backoff(self._backoff(attempt))
+        return self._retry(attempt, outcome)
 
 
 # -- the blocking transport ------------------------------------------------------------------------
@@ -231,13 +288,21 @@ class ApexRankClient(_ClientCore):
         *,
         token: str | None = None,
         timeout_s: float = 2.0,
+        events_timeout_s: float = EVENTS_TIMEOUT_S,
         retries: int = 3,
         backoff_s: float = 0.05,
         max_backoff_s: float = 2.0,
+        max_retry_after_s: float = 10.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         super().__init__(
-            token=token, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s, max_backoff_s=max_backoff_s
+            token=token,
+            timeout_s=timeout_s,
+            events_timeout_s=events_timeout_s,
+            retries=retries,
+            backoff_s=backoff_s,
+            max_backoff_s=max_backoff_s,
+            max_retry_after_s=max_retry_after_s,
         )
         self._http = httpx.Client(base_url=base_url, headers=self._headers, timeout=timeout_s, transport=transport)
 
@@ -252,8 +317,12 @@ class ApexRankClient(_ClientCore):
             step = self._settle(call, attempt, outcome)
             if not isinstance(step, Backoff):
                 return step
-            time.sleep(step.delay_s)
+            self._pause(step.delay_s)
             attempt += 1
+
+    def _pause(self, delay_s: float) -> None:
+        """The wait before a retry (its own method so a test can see the waits without taking them)."""
+        time.sleep(delay_s)
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         return self._send(Call(method, path, _as_is, **kwargs))
@@ -323,13 +392,13 @@ class ApexRankClient(_ClientCore):
         while True:
             outcome: httpx.Response | Exception
             try:
-                outcome = self._http.request("POST", EVENTS_PATH, json=rounds.body())
+                outcome = self._http.request("POST", EVENTS_PATH, json=rounds.body(), timeout=self.events_timeout_s)
             except TRANSIENT_ERRORS as exc:
                 outcome = exc
             step = self._settle_events(rounds, attempt, outcome)
             if not isinstance(step, Backoff):
                 return step
-            time.sleep(step.delay_s)
+            self._pause(step.delay_s)
             attempt += 1
 
     def close(self) -> None:
@@ -356,13 +425,21 @@ class AsyncApexRankClient(_ClientCore):
         *,
         token: str | None = None,
         timeout_s: float = 2.0,
+        events_timeout_s: float = EVENTS_TIMEOUT_S,
         retries: int = 3,
         backoff_s: float = 0.05,
         max_backoff_s: float = 2.0,
+        max_retry_after_s: float = 10.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         super().__init__(
-            token=token, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s, max_backoff_s=max_backoff_s
+            token=token,
+            timeout_s=timeout_s,
+            events_timeout_s=events_timeout_s,
+            retries=retries,
+            backoff_s=backoff_s,
+            max_backoff_s=max_backoff_s,
+            max_retry_after_s=max_retry_after_s,
         )
         self._http = httpx.AsyncClient(base_url=base_url, headers=self._headers, timeout=timeout_s, transport=transport)
 
@@ -377,8 +454,12 @@ class AsyncApexRankClient(_ClientCore):
             step = self._settle(call, attempt, outcome)
             if not isinstance(step, Backoff):
                 return step
-            await asyncio.sleep(step.delay_s)
+            await self._pause(step.delay_s)
             attempt += 1
+
+    async def _pause(self, delay_s: float) -> None:
+        """The wait before a retry (its own method so a test can see the waits without taking them)."""
+        await asyncio.sleep(delay_s)
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         return await self._send(Call(method, path, _as_is, **kwargs))
@@ -449,13 +530,15 @@ class AsyncApexRankClient(_ClientCore):
         while True:
             outcome: httpx.Response | Exception
             try:
-                outcome = await self._http.request("POST", EVENTS_PATH, json=rounds.body())
+                outcome = await self._http.request(
+                    "POST", EVENTS_PATH, json=rounds.body(), timeout=self.events_timeout_s
+                )
             except TRANSIENT_ERRORS as exc:
                 outcome = exc
             step = self._settle_events(rounds, attempt, outcome)
             if not isinstance(step, Backoff):
                 return step
-            await asyncio.sleep(step.delay_s)
+            await self._pause(step.delay_s)
             attempt += 1
 
     async def close(self) -> None:

@@ -19,7 +19,9 @@ class EventResult:
 
     ``status``: ``accepted`` (Kafka acknowledged it), ``rejected`` (invalid, ``code`` and ``message``
     say why; sending it again cannot help), ``duplicate`` (its event_id came earlier in the call, at
-    ``duplicate_of``) or ``failed`` (not in after the retries: send it again later).
+    ``duplicate_of``) or ``failed`` (not in after the retries: send it again later). A ``failed``
+    with code ``unreachable`` was never answered for: it may be one the server would reject, which
+    sending it again tells (and counts it once if it did get in).
     """
 
     index: int

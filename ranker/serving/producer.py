@@ -8,6 +8,11 @@ flushed before :meth:`ApiProducer.publish` returns; with Kafka unreachable it re
 ``kafka.request_timeout_ms`` per step (connect, metadata, delivery), not kafka-python's 30 s
 bootstrap wait or 2 min delivery timeout. A record is acknowledged only when the broker said so;
 everything else is reported, never dropped in silence.
+
+Connecting is one attempt at a time. When one fails, the publishes that waited for it, and those
+that come within :data:`RECONNECT_BACKOFF_S` after it, fail at once with its error: during an
+outage each takedown, event post or served-log batch waits out at most about one attempt, not one
+per publish queued before it (they took the request threads with them).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +31,10 @@ log = logging.getLogger(__name__)
 
 #: A record to publish: (key, value). The key picks the partition (the song id, as the consumers do).
 Record = tuple[bytes | None, bytes]
+
+#: Seconds after a failed connection attempt in which publishes fail with its error instead of
+#: trying again; under the events' Retry-After (5 s), so a client's retry meets a fresh attempt.
+RECONNECT_BACKOFF_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,10 @@ class Delivery:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+class Unavailable(Exception):
+    """A recent connection attempt failed (the message is its error): this publish was not tried."""
 
 
 def _describe(exc: BaseException) -> str:
@@ -61,15 +75,18 @@ class ApiProducer:
     Sends and flushes run concurrently from many request threads (kafka-python's producer is
     thread safe); only connecting and creating topics take the lock. After an outage the
     producer is thrown away (kafka-python can be left in a fatal state) and the next publish
-    makes a fresh one.
+    makes a fresh one. ``attempts`` counts the connection attempts made (topic creation included).
     """
 
-    def __init__(self, kafka: KafkaSettings) -> None:
+    def __init__(self, kafka: KafkaSettings, *, backoff_s: float = RECONNECT_BACKOFF_S) -> None:
         self.kafka = kafka
         self.timeout_s = kafka.request_timeout_ms / 1000
+        self.backoff_s = backoff_s
+        self.attempts = 0
         self._lock = threading.Lock()
         self._producer: Any = None
         self._topics: set[str] = set()  # created (or found) for the current producer
+        self._failed: tuple[float, str] | None = None  # the last failed attempt: when it ended, its error
         self._closed = False
 
     def publish(self, topic: str, records: Sequence[Record]) -> list[Delivery]:
@@ -82,6 +99,8 @@ class ApiProducer:
             return []
         try:
             producer = self._connect(topic)
+        except Unavailable as exc:  # the failed attempt was logged; one line per attempt, not per publish
+            return [Delivery(str(exc))] * len(records)
         except Exception as exc:  # kafka-python raises several types while connecting; all mean "not sent"
             log.warning("Kafka producer unavailable for %s: %s", topic, _describe(exc))
             return [Delivery(_describe(exc))] * len(records)
@@ -118,33 +137,53 @@ class ApiProducer:
         return [d if d is not None else Delivery("not sent") for d in out]
 
     def _connect(self, topic: str) -> Any:
-        """The producer, made on first use, with ``topic`` created if missing (as configured)."""
+        """The producer, made on first use, with ``topic`` created if missing (as configured);
+        :class:`Unavailable` while a failed attempt is fresh (see the module's docstring)."""
+        asked = time.monotonic()
         with self._lock:
             if self._closed:
                 raise RuntimeError("the API's producer is closed")
-            if self._producer is None:
-                from kafka import KafkaProducer
+            if self._producer is not None and topic in self._topics:
+                return self._producer
+            if self._failed is not None:
+                ended, error = self._failed
+                # ended after this publish asked: it waited on that attempt, and another would fail alike
+                if ended >= asked or time.monotonic() - ended < self.backoff_s:
+                    raise Unavailable(error)
+            self.attempts += 1
+            try:
+                producer = self._attempt(topic)
+            except Exception as exc:
+                self._failed = (time.monotonic(), _describe(exc))
+                raise
+            self._failed = None
+            return producer
 
-                self._topics.clear()
-                self._producer = KafkaProducer(
-                    acks="all",
-                    retries=5,
-                    bootstrap_timeout_ms=self.kafka.request_timeout_ms,
-                    max_block_ms=self.kafka.request_timeout_ms,
-                    delivery_timeout_ms=self.kafka.request_timeout_ms,  # at least linger (0) + request timeout
-                    max_request_size=self.kafka.max_request_size,
-                    **self.kafka.client_kwargs(),
-                )
-                if self._closed:  # closed while this thread connected: nobody else will close this one
-                    made, self._producer = self._producer, None
-                    with contextlib.suppress(Exception):
-                        made.close(timeout=1)
-                    raise RuntimeError("the API's producer was closed while it connected")
-            if topic not in self._topics:
-                if self.kafka.auto_create_topics:
-                    self._ensure_topic(topic)
-                self._topics.add(topic)
-            return self._producer
+    def _attempt(self, topic: str) -> Any:
+        """Make the producer if there is none, and create ``topic`` if configured; under the lock."""
+        if self._producer is None:
+            from kafka import KafkaProducer
+
+            self._topics.clear()
+            self._producer = KafkaProducer(
+                acks="all",
+                retries=5,
+                bootstrap_timeout_ms=self.kafka.request_timeout_ms,
+                max_block_ms=self.kafka.request_timeout_ms,
+                delivery_timeout_ms=self.kafka.request_timeout_ms,  # at least linger (0) + request timeout
+                max_request_size=self.kafka.max_request_size,
+                **self.kafka.client_kwargs(),
+            )
+            if self._closed:  # closed while this thread connected: nobody else will close this one
+                made, self._producer = self._producer, None
+                with contextlib.suppress(Exception):
+                    made.close(timeout=1)
+                raise RuntimeError("the API's producer was closed while it connected")
+        if topic not in self._topics:
+            if self.kafka.auto_create_topics:
+                self._ensure_topic(topic)
+            self._topics.add(topic)
+        return self._producer
 
     def _ensure_topic(self, topic: str) -> None:
         from kafka import KafkaAdminClient
