@@ -518,8 +518,8 @@ def bench_rank_inprocess(
 ) -> dict[str, Any]:
     """``n`` calls of each path per explain setting, alternating which goes first; the body serialised
     as the API does (new: ``_json`` on the checked arrays, orjson when installed; reference: json.dumps)."""
-    from ranker.serving.api import _json
     from ranker.serving.reader import FeedReader
+    from ranker.serving.responses import json_response as _json
     from tests.reference_rank import reference_rank
 
     async def run() -> dict[str, Any]:
@@ -587,8 +587,8 @@ def bench_page_inprocess(settings: Settings, url: str, n: int, profile: str | No
     then ``_json`` too (the API served it so). Both with the index's vectors for the
     near-duplicate check and the page cache off; the same Thompson seed per call.
     """
-    from ranker.serving.api import _json
     from ranker.serving.reader import FeedReader
+    from ranker.serving.responses import json_response as _json
     from ranker.stores import index_reader
     from tests.reference_feed import ReferencePages
 

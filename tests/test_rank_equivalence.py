@@ -23,10 +23,10 @@ import pytest
 from indexes import RedisScoreStore
 from indexes.redis_schema import CALIBRATION_FIELDS
 from ranker.events import TASKS
-from ranker.serving.api import _first_non_finite
 from ranker.serving.batch import SongBatch, builtin_sum, evaluate
 from ranker.serving.policy import Policy
 from ranker.serving.reader import FeedReader
+from ranker.serving.responses import first_non_finite
 from ranker.serving.state import READ_FIELDS, WRITE_FIELDS, state_from_fields
 from ranker.settings import FeedFilters, Settings
 from tests.reference_rank import reference_rank
@@ -206,7 +206,7 @@ async def compare(reader: FeedReader, cases: list[tuple[list[str], Policy, bool,
         assert [i["song_id"] for i in got.body["items"]] == [i["song_id"] for i in want["items"]], label
         assert got.body["unknown"] == want["unknown"] and got.body["filtered"] == want["filtered"], label
         close(got.body, want, label)
-        assert got.non_finite == _first_non_finite(want["items"]), label
+        assert got.non_finite == first_non_finite(want["items"]), label
         tally["cases"] += 1
         tally["items"] += len(want["items"])
         tally["unknown"] += len(want["unknown"])

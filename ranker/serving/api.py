@@ -21,18 +21,15 @@ OpenAPI documents need no token.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-import orjson
 import redis.exceptions
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -59,6 +56,7 @@ from ranker.serving.ingest import events_router
 from ranker.serving.producer import ApiProducer
 from ranker.serving.reader import UNAVAILABLE, FeedReader, TableNotReady, UnknownFeedError
 from ranker.serving.requests import REQUEST_ID_HEADER, body_filters, check_user, new_request_id, query_filters
+from ranker.serving.responses import json_response
 from ranker.serving.takedown import publish_deleted, token_matches
 from ranker.settings import Settings, get_settings
 from ranker.stores import arm_store, index_reader, listener_store, score_store
@@ -73,42 +71,6 @@ MODEL_SONGS = Gauge(
     "Songs in this process's song table by the model version that scored them, and whether it was trained",
     ["model_version", "trained"],
 )
-
-
-# -- helpers -------------------------------------------------------------------------------------
-def _json(data: Any, status: int = 200, *, finite: bool = False, headers: dict[str, str] | None = None) -> Response:
-    """``data`` as compact JSON; ValueError if it holds a NaN or an infinity (JSON has neither).
-
-    orjson writes non-finite floats as null, so a body with a null in it is walked for them
-    (a NaN and a real null are told apart on ``data``; a body without one cannot hold a
-    non-finite number); ``finite=True``: the caller has checked. What orjson refuses
-    (integers beyond 64 bits, non-str keys, float subclasses) goes through json.dumps.
-    """
-    try:
-        body = orjson.dumps(data)
-    except TypeError:
-        body = json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
-    else:
-        if not finite and b"null" in body and _first_non_finite(data) is not None:
-            raise ValueError("Out of range float values are not JSON compliant")
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
-
-
-def _first_non_finite(data: Any, path: str = "") -> str | None:
-    """Where the first NaN or infinity in a JSON-like value is (``items.3.components.posterior_rate``)."""
-    if isinstance(data, float):
-        return None if math.isfinite(data) else path or "value"
-    if isinstance(data, Mapping):
-        items: Any = data.items()
-    elif isinstance(data, list | tuple):
-        items = enumerate(data)
-    else:
-        return None
-    for key, value in items:
-        found = _first_non_finite(value, f"{path}.{key}" if path else str(key))
-        if found is not None:
-            return found
-    return None
 
 
 class ApiError(HTTPException):
@@ -356,7 +318,7 @@ def create_app(
             body["arm"] = arm.name
         if page.listener_unavailable:  # served as the cold-start page (docs/ranking.md, "Personal feeds")
             body["listener_state"] = UNAVAILABLE
-        return _json(body, headers={REQUEST_ID_HEADER: rid})
+        return json_response(body, headers={REQUEST_ID_HEADER: rid})
 
     @app.post("/v1/rank", tags=["feeds"], dependencies=auth, response_model=RankOut, responses=ERRORS)
     async def rank(body: RankIn) -> Response:
@@ -410,7 +372,9 @@ def create_app(
             )
             served.record(record)
             extra = {"arm": arm.name} if arm is not None else {}
-            return _json({**ranked.body, **extra, "request_id": rid}, finite=True, headers={REQUEST_ID_HEADER: rid})
+            return json_response(
+                {**ranked.body, **extra, "request_id": rid}, finite=True, headers={REQUEST_ID_HEADER: rid}
+            )
         if not overrides:  # the configured feed's own policy: not the caller's doing
             raise ValueError(f"non-finite value at items.{where} from feed {policy.name!r}")
         raise ApiError(
@@ -429,7 +393,7 @@ def create_app(
         found = await reader().song(song_id)
         if found is None:
             raise ApiError(404, "unknown_song", f"no scored song {song_id!r}")
-        return _json(found)
+        return json_response(found)
 
     @app.get(
         "/v1/songs/{song_id}/similar",
@@ -446,7 +410,7 @@ def create_app(
             if isinstance(exc, KeyError):
                 raise ApiError(404, "unknown_song", f"song {song_id!r} is not in the index") from None
             raise ApiError(503, "index_unavailable", str(exc)) from None
-        return _json({"song_id": song_id, "items": [{"song_id": s, "similarity": sim} for s, sim in hits]})
+        return json_response({"song_id": song_id, "items": [{"song_id": s, "similarity": sim} for s, sim in hits]})
 
     @app.delete("/v1/songs/{song_id}", tags=["songs"], dependencies=[admin("takedown")], responses=ERRORS)
     async def delete_song(
@@ -480,7 +444,7 @@ def create_app(
             "reason": reason,
             "deleted_at": event.deleted_at.isoformat(),
         }
-        return _json(body, finite=True)
+        return json_response(body, finite=True)
 
     reload = Coalesced(index.load)  # a full reload costs a snapshot read and, briefly, two indexes
 
