@@ -34,6 +34,7 @@ keeps one row per (partition, offset): each message is one event.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import time
@@ -99,6 +100,8 @@ class OffsetLog:
         self.time_column = time_column
         self.dir.mkdir(parents=True, exist_ok=True)
         self._logged: dict[int, int] = {}
+        #: The topic id this instance last followed: another member may set the files aside for it.
+        self._topic_id: str | None = None
         self._next_prune = -float("inf")
         self._next_sweep = -float("inf")
         self.refresh()
@@ -106,7 +109,7 @@ class OffsetLog:
     def refresh(self) -> None:
         """Re-read the highest logged offset per partition from the (live) files on disk."""
         logged: dict[int, int] = {}
-        for path in self.dir.glob("day=*/*.parquet"):
+        for path in self._files():
             m = _NAME.match(path.name)
             if m and m["topic"] == self.topic and m["gen"] is None:
                 p, last = int(m["partition"]), int(m["last"])
@@ -121,22 +124,41 @@ class OffsetLog:
         """Record the broker's id of the topic (new each time the topic is created). When it differs from
         the one recorded, the topic was made again and its offsets start at 0: every partition's files
         become an earlier generation (:meth:`restart`). Read from disk each time, so the members of a
-        group sharing the directory set the files aside once. How many files were set aside."""
+        group sharing the directory set the files aside once; a member that finds the new id already
+        recorded re-reads its logged offsets, or it would skip the new records up to the old ones.
+        How many files were set aside."""
         path = self.dir / f".{self.topic}.topic-id"
         known = path.read_text().strip() if path.exists() else None
-        if known == topic_id:
-            return 0
         moved = 0
-        if known is not None:
-            for partition in sorted(self.live_partitions()):
-                moved += self.restart(partition)
-        replace_text(path, topic_id + "\n")
+        if known == topic_id:
+            if self._topic_id != topic_id:  # this instance's offsets may predate another member's restart
+                self.refresh()
+        else:
+            if known is not None:
+                for partition in sorted(self.live_partitions()):
+                    moved += self.restart(partition)
+            replace_text(path, topic_id + "\n")
+        self._topic_id = topic_id
         return moved
+
+    def _day_folders(self) -> list[Path]:
+        return [folder for folder in self.dir.glob("day=*") if folder.is_dir()]
+
+    def _files(self, pattern: str = "*.parquet") -> list[Path]:
+        """The day folders' files matching ``pattern``, as listed now. A folder that another member's
+        prune removes while this lists is skipped: ``Path.glob("day=*/...")`` raises on it (Python 3.11)."""
+        out: list[Path] = []
+        for folder in self._day_folders():
+            try:
+                out.extend(folder.glob(pattern))
+            except FileNotFoundError:
+                continue
+        return out
 
     def live_partitions(self) -> set[int]:
         """The partitions with live files on disk."""
         out: set[int] = set()
-        for path in self.dir.glob("day=*/*.parquet"):
+        for path in self._files():
             m = _NAME.match(path.name)
             if m and m["topic"] == self.topic and m["gen"] is None:
                 out.add(int(m["partition"]))
@@ -149,7 +171,7 @@ class OffsetLog:
         How many files were set aside."""
         files: list[Path] = []
         gens = [0]
-        for path in self.dir.glob("day=*/*.parquet"):
+        for path in self._files():
             m = _NAME.match(path.name)
             if m and m["topic"] == self.topic:
                 if m["gen"] is not None:
@@ -157,12 +179,17 @@ class OffsetLog:
                 elif int(m["partition"]) == partition:
                     files.append(path)
         gen = max(gens) + 1
+        moved: list[Path] = []
         for path in files:
-            os.replace(path, path.with_name(f"{path.stem}.g{gen}.parquet"))
-        for folder in {path.parent for path in files}:
+            try:
+                os.replace(path, path.with_name(f"{path.stem}.g{gen}.parquet"))
+            except FileNotFoundError:  # another member's restart or prune took it first
+                continue
+            moved.append(path)
+        for folder in {path.parent for path in moved}:
             fsync_dir(folder)
         self._logged.pop(partition, None)
-        return len(files)
+        return len(moved)
 
     def append_columns(self, columns: Mapping[str, Sequence[Any]]) -> int:
         """Log the rows not yet logged (offset above the partition's logged offset), given as columns:
@@ -226,7 +253,7 @@ class OffsetLog:
         folder from going. The members of a group share the folders and the topic, so only the age
         tells a leftover from another member's write in progress."""
         cutoff = time.time() - self.LEFTOVER_AFTER_S
-        for left in self.dir.glob(f"day=*/.*{_TMP}"):
+        for left in self._files(f".*{_TMP}"):
             m = _NAME.match(left.name[1 : -len(_TMP)])
             if m is None or m["topic"] != self.topic:
                 continue
@@ -250,13 +277,16 @@ class OffsetLog:
 
     def prune(self, before: datetime) -> int:
         """Delete this topic's files of days before ``before``'s (UTC) day, but never a partition's newest
-        live file (it records the logged offset), and the temporaries crashed writes left; empty day
-        folders go too. How many (log) files were deleted."""
+        live file (it records the logged offset), and the temporaries crashed writes left; those days'
+        folders go too once empty. Every member of the group prunes the shared directory, so a file or
+        folder another member deleted first, or a folder one of them just wrote to, is no error. How
+        many (log) files were deleted."""
         self._sweep_leftovers()
         cutoff = before.astimezone(UTC).date().isoformat()
         newest: dict[int, tuple[int, Path]] = {}
         files: list[tuple[str, int, Path]] = []
-        for path in self.dir.glob("day=*/*.parquet"):
+        folders = [f for f in self._day_folders() if f.name.removeprefix("day=") < cutoff]
+        for path in self._files():
             m = _NAME.match(path.name)
             if m and m["topic"] == self.topic:
                 partition, last = int(m["partition"]), int(m["last"])
@@ -267,11 +297,18 @@ class OffsetLog:
         removed = 0
         for day, _, path in files:
             if day < cutoff and path not in keep:
-                path.unlink(missing_ok=True)
+                try:
+                    path.unlink()
+                except FileNotFoundError:  # another member's prune took it first
+                    continue
                 removed += 1
-        for folder in self.dir.glob("day=*"):
-            if folder.is_dir() and not any(folder.iterdir()):
+        # Only the days pruned: a newer folder may be a writer's, made a moment before its first file.
+        for folder in folders:
+            try:
                 folder.rmdir()
+            except OSError as exc:  # not empty (a kept file, another member's write), or already gone
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                    raise
         return removed
 
     def read(self, days: Iterable[str] | None = None) -> pa.Table:
@@ -279,12 +316,17 @@ class OffsetLog:
         (partition, offset) order."""
         wanted = set(days) if days is not None else None
         tables = []
-        for path in sorted(self.dir.glob("day=*/*.parquet")):
+        for path in sorted(self._files()):
             day = path.parent.name.removeprefix("day=")
             if wanted is not None and day not in wanted:
                 continue
             if m := _NAME.match(path.name):
-                table = pq.read_table(path, schema=self.schema)
+                try:
+                    table = pq.read_table(path, schema=self.schema)
+                except FileNotFoundError:
+                    if path.exists():  # not this file's absence: a real fault
+                        raise
+                    continue  # a member's prune deleted it since the listing: past the retention anyway
                 gen = _LIVE if m["gen"] is None else int(m["gen"])
                 tables.append(table.append_column("_gen", pa.array(np.full(len(table), gen), pa.int64())))
         if not tables:

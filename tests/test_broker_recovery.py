@@ -219,3 +219,35 @@ def test_the_engagement_log_keeps_logging_after_the_broker_comes_back_empty(
     consume(after)
     logged = EngagementLog(s.engagement_log_dir, s.kafka.topics.engagement).read().column("event_id").to_pylist()
     assert sorted(logged) == sorted(e.event_id for e in before + after)
+
+
+def test_a_member_that_finds_the_new_topic_id_recorded_logs_the_new_records(tmp_path: Path) -> None:
+    """Members of the feedback group share the log's directory. The topic is made again (a new id,
+    offsets from 0): the first member to see it sets every partition's files aside and records the id.
+    The others find the id already recorded and must still forget the offsets they held (one that
+    followed the old id, one that never followed any), or they would skip the new records up to them."""
+    from datetime import UTC, datetime
+
+    from indexes.engagement_log import EngagementLog, LoggedEvent
+
+    ts = datetime.now(UTC)
+
+    def events(tag: str, partition: int, count: int) -> list[LoggedEvent]:
+        return [
+            LoggedEvent(f"{tag}{partition}-{o}", "s", "u", "play", ts, None, None, partition, o) for o in range(count)
+        ]
+
+    first, second = EngagementLog(tmp_path, "engagement"), EngagementLog(tmp_path, "engagement")
+    assert first.follow_topic("id-a") == 0 and second.follow_topic("id-a") == 0
+    assert first.append(events("a", 0, 300)) == 300 and second.append(events("a", 1, 300)) == 300
+    third = EngagementLog(tmp_path, "engagement")  # started before the topic was made again
+    assert third.logged_through(0) == 299
+    assert first.follow_topic("id-b") == 2  # both partitions' files set aside
+    assert second.follow_topic("id-b") == 0 and third.follow_topic("id-b") == 0  # already done
+    assert second.logged_through(1) == -1 and third.logged_through(0) == -1
+    assert second.append(events("b", 1, 500)) == 500  # new offsets below the old 299: none dropped
+    assert third.append(events("b", 0, 100)) == 100
+    assert second.follow_topic("id-b") == 0 and second.logged_through(1) == 499  # a later batch: as it was
+    logged = EngagementLog(tmp_path, "engagement").read().column("event_id").to_pylist()
+    expected = events("a", 0, 300) + events("a", 1, 300) + events("b", 1, 500) + events("b", 0, 100)
+    assert sorted(logged) == sorted(e.event_id for e in expected)

@@ -9,7 +9,7 @@ import asyncio
 import os
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ from consumers.feedback import FeedbackConsumer
 from consumers.retention import DAY_S, RetentionSweeper
 from indexes import EmbeddingArchive, EmbeddingRecord, ScoreStore, SongRecord, SqliteEmbeddingStore, message_marker
 from indexes.archive import SongMeta
-from indexes.engagement_log import EngagementLog, LoggedEvent
+from indexes.engagement_log import EngagementLog, LoggedEvent, OffsetLog
 from indexes.index_reader import IndexReader
 from indexes.redis_schema import EXPIRED_AT
 from ranker import stores
@@ -325,6 +325,61 @@ def test_the_engagement_log_drops_old_days_but_keeps_each_partitions_last_file(t
     fresh = EngagementLog(tmp_path / "eng", "engagement")
     assert fresh.logged_through(0) == 4 and fresh.logged_through(1) == 0  # a replay is still skipped
     assert sorted(fresh.read().column("offset").to_pylist()) == [0, 3, 4]
+
+
+def _forty_days_of_log(directory: Path) -> tuple[EngagementLog, datetime]:
+    """A log of 40 days, one file per day and partition (two partitions), as one member wrote it."""
+    log = EngagementLog(directory, "engagement")
+    start = datetime(2026, 5, 1, 12, tzinfo=UTC)
+    for day in range(40):
+        for partition in (0, 1):
+            ts = start + timedelta(days=day)
+            log.append([LoggedEvent(f"p{partition}-d{day}", "s", "u", "play", ts, None, None, partition, day)])
+    return log, start + timedelta(days=39)
+
+
+def test_a_read_skips_the_files_a_members_prune_deletes_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """retrain reads the whole log while a feedback member prunes it (hourly): a file listed but gone
+    before it is opened is skipped, the rest read. Forced: the member prunes right after the listing."""
+    member, last = _forty_days_of_log(tmp_path)
+    reader = EngagementLog(tmp_path, "engagement")
+    listed: list[int] = []
+
+    def list_then_prune(pattern: str = "*.parquet") -> list[Path]:
+        files = OffsetLog._files(reader, pattern)
+        listed.append(len(files))
+        assert member.prune(last - timedelta(days=9)) == 60  # 30 days of two partitions, after the listing
+        return files
+
+    monkeypatch.setattr(reader, "_files", list_then_prune)
+    ids = reader.read().column("event_id").to_pylist()
+    assert listed == [80]
+    assert sorted(ids) == sorted(f"p{p}-d{d}" for p in (0, 1) for d in range(30, 40))
+
+
+def test_two_members_pruning_one_directory_both_succeed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every member of the feedback group prunes the shared directory. One lists the files, the other
+    then prunes them all and the emptied day folders; the first's deletes find files and folders gone
+    (and a kept file's folder not empty): no error, each file counted once."""
+    second, last = _forty_days_of_log(tmp_path)
+    first = EngagementLog(tmp_path, "engagement")
+    cutoff = last - timedelta(days=9)
+    raced: list[int] = []
+
+    def list_then_race(pattern: str = "*.parquet") -> list[Path]:
+        files = OffsetLog._files(first, pattern)
+        if pattern == "*.parquet" and not raced:
+            raced.append(second.prune(cutoff))
+        return files
+
+    monkeypatch.setattr(first, "_files", list_then_race)
+    assert first.prune(cutoff) == 0 and raced == [60]  # the other member deleted them all first
+    days = sorted(p.name for p in tmp_path.glob("day=*"))
+    assert days == [f"day={(last - timedelta(days=d)).date().isoformat()}" for d in range(9, -1, -1)]
+    ids = EngagementLog(tmp_path, "engagement").read().column("event_id").to_pylist()
+    assert len(ids) == 20 and first.logged_through(0) == second.logged_through(1) == 39
 
 
 def test_retraining_finds_expired_songs_in_the_archive(settings: Settings) -> None:
