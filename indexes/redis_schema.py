@@ -55,8 +55,10 @@ Fields of a song hash:
   scores, so it is no rankable song (no feed entry, no row in the API's table).
 
 A write merges fields (HSET): a replay changes nothing, and fields written by other
-components into the same hash survive; a field dropped by a newer model stays until
-overwritten.
+components into the same hash survive. Only the model's optional fields
+(:data:`MODEL_OPTIONAL_FIELDS`, and those under :data:`MODEL_OPTIONAL_PREFIXES`) that the new
+record lacks are deleted, in the same step: a rescore under another model keeps none of the old
+one's flags, uncertainty or prior.
 
 Task names are data here (``indexes`` knows nothing of the model): a score field is any
 ``score.<name>``, and :func:`hydration_fields` takes the task names from its caller.
@@ -106,6 +108,12 @@ PRIOR_SD_FIELD = "prior.like_rate_sd"
 SPREAD_FIELD_PREFIX = "spread."
 OOD_PERCENTILE = "ood.pct"
 OOD_FLAG = "ood"
+#: What the model that scored a song writes only sometimes (per model: a target transform, an untrained
+#: head, an ensemble, an OOD model): a song's write deletes those its record lacks, or a rescore would
+#: keep the previous model's. The scores are always written (every task) and left alone, as is all else
+#: (the worker's extras, engagement, calibration claims, retention).
+MODEL_OPTIONAL_FIELDS: tuple[str, ...] = (PRIOR_FIELD, UNTRAINED, PRIOR_SD_FIELD, OOD_PERCENTILE, OOD_FLAG)
+MODEL_OPTIONAL_PREFIXES: tuple[str, ...] = (SPREAD_FIELD_PREFIX,)
 
 ENGAGEMENT_FIELD_PREFIX = "eng."
 ENGAGEMENT_COUNTERS = ("plays", "likes", "skips", "completes", "shares")

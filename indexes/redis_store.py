@@ -10,7 +10,8 @@ values of a record are stored under their own key (names that clash with the
 reserved fields or start with ``score.`` are refused), strings as-is and anything
 else JSON-encoded. A write merges fields (HSET): a replay changes nothing, and
 fields written by other components into the same hash (the engagement counters
-``eng.<counter>``, the calibration claims ``cal.*``) survive. A taken-down song (a tombstone,
+``eng.<counter>``, the calibration claims ``cal.*``) survive; only the model's optional fields
+the new record lacks are deleted, in the same script call (see the schema). A taken-down song (a tombstone,
 :mod:`indexes.redis_tombstones`) is never written again: a write racing its deletion is undone.
 """
 
@@ -18,9 +19,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -36,6 +37,8 @@ from indexes.redis_schema import (
     CALIBRATION_FIELDS,
     CHANGE_FEEDS,
     CHANGE_IDS,
+    MODEL_OPTIONAL_FIELDS,
+    MODEL_OPTIONAL_PREFIXES,
     RedisKeys,
     check_name,
     check_prefix,
@@ -43,6 +46,10 @@ from indexes.redis_schema import (
     parse_song,
     song_fields,
 )
+
+if TYPE_CHECKING:
+    from redis.client import Pipeline
+    from redis.cluster import ClusterPipeline
 
 # Counts what of one song the calibration totals hold, atomically, and returns the change:
 # concurrent callers for the same song never count it twice. KEYS[1] = song hash,
@@ -126,6 +133,10 @@ class RedisScoreStore(ScoreStore):
         return self._redis.register_script(_CLAIM_CALIBRATION_MANY)
 
     @cached_property
+    def _write_song_sha(self) -> str:
+        return str(self._redis.register_script(_WRITE_SONG).sha)
+
+    @cached_property
     def _hmget_many(self) -> Any:
         return self._redis.register_script(HMGET_MANY)
 
@@ -171,12 +182,12 @@ class RedisScoreStore(ScoreStore):
             members[song.song_id] = float(song.rank_score)
         if not prepared:
             return
-        pipe = self._redis.pipeline(transaction=False)
-        for key, fields in prepared:
-            pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
-            pipe.persist(key)  # a hash the engagement counters made (orphan_ttl_s) is a song's record now
-        pipe.zadd(feed_key, members)
-        tombstones.write_unless_tombstoned(self, pipe, list(members), [feed_key])
+
+        def queue(pipe: Pipeline | ClusterPipeline) -> None:
+            self._queue_songs(pipe, prepared)
+            pipe.zadd(feed_key, members)
+
+        self._write(queue, list(members), [feed_key])
         self._log_changes(members)
 
     def write_feed_entries(
@@ -211,23 +222,52 @@ class RedisScoreStore(ScoreStore):
                 ops.append((key, add, drop))
         if not prepared and not any(add or drop for _, add, drop in ops):
             return
-        pipe = self._redis.pipeline(transaction=False)
-        for key, fields in prepared:
-            pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
-            pipe.persist(key)  # a hash the engagement counters made (orphan_ttl_s) is a song's record now
-        for key, add, drop in ops:
-            if add:
-                pipe.zadd(key, add)
-            if drop:
-                pipe.zrem(key, *drop)
+
+        def queue(pipe: Pipeline | ClusterPipeline) -> None:
+            self._queue_songs(pipe, prepared)
+            for key, add, drop in ops:
+                if add:
+                    pipe.zadd(key, add)
+                if drop:
+                    pipe.zrem(key, *drop)
+
         written = dict.fromkeys(song.song_id for song in songs)
         for _, add, _ in ops:
             written.update(dict.fromkeys(add))
-        tombstones.write_unless_tombstoned(self, pipe, list(written), [key for key, add, _ in ops if add])
+        self._write(queue, list(written), [key for key, add, _ in ops if add])
         touched = dict.fromkeys(song.song_id for song in songs)
         for members in entries.values():
             touched.update(dict.fromkeys(members))
         self._log_changes(touched)
+
+    def _queue_songs(self, pipe: Pipeline | ClusterPipeline, prepared: Sequence[tuple[str, dict[str, str]]]) -> None:
+        """Queue one :data:`_WRITE_SONG` call per song hash (EVALSHA: the pipeline's own script loading
+        would cost a round trip per write)."""
+        prefixes = list(MODEL_OPTIONAL_PREFIXES)
+        for key, fields in prepared:
+            lacking = [name for name in MODEL_OPTIONAL_FIELDS if name not in fields]
+            pairs = [item for field in fields.items() for item in field]
+            pipe.evalsha(self._write_song_sha, 1, key, len(lacking), *lacking, len(prefixes), *prefixes, *pairs)
+
+    def _write(
+        self, queue: Callable[[Pipeline | ClusterPipeline], None], song_ids: list[str], zset_keys: list[str]
+    ) -> None:
+        """Run the write ``queue`` puts in a pipeline, undone for tombstoned songs
+        (:func:`indexes.redis_tombstones.write_unless_tombstoned`).
+
+        A node that lacks the song-write script answers NOSCRIPT (those calls never ran): the script is
+        loaded on every master and the whole write, idempotent, is sent again.
+        """
+        for attempt in range(2):
+            pipe = self._redis.pipeline(transaction=False)
+            queue(pipe)
+            try:
+                tombstones.write_unless_tombstoned(self, pipe, song_ids, zset_keys)
+                return
+            except redis.exceptions.NoScriptError:
+                if attempt:
+                    raise
+                self._redis.script_load(_WRITE_SONG)
 
     def claim_calibration(self, priors: Mapping[str, float]) -> tuple[float, float]:
         """Fold these songs' current plays and likes into the calibration totals.
@@ -450,6 +490,40 @@ class RedisScoreStore(ScoreStore):
     def client(self) -> SyncClient:
         """The underlying client (tests and benchmarks that seed or inspect raw keys)."""
         return self._redis
+
+
+# Writes one song's record, atomically (one key: one slot on a cluster): deletes the model's optional
+# fields the record lacks, HSETs its fields, and makes the hash persistent (one the engagement counters
+# made, with orphan_ttl_s, is a song's record now). KEYS[1] = the song hash; ARGV = n, the n optional
+# fields the record lacks, m, the m optional prefixes (a field under one goes unless the record has it),
+# then the record's field/value pairs. Returns how many fields it deleted.
+_WRITE_SONG = """
+local key = KEYS[1]
+local n = tonumber(ARGV[1])
+local m = tonumber(ARGV[n + 2])
+local first = n + m + 3
+local drop = {}
+for i = 2, n + 1 do drop[#drop + 1] = ARGV[i] end
+if m > 0 then
+  local new = {}
+  for i = first, #ARGV, 2 do new[ARGV[i]] = true end
+  for _, field in ipairs(redis.call('HKEYS', key)) do
+    if not new[field] then
+      for i = n + 3, n + m + 2 do
+        if string.sub(field, 1, #ARGV[i]) == ARGV[i] then
+          drop[#drop + 1] = field
+          break
+        end
+      end
+    end
+  end
+end
+local gone = 0
+if #drop > 0 then gone = redis.call('HDEL', key, unpack(drop)) end
+redis.call('HSET', key, unpack(ARGV, first))
+redis.call('PERSIST', key)
+return gone
+"""
 
 
 # KEYS = pairs (rebuilt key, feed key), all in one feed's slot; ARGV[i] = '1' if pair i was rebuilt

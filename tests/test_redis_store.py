@@ -3,11 +3,21 @@ writes also on the real Redis Cluster (``redis_store``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import redis
 
 from consumers.stack import free_port
 from indexes import RedisScoreStore, RedisStoreConfig, ScoreStore, SongRecord, open_score_store
+from indexes.redis_schema import (
+    MODEL_OPTIONAL_FIELDS,
+    OOD_FLAG,
+    PRIOR_FIELD,
+    PRIOR_SD_FIELD,
+    UNTRAINED,
+    song_fields,
+)
 from ranker.settings import Settings
 
 
@@ -60,6 +70,62 @@ def test_replay_is_idempotent_and_rescoring_moves_not_duplicates(redis_store: Re
     store.write_songs([song("s-0", 0.99)], "cold-start")
     assert store.feed_size("cold-start") == 5
     assert store.feed_page("cold-start", 0, 1) == [("s-0", 0.99)]
+
+
+def rescored(record: SongRecord, **extra: object) -> SongRecord:
+    """``record`` scored again by another model, whose record carries ``extra`` alone."""
+    return SongRecord(**{**record.__dict__, "model_version": "apex-2025.2", "extra": extra})
+
+
+WRITES: dict[str, Callable[[RedisScoreStore, SongRecord], None]] = {
+    "write_songs": lambda store, record: store.write_songs([record], "f"),
+    "write_feed_entries": lambda store, record: store.write_feed_entries([record], {"f": {record.song_id: 0.5}}),
+}
+
+
+@pytest.mark.parametrize("write", list(WRITES))
+def test_a_rescore_deletes_the_old_models_optional_fields_and_keeps_the_rest(
+    redis_store: RedisScoreStore, write: str
+) -> None:
+    store = redis_store  # one node, then Redis Cluster
+    model = {UNTRAINED: 1, OOD_FLAG: 1, "ood.pct": 99.5, PRIOR_FIELD: 0.02, PRIOR_SD_FIELD: 0.05}
+    model |= {"spread.likes": 0.1, "spread.retired_task": 0.2}
+    worker = {"tags": "lofi,chill", "duration_s": 30.0, "truncated": True, "n_segments": 2}
+    old = song("r.1", 0.5, **model, **worker)
+    WRITES[write](store, old)
+    others = {"eng.plays": "4", "eng.likes": "1", "eng.updated": "1760000000", "cal.likes": "1", "cal.expected": "0.08"}
+    store.client.hset(store.song_key("r.1"), mapping=others)
+    store.client.expire(store.song_key("r.1"), 600)  # as if the counters had come first (orphan_ttl_s)
+    # Another model with a single head, no OOD model and no target transform, which gives one spread.
+    new = rescored(old, **{"spread.likes": 0.3})
+    WRITES[write](store, new)
+    got = store.get_song("r.1")
+    assert got is not None and got["model_version"] == "apex-2025.2" and got["spread.likes"] == "0.3"
+    assert not set(got) & {*MODEL_OPTIONAL_FIELDS, "spread.retired_task"}
+    assert {k: got.get(k) for k in others} == others  # engagement and calibration claims: not the model's
+    assert store.client.ttl(store.song_key("r.1")) == -1  # a song's record now: no expiry
+    assert {k: got.get(k) for k in worker} == {
+        "tags": "lofi,chill",
+        "duration_s": "30.0",
+        "truncated": "true",
+        "n_segments": "2",
+    }
+    WRITES[write](store, new)  # a replay deletes nothing more
+    assert store.get_song("r.1") == got
+    WRITES[write](store, old)  # the old record again: every field it carries is written back
+    back = store.get_song("r.1")
+    assert back is not None and {k: back.get(k) for k in model} == {k: song_fields(old)[k] for k in model}
+
+
+def test_a_node_without_the_write_script_gets_it(redis_store: RedisScoreStore) -> None:
+    """NOSCRIPT (a restarted or failed-over node, SCRIPT FLUSH): the script is loaded and the write sent again."""
+    store = redis_store  # one node, then Redis Cluster
+    store.write_songs([song("n.1", 0.5, untrained=1)], "f")
+    store.client.script_flush()
+    store.write_feed_entries([rescored(song("n.1", 0.25))], {"f": {"n.1": 0.25}})
+    got = store.get_song("n.1")
+    assert got is not None and got["model_version"] == "apex-2025.2" and UNTRAINED not in got
+    assert store.feed_page("f", 0, 1) == [("n.1", 0.25)]
 
 
 def test_feed_is_best_first_and_pages(redis_store: RedisScoreStore) -> None:

@@ -17,9 +17,23 @@ from prometheus_client.parser import text_string_to_metric_families
 from consumers.publish import publish_events
 from consumers.worker import Worker
 from indexes import RedisScoreStore
-from indexes.redis_schema import UNTRAINED
+from indexes.base import SongRecord
+from indexes.redis_schema import (
+    MODEL_OPTIONAL_FIELDS,
+    OOD_FLAG,
+    OOD_PERCENTILE,
+    PRIOR_FIELD,
+    PRIOR_SD_FIELD,
+    RESERVED_FIELDS,
+    SCORE_FIELD_PREFIX,
+    SPREAD_FIELD_PREFIX,
+    UNTRAINED,
+)
+from ranker.events import TASKS
 from ranker.model.registry import promote
 from ranker.serving.api import create_app
+from ranker.serving.reader import FeedReader
+from ranker.serving.writer import write_scored
 from ranker.settings import Settings
 from tests.golden.paths import seeded_model
 from tests.helpers import event, read_topic, tone
@@ -90,3 +104,71 @@ def test_an_untrained_heads_scores_are_marked_everywhere_and_a_trained_heads_now
             for v, t in sorted([(seeded, False), (trained.version, True)])
         ]
         assert model_songs(client.get("/metrics").text) == {(seeded, "false"): 1.0, (trained.version, "true"): 1.0}
+
+
+def test_a_rescore_by_a_trained_head_keeps_none_of_the_untrained_heads_fields(
+    settings: Settings, store: RedisScoreStore, tmp_path: Path
+) -> None:
+    """The song's hash, GET /v1/songs and the API's table (followed through the change log) all lose the
+    untrained flag, the OOD flag and the spreads when a trained head without them scores the song again."""
+    audio = tmp_path / "raw.wav"
+    seeded = score_one(settings, "raw-1", audio)
+    # The seeded head has no ensemble and no OOD model: its record is given what they would write, through
+    # the worker's write, as are engagement counts (the feedback consumer's).
+    raw = store.get_song("raw-1")
+    assert raw is not None and raw[UNTRAINED] == "1"
+    extra: dict[str, Any] = {k: v for k, v in raw.items() if k not in RESERVED_FIELDS}
+    extra = {k: v for k, v in extra.items() if not k.startswith(SCORE_FIELD_PREFIX)}
+    extra |= {OOD_FLAG: 1, OOD_PERCENTILE: 99.5, PRIOR_SD_FIELD: 0.05, PRIOR_FIELD: 0.02}
+    extra |= {SPREAD_FIELD_PREFIX + t: 0.1 for t in TASKS}
+    scores = {t: float(raw[SCORE_FIELD_PREFIX + t]) for t in TASKS}
+    old = SongRecord(
+        "raw-1", seeded, scores, float(raw["rank_score"]), raw["generator"], raw["created_at"], raw["scored_at"], extra
+    )
+    write_scored(store, settings, [old])
+    store.client.hset(store.song_key("raw-1"), mapping={"eng.plays": "4", "eng.likes": "1"})
+    before = store.get_song("raw-1")
+    assert before is not None
+
+    with TestClient(create_app(settings)) as client:
+        reader: FeedReader = client.app.state.reader  # type: ignore[attr-defined]
+        feed = settings.feed.name
+
+        def served() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+            assert client.portal.call(reader.sync.caught_up, 10.0)  # type: ignore[union-attr]
+            table = reader.table
+            row = int(table.rows(["raw-1"])[0])
+            columns = {
+                "untrained": bool(table.untrained[row]),
+                "ood": bool(table.ood[row]),
+                "sd": float(table.prior_sd[row]),
+            }
+            (item,) = client.get(f"/v1/feeds/{feed}").json()["items"]
+            return client.get("/v1/songs/raw-1").json(), item, columns
+
+        song, item, columns = served()
+        assert song["untrained"] is True and song["like_rate"]["ood"] is True and song["like_rate"]["spread"] == 0.05
+        assert item["untrained"] is True and item["components"]["ood"] is True
+        assert columns == {"untrained": True, "ood": True, "sd": 0.05}
+
+        root = settings.head_dir.parent
+        trained = seeded_model(settings, 3)
+        promote(root, trained.save_versioned(root))
+        assert score_one(settings, "raw-1", audio) == trained.version  # the stored embedding, rescored
+
+        after = store.get_song("raw-1")
+        assert after is not None and after["model_version"] == trained.version
+        stale = {UNTRAINED, OOD_FLAG, OOD_PERCENTILE, PRIOR_SD_FIELD} | {SPREAD_FIELD_PREFIX + t for t in TASKS}
+        assert set(after) == set(before) - stale  # the rest is kept: eng.*, the worker's extras, the new prior
+        assert after["eng.plays"] == "4" and after[PRIOR_FIELD] != before[PRIOR_FIELD]
+        assert set(MODEL_OPTIONAL_FIELDS) & set(after) == {PRIOR_FIELD}  # the trained head has a target transform
+
+        song, item, columns = served()
+        assert song["model_version"] == trained.version and song["untrained"] is False
+        assert song["like_rate"]["ood"] is False and song["like_rate"]["spread"] is None
+        assert song["like_rate"]["ood_percentile"] is None and song["engagement"]["plays"] == 4
+        assert "untrained" not in item and "ood" not in item["components"] and "prior_sd" not in item["components"]
+        assert columns["untrained"] is False and columns["ood"] is False and columns["sd"] != columns["sd"]  # NaN
+        assert client.get("/readyz").json()["models"] == [
+            {"version": trained.version, "songs": 1, "trained": True, "untrained_songs": 0}
+        ]
