@@ -219,7 +219,8 @@ class ScoringPipeline:
 
         Returns the songs with layers; dead letters go into ``result``, and so does, as a transient
         failure the worker tries again later, a song the encoder had no device memory for (another
-        wave's load, not the song, is the likely cause).
+        wave's load, not the song, is the likely cause). A device fault raises
+        :class:`~ranker.errors.DeviceFault` instead: no song gets a letter for a broken device.
         """
         need = [p for p in songs if p.layers is None]
         if not need:

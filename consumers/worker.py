@@ -6,7 +6,10 @@ write (embedding store, FAISS index, Redis), publishes ``songs.scored`` and the 
 letters (flushed), and only then commits the offsets. A crash at any point replays the
 batch; every write is an upsert keyed by song_id, so a replay creates no second feed
 entry and no second vector. Infrastructure failures (Redis, Kafka, disk) are retried
-with backoff and nothing is committed until the batch's writes have landed. A song whose
+with backoff and nothing is committed until the batch's writes have landed. A device that
+failed for good (a sticky CUDA error: :func:`~ranker.scoring.is_device_fault`) stops the
+worker with the songs in hand uncommitted and not dead-lettered: it exits non-zero, and the
+restart, with a fresh device context, reads them again. A song whose
 audio fetch failed transiently goes to the retry topic, which the worker also consumes,
 and is tried again after a backoff (:mod:`consumers.retries`). Between batches the worker
 switches to a newly promoted head. After every rebalance it recreates missing topics and
@@ -68,7 +71,7 @@ from ranker.audio import check_file_policy
 from ranker.encoders import build_encoder
 from ranker.errors import ConfigError
 from ranker.model.registry import resolve_model_dir
-from ranker.scoring import load_current_model
+from ranker.scoring import is_device_fault, load_current_model
 from ranker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -245,6 +248,17 @@ class Worker:
                 self._run_pipelined(loop)
             else:
                 self._run_batches(loop)
+        except Exception as exc:
+            if is_device_fault(exc):
+                # Retried by the restart: the orchestrator's new process gets a fresh device context.
+                metrics.RETRIES.labels("device fault").inc()
+                log.critical(
+                    "the device failed (%s: %s); exiting with the songs in hand uncommitted: "
+                    "they are read again after the restart",
+                    type(exc).__name__,
+                    exc,
+                )
+            raise
         finally:
             takedowns.close()
             self.close(consumer, producer)
@@ -324,7 +338,7 @@ class Worker:
         again from the commit: the repeats supersede the songs in flight (no write is lost or doubled).
         """
         w = self.settings.worker
-        stages = StagedScoring(self.pipeline)
+        stages = StagedScoring(self.pipeline, retry=self._retry)
         drain_until: float | None = None
         try:
             while True:

@@ -28,7 +28,7 @@ from kafka.errors import CommitFailedError
 from kafka.structs import OffsetAndMetadata
 
 from consumers.loop import Message
-from consumers.pipeline import BatchResult, ScoringPipeline, _error_parts, _Pending, _try, is_older
+from consumers.pipeline import BatchResult, Retry, ScoringPipeline, _error_parts, _Pending, _try, is_older
 from ranker.audio import DecodedAudio, load_song
 from ranker.errors import InputError
 
@@ -147,6 +147,8 @@ class StagedScoring:
 
     pipeline: ScoringPipeline
     tracker: CommitTracker = field(default_factory=CommitTracker)
+    #: The worker's retry of infrastructure errors, around the store reads at admission (tests: none).
+    retry: Retry = field(default=lambda what, fn: fn())
 
     def __post_init__(self) -> None:
         w = self.pipeline.settings.worker
@@ -202,7 +204,8 @@ class StagedScoring:
             self._songs += 1
             self._order[id(p)] = self._admitted
             self._admitted += 1
-        stored = set(map(id, songs)) - set(map(id, self.pipeline.reuse_stored(songs)))
+        todo = self.retry("process", lambda: self.pipeline.reuse_stored(songs))
+        stored = set(map(id, songs)) - set(map(id, todo))
         for p in songs:
             if id(p) in stored:
                 self._ready.append(_Ready(p, now))

@@ -1,4 +1,4 @@
-"""Error codes for input that cannot be scored; each one names a dead-letter reason."""
+"""Error codes for input that cannot be scored (each names a dead-letter reason), and the errors that stop a process."""
 
 from __future__ import annotations
 
@@ -46,3 +46,12 @@ class InputError(Exception):
 
 class ConfigError(Exception):
     """The process cannot start with the settings it was given; the message says what to change."""
+
+
+class DeviceFault(Exception):
+    """The accelerator failed for good in this process (a sticky CUDA error: an illegal memory access,
+    a device-side assert, an ECC fault): every later call fails as well, whatever the song.
+
+    No song is at fault, so none gets a dead letter: the worker stops with the batch uncommitted and
+    exits non-zero, and the restart that redelivers the batch gets a fresh device context.
+    """

@@ -8,6 +8,8 @@ once, so a song gets the same embedding and the same record whichever path score
   (one song at a time when the batch fails, so a poison song fails alone), pooled per
   song and L2-normalised for the similarity index; a device out of memory is told apart
   (:attr:`EncodedSong.out_of_memory`): it passes, so the worker tries the song again later;
+  a device that failed for good (:func:`is_device_fault`) raises :class:`~ranker.errors.DeviceFault`:
+  no song is at fault, and the process must restart;
 * :func:`score_songs` (:func:`score_predictions` for outputs already at hand): head outputs
   to scores, the cold-start ``rank_score`` and the model's prior like rate, computed once and
   carried to the record, with what the model knows of their reliability where it has it (an
@@ -20,6 +22,7 @@ once, so a song gets the same embedding and the same record whichever path score
 from __future__ import annotations
 
 import logging
+import re
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +35,7 @@ import torch
 from indexes.base import SongRecord
 from indexes.redis_schema import OOD_FLAG, OOD_PERCENTILE, PRIOR_SD_FIELD, SPREAD_FIELD_PREFIX, UNTRAINED
 from ranker.encoders.base import Encoder, EncoderSpec, pool_song
+from ranker.errors import DeviceFault
 from ranker.events import TASKS, SongScored
 from ranker.model.artifact import Prediction, ScoringModel
 from ranker.model.registry import load_or_init
@@ -75,7 +79,34 @@ class EncodedSong:
     @property
     def out_of_memory(self) -> bool:
         """The encoder ran out of device memory: the song itself may be fine, and encode later."""
-        return isinstance(self.exception, torch.OutOfMemoryError)
+        return self.exception is not None and is_out_of_memory(self.exception)
+
+
+# Device memory failures torch raises as a plain RuntimeError or an AcceleratorError (cuBLAS and cuDNN
+# allocate their workspaces outside the caching allocator): transient, like torch.OutOfMemoryError.
+_OUT_OF_MEMORY = re.compile(
+    r"CUDA out of memory|CUDA error: out of memory|CUBLAS_STATUS_ALLOC_FAILED|CUDNN_STATUS_ALLOC_FAILED"
+    r"|MPS backend out of memory"
+)
+# Older torch raises a sticky CUDA error as a plain RuntimeError; only its message says so.
+_DEVICE_ERROR = re.compile(r"CUDA error|CUDA driver error|CUBLAS_STATUS_|CUDNN_STATUS_|cuDNN error|device-side assert")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """``exc`` says the device had no memory for the encode: a smaller or later one may pass."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and _OUT_OF_MEMORY.search(str(exc)) is not None
+
+
+def is_device_fault(exc: BaseException) -> bool:
+    """``exc`` is the device failing, not the input: an illegal memory access, a device-side assert or an
+    ECC fault leaves the CUDA context unusable, so every later call fails too (memory aside: transient)."""
+    if isinstance(exc, DeviceFault):
+        return True
+    if not isinstance(exc, RuntimeError) or is_out_of_memory(exc):
+        return False
+    return isinstance(exc, torch.AcceleratorError) or _DEVICE_ERROR.search(str(exc)) is not None
 
 
 def song_vector(encoder: Encoder, layers: np.ndarray) -> np.ndarray:
@@ -92,14 +123,16 @@ def encode_songs(encoder: Encoder, songs: Sequence[Sequence[np.ndarray]]) -> lis
     song is encoded again on its own: one bad song must not fail its batch mates, so only
     the songs that still raise get an error (``encoder failed: <type>``; the exception is
     kept). After a device out of memory the allocator's cache is freed first, and a song
-    that still runs out is marked :attr:`EncodedSong.out_of_memory`. A song whose features
-    are not finite gets :data:`NON_FINITE`. Returns one :class:`EncodedSong` per input song,
-    in order.
+    that still runs out is marked :attr:`EncodedSong.out_of_memory`. A device fault
+    (:func:`is_device_fault`) raises :class:`~ranker.errors.DeviceFault` at once: every
+    song would fail alike, through no fault of its own. A song whose features are not
+    finite gets :data:`NON_FINITE`. Returns one :class:`EncodedSong` per input song, in order.
     """
     segments = [seg for segs in songs for seg in segs]
     try:
         feats, frames = encoder.encode(segments)
     except Exception as exc:
+        _raise_device_fault(exc)
         log.exception("encoding %d songs together failed; retrying one song at a time", len(songs))
         _free_device_memory(exc)
         return [_encode_alone(encoder, segs) for segs in songs]
@@ -116,6 +149,7 @@ def _encode_alone(encoder: Encoder, segments: Sequence[np.ndarray]) -> EncodedSo
     try:
         feats, frames = encoder.encode(segments)
     except Exception as exc:
+        _raise_device_fault(exc)
         _free_device_memory(exc)
         # The type only: a message or repr may carry heap addresses or data into dead letters.
         return EncodedSong(len(segments), error=f"encoder failed: {type(exc).__name__}", exception=exc)
@@ -126,11 +160,16 @@ def _free_device_memory(exc: BaseException) -> None:
     """After a device out of memory, let go of what the failed encode held, so that the next,
     smaller one has room: its frames' tensors (the exception is kept, and logged, with them
     otherwise) and the allocator's cached blocks."""
-    if not isinstance(exc, torch.OutOfMemoryError):
+    if not is_out_of_memory(exc):
         return
     traceback.clear_frames(exc.__traceback__)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _raise_device_fault(exc: Exception) -> None:
+    if is_device_fault(exc):
+        raise DeviceFault(f"the encoder's device failed: {type(exc).__name__}: {exc}") from exc
 
 
 def _pooled(encoder: Encoder, feats: np.ndarray, frames: np.ndarray) -> EncodedSong:

@@ -72,11 +72,23 @@ def test_a_retry_waits_as_long_as_the_host_asked_up_to_the_longest_backoff(busy_
     error = _fetch_error(url)
     assert error.retry_after_s is None
     assert _not_before_s(policy, error, now) == pytest.approx(1.0, abs=0.002)
+    answers[:] = ["\u00b2"]  # unreadable (a superscript two): still a 503 retried after the backoff alone
+    error = _fetch_error(url)
+    assert error.retry_after_s is None
+    assert _not_before_s(policy, error, now) == pytest.approx(1.0, abs=0.002)
 
 
 @pytest.mark.parametrize(
     ("value", "seconds"),
-    [("0", 0.0), (" 12 ", 12.0), ("soon", None), (None, None), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0)],
+    [
+        ("0", 0.0),
+        (" 12 ", 12.0),
+        ("soon", None),
+        (None, None),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),
+        ("\u00b2", None),  # str.isdigit() says yes to a superscript two; float() does not
+        ("\u0661\u0662", None),  # Arabic-Indic digits: not delta-seconds either
+    ],
 )
 def test_retry_after_values(value: str | None, seconds: float | None) -> None:
     assert retry_after_s(value) == seconds  # a date in the past means now

@@ -407,6 +407,16 @@ def test_redirect_outside_the_allowlist_is_refused(server: str, port: int) -> No
     assert "'localhost', not in allowed_hosts" in err.message
 
 
+def test_a_malformed_idna_host_is_refused_as_input(server: str, connects: list[str]) -> None:
+    """idna refuses the A-label "xn--" only when httpx is asked for the host: in the event's URI and in a
+    redirect's Location alike it is the URI's fault (an http_error, not retried), never an unexpected error."""
+    err = expect(ErrorCode.HTTP_ERROR, "http://xn--/a.wav", DEV)
+    assert "not a valid URL" in err.message and not err.transient
+    assert connects == []
+    err = expect(ErrorCode.HTTP_ERROR, _to(server, "http://xn--/a.wav"), DEV)
+    assert "IDNAError" in err.message and not err.transient
+
+
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
 def test_redirect_statuses_are_followed(server: str, status: int) -> None:
     assert fetch_audio(_to(server, "/ok.wav", status), DEV) == WAV

@@ -1,19 +1,23 @@
 """The pipelined worker (consumers.worker_stages): commits stay behind every unwritten song when
 groups finish out of poll order, in the tracker alone and across a SIGKILL on the real stack; a
-retry never supersedes a newer event; a device out of memory is retried, not dead-lettered."""
+retry never supersedes a newer event; a device out of memory is retried, not dead-lettered; a device
+fault stops the worker uncommitted; a store read failing at admission is retried."""
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from prometheus_client import REGISTRY
 
 from consumers.loop import Message
 from consumers.publish import publish_events
@@ -22,8 +26,9 @@ from consumers.worker import Worker
 from consumers.worker_stages import CommitTracker, StagedScoring
 from indexes import ScoreStore
 from ranker.encoders import Encoder
-from ranker.errors import ErrorCode
+from ranker.errors import DeviceFault, ErrorCode
 from ranker.events import DeadLetter
+from ranker.scoring import is_device_fault, is_out_of_memory
 from ranker.settings import AudioSettings, Settings, WorkerSettings
 from tests.helpers import WavHandler, event, loopback, settings_env, tone, wait_for
 from tests.test_faults import committed_total
@@ -321,3 +326,108 @@ def test_a_device_out_of_memory_is_retried_not_dead_lettered(
     )
     assert letter.error_code == ErrorCode.DEVICE_OUT_OF_MEMORY
     assert "out of device memory" in letter.message and "gave up after 3 attempts" in letter.message
+
+
+class DeviceFailed(Encoder):
+    """The worker's encoder after a sticky CUDA error: every encode raises ``error``, as torch does
+    until the process ends (an illegal memory access, a device-side assert, an ECC fault)."""
+
+    def __init__(self, inner: Encoder, error: Exception) -> None:
+        self.inner, self.error, self.calls = inner, error, 0
+        self.name, self.encoder_id, self.sample_rate = inner.name, inner.encoder_id, inner.sample_rate
+        self.n_layers, self.dim = inner.n_layers, inner.dim
+
+    @property
+    def vector_dim(self) -> int:
+        return self.inner.vector_dim
+
+    def song_vector(self, layers: np.ndarray) -> np.ndarray:
+        return self.inner.song_vector(layers)
+
+    def encode(self, segments: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        self.calls += 1
+        raise self.error
+
+
+STICKY = "CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be asynchronously reported"
+
+
+@pytest.mark.parametrize(
+    ("error", "fault", "out_of_memory"),
+    [
+        (torch.AcceleratorError(STICKY), True, False),
+        (RuntimeError("CUDA error: device-side assert triggered"), True, False),  # older torch: the message says
+        (RuntimeError("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasSgemm( ... )`"), True, False),
+        (torch.AcceleratorError("CUDA error: out of memory"), False, True),  # not sticky: the OOM path
+        (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), False, True),
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), False, True),
+        (RuntimeError("The size of tensor a (3) must match the size of tensor b (4)"), False, False),  # the input's
+        (ValueError("cannot encode an empty segment"), False, False),
+    ],
+)
+def test_device_faults_and_device_memory_are_told_from_bad_input(
+    error: Exception, fault: bool, out_of_memory: bool
+) -> None:
+    assert (is_device_fault(error), is_out_of_memory(error)) == (fault, out_of_memory)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_a_device_fault_stops_the_worker_with_nothing_committed_or_dead_lettered(
+    settings: Settings, store: ScoreStore, tmp_path: Path, pipelined: bool
+) -> None:
+    """After a sticky CUDA error every encode fails, whatever the song: the worker must not dead-letter
+    its whole input and commit it. It stops (the CLI exits non-zero, for the orchestrator to restart it
+    with a fresh device context) with nothing committed, and the restarted worker scores each song once."""
+    settings = settings.model_copy(update={"worker": WorkerSettings(pipelined=pipelined, poll_timeout_ms=200)})
+    topics = settings.kafka.topics
+    ids = [f"dev-{i}" for i in range(6)]
+    publish_events(
+        settings, [event(s, tone(tmp_path / f"{s}.wav", freq=300 + 40 * i).as_uri()) for i, s in enumerate(ids)]
+    )
+    faults = REGISTRY.get_sample_value("apexrank_worker_retries_total", {"stage": "device fault"}) or 0.0
+    worker = Worker(settings)
+    failed = worker.pipeline.encoder = DeviceFailed(worker.encoder, torch.AcceleratorError(STICKY))
+    with pytest.raises(DeviceFault, match="illegal memory access"):
+        worker.run(until_idle_s=2.0, until_caught_up=True)
+    assert failed.calls == 1  # no song tried alone: the device, not a song, failed
+    assert (worker.stats.scored, worker.stats.dead_letters, worker.stats.retries_scheduled) == (0, 0, 0)
+    assert REGISTRY.get_sample_value("apexrank_worker_retries_total", {"stage": "device fault"}) == faults + 1
+    assert committed_total(settings) == 0
+    assert records(settings, topics.dead_letter) == [] and records(settings, topics.songs_retry) == []
+    assert all(store.get_song(s) is None for s in ids)
+
+    stats = run_worker(settings).stats  # the restart: a good device, the same songs read again
+    assert (stats.scored, stats.dead_letters) == (6, 0)
+    assert sorted(r.key.decode() for r in records(settings, topics.songs_scored)) == ids  # each once
+    assert committed_total(settings) == 6
+    assert all(store.get_song(s) is not None for s in ids)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_a_store_read_failing_at_admission_is_retried(
+    settings: Settings, store: ScoreStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pipelined: bool
+) -> None:
+    """The embedding store's read of stored embeddings fails once (a locked or busy SQLite file): both
+    modes retry it as the infrastructure error it is, where the pipelined worker crashed."""
+    settings = settings.model_copy(
+        update={"worker": WorkerSettings(pipelined=pipelined, poll_timeout_ms=200, retry_initial_s=0.05)}
+    )
+    publish_events(settings, [event("locked", tone(tmp_path / "locked.wav").as_uri())])
+    worker = Worker(settings)
+    emb, reads = worker.index.store, []
+    real = emb.get_many
+
+    def get_many(song_ids: Sequence[str]) -> Any:
+        if song_ids:  # the pipelined worker admits every poll, empty ones too
+            reads.append(list(song_ids))
+            if len(reads) == 1:
+                raise sqlite3.OperationalError("database is locked")
+        return real(song_ids)
+
+    monkeypatch.setattr(emb, "get_many", get_many)
+    worker.run(until_idle_s=2.0, until_caught_up=True)
+    assert reads == [["locked"], ["locked"]]
+    assert (worker.stats.scored, worker.stats.dead_letters) == (1, 0)
+    assert store.get_song("locked") is not None and committed_total(settings) == 1

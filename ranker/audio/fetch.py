@@ -267,6 +267,8 @@ def _checked_http_url(target: str, settings: AudioSettings, shown: str, *, base:
     hop = "" if base is None else f" redirected to {display_uri(target)!r}, which"
     try:
         url = httpx.URL(target) if base is None else base.join(target)
+        # httpx decodes an IDNA host only when asked: a malformed A-label ("xn--") raises here, not later.
+        host = url.host
     except (httpx.InvalidURL, ValueError, TypeError) as exc:
         raise InputError(ErrorCode.HTTP_ERROR, f"{shown!r}{hop} is not a valid URL: {safe_error_text(exc)}") from exc
     allowed = {s.lower() for s in settings.allowed_schemes} & HTTP_SCHEMES
@@ -281,12 +283,12 @@ def _checked_http_url(target: str, settings: AudioSettings, shown: str, *, base:
             ErrorCode.FORBIDDEN_URI,
             f"{shown!r}{hop} carries credentials (user:password@); they are refused, not stripped",
         )
-    if not url.host:
+    if not host:
         raise InputError(ErrorCode.FORBIDDEN_URI, f"{shown!r}{hop} has no host")
     if not _host_allowed(url, settings.allowed_hosts):
-        raise InputError(ErrorCode.FORBIDDEN_URI, f"{shown!r}{hop} names host {url.host!r}, not in allowed_hosts")
+        raise InputError(ErrorCode.FORBIDDEN_URI, f"{shown!r}{hop} names host {host!r}, not in allowed_hosts")
     with contextlib.suppress(ValueError):  # an address literal: refuse before connecting
-        _vet_addresses(url.host, [ipaddress.ip_address(url.host)], settings, shown)
+        _vet_addresses(host, [ipaddress.ip_address(host)], settings, shown)
     return url
 
 
@@ -333,8 +335,9 @@ def _fetch_http(uri: str, settings: AudioSettings, client: AudioHTTPClient | Non
             f"{shown!r} timed out after {timeout_s:g} s ({type(exc).__name__}: {safe_error_text(exc)})",
             transient=True,
         ) from exc
-    except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
-        # A server's reply is quoted by h11 when it is not HTTP ("illegal header line: b'...'").
+    except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError, UnicodeError) as exc:
+        # A server's reply is quoted by h11 when it is not HTTP ("illegal header line: b'...'"). UnicodeError:
+        # httpx decodes a redirect's host before we see it, and idna refuses a malformed one ("xn--").
         raise InputError(
             ErrorCode.HTTP_ERROR,
             f"{shown!r} could not be fetched: {type(exc).__name__}: {safe_error_text(exc)}",
@@ -351,7 +354,7 @@ def retry_after_s(value: str | None, now: float | None = None) -> float | None:
     if value is None:
         return None
     text = value.strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():  # isdigit alone accepts '²', which float refuses
         return float(text)
     try:
         when = parsedate_to_datetime(text)
