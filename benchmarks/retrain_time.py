@@ -59,7 +59,7 @@ def build_settings(state: Path, dim: int, epochs: int) -> Settings:
             topics=TopicSettings(engagement=f"r{tag}.engagement", models_promoted=f"r{tag}.models.promoted"),
         ),
         redis=RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0", key_prefix=f"r{tag}"),
-        retrain=RetrainSettings(epochs=epochs, margin=0.0),
+        retrain=RetrainSettings(epochs=epochs, margin=0.0, rescore_grace_s=0.0),  # no worker runs beside it
     )
 
 

@@ -3,7 +3,10 @@
 It gathers the training set (engagement log + the workers' embedding stores, one per
 index shard + song metadata from Redis), runs the train/compare/promote step, and after a
 promotion rescores the songs still inside the cold-start window from their
-stored embeddings (Redis and every feed), then publishes ``models.promoted``. Every run
+stored embeddings (Redis and every feed), then publishes ``models.promoted``. A worker loads
+the new head only at its next look (``worker.model_check_s``, between batches), so the window's
+songs it scored with the old one meanwhile are rescored again after ``retrain.rescore_grace_s``,
+and every run starts by rescoring those the serving model did not score (a sweep). Every run
 first re-estimates the page positions' examination weights from the last
 ``examination.window_days`` of the served and engagement logs and stores them for the
 feedback consumers (:func:`refresh_examination_weights`; docs/ranking.md).
@@ -33,14 +36,14 @@ from consumers.retrain_gate import off_policy_judge
 from consumers.shard_embeddings import STORE_FILE, ShardEmbeddings
 from indexes.base import ScoreStore, SongRecord
 from indexes.engagement_log import EngagementLog
-from indexes.redis_schema import CREATED_AT, GENERATOR
+from indexes.redis_schema import CREATED_AT, GENERATOR, MODEL_VERSION
 from ranker import stores
 from ranker.encoders import encoder_spec
 from ranker.errors import ConfigError
 from ranker.features import FeatureSet
 from ranker.model.artifact import ScoringModel
 from ranker.model.examination import Examination, refresh_examination
-from ranker.model.registry import clear_pending, models_root_of, pending, prune_versions
+from ranker.model.registry import clear_pending, models_root_of, pending, prune_versions, resolve_model_dir
 from ranker.model.retrain import Observed, RetrainReport, aggregate_engagement, promotion_owed, retrain
 from ranker.model.train_config import TrainConfig
 from ranker.scoring import SongMeta, load_current_model, score_songs
@@ -164,14 +167,18 @@ def refresh_generator_calibration(settings: Settings, store: ScoreStore, observe
     return {"factors": fitted, "songs": len(rows), "stored": moved}
 
 
-def rescore_window(settings: Settings, model: ScoringModel, store: ScoreStore) -> int:
-    """Rescore every feed member created inside the cold-start window with ``model``."""
+def rescore_window(settings: Settings, model: ScoringModel, store: ScoreStore, *, stragglers: bool = False) -> int:
+    """Rescore every feed member created inside the cold-start window with ``model``; with ``stragglers``,
+    only those another model scored (a worker that had not loaded ``model`` yet, a promotion by hand)."""
     members: set[str] = set()
     for feed in settings.feed.feeds:
         members.update(s for s, _ in store.feed_page(feed, 0, 10_000_000))
     meta = _metadata(store, sorted(members))
     horizon = datetime.now(UTC) - timedelta(hours=settings.retrain.cold_start_window_h)
     window = sorted(s for s, (_, created) in meta.items() if created >= horizon)
+    if stragglers and window:
+        scored = store.read_songs(window, fields=[MODEL_VERSION])
+        window = [s for s, r in zip(window, scored, strict=True) if r is not None and r.model_version != model.version]
     if not window:
         return 0
     now = datetime.now(UTC).isoformat()
@@ -237,16 +244,22 @@ def _run(
         days = max(settings.examination.window_days, r.off_policy_window_days if r.off_policy_gate else 0.0)
         shown = load_impressions(settings, now - timedelta(days=days), now)
         examination = refresh_examination_weights(settings, now, shown)
-        current = current_model(settings)
         root = models_root_of(settings.head_dir)
+        # Read before the load: a promotion in between makes the candidate's promotion refuse, never pass.
+        serving = resolve_model_dir(root)
+        current = current_model(settings)
+        rescored: dict[str, int] = {}
         owed = pending(root)
         if owed is not None:  # an earlier run moved ``current`` but did not finish: finish it first
             if owed.get("model_version") == current.version:
                 log.warning("finishing the promotion of %s: rescore and announce", current.version)
-                _follow_up(settings, store, current, owed, publisher)
+                rescored["owed"] = _follow_up(settings, store, current, owed, publisher)
             else:  # ``current`` never moved to it (cut short before), or moved on since
                 log.warning("dropping the owed follow-up of %s: %s serves", owed.get("model_version"), current.version)
             clear_pending(root)
+        rescored["stragglers"] = n = rescore_window(settings, current, store, stragglers=True)
+        if n:
+            log.warning("rescored %d songs of the cold-start window another model scored with %s", n, current.version)
         observed, features = gather(settings, store)
         judge = off_policy_judge(settings, lambda ids: _metadata(store, ids), now, shown) if r.off_policy_gate else None
         gathered = time.perf_counter()
@@ -276,15 +289,25 @@ def _run(
             min_plays=r.min_plays,
             progress=progress,
             judge=judge,
+            serving=serving,
         )
         report.timings_s = {"gather": round(gathered - began, 3), **report.timings_s}
         report.examination = examination.to_dict()
+        report.rescored = rescored
         if report.promoted:
+            grace_until = time.monotonic() + rescore_grace_s(settings)
             promoted = ScoringModel.load(report.model_dir)  # type: ignore[arg-type]
             rescoring = time.perf_counter()
-            _follow_up(settings, store, promoted, promotion_owed(report), publisher)
+            rescored["window"] = _follow_up(settings, store, promoted, promotion_owed(report), publisher)
             clear_pending(root)
             report.timings_s["rescore"] = round(time.perf_counter() - rescoring, 3)
+            if rescore_grace_s(settings) > 0:
+                # The songs workers scored with the old head before they loaded the new one.
+                time.sleep(max(0.0, grace_until - time.monotonic()))
+                waited = time.perf_counter()
+                rescored["grace"] = n = rescore_window(settings, promoted, store, stragglers=True)
+                log.info("rescored %d songs the previous head scored after the promotion", n)
+                report.timings_s["rescore_grace"] = round(time.perf_counter() - waited, 3)
         if settings.feed.like_rate.generator_calibration:
             calibrating = time.perf_counter()
             report.generator_calibration = refresh_generator_calibration(settings, store, observed)
@@ -298,16 +321,23 @@ def _run(
         store.close()
 
 
+def rescore_grace_s(settings: Settings) -> float:
+    """How long after a promotion the window's songs still scored by the old head are rescored again:
+    ``retrain.rescore_grace_s``, by default two of the workers' looks for a new head and a margin."""
+    grace = settings.retrain.rescore_grace_s
+    return 2 * settings.worker.model_check_s + 5.0 if grace is None else grace
+
+
 def _follow_up(
     settings: Settings,
     store: ScoreStore,
     promoted: ScoringModel,
     owed: dict[str, Any],
     publisher: Publisher | None,
-) -> None:
+) -> int:
     """What a promotion owes after ``current`` moved: the cold-start window rescored with the promoted
     model, then ``models.promoted``. Both repeat safely (a rescore is an upsert; the topic is keyed by
-    version and compacted), so a run cut short does them again from the start."""
+    version and compacted), so a run cut short does them again from the start. Returns the songs rescored."""
     n = rescore_window(settings, promoted, store)
     log.info("rescored %d songs inside the cold-start window with %s", n, promoted.version)
     event = {"schema_version": 1, **owed, "rescored": n, "promoted_at": datetime.now(UTC).isoformat()}
@@ -322,6 +352,7 @@ def _follow_up(
     finally:
         if publisher is None:
             pub.close()
+    return n
 
 
 def run_every(settings: Settings, every_s: float, stop: threading.Event, progress: bool = False) -> None:

@@ -158,6 +158,7 @@ def _policy_settings(base: Settings, policy: str, out_dir: Path, cfg: LoopConfig
                 rate_prior_plays=cfg.retrain_rate_prior_plays,
                 # The documented retrain policy judges on Spearman alone; "retrain+gate" adds the off-policy gate.
                 off_policy_gate=policy == "retrain+gate",
+                rescore_grace_s=0.0,  # its workers run between the hours, never beside a promotion
             ),
             "feedback": base.feedback.model_copy(update={"log_dir": None}),
         }

@@ -340,6 +340,14 @@ class RetrainSettings(_Section):
         512, ge=2, description="The candidate's batch; a few hundred songs want 32 (512 is one step an epoch)."
     )
     cold_start_window_h: float = Field(72.0, gt=0, description="Songs this young are rescored on promotion.")
+    rescore_grace_s: float | None = Field(
+        None,
+        ge=0,
+        description="After a promotion's rescore, wait this long from the promotion, then rescore again the window's "
+        "songs a worker still scored with the previous head (it looks for a new one every worker.model_check_s, "
+        "between batches). Default: 2 x worker.model_check_s + 5 s; 0: no second pass (the next run's sweep "
+        "rescores them).",
+    )
     generator_calibration_tolerance: float = Field(
         0.05,
         ge=0,

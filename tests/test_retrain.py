@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -30,7 +31,18 @@ from indexes.redis_schema import RedisKeys, examination_json, parse_examination
 from ranker.errors import ConfigError
 from ranker.features import FeatureSet
 from ranker.model.artifact import ScoringModel
-from ranker.model.registry import RETRAIN_REPORT, models_root_of, pending, prune_versions, resolve_model_dir
+from ranker.model.registry import (
+    PROMOTION_LOCK,
+    RETRAIN_REPORT,
+    CurrentMoved,
+    models_root_of,
+    pending,
+    promote,
+    promote_if_serving,
+    promotion_lock,
+    prune_versions,
+    resolve_model_dir,
+)
 from ranker.model.retrain import (
     Observed,
     RetrainReport,
@@ -216,7 +228,9 @@ def test_a_promotion_cut_short_is_finished_by_the_next_run(
 
     rescore = consumers.retrain.rescore_window
 
-    def cut_short(*args: object, **kwargs: object) -> int:
+    def cut_short(*args: Any, stragglers: bool = False, **kwargs: Any) -> int:
+        if stragglers:  # the run's opening sweep: nothing to rescore yet
+            return rescore(*args, stragglers=True, **kwargs)
         raise redis.exceptions.ConnectionError("Redis went away mid-rescore")
 
     monkeypatch.setattr(consumers.retrain, "rescore_window", cut_short)
@@ -236,6 +250,220 @@ def test_a_promotion_cut_short_is_finished_by_the_next_run(
     ]
     assert (announced["model_version"], announced["previous_version"]) == (promoted.name, old_version)
     assert announced["rescored"] == len(feed(settings)) and pending(root) is None
+
+
+def promoting(settings: Settings, root: Path, grace_s: float = 0.0) -> Settings:
+    """Settings whose retrain promotes over this world's seeded head into ``root`` (where the workers
+    look), with a worker that looks for a new head only every 10 minutes: a promotion leaves it on
+    the old one for the whole test."""
+    like_rate = settings.feed.like_rate.model_copy(update={"generator_calibration": False})
+    return settings.model_copy(
+        update={
+            "retrain": RetrainSettings(
+                min_plays=10,
+                epochs=40,
+                margin=0.05,
+                pushgateway_url="",
+                off_policy_gate=False,
+                rescore_grace_s=grace_s,
+            ),
+            "feed": settings.feed.model_copy(update={"like_rate": like_rate}),
+            "model": settings.model.model_copy(update={"head_dir": root}),
+            "worker": settings.worker.model_copy(update={"model_check_s": 600.0}),
+        }
+    )
+
+
+def test_a_promotion_by_hand_while_the_run_gathers_stands(
+    settings: Settings, world: Path, store: ScoreStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator rolls back while the run reads the logs and the embedding stores (after it loaded the
+    incumbent): the candidate, warm-started from and judged against the incumbent, is not promoted over
+    the rollback, and its unserved save is removed."""
+    import consumers.retrain
+
+    root = settings.state_dir / "models"
+    settings = promoting(settings, root)
+    scored_world(settings, world)
+    incumbent = consumers.retrain.current_model(settings)
+    promote(root, incumbent.save_versioned(root))
+    rollback = ScoringModel.from_seed(
+        incumbent.input_dim, 99, incumbent.encoder_id, n_layers=incumbent.n_layers, layers=incumbent.layers
+    )
+    gather = consumers.retrain.gather
+
+    def gather_while_the_operator_rolls_back(*args: Any) -> Any:
+        out = gather(*args)
+        promote(root, rollback.save_versioned(root))  # from another shell
+        return out
+
+    monkeypatch.setattr(consumers.retrain, "gather", gather_while_the_operator_rolls_back)
+    report = run_once(settings)
+    assert not report.promoted and "current moved" in report.reason, report.reason
+    assert "mean Spearman gain" in report.reason  # the candidate did pass the gate
+    assert report.current_version == incumbent.version and report.candidate_version is not None
+    served = resolve_model_dir(root)
+    assert served is not None and served.name == rollback.version
+    assert pending(root) is None and not (root / report.candidate_version).exists()
+    assert "rescore" not in report.timings_s
+
+
+def test_a_promotion_by_hand_while_the_candidate_is_saved_stands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other window: the gate has passed and the candidate is being written when the operator promotes."""
+    features, _, plays, likes = _placement_world(300, seed=1)
+    root = tmp_path / "models"
+    operator = ScoringModel.from_seed(16, seed=7, encoder_id="test-enc", n_layers=4)
+    save = ScoringModel.save_versioned
+
+    def save_while_the_operator_promotes(model: ScoringModel, models_root: Path) -> Path:
+        out = save(model, models_root)
+        if model.version != operator.version:
+            promote(root, save(operator, root))
+        return out
+
+    monkeypatch.setattr(ScoringModel, "save_versioned", save_while_the_operator_promotes)
+    report = retrain(
+        ScoringModel.from_seed(16, seed=0, encoder_id="test-enc", n_layers=4),
+        features,
+        _observed(features, plays, likes),
+        models_root=root,
+        holdout_fraction=0.2,
+        margin=0.0,  # the seeded head knows nothing: the candidate passes the gate
+        warm_start=True,
+        train_config=TrainConfig(epochs=5, lr=1e-3, batch_size=32, patience=5, seed=0),
+        likes_model="head",
+        serving=None,  # nothing served when the incumbent was loaded
+    )
+    assert not report.promoted and report.reason.endswith(f"to {root / operator.version} during the run"), report
+    assert resolve_model_dir(root) == root / operator.version
+    assert pending(root) is None and report.model_dir is None
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["current", operator.version]
+
+
+def test_every_move_of_current_holds_the_promotion_lock_which_dies_with_its_holder(tmp_path: Path) -> None:
+    """A hand promotion waits for whoever holds the lock (the retrain's check and swap); a swap it makes
+    meanwhile is seen by the retrain's check; a holder killed mid-way leaves nothing held."""
+    import signal
+    import subprocess
+    import sys
+
+    root = tmp_path / "models"
+    first, second, third = (
+        ScoringModel.from_seed(16, seed=i, encoder_id="test-enc", n_layers=4).save_versioned(root) for i in (1, 2, 3)
+    )
+    promote(root, first)
+    done = threading.Event()
+    hand = threading.Thread(target=lambda: (promote(root, second), done.set()))
+    with promotion_lock(root):
+        hand.start()
+        assert not done.wait(1.0) and resolve_model_dir(root) == first  # waiting, not swapped
+    hand.join(60)
+    judged = resolve_model_dir(root)
+    assert done.is_set() and judged == second
+
+    # The retrain judged against ``second``; an operator's swap lands while it waits for the lock.
+    failed: list[BaseException] = []
+
+    def retrain_promotes() -> None:
+        try:
+            promote_if_serving(root, third, judged, {"model_version": third.name})
+        except CurrentMoved as exc:
+            failed.append(exc)
+
+    checking = threading.Thread(target=retrain_promotes)
+    with promotion_lock(root):
+        checking.start()
+        (root / "current").unlink()
+        (root / "current").symlink_to(first.name)  # the operator's rollback, under the lock
+    checking.join(60)
+    assert len(failed) == 1 and resolve_model_dir(root) == first and pending(root) is None
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from ranker.model.registry import promotion_lock\n"
+            f"with promotion_lock({str(root)!r}):\n"
+            "    print('held', flush=True)\n"
+            "    time.sleep(600)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(60)
+    finally:
+        holder.kill()
+    after = threading.Thread(target=promote, args=(root, third))
+    after.start()
+    after.join(60)
+    assert not after.is_alive() and resolve_model_dir(root) == third
+
+
+def late_songs(settings: Settings, tmp_path: Path) -> list[str]:
+    """Six new songs published for the workers, created now (inside the cold-start window)."""
+    extra = simulate_catalog(tmp_path / "late", n_songs=6, seed=5, duration_s=2.0).catalog_path
+    now = datetime.now(UTC)
+    events = [
+        e.model_copy(update={"song_id": f"late-{i}", "created_at": now}) for i, e in enumerate(catalog_events(extra))
+    ]
+    publish_events(settings, events)
+    return [e.song_id for e in events]
+
+
+def scored_with(settings: Settings, song_ids: list[str]) -> set[str]:
+    return {song(settings, s)["model_version"] for s in song_ids}  # type: ignore[index]
+
+
+@pytest.mark.parametrize("grace_s", [0.5, 0.0], ids=["grace-pass", "next-runs-sweep"])
+def test_songs_a_worker_scores_with_the_old_head_after_the_promotions_rescore_are_rescored(
+    settings: Settings,
+    world: Path,
+    store: ScoreStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    grace_s: float,
+) -> None:
+    """A worker still on the old head scores new songs once the promotion's rescore has listed the window
+    (its batch in hand, or before its next look for a head). The grace pass rescores them; with it off (0),
+    the next run's opening sweep does."""
+    import consumers.retrain
+
+    root = settings.state_dir / "models"
+    settings = promoting(settings, root, grace_s)
+    scored_world(settings, world)
+    worker = Worker(settings)  # keeps its head: it looks for a new one only every 10 minutes
+    old = worker.model.version
+    rescore = consumers.retrain.rescore_window
+    late: list[str] = []
+
+    def rescore_then_the_worker_scores(*args: Any, stragglers: bool = False, **kwargs: Any) -> int:
+        n = rescore(*args, stragglers=stragglers, **kwargs)
+        if not stragglers:  # the promotion's rescore
+            late.extend(late_songs(settings, tmp_path))
+            worker.run(until_idle_s=2.0, until_caught_up=True)
+            assert scored_with(settings, late) == {old}
+        return n
+
+    monkeypatch.setattr(consumers.retrain, "rescore_window", rescore_then_the_worker_scores)
+    report = run_once(settings)
+    assert report.promoted and report.candidate_version != old, report.reason
+    assert report.rescored["stragglers"] == 0 and report.rescored["window"] == len(feed(settings)) - len(late)
+    if grace_s:
+        assert report.rescored["grace"] == len(late) and "rescore_grace" in report.timings_s
+        assert scored_with(settings, [s for s, _ in feed(settings)]) == {report.candidate_version}
+        return
+    assert "grace" not in report.rescored and scored_with(settings, late) == {old}
+    monkeypatch.setattr(consumers.retrain, "rescore_window", rescore)
+    second = run_once(settings)
+    assert second.rescored["stragglers"] == len(late)
+    served = resolve_model_dir(root)
+    assert served is not None and scored_with(settings, [s for s, _ in feed(settings)]) == {served.name}
 
 
 def test_the_models_folder_is_where_current_lives(tmp_path: Path) -> None:
@@ -278,7 +506,7 @@ def test_old_versions_the_job_made_and_cut_short_saves_are_pruned(tmp_path: Path
     removed = prune_versions(root, keep=2)
     assert sorted(removed) == sorted(["apex-1", "apex-2", "apex-3", crashed.name])
     left = sorted(p.name for p in root.iterdir())
-    assert left == sorted(["apex-0", "apex-4", "apex-5", "imported", "current", fresh.name])
+    assert left == sorted(["apex-0", "apex-4", "apex-5", "imported", "current", fresh.name, PROMOTION_LOCK])
     assert resolve_model_dir(root) == root / "apex-0"
 
 
@@ -295,7 +523,7 @@ def test_retrain_promotes_a_better_head_rescoring_the_feed_and_never_a_worse_one
     settings = settings.model_copy(
         update={
             "retrain": RetrainSettings(
-                min_plays=10, epochs=40, margin=0.05, pushgateway_url=gateway, off_policy_gate=False
+                min_plays=10, epochs=40, margin=0.05, pushgateway_url=gateway, off_policy_gate=False, rescore_grace_s=0
             ),
             "feed": settings.feed.model_copy(update={"like_rate": like_rate}),
         }

@@ -206,6 +206,9 @@ def run_job(
     # This world has engagement but no served log, so the off-policy gate (on in the manifests, as by
     # default) could never pass; it has its own tests (tests/test_retrain_gate.py). Here: the Spearman gate.
     process_env["APEXRANK_RETRAIN__OFF_POLICY_GATE"] = "false"
+    # No worker runs beside this job, so no song is scored by the old head after the promotion:
+    # the second rescore pass's wait (about 25 s) would only idle. It has its own tests (test_retrain.py).
+    process_env["APEXRANK_RETRAIN__RESCORE_GRACE_S"] = "0"
     proc = subprocess.run(
         [str(BIN / "apexrank"), *container["args"]],
         env=process_env,

@@ -268,7 +268,7 @@ def test_retrain_with_mert_needs_no_weights(
         update={
             "encoder": "mert",
             "model": ModelSettings(mert_model=str(tiny_mert["full"]), device="cpu", allow_untrained=True),
-            "retrain": RetrainSettings(min_plays=10, epochs=5, margin=0.0, off_policy_gate=False),
+            "retrain": RetrainSettings(min_plays=10, epochs=5, margin=0.0, off_policy_gate=False, rescore_grace_s=0.0),
         }
     )
     scored_world(scoring, world)  # the worker, with the weights, fills the embedding store and Redis

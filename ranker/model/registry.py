@@ -4,17 +4,21 @@
 :mod:`ranker.model.artifact`); ``models_root/current`` (a symlink, or a file holding a directory
 name) says which version serves, and :func:`promote` swaps it atomically. Kept apart from the
 model directory itself because this is deployment state that workers and the retrain job share.
+Every move of ``current`` holds :func:`promotion_lock`, so that the retrain job's "is the model I
+judged against still serving?" and its swap are one step that no hand promotion can land inside.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from indexes.durable import fsync_dir, replace_text
@@ -111,6 +115,27 @@ def load_or_init(
     return model
 
 
+#: The lock file every move of ``current`` holds (``flock``): the kernel releases it when its holder
+#: dies, so a crashed promotion never leaves it held.
+PROMOTION_LOCK = ".promotion.lock"
+
+
+@contextmanager
+def promotion_lock(models_root: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold the models folder's promotion lock for the block, waiting for another holder (any process).
+
+    Not reentrant: :func:`promote` and :func:`promote_if_serving` take it themselves.
+    """
+    root = Path(models_root)
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / PROMOTION_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def promote(models_root: str | os.PathLike[str], model_dir: str | os.PathLike[str]) -> str:
     """Point ``models_root/current`` at ``model_dir`` atomically; returns the promoted version.
 
@@ -118,9 +143,43 @@ def promote(models_root: str | os.PathLike[str], model_dir: str | os.PathLike[st
     made beside the old one and renamed over it, so readers see either the old or the new
     model, never neither. The link is relative when ``model_dir`` is inside ``models_root``.
     """
-    root = Path(models_root)
-    target = Path(model_dir)
-    model = ScoringModel.load(target)
+    with promotion_lock(models_root):  # loaded inside: a prune cannot delete it before the swap
+        model = ScoringModel.load(model_dir)
+        _point_current(Path(models_root), Path(model_dir))
+    log.info("promoted %s (%s)", model.version, model_dir)
+    return model.version
+
+
+class CurrentMoved(Exception):
+    """``current`` no longer names the model a candidate was judged against: it was not promoted."""
+
+    def __init__(self, serving: Path | None, moved: Path | None) -> None:
+        super().__init__(f"current moved from {serving} to {moved}")
+        self.serving, self.moved = serving, moved
+
+
+def promote_if_serving(
+    models_root: str | os.PathLike[str],
+    model_dir: str | os.PathLike[str],
+    serving: Path | None,
+    owed: dict[str, object],
+) -> None:
+    """Promote ``model_dir`` only while ``current`` still names ``serving`` (the model it was judged
+    against), recording ``owed`` (:func:`mark_pending`) just before; else :class:`CurrentMoved`, and
+    nothing changes. Check and swap hold :func:`promotion_lock`: a hand promotion (a rollback) waits
+    for the swap, or is seen by the check."""
+    with promotion_lock(models_root):
+        moved = resolve_model_dir(models_root)
+        if moved != serving:
+            raise CurrentMoved(serving, moved)
+        ScoringModel.load(model_dir)
+        mark_pending(models_root, owed)
+        _point_current(Path(models_root), Path(model_dir))
+    log.info("promoted %s", model_dir)
+
+
+def _point_current(root: Path, target: Path) -> None:
+    """The swap itself; the caller holds :func:`promotion_lock`."""
     root.mkdir(parents=True, exist_ok=True)
     current = root / CURRENT_LINK
     if current.is_dir() and not current.is_symlink():
@@ -142,8 +201,6 @@ def promote(models_root: str | os.PathLike[str], model_dir: str | os.PathLike[st
         fsync_dir(root)
     except OSError as exc:  # the link is switched; only its durability is in doubt
         log.warning("fsync of %s failed after a promotion: %s", root, exc)
-    log.info("promoted %s (%s)", model.version, target)
-    return model.version
 
 
 def models_root_of(head_dir: str | os.PathLike[str]) -> Path:
@@ -198,15 +255,16 @@ def prune_versions(models_root: str | os.PathLike[str], keep: int, stale_after_s
     root = Path(models_root)
     if not root.is_dir():
         return []
-    serving = resolve_model_dir(root)
-    keep_dirs = {serving.resolve()} if serving is not None else set()
-    made = [d for d in root.iterdir() if d.is_dir() and not d.is_symlink() and (d / RETRAIN_REPORT).exists()]
-    made.sort(key=lambda d: d.stat().st_mtime, reverse=True)
     removed: list[str] = []
-    for old in made[keep:]:
-        if old.resolve() not in keep_dirs:
-            shutil.rmtree(old)
-            removed.append(old.name)
+    with promotion_lock(root):  # else a hand promotion of an old version could land on a deleted one
+        serving = resolve_model_dir(root)
+        keep_dirs = {serving.resolve()} if serving is not None else set()
+        made = [d for d in root.iterdir() if d.is_dir() and not d.is_symlink() and (d / RETRAIN_REPORT).exists()]
+        made.sort(key=lambda d: d.stat().st_mtime, reverse=True)
+        for old in made[keep:]:
+            if old.resolve() not in keep_dirs:
+                shutil.rmtree(old)
+                removed.append(old.name)
     cutoff = time.time() - stale_after_s
     for left in root.glob(".*.tmp-*"):
         if left.lstat().st_mtime < cutoff:

@@ -32,14 +32,17 @@ One run:
    promoted only when the mean of the two improves by at least ``margin`` and
    neither gets worse by more than ``margin``.
 5. **Promotion.** The candidate is saved as a new version with its report, and
-   ``models/current`` is switched atomically. The caller then rescores the songs
-   inside the cold-start window and announces the new version.
+   ``models/current`` is switched atomically, unless it moved away from the model the
+   candidate was judged against since that model was loaded (an operator's promotion or
+   rollback wins). The caller then rescores the songs inside the cold-start window and
+   announces the new version.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -57,7 +60,7 @@ from ranker.features import FeatureSet
 from ranker.model.artifact import ScoringModel
 from ranker.model.evaluate import evaluate, fit_transform
 from ranker.model.readout import fit_like_readout
-from ranker.model.registry import RETRAIN_REPORT, mark_pending, promote, resolve_model_dir
+from ranker.model.registry import RETRAIN_REPORT, CurrentMoved, promote_if_serving, resolve_model_dir
 from ranker.model.targets import TargetTransform
 from ranker.model.train import train_head
 from ranker.model.train_config import TrainConfig
@@ -99,6 +102,8 @@ class RetrainReport:
     examination: dict[str, Any] | None = None
     #: Each generator's calibration factor this run fitted (consumers.retrain), when it did.
     generator_calibration: dict[str, Any] | None = None
+    #: Songs of the cold-start window the run rescored, per pass (consumers.retrain).
+    rescored: dict[str, int] = field(default_factory=dict)
     finished_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
 
     def to_dict(self) -> dict[str, Any]:
@@ -287,15 +292,21 @@ def retrain(
     min_plays: int = 1,
     progress: bool = False,
     judge: Judge | None = None,
+    serving: Path | Literal["now"] | None = "now",
 ) -> RetrainReport:
     """Train, compare and maybe promote; see the module docstring.
+
+    ``serving``: the directory ``current`` named when ``current`` was loaded (None: none); the
+    candidate is promoted only while it still does. ``"now"``: what it names when this call starts,
+    for a caller that loaded ``current`` just before.
 
     ``observed`` may hold songs below ``min_plays``: only the read-out learns from them (those
     created before the holdout's first song), since its likelihood weighs each song by its plays.
     ``judge(current, candidate) -> (ok, why, figures)``: a second question a candidate that passes the
     Spearman gate must pass too (the off-policy like rate of its picks: consumers.retrain_gate).
     """
-    serving = resolve_model_dir(models_root)  # what ``current`` names now: the model judged against
+    if serving == "now":
+        serving = resolve_model_dir(models_root)
     created = np.array([d.timestamp() for d in observed.created_at])
     eligible = np.flatnonzero(np.asarray(observed.plays) >= min_plays)
     n = len(eligible)
@@ -363,19 +374,30 @@ def retrain(
     if ok and judge is not None:
         ok, second, figures = judge(current, candidate)
         why = f"{why}; {second}"
-    if ok and (moved := resolve_model_dir(models_root)) != serving:  # an operator promoted (or rolled back)
-        ok, why = False, f"{why}; not promoted: current moved from {serving} to {moved} during the run"
     report = RetrainReport(ok, why, current.version, candidate.version, len(train), len(holdout), cur_s, new_s)
     report.off_policy = figures
     report.timings_s = {"train": round(trained - began, 3), "evaluate": round(time.perf_counter() - trained, 3)}
     if ok:
-        directory = candidate.save_versioned(models_root)
-        (directory / RETRAIN_REPORT).write_text(json.dumps(report.to_dict(), indent=2))
-        report.model_dir = str(directory)
-        # Before ``current`` moves: the window's rescore and the announcement are owed from then on.
-        mark_pending(models_root, promotion_owed(report))
-        promote(models_root, directory)
-        log.info("promoted %s over %s: %s", candidate.version, current.version, why)
+        _promote(report, candidate, models_root, serving)
+    if report.promoted:
+        log.info("promoted %s over %s: %s", candidate.version, current.version, report.reason)
     else:
-        log.info("kept %s; candidate %s not promoted: %s", current.version, candidate.version, why)
+        log.info("kept %s; candidate %s not promoted: %s", current.version, candidate.version, report.reason)
     return report
+
+
+def _promote(report: RetrainReport, candidate: ScoringModel, models_root: Path, serving: Path | None) -> None:
+    """Save ``candidate`` and promote it unless ``current`` no longer names ``serving``: an operator
+    promoted (or rolled back) during the run, and their choice stands; the unserved save is removed."""
+    existed = (models_root / candidate.version).exists()
+    directory = candidate.save_versioned(models_root)
+    (directory / RETRAIN_REPORT).write_text(json.dumps(report.to_dict(), indent=2))
+    report.model_dir = str(directory)
+    try:
+        # Records the promotion as owed before ``current`` moves: the window's rescore and the announcement.
+        promote_if_serving(models_root, directory, serving, promotion_owed(report))
+    except CurrentMoved as moved:
+        report.promoted, report.model_dir = False, None
+        report.reason = f"{report.reason}; not promoted: {moved} during the run"
+        if not existed:  # made by this run and never served
+            shutil.rmtree(directory, ignore_errors=True)
