@@ -12,9 +12,7 @@ decayed in event time with half-life h: an event at time t of weight w adds
 ``w * 2**(-(T - t) / h) * v`` to S kept at time T (the latest event's), and ``|w|`` decayed the
 same way to the evidence E. A later event first decays S and E to its own time. The sum is
 therefore the same whatever the order the events arrive in. Weights: like +1, skip
-``-skip_weight``, unlike -1 (it retracts a like: S moves back and E drops by 1; E is stored
-unfloored, so that an unlike that arrives before its like, from another partition, still cancels
-it, and read as at least 0);
+``-skip_weight``, unlike -1 (it retracts a like: S moves back and E drops by 1, floored at 0);
 plays, completes and shares weigh 0 and only mark the song heard.
 """
 

@@ -115,7 +115,8 @@ for i = 3, #KEYS do
       end
       local x, wf = floats(v), w * f
       for j = 1, dim do vec[j] = vec[j] + wf * x[j] end
-      ev = ev + dev * f  -- not floored: an unlike applied before its like must cancel it exactly
+      ev = ev + dev * f
+      if ev < 0 then ev = 0 end
       moved = true
     end
   else
@@ -289,7 +290,7 @@ def parse_taste(blob: bytes | None, evidence: bytes | None, at: bytes | None, no
     if not blob or evidence is None or at is None:
         return Taste(None, 0.0)
     updated = float(at)
-    ev = max(0.0, float(evidence)) * 2.0 ** (-max(0.0, now - updated) / half_life_s)  # stored unfloored
+    ev = float(evidence) * 2.0 ** (-max(0.0, now - updated) / half_life_s)
     vec = np.frombuffer(blob, dtype="<f4").astype(np.float32)
     norm = float(np.linalg.norm(vec))
     if not math.isfinite(norm) or norm < _MIN_NORM:

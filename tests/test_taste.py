@@ -192,25 +192,6 @@ def test_decay_halves_an_old_event_after_a_half_life(redis_settings: Settings) -
         assert later.vector is not None and fwd is not None and np.allclose(later.vector, fwd)
 
 
-def test_an_unlike_that_arrives_before_its_like_still_cancels_it(redis_settings: Settings) -> None:
-    """A user's events span partitions: the unlike of a like can be applied first. The evidence must
-    come out as if they had arrived in order (a floor at 0 on the way left 1 where 0 is due)."""
-    s = with_listeners(redis_settings, half_life_days=1000.0)
-    t = T0.timestamp()
-    vectors = {"a": axis(0), "b": axis(1)}
-    like_a, like_b = ("like", "a", t), ("like", "b", t + 1)
-    unlike_a = ("unlike", "a", t + 2)
-    with _open(s) as store:
-        for user, calls in (("ordered", [[like_a, like_b, unlike_a]]), ("early", [[unlike_a], [like_a, like_b]])):
-            for call in calls:
-                store.record([ListenerEvent(f"{user}-{k}-{song}", user, song, k, ts) for k, song, ts in call], vectors)
-        taste = store.taste(["ordered", "early"], now=t + 2)
-    for user in ("ordered", "early"):
-        vec = taste[user].vector
-        assert vec is not None and float(vec @ axis(1)) == pytest.approx(1.0, abs=1e-4), user
-        assert taste[user].evidence == pytest.approx(1.0, rel=1e-4), user
-
-
 def test_listener_state_off_does_nothing(settings: Settings) -> None:
     off = with_listeners(settings, enabled=False)
     null = stores.listener_store(off)
