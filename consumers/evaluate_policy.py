@@ -53,12 +53,13 @@ def feed_policy(settings: Settings, name: str) -> Policy:
 def prior_scores(store: ScoreStore, policy: Policy, song_ids: Sequence[str], now: float) -> dict[str, float]:
     """Each song's place in ``policy``'s order if it had no plays: its stored score with the posterior
     like rate replaced by the prior, calibrated as the feed calibrates it (the global scale times the
-    song's generator factor, both read from the store).
+    song's generator factor where ``feed.like_rate.generator_calibration`` is on, both read from the store).
 
     A song the policy would not show (not in the store, unscored, refused by the feed's filters)
     gets no score.
     """
-    policy = Policy(policy.name, policy.config, policy.like_rate, store.generator_calibration())
+    factors = store.generator_calibration() if policy.like_rate.generator_calibration else {}
+    policy = Policy(policy.name, policy.config, policy.like_rate, factors)
     scale = calibration_scale(*store.calibration_totals(), policy.like_rate)
     out: dict[str, float] = {}
     for start in range(0, len(song_ids), _READ_BATCH):

@@ -94,7 +94,11 @@ def evaluate(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, object
 
 
 def test_evaluate_policy_from_the_logs_and_the_store(
-    cli_env: Settings, store: ScoreStore, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    cli_env: Settings,
+    store: ScoreStore,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # s0 has the best prior, but its stored evidence (200 plays, no likes) would sink it: the candidate
     # is scored on its prior alone, since that evidence includes the likes being evaluated.
@@ -141,6 +145,12 @@ def test_evaluate_policy_from_the_logs_and_the_store(
     store.set_generator_calibration({"suno-v5": 0.5, "udio": 2.0})
     est = evaluate(capsys, "--policy", "cold-start", "--min-matched", "1")
     assert (est["value"], est["matched"]) == (1.0, 1)
+    # ... only where the feed applies them: with feed.like_rate.generator_calibration off, the stored
+    # factors (a retrain's, from before it was turned off) are not the feed's, and cold-start picks s0.
+    monkeypatch.setenv("APEXRANK_FEED__LIKE_RATE__GENERATOR_CALIBRATION", "false")
+    est = evaluate(capsys, "--policy", "cold-start", "--min-matched", "1")
+    assert (est["value"], est["matched"]) == (pytest.approx(0.2), 2)
+    monkeypatch.delenv("APEXRANK_FEED__LIKE_RATE__GENERATOR_CALIBRATION")
     store.set_generator_calibration({})
 
     # The table form prints the same estimates.
