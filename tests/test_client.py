@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import uvicorn
@@ -247,6 +248,17 @@ def test_client_waits_what_retry_after_asks_up_to_its_cap() -> None:
             assert err.value.status == 429 and client.waits == [0.5]  # 3 s asked, 0.5 s allowed
     finally:
         served.stop()
+
+
+def test_a_retry_after_that_is_not_ascii_digits_is_ignored_not_a_crash() -> None:
+    """ "²".isdigit() is True and float("²") raises: a proxy's odd header must leave the usual backoff."""
+    from ranker.serving.client import _retry_after_s
+
+    def asked(value: str) -> float | None:  # the header's bytes as a proxy sends them (latin-1)
+        return _retry_after_s(httpx.Response(503, headers={"Retry-After": value.encode("latin-1")}))
+
+    assert asked("7") == 7.0
+    assert asked("\xb2") is None and asked("soon") is None  # "²"
 
 
 def test_song_ids_of_dots_reach_their_own_song(settings: Settings) -> None:

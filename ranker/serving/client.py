@@ -182,7 +182,7 @@ def _json_or_none(response: httpx.Response) -> Any:
 def _retry_after_s(response: httpx.Response) -> float | None:
     """The answer's Retry-After (delta-seconds or an HTTP-date) in seconds; None if absent or unreadable."""
     value = response.headers.get("retry-after", "").strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # "²".isdigit() is True, and float() refuses it
         return float(value)
     try:
         when = parsedate_to_datetime(value)
