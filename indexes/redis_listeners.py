@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
+import redis.exceptions
 from pydantic import BaseModel, ConfigDict, Field
 from redis.client import NEVER_DECODE
 
@@ -52,6 +53,9 @@ from indexes.redis_client import (
 from indexes.redis_schema import TASTE_AT, TASTE_EVIDENCE, TASTE_FIELDS, TASTE_VECTOR, RedisKeys, check_prefix
 
 __all__ = ["RedisListenerConfig", "RedisListenerStore"]
+
+#: What "the listener state cannot be read" raises, as the API's store_down handler counts it.
+_DOWN: tuple[type[Exception], ...] = (*UNREACHABLE, redis.exceptions.ClusterDownError)
 
 #: Most events per script call (a user with more in one batch gets several calls, in order).
 CHUNK = 1000
@@ -275,7 +279,7 @@ class AsyncRedisListenerReads(AsyncListenerReads):
         pipe.zrevrange(self.keys.heard(user_id), 0, c.heard_max - 1)
         try:
             (blob, evidence, at), heard = await pipe.execute()
-        except UNREACHABLE as exc:
+        except _DOWN as exc:
             raise ListenerStateUnavailable(f"{type(exc).__name__}: {exc}") from exc
         at_now = time.time() if now is None else now
         songs = tuple(heard) if not heard or isinstance(heard[0], str) else tuple(map(bytes.decode, heard))
