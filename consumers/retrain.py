@@ -23,6 +23,7 @@ import math
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -305,8 +306,12 @@ def _run(
                 # The songs workers scored with the old head before they loaded the new one.
                 time.sleep(max(0.0, grace_until - time.monotonic()))
                 waited = time.perf_counter()
-                rescored["grace"] = n = rescore_window(settings, promoted, store, stragglers=True)
-                log.info("rescored %d songs the previous head scored after the promotion", n)
+                now_serving = resolve_model_dir(root)
+                if now_serving is not None and now_serving.resolve() == Path(str(report.model_dir)).resolve():
+                    rescored["grace"] = n = rescore_window(settings, promoted, store, stragglers=True)
+                    log.info("rescored %d songs the previous head scored after the promotion", n)
+                else:  # an operator moved current meanwhile: their model's songs are not stragglers
+                    log.warning("current moved to %s after the promotion: no second rescore pass", now_serving)
                 report.timings_s["rescore_grace"] = round(time.perf_counter() - waited, 3)
         if settings.feed.like_rate.generator_calibration:
             calibrating = time.perf_counter()
