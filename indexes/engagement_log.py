@@ -35,6 +35,7 @@ keeps one row per (partition, offset): each message is one event.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import time
@@ -50,6 +51,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from indexes.durable import fsync_dir, replace_text
+
+log = logging.getLogger(__name__)
 
 SCHEMA = pa.schema(
     [
@@ -72,6 +75,8 @@ _NAME = re.compile(r"^(?P<topic>.+)-p(?P<partition>\d+)-o(?P<first>\d+)-(?P<last
 _TMP = ".tmp"
 #: The live files' generation when rows are read: after every earlier one.
 _LIVE = 2**62
+#: Listings a read makes while files go between its listing and their read (a member's prune or restart).
+_READ_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -311,11 +316,10 @@ class OffsetLog:
                     raise
         return removed
 
-    def read(self, days: Iterable[str] | None = None) -> pa.Table:
-        """Every logged row (optionally only some days), each once: earlier generations first, then in
-        (partition, offset) order."""
-        wanted = set(days) if days is not None else None
-        tables = []
+    def _read_listed(self, wanted: set[str] | None) -> tuple[list[pa.Table], int]:
+        """The listed files' tables (with their generation), and how many files went between the
+        listing and their read."""
+        tables, vanished = [], 0
         for path in sorted(self._files()):
             day = path.parent.name.removeprefix("day=")
             if wanted is not None and day not in wanted:
@@ -326,9 +330,23 @@ class OffsetLog:
                 except FileNotFoundError:
                     if path.exists():  # not this file's absence: a real fault
                         raise
-                    continue  # a member's prune deleted it since the listing: past the retention anyway
+                    vanished += 1
+                    continue
                 gen = _LIVE if m["gen"] is None else int(m["gen"])
                 tables.append(table.append_column("_gen", pa.array(np.full(len(table), gen), pa.int64())))
+        return tables, vanished
+
+    def read(self, days: Iterable[str] | None = None) -> pa.Table:
+        """Every logged row (optionally only some days), each once: earlier generations first, then in
+        (partition, offset) order."""
+        wanted = set(days) if days is not None else None
+        for attempt in range(_READ_ATTEMPTS):
+            tables, vanished = self._read_listed(wanted)
+            if not vanished:
+                break
+            # Another member moved files since the listing: pruned (gone for good), or set aside as an
+            # earlier generation after a topic restart (same rows, new name): list again to find those.
+            log.info("%d log files went while being read; reading again (%d)", vanished, attempt + 1)
         if not tables:
             return self.schema.empty_table()
         keys = ("_gen", "partition", "offset")

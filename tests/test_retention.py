@@ -342,7 +342,8 @@ def test_a_read_skips_the_files_a_members_prune_deletes_meanwhile(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """retrain reads the whole log while a feedback member prunes it (hourly): a file listed but gone
-    before it is opened is skipped, the rest read. Forced: the member prunes right after the listing."""
+    before it is opened is not read, and a second listing finds nothing more (pruned: gone for good).
+    Forced: the member prunes right after the first listing."""
     member, last = _forty_days_of_log(tmp_path)
     reader = EngagementLog(tmp_path, "engagement")
     listed: list[int] = []
@@ -350,13 +351,39 @@ def test_a_read_skips_the_files_a_members_prune_deletes_meanwhile(
     def list_then_prune(pattern: str = "*.parquet") -> list[Path]:
         files = OffsetLog._files(reader, pattern)
         listed.append(len(files))
-        assert member.prune(last - timedelta(days=9)) == 60  # 30 days of two partitions, after the listing
+        if len(listed) == 1:
+            assert member.prune(last - timedelta(days=9)) == 60  # 30 days of two partitions, after the listing
         return files
 
     monkeypatch.setattr(reader, "_files", list_then_prune)
     ids = reader.read().column("event_id").to_pylist()
-    assert listed == [80]
+    assert listed == [80, 20]
     assert sorted(ids) == sorted(f"p{p}-d{d}" for p in (0, 1) for d in range(30, 40))
+
+
+def test_a_read_finds_the_files_a_members_topic_restart_sets_aside_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A member that sees the topic made again renames the live files to an earlier generation while
+    retrain reads: the same rows under new names, which the read lists again and keeps (skipping
+    them as if pruned trained on a partial log)."""
+    member, _ = _forty_days_of_log(tmp_path)
+    member.follow_topic("id-1")
+    reader = EngagementLog(tmp_path, "engagement")
+    every = sorted(reader.read().column("event_id").to_pylist())
+    assert len(every) == 80
+    listed: list[int] = []
+
+    def list_then_restart(pattern: str = "*.parquet") -> list[Path]:
+        files = OffsetLog._files(reader, pattern)
+        listed.append(len(files))
+        if len(listed) == 1:
+            assert EngagementLog(tmp_path, "engagement").follow_topic("id-2") == 80
+        return files
+
+    monkeypatch.setattr(reader, "_files", list_then_restart)
+    assert sorted(reader.read().column("event_id").to_pylist()) == every
+    assert listed == [80, 80]
 
 
 def test_two_members_pruning_one_directory_both_succeed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
