@@ -24,7 +24,7 @@ from ranker.model.artifact import (
     ScoringModel,
 )
 from ranker.model.head import SHARED_DIMS_BY_DEPTH, ApexHead, HeadConfig
-from ranker.model.registry import load_or_init, promote, resolve_model_dir
+from ranker.model.registry import PROMOTION_LOCK, load_or_init, promote, resolve_model_dir
 from ranker.model.target_tables import iso_week
 from ranker.model.targets import DEFAULT_GAMMA, TargetTransform
 
@@ -535,7 +535,8 @@ def test_load_or_init_follows_current(tmp_path: Path) -> None:
     newer = trained_model(steps=5)
     promote(root, newer.save_versioned(root))
     assert load_or_init(current, input_dim=DIM, encoder_id=ENC, seed=42).version == newer.version
-    assert not [p for p in root.iterdir() if p.name.startswith(".")]
+    # No temporary left behind: the only dot file is the promotions' lock (flock; never stale).
+    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == [PROMOTION_LOCK]
 
 
 def test_load_or_init_follows_a_current_file(tmp_path: Path) -> None:
