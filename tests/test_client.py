@@ -252,10 +252,12 @@ def test_client_waits_what_retry_after_asks_up_to_its_cap() -> None:
 
 def test_a_retry_after_that_is_not_ascii_digits_is_ignored_not_a_crash() -> None:
     """ "²".isdigit() is True and float("²") raises: a proxy's odd header must leave the usual backoff."""
-    from ranker.serving.client import _retry_after_s
+    from ranker.retry_after import retry_after_s
 
     def asked(value: str) -> float | None:  # the header's bytes as a proxy sends them (latin-1)
-        return _retry_after_s(httpx.Response(503, headers={"Retry-After": value.encode("latin-1")}))
+        return retry_after_s(
+            httpx.Response(503, headers={"Retry-After": value.encode("latin-1")}).headers["retry-after"]
+        )
 
     assert asked("7") == 7.0
     assert asked("\xb2") is None and asked("soon") is None  # "²"

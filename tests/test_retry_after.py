@@ -12,8 +12,9 @@ import pytest
 
 from consumers.loop import Message
 from consumers.retries import NOT_BEFORE_MS, RetryPolicy
-from ranker.audio.fetch import fetch_audio, retry_after_s
+from ranker.audio.fetch import fetch_audio
 from ranker.errors import InputError
+from ranker.retry_after import retry_after_s
 from ranker.settings import AudioSettings, Settings, WorkerSettings
 
 

@@ -27,8 +27,6 @@ import logging
 import os
 import stat
 import time
-from datetime import UTC
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -37,6 +35,7 @@ import httpx
 from ranker.audio.decode import DecodedAudio, decode_audio, safe_error_text
 from ranker.audio.transport import _CURRENT, AudioHTTPClient, _Fetch, _vet_addresses
 from ranker.errors import ConfigError, ErrorCode, InputError
+from ranker.retry_after import retry_after_s
 from ranker.settings import AudioSettings
 
 __all__ = ["check_file_policy", "display_uri", "fetch_audio", "load_song", "transient_status"]
@@ -347,22 +346,6 @@ def _fetch_http(uri: str, settings: AudioSettings, client: AudioHTTPClient | Non
         _CURRENT.reset(token)
         if client is None:
             http.close()
-
-
-def retry_after_s(value: str | None, now: float | None = None) -> float | None:
-    """An HTTP Retry-After (delta-seconds or an HTTP-date) in seconds from ``now``; None if absent or unreadable."""
-    if value is None:
-        return None
-    text = value.strip()
-    if text.isascii() and text.isdigit():  # isdigit alone accepts '²', which float refuses
-        return float(text)
-    try:
-        when = parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:  # an HTTP-date is GMT
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def _read_body(shown: str, resp: httpx.Response, settings: AudioSettings, deadline: float) -> bytes:

@@ -23,14 +23,13 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC
-from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from urllib.parse import quote
 
 import httpx
 
+from ranker.retry_after import retry_after_s
 from ranker.serving.client_events import EVENTS_PATH, EventRounds, EventsResult
 from ranker.serving.client_events import EventResult as EventResult  # re-exported: send_events answers with it
 from ranker.serving.client_models import FeedPage as FeedPage  # re-exported, with the other models
@@ -179,20 +178,6 @@ def _json_or_none(response: httpx.Response) -> Any:
         return None
 
 
-def _retry_after_s(response: httpx.Response) -> float | None:
-    """The answer's Retry-After (delta-seconds or an HTTP-date) in seconds; None if absent or unreadable."""
-    value = response.headers.get("retry-after", "").strip()
-    if value.isascii() and value.isdigit():  # "²".isdigit() is True, and float() refuses it
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:  # an HTTP-date is GMT
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - time.time())
-
-
 def _error(response: httpx.Response) -> ApexRankError:
     try:
         body = response.json()
@@ -236,7 +221,7 @@ class _ClientCore:
         asks, up to ``max_retry_after_s`` (sooner would meet the same outage)."""
         delay = self._backoff(attempt)
         if isinstance(outcome, httpx.Response) and outcome.status_code in RETRY_AFTER_STATUSES:
-            asked = _retry_after_s(outcome)
+            asked = retry_after_s(outcome.headers.get("retry-after"))
             if asked is not None:
                 delay = max(delay, min(asked, self.max_retry_after_s))
         return Backoff(delay)
