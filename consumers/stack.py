@@ -91,6 +91,17 @@ def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
         return False
 
 
+def redis_serving(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Redis answers PING with PONG: an open port is not enough, since while Redis reads its dataset
+    back after a restart it answers every command with a LOADING error."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
 @dataclass(frozen=True)
 class Service:
     name: str
@@ -217,7 +228,8 @@ class EmbeddedStack:
 
     # -- lifecycle --------------------------------------------------------------------
     def up(self, timeout_s: float = 20.0) -> list[ServiceStatus]:
-        """Start whatever is not running yet, in order; wait until each accepts connections."""
+        """Start whatever is not running yet, in order; wait until each accepts connections (Redis: until it
+        answers, past reading its dataset back)."""
         with self._locked():
             return self._up(timeout_s)
 
@@ -239,7 +251,7 @@ class EmbeddedStack:
         deadline = time.monotonic() + timeout_s
         for svc in self.services:
             child = None if self._pid(svc) is not None else self._start(svc)
-            while not port_open(svc.host, svc.port):
+            while not (port_open(svc.host, svc.port) if svc.name != "redis" else redis_serving(svc.host, svc.port)):
                 # A process started just now may not have exec'd yet: ask it, not /proc.
                 exited = child.poll() is not None if child is not None else self._pid(svc) is None
                 if exited:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import subprocess
 import threading
 import time
@@ -21,7 +22,7 @@ from kafka.admin import KafkaAdminClient
 
 from consumers.kafka_io import all_topics
 from consumers.publish import publish_events
-from consumers.stack import EmbeddedStack
+from consumers.stack import EmbeddedStack, port_open, redis_serving
 from consumers.worker import Worker
 from indexes.base import faiss_id
 from indexes.index_reader import open_index_reader
@@ -83,6 +84,32 @@ def songs(tmp_path: Path, prefix: str, n: int) -> list:  # type: ignore[type-arg
 def assert_exactly_once(settings: Settings, worker: Worker, ids: list[str]) -> None:
     assert sorted(s for s, _ in feed(settings)) == sorted(ids)
     assert sorted(index_keys(settings, worker.encoder.vector_dim)) == sorted(faiss_id(i) for i in ids)
+
+
+def test_the_stack_waits_for_redis_to_answer_not_for_its_port() -> None:
+    """After a restart Redis opens its port, then answers every command with LOADING while it reads its
+    dataset back: a test (or a demo) that went on at the open port met BusyLoadingError. ``up`` waits for
+    PONG; a server that answers LOADING is not serving yet."""
+    answers = [b"-LOADING Redis is loading the dataset in memory\r\n", b"+PONG\r\n"]
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while answers:
+            conn, _ = server.accept()
+            with conn:
+                if conn.recv(64):  # port_open's connection sends nothing
+                    conn.sendall(answers.pop(0))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    port = server.getsockname()[1]
+    try:
+        assert port_open("127.0.0.1", port)
+        assert not redis_serving("127.0.0.1", port)  # the port is open, the data not loaded
+        assert redis_serving("127.0.0.1", port)
+    finally:
+        thread.join(5)
+        server.close()
 
 
 def test_redis_outage_nothing_committed_unwritten(stack: EmbeddedStack, settings: Settings, tmp_path: Path) -> None:
