@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -46,7 +45,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from indexes.base import EmbeddingRecord, StoredEmbedding
-from indexes.durable import fsync_dir
+from indexes.durable import fsync_dir, stale
 
 SCHEMA = pa.schema(
     [
@@ -144,10 +143,8 @@ class EmbeddingArchive:
     def _sweep_leftovers(self) -> None:
         """Delete this store's temporary files that a crash mid-write left behind: the next sweep
         writes other rows, under another name, so nothing else would ever remove them."""
-        cutoff = time.time() - self.LEFTOVER_AFTER_S
-        for left in self.dir.glob(f"day=*/.expired-{self.store_uid:x}-*.parquet.tmp"):
-            if left.stat().st_mtime < cutoff:
-                left.unlink(missing_ok=True)
+        for left in stale(self.dir.glob(f"day=*/.expired-{self.store_uid:x}-*.parquet.tmp"), self.LEFTOVER_AFTER_S):
+            left.unlink(missing_ok=True)
 
     def files(self) -> list[Path]:
         return sorted(self.dir.glob("day=*/expired-*.parquet"))
@@ -173,10 +170,7 @@ class EmbeddingArchive:
     def vectors(self, song_ids: Iterable[str]) -> dict[str, np.ndarray]:
         """The archived records' ``vector`` of these songs, as :meth:`get_many` would give them, without
         reading the layers (most of a row's bytes)."""
-        return {
-            s: np.frombuffer(r["vector"], dtype="<f4").astype(np.float32)
-            for s, r in self._rows(song_ids, ["vector"]).items()
-        }
+        return {s: _vector(r) for s, r in self._rows(song_ids, ["vector"]).items()}
 
     def _rows(self, song_ids: Iterable[str], columns: Sequence[str]) -> dict[str, dict[str, Any]]:
         """Each song's latest archived row (by ``expired_at``; the later file on a tie) with ``columns``,
@@ -237,13 +231,17 @@ def _holds_any(hashes: np.ndarray, wanted: np.ndarray) -> bool:
     return bool(np.any(hashes[at] == wanted))
 
 
+def _vector(row: dict[str, Any]) -> np.ndarray:
+    return np.frombuffer(row["vector"], dtype="<f4").astype(np.float32)
+
+
 def _stored(row: dict[str, Any]) -> StoredEmbedding:
     shape = (int(row["n_layers"]), int(row["layer_dim"]))
     record = EmbeddingRecord(
         song_id=str(row["song_id"]),
         encoder_id=str(row["encoder_id"]),
         layers=np.frombuffer(row["layers"], dtype="<f4").reshape(shape).astype(np.float32),
-        vector=np.frombuffer(row["vector"], dtype="<f4").astype(np.float32),
+        vector=_vector(row),
         n_segments=int(row["n_segments"]),
         n_frames=int(row["n_frames"]),
     )

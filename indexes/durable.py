@@ -1,9 +1,12 @@
-"""Durable renames: the one place that syncs a directory after a file in it was created or renamed."""
+"""Durable renames: the one place that syncs a directory after a file in it was created or renamed,
+and the one rule for the temporaries a crash mid-write leaves behind."""
 
 from __future__ import annotations
 
 import os
+import time
 import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -33,3 +36,16 @@ def replace_text(path: Path, text: str) -> None:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def stale(paths: Iterable[Path], older_than_s: float) -> Iterator[Path]:
+    """The ``paths`` last modified more than ``older_than_s`` ago (those gone meanwhile skipped). A write
+    takes seconds, so a temporary that old is what a crash mid-write left, where a younger one may be
+    another process's write in progress: only the age tells them apart."""
+    cutoff = time.time() - older_than_s
+    for path in paths:
+        try:
+            if path.lstat().st_mtime < cutoff:
+                yield path
+        except FileNotFoundError:  # another process removed it first
+            continue

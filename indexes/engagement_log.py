@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from indexes.durable import fsync_dir, replace_text
+from indexes.durable import fsync_dir, replace_text, stale
 
 log = logging.getLogger(__name__)
 
@@ -257,16 +257,13 @@ class OffsetLog:
         covers another offset range, so no later write takes their name, and one would keep its day
         folder from going. The members of a group share the folders and the topic, so only the age
         tells a leftover from another member's write in progress."""
-        cutoff = time.time() - self.LEFTOVER_AFTER_S
-        for left in self._files(f".*{_TMP}"):
-            m = _NAME.match(left.name[1 : -len(_TMP)])
-            if m is None or m["topic"] != self.topic:
-                continue
-            try:
-                if left.stat().st_mtime < cutoff:
-                    left.unlink()
-            except FileNotFoundError:  # another member's sweep took it first
-                pass
+        mine = (
+            p
+            for p in self._files(f".*{_TMP}")
+            if (m := _NAME.match(p.name[1 : -len(_TMP)])) and m["topic"] == self.topic
+        )
+        for left in stale(mine, self.LEFTOVER_AFTER_S):
+            left.unlink(missing_ok=True)  # another member's sweep may take it first
 
     #: How often :meth:`maybe_prune` looks at the files (a glob of the whole log).
     PRUNE_EVERY_S = 3600.0

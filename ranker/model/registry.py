@@ -15,13 +15,12 @@ import json
 import logging
 import os
 import shutil
-import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from indexes.durable import fsync_dir, replace_text
+from indexes.durable import fsync_dir, replace_text, stale
 from ranker.errors import ConfigError
 from ranker.model.artifact import DEFAULT_LAYERS, Device, ScoringModel
 from ranker.model.artifact_files import CONFIG_FILE, WEIGHTS_FILE, ModelArtifactError
@@ -265,14 +264,12 @@ def prune_versions(models_root: str | os.PathLike[str], keep: int, stale_after_s
             if old.resolve() not in keep_dirs:
                 shutil.rmtree(old)
                 removed.append(old.name)
-    cutoff = time.time() - stale_after_s
-    for left in root.glob(".*.tmp-*"):
-        if left.lstat().st_mtime < cutoff:
-            if left.is_dir() and not left.is_symlink():
-                shutil.rmtree(left, ignore_errors=True)
-            else:
-                left.unlink(missing_ok=True)
-            removed.append(left.name)
+    for left in stale(root.glob(".*.tmp-*"), stale_after_s):
+        if left.is_dir() and not left.is_symlink():
+            shutil.rmtree(left, ignore_errors=True)
+        else:
+            left.unlink(missing_ok=True)
+        removed.append(left.name)
     if removed:
         fsync_dir(root)
     return removed
