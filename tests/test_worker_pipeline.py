@@ -258,11 +258,11 @@ def test_a_retry_of_an_older_event_never_supersedes_the_newer_one(settings: Sett
         worker.close()
 
 
-class OutOfMemory(Encoder):
-    """The worker's encoder, out of device memory for its first ``calls`` encodes (None: always)."""
+class Wrapped(Encoder):
+    """The worker's encoder, ``inner``, as it is but for what a subclass's ``encode`` makes of it."""
 
-    def __init__(self, inner: Encoder, calls: int | None) -> None:
-        self.inner, self.left = inner, calls
+    def __init__(self, inner: Encoder) -> None:
+        self.inner = inner
         self.name, self.encoder_id, self.sample_rate = inner.name, inner.encoder_id, inner.sample_rate
         self.n_layers, self.dim = inner.n_layers, inner.dim
 
@@ -272,6 +272,17 @@ class OutOfMemory(Encoder):
 
     def song_vector(self, layers: np.ndarray) -> np.ndarray:
         return self.inner.song_vector(layers)
+
+    def encode(self, segments: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        return self.inner.encode(segments)
+
+
+class OutOfMemory(Wrapped):
+    """The worker's encoder, out of device memory for its first ``calls`` encodes (None: always)."""
+
+    def __init__(self, inner: Encoder, calls: int | None) -> None:
+        super().__init__(inner)
+        self.left = calls
 
     def encode(self, segments: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         if self.left is None or self.left > 0:
@@ -328,21 +339,13 @@ def test_a_device_out_of_memory_is_retried_not_dead_lettered(
     assert "out of device memory" in letter.message and "gave up after 3 attempts" in letter.message
 
 
-class DeviceFailed(Encoder):
+class DeviceFailed(Wrapped):
     """The worker's encoder after a sticky CUDA error: every encode raises ``error``, as torch does
     until the process ends (an illegal memory access, a device-side assert, an ECC fault)."""
 
     def __init__(self, inner: Encoder, error: Exception) -> None:
-        self.inner, self.error, self.calls = inner, error, 0
-        self.name, self.encoder_id, self.sample_rate = inner.name, inner.encoder_id, inner.sample_rate
-        self.n_layers, self.dim = inner.n_layers, inner.dim
-
-    @property
-    def vector_dim(self) -> int:
-        return self.inner.vector_dim
-
-    def song_vector(self, layers: np.ndarray) -> np.ndarray:
-        return self.inner.song_vector(layers)
+        super().__init__(inner)
+        self.error, self.calls = error, 0
 
     def encode(self, segments: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         self.calls += 1
